@@ -1,0 +1,173 @@
+"""One error tree for every agent, and its typed form on the bus.
+
+An error crosses NATS as an ``ErrorReply`` body plus the micro-service headers
+``Nats-Service-Error`` / ``Nats-Service-Error-Code``; ``from_reply`` raises the same
+class on the caller's side, so ``except NotFound`` works across processes::
+
+    >>> raise_for_reply({"Nats-Service-Error-Code": "404"}, b'{"code":404,"kind":"not_found",'
+    ...                 b'"message":"vm: no VM named demo"}')
+    Traceback (most recent call last):
+    shared.errors.NotFound: vm: no VM named demo
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+
+class PhyError(Exception):
+    """Root of every error an agent reports; ``message`` says what was wrong and what to do."""
+
+    code = 500
+    kind = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# -- the caller sent something wrong -------------------------------------------------------
+
+
+class BadRequest(PhyError):
+    """The request cannot be acted on as sent."""
+
+    code = 400
+    kind = "bad_request"
+
+
+class InvalidMessage(BadRequest):
+    """The body is not valid JSON of the endpoint's request type."""
+
+    kind = "invalid_message"
+
+
+class InvalidName(BadRequest):
+    """A name, token, address or path component fails validation."""
+
+    kind = "invalid_name"
+
+
+class PayloadTooLarge(BadRequest):
+    """The body is over the size an endpoint accepts."""
+
+    code = 413
+    kind = "payload_too_large"
+
+
+class Forbidden(PhyError):
+    """Refused by policy (a safety rule, a permission)."""
+
+    code = 403
+    kind = "forbidden"
+
+
+# -- the world is not in the state the request needs ----------------------------------------
+
+
+class NotFound(PhyError):
+    """The named thing does not exist."""
+
+    code = 404
+    kind = "not_found"
+
+
+class Conflict(PhyError):
+    """It exists already, is busy, or is in the wrong state."""
+
+    code = 409
+    kind = "conflict"
+
+
+class InsufficientResources(PhyError):
+    """Not enough memory, disk or devices for the request."""
+
+    code = 507
+    kind = "insufficient_resources"
+
+
+class Cancelled(PhyError):
+    """A job was cancelled before it finished."""
+
+    code = 499
+    kind = "cancelled"
+
+
+# -- something we depend on failed ----------------------------------------------------------
+
+
+class Unavailable(PhyError):
+    """No agent answered, or a backend (NATS, libvirt, HTTP source) is down."""
+
+    code = 503
+    kind = "unavailable"
+
+
+class Timeout(Unavailable):
+    """The work or the reply did not come within the deadline."""
+
+    code = 504
+    kind = "timeout"
+
+
+class BackendError(PhyError):
+    """A lower layer (libvirt, the kernel, qemu-img, HTTP) reported an error."""
+
+    code = 502
+    kind = "backend"
+
+
+class Internal(PhyError):
+    """A bug: something raised that no adapter translated."""
+
+    code = 500
+    kind = "internal"
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error.v1"):
+    """The body of a failed request."""
+
+    code: int
+    kind: str
+    message: str
+
+
+_BY_KIND: dict[str, type[PhyError]] = {}
+
+
+def _register(cls: type[PhyError]) -> None:
+    _BY_KIND.setdefault(cls.kind, cls)
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(PhyError)
+
+
+def to_reply(err: PhyError) -> tuple[dict[str, str], bytes]:
+    """Headers and body for a failed request."""
+    body = msgspec.json.encode(ErrorReply(code=err.code, kind=err.kind, message=err.message))
+    return {ERROR_HEADER: err.message[:200], ERROR_CODE_HEADER: str(err.code)}, body
+
+
+def error_from_reply(headers: dict[str, str] | None, body: bytes) -> PhyError | None:
+    """The error a reply carries, or None when it is a success."""
+    if not headers or ERROR_CODE_HEADER not in headers:
+        return None
+    try:
+        reply = msgspec.json.decode(body, type=ErrorReply)
+    except msgspec.MsgspecError:
+        code = int(headers.get(ERROR_CODE_HEADER, "500") or 500)
+        text = headers.get(ERROR_HEADER, "unknown error")
+        return Internal(text) if code >= 500 else BadRequest(text)
+    cls = _BY_KIND.get(reply.kind, Internal)
+    return cls(reply.message)
+
+
+def raise_for_reply(headers: dict[str, str] | None, body: bytes) -> None:
+    err = error_from_reply(headers, body)
+    if err is not None:
+        raise err

@@ -1,0 +1,77 @@
+"""Message types: msgspec Structs, frozen, keyword-only, tagged ``<domain>.<name>.v<N>``.
+
+Every domain module (``hardware``, ``vm``, ``storage``, ``catalogue``, ``jobs``) declares its
+structs and an ``ENDPOINTS`` tuple of ``EndpointSpec`` (verb, request type, response type);
+agents bind handlers to those specs and the CLI calls through them, so both sides share
+one contract. ``docs/contracts.md`` is generated from these tuples.
+
+    >>> from shared.codec import encode
+    >>> encode(Ack(message="ok"))
+    b'{"type":"ack.v1","message":"ok"}'
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+
+def new_id() -> str:
+    """A fresh id for an event, a job or an idempotency key."""
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every event: who published it, when, and the id JetStream dedups on."""
+
+    host: str
+    event_id: str = msgspec.field(default_factory=new_id)
+    time: float = msgspec.field(default_factory=time.time)
+
+
+class Empty(msgspec.Struct, frozen=True, kw_only=True, tag="empty.v1"):
+    """The request of an endpoint that takes no parameters."""
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True, tag="ack.v1"):
+    """The reply of an endpoint that only confirms."""
+
+    message: str = ""
+
+
+class AgentStarted(Event, frozen=True, kw_only=True, tag="agent.started.v1"):
+    agent: str
+    version: str
+    metrics_url: str
+
+
+class AgentStopping(Event, frozen=True, kw_only=True, tag="agent.stopping.v1"):
+    agent: str
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
+    """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
+
+    host: str
+    agent: str
+    version: str
+    started: float
+    time: float
+    metrics_url: str
+    details: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """One request/reply endpoint: ``phy.<host>.<service>.<verb>``."""
+
+    verb: str
+    request: type
+    response: type
+    doc: str
+    max_payload: int = 1 << 20

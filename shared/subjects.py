@@ -1,0 +1,67 @@
+"""Every NATS subject, KV bucket and stream name; no other module spells one.
+
+    >>> command("h1", "vm", "start")
+    'phy.h1.vm.start'
+    >>> event("h1", "vm", "state", "4f0c")
+    'phy.evt.h1.vm.state.4f0c'
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.errors import InvalidName
+
+SERVICES = ("hardware", "vm", "storage", "catalogue")
+STREAM = "PHY_EVENTS"
+EVENTS_ALL = "phy.evt.>"
+KV_HOSTS = "hosts"
+KV_VMS = "vms"
+KV_IMAGES = "images"
+KV_IDEMPOTENCY = "idempotency"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}$")
+
+
+def token(value: str, what: str = "token") -> str:
+    """``value`` if it is a safe subject token (no ``.``, ``*``, ``>``, spaces), else InvalidName."""
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise InvalidName(
+            f"{what} {value!r} is not valid: use 1-128 letters, digits, '-', '_' or ':' "
+            "(no '.', '*', '>' or spaces)"
+        )
+    return value
+
+
+def service(name: str) -> str:
+    if name not in SERVICES:
+        raise InvalidName(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+    return name
+
+
+def command(host: str, svc: str, verb: str) -> str:
+    """Subject of a request to one agent: ``phy.<host>.<service>.<verb>``."""
+    return f"phy.{token(host, 'host')}.{service(svc)}.{token(verb, 'verb')}"
+
+
+def event(host: str, svc: str, kind: str, ident: str | None = None) -> str:
+    """Subject of an event: ``phy.evt.<host>.<service>.<kind>[.<id>]``; kind may be dotted."""
+    parts = [token(p, "event kind") for p in kind.split(".")]
+    subject = f"phy.evt.{token(host, 'host')}.{service(svc)}.{'.'.join(parts)}"
+    return f"{subject}.{token(ident, 'id')}" if ident is not None else subject
+
+
+def events_filter(host: str = "*", svc: str = "*", kind: str = ">") -> str:
+    """A subscription filter over events; ``*`` / ``>`` wildcards allowed here only."""
+    h = host if host == "*" else token(host, "host")
+    s = svc if svc == "*" else service(svc)
+    return f"phy.evt.{h}.{s}.{kind}"
+
+
+def micro_name(svc: str) -> str:
+    """The NATS micro service name of an agent kind (same on every host)."""
+    return f"phyllome-{service(svc)}"
+
+
+def heartbeat_key(host: str, svc: str) -> str:
+    return f"{token(host, 'host')}.{service(svc)}"
