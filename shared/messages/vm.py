@@ -1,7 +1,219 @@
-"""Messages and endpoints of the vm agent (filled in by the vm issue)."""
+"""Messages and endpoints of the vm agent: VM specs, lifecycle requests, state events.
+
+A ``VmSpec`` is what the operator asks for; the agent turns it into a libvirt domain, keeps
+a ``VmRecord`` per VM in KV ``vms`` (key: the VM's uuid) and publishes ``VmStateChanged`` on
+``phy.evt.<host>.vm.state.<uuid>`` whenever the hypervisor reports (or a reconciliation
+finds) a new state.
+
+    >>> from shared.codec import encode
+    >>> encode(VmRef(vm="demo"))
+    b'{"type":"vm.ref.v1","vm":"demo"}'
+"""
 
 from __future__ import annotations
 
-from shared.messages import EndpointSpec
+from typing import Literal
 
-ENDPOINTS: tuple[EndpointSpec, ...] = ()
+import msgspec
+
+from shared.messages import Ack, EndpointSpec, Event
+from shared.messages.jobs import JOB_ENDPOINTS, JobAccepted
+
+Arch = Literal["x86_64"]
+Firmware = Literal["uefi", "bios"]
+Tpm = Literal["none", "emulated-2.0"]
+Display = Literal["spice", "vnc", "both", "none"]
+Sound = Literal["ich9", "none"]
+Accelerator = Literal["auto", "kvm", "tcg"]
+DiskBus = Literal["virtio", "sata"]
+NicKind = Literal["network", "bridge", "user"]
+# Observed states, libvirt's virDomainState in words; "deleted" only in events.
+VmState = Literal[
+    "running", "blocked", "paused", "shutting-down", "shutoff", "crashed", "pmsuspended",
+    "unknown", "deleted",
+]
+
+
+class Disk(msgspec.Struct, frozen=True, kw_only=True):
+    """A RAW disk: a file path (a storage-pool volume's path) attached as virtio or SATA."""
+
+    path: str
+    bus: DiskBus = "virtio"
+    readonly: bool = False
+    owned: bool = False  # created for this VM (from an image or by clone): delete may remove it
+
+
+class Nic(msgspec.Struct, frozen=True, kw_only=True):
+    """A virtio-net NIC on a libvirt network, a host bridge, or user-mode networking."""
+
+    kind: NicKind = "network"
+    source: str = "default"  # network or bridge name; ignored for "user"
+    mac: str = ""  # chosen at create when empty
+
+
+class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a VM should be; the agent owns the libvirt XML it becomes."""
+
+    name: str
+    uuid: str = ""  # chosen at create when empty
+    arch: Arch = "x86_64"
+    machine: Literal["q35"] = "q35"
+    vcpus: int = 2
+    memory_mib: int = 1024
+    firmware: Firmware = "uefi"
+    secure_boot: bool = False
+    tpm: Tpm = "none"
+    disks: list[Disk] = []
+    nics: list[Nic] = []
+    display: Display = "vnc"
+    listen: str = "127.0.0.1"
+    password: str = ""  # VNC allows at most 8 characters
+    video: Literal["virtio", "none"] = "virtio"
+    sound: Sound = "none"
+    usb: bool = True  # qemu-xhci controller + USB tablet
+    rng: bool = True  # virtio-rng fed from /dev/urandom
+    balloon: bool = True
+    guest_agent: bool = True  # the org.qemu.guest_agent.0 virtio-serial channel
+    hostdevs: list[str] = []  # PCI addresses (0000:01:00.0) or mdev UUIDs
+    nested: bool = False  # host-passthrough CPU, so the guest can run its own VMs
+    kernel: str = ""  # direct kernel boot when set
+    initrd: str = ""
+    cmdline: str = ""
+    autostart: bool = False
+    accelerator: Accelerator = "auto"
+
+
+class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a VNC or SPICE client connects."""
+
+    host: str
+    port: int
+    uri: str
+
+
+class VmRecord(msgspec.Struct, frozen=True, kw_only=True, tag="vm.record.v1"):
+    """A VM in KV ``vms`` (key: uuid): its spec, where it lives and what it was last seen doing."""
+
+    spec: VmSpec
+    host: str
+    state: VmState = "shutoff"
+    reason: str = ""
+    accelerator: Literal["kvm", "tcg"] = "tcg"  # what the domain runs under
+    revision: int = 1  # bumped on every spec change (create = 1, update, ...)
+    updated: float = 0.0
+
+
+class VmInfo(msgspec.Struct, frozen=True, kw_only=True, tag="vm.info.v1"):
+    """A VM as its host sees it now."""
+
+    name: str
+    uuid: str
+    host: str
+    state: VmState
+    reason: str = ""
+    accelerator: Literal["kvm", "tcg"]
+    accelerator_note: str = ""  # why TCG when KVM was not forced off
+    uptime_s: float = 0.0
+    vcpus: int
+    memory_mib: int
+    cpu_time_s: float = 0.0
+    memory_rss_bytes: int = 0
+    autostart: bool = False
+    vnc: ConsoleEndpoint | None = None
+    spice: ConsoleEndpoint | None = None
+    spec: VmSpec
+
+
+class VmCreate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.create.v1"):
+    """Define a VM; ``image`` asks the catalogue and storage agents for a disk cloned from it."""
+
+    spec: VmSpec
+    image: str = ""
+    disk_gib: int = 0  # grow the image's clone to this size (0: keep the image's size)
+
+
+class VmRef(msgspec.Struct, frozen=True, kw_only=True, tag="vm.ref.v1"):
+    """One VM on this host, by name or uuid."""
+
+    vm: str
+
+
+class VmShutdown(msgspec.Struct, frozen=True, kw_only=True, tag="vm.shutdown.v1"):
+    """ACPI power-off; wait up to ``timeout_s`` for it, then power off hard when ``force``."""
+
+    vm: str
+    timeout_s: float = 0.0  # 0: ask and return
+    force: bool = False
+
+
+class VmDelete(msgspec.Struct, frozen=True, kw_only=True, tag="vm.delete.v1"):
+    """Undefine with NVRAM and TPM state; ``force`` powers off a running VM first."""
+
+    vm: str
+    force: bool = False
+    delete_disks: bool = False  # only the disks the VM owns
+
+
+class VmListRequest(msgspec.Struct, frozen=True, kw_only=True, tag="vm.list_request.v1"):
+    all_hosts: bool = False
+
+
+class VmList(msgspec.Struct, frozen=True, kw_only=True, tag="vm.list.v1"):
+    vms: list[VmRecord]
+
+
+class VmUpdate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.update.v1"):
+    """Change a stopped VM; fields left ``None`` keep their value."""
+
+    vm: str
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    display: Display | None = None
+    password: str | None = None
+    sound: Sound | None = None
+    nested: bool | None = None
+    cmdline: str | None = None
+    autostart: bool | None = None
+    accelerator: Accelerator | None = None
+    hostdevs: list[str] | None = None
+
+
+class VmClone(msgspec.Struct, frozen=True, kw_only=True, tag="vm.clone.v1"):
+    """Copy a stopped VM: new uuid and MACs, NVRAM and TPM state copied, disks cloned."""
+
+    vm: str
+    name: str
+
+
+class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"):
+    """A VM's state changed; ``event`` is the hypervisor's word (started, stopped, ...)."""
+
+    uuid: str
+    name: str
+    state: VmState
+    event: str = ""
+    reason: str = ""
+    missed: bool = False  # found by reconciliation rather than reported live
+
+
+class AcceleratorFallback(Event, frozen=True, kw_only=True, tag="vm.accelerator_fallback.v1"):
+    """KVM was found unusable on this host; VMs run under TCG (slow)."""
+
+    reason: str
+
+
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("create", VmCreate, VmInfo, "Define a VM from a spec (idempotency key honoured)."),
+    EndpointSpec("start", VmRef, VmInfo, "Start a defined VM."),
+    EndpointSpec("shutdown", VmShutdown, VmInfo, "ACPI shutdown, optionally forced after a wait."),
+    EndpointSpec("destroy", VmRef, VmInfo, "Power off at once."),
+    EndpointSpec("reboot", VmRef, VmInfo, "ACPI reboot of a running VM."),
+    EndpointSpec("suspend", VmRef, VmInfo, "Pause a running VM's vCPUs."),
+    EndpointSpec("resume", VmRef, VmInfo, "Continue a paused VM."),
+    EndpointSpec("delete", VmDelete, Ack, "Undefine a VM with its NVRAM and TPM state."),
+    EndpointSpec("list", VmListRequest, VmList, "VMs from KV vms: this host's or the cluster's."),
+    EndpointSpec("info", VmRef, VmInfo, "State, uptime, stats and console endpoints of a VM."),
+    EndpointSpec("update", VmUpdate, VmInfo, "Change a stopped VM's spec."),
+    EndpointSpec("clone", VmClone, JobAccepted, "Clone a stopped VM (a job)."),
+    *JOB_ENDPOINTS,
+)
