@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, TypeVar
+from functools import cache
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -23,7 +23,7 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
-@lru_cache(maxsize=None)
+@cache
 def decoder(tp: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(tp)
 
@@ -33,7 +33,7 @@ def decode(data: bytes, tp: type[T], *, limit: int | None = None) -> T:
     if limit is not None and len(data) > limit:
         raise PayloadTooLarge(f"payload of {len(data)} bytes is over the limit of {limit} bytes")
     try:
-        result: T = decoder(tp).decode(data if data.strip() else b"{}")
+        result: T = decoder(cast(Any, tp)).decode(data if data.strip() else b"{}")
     except msgspec.ValidationError as e:
         raise InvalidMessage(f"invalid {_name(tp)}: {e}") from None
     except msgspec.DecodeError as e:

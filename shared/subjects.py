@@ -24,7 +24,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}$")
 
 
 def token(value: str, what: str = "token") -> str:
-    """``value`` if it is a safe subject token (no ``.``, ``*``, ``>``, spaces), else InvalidName."""
+    """The value if it is a safe subject token (no ``.``, ``*``, ``>``, spaces)."""
     if not isinstance(value, str) or not _TOKEN.match(value):
         raise InvalidName(
             f"{what} {value!r} is not valid: use 1-128 letters, digits, '-', '_' or ':' "

@@ -1,0 +1,339 @@
+"""The bus: NATS connection, request/reply through micro endpoints, JetStream events and KV.
+
+    bus = await Bus.connect("nats://127.0.0.1:4222", name="cli", host="h1")
+    info = await bus.call("h1", "vm", "info", VmRef(name="demo"), timeout=5)
+    await bus.publish_event("phy.evt.h1.vm.state.abc", VmStateChanged(...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from shared import contracts, subjects
+from shared.codec import decode, encode
+from shared.errors import Internal, PhyError, Timeout, Unavailable, raise_for_reply, to_reply
+from shared.messages import EndpointSpec, Event
+from shared.metrics import AgentMetrics
+
+log = logging.getLogger("phyllome.bus")
+
+IDEMPOTENCY_HEADER = "Phy-Idempotency-Key"
+EVENT_MAX_AGE_S = 30 * 24 * 3600
+DUPLICATE_WINDOW_S = 120.0
+# KV buckets and their settings; ``hosts`` TTL comes from the agents' heartbeat TTL.
+Handler = Callable[[Any], Awaitable[Any]]
+Reply = tuple[dict[str, str] | None, bytes]
+KV_HISTORY = {subjects.KV_HOSTS: 1, subjects.KV_VMS: 5, subjects.KV_IMAGES: 5}
+
+
+class Bus:
+    """One NATS connection with JetStream, shared by an agent's handlers or by the CLI."""
+
+    def __init__(self, nc: Client, *, host: str, metrics: AgentMetrics | None = None,
+                 replicas: int = 1, kv_ttl_s: float = 20.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.host = host
+        self.metrics = metrics
+        self.replicas = replicas
+        self.kv_ttl_s = kv_ttl_s
+        self._kv: dict[str, KeyValue] = {}
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._idempotent: OrderedDict[tuple[str, str], asyncio.Future[Reply]] = OrderedDict()
+        self._services: list[Service] = []
+
+    # -- connection -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        host: str,
+        metrics: AgentMetrics | None = None,
+        give_up_after: float | None = None,
+        user: str = "",
+        password: str = "",
+        creds: str = "",
+        ca: str = "",
+        replicas: int = 1,
+        kv_ttl_s: float = 20.0,
+    ) -> Bus:
+        """Connect, retrying with backoff while the server is down (forever by default)."""
+        opts: dict[str, Any] = {}
+        if user:
+            opts.update(user=user, password=password)
+        if creds:
+            opts["user_credentials"] = creds
+        if ca:
+            import ssl
+
+            opts["tls"] = ssl.create_default_context(cafile=ca)
+
+        async def disconnected() -> None:
+            if metrics:
+                metrics.bus_connected.set(0)
+            log.warning("disconnected from NATS at %s; reconnecting", url)
+
+        async def reconnected() -> None:
+            if metrics:
+                metrics.bus_connected.set(1)
+                metrics.bus_reconnects.inc()
+            log.info("reconnected to NATS at %s", url)
+
+        async def error(e: Exception) -> None:
+            log.debug("NATS client error: %r", e)
+
+        delay, started = 0.1, time.monotonic()
+        while True:
+            try:
+                nc = await nats.connect(
+                    url, name=name, connect_timeout=2, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
+                    **opts)
+                break
+            except (TimeoutError, OSError, nats.errors.Error) as e:
+                waited = time.monotonic() - started
+                if give_up_after is not None and waited + delay > give_up_after:
+                    raise Unavailable(
+                        f"cannot reach NATS at {url} ({e or type(e).__name__}); "
+                        "is `phyllome up` running, or PHYLLOME_NATS_URL right?") from None
+                log.warning("NATS not reachable at %s (%s); retrying in %.1f s",
+                            url, e or type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if metrics:
+            metrics.bus_connected.set(1)
+        return cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s)
+
+    async def close(self) -> None:
+        """Stop serving, let in-flight requests finish, flush and close."""
+        for svc in self._services:
+            await svc.stop()
+        self._services.clear()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nc.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def request(self, subject: str, req: Any, resp_type: type, *, timeout: float = 10.0,
+                      idempotency_key: str | None = None) -> Any:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        payload = b"" if req is None else encode(req)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            host, svc = subject.split(".")[1:3]
+            raise Unavailable(f"no {svc} agent for host {host!r} answers ({subject}); "
+                              "see `phyllome status`") from None
+        except nats.errors.TimeoutError:
+            raise Timeout(f"no reply on {subject} within {timeout} s") from None
+        except nats.errors.ConnectionClosedError:
+            raise Unavailable("not connected to NATS") from None
+        raise_for_reply(msg.headers, msg.data)
+        return decode(msg.data, resp_type)
+
+    async def call(self, host: str, svc: str, verb: str, req: Any = None, *,
+                   timeout: float = 10.0, idempotency_key: str | None = None) -> Any:
+        """Call ``verb`` on the ``svc`` agent of ``host``; returns its typed response."""
+        s = contracts.spec(svc, verb)
+        return await self.request(subjects.command(host, svc, verb), req, s.response,
+                                  timeout=timeout, idempotency_key=idempotency_key)
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def serve(self, svc: str, version: str, bindings: Sequence[tuple[EndpointSpec, Handler]],
+                    *, metadata: dict[str, str]) -> Service:
+        """Register a NATS micro service with one endpoint per (spec, handler) binding."""
+        service = await add_service(
+            self.nc, name=subjects.micro_name(svc), version=version,
+            description=f"Phyllome {svc} agent", metadata=metadata)
+        for spec, fn in bindings:
+            await service.add_endpoint(
+                name=spec.verb, subject=subjects.command(self.host, svc, spec.verb),
+                handler=self._handler(spec, fn), queue_group=f"phy-{svc}",
+                metadata={"request": _tag(spec.request), "response": _tag(spec.response)})
+        self._services.append(service)
+        return service
+
+    def _handler(self, spec: EndpointSpec,
+                 fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
+        async def handle(req: Request) -> None:
+            # A task per request: a slow handler must not hold up the endpoint's subscription.
+            task = asyncio.create_task(self._dispatch(spec, fn, req))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return handle
+
+    async def _dispatch(self, spec: EndpointSpec, fn: Callable[[Any], Awaitable[Any]],
+                        req: Request) -> None:
+        started = time.perf_counter()
+        key = (req.headers or {}).get(IDEMPOTENCY_HEADER)
+        outcome = "ok"
+        if key:
+            slot = (spec.verb, key)
+            first = self._idempotent.get(slot)
+            if first is not None:
+                replay_headers, replay_body = await first
+                await req.respond(replay_body, headers=replay_headers)
+                self._observe(spec.verb, "replayed", started)
+                return
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            self._idempotent[slot] = future
+            while len(self._idempotent) > 10_000:
+                self._idempotent.popitem(last=False)
+        headers: dict[str, str] | None = None
+        try:
+            body = encode(await fn(decode(req.data, spec.request, limit=spec.max_payload)))
+        except PhyError as e:
+            outcome = e.kind
+            headers, body = to_reply(e)
+            log.info("%s refused: %s", spec.verb, e.message)
+        except Exception:
+            outcome = "internal"
+            log.exception("%s failed unexpectedly", spec.verb)
+            headers, body = to_reply(Internal(f"{spec.verb}: unexpected error; see the agent log"))
+        if key:
+            future.set_result((headers, body))
+        try:
+            await req.respond(body, headers=headers)
+        except nats.errors.Error as e:
+            log.warning("could not reply to %s: %r", spec.verb, e)
+        self._observe(spec.verb, outcome, started)
+
+    def _observe(self, verb: str, outcome: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.requests.labels(endpoint=verb, outcome=outcome).inc()
+            self.metrics.request_duration.labels(endpoint=verb).observe(
+                time.perf_counter() - started)
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def ensure_stream(self) -> None:
+        """Create PHY_EVENTS when missing (R3 when asked and the cluster has three servers)."""
+        config = StreamConfig(
+            name=subjects.STREAM, subjects=[subjects.EVENTS_ALL], storage=StorageType.FILE,
+            max_age=EVENT_MAX_AGE_S, duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=self.replicas)
+        try:
+            await self.js.stream_info(subjects.STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.stream_info(subjects.STREAM)  # created by another agent meanwhile
+
+    async def publish_event(self, subject: str, event: Event, *, timeout: float = 5.0) -> bool:
+        """Publish to JetStream with the event id as Nats-Msg-Id; False if it was not stored."""
+        try:
+            await self.js.publish(subject, encode(event), timeout=timeout,
+                                  headers={"Nats-Msg-Id": event.event_id})
+        except (TimeoutError, nats.errors.Error) as e:
+            log.warning("event %s on %s not stored: %r", event.event_id, subject, e)
+            if self.metrics:
+                self.metrics.events_failed.inc()
+            return False
+        if self.metrics:
+            self.metrics.events_published.labels(kind=_tag(type(event))).inc()
+        return True
+
+    async def events(self, subject_filter: str = subjects.EVENTS_ALL, *,
+                     since: float | None = None, follow: bool = False,
+                     ) -> AsyncIterator[tuple[str, float, bytes]]:
+        """Replay events (all, or those newer than the unix time ``since``), then follow."""
+        if since is None:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        else:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                 opt_start_time=datetime.fromtimestamp(since, UTC))
+        info = await self.js.stream_info(subjects.STREAM)
+        if not follow and info.state.messages == 0:
+            return
+        sub = await self.js.subscribe(subject_filter, ordered_consumer=True, config=cfg,
+                                      stream=subjects.STREAM)
+        last = info.state.last_seq
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0 if not follow else 3600)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    return
+                md = msg.metadata
+                yield msg.subject, md.timestamp.timestamp(), msg.data
+                if not follow and (md.sequence.stream >= last or md.num_pending == 0):
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    # -- key/value state --------------------------------------------------------------------
+
+    async def kv(self, bucket: str) -> KeyValue:
+        """The KV bucket, created with its settings the first time anyone asks."""
+        if bucket in self._kv:
+            return self._kv[bucket]
+        try:
+            kv = await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            ttl = self.kv_ttl_s if bucket == subjects.KV_HOSTS else None
+            try:
+                kv = await self.js.create_key_value(
+                    bucket=bucket, history=KV_HISTORY.get(bucket, 1), ttl=ttl,
+                    replicas=self.replicas)
+            except nats.js.errors.BadRequestError:
+                kv = await self.js.key_value(bucket)
+        self._kv[bucket] = kv
+        return kv
+
+    async def kv_values(self, bucket: str, tp: type) -> list[Any]:
+        """Every current value of a bucket decoded as ``tp`` (entries that do not decode are
+        skipped: a newer agent may have written a newer schema)."""
+        kv = await self.kv(bucket)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        out: list[Any] = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                try:
+                    out.append(msgspec.json.decode(entry.value, type=tp))
+                except msgspec.MsgspecError:
+                    log.debug("skipping %s/%s: not a %s", bucket, key, tp)
+        return out
+
+
+def _tag(tp: type) -> str:
+    cfg = getattr(tp, "__struct_config__", None)
+    return str(getattr(cfg, "tag", None) or tp.__name__)
