@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, EndpointSpec, Event
-from shared.messages.jobs import JOB_ENDPOINTS, JobAccepted
+from shared.messages.jobs import JobAccepted
 
 Arch = Literal["x86_64"]
 Firmware = Literal["uefi", "bios"]
@@ -215,5 +215,4 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("info", VmRef, VmInfo, "State, uptime, stats and console endpoints of a VM."),
     EndpointSpec("update", VmUpdate, VmInfo, "Change a stopped VM's spec."),
     EndpointSpec("clone", VmClone, JobAccepted, "Clone a stopped VM (a job)."),
-    *JOB_ENDPOINTS,
 )
