@@ -1,7 +1,260 @@
-"""Messages and endpoints of the storage agent (filled in by the storage issue)."""
+"""Messages and endpoints of the storage agent: RAW pools and volumes, clones, transfers.
+
+Volumes are addressed as ``pool`` + ``name``. Long work (clone, import, send) answers with a
+``JobAccepted``. A transfer from host A to host B is driven by A's ``send`` job, which calls
+B's ``receive`` / ``receive_commit`` / ``receive_abort`` endpoints and streams the data
+extents as raw chunks on ``phy.<B>.storage.chunk`` (see ``services/storage/transfer.py``).
+
+    >>> from shared.codec import encode
+    >>> encode(VolumeRef(pool="default", name="disk0"))
+    b'{"type":"storage.volume_ref.v1","pool":"default","name":"disk0"}'
+"""
 
 from __future__ import annotations
 
-from shared.messages import EndpointSpec
+from typing import Literal
 
-ENDPOINTS: tuple[EndpointSpec, ...] = ()
+import msgspec
+
+from shared.messages import Ack, Empty, EndpointSpec, Event
+from shared.messages.jobs import JobAccepted
+
+Extent = tuple[int, int]  # (offset, length) in bytes
+VolumeChange = Literal["created", "resized", "deleted", "imported", "cloned", "received"]
+
+
+class PoolInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool.v1"):
+    """A directory pool: its filesystem's size and free space, and what its volumes use."""
+
+    name: str
+    path: str
+    capacity_bytes: int
+    free_bytes: int
+    allocated_bytes: int  # sum over the pool's volumes
+    virtual_bytes: int  # sum over the pool's volumes
+    volumes: int
+    reflink: bool = False  # the filesystem answered a FICLONE probe
+
+
+class PoolList(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pools.v1"):
+    pools: list[PoolInfo]
+
+
+class VolumeInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.volume.v1"):
+    """A RAW volume; ``attached_to`` names the VM (``name`` or uuid) that has it as a disk."""
+
+    pool: str
+    name: str
+    path: str
+    virtual_bytes: int
+    allocated_bytes: int
+    modified: float = 0.0
+    attached_to: str = ""
+    attached_state: str = ""  # that VM's state
+    sha256: str = ""  # only when asked for
+
+
+class VolumeList(msgspec.Struct, frozen=True, kw_only=True, tag="storage.volumes.v1"):
+    volumes: list[VolumeInfo]
+
+
+class ListVolumes(msgspec.Struct, frozen=True, kw_only=True, tag="storage.list_volumes.v1"):
+    pool: str = ""  # empty: every pool
+
+
+class VolumeRef(msgspec.Struct, frozen=True, kw_only=True, tag="storage.volume_ref.v1"):
+    pool: str = "default"
+    name: str
+
+
+class VolumeQuery(msgspec.Struct, frozen=True, kw_only=True, tag="storage.volume_query.v1"):
+    """``info``; ``sha256`` reads the whole volume (holes as zeros), which takes a while."""
+
+    pool: str = "default"
+    name: str
+    sha256: bool = False
+
+
+class CreateVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.create.v1"):
+    """A new RAW volume: sparse, or with its blocks reserved when ``preallocate``."""
+
+    pool: str = "default"
+    name: str
+    size_bytes: int
+    preallocate: bool = False
+
+
+class ResizeVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.resize.v1"):
+    """Grow a volume (offline: not while a running VM has it); shrinking is refused."""
+
+    pool: str = "default"
+    name: str
+    size_bytes: int
+    preallocate: bool = False
+
+
+class ImportVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.import.v1"):
+    """Adopt an existing RAW file from one of the agent's import directories (a job).
+
+    ``move`` renames it into the pool when both are on one filesystem, instead of copying.
+    """
+
+    pool: str = "default"
+    name: str
+    source: str
+    move: bool = False
+
+
+class CloneVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.clone.v1"):
+    """Copy a volume (a job): reflink when the filesystem can, else a sparse copy."""
+
+    pool: str = "default"
+    name: str
+    dst_name: str
+    dst_pool: str = ""  # empty: the source's pool
+
+
+class SendVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.send.v1"):
+    """Stream a volume to the storage agent of ``to_host`` (a job); the source is untouched."""
+
+    pool: str = "default"
+    name: str
+    to_host: str
+    dst_pool: str = "default"
+    dst_name: str = ""  # empty: the same name
+    bwlimit_bytes_s: int = 0  # 0: as fast as it goes
+
+
+# -- the receiving side of a transfer (called by the sending agent) ----------------------------
+
+
+class TransferOffer(msgspec.Struct, frozen=True, kw_only=True, tag="storage.transfer_offer.v1"):
+    """The sender's extent map and identity of the source; repeated after a cut to resume."""
+
+    transfer_id: str
+    src_host: str
+    src_pool: str
+    src_name: str
+    pool: str
+    name: str
+    virtual_bytes: int
+    extents: list[Extent]  # data extents, sorted, not overlapping
+    source_stamp: str  # size, mtime and inode of the source: a change means start over
+
+
+class TransferAccepted(msgspec.Struct, frozen=True, kw_only=True,
+                       tag="storage.transfer_accepted.v1"):
+    """What the receiver already holds on disk (fsynced), so the sender skips it."""
+
+    transfer_id: str
+    committed: list[Extent] = []
+    max_chunk_bytes: int = 0
+
+
+class TransferCommit(msgspec.Struct, frozen=True, kw_only=True, tag="storage.transfer_commit.v1"):
+    """All chunks are acknowledged: check the volume digest, then publish the volume."""
+
+    transfer_id: str
+    sha256: str  # of the sparse content: see services.storage.transfer.SparseDigest
+
+
+class TransferAbort(msgspec.Struct, frozen=True, kw_only=True, tag="storage.transfer_abort.v1"):
+    transfer_id: str
+    reason: str = ""
+
+
+class IncomingTransfer(msgspec.Struct, frozen=True, kw_only=True, tag="storage.incoming.v1"):
+    transfer_id: str
+    src_host: str
+    pool: str
+    name: str
+    virtual_bytes: int
+    data_bytes: int
+    committed_bytes: int
+    idle_s: float
+
+
+class IncomingList(msgspec.Struct, frozen=True, kw_only=True, tag="storage.incoming_list.v1"):
+    transfers: list[IncomingTransfer]
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+class VolumeChanged(Event, frozen=True, kw_only=True, tag="storage.volume_changed.v1"):
+    """``phy.evt.<host>.storage.volume.<change>``"""
+
+    pool: str
+    name: str
+    change: VolumeChange
+    virtual_bytes: int = 0
+    allocated_bytes: int = 0
+
+
+class TransferStarted(Event, frozen=True, kw_only=True, tag="storage.transfer_started.v1"):
+    """``phy.evt.<host>.storage.transfer.started.<transfer_id>`` (and so on for the others)."""
+
+    transfer_id: str
+    pool: str
+    name: str
+    to_host: str
+    dst_pool: str
+    dst_name: str
+    virtual_bytes: int
+    data_bytes: int
+
+
+class TransferProgress(Event, frozen=True, kw_only=True, tag="storage.transfer_progress.v1"):
+    transfer_id: str
+    done_bytes: int
+    data_bytes: int
+    wire_bytes: int
+    rate_bytes_s: float
+
+
+class TransferResumed(Event, frozen=True, kw_only=True, tag="storage.transfer_resumed.v1"):
+    """The receiver already held ``committed_bytes``; only the rest is sent again."""
+
+    transfer_id: str
+    attempt: int
+    committed_bytes: int
+    data_bytes: int
+
+
+class TransferCompleted(Event, frozen=True, kw_only=True, tag="storage.transfer_completed.v1"):
+    transfer_id: str
+    data_bytes: int
+    wire_bytes: int
+    seconds: float
+    rate_bytes_s: float
+    sha256: str
+    attempts: int = 1
+
+
+class TransferFailed(Event, frozen=True, kw_only=True, tag="storage.transfer_failed.v1"):
+    transfer_id: str
+    error_kind: str
+    message: str
+    done_bytes: int = 0
+    wire_bytes: int = 0
+
+
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec("pools", Empty, PoolList, "Pools with capacity, free and allocated bytes."),
+    EndpointSpec("volumes", ListVolumes, VolumeList, "Volumes of one pool, or of all."),
+    EndpointSpec("create", CreateVolume, VolumeInfo, "Create a RAW volume (sparse by default)."),
+    EndpointSpec("resize", ResizeVolume, VolumeInfo, "Grow a volume that no running VM uses."),
+    EndpointSpec("delete", VolumeRef, Ack, "Delete a volume that no running VM uses."),
+    EndpointSpec("info", VolumeQuery, VolumeInfo, "One volume; its sha256 when asked."),
+    EndpointSpec("import", ImportVolume, JobAccepted, "Adopt a RAW file (job); refuses qcow2, "
+                 "VMDK, VHD(X), VDI with the command that converts it."),
+    EndpointSpec("clone", CloneVolume, JobAccepted, "Reflink or sparse copy of a volume (job)."),
+    EndpointSpec("send", SendVolume, JobAccepted, "Stream a volume to another host (job)."),
+    EndpointSpec("receive", TransferOffer, TransferAccepted,
+                 "Receiving side: accept (or resume) an incoming transfer."),
+    EndpointSpec("receive_commit", TransferCommit, VolumeInfo,
+                 "Receiving side: verify the digest and publish the volume."),
+    EndpointSpec("receive_abort", TransferAbort, Ack,
+                 "Receiving side: roll an incoming transfer back."),
+    EndpointSpec("incoming", Empty, IncomingList, "Incoming transfers not finished yet."),
+)

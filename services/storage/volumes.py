@@ -1,0 +1,729 @@
+"""The storage agent's filesystem adapter: directory pools of RAW volumes.
+
+This module alone touches files. Every volume is one regular file directly in its pool's
+directory, opened relative to a directory descriptor held since start, with ``O_NOFOLLOW``:
+a symlink planted in a pool is refused, never followed, and nothing outside a pool is read
+or written (imports read only from the configured import directories). New volumes appear
+under their name only once complete: they are written to a hidden temporary name, fsynced,
+then hard-linked into place (which fails rather than replaces when the name exists).
+
+    pools = Pools({"default": "/var/lib/phyllome/pools/default"})
+    pools.create("default", "disk0", 10 << 30)
+    pools.clone("default", "disk0", "default", "disk1")   # reflink, or sparse copy
+    pools.info("default", "disk1").allocated_bytes
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shared.errors import (
+    BackendError,
+    BadRequest,
+    Cancelled,
+    Conflict,
+    Forbidden,
+    InsufficientResources,
+    InvalidName,
+    NotFound,
+)
+from shared.messages.storage import Extent, PoolInfo, VolumeInfo
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+COPY_STEP = 64 << 20  # bytes per copy_file_range call: big enough to be cheap, small to cancel
+READ_STEP = 8 << 20
+TEMP_PREFIX = "."  # volumes never start with a dot; every temporary file does
+NAME_MAX = 255
+_NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
+_POOL_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
+_ZEROS = bytes(READ_STEP)
+
+Progress = Callable[[int, int], None]
+CloneMethod = Literal["reflink", "copy", "rename"]
+
+
+def fmt_bytes(n: float) -> str:
+    """``2.1 GiB``: sizes in error messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_name(name: str, what: str = "volume name") -> str:
+    """``name`` if it is a safe volume name (one path component, no tricks), else InvalidName."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(f"{what} is empty; give a name like 'disk0' or 'web-1.raw'")
+    if "\x00" in name:
+        raise InvalidName(f"{what} {name!r} contains a NUL byte")
+    if "/" in name:
+        raise InvalidName(f"{what} {name!r} contains '/': a volume is one file in its pool, "
+                          "give its name only (use the pool field for the pool)")
+    if ".." in name:
+        raise InvalidName(f"{what} {name!r} contains '..'")
+    if name.startswith("-"):
+        raise InvalidName(f"{what} {name!r} starts with '-' (it would read as an option)")
+    if name.startswith("."):
+        raise InvalidName(f"{what} {name!r} starts with '.': hidden names are the agent's "
+                          "temporary files")
+    if len(name.encode()) > NAME_MAX:
+        raise InvalidName(f"{what} is {len(name.encode())} bytes long; at most {NAME_MAX}")
+    if not _NAME_OK.match(name):
+        raise InvalidName(f"{what} {name!r} has characters other than letters, digits, "
+                          "'.', '_', '+' and '-'")
+    return name
+
+
+def check_pool_name(name: str) -> str:
+    if not isinstance(name, str) or not _POOL_OK.match(name):
+        raise InvalidName(f"pool name {name!r} is not valid: 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+def check_size(size: int, what: str = "size") -> int:
+    if not isinstance(size, int) or size <= 0:
+        raise BadRequest(f"{what} must be a positive number of bytes, not {size!r}")
+    if size % 512:
+        up = (size // 512 + 1) * 512
+        raise BadRequest(f"{what} {size} is not a multiple of 512 bytes (disk sectors); "
+                         f"use {up}")
+    return size
+
+
+# -- formats -----------------------------------------------------------------------------------
+
+HEAD_BYTES = 4096
+TAIL_BYTES = 512
+
+
+def detect_format(head: bytes, tail: bytes) -> str | None:
+    """The image format a file's first 4 KiB and last 512 bytes show, or None for RAW."""
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    if head.startswith(b"QED\x00"):
+        return "qed"
+    if head.startswith(b"KDMV") or head.startswith(b"# Disk DescriptorFile"):
+        return "vmdk"
+    if head.startswith(b"vhdxfile"):
+        return "vhdx"
+    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
+        return "vpc"  # VHD; qemu-img calls the format vpc
+    if head[0x40:0x44] == b"\x7f\x10\xda\xbe" or b"VirtualBox Disk Image" in head[:64]:
+        return "vdi"
+    return None
+
+
+_FORMAT_NAMES = {"qcow2": "qcow2", "qed": "QED", "vmdk": "VMDK", "vhdx": "VHDX", "vpc": "VHD",
+                 "vdi": "VDI"}
+
+
+def conversion_hint(fmt: str, source: str) -> str:
+    stem = Path(source).stem or "disk"
+    return (f"{source} is a {_FORMAT_NAMES.get(fmt, fmt)} image, not RAW; convert it first: "
+            f"`qemu-img convert -f {fmt} -O raw {source} {Path(source).parent / stem}.raw`, "
+            "then import the .raw file")
+
+
+# -- extents -----------------------------------------------------------------------------------
+
+
+def data_extents(fd: int, size: int) -> list[Extent]:
+    """The (offset, length) ranges of ``fd`` that hold data, from SEEK_DATA / SEEK_HOLE.
+
+    A filesystem without hole reporting yields one extent over the whole file.
+    """
+    out: list[Extent] = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after off
+                break
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)] if size else []
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            out.append((start, end - start))
+        off = end
+    return out
+
+
+def zero_outside(fd: int, size: int, allowed: list[Extent]) -> bool:
+    """True if every byte of ``fd`` outside the sorted ``allowed`` ranges reads as zero."""
+    for off, length in data_extents(fd, size):
+        end = off + length
+        pos = off
+        for a_off, a_len in allowed:
+            a_end = a_off + a_len
+            if a_end <= pos or a_off >= end:
+                continue
+            if a_off > pos and not _is_zero(fd, pos, a_off - pos):
+                return False
+            pos = max(pos, a_end)
+        if pos < end and not _is_zero(fd, pos, end - pos):
+            return False
+    return True
+
+
+def _is_zero(fd: int, off: int, length: int) -> bool:
+    while length > 0:
+        n = min(length, READ_STEP)
+        data = os.pread(fd, n, off)
+        if not data or data != _ZEROS[: len(data)]:
+            return not data
+        off += len(data)
+        length -= len(data)
+    return True
+
+
+# -- pools -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CloneResult:
+    method: CloneMethod
+    copied_bytes: int  # data bytes moved (0 for a reflink or rename)
+    hole_bytes: int  # virtual bytes never read: holes left as holes
+    seconds: float
+    volume: VolumeInfo
+
+
+@dataclass
+class OpenVolume:
+    """A volume opened read-only for a transfer; the caller closes ``fd``."""
+
+    fd: int
+    size: int
+    stamp: str  # changes when the file does
+
+
+class Pool:
+    """One directory pool, held open by a directory descriptor."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = check_pool_name(name)
+        os.makedirs(path, mode=0o711, exist_ok=True)
+        self.path = os.path.realpath(path)
+        self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.reflink = self._probe_reflink()
+
+    def close(self) -> None:
+        os.close(self.dir_fd)
+
+    def file_path(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def space(self) -> tuple[int, int]:
+        """(capacity, free) bytes of the pool's filesystem, as an unprivileged writer sees."""
+        st = os.fstatvfs(self.dir_fd)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        """Open ``name`` in the pool, never through a symlink, as a regular file."""
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            raise NotFound(f"pool {self.name!r} has no volume {name!r}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise Forbidden(self._symlink_text(name)) from None
+            if e.errno == errno.EEXIST:
+                raise Conflict(f"{self.name}/{name} exists already") from None
+            raise BackendError(f"cannot open {self.file_path(name)}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise Forbidden(f"{self.file_path(name)} is not a regular file; it is not a volume")
+        return fd
+
+    def _symlink_text(self, name: str) -> str:
+        try:
+            target = os.readlink(name, dir_fd=self.dir_fd)
+        except OSError:
+            target = "?"
+        return (f"{self.file_path(name)} is a symlink (to {target}); the agent never follows "
+                "links out of a pool: remove it or import the file it points to")
+
+    def fsync_dir(self) -> None:
+        os.fsync(self.dir_fd)
+
+    def temp_name(self, kind: str) -> str:
+        return f"{TEMP_PREFIX}{kind}-{secrets.token_hex(8)}.part"
+
+    def remove(self, name: str) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.dir_fd)
+
+    def publish(self, temp: str, name: str) -> None:
+        """Make the finished ``temp`` visible as ``name``; Conflict if ``name`` appeared."""
+        try:
+            os.link(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                    follow_symlinks=False)
+        except FileExistsError:
+            raise Conflict(f"{self.name}/{name} exists already; choose another name") from None
+        os.unlink(temp, dir_fd=self.dir_fd)
+        self.fsync_dir()
+
+    def _probe_reflink(self) -> bool:
+        a, b = self.temp_name("probe"), self.temp_name("probe")
+        fa = fb = -1
+        try:
+            fa = os.open(a, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=self.dir_fd)
+            os.pwrite(fa, b"x" * 4096, 0)
+            fb = os.open(b, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=self.dir_fd)
+            fcntl.ioctl(fb, FICLONE, fa)
+            return True
+        except OSError:
+            return False
+        finally:
+            for fd, n in ((fa, a), (fb, b)):
+                if fd >= 0:
+                    os.close(fd)
+                    self.remove(n)
+
+
+def volume_stamp(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class Pools:
+    """Every pool of this host, and the volume operations on them."""
+
+    def __init__(self, paths: dict[str, str], import_dirs: list[str] | None = None) -> None:
+        self.pools = {name: Pool(name, path) for name, path in paths.items()}
+        self.import_dirs = [os.path.realpath(d) for d in import_dirs or []]
+        self._busy: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        for pool in self.pools.values():
+            self._sweep(pool)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def pool(self, name: str) -> Pool:
+        check_pool_name(name)
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFound(f"no pool {name!r}; pools: {', '.join(sorted(self.pools))}") from None
+
+    def _sweep(self, pool: Pool) -> None:
+        """Remove temporary files of clones, creates and imports a crash left behind."""
+        for entry in os.scandir(pool.dir_fd):
+            if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".part") and \
+                    not entry.name.startswith(f"{TEMP_PREFIX}xfer-"):
+                pool.remove(entry.name)
+
+    def claim(self, pool: Pool, name: str) -> None:
+        """Hold the new volume name ``name`` for one creator at a time; Conflict for others."""
+        key = (pool.name, check_name(name))
+        with self._lock:
+            if key in self._busy:
+                raise Conflict(f"{pool.name}/{name} is being created by another request "
+                               "(a clone, import or transfer); wait for it or pick another name")
+            if pool.lstat(name) is not None:
+                raise Conflict(f"{pool.name}/{name} exists already; delete it or pick another "
+                               "name")
+            self._busy.add(key)
+
+    def release(self, pool: Pool, name: str) -> None:
+        with self._lock:
+            self._busy.discard((pool.name, name))
+
+    @contextmanager
+    def reserve(self, pool: Pool, name: str) -> Iterator[None]:
+        self.claim(pool, name)
+        try:
+            yield
+        finally:
+            self.release(pool, name)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def pool_info(self, name: str) -> PoolInfo:
+        pool = self.pool(name)
+        capacity, free = pool.space()
+        vols = self.volumes(name)
+        return PoolInfo(name=pool.name, path=pool.path, capacity_bytes=capacity, free_bytes=free,
+                        allocated_bytes=sum(v.allocated_bytes for v in vols),
+                        virtual_bytes=sum(v.virtual_bytes for v in vols), volumes=len(vols),
+                        reflink=pool.reflink)
+
+    def volumes(self, pool_name: str) -> list[VolumeInfo]:
+        """Regular files of the pool with valid names; links and temporaries are not volumes."""
+        pool = self.pool(pool_name)
+        out = []
+        for entry in os.scandir(pool.dir_fd):
+            if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            out.append(self._info(pool, entry.name, st))
+        return sorted(out, key=lambda v: v.name)
+
+    def _info(self, pool: Pool, name: str, st: os.stat_result) -> VolumeInfo:
+        return VolumeInfo(pool=pool.name, name=name, path=pool.file_path(name),
+                          virtual_bytes=st.st_size, allocated_bytes=st.st_blocks * 512,
+                          modified=st.st_mtime)
+
+    def stat(self, pool_name: str, name: str) -> tuple[Pool, os.stat_result]:
+        pool = self.pool(pool_name)
+        check_name(name)
+        st = pool.lstat(name)
+        if st is None:
+            raise NotFound(f"pool {pool.name!r} has no volume {name!r}")
+        if stat.S_ISLNK(st.st_mode):
+            raise Forbidden(pool._symlink_text(name))
+        if not stat.S_ISREG(st.st_mode):
+            raise Forbidden(f"{pool.file_path(name)} is not a regular file; it is not a volume")
+        return pool, st
+
+    def info(self, pool_name: str, name: str) -> VolumeInfo:
+        pool, st = self.stat(pool_name, name)
+        return self._info(pool, name, st)
+
+    def path_of(self, pool_name: str, name: str) -> str:
+        return self.pool(pool_name).file_path(check_name(name))
+
+    def sha256(self, pool_name: str, name: str, *, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> str:
+        """sha256 of the volume's content, holes read as zeros without touching the disk."""
+        pool = self.pool(pool_name)
+        fd = pool.open(check_name(name), os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            h = hashlib.sha256()
+            pos = 0
+            for off, length in [*data_extents(fd, size), (size, 0)]:
+                _hash_zeros(h, off - pos)
+                end = off + length
+                while off < end:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("sha256 cancelled")
+                    data = os.pread(fd, min(READ_STEP, end - off), off)
+                    if not data:
+                        raise BackendError(f"{pool.file_path(name)} shrank while being read")
+                    h.update(data)
+                    off += len(data)
+                    if progress:
+                        progress(off, size)
+                pos = end
+            return h.hexdigest()
+        finally:
+            os.close(fd)
+
+    def open_for_reading(self, pool_name: str, name: str) -> OpenVolume:
+        pool = self.pool(pool_name)
+        fd = pool.open(check_name(name), os.O_RDONLY)
+        st = os.fstat(fd)
+        return OpenVolume(fd=fd, size=st.st_size, stamp=volume_stamp(st))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _need(self, pool: Pool, needed: int, what: str) -> None:
+        capacity, free = pool.space()
+        if needed > free:
+            raise InsufficientResources(
+                f"storage: pool {pool.name!r} has {fmt_bytes(free)} free, {what} needs "
+                f"{fmt_bytes(needed)}; free some space or use another pool")
+
+    def create(self, pool_name: str, name: str, size: int, *,
+               preallocate: bool = False) -> VolumeInfo:
+        pool = self.pool(pool_name)
+        check_name(name)
+        check_size(size)
+        capacity, _ = pool.space()
+        if size > capacity:
+            raise InsufficientResources(
+                f"storage: a volume of {fmt_bytes(size)} is beyond pool {pool.name!r}, whose "
+                f"filesystem holds {fmt_bytes(capacity)} in all; use a smaller size or a "
+                "bigger pool")
+        if preallocate:
+            self._need(pool, size, f"preallocating {name}")
+        with self.reserve(pool, name):
+            temp = pool.temp_name("create")
+            fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            try:
+                os.ftruncate(fd, size)
+                if preallocate:
+                    os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                pool.publish(temp, name)
+            except OSError as e:
+                raise _os_error(e, pool, f"creating {name}") from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                pool.remove(temp)
+        return self.info(pool.name, name)
+
+    def resize(self, pool_name: str, name: str, size: int, *,
+               preallocate: bool = False) -> VolumeInfo:
+        pool, st = self.stat(pool_name, name)
+        check_size(size)
+        if size < st.st_size:
+            raise BadRequest(f"{pool.name}/{name} is {st.st_size} bytes; shrinking to {size} "
+                             "would cut off data, so only growing is supported")
+        capacity, _ = pool.space()
+        if size > capacity:
+            raise InsufficientResources(
+                f"storage: {fmt_bytes(size)} is beyond pool {pool.name!r}, whose filesystem "
+                f"holds {fmt_bytes(capacity)} in all")
+        if preallocate:
+            self._need(pool, size - st.st_size, f"preallocating the growth of {name}")
+        fd = pool.open(name, os.O_RDWR)
+        try:
+            if size > st.st_size:
+                os.ftruncate(fd, size)
+                if preallocate:
+                    os.posix_fallocate(fd, st.st_size, size - st.st_size)
+                os.fsync(fd)
+        except OSError as e:
+            raise _os_error(e, pool, f"resizing {name}") from None
+        finally:
+            os.close(fd)
+        return self.info(pool.name, name)
+
+    def delete(self, pool_name: str, name: str) -> VolumeInfo:
+        pool, st = self.stat(pool_name, name)
+        info = self._info(pool, name, st)
+        os.unlink(name, dir_fd=pool.dir_fd)
+        pool.fsync_dir()
+        return info
+
+    def clone(self, src_pool: str, name: str, dst_pool: str, dst_name: str, *,
+              progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> CloneResult:
+        """Copy a volume: FICLONE when one filesystem can share the blocks, else a sparse copy.
+
+        The copy is fsynced under a temporary name and linked into place at the end; a
+        failure or cancel removes it, so no half volume is ever visible.
+        """
+        spool = self.pool(src_pool)
+        src_fd = spool.open(check_name(name), os.O_RDONLY)
+        try:
+            dpool = self.pool(dst_pool)
+            if (spool.name, name) == (dpool.name, dst_name):
+                raise BadRequest("a volume cannot be cloned onto itself; give another name")
+            return self._copy_in(src_fd, f"{spool.name}/{name}", dpool, dst_name,
+                                 progress=progress, cancel=cancel)
+        finally:
+            os.close(src_fd)
+
+    def import_file(self, source: str, pool_name: str, name: str, *, move: bool = False,
+                    progress: Progress | None = None,
+                    cancel: threading.Event | None = None) -> CloneResult:
+        """Adopt a RAW file from an import directory; other image formats are refused."""
+        pool = self.pool(pool_name)
+        check_name(name)
+        real = self._importable(source)
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise NotFound(f"cannot open {source}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BadRequest(f"{source} is not a regular file")
+            head = os.pread(fd, HEAD_BYTES, 0)
+            tail = os.pread(fd, TAIL_BYTES, max(0, st.st_size - TAIL_BYTES))
+            fmt = detect_format(head, tail)
+            if fmt is not None:
+                raise BadRequest(conversion_hint(fmt, source))
+            check_size(st.st_size, f"{source}'s size")
+            if move and st.st_dev == os.fstat(pool.dir_fd).st_dev:
+                return self._move_in(real, st, pool, name)
+            return self._copy_in(fd, source, pool, name, progress=progress, cancel=cancel)
+        finally:
+            os.close(fd)
+
+    def _importable(self, source: str) -> str:
+        if not os.path.isabs(source):
+            raise BadRequest(f"import source {source!r} must be an absolute path")
+        real = os.path.realpath(source)
+        if real != os.path.normpath(source):
+            raise Forbidden(f"import source {source} goes through a symlink (to {real}); give "
+                            "the real path")
+        if not any(real.startswith(d.rstrip("/") + "/") for d in self.import_dirs):
+            dirs = ", ".join(self.import_dirs) or "(none configured)"
+            raise Forbidden(f"{source} is outside the import directories ({dirs}); move the "
+                            "file there first, or configure [storage] import_dirs")
+        return real
+
+    def _move_in(self, real: str, st: os.stat_result, pool: Pool, name: str) -> CloneResult:
+        started = time.monotonic()
+        with self.reserve(pool, name):
+            temp = pool.temp_name("import")
+            os.rename(real, os.path.join(pool.path, temp))
+            try:
+                pool.publish(temp, name)
+            except Conflict:
+                os.rename(os.path.join(pool.path, temp), real)
+                raise
+        return CloneResult(method="rename", copied_bytes=0, hole_bytes=0,
+                           seconds=time.monotonic() - started,
+                           volume=self._info(pool, name, st))
+
+    def _copy_in(self, src_fd: int, src_label: str, pool: Pool, name: str, *,
+                 progress: Progress | None, cancel: threading.Event | None) -> CloneResult:
+        started = time.monotonic()
+        st = os.fstat(src_fd)
+        with self.reserve(pool, name):
+            temp = pool.temp_name("clone")
+            fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            try:
+                method: CloneMethod = "reflink"
+                copied = 0
+                holes = 0
+                try:
+                    fcntl.ioctl(fd, FICLONE, src_fd)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL,
+                                       errno.ENOTTY, errno.EPERM, errno.EBADF):
+                        raise
+                    method = "copy"
+                    extents = data_extents(src_fd, st.st_size)
+                    data = sum(n for _, n in extents)
+                    self._need(pool, st.st_blocks * 512, f"cloning {src_label}")
+                    os.ftruncate(fd, st.st_size)
+                    copied = sparse_copy(src_fd, fd, extents, progress=progress, cancel=cancel)
+                    holes = st.st_size - data
+                if progress and method == "reflink":
+                    progress(st.st_size, st.st_size)
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                pool.publish(temp, name)
+            except OSError as e:
+                raise _os_error(e, pool, f"cloning {src_label} to {name}") from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                pool.remove(temp)
+        return CloneResult(method=method, copied_bytes=copied, hole_bytes=holes,
+                           seconds=time.monotonic() - started, volume=self.info(pool.name, name))
+
+    # -- incoming transfers: temp files kept across restarts ---------------------------------
+
+    def transfer_paths(self, pool_name: str, transfer_id: str) -> tuple[Pool, str, str]:
+        """(pool, data temp name, state file name) of an incoming transfer."""
+        pool = self.pool(pool_name)
+        stem = f"{TEMP_PREFIX}xfer-{transfer_id}"
+        return pool, f"{stem}.part", f"{stem}.json"
+
+    def transfer_states(self) -> Iterator[tuple[Pool, str]]:
+        """(pool, state file name) of every incoming transfer found on disk."""
+        for pool in self.pools.values():
+            for entry in os.scandir(pool.dir_fd):
+                if entry.name.startswith(f"{TEMP_PREFIX}xfer-") and entry.name.endswith(".json"):
+                    yield pool, entry.name
+
+    def read_small(self, pool: Pool, name: str) -> bytes:
+        fd = pool.open(name, os.O_RDONLY)
+        try:
+            return os.read(fd, 64 << 20)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, pool: Pool, name: str, data: bytes) -> None:
+        """Replace the small file ``name`` with ``data``, durably."""
+        temp = f"{name}.new"
+        pool.remove(temp)
+        fd = pool.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=pool.dir_fd, dst_dir_fd=pool.dir_fd)
+        pool.fsync_dir()
+
+
+def sparse_copy(src: int, dst: int, extents: list[Extent], *, progress: Progress | None = None,
+                cancel: threading.Event | None = None) -> int:
+    """Copy only ``extents`` from ``src`` to the same offsets of ``dst``; holes stay holes.
+
+    ``copy_file_range`` moves the data inside the kernel in big steps (64 MiB: measured as
+    fast as larger steps, and a cancel is seen within one); where it cannot (another
+    filesystem type), pread/pwrite does the same.
+    """
+    total = sum(n for _, n in extents)
+    done = 0
+    use_cfr = True
+    for off, length in extents:
+        end = off + length
+        while off < end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("clone cancelled; the partial copy was removed")
+            step = min(COPY_STEP, end - off)
+            n = 0
+            if use_cfr:
+                try:
+                    n = os.copy_file_range(src, dst, step, off, off)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    use_cfr = False
+            if not use_cfr:
+                n = _copy_rw(src, dst, off, min(step, READ_STEP))
+            if n == 0:
+                raise BackendError("the source ended early: was it truncated during the copy?")
+            off += n
+            done += n
+            if progress:
+                progress(done, total)
+    return done
+
+
+def _copy_rw(src: int, dst: int, off: int, length: int) -> int:
+    data = os.pread(src, length, off)
+    view = memoryview(data)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(dst, view[written:], off + written)
+    return len(data)
+
+
+def _hash_zeros(h: hashlib._Hash, n: int) -> None:
+    zeros = memoryview(_ZEROS)
+    while n > 0:
+        step = min(n, len(zeros))
+        h.update(zeros[:step])
+        n -= step
+
+
+def _os_error(e: OSError, pool: Pool, doing: str) -> Exception:
+    """The PhyError for an OSError while ``doing`` something in ``pool``."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientResources(
+            f"storage: pool {pool.name!r} ran out of space while {doing}; nothing was left "
+            "behind: free some space or use another pool")
+    if e.errno == errno.EFBIG:
+        return BadRequest(f"storage: {doing}: the size is over what the filesystem of pool "
+                          f"{pool.name!r} allows for one file")
+    return BackendError(f"storage: {doing} in pool {pool.name!r}: {e.strerror or e}")
