@@ -1,0 +1,91 @@
+"""What the vm agent needs from a hypervisor: the ``Hypervisor`` Protocol and its data.
+
+``libvirt_backend.LibvirtHypervisor`` is the implementation today; a Cloud Hypervisor
+backend can implement the same Protocol later. Handlers depend only on this module, so unit
+tests hand them a small fake::
+
+    class FakeHypervisor:  # implements Hypervisor
+        ...
+    handlers = Handlers(agent, FakeHypervisor(), ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal, Protocol
+
+import msgspec
+
+from shared.messages.vm import VmSpec, VmState
+
+
+class Domain(msgspec.Struct, frozen=True, kw_only=True):
+    """A domain as the hypervisor lists it; ``spec`` is None when the agent did not make it."""
+
+    uuid: str
+    name: str
+    state: VmState
+    reason: str = ""
+    spec: VmSpec | None = None
+    accelerator: Literal["kvm", "tcg"] = "tcg"
+    autostart: bool = False
+
+
+class DomainStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters of one domain from the hypervisor's bulk statistics call."""
+
+    uuid: str
+    name: str
+    state: VmState
+    cpu_time_s: float = 0.0
+    memory_bytes: int = 0  # what the guest has now (balloon)
+    memory_rss_bytes: int = 0  # what the host process uses
+    block_read_bytes: int = 0
+    block_write_bytes: int = 0
+    block_read_ops: int = 0
+    block_write_ops: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+
+
+class DomainEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A lifecycle event: ``event`` is libvirt's word for it (started, stopped, ...)."""
+
+    uuid: str
+    name: str
+    event: str
+    reason: str = ""
+
+
+class Reconnected(msgspec.Struct, frozen=True, kw_only=True):
+    """The hypervisor connection came back: events may have been missed, reconcile."""
+
+
+HypervisorNews = DomainEvent | Reconnected
+
+
+class Hypervisor(Protocol):
+    """Domains of one host. Methods raise ``shared.errors`` (NotFound, Conflict, ...)."""
+
+    news: asyncio.Queue[HypervisorNews]
+    connected: bool
+
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def host_memory_mib(self) -> int: ...
+    async def domains(self) -> list[Domain]: ...
+    async def domain(self, ref: str) -> Domain: ...
+    async def define(self, xml: str) -> Domain: ...
+    async def undefine(self, uuid: str) -> None: ...
+    async def start(self, uuid: str) -> None: ...
+    async def shutdown(self, uuid: str) -> None: ...
+    async def destroy(self, uuid: str) -> None: ...
+    async def reboot(self, uuid: str) -> None: ...
+    async def suspend(self, uuid: str) -> None: ...
+    async def resume(self, uuid: str) -> None: ...
+    async def set_autostart(self, uuid: str, on: bool) -> None: ...
+    async def xml(self, uuid: str, *, inactive: bool = False) -> str: ...
+    async def stats(self, uuid: str) -> DomainStats: ...
+    def bulk_stats(self) -> list[DomainStats]:
+        """Every domain's counters in one call; called from the metrics scrape thread."""
+        ...

@@ -1,0 +1,387 @@
+"""The one module that imports libvirt: domains of one host, its lifecycle events, reconnects.
+
+libvirt's event loop is ``libvirtaio`` on a private asyncio loop in a daemon thread, and
+every libvirt call runs on that thread too (libvirtaio is not thread-safe, libvirt accepts one
+event implementation per process, and an agent's loop may come and go, as in tests); the
+agent's coroutines await those calls' futures. Lifecycle events and "the
+connection came back" land in ``news``, on the agent's loop. When libvirtd goes away the
+close callback starts a reconnect with backoff::
+
+    hv = LibvirtHypervisor("qemu:///system")
+    await hv.connect()
+    dom = await hv.define(xml)
+    await hv.start(dom.uuid)
+    news = await hv.news.get()      # DomainEvent(event="started", reason="booted", ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from services.vm import domain_xml
+from services.vm.hypervisor import Domain, DomainEvent, DomainStats, HypervisorNews, Reconnected
+from shared.errors import BackendError, Conflict, NotFound, PhyError, Unavailable
+from shared.messages.vm import VmState
+
+log = logging.getLogger("phyllome.vm.libvirt")
+T = TypeVar("T")
+
+_STATES: dict[int, VmState] = {
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+# virDomain*Reason, per state, in libvirt's order.
+_REASONS: dict[VmState, tuple[str, ...]] = {
+    "running": ("unknown", "booted", "migrated", "restored", "from-snapshot", "unpaused",
+                "migration-canceled", "save-canceled", "wakeup", "crashed", "postcopy"),
+    "paused": ("unknown", "user", "migration", "save", "dump", "ioerror", "watchdog",
+               "from-snapshot", "shutting-down", "snapshot", "crashed", "starting-up",
+               "postcopy", "postcopy-failed"),
+    "shutoff": ("unknown", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
+                "from-snapshot", "daemon"),
+}
+# virDomainEventType and its details, in libvirt's order.
+_EVENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("defined", ("added", "updated", "renamed", "from-snapshot")),
+    ("undefined", ("removed", "renamed")),
+    ("started", ("booted", "migrated", "restored", "from-snapshot", "wakeup")),
+    ("suspended", ("paused", "migrated", "ioerror", "watchdog", "restored", "from-snapshot",
+                   "api-error", "postcopy", "postcopy-failed")),
+    ("resumed", ("unpaused", "migrated", "from-snapshot", "postcopy", "postcopy-failed")),
+    ("stopped", ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
+                 "from-snapshot")),
+    ("shutdown", ("finished", "guest", "host")),
+    ("pmsuspended", ("memory", "disk")),
+    ("crashed", ("panicked", "crashloaded")),
+)
+_CONFLICT_CODES = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_FAILED,
+                   libvirt.VIR_ERR_DOM_EXIST}
+_GONE_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_RPC,
+               libvirt.VIR_ERR_SYSTEM_ERROR}
+_BULK_STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+               | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_BLOCK
+               | libvirt.VIR_DOMAIN_STATS_INTERFACE)
+RECONNECT_MAX_DELAY_S = 5.0
+BULK_STATS_TIMEOUT_S = 10.0
+
+
+def event_words(event: int, detail: int) -> tuple[str, str]:
+    """libvirt's lifecycle (event, detail) numbers as words."""
+    if 0 <= event < len(_EVENTS):
+        name, details = _EVENTS[event]
+        return name, details[detail] if 0 <= detail < len(details) else str(detail)
+    return str(event), str(detail)
+
+
+def state_words(state: int, reason: int) -> tuple[VmState, str]:
+    words = _STATES.get(state, "unknown")
+    reasons = _REASONS.get(words, ())
+    return words, reasons[reason] if 0 <= reason < len(reasons) else ""
+
+
+# -- the libvirt thread: one per process ---------------------------------------------------
+
+_thread_loop: asyncio.AbstractEventLoop | None = None
+_thread_lock = threading.Lock()
+
+
+def _libvirt_loop() -> asyncio.AbstractEventLoop:
+    """Start (once) the daemon thread whose asyncio loop runs libvirtaio and every call.
+
+    libvirtaio is not thread-safe and libvirt takes one event implementation per process, so
+    all libvirt work happens on this loop's thread; agents (on any loop) wait on its futures.
+    """
+    global _thread_loop
+    with _thread_lock:
+        if _thread_loop is None:
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # we raise instead
+                asyncio.set_event_loop(loop)
+                libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+                ready.set()
+                loop.run_forever()
+
+            threading.Thread(target=run, name="libvirt", daemon=True).start()
+            ready.wait()
+            _thread_loop = loop
+        return _thread_loop
+
+
+def _submit(fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    async def call() -> T:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), _libvirt_loop())
+
+
+@contextlib.contextmanager
+def translated(what: str) -> Iterator[None]:
+    """libvirtError -> the shared error tree, with what we were doing."""
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        code = e.get_error_code()
+        text = e.get_error_message() or str(e)
+        if code == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotFound(f"{what}: {text}") from None
+        if code in _CONFLICT_CODES:
+            raise Conflict(f"{what}: {text}") from None
+        if code in _GONE_CODES:
+            raise Unavailable(f"{what}: libvirt is not reachable ({text})") from None
+        raise BackendError(f"{what}: {text}") from None
+
+
+class LibvirtHypervisor:
+    """Domains of the libvirt at ``uri``; see the module docstring."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.news: asyncio.Queue[HypervisorNews] = asyncio.Queue()
+        self.connected = False
+        self._conn: libvirt.virConnect | None = None
+        self._callbacks: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection; when libvirtd is down, keep trying in the background."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._open()
+        except PhyError as e:
+            log.warning("libvirt at %s not reachable (%s); retrying", self.uri, e.message)
+            self._schedule_reconnect()
+
+    async def _open(self) -> None:
+        def work() -> libvirt.virConnect:
+            with translated(f"connecting to {self.uri}"):
+                conn = libvirt.open(self.uri)
+                for event_id, cb in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+                                     (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot)):
+                    self._callbacks.append(conn.domainEventRegisterAny(None, event_id, cb, None))
+                if not self.uri.startswith("test:"):  # the test driver has no socket to lose
+                    conn.registerCloseCallback(self._on_close, None)
+                    conn.setKeepAlive(2, 3)
+                return conn
+
+        self._callbacks = []
+        self._conn = await asyncio.wrap_future(_submit(work))
+        self.connected = True
+        log.info("connected to libvirt at %s", self.uri)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        conn, self._conn, self.connected = self._conn, None, False
+        if conn is None:
+            return
+
+        def work() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                for cb in self._callbacks:
+                    conn.domainEventDeregisterAny(cb)
+                if not self.uri.startswith("test:"):
+                    conn.unregisterCloseCallback()
+                conn.close()
+
+        await asyncio.wrap_future(_submit(work))
+
+    def _on_close(self, conn: libvirt.virConnect, reason: int, opaque: Any) -> None:
+        """libvirt thread: the daemon went away (killed, restarted, keepalive lost)."""
+        if self._loop is not None and not self._closing:
+            self._loop.call_soon_threadsafe(self._lost, reason)
+
+    def _lost(self, reason: int) -> None:
+        if self._conn is None:
+            return
+        log.warning("connection to libvirt at %s lost (reason %d); reconnecting",
+                    self.uri, reason)
+        self._conn, self.connected = None, False
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.create_task(self._reconnect(), name="libvirt-reconnect")
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self._open()
+            except PhyError as e:
+                log.debug("libvirt still down (%s); next try in %.1f s", e.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                continue
+            self.news.put_nowait(Reconnected())
+            return
+
+    # -- events (libvirt thread -> agent loop) --------------------------------------------
+
+    def _post(self, news: HypervisorNews) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.news.put_nowait, news)
+
+    def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int,
+                      opaque: Any) -> None:
+        name, reason = event_words(event, detail)
+        self._post(DomainEvent(uuid=dom.UUIDString(), name=dom.name(), event=name,
+                               reason=reason))
+
+    def _on_reboot(self, conn: Any, dom: libvirt.virDomain, opaque: Any) -> None:
+        self._post(DomainEvent(uuid=dom.UUIDString(), name=dom.name(), event="rebooted"))
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _c(self) -> libvirt.virConnect:
+        if self._conn is None:
+            raise Unavailable(f"libvirt at {self.uri} is not connected; reconnecting")
+        return self._conn
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        def work() -> T:
+            with translated(what):
+                return fn()
+
+        return await asyncio.wrap_future(_submit(work))
+
+    def _lookup(self, ref: str) -> libvirt.virDomain:
+        conn = self._c()
+        if len(ref) == 36 and ref.count("-") == 4:
+            with contextlib.suppress(libvirt.libvirtError):
+                return conn.lookupByUUIDString(ref)
+        try:
+            return conn.lookupByName(ref)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"no VM {ref!r} on this host; see `phyllome vm list`") from None
+            raise
+
+    def _describe(self, dom: libvirt.virDomain) -> Domain:
+        state, reason = dom.state()
+        xml = dom.XMLDesc(0)
+        words, why = state_words(state, reason)
+        return Domain(uuid=dom.UUIDString(), name=dom.name(), state=words, reason=why,
+                      spec=domain_xml.spec_of(xml), autostart=bool(dom.autostart()),
+                      accelerator="kvm" if ET.fromstring(xml).get("type") == "kvm" else "tcg")
+
+    async def host_memory_mib(self) -> int:
+        return await self._run("reading host memory", lambda: int(self._c().getInfo()[1]))
+
+    async def domains(self) -> list[Domain]:
+        def work() -> list[Domain]:
+            out = []
+            for dom in self._c().listAllDomains(0):
+                try:
+                    out.append(self._describe(dom))
+                except libvirt.libvirtError as e:  # undefined while we were listing
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return out
+
+        return await self._run("listing domains", work)
+
+    async def domain(self, ref: str) -> Domain:
+        return await self._run(f"looking up {ref}", lambda: self._describe(self._lookup(ref)))
+
+    async def define(self, xml: str) -> Domain:
+        return await self._run("defining the domain",
+                               lambda: self._describe(self._c().defineXML(xml)))
+
+    async def undefine(self, uuid: str) -> None:
+        """Undefine with NVRAM and TPM state (the test driver has neither)."""
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        if not self.uri.startswith("test:"):
+            flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+        await self._run(f"undefining {uuid}", lambda: self._lookup(uuid).undefineFlags(flags))
+
+    async def start(self, uuid: str) -> None:
+        await self._run(f"starting {uuid}", lambda: self._lookup(uuid).create())
+
+    async def shutdown(self, uuid: str) -> None:
+        await self._run(f"shutting down {uuid}", lambda: self._lookup(uuid).shutdown())
+
+    async def destroy(self, uuid: str) -> None:
+        await self._run(f"destroying {uuid}", lambda: self._lookup(uuid).destroy())
+
+    async def reboot(self, uuid: str) -> None:
+        await self._run(f"rebooting {uuid}", lambda: self._lookup(uuid).reboot(0))
+
+    async def suspend(self, uuid: str) -> None:
+        await self._run(f"suspending {uuid}", lambda: self._lookup(uuid).suspend())
+
+    async def resume(self, uuid: str) -> None:
+        await self._run(f"resuming {uuid}", lambda: self._lookup(uuid).resume())
+
+    async def set_autostart(self, uuid: str, on: bool) -> None:
+        await self._run(f"setting autostart of {uuid}",
+                        lambda: self._lookup(uuid).setAutostart(int(on)))
+
+    async def xml(self, uuid: str, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_SECURE
+        if inactive:
+            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+        return await self._run(f"reading the XML of {uuid}",
+                               lambda: str(self._lookup(uuid).XMLDesc(flags)))
+
+    async def stats(self, uuid: str) -> DomainStats:
+        def work() -> DomainStats:
+            dom = self._lookup(uuid)
+            found = self._c().domainListGetStats([dom], _BULK_STATS)
+            return _stats(dom, found[0][1]) if found else _stats(dom, {})
+
+        return await self._run(f"reading the statistics of {uuid}", work)
+
+    def bulk_stats(self) -> list[DomainStats]:
+        conn = self._conn
+        if conn is None:
+            return []
+
+        def work() -> list[DomainStats]:
+            with translated("reading domain statistics"):
+                return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
+
+        return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
+
+
+def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:
+    def total(prefix: str, count_key: str, key: str) -> int:
+        return sum(int(v.get(f"{prefix}.{i}.{key}", 0)) for i in range(int(v.get(count_key, 0))))
+
+    state, _ = state_words(int(v.get("state.state", 0)), int(v.get("state.reason", 0)))
+    return DomainStats(
+        uuid=dom.UUIDString(), name=dom.name(), state=state,
+        cpu_time_s=int(v.get("cpu.time", 0)) / 1e9,
+        memory_bytes=int(v.get("balloon.current", 0)) * 1024,
+        memory_rss_bytes=int(v.get("balloon.rss", 0)) * 1024,
+        block_read_bytes=total("block", "block.count", "rd.bytes"),
+        block_write_bytes=total("block", "block.count", "wr.bytes"),
+        block_read_ops=total("block", "block.count", "rd.reqs"),
+        block_write_ops=total("block", "block.count", "wr.reqs"),
+        net_rx_bytes=total("net", "net.count", "rx.bytes"),
+        net_tx_bytes=total("net", "net.count", "tx.bytes"),
+    )

@@ -1,0 +1,122 @@
+"""libvirt for tests: a fresh test-driver host per test, the real libvirtd, guest serial logs.
+
+    def test_fast(libvirt_test_uri):          # "test:///tmp/.../host.xml", empty, per test
+        ...
+
+    def test_real(libvirtd, guest_dir):       # qemu:///system answering; a dir QEMU can read
+        ...
+        await wait_for_marker(guest_dir / "serial.log", "ready", timeout=60)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.require import require
+
+SYSTEM_URI = "qemu:///system"
+LIBVIRTD_PID = Path("/run/libvirtd.pid")
+MARKER_PREFIX = "PHYLLOME-TINY: "
+
+# A host for libvirt's test driver: 2 CPUs, 8 GiB; no domains, the tests define them.
+TEST_HOST_XML = """<node>
+  <cpu>
+    <nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads>
+    <active>2</active><mhz>2000</mhz><model>x86_64</model>
+  </cpu>
+  <memory>8388608</memory>
+</node>
+"""
+
+
+@pytest.fixture
+def libvirt_test_uri(tmp_path: Path) -> str:
+    """A libvirt test-driver URI of a host file of this test only (never test:///default)."""
+    path = tmp_path / "libvirt-test-host.xml"
+    path.write_text(TEST_HOST_XML)
+    return f"test://{path}"
+
+
+def _answers() -> bool:
+    done = subprocess.run(["virsh", "-c", SYSTEM_URI, "uri"], capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+def ensure_libvirtd(timeout: float = 30.0) -> None:
+    """Start virtlogd and libvirtd (no systemd here) unless qemu:///system already answers."""
+    require(shutil.which("libvirtd") is not None and shutil.which("virsh") is not None,
+            "libvirtd and virsh (package libvirt-daemon-system)")
+    if _answers():
+        return
+    require(os.geteuid() == 0, "root, to start libvirtd")
+    if subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode != 0:
+        subprocess.run(["virtlogd", "-d"], check=True)
+    if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+        subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + timeout
+    while not _answers():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"libvirtd did not answer on {SYSTEM_URI} in {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> str:
+    """The machine's real libvirtd, running; yields its URI."""
+    ensure_libvirtd()
+    return SYSTEM_URI
+
+
+def kill_libvirtd() -> None:
+    """SIGKILL libvirtd, as a crash would (its QEMU processes keep running)."""
+    pid = int(LIBVIRTD_PID.read_text().strip())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    LIBVIRTD_PID.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def guest_dir() -> Iterator[Path]:
+    """A directory for guest files that QEMU (user libvirt-qemu) can traverse and read.
+
+    pytest's tmp_path is mode 700 and QEMU could not open a disk under it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="phyllome-vm-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def markers(log: Path) -> dict[str, str]:
+    """The ``PHYLLOME-TINY: key=value`` markers a guest printed so far (last value wins)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found: dict[str, str] = {}
+    for m in re.finditer(rf"{re.escape(MARKER_PREFIX)}([a-z_]+)(?:=([^\r\n]*))?", text):
+        found[m.group(1)] = (m.group(2) or "").strip()
+    return found
+
+
+async def wait_for_marker(log: Path, key: str, timeout: float = 60.0) -> dict[str, str]:
+    """Poll a serial log until the guest printed marker ``key``; returns all markers then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = markers(log)
+        if key in found:
+            return found
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+            raise TimeoutError(f"no {MARKER_PREFIX}{key} in {log} after {timeout} s:\n{tail}")
+        await asyncio.sleep(0.1)
