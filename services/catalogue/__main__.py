@@ -1,4 +1,4 @@
-"""Start the catalogue agent: `python -m services.catalogue` (configured by PHYLLOME_* variables)."""
+"""Start the catalogue agent: `python -m services.catalogue` (configured by PHYLLOME_*)."""
 
 from services.catalogue import service
 from shared.runtime import run_agent

@@ -18,7 +18,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, Empty, EndpointSpec, Event
-from shared.messages.jobs import JOB_ENDPOINTS, JobAccepted
+from shared.messages.jobs import JobAccepted
 
 SourceType = Literal["osinfo", "simplestreams", "manifest", "builtin"]
 Firmware = Literal["", "efi", "bios"]
@@ -121,7 +121,7 @@ class SourceSpec(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.sourc
     """A configured image source (KV key ``source.<name>``)."""
 
     name: str
-    type: SourceType
+    kind: SourceType
     url: str = ""
     builtin: bool = False  # from the agent's configuration, not removable over the bus
 
@@ -177,7 +177,7 @@ class SourceList(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.sourc
 class SourceAdd(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.source_add.v1"):
     name: str
     url: str
-    type: Literal["manifest", "simplestreams"] = "manifest"
+    kind: Literal["manifest", "simplestreams"] = "manifest"
 
 
 class SourceRef(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.source_ref.v1"):
@@ -228,6 +228,7 @@ class CatalogueRefreshed(Event, frozen=True, kw_only=True, tag="catalogue.refres
     sources: list[SourceCount]
 
 
+# The job endpoints (jobs, job, cancel) are added by the agent runtime.
 ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("list", ListRequest, ImageList,
                  "Catalogue entries, filtered by text, family, arch, downloadable."),
@@ -240,5 +241,4 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("source_add", SourceAdd, SourceSpec, "Add a manifest or simplestreams source."),
     EndpointSpec("source_remove", SourceRef, Ack, "Remove a source and its entries."),
     EndpointSpec("refresh", Empty, RefreshResult, "Re-read every source into KV images."),
-    *JOB_ENDPOINTS,
 )

@@ -1,0 +1,63 @@
+"""Settings of the catalogue agent: the ``[catalogue]`` table of the config file.
+
+    [catalogue]
+    pool_dir = "/var/lib/phyllome/images/pool"       # default <state dir>/images/pool
+    builtin_dir = "/var/lib/phyllome/images/builtin"  # phyllome-tiny (deploy/images/)
+    osinfo_dir = "/usr/share/osinfo"                  # "" = no osinfo-db entries
+    local_dirs = ["/srv/images"]                      # file:// URLs allowed under these
+    mirrors = {"https://cloud.debian.org/" = "http://mirror.lan/debian-cloud/"}
+    sources = [{name = "lab", kind = "manifest", url = "http://mirror.lan/images.json"}]
+    max_unpacked_bytes = 0          # 0 = the pool's free space
+    probe_interval_s = 3600         # link-rot HEAD probes; 0 = off
+
+    >>> from shared.config import load
+    >>> s = Settings.from_config(load("catalogue", env={"PHYLLOME_STATE_DIR": "/s"}))
+    >>> s.pool_dir
+    '/s/images/pool'
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import msgspec
+
+from shared.config import Config
+from shared.errors import BadRequest
+
+
+class ConfiguredSource(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    url: str
+    kind: str = "manifest"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pool_dir: str
+    builtin_dir: str
+    osinfo_dir: str = "/usr/share/osinfo"
+    local_dirs: list[str] = []
+    mirrors: dict[str, str] = {}
+    sources: list[ConfiguredSource] = []
+    max_unpacked_bytes: int = 0
+    max_index_bytes: int = 64 << 20
+    probe_interval_s: float = 3600.0
+    timeout_s: float = 30.0
+    retries: int = 5
+    max_redirects: int = 5
+    arch: str = platform.machine()
+    replicas: int = 1  # read by shared.agent for the KV buckets
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Settings:
+        images = Path(cfg.state_dir) / "images"
+        values = {"pool_dir": str(images / "pool"), "builtin_dir": str(images / "builtin"),
+                  **cfg.extra}
+        try:
+            settings = msgspec.convert(values, cls)
+        except msgspec.ValidationError as e:
+            raise BadRequest(f"[catalogue] configuration: {e}") from None
+        # the built-in images are a local source by definition
+        return msgspec.structs.replace(
+            settings, local_dirs=[settings.builtin_dir, *settings.local_dirs])

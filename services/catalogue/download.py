@@ -1,0 +1,591 @@
+"""The catalogue's adapter: the only module that touches HTTP, the image pool and qemu-img.
+
+A pull is verified end to end: the payload is hashed while it streams (and resumed with
+``Range`` after a cut), its size and sha256 checked, HTML error pages and wrong content
+types refused, compressed payloads unpacked under a size limit, qcow2/VMDK/VHDX converted
+to RAW with ``qemu-img convert``, and the RAW file renamed into the pool only when all of
+that passed. Nothing is left in the pool after a refusal.
+
+    store = ImageStore(Settings.from_config(cfg), host="h1")
+    local = await store.pull(entry, entry.downloads[0], allow_unverified=False,
+                             progress=report)          # LocalImage(path=".../debian12.raw")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import IO, Protocol
+from urllib.parse import unquote, urljoin, urlsplit
+
+import httpx
+import msgspec
+import zstandard
+
+from services.catalogue.config import Settings
+from services.catalogue.sources import rewrite
+from shared.errors import (
+    BackendError,
+    BadRequest,
+    Forbidden,
+    InsufficientResources,
+    NotFound,
+    PhyError,
+    Unavailable,
+)
+from shared.messages.catalogue import CatalogueEntry, Download, LocalImage
+
+log = logging.getLogger("phyllome.catalogue.download")
+
+Progress = Callable[[int, int, str], Awaitable[None]]
+CHUNK = 4 << 20
+FICLONE = 0x40049409
+# Content types that are never a disk image: an error page or an API answer.
+REFUSED_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
+HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
+MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gz", b"\x28\xb5\x2f\xfd": "zst"}
+CONTAINERS = {b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"conectix": "vpc"}
+
+
+class ImageAdapter(Protocol):
+    """What the handlers need from the outside world (a small fake in unit tests)."""
+
+    async def fetch(self, url: str, limit: int) -> bytes: ...
+
+    async def probe(self, url: str) -> tuple[bool, int, str]: ...
+
+    async def pull(self, entry: CatalogueEntry, dl: Download, *, allow_unverified: bool,
+                   progress: Progress) -> LocalImage: ...
+
+    def local(self, image_id: str) -> LocalImage | None: ...
+
+    def locals(self) -> list[LocalImage]: ...
+
+    def remove(self, image_id: str) -> LocalImage: ...
+
+    async def close(self) -> None: ...
+
+
+class _Cut(Exception):
+    """The body ended before its announced end; resume with Range."""
+
+
+class ImageStore:
+    """HTTP(S) and configured local sources on one side, the image pool on the other."""
+
+    def __init__(self, settings: Settings, host: str,
+                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
+        self.settings = settings
+        self.host = host
+        self.on_bytes = on_bytes  # counts downloaded bytes (a metric)
+        self.pool = Path(settings.pool_dir)
+        self.partial = self.pool / ".partial"
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, timeout=httpx.Timeout(settings.timeout_s),
+            headers={"User-Agent": "phyllome-catalogue/0.1", "Accept-Encoding": "identity"})
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- URLs -------------------------------------------------------------------------------
+
+    def resolve(self, url: str) -> str:
+        """The URL to fetch: mirror-rewritten, and only http(s) or an allowed local path."""
+        url = rewrite(url, self.settings.mirrors)
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("http", "https"):
+            return url
+        if scheme == "file":
+            self._local_path(url)
+            return url
+        raise Forbidden(f"catalogue: refusing {url!r}: only http and https URLs are fetched "
+                        f"(file:// only under a configured local source)")
+
+    def _local_path(self, url: str) -> Path:
+        path = Path(unquote(urlsplit(url).path)).resolve()
+        for allowed in self.settings.local_dirs:
+            if path.is_relative_to(Path(allowed).resolve()):
+                return path
+        raise Forbidden(f"catalogue: refusing {url!r}: file:// URLs are only read under a "
+                        f"configured local source ({', '.join(self.settings.local_dirs)}); "
+                        "add the directory to [catalogue] local_dirs")
+
+    @contextlib.asynccontextmanager
+    async def _open(self, url: str, method: str = "GET",
+                    headers: dict[str, str] | None = None) -> AsyncIterator[httpx.Response]:
+        """A streamed response after following redirects that keep the scheme (or upgrade
+        http to https); any other redirect is refused, never followed."""
+        for _ in range(self.settings.max_redirects + 1):
+            req = self._client.build_request(method, url, headers=headers)
+            resp = await self._client.send(req, stream=True)
+            if not resp.is_redirect:
+                try:
+                    yield resp
+                finally:
+                    await resp.aclose()
+                return
+            await resp.aclose()
+            target = urljoin(url, resp.headers.get("location", ""))
+            old, new = urlsplit(url).scheme, urlsplit(target).scheme
+            if new != old and (old, new) != ("http", "https"):
+                raise Forbidden(f"catalogue: {url} redirects to {target!r} ({new}://); "
+                                f"redirects that leave {old}:// are refused")
+            url = target
+        raise BackendError(f"catalogue: {url}: more than {self.settings.max_redirects} "
+                           "redirects")
+
+    @staticmethod
+    def _status(url: str, resp: httpx.Response) -> None:
+        code = resp.status_code
+        if code in (404, 410):
+            raise NotFound(f"catalogue: {url} answered {code}: the image is gone from its "
+                           "server (link rot); refresh the source or use a mirror")
+        if code in (401, 403):
+            raise Forbidden(f"catalogue: {url} answered {code}: access denied by the server")
+        if code >= 500 or code == 429:
+            raise Unavailable(f"catalogue: {url} answered {code}; try again later")
+        if code >= 400:
+            raise BackendError(f"catalogue: {url} answered {code}")
+
+    @staticmethod
+    def _content_type(url: str, resp: httpx.Response) -> None:
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith(REFUSED_TYPES):
+            raise Forbidden(f"catalogue: {url} answered with Content-Type {ctype!r}, which is "
+                            "not a disk image (an error page?); refused")
+
+    async def fetch(self, url: str, limit: int) -> bytes:
+        """A small file (an index or a manifest), at most ``limit`` bytes."""
+        url = self.resolve(url)
+        if url.startswith("file:"):
+            path = self._local_path(url)
+            try:
+                if path.stat().st_size > limit:
+                    raise BadRequest(f"catalogue: {path} is over {limit} bytes")
+                return await asyncio.to_thread(path.read_bytes)
+            except OSError as e:
+                raise NotFound(f"catalogue: cannot read {path}: {e.strerror}") from None
+        try:
+            async with self._open(url) as resp:
+                self._status(url, resp)
+                body = bytearray()
+                async for chunk in resp.aiter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise BadRequest(f"catalogue: {url} is over {limit} bytes")
+                return bytes(body)
+        except httpx.HTTPError as e:
+            raise Unavailable(f"catalogue: cannot fetch {url}: {e!r}") from None
+
+    async def probe(self, url: str) -> tuple[bool, int, str]:
+        """Whether an image URL still answers (HEAD): (ok, status, reason)."""
+        try:
+            url = self.resolve(url)
+            if url.startswith("file:"):
+                ok = self._local_path(url).is_file()
+                return ok, 0, "" if ok else "file missing"
+            async with self._open(url, "HEAD") as resp:
+                self._status(url, resp)
+                self._content_type(url, resp)
+                return True, resp.status_code, ""
+        except PhyError as e:
+            return False, 0, e.message
+        except httpx.HTTPError as e:
+            return False, 0, repr(e)
+
+    # -- the pool ---------------------------------------------------------------------------
+
+    def raw_path(self, image_id: str) -> Path:
+        return self.pool / f"{image_id}.raw"
+
+    def _meta_path(self, image_id: str) -> Path:
+        return self.pool / f"{image_id}.json"
+
+    def local(self, image_id: str) -> LocalImage | None:
+        meta = self._meta_path(image_id)
+        if not meta.is_file() or not self.raw_path(image_id).is_file():
+            return None
+        try:
+            return msgspec.json.decode(meta.read_bytes(), type=LocalImage)
+        except msgspec.MsgspecError:
+            return None
+
+    def locals(self) -> list[LocalImage]:
+        found = (self.local(p.stem) for p in sorted(self.pool.glob("*.json")))
+        return [x for x in found if x is not None]
+
+    def remove(self, image_id: str) -> LocalImage:
+        image = self.local(image_id)
+        if image is None:
+            raise NotFound(f"catalogue: image {image_id!r} is not pulled on host {self.host}")
+        self.raw_path(image_id).unlink(missing_ok=True)
+        self._meta_path(image_id).unlink(missing_ok=True)
+        return image
+
+    def free(self) -> int:
+        return shutil.disk_usage(self.pool).free
+
+    # -- pull -------------------------------------------------------------------------------
+
+    async def pull(self, entry: CatalogueEntry, dl: Download, *, allow_unverified: bool,
+                   progress: Progress) -> LocalImage:
+        """Fetch, verify, unpack and convert ``dl`` into ``<pool>/<id>.raw``."""
+        url = self.resolve(dl.url)
+        if not dl.sha256 and not allow_unverified:
+            raise Forbidden(f"catalogue: {entry.id} has no published sha256 ({url}); refused. "
+                            "Pass --allow-unverified to pull it anyway (marked unverified)")
+        if dl.format not in ("raw", "qcow2", "vmdk", "vhdx", "vpc"):
+            raise BadRequest(f"catalogue: {entry.id} is a {dl.format!r} image, which cannot "
+                             "become a RAW disk")
+        free = self.free()
+        if dl.size and dl.size > free:
+            raise InsufficientResources(
+                f"catalogue: {entry.id} is {dl.size} bytes, the image pool {self.pool} has "
+                f"{free} bytes free; free some space (images remove) first")
+        stem = self.partial / f"{entry.id}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+        download, work = Path(f"{stem}.download"), Path(f"{stem}.work")
+        keep_download = False
+        try:
+            if url.startswith("file:"):
+                payload = self._local_path(url)
+                sha, size = await self._hash_local(payload, dl.size, progress)
+            else:
+                payload = download
+                try:
+                    sha, size = await self._download(url, download, dl.size, progress)
+                except Unavailable:
+                    keep_download = True  # the next pull resumes from here
+                    raise
+            self._verify(entry.id, url, dl, sha, size)
+            raw_sha, source_format = await self._to_raw(entry.id, dl, payload, work, sha,
+                                                        progress)
+            final = self.raw_path(entry.id)
+            os.replace(work, final)
+            image = LocalImage(
+                id=entry.id, host=self.host, path=str(final), sha256=raw_sha,
+                size=final.stat().st_size, state="ready" if dl.sha256 else "unverified",
+                source=entry.source, url=url, source_sha256=sha, source_format=source_format,
+                pulled_at=time.time())
+            self._meta_path(entry.id).write_bytes(msgspec.json.encode(image))
+            return image
+        finally:
+            work.unlink(missing_ok=True)
+            if not keep_download:
+                download.unlink(missing_ok=True)
+
+    @staticmethod
+    def _verify(image_id: str, url: str, dl: Download, sha: str, size: int) -> None:
+        if dl.size and size != dl.size:
+            raise Forbidden(f"catalogue: {image_id}: {url} gave {size} bytes, the source says "
+                            f"{dl.size}; refused (truncated or replaced)")
+        if dl.sha256 and sha != dl.sha256:
+            raise Forbidden(f"catalogue: {image_id}: sha256 of {url} is {sha}, the source "
+                            f"publishes {dl.sha256}; refused (tampered or corrupt), nothing "
+                            "kept")
+
+    async def _hash_local(self, path: Path, expected: int, progress: Progress
+                          ) -> tuple[str, int]:
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise NotFound(f"catalogue: cannot read {path}: {e.strerror}") from None
+        h = hashlib.sha256()
+        done = 0
+        with path.open("rb") as f:
+            while block := await asyncio.to_thread(f.read, CHUNK):
+                h.update(block)
+                done += len(block)
+                await progress(done, size, "hashing")
+        return h.hexdigest(), done
+
+    async def _download(self, url: str, part: Path, expected: int, progress: Progress
+                        ) -> tuple[str, int]:
+        """Stream ``url`` into ``part`` while hashing; resume with Range after a cut."""
+        h = hashlib.sha256()
+        have = 0
+        if part.exists() and (not expected or part.stat().st_size <= expected):
+            have = await asyncio.to_thread(_hash_into, part, h)  # resume after a crash
+        limit = expected or self.free()
+        validator = ""
+        cuts = 0
+        with part.open("r+b" if part.exists() else "wb") as f:
+            f.seek(have)
+            f.truncate()
+            while True:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                if have and validator:
+                    headers["If-Range"] = validator
+                try:
+                    async with self._open(url, headers=headers) as resp:
+                        if resp.status_code == 416 and have and have == expected:
+                            break
+                        self._status(url, resp)
+                        self._content_type(url, resp)
+                        if have and not _continues(resp, have):
+                            log.info("%s: server ignored the Range; starting over", url)
+                            f.seek(0)
+                            f.truncate()
+                            h, have = hashlib.sha256(), 0
+                        validator = resp.headers.get("etag") or resp.headers.get(
+                            "last-modified", "")
+                        total = expected or have + int(resp.headers.get("content-length", 0))
+                        have = await self._stream(url, resp, f, h, have, total, limit,
+                                                  progress)
+                    if expected and have < expected:
+                        raise _Cut(f"ended at {have} of {expected} bytes")
+                    break
+                except (httpx.TransportError, _Cut) as e:
+                    have = f.tell()  # every byte received was written and hashed
+                    cuts += 1
+                    if cuts > self.settings.retries:
+                        raise Unavailable(
+                            f"catalogue: {url}: the connection broke {cuts} times (last at "
+                            f"byte {have}: {e!r}); pull again to resume") from None
+                    log.info("%s: cut at byte %d (%r); resuming", url, have, e)
+                    await asyncio.sleep(min(0.1 * 2 ** cuts, 5.0))  # back off before retrying
+            f.flush()
+            os.fsync(f.fileno())
+        return h.hexdigest(), have
+
+    async def _stream(self, url: str, resp: httpx.Response, f: IO[bytes], h: hashlib._Hash,
+                      have: int, total: int, limit: int, progress: Progress) -> int:
+        """Copy the body to ``f``; the write and the hash of one block run in a thread while
+        the next block is read from the socket."""
+        pending: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        batched = 0
+        loop = asyncio.get_running_loop()
+        try:
+            async for chunk in resp.aiter_raw():
+                if have == 0 and chunk.lstrip()[:16].lower().startswith(HTML_STARTS):
+                    raise Forbidden(f"catalogue: {url} sent an HTML/XML page instead of a disk "
+                                    "image (an error page served with status 200?); refused")
+                have += len(chunk)
+                if have > limit:
+                    raise Forbidden(f"catalogue: {url} sent more than {limit} bytes, more than "
+                                    "the source announced (or the pool can hold); refused")
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= CHUNK:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, _write_and_hash, f, h, batch)
+                    self.on_bytes(batched)
+                    batch, batched = [], 0
+                    await progress(have, total, "downloading")
+        finally:
+            if pending is not None:
+                await pending
+            if batch:
+                await asyncio.to_thread(_write_and_hash, f, h, batch)
+                self.on_bytes(batched)
+        await progress(have, total, "downloading")
+        return have
+
+    # -- unpack and convert -----------------------------------------------------------------
+
+    async def _to_raw(self, image_id: str, dl: Download, payload: Path, work: Path,
+                      payload_sha: str, progress: Progress) -> tuple[str, str]:
+        """Make ``work`` the RAW disk; returns its sha256 and the format it came in."""
+        head = _head(payload)
+        compression = next((c for m, c in MAGIC.items() if head.startswith(m)), "")
+        raw_sha = payload_sha
+        if compression:
+            limit = self.settings.max_unpacked_bytes or self.free()
+            await progress(0, 0, f"unpacking {compression}")
+            unpacked = Path(f"{work}.unpacked")
+            try:
+                raw_sha = await asyncio.to_thread(_unpack, payload, unpacked, compression, limit,
+                                                  image_id)
+                fmt = _container(image_id, _head(unpacked), dl.format)
+                if fmt == "raw":
+                    os.replace(unpacked, work)
+                    return raw_sha, "raw"
+                await self._convert(image_id, unpacked, work, fmt, progress)
+            finally:
+                unpacked.unlink(missing_ok=True)
+        else:
+            fmt = _container(image_id, head, dl.format)
+            if fmt == "raw":
+                if payload.parent == self.partial:
+                    os.replace(payload, work)
+                else:
+                    await progress(0, 0, "copying")
+                    await asyncio.to_thread(_clone, payload, work)
+                return raw_sha, "raw"
+            await self._convert(image_id, payload, work, fmt, progress)
+        await progress(0, 0, "hashing RAW")
+        return await asyncio.to_thread(_sha256, work), fmt
+
+    async def _convert(self, image_id: str, src: Path, dst: Path, fmt: str,
+                       progress: Progress) -> None:
+        info = json.loads(await _run("qemu-img", "info", "--output=json", "-f", fmt, str(src)))
+        if info.get("backing-filename") or info.get("full-backing-filename"):
+            raise Forbidden(f"catalogue: {image_id}: the {fmt} image has a backing file "
+                            f"({info.get('backing-filename')}); refused (it could read host "
+                            "files)")
+        data = info.get("format-specific", {}).get("data", {})
+        if data.get("data-file") or fmt == "vmdk" and data.get("create-type") not in (
+                None, "monolithicSparse", "streamOptimized"):
+            raise Forbidden(f"catalogue: {image_id}: the {fmt} image refers to external "
+                            "files; refused")
+        virtual = int(info.get("virtual-size", 0))
+        free = self.free()
+        if virtual > free:
+            raise InsufficientResources(
+                f"catalogue: {image_id} is {virtual} bytes as RAW, the image pool has {free} "
+                "bytes free")
+        await progress(0, virtual, f"converting {fmt} to RAW")
+        await _run("qemu-img", "convert", "-q", "-W", "-m", "8", "-f", fmt, "-O", "raw",
+                   str(src), str(dst))
+        await progress(virtual, virtual, f"converted {fmt} to RAW")
+
+
+def _continues(resp: httpx.Response, have: int) -> bool:
+    """Whether a response to a Range request continues at byte ``have``."""
+    if resp.status_code != 206:
+        return False
+    crange = resp.headers.get("content-range", "")
+    return crange.startswith(f"bytes {have}-")
+
+
+def _write_and_hash(f: IO[bytes], h: hashlib._Hash, chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    f.write(data)
+    h.update(data)
+
+
+def _hash_into(path: Path, h: hashlib._Hash) -> int:
+    """Feed a file to ``h``; returns its length."""
+    done = 0
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            done += len(block)
+    return done
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    _hash_into(path, h)
+    return h.hexdigest()
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(64)
+
+
+def _container(image_id: str, head: bytes, declared: str) -> str:
+    """The format the bytes are in; it must be the one the catalogue declares."""
+    if head.startswith(b"# Disk DescriptorFile"):
+        raise Forbidden(f"catalogue: {image_id}: a VMDK descriptor refers to other files; "
+                        "refused")
+    found = next((fmt for m, fmt in CONTAINERS.items() if head.startswith(m)), "raw")
+    if found != declared:
+        raise Forbidden(f"catalogue: {image_id}: the payload is {found}, the source says "
+                        f"{declared}; refused (format confusion)")
+    return found
+
+
+class _Reader(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def _decompressed(src: IO[bytes], compression: str) -> _Reader:
+    if compression == "xz":
+        return lzma.open(src)
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=src)
+    return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+
+
+def _unpack(src: Path, dst: Path, compression: str, limit: int, image_id: str) -> str:
+    """Decompress ``src`` into sparse ``dst``; refuse past ``limit`` bytes (a bomb)."""
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with src.open("rb") as raw, contextlib.closing(_decompressed(raw, compression)) as z, \
+                dst.open("wb") as out:
+            while block := z.read(CHUNK):
+                size += len(block)
+                if size > limit:
+                    raise Forbidden(
+                        f"catalogue: {image_id}: the {compression} payload unpacks to more "
+                        f"than {limit} bytes (a decompression bomb, or set [catalogue] "
+                        "max_unpacked_bytes higher); refused")
+                h.update(block)
+                if block.count(0) == len(block):
+                    out.seek(len(block), os.SEEK_CUR)
+                else:
+                    out.write(block)
+            out.truncate(size)
+    except (lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as e:
+        raise Forbidden(f"catalogue: {image_id}: the {compression} payload is corrupt: "
+                        f"{e}") from None
+    return h.hexdigest()
+
+
+def _clone(src: Path, dst: Path) -> None:
+    """Reflink ``src`` to ``dst`` where the filesystem can, else a sparse copy."""
+    with src.open("rb") as s, dst.open("wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            return
+        except OSError:
+            pass
+        for start, length in _extents(s.fileno()):
+            os.lseek(s.fileno(), start, os.SEEK_SET)
+            d.seek(start)
+            left = length
+            while left:
+                block = s.read(min(CHUNK, left))
+                if not block:
+                    break
+                d.write(block)
+                left -= len(block)
+        d.truncate(os.fstat(s.fileno()).st_size)
+
+
+def _extents(fd: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the data regions of a file (SEEK_DATA / SEEK_HOLE)."""
+    end = os.fstat(fd).st_size
+    pos = 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        stop = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, stop - start
+        pos = stop
+
+
+async def _run(*argv: str) -> str:
+    """Run a tool; killed if the job is cancelled; BackendError with its stderr if it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise BackendError(f"catalogue: {' '.join(argv[:2])} failed: "
+                           f"{err.decode(errors='replace').strip()}")
+    return out.decode()

@@ -1,0 +1,264 @@
+"""The pull pipeline (download.ImageStore) against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import lzma
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.catalogue.config import Settings
+from services.catalogue.download import ImageStore
+from shared.errors import Forbidden, InsufficientResources, NotFound
+from shared.messages.catalogue import CatalogueEntry, Download
+from tests.support.httpserver import FileServer, make_sparse_raw
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[FileServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    with FileServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ImageStore]:
+    local = tmp_path / "local"
+    local.mkdir()
+    s = ImageStore(Settings(pool_dir=str(tmp_path / "pool"), builtin_dir=str(local),
+                            local_dirs=[str(local)], retries=3), host="h1")
+    yield s
+    await s.close()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def entry(image_id: str, url: str, path: Path | None, fmt: str = "raw",
+          sha256: str | None = None, size: int | None = None) -> tuple[CatalogueEntry, Download]:
+    dl = Download(arch="x86_64", url=url, format=fmt,
+                  sha256=sha(path) if sha256 is None and path else sha256 or "",
+                  size=path.stat().st_size if size is None and path else size or 0)
+    return CatalogueEntry(id=image_id, name=image_id, source="test", downloads=[dl]), dl
+
+
+async def no_progress(done: int, total: int, message: str) -> None:
+    pass
+
+
+def pool_files(store: ImageStore) -> list[str]:
+    return sorted(p.name for p in store.pool.rglob("*") if p.is_file())
+
+
+async def test_raw_image_is_verified_and_stored(srv: FileServer, store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 8 * MiB)
+    e, dl = entry("disk", srv.url("disk.raw"), raw)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.state == "ready" and local.sha256 == sha(raw) == local.source_sha256
+    assert Path(local.path).read_bytes() == raw.read_bytes()
+    assert store.local("disk") == local
+    assert pool_files(store) == ["disk.json", "disk.raw"]
+
+
+async def test_qcow2_is_converted_to_raw(srv: FileServer, store: ImageStore,
+                                         tmp_path: Path) -> None:
+    raw = make_sparse_raw(tmp_path / "src.raw", 16 * MiB)
+    qcow = srv.root / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)],
+                   check=True)
+    e, dl = entry("q", srv.url("disk.qcow2"), qcow, fmt="qcow2")
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.source_format == "qcow2" and local.source_sha256 == sha(qcow)
+    assert local.sha256 == sha(raw) and Path(local.path).read_bytes() == raw.read_bytes()
+
+
+async def test_xz_raw_is_unpacked(srv: FileServer, store: ImageStore, tmp_path: Path) -> None:
+    raw = make_sparse_raw(tmp_path / "src.raw", 8 * MiB)
+    xz = srv.root / "disk.raw.xz"
+    xz.write_bytes(lzma.compress(raw.read_bytes(), preset=0))
+    e, dl = entry("x", srv.url("disk.raw.xz"), xz)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.sha256 == sha(raw) and local.source_sha256 == sha(xz)
+    assert Path(local.path).read_bytes() == raw.read_bytes()
+
+
+async def test_tampered_image_is_refused_and_nothing_left(srv: FileServer,
+                                                          store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 4 * MiB)
+    e, dl = entry("t", srv.url("disk.raw"), raw, sha256="0" * 64)
+    with pytest.raises(Forbidden, match="sha256 of .* is .*publishes 0000"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
+
+
+async def test_html_page_with_status_200_is_refused(srv: FileServer,
+                                                    store: ImageStore) -> None:
+    srv.html_for_missing = True
+    e, dl = entry("h", srv.url("gone.raw"), None, sha256="1" * 64, size=0)
+    with pytest.raises(Forbidden, match="text/html"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
+
+
+async def test_html_body_declared_as_octet_stream_is_refused(srv: FileServer,
+                                                             store: ImageStore) -> None:
+    page = srv.root / "page.raw"
+    page.write_bytes(b"\n  <!DOCTYPE html><html><body>Mirror maintenance</body></html>")
+    e, dl = entry("h", srv.url("page.raw"), page)
+    with pytest.raises(Forbidden, match="HTML/XML page"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
+
+
+async def test_wrong_content_type_is_refused(srv: FileServer, store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 2 * MiB)
+    srv.content_type = "text/plain"
+    e, dl = entry("c", srv.url("disk.raw"), raw)
+    with pytest.raises(Forbidden, match="Content-Type 'text/plain'"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+
+
+async def test_404_is_link_rot(srv: FileServer, store: ImageStore) -> None:
+    e, dl = entry("g", srv.url("gone.raw"), None, sha256="1" * 64, size=0)
+    with pytest.raises(NotFound, match="answered 404"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert await store.probe(srv.url("gone.raw")) == (
+        False, 0, f"catalogue: {srv.url('gone.raw')} answered 404: the image is gone from its "
+        "server (link rot); refresh the source or use a mirror")
+
+
+async def test_cut_half_way_resumes_with_range(srv: FileServer, store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 8 * MiB)
+    srv.drop_after = 3 * MiB + 123
+    e, dl = entry("r", srv.url("disk.raw"), raw)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert srv.drops == 1
+    assert srv.gets("disk.raw") == ["", f"bytes={3 * MiB + 123}-"]
+    assert local.sha256 == sha(raw)
+
+
+async def test_truncated_body_without_size_is_resumed(srv: FileServer,
+                                                      store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 4 * MiB)
+    srv.drop_after = MiB
+    e, dl = entry("r", srv.url("disk.raw"), raw, size=0)
+    dl2 = Download(arch="x86_64", url=dl.url, format="raw", sha256=dl.sha256)
+    local = await store.pull(e, dl2, allow_unverified=False, progress=no_progress)
+    assert local.sha256 == sha(raw) and srv.gets("disk.raw")[1] == f"bytes={MiB}-"
+
+
+async def test_unverified_is_refused_unless_allowed(srv: FileServer,
+                                                    store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 2 * MiB)
+    e, dl = entry("u", srv.url("disk.raw"), raw, sha256="")
+    dl = Download(arch="x86_64", url=dl.url, format="raw")
+    with pytest.raises(Forbidden, match="no published sha256.*--allow-unverified"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert srv.gets("disk.raw") == []
+    local = await store.pull(e, dl, allow_unverified=True, progress=no_progress)
+    assert local.state == "unverified" and local.sha256 == sha(raw)
+
+
+async def test_redirect_to_another_scheme_is_refused(srv: FileServer,
+                                                     store: ImageStore) -> None:
+    srv.redirects["old.raw"] = "file:///etc/passwd"
+    e, dl = entry("r", srv.url("old.raw"), None, sha256="1" * 64, size=0)
+    with pytest.raises(Forbidden, match="redirects to 'file:///etc/passwd'"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+
+
+async def test_redirect_on_the_same_scheme_is_followed(srv: FileServer,
+                                                       store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", MiB)
+    srv.redirects["old.raw"] = "/disk.raw"
+    e, dl = entry("r", srv.url("old.raw"), raw)
+    assert (await store.pull(e, dl, allow_unverified=False, progress=no_progress)).sha256
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.raw",
+                                 "gopher://x/y", "data:,hello", "/etc/shadow"])
+async def test_non_http_urls_are_refused(store: ImageStore, url: str) -> None:
+    e, dl = entry("f", url, None, sha256="1" * 64, size=1)
+    with pytest.raises(Forbidden, match="refusing"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+
+
+async def test_file_url_under_a_local_source_is_pulled(store: ImageStore,
+                                                       tmp_path: Path) -> None:
+    raw = make_sparse_raw(tmp_path / "local" / "disk.raw", 4 * MiB)
+    e, dl = entry("l", raw.as_uri(), raw)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.sha256 == sha(raw) and raw.exists()
+    assert Path(local.path).read_bytes() == raw.read_bytes()
+
+
+async def test_image_bigger_than_free_space_refused_before_download(
+        srv: FileServer, store: ImageStore) -> None:
+    make_sparse_raw(srv.root / "disk.raw", MiB)
+    e, dl = entry("big", srv.url("disk.raw"), None, sha256="1" * 64, size=1 << 60)
+    with pytest.raises(InsufficientResources, match="bytes free"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert srv.requests == []
+
+
+async def test_decompression_bomb_is_refused(srv: FileServer, tmp_path: Path) -> None:
+    bomb = srv.root / "bomb.raw.xz"
+    bomb.write_bytes(lzma.compress(bytes(64 * MiB)))
+    s = ImageStore(Settings(pool_dir=str(tmp_path / "pool"), builtin_dir=str(tmp_path),
+                            max_unpacked_bytes=16 * MiB), host="h1")
+    try:
+        e, dl = entry("bomb", srv.url("bomb.raw.xz"), bomb)
+        with pytest.raises(Forbidden, match="decompression bomb"):
+            await s.pull(e, dl, allow_unverified=False, progress=no_progress)
+        assert pool_files(s) == []
+    finally:
+        await s.close()
+
+
+async def test_format_confusion_is_refused(srv: FileServer, store: ImageStore,
+                                           tmp_path: Path) -> None:
+    raw = make_sparse_raw(tmp_path / "src.raw", MiB)
+    qcow = srv.root / "disk.img"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    e, dl = entry("q", srv.url("disk.img"), qcow, fmt="raw")
+    with pytest.raises(Forbidden, match="payload is qcow2, the source says raw"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+
+
+async def test_qcow2_with_backing_file_is_refused(srv: FileServer, store: ImageStore,
+                                                  tmp_path: Path) -> None:
+    qcow = srv.root / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname",
+                    str(qcow), "1M"], check=True, capture_output=True)
+    e, dl = entry("evil", srv.url("evil.qcow2"), qcow, fmt="qcow2")
+    with pytest.raises(Forbidden, match="backing file"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
+
+
+async def test_slow_download_cancelled_leaves_nothing(srv: FileServer,
+                                                      store: ImageStore) -> None:
+    raw = make_sparse_raw(srv.root / "disk.raw", 16 * MiB)
+    srv.rate = 2 * MiB
+    started = asyncio.Event()
+
+    async def progress(done: int, total: int, message: str) -> None:
+        if done > 0:
+            started.set()
+
+    e, dl = entry("slow", srv.url("disk.raw"), raw)
+    task = asyncio.create_task(store.pull(e, dl, allow_unverified=False, progress=progress))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool_files(store) == []
