@@ -221,6 +221,7 @@ class TreeBuilder:
             major, minor = devno.split(":")
             part = f"{name}{'p' if name[-1].isdigit() else ''}1"
             _write(b / part / "dev", f"{major}:{int(minor) + 1}\n")
+            _write(b / part / "partition", "1\n")
             _link(self.root / "class/block" / part, b / part)
             _link(self.root / "dev/block" / f"{major}:{int(minor) + 1}", b / part)
         for name in spec.net:

@@ -1,0 +1,245 @@
+"""``phyllome hw``: PCI/IOMMU inventory, passthrough readiness, VFIO, mdev, SR-IOV.
+
+    phyllome hw report --json            # locally, no agent or NATS needed
+    phyllome hw report --sysfs-root DIR  # the same on a recorded or constructed tree
+    phyllome hw list --class gpu
+    phyllome hw bind 0000:01:00.0        # the device and its group companions -> vfio-pci
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cli import common
+from shared.bus import Bus
+from shared.errors import BadRequest, PhyError
+from shared.messages import Empty
+from shared.messages.hardware import (
+    BindRequest,
+    DeviceQuery,
+    DeviceRef,
+    HwReport,
+    MdevCreate,
+    MdevRef,
+    SriovSet,
+)
+from shared.messages.jobs import JobAccepted
+
+DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
+                  ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
+                  ("verdict", "PASSTHROUGH")]
+KINDS = ("gpu", "audio", "usb", "net", "storage")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    hw = sub.add_parser("hw", help="PCI devices, IOMMU groups, passthrough, host capabilities")
+    cmds = hw.add_subparsers(dest="hw_command", metavar="COMMAND")
+
+    p = cmds.add_parser("report", help="the passthrough readiness report, run locally")
+    p.add_argument("--sysfs-root", default=os.environ.get("PHYLLOME_SYSFS_ROOT", "/sys"),
+                   help="read this sysfs tree instead of /sys")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_report)
+
+    p = cmds.add_parser("list", help="PCI devices with their readiness")
+    common.add_common(p)
+    p.add_argument("--class", dest="kind", choices=KINDS, help="only devices of this kind")
+    p.set_defaults(func=cmd_list)
+
+    p = cmds.add_parser("groups", help="IOMMU groups and their members")
+    common.add_common(p)
+    p.set_defaults(func=cmd_groups)
+
+    p = cmds.add_parser("caps", help="host capabilities (KVM, nested, IOMMU, SEV/TDX)")
+    common.add_common(p)
+    p.set_defaults(func=cmd_caps)
+
+    p = cmds.add_parser("bind", help="bind a device and its group companions to vfio-pci")
+    common.add_common(p)
+    p.add_argument("address")
+    p.add_argument("--force", action="store_true",
+                   help="pass a shared IOMMU group whole (the unrelated devices go too)")
+    p.add_argument("--single-gpu", action="store_true",
+                   help="allow the boot GPU (the host loses its display)")
+    p.set_defaults(func=cmd_bind)
+
+    p = cmds.add_parser("release", help="give a bound group back to its original drivers")
+    common.add_common(p)
+    p.add_argument("address")
+    p.set_defaults(func=cmd_release)
+
+    mdev = cmds.add_parser("mdev", help="mediated devices (vGPU, GVT-g)")
+    mcmds = mdev.add_subparsers(dest="mdev_command", metavar="COMMAND")
+    p = mcmds.add_parser("types", help="mdev types each parent offers")
+    common.add_common(p)
+    p.set_defaults(func=cmd_mdev_types)
+    p = mcmds.add_parser("create", help="create a mediated device")
+    common.add_common(p)
+    p.add_argument("address")
+    p.add_argument("type", help="a type id from `phyllome hw mdev types`")
+    p.add_argument("--uuid", default="", help="the new device's UUID (default: a fresh one)")
+    p.set_defaults(func=cmd_mdev_create)
+    p = mcmds.add_parser("remove", help="remove a mediated device")
+    common.add_common(p)
+    p.add_argument("uuid")
+    p.set_defaults(func=cmd_mdev_remove)
+
+    p = cmds.add_parser("sriov", help="set the number of SR-IOV virtual functions of a PF")
+    common.add_common(p)
+    p.add_argument("address")
+    p.add_argument("num_vfs", type=int)
+    p.set_defaults(func=cmd_sriov)
+
+
+# -- the local report -------------------------------------------------------------------------
+
+
+def local_report(sysfs_root: str) -> HwReport:
+    """The inventory and verdicts of this machine (or a tree), without agent or bus."""
+    from services.hardware.inventory import Inventory, host_caps
+    from services.hardware.kvm import probe_in_child
+    from services.hardware.sysfs import Sysfs
+
+    fs = Sysfs(sysfs_root)
+    if not fs.exists("bus/pci/devices"):
+        raise BadRequest(f"{sysfs_root} has no bus/pci/devices: not a sysfs tree")
+    inv = Inventory(fs)
+    inv.scan()
+    return inv.report(host_caps(fs, probe_in_child() if fs.real and fs.kvm_device() else None))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    try:
+        report = local_report(args.sysfs_root)
+    except PhyError as e:
+        common.fail(e)
+    if args.json:
+        common.print_json(report)
+        return
+    print_report(report)
+
+
+def print_report(report: HwReport) -> None:
+    h = report.host
+    con = common.console
+    kvm = ("usable (boot probe passed)" if h.kvm_usable else
+           f"ioctl check {h.kvm_ioctl}, boot probe {h.kvm_boot_probe}: not proven usable"
+           if h.kvm_device else "no /dev/kvm")
+    con.print(f"[bold]host[/bold]  {h.arch} {h.cpu_vendor} {h.cpu_model}  "
+              f"virt={h.virt_extension or '-'}  kvm: {kvm}  nested={_yn(h.nested)}  "
+              f"iommu={_yn(h.iommu)}", highlight=False)
+    if h.iommu_hint:
+        con.print(f"[yellow]{h.iommu_hint}[/yellow]", highlight=False)
+    common.print_table(_device_rows(report.devices), DEVICE_COLUMNS)
+    for gpu in report.gpus:
+        con.print(f"[bold]GPU[/bold] {gpu.address} {gpu.vendor} {gpu.name}"
+                  f"{' boot-vga' if gpu.boot_vga else ''}{' only-gpu' if gpu.only_gpu else ''}",
+                  highlight=False)
+        for step in gpu.handoff:
+            con.print(f"  - {step}", highlight=False)
+    for d in report.devices:
+        if d.passthrough is None or d.passthrough.verdict == "no-iommu":
+            continue
+        if d.passthrough.verdict != "isolated" or d.passthrough.host_loses:
+            con.print(f"{d.address}: {d.passthrough.verdict}: "
+                      f"{' '.join(d.passthrough.reasons)}", highlight=False)
+        for u in d.usb:
+            con.print(f"  usb {u.port} {u.vendor_id}:{u.product_id} {u.manufacturer} "
+                      f"{u.product} ({u.kind})", highlight=False)
+    for p in report.problems:
+        con.print(f"[red]problem[/red] {p}", highlight=False)
+
+
+def _yn(v: bool | None) -> str:
+    return "?" if v is None else "yes" if v else "no"
+
+
+def _device_rows(devices: Any) -> list[dict[str, Any]]:
+    return [{"address": d.address, "ids": f"{d.vendor_id}:{d.device_id}",
+             "class_name": d.class_name or d.class_code, "name": d.name or "-",
+             "driver": d.driver or "-", "iommu_group": d.iommu_group,
+             "verdict": d.passthrough.verdict if d.passthrough else "-"} for d in devices]
+
+
+# -- through the agent ------------------------------------------------------------------------
+
+
+def _call(args: argparse.Namespace, verb: str, req: Any) -> Any:
+    async def go(bus: Bus) -> Any:
+        return await bus.call(args.host, "hardware", verb, req, timeout=args.timeout)
+
+    return common.call(args, go)
+
+
+def _job(args: argparse.Namespace, verb: str, req: Any) -> None:
+    async def go(bus: Bus) -> Any:
+        accepted: JobAccepted = await bus.call(args.host, "hardware", verb, req,
+                                               timeout=args.timeout)
+        return await common.follow_job(bus, args.host, "hardware", accepted,
+                                       quiet=args.json, bytes_progress=False)
+
+    common.finish_job(args, common.call(args, go))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    result = _call(args, "list", DeviceQuery(kind=args.kind))
+    if args.json:
+        common.print_json(result)
+    else:
+        common.print_table(_device_rows(result.devices), DEVICE_COLUMNS)
+
+
+def cmd_groups(args: argparse.Namespace) -> None:
+    result = _call(args, "groups", Empty())
+    if args.json:
+        common.print_json(result)
+        return
+    if not result.iommu:
+        common.console.print(result.hint, highlight=False)
+    common.print_table([{"id": g.id, "devices": g.devices} for g in result.groups],
+                       [("id", "GROUP"), ("devices", "DEVICES")])
+
+
+def cmd_caps(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "caps", Empty()))
+
+
+def cmd_bind(args: argparse.Namespace) -> None:
+    _job(args, "bind", BindRequest(address=args.address, force=args.force,
+                                   single_gpu=args.single_gpu))
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    _job(args, "release", DeviceRef(address=args.address))
+
+
+def cmd_mdev_types(args: argparse.Namespace) -> None:
+    result = _call(args, "list", DeviceQuery())
+    rows = [{"parent": d.address, "id": t.id, "name": t.name,
+             "available": t.available_instances, "instances": t.instances}
+            for d in result.devices for t in d.mdev_types]
+    if args.json:
+        common.print_json(rows)
+    else:
+        common.print_table(rows, [("parent", "PARENT"), ("id", "TYPE"), ("name", "NAME"),
+                                  ("available", "AVAILABLE"), ("instances", "INSTANCES")])
+
+
+def cmd_mdev_create(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "mdev_create",
+                            MdevCreate(address=args.address, mdev_type=args.type, uuid=args.uuid)))
+
+
+def cmd_mdev_remove(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "mdev_remove", MdevRef(uuid=args.uuid)))
+
+
+def cmd_sriov(args: argparse.Namespace) -> None:
+    dev = _call(args, "sriov_set", SriovSet(address=args.address, num_vfs=args.num_vfs))
+    if args.json:
+        common.print_json(dev)
+    else:
+        common.console.print(f"{dev.address}: {dev.sriov_numvfs} of {dev.sriov_totalvfs} VFs: "
+                             f"{', '.join(dev.virtfns) or '-'}", highlight=False)

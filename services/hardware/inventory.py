@@ -1,0 +1,167 @@
+"""The inventory: PCI devices with names, IOMMU groups, verdicts, GPUs, host capabilities.
+
+Scanned once in full, then kept current one device at a time (a uevent re-reads only that
+device); verdicts are recomputed lazily on the next question::
+
+    inv = Inventory(Sysfs("/sys"))
+    inv.scan()
+    report = inv.report(host_caps(inv.fs, kvm.probe_in_child()))
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec.structs import replace
+
+from services.hardware import readiness
+from services.hardware.kvm import ProbeOutcome
+from services.hardware.pciids import PciIds, load
+from services.hardware.sysfs import VFIO, Sysfs, normalize_address
+from shared.errors import NotFound
+from shared.messages.hardware import (
+    DeviceKind,
+    HostCaps,
+    HwReport,
+    IommuGroup,
+    Passthrough,
+    PciDevice,
+    ProbeResult,
+)
+
+Change = Literal["added", "changed", "removed"]
+
+
+def _hex(text: str) -> int:
+    try:
+        return int(text or "0", 16)
+    except ValueError:
+        return 0
+
+
+class Inventory:
+    def __init__(self, fs: Sysfs, ids: PciIds | None = None) -> None:
+        self.fs = fs
+        self.ids = ids if ids is not None else load()
+        self._devices: dict[str, PciDevice] = {}
+        self._verdicts: dict[str, Passthrough] | None = None
+        self.iommu = False
+        self.iommu_hint = ""
+        self.root_disk: str | None = None
+
+    def _named(self, dev: PciDevice) -> PciDevice:
+        v, d = _hex(dev.vendor_id), _hex(dev.device_id)
+        return replace(
+            dev, vendor=self.ids.vendor(v), name=self.ids.device(v, d),
+            subsystem=self.ids.subsystem(v, d, _hex(dev.subsystem_vendor_id),
+                                         _hex(dev.subsystem_device_id)),
+            class_name=self.ids.class_name(_hex(dev.class_code)),
+            kind=readiness.kind_of(dev.class_code))
+
+    def scan(self) -> None:
+        """Read every device afresh (at start; uevents keep it current after that)."""
+        attached = self.fs.attached()
+        devices = {}
+        for addr in self.fs.addresses():
+            try:
+                devices[addr] = self._named(self.fs.read_device(addr, attached))
+            except NotFound:  # it left between the listing and the read
+                continue
+        self._devices = devices
+        self.iommu = self.fs.iommu_on()
+        cpu = self.fs.cpu()
+        self.iommu_hint = "" if self.iommu else readiness.iommu_hint(
+            cpu.vendor, hypervisor_guest="hypervisor" in cpu.flags, cmdline=self.fs.cmdline())
+        self.root_disk = self.fs.root_disk_address()
+        self._verdicts = None
+
+    def update(self, addr: str) -> tuple[Change, PciDevice | None]:
+        """Re-read one device after a uevent: what happened to it, and its new record."""
+        self._verdicts = None
+        try:
+            dev = self._named(self.fs.read_device(addr))
+        except NotFound:
+            self._devices.pop(addr, None)
+            return "removed", None
+        change: Change = "changed" if addr in self._devices else "added"
+        self._devices[addr] = dev
+        if dev.iommu_group is not None:
+            self.iommu = True
+        return change, self._with_verdict(dev)
+
+    def _assess(self) -> dict[str, Passthrough]:
+        if self._verdicts is None:
+            self._verdicts = readiness.assess(
+                list(self._devices.values()), iommu=self.iommu, iommu_hint=self.iommu_hint,
+                root_disk=self.root_disk)
+        return self._verdicts
+
+    def _with_verdict(self, dev: PciDevice) -> PciDevice:
+        return replace(dev, passthrough=self._assess().get(dev.address))
+
+    def devices(self, kind: DeviceKind | None = None) -> list[PciDevice]:
+        return [self._with_verdict(d) for a, d in sorted(self._devices.items())
+                if kind is None or d.kind == kind]
+
+    def device(self, address: str) -> PciDevice:
+        addr = normalize_address(address)
+        dev = self._devices.get(addr)
+        if dev is None:
+            raise NotFound(f"no PCI device {addr} on this host (see `phyllome hw list`)")
+        return self._with_verdict(dev)
+
+    def groups(self) -> list[IommuGroup]:
+        members: dict[int, list[str]] = {}
+        for addr, d in sorted(self._devices.items()):
+            if d.iommu_group is not None:
+                members.setdefault(d.iommu_group, []).append(addr)
+        return [IommuGroup(id=g, devices=m) for g, m in sorted(members.items())]
+
+    def group_of(self, address: str) -> list[PciDevice]:
+        """The device and every other member of its IOMMU group (bridges included)."""
+        dev = self.device(address)
+        if dev.iommu_group is None:
+            return [dev]
+        return [self._with_verdict(d) for d in self._devices.values()
+                if d.iommu_group == dev.iommu_group]
+
+    def report(self, caps: HostCaps) -> HwReport:
+        devices = self.devices()
+        problems = [f"{d.address}: {p}" for d in devices for p in d.problems]
+        return HwReport(host=caps, devices=devices, groups=self.groups(),
+                        gpus=readiness.gpu_view(devices), problems=problems)
+
+
+def _on(value: str | None) -> bool:
+    return (value or "").upper() in ("Y", "1")
+
+
+def host_caps(fs: Sysfs, kvm_ioctl: ProbeOutcome | None,
+              boot_probe: ProbeResult = "not-run") -> HostCaps:
+    """What this host can do; ``kvm_usable`` follows the VM agent's boot probe alone."""
+    cpu = fs.cpu()
+    mods = fs.kvm_modules()
+    vendor_mod = mods.get("kvm_intel") or mods.get("kvm_amd")
+    amd = mods.get("kvm_amd")
+    iommu = fs.iommu_on()
+    ioctl = kvm_ioctl or ProbeOutcome("not-run", "not run on a sysfs tree" if not fs.real
+                                      else "not run")
+    return HostCaps(
+        arch=cpu.arch,
+        cpu_vendor=cpu.vendor, cpu_model=cpu.model,
+        virt_extension="vmx" if "vmx" in cpu.flags else "svm" if "svm" in cpu.flags else "",
+        hypervisor_guest="hypervisor" in cpu.flags,
+        kvm_device=fs.kvm_device(), kvm_modules=sorted(mods),
+        kvm_ioctl=ioctl.result,
+        kvm_ioctl_detail=ioctl.detail, kvm_ioctl_ms=ioctl.ms,
+        kvm_boot_probe=boot_probe, kvm_usable=boot_probe == "passed",
+        nested=_on(vendor_mod.get("nested")) if vendor_mod is not None else None,
+        iommu=iommu,
+        iommu_hint="" if iommu else readiness.iommu_hint(
+            cpu.vendor, hypervisor_guest="hypervisor" in cpu.flags, cmdline=fs.cmdline()),
+        sev=_on(amd.get("sev")) if amd and "sev" in amd else "sev" in cpu.flags,
+        sev_es=_on(amd.get("sev_es")) if amd and "sev_es" in amd else "sev_es" in cpu.flags,
+        sev_snp=_on(amd.get("sev_snp")) if amd and "sev_snp" in amd else "sev_snp" in cpu.flags,
+        tdx=_on((mods.get("kvm_intel") or {}).get("tdx")),
+        sgx="sgx" in cpu.flags,
+        vfio_pci_loaded=fs.driver_loaded(VFIO))

@@ -1,0 +1,341 @@
+"""The hardware agent's one door to the machine: sysfs under a root, /proc, udev.
+
+Every read and write goes under ``root`` (``PHYLLOME_SYSFS_ROOT``, default ``/sys``), so the
+same code runs on a tree built by ``tests/support/sysfs_tree.py``; pyudev lists devices
+and watches uevents only where the root is the real ``/sys``::
+
+    fs = Sysfs("/sys")
+    dev = fs.read_device("0000:00:02.0")     # a PciDevice with ids, driver, group …
+    fs.write("bus/pci/drivers_probe", "0000:00:02.0")
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from shared.errors import BackendError, InvalidName, NotFound
+from shared.messages.hardware import MdevType, PciDevice, UsbDevice
+
+ADDRESS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+_ADDR_IN_PATH = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+VFIO = "vfio-pci"
+AfterWrite = Callable[[str, str], None]
+
+
+def normalize_address(text: str) -> str:
+    """``0000:01:00.0`` from ``01:00.0`` or ``0000:01:00.0`` (any case); else InvalidName."""
+    m = ADDRESS.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise InvalidName(f"{text!r} is not a PCI address: use DDDD:BB:SS.F or BB:SS.F, "
+                          "e.g. 0000:01:00.0 (see `phyllome hw list`)")
+    dom, bus, slot, fn = m.groups()
+    if int(slot, 16) > 0x1F:
+        raise InvalidName(f"{text!r} is not a PCI address: the slot is 00-1f")
+    return f"{(dom or '0000').lower()}:{bus.lower()}:{slot.lower()}.{fn}"
+
+
+class CpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    arch: str
+    vendor: str  # intel | amd | other
+    model: str
+    flags: frozenset[str]
+
+
+# The cpu modalias (devices/system/cpu/modalias) names the vendor by the kernel's x86 vendor
+# number and lists feature numbers (word * 32 + bit, from cpufeatures.h; stable for years).
+_VENDORS = {0: "intel", 2: "amd", 9: "amd"}  # 9 = Hygon, an AMD design with SVM
+_FEATURES = {4 * 32 + 5: "vmx", 4 * 32 + 31: "hypervisor", 6 * 32 + 2: "svm",
+             9 * 32 + 2: "sgx", 19 * 32 + 1: "sev", 19 * 32 + 3: "sev_es", 19 * 32 + 4: "sev_snp"}
+
+
+class Sysfs:
+    """sysfs (and, on the real machine, /proc and /dev/kvm) for the hardware agent.
+
+    ``after_write`` is called with (path, value) after each write: on a tree, tests use it
+    to play the kernel's part (a driver link appearing after ``drivers_probe``).
+    ``root_dev`` is the ``major:minor`` of the root filesystem (read from ``/`` when real).
+    """
+
+    def __init__(self, root: str = "/sys", *, proc_root: str | None = None,
+                 root_dev: str | None = None, after_write: AfterWrite | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.real = os.path.realpath(self.root) == "/sys"
+        self.proc = proc_root if proc_root is not None else ("/proc" if self.real else "")
+        if root_dev is None and self.real:
+            st = os.stat("/")
+            root_dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        self.root_dev = root_dev
+        self.after_write = after_write
+        self._pci = f"{self.root}/bus/pci/devices"
+
+    # -- primitives ---------------------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def attr(self, rel: str) -> str | None:
+        """The stripped text of a file under the root, or None when it does not exist."""
+        try:
+            with open(f"{self.root}/{rel}", "rb") as f:
+                return f.read().decode(errors="replace").strip()
+        except FileNotFoundError:
+            return None
+
+    def link_name(self, rel: str) -> str | None:
+        """The last component of a symlink's target (a driver, a group number), or None."""
+        try:
+            return os.readlink(f"{self.root}/{rel}").rsplit("/", 1)[-1]
+        except (FileNotFoundError, OSError):
+            return None
+
+    def listdir(self, rel: str) -> list[str]:
+        try:
+            return os.listdir(f"{self.root}/{rel}")
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, rel: str) -> bool:
+        return os.path.lexists(f"{self.root}/{rel}")
+
+    def write(self, rel: str, value: str) -> None:
+        """Write ``value`` into a sysfs file; the kernel's refusal becomes BackendError."""
+        path = f"{self.root}/{rel}"
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+            if self.after_write is not None:
+                self.after_write(path, value)
+        except OSError as e:
+            raise BackendError(f"writing {value.strip()!r} to {path} failed: "
+                               f"{e.strerror or e}") from None
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def addresses(self) -> list[str]:
+        """Every PCI function's address (pyudev lists them where the root is /sys)."""
+        if self.real:
+            import pyudev
+
+            return sorted(d.sys_name for d in pyudev.Context().list_devices(subsystem="pci"))
+        return sorted(self.listdir("bus/pci/devices"))
+
+    def read_device(self, addr: str,
+                    attached: dict[str, dict[str, list[str]]] | None = None) -> PciDevice:
+        """One function as the kernel shows it (ids, driver, group …), names left empty.
+
+        A missing or unreadable attribute is listed in ``problems``; the rest is still read.
+        ``attached`` is ``attached()`` read once for a whole scan; None reads it afresh.
+        """
+        rel = f"bus/pci/devices/{addr}"
+        try:
+            names = set(os.listdir(f"{self._pci}/{addr}"))
+        except FileNotFoundError:
+            raise NotFound(f"no PCI device {addr} on this host (see `phyllome hw list`)") from None
+        problems: list[str] = []
+
+        def read(name: str, required: bool = True) -> str:
+            if name not in names:
+                if required:
+                    problems.append(f"{name}: missing")
+                return ""
+            try:
+                with open(f"{self._pci}/{addr}/{name}", "rb") as f:
+                    return f.read().decode(errors="replace").strip()
+            except OSError as e:
+                problems.append(f"{name}: unreadable ({e.strerror or e})")
+                return ""
+
+        if attached is None:
+            attached = self.attached()
+        uevent: dict[str, str] = {}
+        for line in read("uevent").splitlines():
+            key, _, value = line.partition("=")
+            uevent[key] = value
+        vendor = device = sub_vendor = sub_device = ""
+        if "PCI_ID" in uevent and "PCI_SUBSYS_ID" in uevent:
+            vendor, _, device = uevent["PCI_ID"].lower().partition(":")
+            sub_vendor, _, sub_device = uevent["PCI_SUBSYS_ID"].lower().partition(":")
+        else:
+            vendor, device = read("vendor")[2:], read("device")[2:]
+            sub_vendor = read("subsystem_vendor", False)[2:]
+            sub_device = read("subsystem_device", False)[2:]
+        cls = uevent.get("PCI_CLASS", "").lower().zfill(6) if "PCI_CLASS" in uevent else (
+            read("class")[2:])
+        driver = uevent.get("DRIVER", "") if "uevent" in names else (
+            self.link_name(f"{rel}/driver") or "")
+        group = self.link_name(f"{rel}/iommu_group") if "iommu_group" in names else None
+        numa = read("numa_node", False)
+        sriov = "sriov_totalvfs" in names
+        return PciDevice(
+            address=addr, vendor_id=vendor, device_id=device, subsystem_vendor_id=sub_vendor,
+            subsystem_device_id=sub_device, class_code=cls, driver=driver,
+            iommu_group=int(group) if group is not None else None,
+            boot_vga=read("boot_vga", False) == "1",
+            numa_node=int(numa) if numa.lstrip("-").isdigit() and numa != "-1" else None,
+            reset_methods=read("reset_method", False).split(),
+            sriov_totalvfs=int(read("sriov_totalvfs") or 0) if sriov else 0,
+            sriov_numvfs=int(read("sriov_numvfs") or 0) if sriov else 0,
+            physfn=(self.link_name(f"{rel}/physfn") or "") if "physfn" in names else "",
+            virtfns=sorted((self.link_name(f"{rel}/{n}") or "" for n in names
+                            if n.startswith("virtfn")), key=str) if sriov else [],
+            mdev_types=self._mdev_types(rel) if "mdev_supported_types" in names else [],
+            usb=[u for n in sorted(names) if n.startswith("usb") and n[3:].isdigit()
+                 for u in self._usb(f"{rel}/{n}")],
+            block=sorted(attached["block"].get(addr, [])),
+            net=sorted(attached["net"].get(addr, [])),
+            problems=problems)
+
+    def _mdev_types(self, rel: str) -> list[MdevType]:
+        out = []
+        for tid in sorted(self.listdir(f"{rel}/mdev_supported_types")):
+            t = f"{rel}/mdev_supported_types/{tid}"
+            avail = self.attr(f"{t}/available_instances") or "0"
+            out.append(MdevType(
+                id=tid, name=self.attr(f"{t}/name") or "",
+                description=self.attr(f"{t}/description") or "",
+                available_instances=int(avail) if avail.isdigit() else 0,
+                device_api=self.attr(f"{t}/device_api") or "",
+                instances=sorted(self.listdir(f"{t}/devices"))))
+        return out
+
+    def _usb(self, hub: str) -> list[UsbDevice]:
+        """The USB devices below a root hub (not the hub itself), depth first."""
+        out = []
+        for name in sorted(self.listdir(hub)):
+            if not name[0].isdigit() or ":" in name:
+                continue
+            d = f"{hub}/{name}"
+            dev_cls = self.attr(f"{d}/bDeviceClass") or ""
+            intf = {self.attr(f"{d}/{i}/bInterfaceClass") for i in self.listdir(d) if ":" in i}
+            kind = ("hub" if dev_cls == "09" else
+                    "bluetooth" if "e0" in ({dev_cls} | intf) else "other")
+            out.append(UsbDevice(
+                port=name, vendor_id=self.attr(f"{d}/idVendor") or "",
+                product_id=self.attr(f"{d}/idProduct") or "",
+                manufacturer=self.attr(f"{d}/manufacturer") or "",
+                product=self.attr(f"{d}/product") or "", kind=kind))
+            out += self._usb(d)
+        return out
+
+    def attached(self) -> dict[str, dict[str, list[str]]]:
+        """Disks and network interfaces by the PCI function they hang off:
+        ``{"block": {addr: ["sda"]}, "net": {addr: ["eno1"]}}`` (partitions left out)."""
+        out: dict[str, dict[str, list[str]]] = {"block": {}, "net": {}}
+        for cls, found in out.items():
+            for name in self.listdir(f"class/{cls}"):
+                if cls == "block" and self.exists(f"class/block/{name}/partition"):
+                    continue
+                addrs = _ADDR_IN_PATH.findall(os.path.realpath(self.path(f"class/{cls}/{name}")))
+                if addrs:
+                    found.setdefault(addrs[-1], []).append(name)
+        return out
+
+    def root_disk_address(self) -> str | None:
+        """The PCI function whose disk holds ``/`` (its storage controller), if any."""
+        if not self.root_dev:
+            return None
+        found = _ADDR_IN_PATH.findall(os.path.realpath(self.path(f"dev/block/{self.root_dev}")))
+        return found[-1] if found else None
+
+    def iommu_groups(self) -> dict[int, list[str]]:
+        out = {}
+        for g in self.listdir("kernel/iommu_groups"):
+            if g.isdigit():
+                out[int(g)] = sorted(self.listdir(f"kernel/iommu_groups/{g}/devices"))
+        return out
+
+    def iommu_on(self) -> bool:
+        return bool(self.listdir("class/iommu")) or bool(self.listdir("kernel/iommu_groups"))
+
+    def driver(self, addr: str) -> str:
+        return self.link_name(f"bus/pci/devices/{addr}/driver") or ""
+
+    def driver_loaded(self, name: str) -> bool:
+        return os.path.isdir(self.path(f"bus/pci/drivers/{name}"))
+
+    # -- host ---------------------------------------------------------------------------------
+
+    def cpu(self) -> CpuInfo:
+        """Vendor and flags from the cpu modalias (works on trees); model from /proc/cpuinfo."""
+        alias = self.attr("devices/system/cpu/modalias") or ""
+        m = re.search(r"ven([0-9A-Fa-f]{4})", alias)
+        vendor = _VENDORS.get(int(m.group(1), 16), "other") if m else "other"
+        feats = alias.partition(":feature:")[2].split(",")
+        flags = {_FEATURES[int(f, 16)] for f in feats if f and int(f, 16) in _FEATURES}
+        model = ""
+        if self.proc:
+            try:
+                text = Path(self.proc, "cpuinfo").read_text()
+            except OSError:
+                text = ""
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                    break
+                if key.strip() == "flags":  # the kernel's own list wins over the alias
+                    flags |= {f for f in value.split() if f in _FEATURES.values()}
+        arch = platform.machine() if self.real else (
+            "x86_64" if alias.startswith("cpu:type:x86") else alias[9:].partition(",")[0])
+        return CpuInfo(arch=arch, vendor=vendor, model=model, flags=frozenset(flags))
+
+    def kvm_modules(self) -> dict[str, dict[str, str]]:
+        """Loaded ``kvm*`` modules and their parameters (``nested``, ``sev``, ``tdx`` …)."""
+        out = {}
+        for mod in self.listdir("module"):
+            if mod.startswith("kvm"):
+                params = self.listdir(f"module/{mod}/parameters")
+                out[mod] = {p: self.attr(f"module/{mod}/parameters/{p}") or ""
+                            for p in params if p in ("nested", "sev", "sev_es", "sev_snp", "tdx")}
+        return out
+
+    def kvm_device(self) -> bool:
+        return self.exists("class/misc/kvm")
+
+    def cmdline(self) -> str:
+        if not self.proc:
+            return ""
+        try:
+            return Path(self.proc, "cmdline").read_text().strip()
+        except OSError:
+            return ""
+
+    def vfio_users(self, group: int) -> list[str]:
+        """Processes holding ``/dev/vfio/<group>`` open (a VM using the group), as text."""
+        if not self.proc:
+            return []
+        target = f"/dev/vfio/{group}"
+        users = []
+        for pid in os.listdir(self.proc):
+            if not pid.isdigit():
+                continue
+            fd_dir = f"{self.proc}/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"{fd_dir}/{fd}") == target:
+                        users.append(f"pid {pid} ({self._process_name(pid)})")
+                        break
+                except OSError:
+                    continue
+        return users
+
+    def _process_name(self, pid: str) -> str:
+        try:
+            args = Path(self.proc, pid, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return "?"
+        words = [a.decode(errors="replace") for a in args if a]
+        for i, a in enumerate(words[:-1]):
+            if a == "-name":  # QEMU: -name guest=vm1,debug-threads=on
+                return f"VM {words[i + 1].removeprefix('guest=').split(',')[0]}"
+        return os.path.basename(words[0]) if words else "?"
