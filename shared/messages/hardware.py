@@ -67,7 +67,7 @@ class PciDevice(msgspec.Struct, frozen=True, kw_only=True, tag="hw.pci_device.v1
     vendor: str = ""
     name: str = ""
     subsystem: str = ""
-    class_name: str = ""
+    class_name: str = msgspec.field(default="", name="class")
     kind: DeviceKind = "other"
     driver: str = ""
     iommu_group: int | None = None
