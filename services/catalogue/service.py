@@ -1,16 +1,25 @@
-"""Wiring of the catalogue agent: builds its adapter and handlers for `shared.agent.Agent`."""
+"""Wiring of the catalogue agent: settings, the image store adapter, metrics, handlers.
+
+    run_agent("catalogue", setup, ENDPOINTS)     # what __main__ does
+"""
 
 from __future__ import annotations
 
+from services.catalogue.config import Settings
+from services.catalogue.download import ImageStore
+from services.catalogue.handlers import Catalogue
+from services.catalogue.metrics import CatalogueMetrics
 from shared.agent import Agent
 from shared.messages.catalogue import ENDPOINTS
 
 __all__ = ["ENDPOINTS", "setup"]
 
 
-class Handlers:
-    """The catalogue endpoints (none yet beyond the common job endpoints)."""
-
-
-async def setup(agent: Agent) -> Handlers:
-    return Handlers()
+async def setup(agent: Agent) -> Catalogue:
+    settings = Settings.from_config(agent.cfg)
+    metrics = CatalogueMetrics(agent.registry)
+    store = ImageStore(settings, agent.host, on_bytes=metrics.downloaded.inc)
+    handlers = Catalogue(agent, settings, store, metrics)
+    await handlers.start()
+    agent.details["images_pulled"] = len(store.locals())
+    return handlers

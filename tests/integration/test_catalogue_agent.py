@@ -1,0 +1,302 @@
+"""The catalogue agent over a real nats-server, pulling from a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.agent import Agent
+from shared.errors import BadRequest, Conflict, Forbidden, InvalidName, NotFound
+from shared.messages import Empty
+from shared.messages.catalogue import (
+    ImageRef,
+    ListRequest,
+    PullRequest,
+    SourceAdd,
+    SourceRef,
+)
+from shared.messages.jobs import JobRef
+from shared.natsserver import NatsServer
+from tests.support.agents import agent_in_process
+from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.nats import nats_server
+
+pytestmark = pytest.mark.integration
+__all__ = ["nats_server"]
+MiB = 1 << 20
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[FileServer]:
+    root = tmp_path / "www"
+    root.mkdir()
+    with FileServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+async def agent(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Agent]:
+    extra = {"osinfo_dir": "", "probe_interval_s": 0, "retries": 2,
+             "builtin_dir": str(tmp_path / "builtin")}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as a:
+        yield a
+
+
+def write_manifest(srv: FileServer, images: list[dict[str, Any]], name: str = "m.json") -> str:
+    (srv.root / name).write_text(json.dumps({"images": images}))
+    return srv.url(name)
+
+
+def image(srv: FileServer, ident: str, path: Path, fmt: str = "raw", **kw: Any) -> dict[str, Any]:
+    return {"id": ident, "name": ident.title(), "version": "1", "arch": "x86_64",
+            "url": path.name, "sha256": sha(path), "size": path.stat().st_size,
+            "format": fmt, "requirements": {"firmware": "efi", "memory": 512 * MiB,
+                                            "disk": 2 << 30}, **kw}
+
+
+async def pull(agent: Agent, ident: str, **kw: Any) -> Any:
+    accepted = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id=ident, **kw))
+    return await agent.jobs.wait(accepted.job_id)
+
+
+async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServer,
+                                                    tmp_path: Path) -> None:
+    raw = make_sparse_raw(srv.root / "tiny.raw", 4 * MiB)
+    src = make_sparse_raw(tmp_path / "src.raw", 8 * MiB)
+    qcow = srv.root / "cloud.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(qcow)], check=True)
+    url = write_manifest(srv, [image(srv, "tiny", raw),
+                               image(srv, "cloud", qcow, fmt="qcow2", family="linux")])
+    bus = agent.bus
+    spec = await bus.call("h1", "catalogue", "source_add", SourceAdd(name="lab", url=url))
+    assert spec.kind == "manifest"
+    listed = await bus.call("h1", "catalogue", "list", ListRequest(source="lab"))
+    assert [i.id for i in listed.images] == ["cloud", "tiny"]
+    found = await bus.call("h1", "catalogue", "list", ListRequest(family="linux", source="lab"))
+    assert [i.id for i in found.images] == ["cloud"]
+
+    info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
+    assert (info.template.firmware, info.template.memory) == ("efi", 512 * MiB)
+    assert info.path == "" and info.local is None
+
+    status = await pull(agent, "cloud")
+    assert status.state == "succeeded", status.message
+    info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
+    assert info.sha256 == sha(src) and Path(info.path).read_bytes() == src.read_bytes()
+    assert info.local.source_format == "qcow2"
+    kv = await bus.kv("images")
+    assert json.loads((await kv.get("local.h1.cloud")).value)["sha256"] == sha(src)
+    listed = await bus.call("h1", "catalogue", "list", ListRequest(search="cloud"))
+    assert listed.images[0].local == "ready"
+
+    await bus.call("h1", "catalogue", "remove", ImageRef(id="cloud"))
+    assert not Path(info.path).exists()
+    with pytest.raises(NotFound):
+        await bus.call("h1", "catalogue", "remove", ImageRef(id="cloud"))
+
+    await bus.call("h1", "catalogue", "source_remove", SourceRef(name="lab"))
+    with pytest.raises(NotFound, match="no image 'tiny'"):
+        await bus.call("h1", "catalogue", "info", ImageRef(id="tiny"))
+
+
+async def test_simplestreams_tree(agent: Agent, srv: FileServer, tmp_path: Path) -> None:
+    src = make_sparse_raw(tmp_path / "src.raw", 4 * MiB)
+    disk = srv.root / "images/debian/bookworm/amd64/cloud/20240101/disk.qcow2"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(disk)], check=True)
+    streams = srv.root / "streams/v1"
+    streams.mkdir(parents=True)
+    (streams / "index.json").write_text(json.dumps({"format": "index:1.0", "index": {
+        "images": {"datatype": "image-downloads", "path": "streams/v1/images.json",
+                   "products": ["debian:bookworm:amd64:cloud"]}}}))
+    rel = str(disk.relative_to(srv.root))
+    (streams / "images.json").write_text(json.dumps({"format": "products:1.0", "products": {
+        "debian:bookworm:amd64:cloud": {
+            "arch": "amd64", "os": "debian", "release": "bookworm", "variant": "cloud",
+            "release_title": "12", "versions": {
+                "20231201": {"items": {"root.tar.xz": {"ftype": "root.tar.xz",
+                                                       "path": "x.tar.xz", "size": 1}}},
+                "20240101": {"items": {
+                    "lxd.tar.xz": {"ftype": "lxd.tar.xz", "path": "y", "size": 1},
+                    "disk.qcow2": {"ftype": "disk-kvm.img", "path": rel, "sha256": sha(disk),
+                                   "size": disk.stat().st_size}}}}},
+        "debian:bookworm:amd64:container": {"arch": "amd64", "os": "debian", "versions": {
+            "1": {"items": {"r": {"ftype": "squashfs", "path": "z", "size": 1}}}}}}}))
+    bus = agent.bus
+    await bus.call("h1", "catalogue", "source_add",
+                   SourceAdd(name="ss", url=srv.url(""), kind="simplestreams"))
+    listed = await bus.call("h1", "catalogue", "list", ListRequest(source="ss"))
+    assert [i.id for i in listed.images] == ["debian-bookworm-amd64-cloud"]
+    assert listed.images[0].archs == ["x86_64"]
+    status = await pull(agent, "debian-bookworm-amd64-cloud")
+    assert status.state == "succeeded", status.message
+    assert status.result["sha256"] == sha(src)
+
+
+@pytest.mark.parametrize("images, match", [
+    ([{"id": "a", "name": "A", "arch": "x86_64", "format": "raw"}], "missing required field `url`"),
+    ([{"id": "a", "name": "A", "arch": "x86_64", "url": "a", "format": "raw", "size": "big"}],
+     r"Expected `int`, got `str` - at `\$.images\[0\].size`"),
+    ([{"id": "a/../../etc", "name": "A", "arch": "x86_64", "url": "a", "format": "raw"}],
+     "no path separators"),
+    ([{"id": "a", "name": "A", "arch": "x86_64", "url": "a", "format": "iso"}],
+     r"Invalid enum value .iso. - at `\$.images\[0\].format`"),
+    ([{"id": "a", "name": "A", "arch": "x86_64", "url": "a", "format": "raw",
+       "sha256": "abc"}], "sha256 must be 64 hex digits"),
+    ([{"id": "a", "name": "A", "arch": "x86_64", "url": "a", "format": "raw",
+       "sha265": "0" * 64}], "unknown field `sha265`"),
+])
+async def test_bad_manifest_is_refused_with_a_clear_error(
+        agent: Agent, srv: FileServer, images: list[dict[str, Any]], match: str) -> None:
+    url = write_manifest(srv, images)
+    with pytest.raises(BadRequest, match=match):
+        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="bad", url=url))
+    sources = await agent.bus.call("h1", "catalogue", "sources", Empty())
+    assert "bad" not in [s.name for s in sources.sources]
+
+
+async def test_toml_manifest(agent: Agent, srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "t.raw", MiB)
+    (srv.root / "m.toml").write_text(
+        f'[[images]]\nid = "t"\nname = "T"\narch = "amd64"\nurl = "t.raw"\nformat = "raw"\n'
+        f'sha256 = "{sha(raw)}"\nsize = {raw.stat().st_size}\n'
+        '[images.requirements]\nsecure_boot = true\ntpm = "2.0"\n')
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="toml", url=srv.url("m.toml")))
+    info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="t"))
+    assert (info.template.secure_boot, info.template.tpm) == (True, "2.0")
+
+
+@pytest.mark.parametrize("url", ["file:///etc/", "ftp://example.org/m.json", "javascript:x"])
+async def test_source_with_non_http_url_is_refused(agent: Agent, url: str) -> None:
+    with pytest.raises(Forbidden, match="refusing"):
+        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="x", url=url))
+
+
+async def test_duplicate_and_configured_sources(agent: Agent, srv: FileServer) -> None:
+    url = write_manifest(srv, [])
+    await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a", url=url))
+    with pytest.raises(Conflict):
+        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a", url=url))
+    with pytest.raises(Forbidden, match="configuration"):
+        await agent.bus.call("h1", "catalogue", "source_remove", SourceRef(name="builtin"))
+    with pytest.raises(InvalidName):
+        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a/b", url=url))
+
+
+@pytest.mark.parametrize("ident", ["../etc/passwd", "a/b", "..", ".hidden", "a\\b", ""])
+async def test_ids_with_path_separators_are_refused(agent: Agent, ident: str) -> None:
+    for verb, req in (("info", ImageRef(id=ident)), ("remove", ImageRef(id=ident)),
+                      ("pull", PullRequest(id=ident))):
+        with pytest.raises(InvalidName, match="no path separators"):
+            await agent.bus.call("h1", "catalogue", verb, req)
+
+
+async def test_unverified_pull_refused_then_allowed(agent: Agent, srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "u.raw", MiB)
+    img = image(srv, "u", raw)
+    del img["sha256"]
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="m", url=write_manifest(srv, [img])))
+    with pytest.raises(Forbidden, match="--allow-unverified"):
+        await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="u"))
+    status = await pull(agent, "u", allow_unverified=True)
+    assert status.state == "succeeded" and status.result["state"] == "unverified"
+
+
+async def test_tampered_pull_fails_and_leaves_no_file(agent: Agent, srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "t.raw", MiB)
+    img = image(srv, "t", raw)
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="m", url=write_manifest(srv, [img])))
+    raw.write_bytes(b"\x01" + raw.read_bytes()[1:])  # the mirror now serves other bytes
+    status = await pull(agent, "t")
+    assert status.state == "failed" and status.error_kind == "forbidden"
+    assert "tampered" in status.message
+    pool = Path(agent.cfg.state_dir) / "images/pool"
+    assert [p for p in pool.rglob("*") if p.is_file()] == []
+
+
+async def test_two_pulls_share_one_download_and_cancel(agent: Agent, srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "slow.raw", 32 * MiB)
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="m", url=write_manifest(srv, [image(srv, "slow", raw)])))
+    srv.rate = 4 * MiB
+    first = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="slow"))
+    second = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="slow"))
+    assert first.job_id == second.job_id
+    job = agent.jobs.get(first.job_id)
+    deadline = asyncio.get_running_loop().time() + 30
+    while job.done == 0:  # progress has arrived: bytes are flowing
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    status = await agent.bus.call("h1", "catalogue", "cancel", JobRef(job_id=first.job_id))
+    assert status.state == "cancelled"
+    assert len(srv.gets("slow.raw")) == 1
+    pool = Path(agent.cfg.state_dir) / "images/pool"
+    assert [p for p in pool.rglob("*") if p.is_file()] == []
+
+
+async def test_link_rot_probe_publishes_an_event(agent: Agent, srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "l.raw", MiB)
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="m", url=write_manifest(srv, [image(srv, "l", raw)])))
+    handlers = agent.handlers
+    await handlers.probe_all()
+    assert handlers.links == {srv.url("l.raw"): True}
+    raw.unlink()
+    await handlers.probe_all()
+    assert handlers.links == {srv.url("l.raw"): False}
+    events = [json.loads(data) async for subject, _, data in
+              agent.bus.events("phy.evt.h1.catalogue.link.>")]
+    assert events[-1]["ok"] is False and "404" in events[-1]["reason"]
+    text = agent.registry.get_sample_value("phyllome_catalogue_links_broken", {"source": "m"})
+    assert text == 1.0
+
+
+async def test_pull_of_builtin_tiny_offline(nats_server: NatsServer, tmp_path: Path) -> None:
+    built = tmp_path / "builtin"
+    built.mkdir()
+    disk = make_sparse_raw(built / "disk.raw", 8 * MiB)
+    (built / "manifest.json").write_text(json.dumps({"name": "phyllome-tiny", "files": {
+        "disk.raw": {"sha256": sha(disk), "size": disk.stat().st_size}}}))
+    extra = {"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(built)}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        status = await pull(agent, "phyllome-tiny")
+        assert status.state == "succeeded", status.message
+        info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="phyllome-tiny"))
+        assert info.sha256 == sha(disk) and info.local.state == "ready"
+        assert (info.template.firmware, info.template.secure_boot, info.template.tpm) == (
+            "efi", True, "2.0")
+
+
+async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
+                                                  tmp_path: Path) -> None:
+    extra = {"probe_interval_s": 0, "builtin_dir": str(tmp_path / "b")}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        listed = await agent.bus.call("h1", "catalogue", "list",
+                                      ListRequest(downloadable=True, source="osinfo"))
+        assert len(listed.images) >= 30
+        assert {"fedora37", "debian11", "ubuntu22.04"} <= {i.id for i in listed.images}
+        win = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="win11"))
+        assert (win.template.firmware, win.template.secure_boot, win.template.tpm) == (
+            "efi", True, "2.0")
+        assert win.template.memory == 4 << 30
+        with pytest.raises(Forbidden, match="no published sha256"):
+            await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="fedora37"))
+        with pytest.raises(NotFound, match="no disk image for x86_64.*install media"):
+            await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="win11"))
