@@ -1,0 +1,169 @@
+"""``phyllome images``: the OS image catalogue (osinfo-db, image servers, built-in images).
+
+    phyllome images list --downloadable --family linux
+    phyllome images info debian11 --json        # VM template; RAW path and sha256 once pulled
+    phyllome images pull phyllome-tiny          # progress bar; non-zero exit when refused
+    phyllome images sources add lab http://mirror.lan/images.json --type manifest
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cli import common
+from shared.bus import Bus
+from shared.messages import Empty
+from shared.messages.catalogue import (
+    ImageInfo,
+    ImageRef,
+    ListRequest,
+    PullRequest,
+    SourceAdd,
+    SourceRef,
+)
+from shared.messages.jobs import JobAccepted
+
+LIST_COLUMNS = [("id", "ID"), ("name", "NAME"), ("family", "FAMILY"), ("version", "VERSION"),
+                ("archs", "ARCH"), ("source", "SOURCE"), ("downloadable", "DOWNLOAD"),
+                ("local", "LOCAL")]
+SOURCE_COLUMNS = [("name", "NAME"), ("kind", "TYPE"), ("url", "URL"), ("builtin", "CONFIGURED")]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    images = sub.add_parser("images", help="the OS image catalogue: list, info, pull, sources")
+    cmds = images.add_subparsers(dest="images_command", metavar="COMMAND")
+
+    p = cmds.add_parser("list", help="catalogue entries")
+    common.add_common(p)
+    p.add_argument("--search", default="", metavar="TEXT", help="words in id, name, vendor")
+    p.add_argument("--family", default="", help="OS family or distro (linux, winnt, debian)")
+    p.add_argument("--arch", default="", help="architecture (x86_64, aarch64, amd64, ...)")
+    p.add_argument("--source", default="", help="only entries of this source")
+    p.add_argument("--downloadable", action="store_true",
+                   help="only entries with a downloadable disk image")
+    p.set_defaults(func=cmd_list)
+
+    p = cmds.add_parser("info", help="one entry, its VM template, its local RAW file")
+    common.add_common(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_info)
+
+    p = cmds.add_parser("pull", help="download, verify and convert an image to RAW")
+    common.add_common(p)
+    p.add_argument("id")
+    p.add_argument("--arch", default="", help="architecture (default: the host's)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="pull an image that has no published sha256 (marked unverified)")
+    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    p.set_defaults(func=cmd_pull)
+
+    p = cmds.add_parser("remove", help="delete a pulled image from the host's pool")
+    common.add_common(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_remove)
+
+    p = cmds.add_parser("refresh", help="re-read every source")
+    common.add_common(p)
+    p.set_defaults(func=cmd_refresh)
+
+    src = cmds.add_parser("sources", help="image sources (list, add, remove)")
+    common.add_common(src)
+    src.set_defaults(func=cmd_sources)
+    scmds = src.add_subparsers(dest="sources_command", metavar="COMMAND")
+    p = scmds.add_parser("add", help="add a manifest or simplestreams source")
+    common.add_common(p)
+    p.add_argument("name")
+    p.add_argument("url")
+    p.add_argument("--type", dest="kind", choices=("manifest", "simplestreams"),
+                   default="manifest")
+    p.set_defaults(func=cmd_source_add)
+    p = scmds.add_parser("remove", help="remove a source and its entries")
+    common.add_common(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_source_remove)
+
+
+def _call(args: argparse.Namespace, verb: str, req: Any) -> Any:
+    async def go(bus: Bus) -> Any:
+        return await bus.call(args.host, "catalogue", verb, req, timeout=args.timeout)
+
+    return common.call(args, go)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    result = _call(args, "list", ListRequest(
+        search=args.search, family=args.family, arch=args.arch,
+        downloadable=args.downloadable, source=args.source))
+    common.show(args, result, LIST_COLUMNS, rows_key="images")
+
+
+def info_rows(info: ImageInfo) -> list[dict[str, Any]]:
+    """The fields a person reads first, in a fixed order."""
+    e, t, req = info.entry, info.template, info.entry.requirements
+    rows: list[tuple[str, Any]] = [
+        ("id", e.id), ("name", e.name), ("source", e.source), ("vendor", e.vendor),
+        ("family", e.family), ("version", e.version), ("released", e.release_date),
+        ("end of life", e.eol_date), ("archs", e.archs),
+        ("min cpus / ram / disk", f"{req.minimum.cpus} / {common.human_bytes(req.minimum.ram)}"
+                                  f" / {common.human_bytes(req.minimum.storage)}"),
+        ("template", f"{t.machine}, {t.firmware}"
+                     f"{', secure boot' if t.secure_boot else ''}"
+                     f"{f', TPM {t.tpm}' if t.tpm else ''}, {t.vcpus} vCPU, "
+                     f"{common.human_bytes(t.memory)} RAM, {common.human_bytes(t.disk)} disk"),
+    ]
+    rows += [(f"image {d.arch}", f"{d.format} {d.url}"
+              + ("" if d.sha256 else " (no sha256: --allow-unverified)"))
+             for d in e.downloads]
+    rows += [(f"media {m.arch}", m.url) for m in e.media if m.url][:4]
+    if info.local is not None:
+        rows += [("path", info.path), ("sha256", info.sha256), ("state", info.local.state)]
+    return [{"k": k, "v": v} for k, v in rows if v not in ("", [], None)]
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = _call(args, "info", ImageRef(id=args.id))
+    if args.json:
+        common.print_json(info)
+    else:
+        common.print_table(info_rows(info), [("k", "FIELD"), ("v", "VALUE")])
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    req = PullRequest(id=args.id, arch=args.arch, allow_unverified=args.allow_unverified)
+
+    async def go(bus: Bus) -> Any:
+        accepted: JobAccepted = await bus.call(args.host, "catalogue", "pull", req,
+                                               timeout=args.timeout)
+        if args.detach:
+            return accepted
+        return await common.follow_job(bus, args.host, "catalogue", accepted, quiet=args.json)
+
+    outcome = common.call(args, go)
+    if isinstance(outcome, JobAccepted):
+        common.show(args, outcome)
+        return
+    common.finish_job(args, outcome)
+
+
+def cmd_remove(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "remove", ImageRef(id=args.id)))
+
+
+def cmd_refresh(args: argparse.Namespace) -> None:
+    result = _call(args, "refresh", Empty())
+    common.show(args, result, [("name", "SOURCE"), ("entries", "ENTRIES"), ("error", "ERROR")],
+                rows_key="sources")
+
+
+def cmd_sources(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "sources", Empty()), SOURCE_COLUMNS, rows_key="sources")
+
+
+def cmd_source_add(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "source_add",
+                            SourceAdd(name=args.name, url=args.url, kind=args.kind)))
+
+
+def cmd_source_remove(args: argparse.Namespace) -> None:
+    common.show(args, _call(args, "source_remove", SourceRef(name=args.name)))
