@@ -1,16 +1,24 @@
-"""Wiring of the storage agent: builds its adapter and handlers for `shared.agent.Agent`."""
+"""Wiring of the storage agent: its pools, handlers, the chunk subscription, background loop.
+
+    run_agent("storage", setup, ENDPOINTS)     # what __main__.py does
+"""
 
 from __future__ import annotations
 
+from services.storage.config import Settings
+from services.storage.handlers import Handlers
+from services.storage.volumes import Pools
 from shared.agent import Agent
 from shared.messages.storage import ENDPOINTS
 
 __all__ = ["ENDPOINTS", "setup"]
 
 
-class Handlers:
-    """The storage endpoints (none yet beyond the common job endpoints)."""
-
-
 async def setup(agent: Agent) -> Handlers:
-    return Handlers()
+    settings = Settings.from_config(agent.cfg)
+    pools = Pools(settings.pools, settings.import_dirs)
+    handlers = Handlers(agent, pools, settings)
+    await handlers.start()
+    agent.details["pools"] = {n: {"path": p.path, "reflink": p.reflink}
+                              for n, p in pools.pools.items()}
+    return handlers

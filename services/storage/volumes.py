@@ -355,7 +355,11 @@ class Pools:
             self._busy.discard((pool.name, name))
 
     @contextmanager
-    def reserve(self, pool: Pool, name: str) -> Iterator[None]:
+    def reserve(self, pool: Pool, name: str, *, claimed: bool = False) -> Iterator[None]:
+        """Hold ``name`` while creating it (unless the caller already does)."""
+        if claimed:
+            yield
+            return
         self.claim(pool, name)
         try:
             yield
@@ -517,12 +521,13 @@ class Pools:
         return info
 
     def clone(self, src_pool: str, name: str, dst_pool: str, dst_name: str, *,
-              progress: Progress | None = None,
-              cancel: threading.Event | None = None) -> CloneResult:
+              progress: Progress | None = None, cancel: threading.Event | None = None,
+              claimed: bool = False) -> CloneResult:
         """Copy a volume: FICLONE when one filesystem can share the blocks, else a sparse copy.
 
         The copy is fsynced under a temporary name and linked into place at the end; a
-        failure or cancel removes it, so no half volume is ever visible.
+        failure or cancel removes it, so no half volume is ever visible. ``claimed``: the
+        caller holds ``dst_name`` (see ``claim``) and releases it.
         """
         spool = self.pool(src_pool)
         src_fd = spool.open(check_name(name), os.O_RDONLY)
@@ -531,17 +536,17 @@ class Pools:
             if (spool.name, name) == (dpool.name, dst_name):
                 raise BadRequest("a volume cannot be cloned onto itself; give another name")
             return self._copy_in(src_fd, f"{spool.name}/{name}", dpool, dst_name,
-                                 progress=progress, cancel=cancel)
+                                 progress=progress, cancel=cancel, claimed=claimed)
         finally:
             os.close(src_fd)
 
     def import_file(self, source: str, pool_name: str, name: str, *, move: bool = False,
-                    progress: Progress | None = None,
-                    cancel: threading.Event | None = None) -> CloneResult:
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    claimed: bool = False) -> CloneResult:
         """Adopt a RAW file from an import directory; other image formats are refused."""
         pool = self.pool(pool_name)
         check_name(name)
-        real = self._importable(source)
+        real = self.check_importable(source)
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
@@ -557,12 +562,14 @@ class Pools:
                 raise BadRequest(conversion_hint(fmt, source))
             check_size(st.st_size, f"{source}'s size")
             if move and st.st_dev == os.fstat(pool.dir_fd).st_dev:
-                return self._move_in(real, st, pool, name)
-            return self._copy_in(fd, source, pool, name, progress=progress, cancel=cancel)
+                return self._move_in(real, st, pool, name, claimed=claimed)
+            return self._copy_in(fd, source, pool, name, progress=progress, cancel=cancel,
+                                 claimed=claimed)
         finally:
             os.close(fd)
 
-    def _importable(self, source: str) -> str:
+    def check_importable(self, source: str) -> str:
+        """The real path of ``source`` if it may be imported (inside an import directory)."""
         if not os.path.isabs(source):
             raise BadRequest(f"import source {source!r} must be an absolute path")
         real = os.path.realpath(source)
@@ -575,9 +582,10 @@ class Pools:
                             "file there first, or configure [storage] import_dirs")
         return real
 
-    def _move_in(self, real: str, st: os.stat_result, pool: Pool, name: str) -> CloneResult:
+    def _move_in(self, real: str, st: os.stat_result, pool: Pool, name: str, *,
+                 claimed: bool) -> CloneResult:
         started = time.monotonic()
-        with self.reserve(pool, name):
+        with self.reserve(pool, name, claimed=claimed):
             temp = pool.temp_name("import")
             os.rename(real, os.path.join(pool.path, temp))
             try:
@@ -590,10 +598,11 @@ class Pools:
                            volume=self._info(pool, name, st))
 
     def _copy_in(self, src_fd: int, src_label: str, pool: Pool, name: str, *,
-                 progress: Progress | None, cancel: threading.Event | None) -> CloneResult:
+                 progress: Progress | None, cancel: threading.Event | None,
+                 claimed: bool) -> CloneResult:
         started = time.monotonic()
         st = os.fstat(src_fd)
-        with self.reserve(pool, name):
+        with self.reserve(pool, name, claimed=claimed):
             temp = pool.temp_name("clone")
             fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             try:

@@ -246,7 +246,7 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("resize", ResizeVolume, VolumeInfo, "Grow a volume that no running VM uses."),
     EndpointSpec("delete", VolumeRef, Ack, "Delete a volume that no running VM uses."),
     EndpointSpec("info", VolumeQuery, VolumeInfo, "One volume; its sha256 when asked."),
-    EndpointSpec("import", ImportVolume, JobAccepted, "Adopt a RAW file (job); refuses qcow2, "
+    EndpointSpec("import_file", ImportVolume, JobAccepted, "Adopt a RAW file (job); refuses qcow2, "
                  "VMDK, VHD(X), VDI with the command that converts it."),
     EndpointSpec("clone", CloneVolume, JobAccepted, "Reflink or sparse copy of a volume (job)."),
     EndpointSpec("send", SendVolume, JobAccepted, "Stream a volume to another host (job)."),
