@@ -77,7 +77,11 @@ def check_spec(spec: VmSpec) -> None:
         raise BadRequest("initrd and cmdline need a kernel (direct kernel boot)")
     if len(spec.disks) > len(_DISK_TARGETS):
         raise BadRequest(f"{len(spec.disks)} disks: at most {len(_DISK_TARGETS)}")
-    for path in [d.path for d in spec.disks] + [p for p in (spec.kernel, spec.initrd) if p]:
+    for disk in spec.disks:
+        if not disk.path and not disk.volume:
+            raise BadRequest("a disk needs a path or a storage volume")
+    paths = [d.path for d in spec.disks if d.path or not d.volume]
+    for path in paths + [p for p in (spec.kernel, spec.initrd) if p]:
         if not path.startswith("/") or "\x00" in path:
             raise BadRequest(f"path {path!r} must be absolute")
     for nic in spec.nics:

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -79,6 +80,8 @@ _BULK_STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOT
                | libvirt.VIR_DOMAIN_STATS_INTERFACE)
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
+NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
+SWTPM_DIR = "/var/lib/libvirt/swtpm"
 
 
 def event_words(event: int, detail: int) -> tuple[str, str]:
@@ -356,6 +359,23 @@ class LibvirtHypervisor:
 
         return await self._run(f"reading the statistics of {uuid}", work)
 
+    async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
+        """Copy the NVRAM file and the swtpm state directory (the test driver has neither)."""
+        if self.uri.startswith("test:"):
+            return
+        src, dst = await self.domain(src_uuid), await self.domain(dst_uuid)
+        copies = [(_nvram_path(await self.xml(src.uuid, inactive=True), src.name),
+                   _nvram_path(await self.xml(dst.uuid, inactive=True), dst.name)),
+                  (f"{SWTPM_DIR}/{src.uuid}", f"{SWTPM_DIR}/{dst.uuid}")]
+        for a, b in copies:
+            if not os.path.exists(a):
+                continue
+            proc = await asyncio.create_subprocess_exec(
+                "cp", "-a", "--reflink=auto", a, b, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise BackendError(f"copying {a} to {b}: {err.decode(errors='replace')}")
+
     def bulk_stats(self) -> list[DomainStats]:
         conn = self._conn
         if conn is None:
@@ -366,6 +386,11 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
+
+
+def _nvram_path(xml: str, name: str) -> str:
+    """Where libvirt keeps (or will keep) a UEFI domain's variables."""
+    return domain_xml.nvram_of(xml) or f"{NVRAM_DIR}/{name}_VARS.fd"
 
 
 def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:

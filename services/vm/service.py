@@ -1,16 +1,28 @@
-"""Wiring of the vm agent: builds its adapter and handlers for `shared.agent.Agent`."""
+"""Wiring of the vm agent: settings, the libvirt backend, the accelerator, the handlers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from services.vm import accel
+from services.vm.config import Settings
+from services.vm.handlers import Handlers
+from services.vm.libvirt_backend import LibvirtHypervisor
 from shared.agent import Agent
+from shared.codec import to_builtins
 from shared.messages.vm import ENDPOINTS
 
 __all__ = ["ENDPOINTS", "setup"]
 
 
-class Handlers:
-    """The vm endpoints (none yet beyond the common job endpoints)."""
-
-
 async def setup(agent: Agent) -> Handlers:
-    return Handlers()
+    settings = Settings.from_config(agent.cfg)
+    decision = await accel.decide(agent.cfg.accelerator, Path(settings.tiny_dir),
+                                  Path(settings.probe_dir),
+                                  deadline_s=settings.kvm_probe_deadline_s)
+    agent.details["accelerator"] = to_builtins(decision)
+    hypervisor = LibvirtHypervisor(agent.cfg.libvirt_uri)
+    await hypervisor.connect()
+    handlers = Handlers(agent, hypervisor, settings, decision)
+    await handlers.begin()
+    return handlers

@@ -35,9 +35,15 @@ VmState = Literal[
 
 
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
-    """A RAW disk: a file path (a storage-pool volume's path) attached as virtio or SATA."""
+    """A RAW disk attached as virtio or SATA: a storage-pool volume, or a plain file path.
 
-    path: str
+    With ``pool`` + ``volume`` the agent asks the storage agent for the path (and clones or
+    deletes through it); ``path`` is filled in at create.
+    """
+
+    path: str = ""
+    pool: str = ""
+    volume: str = ""
     bus: DiskBus = "virtio"
     readonly: bool = False
     owned: bool = False  # created for this VM (from an image or by clone): delete may remove it
@@ -100,6 +106,7 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, tag="vm.record.v1"):
     reason: str = ""
     accelerator: Literal["kvm", "tcg"] = "tcg"  # what the domain runs under
     revision: int = 1  # bumped on every spec change (create = 1, update, ...)
+    started_at: float = 0.0  # unix time of the last start, while running or paused
     updated: float = 0.0
 
 
@@ -129,7 +136,6 @@ class VmCreate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.create.v1"):
 
     spec: VmSpec
     image: str = ""
-    disk_gib: int = 0  # grow the image's clone to this size (0: keep the image's size)
 
 
 class VmRef(msgspec.Struct, frozen=True, kw_only=True, tag="vm.ref.v1"):

@@ -1,0 +1,651 @@
+"""The vm endpoints, the bridge from hypervisor events to bus events, and reconciliation.
+
+The hypervisor is the truth about a VM's state; KV ``vms`` (key: uuid) mirrors it with the
+spec. Live events update the record and are published as ``VmStateChanged`` on
+``phy.evt.<host>.vm.state.<uuid>``; a reconciliation pass (at start, after a hypervisor
+reconnect, and periodically) lists the domains, corrects KV and publishes what events
+missed (``missed=True``). All record writes go through one lock, so the two never race::
+
+    handlers = Handlers(agent, LibvirtHypervisor(uri), settings, decision)
+    await handlers.begin()
+    info = await handlers.start(VmRef(vm="demo"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid as uuidlib
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from services.vm import domain_xml, hostfs
+from services.vm.accel import Decision
+from services.vm.config import Settings
+from services.vm.hypervisor import Domain, Hypervisor, Reconnected
+from services.vm.metrics import VmMetrics
+from shared import subjects
+from shared.agent import Agent
+from shared.codec import decode, encode
+from shared.errors import (
+    BackendError,
+    BadRequest,
+    Conflict,
+    InsufficientResources,
+    NotFound,
+    PhyError,
+    Timeout,
+    Unavailable,
+)
+from shared.messages import Ack
+from shared.messages.catalogue import ImageInfo, ImageRef
+from shared.messages.hardware import BootProbe, DeviceList, DeviceQuery, DeviceRef, PciDevice
+from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
+from shared.messages.vm import (
+    AcceleratorFallback,
+    Disk,
+    VmClone,
+    VmCreate,
+    VmDelete,
+    VmInfo,
+    VmList,
+    VmListRequest,
+    VmRecord,
+    VmRef,
+    VmShutdown,
+    VmSpec,
+    VmState,
+    VmStateChanged,
+    VmUpdate,
+)
+
+log = logging.getLogger("phyllome.vm")
+
+RUNNING: frozenset[VmState] = frozenset({"running", "blocked", "paused", "shutting-down",
+                                         "pmsuspended"})
+STOPPED: frozenset[VmState] = frozenset({"shutoff", "crashed"})
+# The state a lifecycle event implies (the domain may have moved on by the time we look).
+EVENT_STATE: dict[str, VmState] = {
+    "started": "running", "resumed": "running", "rebooted": "running", "suspended": "paused",
+    "stopped": "shutoff", "shutdown": "shutting-down", "crashed": "crashed",
+    "pmsuspended": "pmsuspended",
+}
+PEER_TIMEOUT_S = 10.0
+JOB_TIMEOUT_S = 3600.0
+RECHECK_S = 1.0
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered range 52:54:00."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def redacted(spec: VmSpec) -> VmSpec:
+    return msgspec.structs.replace(spec, password="********") if spec.password else spec
+
+
+class Handlers:
+    """One vm agent's endpoints over one hypervisor; see the module docstring."""
+
+    def __init__(self, agent: Agent, hypervisor: Hypervisor, settings: Settings,
+                 decision: Decision) -> None:
+        self.agent = agent
+        self.host = agent.host
+        self.hv = hypervisor
+        self.settings = settings
+        self.decision = decision
+        self.metrics = VmMetrics(agent.registry, hypervisor, self._started_at)
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._started: dict[str, float] = {}
+
+    # -- life of the agent ----------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """First reconciliation, then the event bridge and the periodic pass."""
+        if self.decision.kvm_usable is False:
+            await self.agent.publish("accelerator", AcceleratorFallback(
+                host=self.host, reason=self.decision.note))
+        self.agent.spawn(self._report_probe(), "report-probe")
+        await self.reconcile()
+        self.agent.spawn(self._bridge(), "events")
+        self.agent.spawn(self._periodic(), "reconcile")
+
+    async def close(self) -> None:
+        await self.hv.close()
+
+    async def _report_probe(self) -> None:
+        """Tell the hardware agent what the boot probe found (its host caps carry it)."""
+        if self.decision.kvm_usable is None:
+            return
+        probe = BootProbe(result="passed" if self.decision.kvm_usable else "failed",
+                          detail=self.decision.note)
+        try:
+            await self.agent.bus.call(self.host, "hardware", "boot_probe", probe,
+                                      timeout=PEER_TIMEOUT_S)
+        except PhyError as e:
+            log.info("boot probe not reported to the hardware agent: %s", e.message)
+
+    async def _bridge(self) -> None:
+        while True:
+            news = await self.hv.news.get()
+            try:
+                if isinstance(news, Reconnected):
+                    self.metrics.hypervisor_reconnects.inc()
+                    await self.reconcile()
+                elif news.event == "undefined":
+                    await self._gone(news.uuid, news.name, "undefined", news.reason)
+                else:
+                    try:
+                        dom = await self.hv.domain(news.uuid)
+                    except NotFound:
+                        await self._gone(news.uuid, news.name, news.event, news.reason)
+                        continue
+                    await self._sync(dom, news.event, news.reason)
+            except PhyError as e:
+                log.warning("event %r not processed: %s", news, e.message)
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_s)
+            try:
+                await self.reconcile()
+            except PhyError as e:
+                log.warning("reconciliation failed: %s", e.message)
+
+    async def reconcile(self) -> None:
+        """List the domains; correct KV ``vms``; publish the state changes events missed."""
+        if not self.hv.connected:
+            return
+        self.metrics.reconciliations.inc()
+        ours = {d.uuid: d for d in await self.hv.domains() if d.spec is not None}
+        for dom in ours.values():
+            await self._sync(dom, "", "", missed=True)
+        records: list[VmRecord] = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
+        for rec in records:
+            if rec.host == self.host and rec.spec.uuid not in ours:
+                await self._gone(rec.spec.uuid, rec.spec.name, "", "", missed=True)
+
+    # -- records and events ---------------------------------------------------------------
+
+    def _started_at(self) -> dict[str, float]:
+        return dict(self._started)
+
+    async def _kv(self) -> Any:
+        return await self.agent.bus.kv(subjects.KV_VMS)
+
+    async def _load(self, uuid: str) -> tuple[VmRecord | None, int]:
+        kv = await self._kv()
+        try:
+            entry = await kv.get(uuid)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        if not entry.value:
+            return None, 0
+        return decode(entry.value, VmRecord), entry.revision or 0
+
+    async def _store(self, record: VmRecord, revision: int) -> None:
+        """Compare-and-set on the revision we read (this agent is the record's only writer)."""
+        kv = await self._kv()
+        try:
+            if revision:
+                await kv.update(record.spec.uuid, encode(record), last=revision)
+            else:
+                await kv.create(record.spec.uuid, encode(record))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            raise Conflict(f"the record of VM {record.spec.name} changed under us; "
+                           "retry") from None
+
+    async def _write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> VmRecord:
+        """Store a VM's record after create, update or clone."""
+        async with self._lock:
+            old, rev = await self._load(spec.uuid)
+            record = VmRecord(spec=spec, host=self.host, state=dom.state, reason=dom.reason,
+                              accelerator=dom.accelerator, revision=revision,
+                              started_at=old.started_at if old else 0.0, updated=time.time())
+            await self._store(record, rev)
+            return record
+
+    async def _sync(self, dom: Domain, event: str, reason: str, *, missed: bool = False) -> None:
+        """Record what the hypervisor says about one of our domains; publish the change."""
+        if dom.spec is None:
+            return
+        async with self._lock:
+            old, rev = await self._load(dom.uuid)
+            was = old.state if old else None
+            started_at = old.started_at if old else 0.0
+            if dom.state in RUNNING and (was not in RUNNING or event == "started"):
+                started_at = time.time()
+            elif dom.state not in RUNNING:
+                started_at = 0.0
+            record = VmRecord(
+                spec=old.spec if old else dom.spec, host=self.host, state=dom.state,
+                reason=reason or dom.reason, accelerator=dom.accelerator,
+                revision=old.revision if old else 1, started_at=started_at,
+                updated=time.time())
+            changed = old is None or was != dom.state or old.started_at != started_at
+            if changed:
+                await self._store(record, rev)
+            if started_at:
+                self._started[dom.uuid] = started_at
+            else:
+                self._started.pop(dom.uuid, None)
+            if not event and not changed:
+                return
+            if missed:
+                self.metrics.missed_events.inc()
+                log.info("VM %s is %s (missed by events)", dom.name, dom.state)
+            await self._publish(dom.uuid, dom.name, EVENT_STATE.get(event, dom.state),
+                                event or "reconciled", reason or dom.reason, missed)
+
+    async def _gone(self, uuid: str, name: str, event: str, reason: str, *,
+                    missed: bool = False) -> None:
+        """The domain no longer exists: drop its record and say so, once."""
+        async with self._lock:
+            old, _ = await self._load(uuid)
+            self._started.pop(uuid, None)
+            if old is None or old.host != self.host:
+                return
+            await (await self._kv()).delete(uuid)
+            if missed:
+                self.metrics.missed_events.inc()
+            await self._publish(uuid, name, "deleted", event or "reconciled", reason, missed)
+
+    async def _publish(self, uuid: str, name: str, state: VmState, event: str, reason: str,
+                       missed: bool) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        await self.agent.publish("state", VmStateChanged(
+            host=self.host, uuid=uuid, name=name, state=state, event=event, reason=reason,
+            missed=missed), uuid)
+
+    async def _wait_state(self, uuid: str, states: frozenset[VmState], timeout: float) -> Domain:
+        """Wait for one of ``states``, woken by events and re-checking every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            changed = self._changed
+            dom = await self.hv.domain(uuid)
+            if dom.state in states:
+                return dom
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"VM {dom.name} is still {dom.state} after {timeout:g} s")
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining, RECHECK_S))
+            except TimeoutError:
+                pass
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def _refuse_duplicate(self, spec: VmSpec) -> None:
+        for ref, what in ((spec.name, "name"), (spec.uuid, "uuid")):
+            try:
+                dom = await self.hv.domain(ref)
+            except NotFound:
+                continue
+            raise Conflict(f"a VM with {what} {ref} exists already on {self.host} "
+                           f"({dom.name}, {dom.state}); choose another {what}")
+
+    async def _check_memory(self, spec: VmSpec) -> None:
+        host_mib = await self.hv.host_memory_mib()
+        if spec.memory_mib > host_mib:
+            raise InsufficientResources(
+                f"VM {spec.name} asks for {spec.memory_mib} MiB of memory and host "
+                f"{self.host} has {host_mib} MiB: give less memory")
+
+    def _accelerator(self, spec: VmSpec) -> str:
+        accel = self.decision.accelerator if spec.accelerator == "auto" else spec.accelerator
+        if spec.nested and accel != "kvm":
+            raise BadRequest(f"nested virtualization needs KVM, and VM {spec.name} would run "
+                             f"under TCG ({self.decision.note})")
+        return accel
+
+    async def _check_hostdevs(self, devs: list[str]) -> None:
+        """Refuse devices the hardware agent does not call bound to vfio-pci or bindable."""
+        bus = self.agent.bus
+        try:
+            for dev in devs:
+                if domain_xml.is_pci_address(dev):
+                    d: PciDevice = await bus.call(self.host, "hardware", "device",
+                                                  DeviceRef(address=dev), timeout=PEER_TIMEOUT_S)
+                    self._passable(d, devs)
+                    continue
+                found: DeviceList = await bus.call(self.host, "hardware", "list",
+                                                   DeviceQuery(), timeout=PEER_TIMEOUT_S)
+                if not any(dev.lower() in (i.lower() for i in t.instances)
+                           for d in found.devices for t in d.mdev_types):
+                    raise NotFound(f"no mediated device {dev} on {self.host}; create it with "
+                                   "`phyllome hw mdev-create`")
+        except Unavailable as e:
+            raise Unavailable(f"host devices need the hardware agent's word that they can be "
+                              f"passed through, and it does not answer ({e.message})") from None
+
+    @staticmethod
+    def _passable(d: PciDevice, asked: list[str]) -> None:
+        if d.driver == "vfio-pci":
+            return
+        p = d.passthrough
+        why = "; ".join(p.reasons) if p and p.reasons else "no passthrough verdict"
+        if p is None or p.verdict in ("no-iommu", "shared-group"):
+            shares = f" (its IOMMU group also holds {', '.join(p.shares_with)})" \
+                if p and p.shares_with else ""
+            raise Conflict(f"host device {d.address} is not bound to vfio-pci and cannot be "
+                           f"bound{shares}: {why}")
+        if p.host_loses:
+            raise Conflict(f"host device {d.address}: the host would lose "
+                           f"{', '.join(p.host_loses)}")
+        missing = [c for c in p.companions if c not in asked]
+        if missing:
+            raise Conflict(f"host device {d.address} must be passed together with "
+                           f"{', '.join(missing)} (same physical device)")
+
+    # -- disks ----------------------------------------------------------------------------
+
+    async def _resolve_disks(self, spec: VmSpec) -> VmSpec:
+        """Fill in the paths of volume disks, and check that every disk is RAW."""
+        disks = []
+        for disk in spec.disks:
+            if not disk.path:
+                vol: VolumeInfo = await self.agent.bus.call(
+                    self.host, "storage", "info",
+                    VolumeQuery(pool=disk.pool or "default", name=disk.volume),
+                    timeout=PEER_TIMEOUT_S)
+                disk = msgspec.structs.replace(disk, path=vol.path, pool=vol.pool)
+            await asyncio.to_thread(hostfs.check_raw, disk.path)
+            disks.append(disk)
+        return msgspec.structs.replace(spec, disks=disks)
+
+    async def _wait_job(self, svc: str, accepted: JobAccepted) -> JobStatus:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            status: JobStatus = await self.agent.bus.call(
+                self.host, svc, "job", JobRef(job_id=accepted.job_id), timeout=PEER_TIMEOUT_S)
+            if status.state != "running":
+                if status.state != "succeeded":
+                    raise BackendError(f"{svc} {accepted.kind} {status.state}: {status.message}")
+                return status
+            if time.monotonic() > deadline:
+                raise Timeout(f"{svc} {accepted.kind} did not finish in {JOB_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.2)
+
+    async def _copy_disk(self, src: Disk, dst_name: str) -> Disk:
+        """A new owned disk with ``src``'s content: via the storage agent for volumes, else
+        a local reflink/sparse copy beside the source (or in the disk dir)."""
+        bus = self.agent.bus
+        if src.volume:
+            pool = src.pool or "default"
+            accepted = await bus.call(self.host, "storage", "clone", CloneVolume(
+                pool=pool, name=src.volume, dst_name=dst_name), timeout=PEER_TIMEOUT_S)
+            await self._wait_job("storage", accepted)
+            vol: VolumeInfo = await bus.call(self.host, "storage", "info", VolumeQuery(
+                pool=pool, name=dst_name), timeout=PEER_TIMEOUT_S)
+            return Disk(path=vol.path, pool=pool, volume=dst_name, bus=src.bus, owned=True)
+        path = f"{self.settings.disk_dir}/{dst_name}.raw"
+        await hostfs.copy_disk(src.path, path)
+        return Disk(path=path, bus=src.bus, owned=True)
+
+    async def _disk_from_image(self, image: str, vm_name: str) -> Disk:
+        """The image's RAW file (from the catalogue) cloned into a new disk of the VM."""
+        bus = self.agent.bus
+        try:
+            info: ImageInfo = await bus.call(self.host, "catalogue", "info",
+                                             ImageRef(id=image), timeout=PEER_TIMEOUT_S)
+        except Unavailable as e:
+            raise Unavailable(f"--image needs the catalogue agent ({e.message}); "
+                              "or give a disk with --disk") from None
+        if not info.path:
+            raise Conflict(f"image {image} is not on {self.host} yet: run "
+                           f"`phyllome image pull {image}` first")
+        name = f"{vm_name}-disk0"
+        try:
+            accepted = await bus.call(self.host, "storage", "import", ImportVolume(
+                pool="default", name=name, source=info.path), timeout=PEER_TIMEOUT_S)
+        except Unavailable:
+            log.info("no storage agent; copying image %s locally", image)
+            return await self._copy_disk(Disk(path=info.path), name)
+        await self._wait_job("storage", accepted)
+        vol: VolumeInfo = await bus.call(self.host, "storage", "info", VolumeQuery(
+            pool="default", name=name), timeout=PEER_TIMEOUT_S)
+        return Disk(path=vol.path, pool="default", volume=name, owned=True)
+
+    async def _delete_disk(self, disk: Disk) -> None:
+        if disk.volume:
+            await self.agent.bus.call(self.host, "storage", "delete", VolumeRef(
+                pool=disk.pool or "default", name=disk.volume), timeout=PEER_TIMEOUT_S)
+        else:
+            await asyncio.to_thread(hostfs.remove, disk.path)
+
+    # -- building -------------------------------------------------------------------------
+
+    def _console_log(self, uuid: str) -> str:
+        return f"{self.settings.console_dir}/{uuid}.log"
+
+    async def _define(self, spec: VmSpec) -> Domain:
+        accel = self._accelerator(spec)
+        hostfs.ensure_dir(self.settings.console_dir)
+        xml = domain_xml.build(spec, accelerator=accel,  # type: ignore[arg-type]
+                               serial_log=self._console_log(spec.uuid))
+        return await self.hv.define(xml)
+
+    async def _info(self, ref: str) -> VmInfo:
+        dom = await self.hv.domain(ref)
+        record, _ = await self._load(dom.uuid)
+        spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
+        stats = await self.hv.stats(dom.uuid)
+        consoles = domain_xml.consoles_of(await self.hv.xml(dom.uuid)) \
+            if dom.state in RUNNING else {}
+        started = record.started_at if record and dom.state in RUNNING else 0.0
+        note = ""
+        if dom.accelerator == "tcg":
+            note = ("forced by the VM's spec" if spec.accelerator == "tcg"
+                    else self.decision.note)
+        return VmInfo(
+            name=dom.name, uuid=dom.uuid, host=self.host, state=dom.state, reason=dom.reason,
+            accelerator=dom.accelerator, accelerator_note=note,
+            uptime_s=round(time.time() - started, 3) if started else 0.0,
+            vcpus=spec.vcpus, memory_mib=spec.memory_mib, cpu_time_s=stats.cpu_time_s,
+            memory_rss_bytes=stats.memory_rss_bytes, autostart=dom.autostart,
+            vnc=consoles.get("vnc"), spice=consoles.get("spice"), spec=redacted(spec))
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def create(self, req: VmCreate) -> VmInfo:
+        with self.metrics.operation("create"):
+            spec = req.spec
+            if not spec.uuid:
+                spec = msgspec.structs.replace(spec, uuid=str(uuidlib.uuid4()))
+            domain_xml.check_spec(spec)
+            self._accelerator(spec)
+            await self._refuse_duplicate(spec)
+            await self._check_memory(spec)
+            await self._check_hostdevs(spec.hostdevs)
+            spec = await self._resolve_disks(spec)
+            spec = msgspec.structs.replace(spec, nics=[
+                n if n.mac else msgspec.structs.replace(n, mac=random_mac()) for n in spec.nics])
+            made: Disk | None = None
+            try:
+                if req.image:
+                    made = await self._disk_from_image(req.image, spec.name)
+                    spec = msgspec.structs.replace(spec, disks=[made, *spec.disks])
+                dom = await self._define(spec)
+                try:
+                    if spec.autostart:
+                        await self.hv.set_autostart(dom.uuid, True)
+                    await self._write(spec, dom)
+                except BaseException:
+                    await self.hv.undefine(dom.uuid)
+                    raise
+            except BaseException:
+                if made is not None:
+                    await self._delete_disk(made)
+                raise
+            log.info("defined VM %s (%s)", spec.name, spec.uuid)
+            return await self._info(dom.uuid)
+
+    async def start(self, req: VmRef) -> VmInfo:
+        with self.metrics.operation("start"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state not in STOPPED:
+                raise Conflict(f"VM {dom.name} is {dom.state} already")
+            hostfs.ensure_dir(self.settings.console_dir)
+            await self.hv.start(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def shutdown(self, req: VmShutdown) -> VmInfo:
+        with self.metrics.operation("shutdown"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state not in RUNNING:
+                raise Conflict(f"VM {dom.name} is {dom.state}: nothing to shut down")
+            await self.hv.shutdown(dom.uuid)
+            if req.timeout_s > 0:
+                try:
+                    await self._wait_state(dom.uuid, STOPPED, req.timeout_s)
+                except Timeout as e:
+                    if not req.force:
+                        raise Timeout(f"{e.message}: the guest ignored the ACPI power button; "
+                                      "use --force to power it off") from None
+                    log.info("VM %s ignored ACPI shutdown; powering off", dom.name)
+                    await self.hv.destroy(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def destroy(self, req: VmRef) -> VmInfo:
+        with self.metrics.operation("destroy"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state not in RUNNING:
+                raise Conflict(f"VM {dom.name} is {dom.state}: not running")
+            await self.hv.destroy(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def reboot(self, req: VmRef) -> VmInfo:
+        with self.metrics.operation("reboot"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state != "running":
+                raise Conflict(f"VM {dom.name} is {dom.state}: only a running VM reboots")
+            await self.hv.reboot(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def suspend(self, req: VmRef) -> VmInfo:
+        with self.metrics.operation("suspend"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state != "running":
+                raise Conflict(f"VM {dom.name} is {dom.state}: only a running VM suspends")
+            await self.hv.suspend(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def resume(self, req: VmRef) -> VmInfo:
+        with self.metrics.operation("resume"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state != "paused":
+                raise Conflict(f"VM {dom.name} is {dom.state}: only a paused VM resumes")
+            await self.hv.resume(dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def delete(self, req: VmDelete) -> Ack:
+        with self.metrics.operation("delete"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state not in STOPPED:
+                if not req.force:
+                    raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
+                                   "with --force")
+                await self.hv.destroy(dom.uuid)
+            record, _ = await self._load(dom.uuid)
+            spec = record.spec if record else dom.spec
+            await self.hv.undefine(dom.uuid)
+            await self._gone(dom.uuid, dom.name, "undefined", "removed")
+            await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
+            removed = []
+            if req.delete_disks and spec is not None:
+                for disk in spec.disks:
+                    if disk.owned:
+                        await self._delete_disk(disk)
+                        removed.append(disk.volume or disk.path)
+            log.info("deleted VM %s (%s)", dom.name, dom.uuid)
+            disks = f" and its disks {', '.join(removed)}" if removed else ""
+            return Ack(message=f"deleted VM {dom.name}{disks}")
+
+    async def list(self, req: VmListRequest) -> VmList:
+        records: list[VmRecord] = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
+        mine = [r for r in records if req.all_hosts or r.host == self.host]
+        mine.sort(key=lambda r: (r.host, r.spec.name))
+        return VmList(vms=[msgspec.structs.replace(r, spec=redacted(r.spec)) for r in mine])
+
+    async def info(self, req: VmRef) -> VmInfo:
+        return await self._info(req.vm)
+
+    async def update(self, req: VmUpdate) -> VmInfo:
+        with self.metrics.operation("update"):
+            dom = await self.hv.domain(req.vm)
+            if dom.state not in STOPPED:
+                raise Conflict(f"VM {dom.name} is {dom.state}: update changes a stopped VM; "
+                               "stop it first")
+            record, _ = await self._load(dom.uuid)
+            old = record.spec if record else dom.spec
+            if old is None:
+                raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
+            changes = {f: getattr(req, f) for f in req.__struct_fields__
+                       if f != "vm" and getattr(req, f) is not None}
+            spec = msgspec.structs.replace(old, **changes)
+            domain_xml.check_spec(spec)
+            await self._check_memory(spec)
+            await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
+            dom = await self._define(spec)
+            if spec.autostart != old.autostart:
+                await self.hv.set_autostart(dom.uuid, spec.autostart)
+            await self._write(spec, dom, revision=(record.revision if record else 1) + 1)
+            return await self._info(dom.uuid)
+
+    async def clone(self, req: VmClone) -> JobAccepted:
+        src = await self.hv.domain(req.vm)
+        if src.state not in STOPPED:
+            raise Conflict(f"VM {src.name} is {src.state}: clone needs a stopped VM")
+        record, _ = await self._load(src.uuid)
+        base = record.spec if record else src.spec
+        if base is None:
+            raise NotFound(f"VM {src.name} was not made by Phyllome; it has no spec")
+        spec = msgspec.structs.replace(
+            base, name=domain_xml.check_name(req.name), uuid=str(uuidlib.uuid4()),
+            nics=[msgspec.structs.replace(n, mac=random_mac()) for n in base.nics],
+            autostart=False)
+        await self._refuse_duplicate(spec)
+
+        async def work(job: Any) -> dict[str, object]:
+            with self.metrics.operation("clone"):
+                return await self._clone(job, src, spec)
+
+        return self.agent.jobs.start("clone", work, key=f"clone:{src.uuid}:{req.name}")
+
+    async def _clone(self, job: Any, src: Domain, spec: VmSpec) -> dict[str, object]:
+        made: list[Disk] = []
+        defined = ""
+        steps = len(spec.disks) + 2
+        try:
+            disks = []
+            for i, disk in enumerate(spec.disks):
+                await job.progress(i, steps, f"disk {i + 1} of {len(spec.disks)}")
+                if disk.readonly and not disk.owned:  # shared media stay shared
+                    disks.append(disk)
+                    continue
+                new = await self._copy_disk(disk, f"{spec.name}-disk{i}")
+                made.append(new)
+                disks.append(new)
+            spec = msgspec.structs.replace(spec, disks=disks)
+            await job.progress(steps - 2, steps, "defining")
+            dom = await self._define(spec)
+            defined = dom.uuid
+            await job.progress(steps - 1, steps, "copying NVRAM and TPM state")
+            await self.hv.copy_state(src.uuid, dom.uuid)
+            await self._write(spec, dom)
+            await job.progress(steps, steps, "done")
+            return {"name": spec.name, "uuid": dom.uuid, "from": src.name}
+        except BaseException:
+            if defined:
+                await self.hv.undefine(defined)
+                await self._gone(defined, spec.name, "undefined", "clone-failed")
+            for disk in made:
+                await self._delete_disk(disk)
+            raise

@@ -1,0 +1,86 @@
+"""The host files the vm agent touches itself: disk headers, local disk copies, log dirs.
+
+Disk volumes normally come from the storage agent; ``copy_disk`` is the local fallback
+when none answers (a reflink where the filesystem can, else a sparse copy)::
+
+    check_raw("/var/lib/phyllome/pool/demo.raw")   # BadRequest for qcow2, vmdk, ...
+    await copy_disk(src, dst)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+from shared.errors import BackendError, BadRequest, Conflict, NotFound
+
+# First bytes of image formats that are not RAW, and how to convert them.
+_MAGIC = {
+    b"QFI\xfb": "qcow2",
+    b"KDMV": "vmdk",
+    b"vhdxfile": "vhdx",
+    b"conectix": "vpc",
+}
+_MAGIC_AT = {b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi"}
+
+
+def check_raw(path: str) -> None:
+    """Refuse a disk that is missing, not a file/block device, or in a non-RAW format."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"disk {path} does not exist") from None
+    except OSError as e:
+        raise BadRequest(f"disk {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise BadRequest(f"disk {path} is not a file or block device")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise BadRequest(f"disk {path}: {e.strerror}") from None
+    fmt = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    fmt = fmt or next((name for magic, name in _MAGIC_AT.items() if magic in head), None)
+    if fmt is not None:
+        raise BadRequest(
+            f"disk {path} is {fmt}, not RAW: only RAW disks are supported; convert it with "
+            f"`qemu-img convert -O raw {path} NEW.raw`"
+        )
+
+
+async def copy_disk(src: str, dst: str) -> None:
+    """Reflink or sparse copy of ``src`` to a new file ``dst`` (mode 0644)."""
+    if os.path.exists(dst):
+        raise Conflict(f"disk {dst} exists already")
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", src, dst,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        remove(dst)
+        raise
+    if proc.returncode != 0:
+        remove(dst)
+        raise BackendError(f"copying {src} to {dst}: {err.decode(errors='replace').strip()}")
+    os.chmod(dst, 0o644)
+
+
+def remove(path: str) -> None:
+    """Remove a file if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise BackendError(f"removing {path}: {e.strerror}") from None
+
+
+def ensure_dir(path: str) -> None:
+    """A directory that virtlogd and QEMU can reach (0755)."""
+    Path(path).mkdir(parents=True, exist_ok=True, mode=0o755)

@@ -1,0 +1,246 @@
+"""The vm agent over the bus, on libvirt's test driver (a fresh host file per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from shared import subjects
+from shared.agent import Agent
+from shared.codec import decode, encode
+from shared.errors import BadRequest, Conflict, InsufficientResources, InvalidName, Unavailable
+from shared.messages.jobs import JobRef
+from shared.messages.vm import (
+    Disk,
+    Nic,
+    VmClone,
+    VmCreate,
+    VmDelete,
+    VmInfo,
+    VmListRequest,
+    VmRecord,
+    VmRef,
+    VmSpec,
+    VmStateChanged,
+    VmUpdate,
+)
+from shared.natsserver import NatsServer
+from tests.support.agents import agent_in_process
+from tests.support.libvirt import libvirt_test_uri
+from tests.support.nats import nats_server
+
+__all__ = ["libvirt_test_uri", "nats_server"]
+pytestmark = pytest.mark.integration
+
+HOST = "h1"
+
+
+class StateEvents:
+    """VmStateChanged events of host h1, as they arrive."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[VmStateChanged] = asyncio.Queue()
+
+    async def next(self, uuid: str, *, event: str | None = None,
+                   timeout: float = 10.0) -> VmStateChanged:
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.queue.get()
+                if ev.uuid == uuid and (event is None or ev.event == event):
+                    return ev
+
+
+@contextlib.asynccontextmanager
+async def vm_agent(nats: NatsServer, state: Path, uri: str,
+                   **extra: Any) -> AsyncIterator[tuple[Agent, StateEvents]]:
+    async with agent_in_process(
+        "vm", nats.url, state, host=HOST, libvirt_uri=uri, accelerator="tcg",
+        extra={"reconcile_s": 3600, "disk_dir": str(state / "disks"), **extra},
+    ) as agent:
+        events = StateEvents()
+
+        async def got(msg: Any) -> None:
+            events.queue.put_nowait(decode(msg.data, VmStateChanged))
+
+        sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", "state") + ".*", cb=got)
+        try:
+            yield agent, events
+        finally:
+            await sub.unsubscribe()
+
+
+async def call(agent: Agent, verb: str, req: Any, timeout: float = 10.0) -> Any:
+    return await agent.bus.call(HOST, "vm", verb, req, timeout=timeout)
+
+
+def raw_disk(path: Path, size: int = 1 << 20) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+async def test_vm_lifecycle_over_the_bus(nats_server: NatsServer, tmp_path: Path,
+                                         libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, events):
+        disk = raw_disk(tmp_path / "d.raw")
+        spec = VmSpec(name="web-1", memory_mib=256, display="both", secure_boot=True,
+                      tpm="emulated-2.0", disks=[Disk(path=str(disk))], nics=[Nic()])
+        info: VmInfo = await call(agent, "create", VmCreate(spec=spec))
+        assert (info.state, info.accelerator, info.host) == ("shutoff", "tcg", HOST)
+        assert info.spec.nics[0].mac.startswith("52:54:00:")
+        assert (await events.next(info.uuid)).event == "defined"
+
+        info = await call(agent, "start", VmRef(vm="web-1"))
+        assert info.state == "running"
+        ev = await events.next(info.uuid, event="started")
+        assert (ev.state, ev.reason, ev.name) == ("running", "booted", "web-1")
+
+        with pytest.raises(Conflict, match="running already"):
+            await call(agent, "start", VmRef(vm="web-1"))
+        with pytest.raises(Conflict, match="stop it first, or delete with --force"):
+            await call(agent, "delete", VmDelete(vm="web-1"))
+        with pytest.raises(Conflict, match="update changes a stopped VM"):
+            await call(agent, "update", VmUpdate(vm="web-1", vcpus=4))
+
+        await call(agent, "suspend", VmRef(vm=info.uuid))
+        assert (await events.next(info.uuid, event="suspended")).state == "paused"
+        await call(agent, "resume", VmRef(vm="web-1"))
+        assert (await events.next(info.uuid, event="resumed")).state == "running"
+        await call(agent, "destroy", VmRef(vm="web-1"))
+        ev = await events.next(info.uuid, event="stopped")
+        assert (ev.state, ev.reason) == ("shutoff", "destroyed")
+
+        listed = await call(agent, "list", _list_all())
+        assert [(r.spec.name, r.state) for r in listed.vms] == [("web-1", "shutoff")]
+
+        info = await call(agent, "update", VmUpdate(vm="web-1", vcpus=4, memory_mib=512))
+        assert (info.vcpus, info.memory_mib) == (4, 512)
+        record = decode((await (await agent.bus.kv(subjects.KV_VMS)).get(info.uuid)).value,
+                        VmRecord)
+        assert record.revision == 2 and record.spec.vcpus == 4
+
+        ack = await call(agent, "delete", VmDelete(vm="web-1"))
+        assert "deleted VM web-1" in ack.message
+        ev = await events.next(info.uuid, event="undefined")
+        assert ev.state == "deleted"
+        assert (await call(agent, "list", _list_all())).vms == []
+        assert disk.exists()  # not owned by the VM: never deleted
+
+
+def _list_all() -> VmListRequest:
+    return VmListRequest(all_hosts=True)
+
+
+async def test_vm_bad_input_is_refused_and_nothing_is_left(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        qcow = tmp_path / "q.qcow2"
+        qcow.write_bytes(b"QFI\xfb" + bytes(508))
+        cases: list[tuple[VmSpec, type[Exception], str]] = [
+            (VmSpec(name='bad"name'), InvalidName, "not valid"),
+            (VmSpec(name="a<b"), InvalidName, "not valid"),
+            (VmSpec(name="a/b"), InvalidName, "not valid"),
+            (VmSpec(name="a b"), InvalidName, "not valid"),
+            (VmSpec(name="x" * 200), InvalidName, "not valid"),
+            (VmSpec(name="m0", memory_mib=0), BadRequest, "at least 16 MiB"),
+            (VmSpec(name="big", memory_mib=64 * 1024), InsufficientResources, "host h1 has"),
+            (VmSpec(name="q", disks=[Disk(path=str(qcow))]), BadRequest, "is qcow2, not RAW"),
+            (VmSpec(name="hd", hostdevs=["0000:01:00.0"]), Unavailable, "hardware agent"),
+            (VmSpec(name="n", nested=True), BadRequest, "nested virtualization needs KVM"),
+        ]
+        for spec, error, match in cases:
+            with pytest.raises(error, match=match):
+                await call(agent, "create", VmCreate(spec=spec))
+        await call(agent, "create", VmCreate(spec=VmSpec(name="dup", memory_mib=64)))
+        with pytest.raises(Conflict, match="exists already"):
+            await call(agent, "create", VmCreate(spec=VmSpec(name="dup", memory_mib=64)))
+        domains = await agent.handlers.hv.domains()
+        assert [d.name for d in domains] == ["dup"]
+        assert [r.spec.name for r in (await call(agent, "list", _list_all())).vms] == ["dup"]
+
+
+async def test_vm_create_is_idempotent_with_a_key(nats_server: NatsServer, tmp_path: Path,
+                                                  libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        req = VmCreate(spec=VmSpec(name="once", memory_mib=64))
+        first = await agent.bus.call(HOST, "vm", "create", req, idempotency_key="k1")
+        again = await agent.bus.call(HOST, "vm", "create", req, idempotency_key="k1")
+        assert first.uuid == again.uuid
+        assert len(await agent.handlers.hv.domains()) == 1
+
+
+async def test_vm_accelerator_can_be_forced(nats_server: NatsServer, tmp_path: Path,
+                                            libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        kvm = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="k", memory_mib=64, accelerator="kvm", nested=True)))
+        tcg = await call(agent, "create", VmCreate(spec=VmSpec(name="t", memory_mib=64)))
+        assert (kvm.accelerator, tcg.accelerator) == ("kvm", "tcg")
+        assert "<domain type='kvm'" in await agent.handlers.hv.xml(kvm.uuid)
+        assert "<domain type='qemu'" in await agent.handlers.hv.xml(tcg.uuid)
+        assert tcg.accelerator_note == "accelerator forced to tcg by configuration"
+
+
+async def test_vm_clone_copies_disks_and_gets_new_identity(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        disk = raw_disk(tmp_path / "src.raw")
+        with open(disk, "r+b") as f:
+            f.seek(4096)
+            f.write(b"phyllome")
+        src = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="src", memory_mib=64, disks=[Disk(path=str(disk))], nics=[Nic()])))
+        await call(agent, "start", VmRef(vm="src"))
+        with pytest.raises(Conflict, match="clone needs a stopped VM"):
+            await call(agent, "clone", VmClone(vm="src", name="copy"))
+        await call(agent, "destroy", VmRef(vm="src"))
+        with pytest.raises(InvalidName):
+            await call(agent, "clone", VmClone(vm="src", name="no/slash"))
+        accepted = await call(agent, "clone", VmClone(vm="src", name="copy"))
+        status = await _job(agent, accepted.job_id)
+        assert status.state == "succeeded", status.message
+        copy = await call(agent, "info", VmRef(vm="copy"))
+        assert copy.uuid != src.uuid
+        assert copy.spec.nics[0].mac != src.spec.nics[0].mac
+        new_disk = Path(copy.spec.disks[0].path)
+        assert new_disk != disk and copy.spec.disks[0].owned
+        assert new_disk.read_bytes() == disk.read_bytes()
+        await call(agent, "delete", VmDelete(vm="copy", delete_disks=True))
+        assert not new_disk.exists() and disk.exists()
+
+
+async def _job(agent: Agent, job_id: str) -> Any:
+    async with asyncio.timeout(20):
+        while True:
+            status = await call(agent, "job", JobRef(job_id=job_id))
+            if status.state != "running":
+                return status
+            await asyncio.sleep(0.05)
+
+
+async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, events):
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="r", memory_mib=64)))
+        kv = await agent.bus.kv(subjects.KV_VMS)
+        entry = await kv.get(info.uuid)
+        stale = decode(entry.value, VmRecord)
+        await kv.put(info.uuid, encode(msgspec.structs.replace(stale, state="running")))
+        ghost = msgspec.structs.replace(
+            stale, spec=msgspec.structs.replace(stale.spec, name="ghost",
+                                                uuid="00000000-0000-4000-8000-00000000beef"))
+        await kv.put(ghost.spec.uuid, encode(ghost))
+        await agent.handlers.reconcile()
+        ev = await events.next(info.uuid, event="reconciled")
+        assert (ev.state, ev.missed) == ("shutoff", True)
+        ev = await events.next(ghost.spec.uuid)
+        assert (ev.state, ev.missed) == ("deleted", True)
+        assert decode((await kv.get(info.uuid)).value, VmRecord).state == "shutoff"
+        listed = await call(agent, "list", _list_all())
+        assert [r.spec.name for r in listed.vms] == ["r"]
