@@ -216,6 +216,11 @@ class Catalogue:
 
     async def refresh(self, req: Empty) -> RefreshResult:
         """Re-read every source; write changed entries to KV and delete vanished ones."""
+        return await self._refresh()
+
+    async def _refresh(self, dropped: str = "") -> RefreshResult:
+        """Refresh; entries are deleted only for sources this agent read (or ``dropped``):
+        another host's catalogue agent may have configured sources this one lacks."""
         async with self._refresh_lock:
             counts: list[SourceCount] = []
             fresh: dict[str, CatalogueEntry] = {}
@@ -235,19 +240,20 @@ class Catalogue:
                 fresh.update({e.id: e for e in found if e.id not in fresh})
                 counts.append(SourceCount(name=src.name, error=error, entries=sum(
                     1 for e in found if fresh.get(e.id) is e)))
-            await self._write(fresh)
+            await self._write(fresh, {c.name for c in counts} | {dropped})
             self._count_images()
             result = RefreshResult(sources=counts, entries=len(fresh))
         await self.agent.publish("refreshed", CatalogueRefreshed(
             host=self.agent.host, entries=result.entries, sources=counts))
         return result
 
-    async def _write(self, fresh: dict[str, CatalogueEntry]) -> None:
+    async def _write(self, fresh: dict[str, CatalogueEntry], owned: set[str]) -> None:
         for image_id, entry in fresh.items():
             if self.entries.get(image_id) != entry:
                 await self.kv.put(f"entry.{image_id}", msgspec.json.encode(entry))
                 self.entries[image_id] = entry
-        for image_id in set(self.entries) - set(fresh):
+        gone = [i for i, e in self.entries.items() if e.source in owned and i not in fresh]
+        for image_id in gone:
             await self.kv.delete(f"entry.{image_id}")
             self.entries.pop(image_id, None)
 
@@ -285,7 +291,7 @@ class Catalogue:
             raise NotFound(f"catalogue: no source named {req.name!r}")
         await self.kv.delete(f"source.{req.name}")
         self.added.pop(req.name, None)
-        await self.refresh(Empty())
+        await self._refresh(dropped=req.name)
         return Ack(message=f"source {req.name} removed")
 
     # -- entries ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.nats import nats_server
+from tests.support.require import require
 
 pytestmark = pytest.mark.integration
 __all__ = ["nats_server"]
@@ -67,7 +69,7 @@ def image(srv: FileServer, ident: str, path: Path, fmt: str = "raw", **kw: Any) 
 
 
 async def pull(agent: Agent, ident: str, **kw: Any) -> Any:
-    accepted = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id=ident, **kw))
+    accepted = await agent.bus.call(agent.host, "catalogue", "pull", PullRequest(id=ident, **kw))
     return await agent.jobs.wait(accepted.job_id)
 
 
@@ -300,3 +302,67 @@ async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
             await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="fedora37"))
         with pytest.raises(NotFound, match="no disk image for x86_64.*install media"):
             await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="win11"))
+
+
+async def test_every_host_sees_the_same_catalogue(nats_server: NatsServer, srv: FileServer,
+                                                  tmp_path: Path) -> None:
+    raw = make_sparse_raw(srv.root / "s.raw", MiB)
+    extra = {"osinfo_dir": "", "probe_interval_s": 0}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "h1", host="h1",
+                                extra={**extra, "builtin_dir": str(tmp_path / "b1")}) as h1, \
+            agent_in_process("catalogue", nats_server.url, tmp_path / "h2", host="h2",
+                             extra={**extra, "builtin_dir": str(tmp_path / "b2")}) as h2:
+        await h1.bus.call("h1", "catalogue", "source_add",
+                          SourceAdd(name="m", url=write_manifest(srv, [image(srv, "s", raw)])))
+        deadline = asyncio.get_running_loop().time() + 10
+        while "s" not in h2.handlers.entries:  # h2's KV watcher brings it
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        listed = await h2.bus.call("h2", "catalogue", "list", ListRequest(source="m"))
+        assert [i.id for i in listed.images] == ["s"]
+        status = await pull(h2, "s")
+        assert status.state == "succeeded" and status.result["host"] == "h2"
+        await h2.bus.call("h2", "catalogue", "refresh", Empty())  # h2 also reads source m
+        await h1.bus.call("h1", "catalogue", "source_remove", SourceRef(name="m"))
+        while "s" in h2.handlers.entries:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+
+
+async def test_pull_interrupted_resumes_where_it_stopped(nats_server: NatsServer,
+                                                         srv: FileServer, tmp_path: Path) -> None:
+    raw = make_sparse_raw(srv.root / "r.raw", 8 * MiB)
+    extra = {"osinfo_dir": "", "probe_interval_s": 0, "retries": 0,
+             "builtin_dir": str(tmp_path / "b"),
+             "mirrors": {"https://images.example.org/": srv.url("")}}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        img = {**image(srv, "r", raw), "url": "https://images.example.org/r.raw"}
+        await agent.bus.call("h1", "catalogue", "source_add",
+                             SourceAdd(name="m", url=write_manifest(srv, [img])))
+        srv.drop_after = 5 * MiB
+        status = await pull(agent, "r")
+        assert status.state == "failed" and status.error_kind == "unavailable"
+        assert "pull again to resume" in status.message
+        status = await pull(agent, "r")
+        assert status.state == "succeeded", status.message
+        assert srv.gets("r.raw") == ["", f"bytes={5 * MiB}-"]
+        assert status.result["sha256"] == sha(raw)
+        assert status.result["url"] == srv.url("r.raw")  # through the mirror
+        value = agent.registry.get_sample_value
+        assert value("phyllome_catalogue_pulls_total", {"outcome": "succeeded"}) == 1
+        assert value("phyllome_catalogue_pulls_total", {"outcome": "failed"}) == 1
+        assert value("phyllome_catalogue_downloaded_bytes_total") == 8 * MiB
+        assert value("phyllome_catalogue_images", {"source": "m", "state": "pulled"}) == 1
+        assert value("phyllome_catalogue_source_up", {"source": "m"}) == 1
+
+
+async def test_metrics_pass_promtool(agent: Agent, tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "promtool (Debian package prometheus)")
+    assert promtool is not None
+    proc = subprocess.run([promtool, "check", "metrics"], input=generate_latest(agent.registry),
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
