@@ -1,0 +1,278 @@
+"""``phyllome vm``: create, run and look at VMs (the vm agent of a host).
+
+    phyllome vm create demo --image phyllome-tiny --secure-boot --tpm --display both
+    phyllome vm start demo
+    phyllome vm info demo --json        # state, accelerator, VNC/SPICE host and port
+    phyllome vm console demo            # spice:// or vnc:// URI (remote-viewer if installed)
+    phyllome vm stop demo --wait 60 --force
+    phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Any
+
+from cli import common
+from shared.bus import Bus
+from shared.messages import new_id
+from shared.messages.catalogue import ImageInfo, ImageRef
+from shared.messages.vm import (
+    Disk,
+    Nic,
+    VmClone,
+    VmCreate,
+    VmDelete,
+    VmInfo,
+    VmListRequest,
+    VmRef,
+    VmShutdown,
+    VmSpec,
+    VmUpdate,
+)
+
+LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus", "CPUS"),
+                ("memory", "MEMORY"), ("accelerator", "ACCEL"), ("uuid", "UUID")]
+MiB = 1 << 20
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    vm = sub.add_parser("vm", help="VMs: create, start, stop, info, console, clone, delete")
+    cmds = vm.add_subparsers(dest="vm_command", metavar="COMMAND")
+
+    p = cmds.add_parser("create", help="define a VM (it stays stopped until `vm start`)")
+    common.add_common(p)
+    p.add_argument("name")
+    p.add_argument("--image", default="", metavar="ID",
+                        help="a pulled catalogue image, cloned into the VM's first disk")
+    p.add_argument("--disk", action="append", default=[], metavar="VOL",
+                   help="a RAW disk: a volume (POOL/NAME or NAME in pool default) or a path; "
+                        "repeatable")
+    p.add_argument("--memory", type=common.parse_size, default=None, help="e.g. 512M, 2G")
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--firmware", choices=("uefi", "bios"), default=None)
+    p.add_argument("--secure-boot", action="store_true", default=None)
+    p.add_argument("--tpm", action="store_true", default=None, help="emulated TPM 2.0 (swtpm)")
+    p.add_argument("--display", choices=("spice", "vnc", "both", "none"), default="vnc")
+    p.add_argument("--listen", default="127.0.0.1", help="console listen address")
+    p.add_argument("--password", default="", help="console password (VNC: at most 8)")
+    p.add_argument("--nic", action="append", default=[], metavar="KIND[:SOURCE]",
+                   help="network:NAME, bridge:NAME or user; repeatable (default: none)")
+    p.add_argument("--hostdev", action="append", default=[], metavar="ADDR",
+                   help="PCI address or mdev UUID to pass through; repeatable")
+    p.add_argument("--nested", action="store_true", help="let the guest run its own VMs")
+    p.add_argument("--sound", choices=("ich9", "none"), default="none")
+    p.add_argument("--kernel", default="", help="direct kernel boot: kernel path")
+    p.add_argument("--initrd", default="")
+    p.add_argument("--cmdline", default="")
+    p.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--autostart", action="store_true")
+    p.set_defaults(func=cmd_create)
+
+    for verb, doc in (("start", "start a stopped VM"), ("destroy", "power off at once"),
+                      ("reboot", "ACPI reboot"), ("suspend", "pause the vCPUs"),
+                      ("resume", "continue a paused VM"), ("info", "state, stats, consoles")):
+        p = cmds.add_parser(verb, help=doc)
+        common.add_common(p)
+        p.add_argument("vm", help="name or uuid")
+        p.set_defaults(func=cmd_simple, verb=verb)
+
+    p = cmds.add_parser("stop", help="ACPI shutdown (optionally wait, then force)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the guest to power off")
+    p.add_argument("--force", action="store_true",
+                   help="power off hard when the guest did not within --wait")
+    p.set_defaults(func=cmd_stop)
+
+    p = cmds.add_parser("delete", help="undefine a VM with its NVRAM and TPM state")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("--force", action="store_true", help="power off a running VM first")
+    p.add_argument("--delete-disks", action="store_true",
+                   help="also delete the disks made for this VM (image clones, clone copies)")
+    p.set_defaults(func=cmd_delete)
+
+    p = cmds.add_parser("list", help="VMs of this host (or of every host) from KV vms")
+    common.add_common(p)
+    p.add_argument("--all", action="store_true", help="every host of the cluster")
+    p.set_defaults(func=cmd_list)
+
+    p = cmds.add_parser("update", help="change a stopped VM")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("--memory", type=common.parse_size, default=None)
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--display", choices=("spice", "vnc", "both", "none"), default=None)
+    p.add_argument("--cmdline", default=None)
+    p.add_argument("--autostart", choices=("on", "off"), default=None)
+    p.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default=None)
+    p.set_defaults(func=cmd_update)
+
+    p = cmds.add_parser("clone", help="copy a stopped VM (new uuid, MACs; disks cloned)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("name", help="name of the copy")
+    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    p.set_defaults(func=cmd_clone)
+
+    p = cmds.add_parser("console", help="the VM's spice:// or vnc:// URI (or open it)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("--print", action="store_true", dest="print_only",
+                   help="print the URI even when remote-viewer is installed")
+    p.set_defaults(func=cmd_console)
+
+
+def _call(args: argparse.Namespace, verb: str, req: Any, *, timeout: float | None = None,
+          key: str | None = None) -> Any:
+    async def go(bus: Bus) -> Any:
+        return await bus.call(args.host, "vm", verb, req, timeout=timeout or args.timeout,
+                              idempotency_key=key)
+
+    return common.call(args, go)
+
+
+def _disk(text: str) -> Disk:
+    if text.startswith("/"):
+        return Disk(path=text)
+    pool, _, name = text.rpartition("/")
+    return Disk(pool=pool or "default", volume=name)
+
+
+def _nic(text: str) -> Nic:
+    kind, _, source = text.partition(":")
+    if kind == "user":
+        return Nic(kind="user")
+    if kind not in ("network", "bridge") or not source:
+        common.err_console.print(f"[red]error:[/red] --nic {text!r}: use network:NAME, "
+                                 "bridge:NAME or user", highlight=False)
+        sys.exit(common.EXIT_USAGE)
+    return Nic(kind=kind, source=source)  # type: ignore[arg-type]
+
+
+def _template(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults an image's catalogue entry implies, for what the command line left out."""
+    async def go(bus: Bus) -> ImageInfo:
+        info: ImageInfo = await bus.call(args.host, "catalogue", "info", ImageRef(id=args.image),
+                                         timeout=args.timeout)
+        return info
+
+    t = common.call(args, go).template
+    return {"memory_mib": max(t.memory // MiB, 16), "vcpus": t.vcpus,
+            "firmware": t.firmware or "uefi", "secure_boot": t.secure_boot,
+            "tpm": "emulated-2.0" if t.tpm else "none"}
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    values: dict[str, Any] = {"memory_mib": 1024, "vcpus": 2, "firmware": "uefi",
+                              "secure_boot": False, "tpm": "none"}
+    if args.image:
+        values.update(_template(args))
+    given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
+             "vcpus": args.cpus, "firmware": args.firmware, "secure_boot": args.secure_boot,
+             "tpm": "emulated-2.0" if args.tpm else None}
+    values.update({k: v for k, v in given.items() if v is not None})
+    spec = VmSpec(
+        name=args.name, disks=[_disk(d) for d in args.disk], nics=[_nic(n) for n in args.nic],
+        display=args.display, listen=args.listen, password=args.password,
+        hostdevs=args.hostdev, nested=args.nested, sound=args.sound, kernel=args.kernel,
+        initrd=args.initrd, cmdline=args.cmdline, accelerator=args.accelerator,
+        autostart=args.autostart, **values)
+    info = _call(args, "create", VmCreate(spec=spec, image=args.image),
+                 timeout=max(args.timeout, 600.0) if args.image else None, key=new_id())
+    _show_info(args, info)
+
+
+def cmd_simple(args: argparse.Namespace) -> None:
+    _show_info(args, _call(args, args.verb, VmRef(vm=args.vm)))
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    req = VmShutdown(vm=args.vm, timeout_s=args.wait, force=args.force)
+    _show_info(args, _call(args, "shutdown", req, timeout=args.timeout + args.wait))
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    ack = _call(args, "delete", VmDelete(vm=args.vm, force=args.force,
+                                         delete_disks=args.delete_disks))
+    if args.json:
+        common.print_json(ack)
+    else:
+        common.console.print(ack.message, highlight=False)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    reply = _call(args, "list", VmListRequest(all_hosts=args.all))
+    if args.json:
+        common.print_json(reply)
+        return
+    rows = [{"name": r.spec.name, "host": r.host, "state": r.state, "vcpus": r.spec.vcpus,
+             "memory": common.human_bytes(r.spec.memory_mib * MiB),
+             "accelerator": r.accelerator, "uuid": r.spec.uuid} for r in reply.vms]
+    common.print_table(rows, LIST_COLUMNS)
+
+
+def cmd_update(args: argparse.Namespace) -> None:
+    req = VmUpdate(vm=args.vm, vcpus=args.cpus, display=args.display, cmdline=args.cmdline,
+                   memory_mib=args.memory // MiB if args.memory is not None else None,
+                   autostart=None if args.autostart is None else args.autostart == "on",
+                   accelerator=args.accelerator)
+    _show_info(args, _call(args, "update", req))
+
+
+def cmd_clone(args: argparse.Namespace) -> None:
+    async def go(bus: Bus) -> Any:
+        accepted = await bus.call(args.host, "vm", "clone", VmClone(vm=args.vm, name=args.name),
+                                  timeout=args.timeout)
+        if args.detach:
+            return accepted
+        return await common.follow_job(bus, args.host, "vm", accepted, quiet=args.json,
+                                       bytes_progress=False)
+
+    outcome = common.call(args, go)
+    if args.detach:
+        common.show(args, outcome)
+    else:
+        common.finish_job(args, outcome)
+
+
+def cmd_console(args: argparse.Namespace) -> None:
+    info: VmInfo = _call(args, "info", VmRef(vm=args.vm))
+    uris = [c.uri for c in (info.spice, info.vnc) if c is not None]
+    if args.json:
+        common.print_json({"name": info.name, "spice": info.spice, "vnc": info.vnc})
+        return
+    if not uris:
+        common.err_console.print(f"[red]error:[/red] VM {info.name} is {info.state} and has no "
+                                 "console open (start it; --display must not be none)",
+                                 highlight=False)
+        sys.exit(common.EXIT_FAILED)
+    viewer = shutil.which("remote-viewer")
+    if viewer and not args.print_only and sys.stdout.isatty():
+        os.execv(viewer, [viewer, uris[0]])
+    for uri in uris:
+        print(uri)
+
+
+def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
+    if args.json:
+        common.print_json(info)
+        return
+    rows = {"name": info.name, "uuid": info.uuid, "host": info.host,
+            "state": f"{info.state} ({info.reason})" if info.reason else info.state,
+            "accelerator": info.accelerator + (f" — {info.accelerator_note}"
+                                               if info.accelerator_note else ""),
+            "vcpus": info.vcpus, "memory": common.human_bytes(info.memory_mib * MiB),
+            "uptime": f"{info.uptime_s:.0f} s" if info.uptime_s else "-",
+            "cpu time": f"{info.cpu_time_s:.1f} s",
+            "firmware": info.spec.firmware + (" + Secure Boot" if info.spec.secure_boot else ""),
+            "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
+            "vnc": info.vnc.uri if info.vnc else None,
+            "spice": info.spice.uri if info.spice else None}
+    common.print_table([{"k": k, "v": v} for k, v in rows.items()],
+                       [("k", "FIELD"), ("v", "VALUE")])

@@ -1,0 +1,81 @@
+"""``phyllome vm`` as a user runs it: a real CLI process against a real agent and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.agent import Agent
+from shared.natsserver import NatsServer
+from tests.support.agents import REPO, agent_in_process
+from tests.support.libvirt import libvirt_test_uri
+from tests.support.nats import nats_server
+
+pytestmark = pytest.mark.integration
+__all__ = ["libvirt_test_uri", "nats_server"]
+
+
+async def phyllome(agent: Agent, *argv: str) -> tuple[int, str, str]:
+    env = {**os.environ, "PHYLLOME_HOST": "h1", "PHYLLOME_NATS_URL": agent.cfg.nats_url,
+           "COLUMNS": "200"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "vm", *argv, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_vm_cli_create_start_info_console_stop_delete(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    disk = tmp_path / "demo.raw"
+    disk.write_bytes(bytes(4096))
+    async with agent_in_process("vm", nats_server.url, tmp_path, libvirt_uri=libvirt_test_uri,
+                                accelerator="tcg", extra={"reconcile_s": 3600}) as agent:
+        rc, out, err = await phyllome(agent, "create", "demo", "--disk", str(disk),
+                                      "--memory", "256M", "--cpus", "1", "--secure-boot",
+                                      "--tpm", "--display", "both", "--json")
+        assert rc == 0, err
+        created = json.loads(out)
+        assert (created["state"], created["spec"]["tpm"]) == ("shutoff", "emulated-2.0")
+
+        rc, out, err = await phyllome(agent, "start", "demo")
+        assert rc == 0, err
+        assert "running" in out
+
+        rc, out, err = await phyllome(agent, "info", "demo", "--json")
+        assert rc == 0, err
+        info = json.loads(out)
+        assert {k: info[k] for k in ("name", "host", "state", "accelerator")} == {
+            "name": "demo", "host": "h1", "state": "running", "accelerator": "tcg"}
+        assert info["uuid"] == created["uuid"]
+        assert set(info) >= {"vnc", "spice"}
+
+        rc, out, _ = await phyllome(agent, "list")
+        assert rc == 0 and "demo" in out and "running" in out
+
+        rc, _, err = await phyllome(agent, "start", "demo")
+        assert rc == 1 and "running already" in err
+        rc, _, err = await phyllome(agent, "create", "bad name")
+        assert rc == 1 and "not valid" in err
+        rc, _, err = await phyllome(agent, "delete", "demo")
+        assert rc == 1 and "--force" in err
+
+        rc, out, err = await phyllome(agent, "destroy", "demo")
+        assert rc == 0, err
+        rc, out, err = await phyllome(agent, "clone", "demo", "demo2", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["state"] == "succeeded"
+        rc, out, err = await phyllome(agent, "list", "--json")
+        assert sorted(v["spec"]["name"] for v in json.loads(out)["vms"]) == ["demo", "demo2"]
+        for name in ("demo", "demo2"):
+            rc, out, err = await phyllome(agent, "delete", name, "--delete-disks")
+            assert rc == 0, err
+        assert disk.exists()
+        rc, _, err = await phyllome(agent, "info", "demo")
+        assert rc == 1 and "no VM 'demo'" in err
