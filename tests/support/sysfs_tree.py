@@ -96,6 +96,7 @@ class Host:
     iommu: tuple[str, ...] = ()  # class/iommu entries, e.g. ("dmar0",) or ("ivhd0",)
     kvm_modules: dict[str, dict[str, str]] = field(default_factory=dict)
     root_dev: str | None = None  # "major:minor" of the block device holding "/"
+    consoles: bool = False  # vtcon0 (dummy) + vtcon1 (frame buffer, bound) + efi-framebuffer
 
 
 def _hex(v: int, width: int = 4) -> str:
@@ -332,6 +333,7 @@ class TreeBuilder:
 
     def remove(self, addr: str) -> None:
         """The device leaves: links go, its directory goes (a hot-unplug or a VF disabled)."""
+        self.unbind(addr)
         d = self.dirs.pop(addr)
         self.specs.pop(addr)
         (self.root / "bus/pci/devices" / addr).unlink(missing_ok=True)
@@ -343,7 +345,6 @@ class TreeBuilder:
                 for p in sorted(g.rglob("*"), reverse=True):
                     p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
                 g.rmdir()
-        self.unbind(addr)
         for p in sorted(d.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
         d.rmdir()
@@ -388,6 +389,19 @@ def build(root: str | Path, host: Host) -> TreeBuilder:
         v = root / "devices/virtual/misc/kvm"
         _write(v / "uevent", "MAJOR=10\nMINOR=232\nDEVNAME=kvm\n")
         _link(root / "class/misc/kvm", v)
+    if host.consoles:
+        for n, (name, bound) in enumerate((("(S) dummy device", "0"),
+                                           ("(M) frame buffer device", "1"))):
+            v = root / f"devices/virtual/vtconsole/vtcon{n}"
+            _write(v / "name", name + "\n")
+            _write(v / "bind", bound + "\n")
+            _link(root / f"class/vtconsole/vtcon{n}", v)
+        fb = root / "devices/platform/efi-framebuffer.0"
+        fb.mkdir(parents=True, exist_ok=True)
+        drv = root / "bus/platform/drivers/efi-framebuffer"
+        for f in ("bind", "unbind"):
+            _write(drv / f, "")
+        _link(drv / "efi-framebuffer.0", fb)
     for mod, params in host.kvm_modules.items():
         for k, val in params.items():
             _write(root / "module" / mod / "parameters" / k, val + "\n")
@@ -418,28 +432,45 @@ class TreeKernel:
         self._react(rel, value.strip())
 
     def _react(self, rel: str, value: str) -> None:
-        parts = rel.split("/")
-        addr_of = {os.path.relpath(d, self.b.root): a for a, d in self.b.dirs.items()}
-        dev_path = "/".join(parts[:-1])
-        if parts[:3] == ["bus", "pci", "drivers"] and parts[-1] in ("bind", "unbind"):
-            if parts[-1] == "unbind":
+        p = rel.split("/")
+        if p[:3] == ["bus", "pci", "drivers"] and p[-1] in ("bind", "unbind"):
+            if p[-1] == "unbind":
                 self.b.unbind(value)
             else:
-                self._probe(value, parts[3])
+                self._probe(value, p[3])
         elif rel == "bus/pci/drivers_probe":
             self._probe(value, None)
-        elif parts[-1] == "unbind" or dev_path not in addr_of:
-            if parts[-1] == "create" and "mdev_supported_types" in parts:
-                addr = addr_of["/".join(parts[:-3])]
-                self.b.add_mdev(addr, parts[-2], value)
-            elif parts[-1] == "remove" and len(parts) >= 2:
-                uuid = parts[-2]
-                if (self.b.root / "bus/mdev/devices" / uuid).is_symlink():
-                    self.b.remove_mdev(uuid)
-        elif parts[-1] == "sriov_numvfs":
-            self.b.set_numvfs(addr_of[dev_path], int(value))
-        elif parts[-1] == "uevent":
-            self.b.write_uevent(addr_of[dev_path])
+        elif p[:3] == ["bus", "pci", "devices"] and len(p) > 4:
+            addr = p[3]
+            if p[4] == "sriov_numvfs":
+                current = len(list(self.b.dirs[addr].glob("virtfn*")))
+                if current and int(value) and current != int(value):
+                    raise OSError(16, "Device or resource busy", rel)
+                self.b.set_numvfs(addr, int(value))
+            elif p[4] == "uevent":
+                self.b.write_uevent(addr)
+            elif p[4] == "driver_override" and not value:
+                (self.b.dirs[addr] / "driver_override").write_text("(null)\n")
+            elif p[4] == "mdev_supported_types" and p[-1] == "create":
+                self._available(self.b.dirs[addr] / "mdev_supported_types" / p[5], -1)
+                self.b.add_mdev(addr, p[5], value)
+        elif p[:3] == ["bus", "mdev", "devices"] and p[-1] == "remove":
+            self._available((self.b.root / "bus/mdev/devices" / p[3] / "mdev_type").resolve(), 1)
+            self.b.remove_mdev(p[3])
+        elif p[:3] == ["bus", "platform", "drivers"] and p[-1] in ("bind", "unbind"):
+            link = self.b.root / "bus/platform/drivers" / p[3] / value
+            if p[-1] == "unbind":
+                link.unlink()
+            else:
+                _link(link, self.b.root / "devices/platform" / value)
+
+    @staticmethod
+    def _available(type_dir: Path, delta: int) -> None:
+        f = type_dir / "available_instances"
+        n = int(f.read_text()) + delta
+        if n < 0:
+            raise OSError(28, "No space left on device", str(f))
+        f.write_text(f"{n}\n")
 
     def _probe(self, addr: str, driver: str | None) -> None:
         d = self.b.dirs[addr]
@@ -599,7 +630,7 @@ def single_gpu() -> Host:
     """Ryzen 5 5600X (no iGPU) with one RTX 3070: passing it takes the host's display."""
     return Host(
         name="single-gpu", cpu_vendor="amd", cpu_flags=AMD_CPU, iommu=("ivhd0",),
-        root_dev="259:1", kvm_modules={"kvm_amd": {"nested": "1"}},
+        root_dev="259:1", consoles=True, kvm_modules={"kvm_amd": {"nested": "1"}},
         devices=[
             Pci(addr="0000:00:00.0", vendor=0x1022, device=0x1480, cls=0x060000, group=0),
             Pci(addr="0000:00:03.1", vendor=0x1022, device=0x1483, cls=0x060400,
