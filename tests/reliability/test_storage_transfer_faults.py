@@ -1,0 +1,177 @@
+"""Transfers between two storage agents (hosts h1 and h2 on one nats-server) under faults:
+a chunk corrupted in flight, the receiver killed and restarted, the NATS server restarted.
+Each must end with the same volume on h2 (sha256), the source untouched, and no restart
+from zero where the receiver kept its progress."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.bus import Bus
+from shared.contracts import event_decoder
+from shared.messages import Empty
+from shared.messages.jobs import JobRef, JobStatus
+from shared.messages.storage import (
+    CreateVolume,
+    IncomingList,
+    SendVolume,
+    TransferCompleted,
+    TransferResumed,
+    VolumeQuery,
+)
+from tests.support.agents import AgentProcess, agent_in_process
+from tests.support.loopfs import make_sparse, scatter
+from tests.support.nats import nats_server  # noqa: F401
+
+SIZE = 4 << 30
+DATA = scatter(SIZE, 96, 1 << 20)  # 96 MiB of data in 4 GiB
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def source(bus: Bus) -> tuple[Path, str, os.stat_result]:
+    info = await bus.call("h1", "storage", "create", CreateVolume(name="vm1", size_bytes=SIZE))
+    path = Path(info.path)
+    make_sparse(path, SIZE, DATA)
+    return path, sha256_file(path), path.stat()
+
+
+async def until(what: str, check: Any, timeout: float = 60.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def job_done(bus: Bus, job_id: str, timeout: float = 90.0) -> JobStatus:
+    async def check() -> JobStatus | None:
+        st: JobStatus = await bus.call("h1", "storage", "job", JobRef(job_id=job_id))
+        return st if st.state != "running" else None
+
+    return await until(f"job {job_id}", check, timeout)
+
+
+async def transfer_events(bus: Bus) -> list[Any]:
+    out = []
+    async for _s, _t, data in bus.events(subjects.events_filter("h1", "storage", "transfer.>")):
+        out.append(event_decoder().decode(data))
+    return out
+
+
+async def committed_on_h2(bus: Bus) -> int:
+    try:
+        inc: IncomingList = await bus.call("h2", "storage", "incoming", Empty(), timeout=2)
+    except Exception:
+        return 0
+    return sum(t.committed_bytes for t in inc.transfers)
+
+
+async def check_result(bus_h2: Bus, src: Path, digest: str, st: os.stat_result) -> None:
+    got = await bus_h2.call("h2", "storage", "info", VolumeQuery(name="vm1"))
+    assert sha256_file(Path(got.path)) == digest
+    assert got.allocated_bytes == st.st_blocks * 512
+    after = src.stat()
+    assert (after.st_mtime_ns, after.st_size) == (st.st_mtime_ns, st.st_size)  # untouched
+
+
+class CorruptOnce:
+    """The real NATS client, except that the first chunk at ``offset`` leaves with a flipped
+    byte: the receiver's BLAKE2b check must catch it and the sender send it again."""
+
+    def __init__(self, nc: Any, offset: int) -> None:
+        self.nc, self.offset, self.corrupted = nc, offset, 0
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5,
+                      old_style: bool = False, headers: dict[str, Any] | None = None) -> Msg:
+        if headers and headers.get("Phy-Offset") == str(self.offset) and not self.corrupted:
+            self.corrupted += 1
+            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+        return await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+
+
+async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+        src, digest, st = await source(a.bus)
+        channel = CorruptOnce(a.bus.nc, DATA[10][0])
+        a.handlers.sender.channel = channel
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+        result = await job_done(a.bus, acc.job_id)
+        assert result.state == "succeeded", result.message
+        assert channel.corrupted == 1
+        assert result.result["corrupt_chunks"] == 1
+        await check_result(b.bus, src, digest, st)
+        text = (await asyncio.to_thread(
+            lambda: _scrape(b.metrics_url)))
+        assert 'phyllome_storage_transfers_total{direction="receive",outcome="completed"} 1.0' \
+            in text
+
+
+def _scrape(url: str) -> str:
+    import httpx
+
+    return httpx.get(url, timeout=5).text
+
+
+async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    receiver = AgentProcess("storage", nats_server.url, tmp_path / "h2", "h2")
+    await receiver.start()
+    try:
+        async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
+            src, digest, st = await source(a.bus)
+            acc = await a.bus.call("h1", "storage", "send", SendVolume(
+                name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+            await until("h2 to commit data", lambda: committed_on_h2(a.bus))
+            receiver.kill()
+            await receiver.start()
+            result = await job_done(a.bus, acc.job_id)
+            assert result.state == "succeeded", result.message + receiver.log()[-2000:]
+            events = await transfer_events(a.bus)
+            resumed = [e for e in events if isinstance(e, TransferResumed)]
+            assert resumed and resumed[-1].committed_bytes > 0, events
+            data = sum(n for _, n in DATA)
+            # resumed, not restarted: what went after the resume is only what h2 lacked
+            assert result.result["sent_bytes"] < data + resumed[-1].committed_bytes
+            assert "waiting for the sender" in receiver.log()
+            bus = a.bus
+            got = await bus.call("h2", "storage", "info", VolumeQuery(name="vm1", sha256=True),
+                                 timeout=60)
+            assert got.sha256 == digest
+            assert got.allocated_bytes == st.st_blocks * 512
+            assert not [p for p in (tmp_path / "h2" / "pools" / "default").iterdir()
+                        if p.name.startswith(".")]
+    finally:
+        await receiver.stop()
+
+
+async def test_nats_restarted_mid_transfer(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+        src, digest, st = await source(a.bus)
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+            name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+        await until("h2 to commit data", lambda: committed_on_h2(a.bus))
+        await asyncio.to_thread(nats_server.restart)
+        result = await job_done(a.bus, acc.job_id)
+        assert result.state == "succeeded", result.message
+        await check_result(b.bus, src, digest, st)
+        completed = [e for e in await transfer_events(a.bus) if isinstance(e, TransferCompleted)]
+        assert completed and completed[-1].attempts >= 2
+        assert msgspec.to_builtins(completed[-1])["sha256"] == result.result["sha256"]
