@@ -14,11 +14,10 @@ short by a crash is rolled back at the next start::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -97,17 +96,15 @@ class Operations:
             raise Conflict(f"{dev.address} is in use by {', '.join(users)} (IOMMU group "
                            f"{dev.iommu_group} is open): stop that VM first")
 
-    @contextlib.contextmanager
-    def claim(self, key: str, what: str) -> Iterator[None]:
-        """Hold a group for one operation; a second claim while held is refused at once."""
+    def claim(self, key: str, what: str) -> None:
+        """Hold ``key`` (e.g. "IOMMU group 1") for one operation; refused at once while held."""
         if key in self._busy:
-            raise Conflict(f"IOMMU group {key} is busy ({self._busy[key]}); wait for that to "
-                           "finish and try again")
+            raise Conflict(f"{key} is busy ({self._busy[key]}); wait for that to finish and "
+                           "try again")
         self._busy[key] = what
-        try:
-            yield
-        finally:
-            self._busy.pop(key, None)
+
+    def unclaim(self, key: str) -> None:
+        self._busy.pop(key, None)
 
     def plan_bind(self, req: BindRequest) -> list[PciDevice]:
         """The devices a bind would move to vfio-pci, or the reason it is refused."""

@@ -1,16 +1,29 @@
-"""Wiring of the hardware agent: builds its adapter and handlers for `shared.agent.Agent`."""
+"""Wiring of the hardware agent: the sysfs adapter, inventory, operations, handlers.
+
+    run_agent("hardware", setup, ENDPOINTS)     # what __main__.py does
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from services.hardware.config import Settings
+from services.hardware.handlers import Handlers
+from services.hardware.inventory import Inventory
+from services.hardware.metrics import HardwareMetrics
+from services.hardware.operations import Operations
+from services.hardware.sysfs import Sysfs
 from shared.agent import Agent
 from shared.messages.hardware import ENDPOINTS
 
 __all__ = ["ENDPOINTS", "setup"]
 
 
-class Handlers:
-    """The hardware endpoints (none yet beyond the common job endpoints)."""
-
-
 async def setup(agent: Agent) -> Handlers:
-    return Handlers()
+    settings = Settings.from_config(agent.cfg)
+    fs = Sysfs(settings.sysfs_root, proc_root=settings.proc_root, root_dev=settings.root_dev)
+    inventory = Inventory(fs)
+    ops = Operations(fs, inventory, Path(settings.state_dir))
+    handlers = Handlers(agent, fs, inventory, ops, settings, HardwareMetrics(agent.registry))
+    await handlers.start()
+    return handlers

@@ -253,6 +253,10 @@ class Sysfs:
     def iommu_on(self) -> bool:
         return bool(self.listdir("class/iommu")) or bool(self.listdir("kernel/iommu_groups"))
 
+    def monitor(self) -> UeventMonitor | None:
+        """Kernel uevents, where the root is the real /sys (a tree has none)."""
+        return UeventMonitor() if self.real else None
+
     def driver(self, addr: str) -> str:
         return self.link_name(f"bus/pci/devices/{addr}/driver") or ""
 
@@ -339,3 +343,28 @@ class Sysfs:
             if a == "-name":  # QEMU: -name guest=vm1,debug-threads=on
                 return f"VM {words[i + 1].removeprefix('guest=').split(',')[0]}"
         return os.path.basename(words[0]) if words else "?"
+
+
+class UeventMonitor:
+    """Kernel uevents of PCI devices (and of USB devices, as their controller's), via pyudev.
+
+    ``drain()`` is called when ``fileno()`` is readable; it yields (action, PCI address).
+    """
+
+    def __init__(self) -> None:
+        import pyudev
+
+        self._mon = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+        self._mon.start()
+
+    def fileno(self) -> int:
+        return int(self._mon.fileno())
+
+    def drain(self) -> list[tuple[str, str]]:
+        out = []
+        while (dev := self._mon.poll(timeout=0)) is not None:
+            if dev.subsystem == "pci":
+                out.append((dev.action or "change", dev.sys_name))
+            elif dev.subsystem == "usb" and (found := _ADDR_IN_PATH.findall(dev.device_path)):
+                out.append(("change", found[-1]))
+        return out

@@ -276,14 +276,12 @@ def test_release_of_a_device_not_bound(tmp_path: Path) -> None:
 
 def test_a_group_has_one_operation_at_a_time(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    with rig.ops.claim("1", "bind of 0000:01:00.0, job j1"):
-        with pytest.raises(Conflict, match=r"group 1 is busy \(bind of 0000:01:00.0, job j1\)"):
-            with rig.ops.claim("1", "bind of 0000:01:00.1"):
-                pass
-        with rig.ops.claim("2", "bind of 0000:00:02.0"):
-            pass
-    with rig.ops.claim("1", "again"):
-        pass
+    rig.ops.claim("IOMMU group 1", "bind of 0000:01:00.0")
+    with pytest.raises(Conflict, match=r"IOMMU group 1 is busy \(bind of 0000:01:00.0\)"):
+        rig.ops.claim("IOMMU group 1", "bind of 0000:01:00.1")
+    rig.ops.claim("IOMMU group 2", "bind of 0000:00:02.0")
+    rig.ops.unclaim("IOMMU group 1")
+    rig.ops.claim("IOMMU group 1", "again")
 
 
 # -- mdev -------------------------------------------------------------------------------------

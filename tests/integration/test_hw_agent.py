@@ -1,0 +1,224 @@
+"""The hardware agent on a real nats-server over fixture trees: endpoints, jobs, events, KV."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.hardware.handlers import Handlers
+from shared import subjects
+from shared.agent import Agent
+from shared.contracts import event_decoder
+from shared.errors import Conflict, Forbidden, InvalidMessage, InvalidName, NotFound
+from shared.messages import Empty, Heartbeat
+from shared.messages.hardware import (
+    BindRequest,
+    BootProbe,
+    DeviceAdded,
+    DeviceChanged,
+    DeviceQuery,
+    DeviceRef,
+    DeviceRemoved,
+    MdevCreate,
+    MdevRef,
+    SriovSet,
+)
+from shared.messages.jobs import JobStatus
+from tests.support.agents import agent_in_process
+from tests.support.nats import nats_server  # noqa: F401
+from tests.support.sysfs_tree import FIXTURES, Pci, TreeBuilder, TreeKernel, build
+
+pytestmark = pytest.mark.integration
+
+
+@asynccontextmanager
+async def hw_agent(url: str, tmp_path: Path, fixture: str = "intel-desktop"
+                   ) -> AsyncIterator[tuple[Agent, Handlers, TreeBuilder]]:
+    host = FIXTURES[fixture]()
+    builder = build(tmp_path / "sys", host)
+    (tmp_path / "proc").mkdir()
+    async with agent_in_process(
+            "hardware", url, tmp_path / "state", "h1", sysfs_root=str(builder.root),
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}) as agent:
+        handlers: Handlers = agent.handlers
+        handlers.fs.after_write = TreeKernel(builder)  # the kernel's part on a tree
+        yield agent, handlers, builder
+
+
+@asynccontextmanager
+async def events(agent: Agent, kind: str = ">") -> AsyncIterator[asyncio.Queue[Any]]:
+    """Events of the hardware agent of h1, decoded, as they are published."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on(msg: Any) -> None:
+        queue.put_nowait(event_decoder().decode(msg.data))
+
+    sub = await agent.bus.nc.subscribe(subjects.events_filter("h1", "hardware", kind), cb=on)
+    try:
+        yield queue
+    finally:
+        await sub.unsubscribe()
+
+
+async def job_done(agent: Agent, job_id: str) -> JobStatus:
+    return await asyncio.wait_for(agent.jobs.wait(job_id), 30)
+
+
+async def test_reads_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
+        bus = agent.bus
+        gpus = await bus.call("h1", "hardware", "list", DeviceQuery(kind="gpu"))
+        assert [d.address for d in gpus.devices] == ["0000:00:02.0", "0000:01:00.0"]
+        dev = await bus.call("h1", "hardware", "device", DeviceRef(address="01:00.0"))
+        assert dev.passthrough.verdict == "with-companions" and dev.vendor == "NVIDIA Corporation"
+        groups = await bus.call("h1", "hardware", "groups", Empty())
+        assert groups.iommu and [g.id for g in groups.groups] == [0, 1, 2, 3, 4, 5]
+        caps = await bus.call("h1", "hardware", "caps", Empty())
+        assert (caps.cpu_vendor, caps.virt_extension, caps.nested) == ("intel", "vmx", True)
+        assert caps.kvm_ioctl == "not-run" and caps.kvm_usable is False
+        report = await bus.call("h1", "hardware", "report", Empty())
+        assert len(report.devices) == 15 and len(report.gpus) == 2
+        with pytest.raises(NotFound, match="no PCI device 0000:07:00.0"):
+            await bus.call("h1", "hardware", "device", DeviceRef(address="0000:07:00.0"))
+        with pytest.raises(InvalidName, match="not a PCI address"):
+            await bus.call("h1", "hardware", "device", DeviceRef(address="gpu0"))
+        with pytest.raises(InvalidMessage):
+            await bus.request(subjects.command("h1", "hardware", "list"), {"kind": "toaster"},
+                              Empty)
+
+
+async def test_caps_in_the_heartbeat_and_the_boot_probe_decides(
+        nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
+        kv = await agent.bus.kv(subjects.KV_HOSTS)
+        hb = msgspec.json.decode((await kv.get("h1.hardware")).value, type=Heartbeat)
+        assert hb.details["caps"]["kvm_usable"] is False
+        assert hb.details["caps"]["iommu"] is True
+        caps = await agent.bus.call("h1", "hardware", "boot_probe",
+                                    BootProbe(result="passed", detail="tiny guest ready"))
+        assert caps.kvm_boot_probe == "passed" and caps.kvm_usable is True
+        hb = msgspec.json.decode((await kv.get("h1.hardware")).value, type=Heartbeat)
+        assert hb.details["caps"]["kvm_usable"] is True
+        caps = await agent.bus.call("h1", "hardware", "boot_probe", BootProbe(result="failed"))
+        assert caps.kvm_usable is False
+
+
+async def test_bind_and_release_jobs_with_events(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b), \
+            events(agent, "device.changed") as changed:
+        bus = agent.bus
+        accepted = await bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.0"))
+        st = await job_done(agent, accepted.job_id)
+        assert st.state == "succeeded", st.message
+        assert st.result["devices"] == ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2",
+                                        "0000:01:00.3"]
+        seen = [await asyncio.wait_for(changed.get(), 5) for _ in range(4)]
+        assert all(isinstance(e, DeviceChanged) and e.device.driver == "vfio-pci" for e in seen)
+        dev = await bus.call("h1", "hardware", "device", DeviceRef(address="0000:01:00.1"))
+        assert dev.driver == "vfio-pci"
+        accepted = await bus.call("h1", "hardware", "release", DeviceRef(address="01:00.1"))
+        st = await job_done(agent, accepted.job_id)
+        assert st.state == "succeeded", st.message
+        assert st.result["drivers"]["0000:01:00.0"] == "nvidia"
+        with pytest.raises(Forbidden, match="boot GPU"):
+            await bus.call("h1", "hardware", "bind", BindRequest(address="0000:00:02.0"))
+        with pytest.raises(Conflict, match="not bound to vfio-pci"):
+            await bus.call("h1", "hardware", "release", DeviceRef(address="0000:01:00.0"))
+
+
+async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, _b):
+        gate = asyncio.Event()
+        bind = handlers.ops.bind
+
+        async def held(*args: Any, **kw: Any) -> dict[str, object]:
+            await gate.wait()  # keep the first job inside its claim
+            return await bind(*args, **kw)
+
+        handlers.ops.bind = held  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            agent.bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.0")),
+            agent.bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.1")),
+            return_exceptions=True)
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert len(won) == 1 and len(lost) == 1
+        assert isinstance(lost[0], Conflict)
+        assert "IOMMU group 1 is busy (bind of 0000:01:00." in lost[0].message
+        gate.set()
+        st = await job_done(agent, won[0].job_id)
+        assert st.state == "succeeded", st.message
+        again = await agent.bus.call("h1", "hardware", "release",
+                                     DeviceRef(address="0000:01:00.0"))
+        assert (await job_done(agent, again.job_id)).state == "succeeded"
+
+
+async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder):
+        handlers.fs.after_write = TreeKernel(builder, {"bus/pci/drivers_probe": 2})
+        accepted = await agent.bus.call("h1", "hardware", "bind",
+                                        BindRequest(address="0000:01:00.0"))
+        st = await job_done(agent, accepted.job_id)
+        assert st.state == "failed" and st.error_kind == "backend"
+        assert "failed at 'probe 0000:01:00.1'" in st.message and "rolled back" in st.message
+        dev = await agent.bus.call("h1", "hardware", "device", DeviceRef(address="0000:01:00.0"))
+        assert dev.driver == "nvidia"
+
+
+async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
+        accepted = await agent.bus.call("h1", "hardware", "bind",
+                                        BindRequest(address="0000:01:00.0"))
+        assert (await job_done(agent, accepted.job_id)).state == "succeeded"
+        fd = tmp_path / "proc/999/fd"
+        fd.mkdir(parents=True)
+        (fd / "30").symlink_to("/dev/vfio/1")
+        (tmp_path / "proc/999/cmdline").write_bytes(b"qemu-system-x86_64\0-name\0guest=gamer\0")
+        with pytest.raises(Conflict, match=r"pid 999 \(VM gamer\)"):
+            await agent.bus.call("h1", "hardware", "release", DeviceRef(address="0000:01:00.3"))
+
+
+async def test_mdev_and_sriov_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
+        info = await agent.bus.call("h1", "hardware", "mdev_create", MdevCreate(
+            address="0000:00:02.0", mdev_type="i915-GVTg_V5_8"))
+        ack = await agent.bus.call("h1", "hardware", "mdev_remove", MdevRef(uuid=info.uuid))
+        assert info.uuid in ack.message
+    async with hw_agent(nats_server.url, tmp_path / "b", "sriov-nic") as (agent, _h, _b), \
+            events(agent, "device.*") as seen:
+        pf = await agent.bus.call("h1", "hardware", "sriov_set",
+                                  SriovSet(address="0000:03:00.0", num_vfs=3))
+        assert len(pf.virtfns) == 3
+        got = [await asyncio.wait_for(seen.get(), 5) for _ in range(6)]
+        assert sum(isinstance(e, DeviceRemoved) for e in got) == 2  # the two old VFs
+        assert sum(isinstance(e, DeviceAdded) for e in got) == 3
+
+
+async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder), \
+            events(agent, "device.*") as seen:
+        builder.unbind("0000:01:00.1")
+        started = time.perf_counter()
+        await handlers.device_event("unbind", "0000:01:00.1")
+        ev = await asyncio.wait_for(seen.get(), 5)
+        assert isinstance(ev, DeviceChanged) and ev.device.address == "0000:01:00.1"
+        assert ev.device.driver == "" and ev.action == "unbind"
+        assert time.perf_counter() - started < 1.0
+        builder.add(Pci(addr="0000:06:00.0", vendor=0x8086, device=0x2723, cls=0x028000,
+                        driver="iwlwifi", group=9))
+        await handlers.device_event("add", "0000:06:00.0")
+        ev = await asyncio.wait_for(seen.get(), 5)
+        assert isinstance(ev, DeviceAdded) and ev.device.name.startswith("Wi-Fi 6 AX200")
+        builder.remove("0000:06:00.0")
+        await handlers.device_event("remove", "0000:06:00.0")
+        ev = await asyncio.wait_for(seen.get(), 5)
+        assert isinstance(ev, DeviceRemoved) and ev.address == "0000:06:00.0"
+        listed = await agent.bus.call("h1", "hardware", "list", DeviceQuery(kind="net"))
+        assert [d.address for d in listed.devices] == ["0000:00:1f.6"]
