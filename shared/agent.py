@@ -23,6 +23,7 @@ from shared import __version__, metrics, subjects
 from shared.bus import Bus
 from shared.codec import encode
 from shared.config import Config
+from shared.errors import Internal
 from shared.jobs import JobRunner
 from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, Heartbeat
 from shared.messages.jobs import JOB_ENDPOINTS
@@ -66,6 +67,9 @@ class Agent:
             replicas=int(cfg.extra.get("replicas", 1)), kv_ttl_s=cfg.heartbeat_ttl_s)
         await self.bus.ensure_stream()
         self.handlers = await setup(self)
+        missing = [s.verb for s in endpoints if not callable(getattr(self.handlers, s.verb, None))]
+        if missing:
+            raise Internal(f"the {self.name} handlers lack endpoints {', '.join(missing)}")
         bindings = [(s, getattr(self.handlers, s.verb)) for s in endpoints]
         bindings += [(s, getattr(self.jobs, s.verb)) for s in JOB_ENDPOINTS]
         await self.bus.serve(self.name, self.version, bindings, metadata={

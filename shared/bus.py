@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
@@ -104,24 +105,23 @@ class Bus:
             log.debug("NATS client error: %r", e)
 
         delay, started = 0.1, time.monotonic()
-        while True:
-            try:
-                nc = await nats.connect(
-                    url, name=name, connect_timeout=2, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                    disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
-                    **opts)
-                break
-            except (TimeoutError, OSError, nats.errors.Error) as e:
-                waited = time.monotonic() - started
-                if give_up_after is not None and waited + delay > give_up_after:
-                    raise Unavailable(
-                        f"cannot reach NATS at {url} ({e or type(e).__name__}); "
-                        "is `phyllome up` running, or PHYLLOME_NATS_URL right?") from None
-                log.warning("NATS not reachable at %s (%s); retrying in %.1f s",
-                            url, e or type(e).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        while not await _reachable(url):
+            waited = time.monotonic() - started
+            if give_up_after is not None and waited + delay > give_up_after:
+                raise Unavailable(f"cannot reach NATS at {url}; is `phyllome up` running, or "
+                                  "PHYLLOME_NATS_URL right?")
+            log.warning("NATS not reachable at %s; retrying in %.1f s", url, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        try:
+            # Reachable now; from here on nats-py reconnects by itself, forever.
+            nc = await asyncio.wait_for(nats.connect(
+                url, name=name, connect_timeout=2, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
+                **opts), timeout=give_up_after or 30.0)
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            raise Unavailable(f"cannot connect to NATS at {url}: {e!r}") from None
         if metrics:
             metrics.bus_connected.set(1)
         return cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s)
@@ -337,3 +337,18 @@ class Bus:
 def _tag(tp: type) -> str:
     cfg = getattr(tp, "__struct_config__", None)
     return str(getattr(cfg, "tag", None) or tp.__name__)
+
+
+async def _reachable(url: str) -> bool:
+    """Whether any server of ``url`` (comma-separated) accepts a TCP connection."""
+    for one in url.split(","):
+        parsed = urlsplit(one.strip() if "://" in one else f"nats://{one.strip()}")
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), 2)
+        except (TimeoutError, OSError):
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False

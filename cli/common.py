@@ -1,0 +1,200 @@
+"""What every ``phyllome`` subcommand shares: connecting, output, exit codes, job progress.
+
+Exit codes: 0 ok, 1 the request was refused or failed, 2 bad usage, 3 NATS or the agent
+could not be reached.
+
+    def cmd_pools(args):
+        async def go(bus):
+            return await bus.call(args.host, "storage", "pools")
+        show(args, call(args, go), columns=[("name", "POOL"), ("free_bytes", "FREE")])
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from shared import subjects
+from shared.bus import Bus
+from shared.codec import to_builtins
+from shared.config import DEFAULT_NATS_URL, default_host
+from shared.errors import PhyError, Unavailable
+from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def add_common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    """Options every subcommand takes."""
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--host", default=os.environ.get("PHYLLOME_HOST") or default_host(),
+                        help="the host whose agent to ask (default: this host)")
+    parser.add_argument("--nats", default=os.environ.get("PHYLLOME_NATS_URL", DEFAULT_NATS_URL),
+                        help="NATS URL (default: $PHYLLOME_NATS_URL or %(default)s)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+
+
+async def connect(args: argparse.Namespace) -> Bus:
+    return await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
+                             give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")),
+                             user=os.environ.get("PHYLLOME_NATS_USER", ""),
+                             password=os.environ.get("PHYLLOME_NATS_PASSWORD", ""),
+                             creds=os.environ.get("PHYLLOME_NATS_CREDS", ""),
+                             ca=os.environ.get("PHYLLOME_NATS_CA", ""))
+
+
+def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
+    """Connect, run ``fn(bus)``, close; errors become a message on stderr and an exit code."""
+
+    async def go() -> T:
+        bus = await connect(args)
+        try:
+            return await fn(bus)
+        finally:
+            await bus.nc.close()
+
+    try:
+        return asyncio.run(go())
+    except PhyError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def fail(e: PhyError) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {e.message}", highlight=False)
+    sys.exit(EXIT_UNREACHABLE if isinstance(e, Unavailable) else EXIT_FAILED)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(to_builtins(obj), indent=2, sort_keys=False, default=str))
+
+
+def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
+    """An aligned table: ``columns`` are (key, header) pairs."""
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for _, header in columns:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+    console.print(table, highlight=False)
+
+
+def show(args: argparse.Namespace, obj: Any, columns: Sequence[tuple[str, str]] | None = None,
+         rows_key: str | None = None) -> None:
+    """``--json`` prints the object; otherwise a table of its rows (or its fields)."""
+    if getattr(args, "json", False):
+        print_json(obj)
+        return
+    data = to_builtins(obj)
+    if rows_key is not None:
+        data = data[rows_key]
+    if isinstance(data, list) and columns:
+        print_table(data, columns)
+    elif isinstance(data, dict):
+        print_table([{"k": k, "v": v} for k, v in data.items() if k != "type"],
+                    [("k", "FIELD"), ("v", "VALUE")])
+    else:
+        print(data)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1.5GiB``, ``4096`` -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in "KMGT" else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 10G)") from None
+    return int(value * mult)
+
+
+async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
+                     quiet: bool = False, bytes_progress: bool = True) -> JobFinished:
+    """Show a job's progress (bytes, rate, ETA) until it finishes; returns its outcome.
+
+    Reads the job's events from JetStream from the beginning, so a job that finished before
+    we subscribed is still seen.
+    """
+    from shared.contracts import event_decoder
+
+    subject = subjects.event(host, svc, "job", accepted.job_id)
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+    if bytes_progress:
+        columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, disable=quiet, transient=True) as progress:
+        task = progress.add_task(accepted.kind, total=None)
+        async for _subject, _ts, data in bus.events(subject, since=time.time() - 3600,
+                                                    follow=True):
+            try:
+                event = event_decoder().decode(data)
+            except msgspec.MsgspecError:
+                continue
+            if isinstance(event, JobProgress):
+                progress.update(task, completed=event.done, total=event.total or None,
+                                description=f"{accepted.kind} {event.message}".strip())
+            elif isinstance(event, JobFinished):
+                return event
+    raise Unavailable(f"lost the events of job {accepted.job_id}")
+
+
+def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
+    """Print a job's outcome and exit non-zero unless it succeeded."""
+    if getattr(args, "json", False):
+        print_json(outcome)
+    elif outcome.state == "succeeded":
+        console.print(f"{outcome.kind}: done", highlight=False)
+        if outcome.result:
+            show(args, outcome.result)
+    else:
+        err_console.print(f"[red]{outcome.kind} {outcome.state}:[/red] {outcome.message}",
+                          highlight=False)
+    if outcome.state != "succeeded":
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,103 @@
+"""``phyllome status``: every agent of every host, from ``$SRV.PING`` and the heartbeats in KV.
+
+An agent is healthy when it answers its ping and its heartbeat is fresh. A host with a
+heartbeat in KV whose agent does not answer is listed with ``healthy: false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import nats
+
+from cli import common
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import Heartbeat
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="the agents of every host and their health")
+    common.add_common(p)
+    p.add_argument("--window", type=float, default=0.5,
+                   help="seconds to collect ping replies (default %(default)s)")
+    p.set_defaults(func=cmd_status)
+
+
+async def ping_all(nc: nats.NATS, window: float) -> list[dict[str, Any]]:
+    """Every ``$SRV.PING`` reply that arrives within ``window`` seconds."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[dict[str, Any]] = []
+    try:
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        deadline = time.monotonic() + window
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            try:
+                replies.append(json.loads(msg.data))
+            except ValueError:
+                continue
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
+async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
+    now = time.time()
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for hb in await bus.kv_values(subjects.KV_HOSTS, Heartbeat):
+        rows[(hb.host, hb.agent)] = {
+            "host": hb.host, "agent": hb.agent, "version": hb.version,
+            "uptime_s": round(now - hb.started, 1), "healthy": False,
+            "metrics_url": hb.metrics_url, "heartbeat_age_s": round(now - hb.time, 1),
+        }
+    for ping in await ping_all(bus.nc, window):
+        name = str(ping.get("name", ""))
+        meta = ping.get("metadata") or {}
+        if not name.startswith("phyllome-") or "host" not in meta:
+            continue
+        agent = name.removeprefix("phyllome-")
+        row = rows.setdefault((meta["host"], agent), {
+            "host": meta["host"], "agent": agent, "heartbeat_age_s": None})
+        started = float(meta.get("started", now))
+        row.update(version=ping.get("version", ""), uptime_s=round(now - started, 1),
+                   metrics_url=meta.get("metrics_url", ""), healthy=True)
+    for host in {h for h, _ in rows}:  # a host we know of misses an agent: say so
+        for agent in subjects.SERVICES:
+            rows.setdefault((host, agent), {
+                "host": host, "agent": agent, "version": "", "uptime_s": None,
+                "healthy": False, "metrics_url": "", "heartbeat_age_s": None})
+    return sorted(rows.values(), key=lambda r: (r["host"], r["agent"]))
+
+
+async def collect(url: str, window: float = 0.5) -> list[dict[str, Any]]:
+    bus = await Bus.connect(url, name="phyllome-status", host="-", give_up_after=3)
+    try:
+        return await collect_on(bus, window)
+    finally:
+        await bus.nc.close()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    rows = common.call(args, lambda bus: collect_on(bus, args.window))
+    if args.json:
+        common.print_json(rows)
+    elif not rows:
+        print("no agents answer; start them with `phyllome up`")
+    else:
+        common.print_table(rows, [("host", "HOST"), ("agent", "AGENT"), ("version", "VERSION"),
+                                  ("uptime_s", "UPTIME S"), ("healthy", "HEALTHY"),
+                                  ("metrics_url", "METRICS")])
+    if not rows or not all(r["healthy"] for r in rows):
+        sys.exit(common.EXIT_FAILED)
+
+
+

@@ -1,0 +1,261 @@
+"""``phyllome up`` / ``phyllome down``: the embedded NATS server and the four agents of a host.
+
+``up`` starts ``nats-server`` (JetStream, data in ``<state dir>/nats``) unless
+``PHYLLOME_NATS_URL`` points at a server that answers, then runs each agent as a child
+process, restarting one that dies (with backoff), logging to ``<state dir>/logs/``, until
+SIGINT/SIGTERM stops them all. ``--detach`` runs the same in the background and returns
+once every agent answers; ``down`` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli import common
+from shared import subjects
+from shared.config import default_host, default_state_dir
+from shared.errors import PhyError, Unavailable
+from shared.natsserver import NatsServer
+
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="start NATS and the agents of this host")
+    p.add_argument("--detach", "-d", action="store_true", help="run in the background")
+    p.add_argument("--state-dir", default=os.environ.get("PHYLLOME_STATE_DIR")
+                   or default_state_dir())
+    p.add_argument("--host", default=os.environ.get("PHYLLOME_HOST") or default_host())
+    p.add_argument("--listen", default="127.0.0.1:4222",
+                   help="address of the embedded NATS server (default %(default)s)")
+    p.add_argument("--agents", default=",".join(subjects.SERVICES),
+                   help="which agents to run (default: all four)")
+    p.add_argument("--no-demo", action="store_true",
+                   help="do not create the demo VM on a host that has none")
+    p.set_defaults(func=cmd_up)
+    d = sub.add_parser("down", help="stop what `phyllome up --detach` started")
+    d.add_argument("--state-dir", default=os.environ.get("PHYLLOME_STATE_DIR")
+                   or default_state_dir())
+    d.set_defaults(func=cmd_down)
+
+
+def pid_file(state_dir: Path) -> Path:
+    return state_dir / "run" / "up.pid"
+
+
+def running_pid(state_dir: Path) -> int | None:
+    try:
+        pid = int(pid_file(state_dir).read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    state_dir = Path(args.state_dir)
+    if (pid := running_pid(state_dir)) is not None:
+        print(f"phyllome is already running (pid {pid}); `phyllome status` shows it")
+        return
+    if args.detach:
+        detach(args, state_dir)
+        return
+    try:
+        asyncio.run(Supervisor(args, state_dir).run())
+    except PhyError as e:
+        common.fail(e)
+
+
+def detach(args: argparse.Namespace, state_dir: Path) -> None:
+    """Run ``phyllome up`` in a new session and wait until its agents answer."""
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    argv = [a for a in sys.argv[1:] if a not in ("--detach", "-d")]
+    log = open(state_dir / "logs" / "up.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    ready = state_dir / "run" / "ready"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"phyllome up exited with {proc.returncode}; see {state_dir}/logs/up.log",
+                  file=sys.stderr)
+            sys.exit(common.EXIT_FAILED)
+        if ready.exists() and ready.read_text().strip() == str(proc.pid):
+            print((state_dir / "run" / "summary").read_text(), end="")
+            return
+        time.sleep(0.2)
+    print(f"phyllome up did not become ready in 120 s; see {state_dir}/logs/", file=sys.stderr)
+    sys.exit(common.EXIT_FAILED)
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    state_dir = Path(args.state_dir)
+    pid = running_pid(state_dir)
+    if pid is None:
+        print("phyllome is not running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            print("phyllome stopped")
+            return
+        time.sleep(0.1)
+    print(f"phyllome (pid {pid}) did not stop within 60 s", file=sys.stderr)
+    sys.exit(common.EXIT_FAILED)
+
+
+class Child:
+    """One supervised agent process."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name, self.env, self.log_path = name, env, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.backoff = 1.0
+        self.restarts = 0
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.name}"], env=self.env, stdout=log,
+                stderr=log, stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+        self.started = time.monotonic()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, state_dir: Path) -> None:
+        self.args = args
+        self.state_dir = state_dir
+        self.stop = asyncio.Event()
+        self.nats: NatsServer | None = None
+        self.children: list[Child] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        for d in ("logs", "run"):
+            (self.state_dir / d).mkdir(parents=True, exist_ok=True)
+        pid_file(self.state_dir).write_text(str(os.getpid()))
+        try:
+            url = await self.start_nats()
+            env = {**os.environ, "PHYLLOME_NATS_URL": url, "PHYLLOME_HOST": self.args.host,
+                   "PHYLLOME_STATE_DIR": str(self.state_dir)}
+            for name in self.args.agents.split(","):
+                child = Child(subjects.service(name), env,
+                              self.state_dir / "logs" / f"{name}.log")
+                child.start()
+                self.children.append(child)
+            await self.wait_ready(url)
+            await self.supervise()
+        finally:
+            for child in self.children:
+                child.stop()
+            if self.nats is not None:
+                self.nats.stop()
+            for f in ("up.pid", "ready", "summary"):
+                (self.state_dir / "run" / f).unlink(missing_ok=True)
+
+    async def start_nats(self) -> str:
+        url = os.environ.get("PHYLLOME_NATS_URL")
+        if url:
+            bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+                                           give_up_after=10)
+            await bus.nc.close()
+            print(f"using the NATS server at {url}", flush=True)
+            return url
+        host, _, port = self.args.listen.rpartition(":")
+        self.nats = NatsServer(self.state_dir / "nats", host=host or "127.0.0.1",
+                               port=int(port or 4222), name=self.args.host)
+        self.nats.start()
+        print(f"nats-server listening on {self.nats.url} (data in {self.state_dir}/nats)",
+              flush=True)
+        return self.nats.url
+
+    async def wait_ready(self, url: str) -> None:
+        from cli.status import collect
+
+        deadline = time.monotonic() + 90
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not self.stop.is_set():
+            rows = [r for r in await collect(url, window=0.5) if r["host"] == self.args.host]
+            if {r["agent"] for r in rows if r["healthy"]} >= {c.name for c in self.children}:
+                break
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    raise Unavailable(f"the {child.name} agent exited at start; see "
+                                      f"{child.log_path}")
+        else:
+            if not self.stop.is_set():
+                raise Unavailable(f"agents did not all answer within 90 s; see "
+                                  f"{self.state_dir}/logs/")
+        lines = [f"phyllome is up on host {self.args.host} (NATS {url})"]
+        for r in sorted(rows, key=lambda r: str(r["agent"])):
+            lines.append(f"  {r['agent']:<10} {r['version']:<8} metrics {r['metrics_url']}")
+        lines += [
+            "next:",
+            "  phyllome status            the agents of every host",
+            "  phyllome events --since 1h what happened",
+            f"  logs in {self.state_dir}/logs/; stop with `phyllome down`",
+        ]
+        if not self.args.no_demo:
+            lines += await self.demo(url)
+        summary = "\n".join(lines) + "\n"
+        (self.state_dir / "run" / "summary").write_text(summary)
+        (self.state_dir / "run" / "ready").write_text(str(os.getpid()))
+        print(summary, end="", flush=True)
+
+    async def demo(self, url: str) -> list[str]:
+        """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""
+        if "vm" not in {c.name for c in self.children}:
+            return []
+        try:
+            from cli.vm import ensure_demo
+        except ImportError:
+            return []
+        try:
+            return await ensure_demo(url, self.args.host)
+        except PhyError as e:
+            return [f"demo VM not created: {e.message}"]
+
+    async def supervise(self) -> None:
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+            for child in self.children:
+                if self.stop.is_set() or child.proc is None or child.proc.poll() is None:
+                    continue
+                if time.monotonic() - child.started > STABLE_AFTER_S:
+                    child.backoff = 1.0
+                print(f"{child.name} agent exited with {child.proc.returncode}; restarting in "
+                      f"{child.backoff:.0f} s", flush=True)
+                try:
+                    await asyncio.wait_for(self.stop.wait(), child.backoff)
+                except TimeoutError:
+                    child.restarts += 1
+                    child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX_S)
+                    child.start()

@@ -1,0 +1,16 @@
+"""Shared test set-up: the repository on sys.path, markers by folder."""
+
+from __future__ import annotations
+
+import pytest
+
+LAYERS = ("unit", "integration", "system", "cluster", "reliability")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test in tests/<layer>/ carries that layer's marker unless it names one itself."""
+    for item in items:
+        parts = item.path.parts
+        layer = next((p for p in LAYERS if p in parts), None)
+        if layer and not any(item.get_closest_marker(m) for m in (*LAYERS, "bench")):
+            item.add_marker(getattr(pytest.mark, layer))

@@ -1,0 +1,289 @@
+"""The bus against a real nats-server: endpoints, typed errors, bad input, events, KV, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from shared import subjects
+from shared.agent import Agent
+from shared.bus import Bus
+from shared.codec import encode
+from shared.errors import (
+    Cancelled,
+    InvalidMessage,
+    InvalidName,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
+from shared.messages import Ack, EndpointSpec, Heartbeat
+from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
+from shared.natsserver import NatsServer
+from tests.support.agents import agent_config
+from tests.support.nats import nats_server
+
+__all__ = ["nats_server"]
+
+
+class Echo(msgspec.Struct, frozen=True, kw_only=True, tag="test.echo.v1"):
+    text: str = "default"
+    times: int = 1
+
+
+class Slow(msgspec.Struct, frozen=True, kw_only=True, tag="test.slow.v1"):
+    seconds: float = 0.0
+
+
+ENDPOINTS = (
+    EndpointSpec("echo", Echo, Ack, "Repeat the text."),
+    EndpointSpec("fail", Echo, Ack, "Raise NotFound."),
+    EndpointSpec("crash", Echo, Ack, "Raise a bug."),
+    EndpointSpec("create", Echo, Ack, "Count calls (idempotency)."),
+    EndpointSpec("slow", Slow, Ack, "Take a while."),
+    EndpointSpec("work", Slow, Ack, "Start a job."),
+)
+
+
+class Handlers:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.created = 0
+
+    async def echo(self, req: Echo) -> Ack:
+        return Ack(message=req.text * req.times)
+
+    async def fail(self, req: Echo) -> Ack:
+        raise NotFound(f"test: no thing named {req.text}")
+
+    async def crash(self, req: Echo) -> Ack:
+        raise ZeroDivisionError("bug")
+
+    async def create(self, req: Echo) -> Ack:
+        self.created += 1
+        await asyncio.sleep(0.05)  # hold the first call open so duplicates overlap it
+        return Ack(message=f"created {self.created}")
+
+    async def slow(self, req: Slow) -> Ack:
+        await asyncio.sleep(req.seconds)
+        return Ack(message="slept")
+
+    async def work(self, req: Slow) -> Ack:
+        async def run(job) -> dict[str, object]:  # type: ignore[no-untyped-def]
+            for i in range(5):
+                await job.progress(i + 1, 5, "step")
+                await asyncio.sleep(req.seconds)
+            return {"steps": 5}
+
+        accepted = self.agent.jobs.start("work", run)
+        return Ack(message=accepted.job_id)
+
+
+async def setup(agent: Agent) -> Handlers:
+    return Handlers(agent)
+
+
+@pytest.fixture
+async def agent(nats_server: NatsServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    a = Agent("catalogue", agent_config("catalogue", nats_server.url, tmp_path))
+    await a.start(setup, ENDPOINTS)
+    yield a
+    await a.drain()
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer):  # type: ignore[no-untyped-def]
+    bus = await Bus.connect(nats_server.url, name="test", host="h1", give_up_after=5)
+    yield bus
+    await bus.nc.close()
+
+
+def subject(verb: str, host: str = "h1") -> str:
+    return subjects.command(host, "catalogue", verb)
+
+
+async def raw(client: Bus, verb: str, payload: bytes) -> nats.aio.msg.Msg:
+    return await client.nc.request(subject(verb), payload, timeout=5)
+
+
+async def test_request_reply_and_empty_body_defaults(agent: Agent, client: Bus) -> None:
+    reply = await client.request(subject("echo"), Echo(text="ab", times=2), Ack)
+    assert reply == Ack(message="abab")
+    assert await client.request(subject("echo"), None, Ack) == Ack(message="default")
+
+
+async def test_bad_inputs_get_typed_errors_and_the_agent_stays_up(
+        agent: Agent, client: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    cases = [
+        (b'{"text": ', "invalid_message", "malformed JSON"),
+        (b'{"text": 5}', "invalid_message", "Expected `str`, got `int`"),
+        (b'{"type": "vm.spec.v1"}', "invalid_message", "Invalid value 'vm.spec.v1'"),
+        (b"[1, 2]", "invalid_message", "Expected `object`"),
+        (b'{"text": "' + b"x" * (1 << 20) + b'"}', "payload_too_large", "over the limit"),
+    ]
+    for payload, kind, text in cases:
+        msg = await raw(client, "echo", payload)
+        assert msg.headers is not None and "Nats-Service-Error-Code" in msg.headers
+        body = msgspec.json.decode(msg.data)
+        assert body["kind"] == kind and text in body["message"], body
+    with pytest.raises(InvalidMessage):
+        await client.request(subject("echo"), {"times": "x"}, Ack)
+    with pytest.raises(PayloadTooLarge):
+        await client.request(subject("echo"), Echo(text="y" * (2 << 20)), Ack)
+    assert await client.request(subject("echo"), Echo(text="ok"), Ack) == Ack(message="ok")
+    assert not [r for r in caplog.records if r.exc_info], "bad input logged as an exception"
+
+
+async def test_errors_cross_the_bus_as_the_same_class(agent: Agent, client: Bus) -> None:
+    with pytest.raises(NotFound, match="no thing named zz"):
+        await client.request(subject("fail"), Echo(text="zz"), Ack)
+    with pytest.raises(Exception, match="unexpected error; see the agent log"):
+        await client.request(subject("crash"), Echo(), Ack)
+    assert await client.request(subject("echo"), Echo(text="ok"), Ack) == Ack(message="ok")
+
+
+async def test_a_host_that_does_not_exist_fails_fast(agent: Agent, client: Bus) -> None:
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no catalogue agent for host 'nohost'"):
+        await client.request(subject("echo", "nohost"), Echo(), Ack, timeout=5)
+    assert time.monotonic() - started < 2
+    with pytest.raises(InvalidName):
+        await client.call("bad.host", "vm", "jobs")
+
+
+async def test_slow_handler_does_not_block_other_requests(agent: Agent, client: Bus) -> None:
+    slow = asyncio.create_task(client.request(subject("slow"), Slow(seconds=2), Ack, timeout=5))
+    started = time.monotonic()
+    assert await client.request(subject("echo"), Echo(text="q"), Ack) == Ack(message="q")
+    assert time.monotonic() - started < 1.0
+    assert await slow == Ack(message="slept")
+
+
+async def test_idempotency_key_acts_once(agent: Agent, client: Bus) -> None:
+    replies = await asyncio.gather(*[
+        client.request(subject("create"), Echo(), Ack, idempotency_key="k1") for _ in range(50)])
+    assert {r.message for r in replies} == {"created 1"}
+    assert agent.handlers.created == 1
+    other = await client.request(subject("create"), Echo(), Ack, idempotency_key="k2")
+    assert other.message == "created 2"
+
+
+async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus) -> None:
+    from cli.status import collect_on
+
+    rows = await collect_on(client, 0.3)
+    mine = [r for r in rows if r["host"] == "h1" and r["agent"] == "catalogue"]
+    assert mine and mine[0]["healthy"] and mine[0]["metrics_url"] == agent.metrics_url
+    assert {r["agent"] for r in rows if not r["healthy"]} == {"hardware", "vm", "storage"}
+    beats = await client.kv_values(subjects.KV_HOSTS, Heartbeat)
+    assert [(b.host, b.agent) for b in beats] == [("h1", "catalogue")]
+    info = await client.nc.request("$SRV.INFO.phyllome-catalogue", b"", timeout=2)
+    endpoints = {e["name"] for e in msgspec.json.decode(info.data)["endpoints"]}
+    assert {"echo", "jobs", "job", "cancel"} <= endpoints
+
+
+async def test_events_are_deduplicated_by_event_id(agent: Agent, client: Bus) -> None:
+    from shared.messages import AgentStopping
+
+    event = AgentStopping(host="h1", agent="catalogue", reason="test")
+    subj = subjects.event("h1", "catalogue", "agent.stopping")
+    assert await client.publish_event(subj, event)
+    assert await client.publish_event(subj, event)
+    seen = [data async for _s, _t, data in client.events(subj)]
+    assert len(seen) == 1 and msgspec.json.decode(seen[0])["event_id"] == event.event_id
+    started = [d async for _s, _t, d in client.events("phy.evt.h1.catalogue.agent.started")]
+    assert len(started) == 1
+
+
+async def test_job_progress_outcome_and_cancel(agent: Agent, client: Bus) -> None:
+    ack = await client.request(subject("work"), Slow(seconds=0.01), Ack)
+    status = await agent.jobs.wait(ack.message)
+    assert status.state == "succeeded" and status.result == {"steps": 5}
+    events = [msgspec.json.decode(d) async for _s, _t, d in
+              client.events(subjects.event("h1", "catalogue", "job", ack.message))]
+    assert events[-1]["type"] == "job.finished.v1" and events[-1]["state"] == "succeeded"
+    assert any(e["type"] == "job.progress.v1" for e in events)
+
+    ack = await client.request(subject("work"), Slow(seconds=5), Ack)
+    cancelled = await client.request(subject("cancel"), JobRef(job_id=ack.message), JobStatus)
+    assert cancelled.state == "cancelled" and cancelled.error_kind == Cancelled.kind
+    jobs = await client.request(subject("jobs"), None, JobList)
+    assert {j.state for j in jobs.jobs} == {"succeeded", "cancelled"}
+    with pytest.raises(NotFound, match="no job 'nope'"):
+        await client.request(subject("job"), JobRef(job_id="nope"), JobStatus)
+    finished = msgspec.json.decode(
+        [d async for _s, _t, d in client.events(cancelled_subject(ack.message))][-1],
+        type=JobFinished)
+    assert finished.state == "cancelled"
+
+
+def cancelled_subject(job_id: str) -> str:
+    return subjects.event("h1", "catalogue", "job", job_id)
+
+
+async def test_nats_down_at_start_is_retried_with_backoff(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = NatsServer(tmp_path / "late", port=-1)
+    server.start()
+    port = server.port
+    server.stop()
+    caplog.set_level(logging.WARNING)
+    connecting = asyncio.create_task(Bus.connect(f"nats://127.0.0.1:{port}", name="t", host="h1"))
+    deadline = time.monotonic() + 10
+    while "retrying in" not in caplog.text and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "NATS not reachable at nats://127.0.0.1:" in caplog.text
+    server.start()
+    bus = await asyncio.wait_for(connecting, 15)
+    await bus.nc.close()
+    server.stop()
+    with pytest.raises(Unavailable, match="cannot reach NATS"):
+        await Bus.connect(f"nats://127.0.0.1:{port}", name="t", host="h1", give_up_after=0.5)
+
+
+async def test_agent_survives_nats_restart_on_the_same_port(
+        agent: Agent, nats_server: NatsServer) -> None:
+    nats_server.kill()
+    nats_server.start()
+    bus = await Bus.connect(nats_server.url, name="after", host="h1", give_up_after=5)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                reply = await bus.request(subject("echo"), Echo(text="back"), Ack, timeout=1)
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "agent did not come back after restart"
+                await asyncio.sleep(0.1)
+        assert reply == Ack(message="back")
+        assert agent.metrics.bus_reconnects._value.get() >= 1
+        assert await agent.publish("agent.started", msgspec.structs.replace(
+            _started(agent), event_id="after-restart"))
+    finally:
+        await bus.nc.close()
+
+
+def _started(agent: Agent):  # type: ignore[no-untyped-def]
+    from shared.messages import AgentStarted
+
+    return AgentStarted(host=agent.host, agent=agent.name, version=agent.version,
+                        metrics_url=agent.metrics_url)
+
+
+async def test_metrics_endpoint_serves_common_series(agent: Agent, client: Bus) -> None:
+    import httpx
+
+    await client.request(subject("echo"), Echo(), Ack)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(agent.metrics_url)).text
+    assert 'phyllome_catalogue_requests_total{endpoint="echo",outcome="ok"}' in text
+    assert "phyllome_catalogue_bus_connected 1.0" in text
+    assert "phyllome_catalogue_build_info" in text
+    assert encode(Ack()) == b'{"type":"ack.v1","message":""}'
