@@ -274,6 +274,7 @@ class ImageStore:
             raw_sha, source_format = await self._to_raw(entry.id, dl, payload, work, sha,
                                                         progress)
             final = self.raw_path(entry.id)
+            await asyncio.to_thread(_fsync, work)  # on disk before it is published
             os.replace(work, final)
             image = LocalImage(
                 id=entry.id, host=self.host, path=str(final), sha256=raw_sha,
@@ -357,8 +358,6 @@ class ImageStore:
                             f"byte {have}: {e!r}); pull again to resume") from None
                     log.info("%s: cut at byte %d (%r); resuming", url, have, e)
                     await asyncio.sleep(min(0.1 * 2 ** cuts, 5.0))  # back off before retrying
-            f.flush()
-            os.fsync(f.fileno())
         return h.hexdigest(), have
 
     async def _stream(self, url: str, resp: httpx.Response, f: IO[bytes], h: hashlib._Hash,
@@ -483,6 +482,14 @@ def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     _hash_into(path, h)
     return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _head(path: Path) -> bytes:

@@ -15,6 +15,7 @@ requests answered with 206). Knobs, all changeable while it runs:
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import threading
@@ -127,6 +128,11 @@ class FileServer:
               length: int) -> None:
         with self._lock:
             cut, self.drop_after = self.drop_after, None
+        if cut is None and not self.rate:
+            h.wfile.flush()
+            with path.open("rb") as f, contextlib.suppress(OSError):
+                h.connection.sendfile(f, start, length)
+            return
         began = time.monotonic()
         sent = 0
         block = 1 << 16 if self.rate else 1 << 20
@@ -154,6 +160,17 @@ class FileServer:
                         time.sleep(ahead)  # pacing the stream, not waiting for a result
 
 
+def main() -> None:
+    """``python -m tests.support.httpserver DIR``: serve DIR from another process (benchmarks,
+    where a server thread would share the client's GIL); prints the port, then serves until
+    stdin closes."""
+    import sys
+
+    with FileServer(Path(sys.argv[1])) as server:
+        print(server.port, flush=True)
+        sys.stdin.read()
+
+
 def make_sparse_raw(path: Path, size: int, seed: int = 1) -> Path:
     """A RAW disk of ``size`` bytes: a few MiB of pseudo-random data, the rest holes."""
     import random
@@ -166,3 +183,7 @@ def make_sparse_raw(path: Path, size: int, seed: int = 1) -> Path:
             f.write(rnd.randbytes(min(1 << 20, size - offset)))
     os.utime(path, (1_700_000_000, 1_700_000_000))
     return path
+
+
+if __name__ == "__main__":
+    main()
