@@ -175,7 +175,7 @@ class Supervisor:
                 child.stop()
             if self.nats is not None:
                 self.nats.stop()
-            for f in ("up.pid", "ready", "summary"):
+            for f in ("up.pid", "ready", "summary", "nats_url"):
                 (self.state_dir / "run" / f).unlink(missing_ok=True)
 
     async def start_nats(self) -> str:
@@ -224,21 +224,13 @@ class Supervisor:
             lines += await self.demo(url)
         summary = "\n".join(lines) + "\n"
         (self.state_dir / "run" / "summary").write_text(summary)
+        (self.state_dir / "run" / "nats_url").write_text(url)
         (self.state_dir / "run" / "ready").write_text(str(os.getpid()))
         print(summary, end="", flush=True)
 
     async def demo(self, url: str) -> list[str]:
         """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""
-        if "vm" not in {c.name for c in self.children}:
-            return []
-        try:
-            from cli.vm import ensure_demo
-        except ImportError:
-            return []
-        try:
-            return await ensure_demo(url, self.args.host)
-        except PhyError as e:
-            return [f"demo VM not created: {e.message}"]
+        return []
 
     async def supervise(self) -> None:
         while not self.stop.is_set():

@@ -60,3 +60,78 @@ def _union(types: tuple[type, ...]) -> Any:
     for t in types[1:]:
         union = union | t
     return union
+
+
+def _type_name(tp: Any) -> str:
+    text = getattr(tp, "__name__", None) if isinstance(tp, type) else None
+    text = text or repr(tp)
+    for noise in ("typing.", "shared.messages.", "hardware.", "vm.", "storage.", "catalogue.",
+                  "jobs.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text
+
+
+def _fields(tp: Any) -> str:
+    if not isinstance(tp, type) or not hasattr(tp, "__struct_fields__"):
+        return _type_name(tp)
+    parts = []
+    for f in msgspec.structs.fields(tp):
+        required = f.required
+        parts.append(f"`{f.name}`{'' if required else '?'}: {_type_name(f.type)}")
+    return "; ".join(parts) or "(no fields)"
+
+
+def _tag(tp: Any) -> str:
+    cfg = getattr(tp, "__struct_config__", None)
+    return str(getattr(cfg, "tag", None) or _type_name(tp))
+
+
+def markdown() -> str:
+    """The text of docs/contracts.md (``python -m shared.contracts > docs/contracts.md``)."""
+    out = [
+        "# Contracts",
+        "",
+        "Generated from the code by `python -m shared.contracts` (`make docs`); a test fails",
+        "when this file is stale. Every message is JSON with a `type` tag; unknown fields are",
+        "ignored, wrong types get an `invalid_message` error reply. `?` marks optional fields.",
+        "",
+        "## Names",
+        "",
+        "| what | name |",
+        "|---|---|",
+        "| command subject | `phy.<host>.<service>.<verb>` |",
+        "| event subject | `phy.evt.<host>.<service>.<kind>[.<id>]` |",
+        f"| event stream | `{subjects.STREAM}` on `{subjects.EVENTS_ALL}`, "
+        "`Nats-Msg-Id` = event id |",
+        f"| KV buckets | `{subjects.KV_HOSTS}` (heartbeats, key `<host>.<agent>`, TTL), "
+        f"`{subjects.KV_VMS}`, `{subjects.KV_IMAGES}` |",
+        "| micro services | `phyllome-<service>` (`$SRV.PING/INFO/STATS`) |",
+        "| idempotency | request header `Phy-Idempotency-Key` |",
+        "| errors | headers `Nats-Service-Error`, `Nats-Service-Error-Code`; body "
+        "`error.v1` {code, kind, message} |",
+        "",
+    ]
+    for svc in subjects.SERVICES:
+        out += [f"## {svc} endpoints", "",
+                "| subject | request | response | what |", "|---|---|---|---|"]
+        for s in endpoints(svc):
+            out.append(f"| `phy.<host>.{svc}.{s.verb}` | `{_tag(s.request)}` "
+                       f"| `{_tag(s.response)}` | {s.doc} |")
+        out.append("")
+    out += ["## Messages", "", "| type | fields |", "|---|---|"]
+    seen: set[str] = set()
+    for svc in subjects.SERVICES:
+        for s in endpoints(svc):
+            for tp in (s.request, s.response):
+                tag = _tag(tp)
+                if tag not in seen:
+                    seen.add(tag)
+                    out.append(f"| `{tag}` | {_fields(tp)} |")
+    out += ["", "## Events", "", "| type | fields |", "|---|---|"]
+    for ev in event_types():
+        out.append(f"| `{_tag(ev)}` | {_fields(ev)} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

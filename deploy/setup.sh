@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 host for Phyllome: Debian packages, the Python venv, libvirt daemons.
+# Idempotent and quiet when there is nothing to do. Used by `make up` and `make test`.
+#   deploy/setup.sh packages   install the Debian packages that are missing (root)
+#   deploy/setup.sh venv       create .venv and install the pinned project when pyproject changed
+#   deploy/setup.sh libvirt    start virtlogd + libvirtd when no systemd manages them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  libvirt-daemon-system libvirt-dev pkg-config gcc python3-venv python3-dev
+  qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools osinfo-db hwdata pciutils
+  prometheus xfsprogs cpio busybox-static mtools gdisk dosfstools libxml2-utils
+  socat rsync curl iproute2 kmod
+)
+
+packages() {
+  local missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts prometheus as a service on install; Phyllome runs its own when asked.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+}
+
+venv() {
+  local py=${PYTHON:-python3}
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  local stamp=.venv/.phyllome-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "installing the Python project into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+      | { grep -v '^WARNING: Location' || true; }
+    touch "$stamp"
+  fi
+}
+
+libvirt() {
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl is-active -q libvirtd || systemctl start libvirtd
+    return 0
+  fi
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  # libvirtd creates its socket shortly after forking.
+  for _ in $(seq 1 100); do
+    [ -S /run/libvirt/libvirt-sock ] && return 0
+    sleep 0.1
+  done
+  echo "libvirtd did not create /run/libvirt/libvirt-sock" >&2
+  return 1
+}
+
+for step in "$@"; do "$step"; done

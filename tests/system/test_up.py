@@ -1,0 +1,67 @@
+"""`phyllome up --detach` / status / events / metrics / down, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def phyllome(*args: str, env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_status_events_metrics_down(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "uphost",
+           **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
+                                                           "CATALOGUE")},
+           "PHYLLOME_ACCELERATOR": "tcg"}
+    env.pop("PHYLLOME_NATS_URL", None)
+    up = phyllome("up", "--detach", "--no-demo", "--listen", "127.0.0.1:-1", env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        assert "phyllome is up on host uphost" in up.stdout
+        env["PHYLLOME_NATS_URL"] = (state / "run" / "nats_url").read_text()
+        again = phyllome("up", "--detach", env=env)
+        assert again.returncode == 0 and "already running" in again.stdout
+
+        status = phyllome("status", "--json", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        rows = json.loads(status.stdout)
+        assert {(r["host"], r["agent"]) for r in rows} == {
+            ("uphost", a) for a in ("hardware", "vm", "storage", "catalogue")}
+        for r in rows:
+            assert r["healthy"] and r["version"] and r["uptime_s"] >= 0
+            assert httpx.get(r["metrics_url"]).status_code == 200
+        table = phyllome("status", env=env)
+        assert "HEALTHY" in table.stdout and table.stdout.count("uphost") == 4
+
+        events = phyllome("events", "--since", "1h", "--json", env=env)
+        started = [json.loads(line) for line in events.stdout.splitlines()]
+        kinds = {e["event"]["agent"] for e in started if e["event"]["type"] == "agent.started.v1"}
+        assert kinds == {"hardware", "vm", "storage", "catalogue"}
+    finally:
+        down = phyllome("down", env=env)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    deadline = time.monotonic() + 10
+    while (state / "run" / "up.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (state / "run" / "up.pid").exists()
+    after = phyllome("status", env={**env, "PHYLLOME_CONNECT_WAIT": "0.5"})
+    assert after.returncode == 3 and "cannot reach NATS" in after.stderr
+
+
+def test_status_without_nats_says_so_and_exits_3(tmp_path: Path) -> None:
+    env = {**os.environ, "PHYLLOME_NATS_URL": "nats://127.0.0.1:1", "PHYLLOME_CONNECT_WAIT": "0.3"}
+    result = phyllome("status", env=env)
+    assert result.returncode == 3
+    assert "cannot reach NATS at nats://127.0.0.1:1" in result.stderr
