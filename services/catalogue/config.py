@@ -2,13 +2,14 @@
 
     [catalogue]
     pool_dir = "/var/lib/phyllome/images/pool"       # default <state dir>/images/pool
-    builtin_dir = "/var/lib/phyllome/images/builtin"  # phyllome-tiny (deploy/images/)
+    builtin_dir = "/var/lib/phyllome/images/builtin"  # <id>/disk.raw, e.g. phyllome-tiny
     osinfo_dir = "/usr/share/osinfo"                  # "" = no osinfo-db entries
     local_dirs = ["/srv/images"]                      # file:// URLs allowed under these
     mirrors = {"https://cloud.debian.org/" = "http://mirror.lan/debian-cloud/"}
     sources = [{name = "lab", kind = "manifest", url = "http://mirror.lan/images.json"}]
     max_unpacked_bytes = 0          # 0 = the pool's free space
     probe_interval_s = 3600         # link-rot HEAD probes; 0 = off
+    auto_pull = ["phyllome-tiny"]   # built-in images put in the pool at start
 
     >>> from shared.config import load
     >>> s = Settings.from_config(load("catalogue", env={"PHYLLOME_STATE_DIR": "/s"}))
@@ -43,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_unpacked_bytes: int = 0
     max_index_bytes: int = 64 << 20
     probe_interval_s: float = 3600.0
+    auto_pull: list[str] = msgspec.field(default_factory=lambda: ["phyllome-tiny"])
     timeout_s: float = 30.0
     retries: int = 5
     max_redirects: int = 5

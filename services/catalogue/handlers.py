@@ -79,7 +79,7 @@ def template(entry: CatalogueEntry, local: LocalImage | None = None) -> VmTempla
     rec, low = req.recommended, req.minimum
     disk = max(rec.storage or low.storage, local.size if local else 0) or 10 * GiB
     return VmTemplate(
-        firmware=req.firmware or "efi", secure_boot=req.secure_boot, tpm=req.tpm,
+        firmware=req.firmware or "uefi", secure_boot=req.secure_boot, tpm=req.tpm,
         memory=rec.ram or low.ram or GiB, vcpus=max(rec.cpus, low.cpus, 1), disk=disk)
 
 
@@ -138,8 +138,26 @@ class Catalogue:
         await self.refresh(Empty())
         for image in self.store.locals():  # pulled before a restart
             await self.kv.put(self._local_key(image.id), msgspec.json.encode(image))
+        for image_id in self.settings.auto_pull:
+            await self._auto_pull(image_id)
         if self.settings.probe_interval_s > 0:
             self.agent.spawn(self._probe_loop(), "link-probe")
+
+    async def _auto_pull(self, image_id: str) -> None:
+        """Put a local (built-in) image in the pool at start, so `vm create --image` works
+        offline on a fresh host; remote images are never pulled unasked."""
+        entry = self.entries.get(image_id)
+        if entry is None or self.store.local(image_id) is not None:
+            return
+        local = [d for d in entry.downloads if d.url.startswith("file:")]
+        if not local:
+            return
+        try:
+            accepted = await self.pull(PullRequest(id=image_id, arch=local[0].arch))
+        except PhyError as e:
+            log.warning("auto-pull of %s refused: %s", image_id, e.message)
+            return
+        log.info("auto-pulling %s (job %s)", image_id, accepted.job_id)
 
     async def close(self) -> None:
         await self.store.close()

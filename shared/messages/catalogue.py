@@ -21,7 +21,7 @@ from shared.messages import Ack, Empty, EndpointSpec, Event
 from shared.messages.jobs import JobAccepted
 
 SourceType = Literal["osinfo", "simplestreams", "manifest", "builtin"]
-Firmware = Literal["", "efi", "bios"]
+Firmware = Literal["", "uefi", "bios"]  # the VM agent's words; "" = either
 LocalState = Literal["ready", "unverified"]
 
 
@@ -108,7 +108,7 @@ class LocalImage(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.local
 class VmTemplate(msgspec.Struct, frozen=True, kw_only=True):
     """VM defaults implied by an entry's requirements (``vm create --image`` uses them)."""
 
-    firmware: Firmware
+    firmware: Literal["uefi", "bios"]
     secure_boot: bool
     tpm: str
     memory: int

@@ -90,7 +90,7 @@ async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServ
     assert [i.id for i in found.images] == ["cloud"]
 
     info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
-    assert (info.template.firmware, info.template.memory) == ("efi", 512 * MiB)
+    assert (info.template.firmware, info.template.memory) == ("uefi", 512 * MiB)
     assert info.path == "" and info.local is None
 
     status = await pull(agent, "cloud")
@@ -270,19 +270,23 @@ async def test_link_rot_probe_publishes_an_event(agent: Agent, srv: FileServer) 
 
 async def test_pull_of_builtin_tiny_offline(nats_server: NatsServer, tmp_path: Path) -> None:
     built = tmp_path / "builtin"
-    built.mkdir()
-    disk = make_sparse_raw(built / "disk.raw", 8 * MiB)
-    (built / "manifest.json").write_text(json.dumps({"name": "phyllome-tiny", "files": {
-        "disk.raw": {"sha256": sha(disk), "size": disk.stat().st_size}}}))
+    (built / "phyllome-tiny").mkdir(parents=True)
+    disk = make_sparse_raw(built / "phyllome-tiny/disk.raw", 8 * MiB)
+    (built / "phyllome-tiny/manifest.json").write_text(json.dumps({
+        "name": "phyllome-tiny", "files": {
+            "disk.raw": {"sha256": sha(disk), "size": disk.stat().st_size}}}))
     extra = {"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(built)}
     async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
                                 extra=extra) as agent:
+        [auto] = [j for j in (await agent.jobs.jobs(Empty())).jobs if j.kind == "pull"]
+        status = await agent.jobs.wait(auto.job_id)  # pulled at start, no one asked
+        assert status.state == "succeeded", status.message
         status = await pull(agent, "phyllome-tiny")
         assert status.state == "succeeded", status.message
         info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="phyllome-tiny"))
         assert info.sha256 == sha(disk) and info.local.state == "ready"
         assert (info.template.firmware, info.template.secure_boot, info.template.tpm) == (
-            "efi", True, "2.0")
+            "uefi", True, "2.0")
 
 
 async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
@@ -296,7 +300,7 @@ async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
         assert {"fedora37", "debian11", "ubuntu22.04"} <= {i.id for i in listed.images}
         win = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="win11"))
         assert (win.template.firmware, win.template.secure_boot, win.template.tpm) == (
-            "efi", True, "2.0")
+            "uefi", True, "2.0")
         assert win.template.memory == 4 << 30
         with pytest.raises(Forbidden, match="no published sha256"):
             await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="fedora37"))

@@ -47,7 +47,7 @@ def test_windows_11_needs_tpm_and_secure_boot(
         entries: dict[str, CatalogueEntry]) -> None:
     win = entries["win11"]
     req = win.requirements
-    assert (req.firmware, req.secure_boot, req.tpm) == ("efi", True, "2.0")
+    assert (req.firmware, req.secure_boot, req.tpm) == ("uefi", True, "2.0")
     assert (req.minimum.cpus, req.minimum.ram, req.minimum.storage) == (2, 4 << 30, 64 << 30)
     assert not win.downloadable and win.media
     win10 = entries["win10"].requirements

@@ -76,7 +76,7 @@ def test_manifest_entry() -> None:
     assert e.downloads == [Download(arch="x86_64", url="http://h/lab/img/lab.raw.xz",
                                     format="raw", sha256=SHA, size=10, compression="xz")]
     assert e.requirements == Requirements(minimum=Resources(cpus=2, ram=GiB, storage=8 * GiB),
-                                          firmware="efi", secure_boot=True, tpm="2.0")
+                                          firmware="uefi", secure_boot=True, tpm="2.0")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -168,12 +168,12 @@ def test_choose_prefers_raw_then_cloud_init_and_says_what_exists() -> None:
 
 def test_template_from_requirements() -> None:
     req = Requirements(minimum=Resources(cpus=2, ram=4 * GiB, storage=64 * GiB),
-                       firmware="efi", secure_boot=True, tpm="2.0")
+                       firmware="uefi", secure_boot=True, tpm="2.0")
     t = template(entry(requirements=req))
     assert (t.firmware, t.secure_boot, t.tpm, t.vcpus, t.memory, t.disk, t.machine) == (
-        "efi", True, "2.0", 2, 4 * GiB, 64 * GiB, "q35")
+        "uefi", True, "2.0", 2, 4 * GiB, 64 * GiB, "q35")
     plain = template(entry())
-    assert (plain.firmware, plain.memory, plain.vcpus, plain.disk) == ("efi", GiB, 1, 10 * GiB)
+    assert (plain.firmware, plain.memory, plain.vcpus, plain.disk) == ("uefi", GiB, 1, 10 * GiB)
     local = LocalImage(id="deb", host="h1", path="/p/deb.raw", sha256=SHA, size=80 * GiB,
                        state="ready", source="osinfo", url="http://h/d")
     assert template(entry(requirements=req), local).disk == 80 * GiB

@@ -1,49 +1,72 @@
-"""The built-in image ``phyllome-tiny``, so that the catalogue and the demo work offline.
+"""Built-in images, first of all ``phyllome-tiny``, so the catalogue and the demo work offline.
 
-``deploy/images/build-tiny.sh DIR`` writes ``disk.raw`` and a ``manifest.json`` (with the
-disk's sha256 and size) into ``DIR``; the agent's ``builtin_dir`` points there. The entry
-is always listed; it is downloadable (pulled by reflink or copy into the pool, verified
-against the manifest's sha256) once ``disk.raw`` is there.
+``builtin_dir`` (default ``<state dir>/images/builtin``) holds one directory per image,
+as ``deploy/images/build-tiny.sh <builtin_dir>/phyllome-tiny`` writes it: ``disk.raw`` and a
+``manifest.json`` recording the disk's sha256 and size (plus the direct-boot kernel and
+initramfs the VM agent uses). ``phyllome-tiny`` is always listed; an image is downloadable
+(pulled by reflink or copy into the pool, verified against the manifest's sha256) once its
+``disk.raw`` is there.
 
-    >>> entries("/nonexistent")[0].downloadable
-    False
+    >>> [(e.id, e.downloadable) for e in entries("/nonexistent")]
+    [('phyllome-tiny', False)]
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from services.catalogue.sources import check_id
+from shared.errors import PhyError
 from shared.messages.catalogue import CatalogueEntry, Download, Requirements, Resources
 
 SOURCE = "builtin"
 TINY = "phyllome-tiny"
 MiB = 1 << 20
+TINY_REQUIREMENTS = Requirements(
+    minimum=Resources(cpus=1, ram=128 * MiB, storage=96 * MiB),
+    recommended=Resources(cpus=1, ram=256 * MiB, storage=96 * MiB),
+    firmware="uefi", secure_boot=True, tpm="2.0")
 
 
 def entries(builtin_dir: str | Path) -> list[CatalogueEntry]:
     root = Path(builtin_dir)
-    disk = root / "disk.raw"
+    names = {TINY}
+    if root.is_dir():
+        names |= {d.name for d in root.iterdir() if (d / "disk.raw").is_file()}
+    out = []
+    for name in sorted(names):
+        try:
+            check_id(name)
+        except PhyError:
+            continue
+        out.append(_entry(name, root / name))
+    return out
+
+
+def _entry(name: str, folder: Path) -> CatalogueEntry:
+    disk = folder / "disk.raw"
+    meta = _manifest(folder / "manifest.json")
+    published = meta.get("files", {}).get("disk.raw", {}) if isinstance(meta, dict) else {}
     downloads = []
     if disk.is_file():
-        sha, size = _published(root / "manifest.json")
-        downloads.append(Download(arch="x86_64", url=disk.resolve().as_uri(), format="raw",
-                                  sha256=sha, size=size or disk.stat().st_size))
-    return [CatalogueEntry(
-        id=TINY, name="Phyllome tiny (busybox, signed shim/GRUB/kernel)", source=SOURCE,
-        vendor="Phyllome", family="linux", distro="phyllome", version="1", archs=["x86_64"],
-        downloads=downloads, upstream_id=str(disk),
-        requirements=Requirements(
-            minimum=Resources(cpus=1, ram=128 * MiB, storage=96 * MiB),
-            recommended=Resources(cpus=1, ram=256 * MiB, storage=96 * MiB),
-            firmware="efi", secure_boot=True, tpm="2.0"))]
+        downloads.append(Download(
+            arch="x86_64", url=disk.resolve().as_uri(), format="raw",
+            sha256=str(published.get("sha256", "")),
+            size=int(published.get("size", 0)) or disk.stat().st_size))
+    tiny = name == TINY
+    return CatalogueEntry(
+        id=name, name="Phyllome tiny (busybox; signed shim, GRUB and kernel)" if tiny else name,
+        source=SOURCE, vendor="Phyllome", family="linux", distro="phyllome",
+        version=str(meta.get("kernel_version", "")), archs=["x86_64"], downloads=downloads,
+        upstream_id=str(folder), requirements=TINY_REQUIREMENTS if tiny else Requirements())
 
 
-def _published(manifest: Path) -> tuple[str, int]:
-    """The disk's sha256 and size as the image build recorded them ("" / 0 if unknown)."""
+def _manifest(path: Path) -> dict[str, Any]:
+    """What the image build recorded ({} when unreadable: the image is then unverified)."""
     try:
-        files = json.loads(manifest.read_text()).get("files", {})
-        disk = files.get("disk.raw", {})
-        return str(disk.get("sha256", "")), int(disk.get("size", 0))
-    except (OSError, ValueError, AttributeError):
-        return "", 0
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

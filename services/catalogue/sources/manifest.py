@@ -5,7 +5,7 @@ an error, not an unverified image)::
 
     {"images": [{"id": "tiny", "name": "Tiny", "version": "1", "arch": "x86_64",
                  "url": "tiny.raw.xz", "sha256": "<64 hex>", "size": 1234, "format": "raw",
-                 "requirements": {"firmware": "efi", "secure_boot": true, "tpm": "2.0",
+                 "requirements": {"firmware": "uefi", "secure_boot": true, "tpm": "2.0",
                                   "cpus": 1, "memory": 268435456, "disk": 1073741824}}]}
 
 Relative URLs are resolved against the manifest's own URL.
@@ -33,7 +33,7 @@ NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ManifestRequirements(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    firmware: Literal["", "efi", "bios"] = ""
+    firmware: Literal["", "uefi", "efi", "bios"] = ""
     secure_boot: bool = False
     tpm: Literal["", "1.2", "2.0"] = ""
     cpus: NonNeg = 0
@@ -93,5 +93,6 @@ def parse(data: bytes, url: str, source: str) -> list[CatalogueEntry]:
             version=img.version, archs=[dl.arch], downloads=[dl], upstream_id=img.url,
             requirements=Requirements(
                 minimum=Resources(cpus=r.cpus, ram=r.memory, storage=r.disk),
-                firmware=r.firmware, secure_boot=r.secure_boot, tpm=r.tpm))
+                firmware="uefi" if r.firmware == "efi" else r.firmware,
+                secure_boot=r.secure_boot, tpm=r.tpm))
     return list(entries.values())

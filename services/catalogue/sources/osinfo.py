@@ -32,7 +32,7 @@ PREFERRED_ARCHES = ("x86_64", "all")
 # Firmware needs stated by the OS vendor but absent from older osinfo-db releases.
 KNOWN_NEEDS: dict[str, dict[str, object]] = {
     # https://www.microsoft.com/windows/windows-11-specifications: UEFI, Secure Boot, TPM 2.0
-    "http://microsoft.com/win/11": {"firmware": "efi", "secure_boot": True, "tpm": "2.0"},
+    "http://microsoft.com/win/11": {"firmware": "uefi", "secure_boot": True, "tpm": "2.0"},
 }
 
 
@@ -107,7 +107,7 @@ def _firmware(node: ET.Element) -> dict[str, object] | None:
     needs: dict[str, object] = {}
     unsupported = {f.get("type") for f in fw if f.get("supported") == "false"}
     if "bios" in unsupported:
-        needs["firmware"] = "efi"
+        needs["firmware"] = "uefi"
     elif "efi" in unsupported:
         needs["firmware"] = "bios"
     for f in fw:  # newer osinfo-db: <firmware type="efi"><feature name="secure-boot" .../>
