@@ -263,6 +263,22 @@ class Bus:
             self.metrics.events_published.labels(kind=_tag(type(event))).inc()
         return True
 
+    async def publish_events(self, items: Sequence[tuple[str, Event]],
+                             *, timeout: float = 10.0) -> int:
+        """Publish many events pipelined (acks awaited together); returns how many were stored."""
+        futures = []
+        for subject, event in items:
+            futures.append(await self.js.publish_async(
+                subject, encode(event), headers={"Nats-Msg-Id": event.event_id}))
+        done, pending = await asyncio.wait(futures, timeout=timeout) if futures else (set(), set())
+        stored = sum(1 for f in done if not f.cancelled() and f.exception() is None)
+        for f in pending:
+            f.cancel()
+        if self.metrics:
+            self.metrics.events_published.labels(kind="batch").inc(stored)
+            self.metrics.events_failed.inc(len(futures) - stored)
+        return stored
+
     async def events(self, subject_filter: str = subjects.EVENTS_ALL, *,
                      since: float | None = None, follow: bool = False,
                      ) -> AsyncIterator[tuple[str, float, bytes]]:

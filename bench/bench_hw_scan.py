@@ -1,0 +1,138 @@
+"""Hardware inventory: full scan + report of a 2,000-device tree, ours against lspci.
+
+Ours is what `phyllome hw report --json` does (pci.ids read afresh, every device read,
+names, IOMMU groups, verdicts, GPU view, JSON) in this process; the user's alternative is
+``lspci -nnk -A linux-sysfs -O sysfs.path=DIR/bus/pci`` (a fresh process) on the same tree,
+alternately in the same run; the median of ``--repeat`` runs counts. Also: our whole CLI as
+a process (Python start-up included), and the time a uevent takes to update the inventory
+for one device (the median of 500 updates).
+
+    .venv/bin/python bench/bench_hw_scan.py            # 2,000 devices, as in the issue
+
+Prints markdown table rows: | path | ours | alternative | ratio (ours / alternative) |.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.hardware import pciids  # noqa: E402
+from services.hardware.inventory import Inventory, host_caps  # noqa: E402
+from services.hardware.sysfs import Sysfs  # noqa: E402
+from shared.codec import encode  # noqa: E402
+from tests.support.sysfs_tree import Host, Pci, build  # noqa: E402
+
+# (vendor, device, class, driver) of the functions of one card, cycled over the slots
+CARDS = [
+    [(0x10DE, 0x1F02, 0x030000, "nvidia"), (0x10DE, 0x10F9, 0x040300, "snd_hda_intel"),
+     (0x10DE, 0x1ADA, 0x0C0330, "xhci_hcd"), (0x10DE, 0x1ADB, 0x0C8000, "nvidia-gpu")],
+    [(0x8086, 0x10FB, 0x020000, "ixgbe"), (0x8086, 0x10FB, 0x020000, "ixgbe")],
+    [(0x144D, 0xA808, 0x010802, "nvme")],
+    [(0x1002, 0x73BF, 0x030000, "amdgpu"), (0x1002, 0xAB28, 0x040300, "snd_hda_intel")],
+    [(0x15B3, 0x1017, 0x020000, "mlx5_core")],
+]
+
+
+def big_host(n: int) -> Host:
+    """``n`` functions: root ports, each with one card behind it, one group per card."""
+    devices: list[Pci] = []
+    bus = group = 0
+    while len(devices) < n:
+        bus += 1
+        group += 1
+        port = f"0000:00:{bus % 32:02x}.{bus // 32 % 8}" if bus < 256 else None
+        if port is None:
+            break
+        devices.append(Pci(addr=port, vendor=0x8086, device=0x1901, cls=0x060400,
+                           driver="pcieport", group=group))
+        for fn, (v, d, c, drv) in enumerate(CARDS[bus % len(CARDS)]):
+            if len(devices) >= n:
+                break
+            devices.append(Pci(addr=f"0000:{bus:02x}:00.{fn}", vendor=v, device=d, cls=c,
+                               driver=drv, group=group, parent=port, subsys=(v, d)))
+    dom = 1
+    while len(devices) < n:  # more domains for the rest, plain endpoints
+        for slot in range(32):
+            for fn in range(8):
+                if len(devices) >= n:
+                    break
+                group += 1
+                devices.append(Pci(addr=f"{dom:04x}:01:{slot:02x}.{fn}", vendor=0x8086,
+                                   device=0x1533, cls=0x020000, driver="igb", group=group))
+        dom += 1
+    return Host(name="big", cpu_vendor="intel", cpu_flags=("vmx",), devices=devices,
+                iommu=("dmar0",), kvm_modules={"kvm_intel": {"nested": "Y"}})
+
+
+def ours(root: Path) -> tuple[float, int]:
+    pciids.load.cache_clear()  # the CLI parses pci.ids once per run; so does this
+    started = time.perf_counter()
+    fs = Sysfs(str(root))
+    inv = Inventory(fs)
+    inv.scan()
+    body = encode(inv.report(host_caps(fs, None)))
+    return time.perf_counter() - started, len(body)
+
+
+def lspci(root: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = subprocess.run(["lspci", "-nnk", "-A", "linux-sysfs", "-O",
+                          f"sysfs.path={root}/bus/pci"], capture_output=True, check=True)
+    return time.perf_counter() - started, out.stdout.count(b"\n")
+
+
+def cli(root: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cli.main", "hw", "report", "--json",
+                    "--sysfs-root", str(root)], cwd=REPO, capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
+def uevent_update(root: Path, count: int = 500) -> float:
+    inv = Inventory(Sysfs(str(root)))
+    inv.scan()
+    addrs = [d.address for d in inv.devices()][:count]
+    times = []
+    for addr in addrs:
+        started = time.perf_counter()
+        inv.update(addr)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = build(tmp, big_host(args.devices)).root
+        n = len(list((root / "bus/pci/devices").iterdir()))
+        a, b, c = [], [], []
+        for _ in range(args.repeat):
+            a.append(ours(root)[0])
+            b.append(lspci(root)[0])
+            c.append(cli(root))
+        t_ours, t_lspci, t_cli = (statistics.median(x) for x in (a, b, c))
+        t_update = uevent_update(root)
+    print("| path | ours | alternative | ratio (ours / alternative) |")
+    print("|---|---|---|---|")
+    print(f"| hw full scan + report, {n} devices (in process) | {t_ours * 1000:.0f} ms | "
+          f"lspci -nnk {t_lspci * 1000:.0f} ms | {t_ours / t_lspci:.2f}x |")
+    print(f"| `phyllome hw report --json`, {n} devices (process) | {t_cli * 1000:.0f} ms | "
+          f"lspci -nnk {t_lspci * 1000:.0f} ms | {t_cli / t_lspci:.2f}x |")
+    print(f"| hw uevent: inventory update of one device | {t_update * 1e6:.0f} µs | "
+          f"target 5 ms | {t_update / 0.005:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

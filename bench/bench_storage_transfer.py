@@ -1,0 +1,196 @@
+"""Volume transfer between two storage agents over loopback NATS, against the user's tools.
+
+Ours: two storage agents (hosts b1 and b2, real ``python -m services.storage`` processes)
+on one embedded nats-server (max_payload 8 MiB); ``send`` of a sparse RAW volume from b1 to
+b2, timed from the request to the job's end (digest check and fsync included). The
+alternatives, in the same run on the same file: ``rsync --sparse`` (local, sender and
+receiver processes over a pipe) and a raw pipe of the same allocated bytes through
+``socat`` over TCP loopback (no holes, no checksum: the wire speed floor).
+
+    .venv/bin/python bench/bench_storage_transfer.py --virtual 20G --data 1G
+    .venv/bin/python bench/bench_storage_transfer.py --virtual 4G --data 256M --no-rsync
+
+Prints markdown table rows: | path | ours | alternative | ratio (alternative / ours) |.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shared.bus import Bus  # noqa: E402
+from shared.messages.jobs import JobRef  # noqa: E402
+from shared.messages.storage import SendVolume, VolumeRef  # noqa: E402
+from shared.natsserver import NatsServer  # noqa: E402
+
+MiB = 1 << 20
+
+
+def size_arg(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units \
+        else int(text)
+
+
+def make_volume(path: Path, virtual: int, data: int, extent: int = 8 * MiB) -> None:
+    """``data`` bytes of random data in ``extent``-sized pieces scattered over ``virtual``."""
+    rng = random.Random(7)
+    count = max(1, data // extent)
+    slots = sorted(rng.sample(range(virtual // extent), count))
+    block = os.urandom(extent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, virtual)
+    for i, slot in enumerate(slots):
+        os.pwrite(fd, block[i % 64:] + block[: i % 64], slot * extent)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def agent(host: str, url: str, state: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PHYLLOME_HOST": host, "PHYLLOME_NATS_URL": url,
+           "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_STORAGE_METRICS_PORT": "0",
+           "PHYLLOME_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "services.storage"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(state / "agent.log", "wb"))
+
+
+async def ours(work: Path, src: Path, repeat: int) -> tuple[float, int]:
+    server = NatsServer(work / "nats", port=-1)
+    server.start()
+    procs = []
+    try:
+        for host in ("b1", "b2"):
+            (work / host / "pools" / "default").mkdir(parents=True, exist_ok=True)
+            procs.append(agent(host, server.url, work / host))
+        os.link(src, work / "b1" / "pools" / "default" / "vol")
+        bus = await Bus.connect(server.url, name="bench", host="b1", give_up_after=10)
+        best, wire = float("inf"), 0
+        try:
+            for host in ("b1", "b2"):
+                await wait_ping(bus, host)
+            for _ in range(repeat):
+                started = time.perf_counter()
+                acc = await bus.call("b1", "storage", "send", SendVolume(name="vol",
+                                                                         to_host="b2"))
+                while True:
+                    st = await bus.call("b1", "storage", "job", JobRef(job_id=acc.job_id))
+                    if st.state != "running":
+                        break
+                    await asyncio.sleep(0.01)
+                took = time.perf_counter() - started
+                if st.state != "succeeded":
+                    raise SystemExit(f"send {st.state}: {st.message}")
+                best, wire = min(best, took), int(st.result["wire_bytes"])  # type: ignore[call-overload]
+                await bus.call("b2", "storage", "delete", VolumeRef(name="vol"))
+        finally:
+            await bus.close()
+        return best, wire
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+        server.stop()
+
+
+async def wait_ping(bus: Bus, host: str) -> None:
+    from shared.messages import Empty
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await bus.call(host, "storage", "pools", Empty(), timeout=1)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def rsync(src: Path, work: Path) -> float:
+    dst = work / "rsync-dst"
+    started = time.perf_counter()
+    subprocess.run(["rsync", "--sparse", str(src), str(dst)], check=True)
+    took = time.perf_counter() - started
+    dst.unlink()
+    return took
+
+
+def socat(src: Path, work: Path, repeat: int) -> float:
+    """The allocated bytes, densely, through socat over TCP loopback into a file."""
+    dense = work / "dense"
+    fd_in = os.open(src, os.O_RDONLY)
+    with open(dense, "wb") as out:
+        size = os.fstat(fd_in).st_size
+        off = 0
+        while off < size:
+            try:
+                start = os.lseek(fd_in, off, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            out.write(os.pread(fd_in, end - start, start))
+            off = end
+    os.close(fd_in)
+    best = float("inf")
+    for _ in range(repeat):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        started = time.perf_counter()
+        recv = subprocess.Popen(["socat", "-u", f"TCP-LISTEN:{port},reuseaddr",
+                                 f"CREATE:{work / 'socat-dst'}"])
+        while subprocess.run(["socat", "-u", f"FILE:{dense}", f"TCP:127.0.0.1:{port}"],
+                             capture_output=True).returncode != 0:
+            if time.perf_counter() - started > 10:
+                raise SystemExit("socat receiver did not start")
+        recv.wait()
+        best = min(best, time.perf_counter() - started)
+        (work / "socat-dst").unlink()
+    dense.unlink()
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--virtual", type=size_arg, default=20 << 30)
+    p.add_argument("--data", type=size_arg, default=1 << 30)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-rsync", action="store_true", help="skip rsync (about 2 min at 20 GiB)")
+    p.add_argument("--dir", default="/var/tmp", help="an ext4 directory to work in")
+    args = p.parse_args()
+    for tool in ("socat", "rsync"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed (apt install {tool})")
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-transfer-") as tmp:
+        work = Path(tmp)
+        src = work / "src.raw"
+        make_volume(src, args.virtual, args.data)
+        allocated = os.stat(src).st_blocks * 512
+        mine, wire = asyncio.run(ours(work, src, args.repeat))
+        pipe = socat(src, work, args.repeat)
+        label = f"{args.virtual >> 30} GiB virtual / {args.data / (1 << 30):.2g} GiB data"
+        print("| path | ours | alternative | ratio (alternative / ours) |")
+        print("|---|---|---|---|")
+        print(f"| transfer {label}, loopback | {mine:.2f} s ({allocated / mine / MiB:.0f} MiB/s,"
+              f" wire {wire / allocated:.3f}x allocated) | socat raw pipe {pipe:.2f} s | "
+              f"{pipe / mine:.2f}x |")
+        if not args.no_rsync:
+            rs = rsync(src, work)
+            print(f"| transfer {label}, loopback | {mine:.2f} s | rsync --sparse {rs:.2f} s | "
+                  f"{rs / mine:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
