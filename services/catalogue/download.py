@@ -94,6 +94,8 @@ class ImageStore:
         self.pool = Path(settings.pool_dir)
         self.partial = self.pool / ".partial"
         self.partial.mkdir(parents=True, exist_ok=True)
+        for stale in self.partial.glob("*.work*"):  # a crash mid-convert: roll back;
+            stale.unlink(missing_ok=True)           # *.download stays, a pull resumes it
         self._client = httpx.AsyncClient(
             follow_redirects=False, timeout=httpx.Timeout(settings.timeout_s),
             headers={"User-Agent": "phyllome-catalogue/0.1", "Accept-Encoding": "identity"})

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import lzma
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from services.catalogue.config import Settings
 from services.catalogue.download import ImageStore
@@ -89,6 +91,41 @@ async def test_xz_raw_is_unpacked(srv: FileServer, store: ImageStore, tmp_path: 
     local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
     assert local.sha256 == sha(raw) and local.source_sha256 == sha(xz)
     assert Path(local.path).read_bytes() == raw.read_bytes()
+
+
+@pytest.mark.parametrize("suffix, pack", [
+    ("gz", lambda b: gzip.compress(b, 1)),
+    ("zst", lambda b: zstandard.ZstdCompressor(level=1).compress(b)),
+])
+async def test_gz_and_zst_raw_are_unpacked(srv: FileServer, store: ImageStore, tmp_path: Path,
+                                           suffix: str, pack: Callable[[bytes], bytes]) -> None:
+    raw = make_sparse_raw(tmp_path / "src.raw", 4 * MiB)
+    packed = srv.root / f"disk.raw.{suffix}"
+    packed.write_bytes(pack(raw.read_bytes()))
+    e, dl = entry("p", srv.url(packed.name), packed)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.sha256 == sha(raw) and Path(local.path).read_bytes() == raw.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vhdx"])
+async def test_vmdk_and_vhdx_are_converted(srv: FileServer, store: ImageStore, tmp_path: Path,
+                                           fmt: str) -> None:
+    raw = make_sparse_raw(tmp_path / "src.raw", 8 * MiB)
+    image = srv.root / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(image)],
+                   check=True)
+    e, dl = entry("c", srv.url(image.name), image, fmt=fmt)
+    local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert local.source_format == fmt and local.sha256 == sha(raw)
+
+
+async def test_corrupt_xz_is_refused(srv: FileServer, store: ImageStore) -> None:
+    bad = srv.root / "bad.raw.xz"
+    bad.write_bytes(lzma.compress(bytes(MiB))[:200])
+    e, dl = entry("bad", srv.url(bad.name), bad)
+    with pytest.raises(Forbidden, match="xz payload is corrupt"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
 
 
 async def test_tampered_image_is_refused_and_nothing_left(srv: FileServer,
