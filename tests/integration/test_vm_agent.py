@@ -27,12 +27,11 @@ from shared.messages.vm import (
     VmRecord,
     VmRef,
     VmSpec,
-    VmStateChanged,
     VmUpdate,
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import libvirt_test_uri
+from tests.support.libvirt import VmEvents, libvirt_test_uri, vm_events
 from tests.support.nats import nats_server
 
 __all__ = ["libvirt_test_uri", "nats_server"]
@@ -41,38 +40,14 @@ pytestmark = pytest.mark.integration
 HOST = "h1"
 
 
-class StateEvents:
-    """VmStateChanged events of host h1, as they arrive."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[VmStateChanged] = asyncio.Queue()
-
-    async def next(self, uuid: str, *, event: str | None = None,
-                   timeout: float = 10.0) -> VmStateChanged:
-        async with asyncio.timeout(timeout):
-            while True:
-                ev = await self.queue.get()
-                if ev.uuid == uuid and (event is None or ev.event == event):
-                    return ev
-
-
 @contextlib.asynccontextmanager
 async def vm_agent(nats: NatsServer, state: Path, uri: str,
-                   **extra: Any) -> AsyncIterator[tuple[Agent, StateEvents]]:
+                   **extra: Any) -> AsyncIterator[tuple[Agent, VmEvents]]:
     async with agent_in_process(
         "vm", nats.url, state, host=HOST, libvirt_uri=uri, accelerator="tcg",
         extra={"reconcile_s": 3600, "disk_dir": str(state / "disks"), **extra},
-    ) as agent:
-        events = StateEvents()
-
-        async def got(msg: Any) -> None:
-            events.queue.put_nowait(decode(msg.data, VmStateChanged))
-
-        sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", "state") + ".*", cb=got)
-        try:
-            yield agent, events
-        finally:
-            await sub.unsubscribe()
+    ) as agent, vm_events(agent) as events:
+        yield agent, events
 
 
 async def call(agent: Agent, verb: str, req: Any, timeout: float = 10.0) -> Any:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -18,11 +19,16 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shared import subjects
+from shared.agent import Agent
+from shared.codec import decode
+from shared.messages.vm import VmStateChanged
 from tests.support.require import require
 
 SYSTEM_URI = "qemu:///system"
@@ -120,3 +126,33 @@ async def wait_for_marker(log: Path, key: str, timeout: float = 60.0) -> dict[st
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
             raise TimeoutError(f"no {MARKER_PREFIX}{key} in {log} after {timeout} s:\n{tail}")
         await asyncio.sleep(0.1)
+
+
+class VmEvents:
+    """``VmStateChanged`` events of one host's vm agent, as they arrive on the bus."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[VmStateChanged] = asyncio.Queue()
+
+    async def next(self, uuid: str, *, event: str | None = None,
+                   timeout: float = 10.0) -> VmStateChanged:
+        """The next event of VM ``uuid`` (of kind ``event``), skipping others."""
+        async with asyncio.timeout(timeout):
+            while True:
+                ev = await self.queue.get()
+                if ev.uuid == uuid and (event is None or ev.event == event):
+                    return ev
+
+
+@contextlib.asynccontextmanager
+async def vm_events(agent: Agent) -> AsyncIterator[VmEvents]:
+    events = VmEvents()
+
+    async def got(msg: Any) -> None:
+        events.queue.put_nowait(decode(msg.data, VmStateChanged))
+
+    sub = await agent.bus.nc.subscribe(subjects.event(agent.host, "vm", "state") + ".*", cb=got)
+    try:
+        yield events
+    finally:
+        await sub.unsubscribe()
