@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from shared.agent import Agent
+from shared.messages.jobs import JobRef
 from shared.messages.vm import (
     Disk,
     Nic,
@@ -214,8 +215,6 @@ async def test_vm_boots_the_raw_disk_under_secure_boot_and_its_clone_boots(
 
 
 async def _job(g: Guests, job_id: str) -> Any:
-    from shared.messages.jobs import JobRef
-
     async with asyncio.timeout(120):
         while True:
             status = await g.call("job", JobRef(job_id=job_id))
