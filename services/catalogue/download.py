@@ -201,6 +201,13 @@ class ImageStore:
                 ok = self._local_path(url).is_file()
                 return ok, 0, "" if ok else "file missing"
             async with self._open(url, "HEAD") as resp:
+                status = resp.status_code
+                if status not in (405, 501):
+                    self._status(url, resp)
+                    self._content_type(url, resp)
+                    return True, status, ""
+            # a server without HEAD: ask for the first byte instead
+            async with self._open(url, headers={"Range": "bytes=0-0"}) as resp:
                 self._status(url, resp)
                 self._content_type(url, resp)
                 return True, resp.status_code, ""

@@ -173,6 +173,17 @@ async def test_404_is_link_rot(srv: FileServer, store: ImageStore) -> None:
         "server (link rot); refresh the source or use a mirror")
 
 
+async def test_probe_without_head_asks_for_one_byte(srv: FileServer,
+                                                    store: ImageStore) -> None:
+    make_sparse_raw(srv.root / "disk.raw", MiB)
+    srv.head_allowed = False
+    assert await store.probe(srv.url("disk.raw")) == (True, 206, "")
+    assert srv.gets("disk.raw") == ["bytes=0-0"]
+    srv.content_type = "text/html"
+    ok, _, reason = await store.probe(srv.url("disk.raw"))
+    assert not ok and "text/html" in reason
+
+
 async def test_cut_half_way_resumes_with_range(srv: FileServer, store: ImageStore) -> None:
     raw = make_sparse_raw(srv.root / "disk.raw", 8 * MiB)
     srv.drop_after = 3 * MiB + 123

@@ -10,6 +10,7 @@ requests answered with 206). Knobs, all changeable while it runs:
         srv.content_type = "text/plain"  # wrong Content-Type on every file
         srv.html_for_missing = True      # 200 + an HTML page instead of 404
         srv.redirects["old.raw"] = "ftp://elsewhere/x"   # 302 to another scheme
+        srv.head_allowed = False         # 405 to HEAD
         srv.requests                     # [(method, path, range header), ...]
 """
 
@@ -38,6 +39,7 @@ class FileServer:
         self.content_type: str | None = None
         self.html_for_missing = False
         self.redirects: dict[str, str] = {}
+        self.head_allowed = True
         self.requests: list[tuple[str, str, str]] = []
         self.drops = 0
         self._lock = threading.Lock()
@@ -50,6 +52,11 @@ class FileServer:
                 pass
 
             def do_HEAD(self) -> None:
+                if not server.head_allowed:
+                    self.send_response(405)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 server._serve(self, body=False)
 
             def do_GET(self) -> None:
