@@ -44,7 +44,10 @@ class Inventory:
         self.fs = fs
         self.ids = ids if ids is not None else load()
         self._devices: dict[str, PciDevice] = {}
-        self._verdicts: dict[str, Passthrough] | None = None
+        self._groups: dict[int, set[str]] = {}
+        self._ctx: readiness.Context | None = None  # None: verdicts must be recomputed
+        self._verdicts: dict[str, Passthrough] = {}
+        self._stale: set[str] = set()  # addresses whose verdicts must be recomputed
         self.iommu = False
         self.iommu_hint = ""
         self.root_disk: str | None = None
@@ -68,32 +71,78 @@ class Inventory:
             except NotFound:  # it left between the listing and the read
                 continue
         self._devices = devices
+        self._groups = {}
+        for addr, dev in devices.items():
+            if dev.iommu_group is not None:
+                self._groups.setdefault(dev.iommu_group, set()).add(addr)
         self.iommu = self.fs.iommu_on()
         cpu = self.fs.cpu()
         self.iommu_hint = "" if self.iommu else readiness.iommu_hint(
             cpu.vendor, hypervisor_guest="hypervisor" in cpu.flags, cmdline=self.fs.cmdline())
         self.root_disk = self.fs.root_disk_address()
-        self._verdicts = None
+        self._ctx = None
 
     def update(self, addr: str) -> tuple[Change, PciDevice | None]:
-        """Re-read one device after a uevent: what happened to it, and its new record."""
-        self._verdicts = None
+        """Re-read one device after a uevent: what happened to it, and its new record.
+
+        Only that device is read. Its verdict (and its group's) is recomputed when what a
+        verdict depends on changed; a driver bind or a ``change`` keeps every verdict.
+        """
+        old = self._devices.get(addr)
         try:
-            dev = self._named(self.fs.read_device(addr))
+            dev: PciDevice | None = self._named(self.fs.read_device(addr))
         except NotFound:
+            dev = None
+        self._invalidate(old, dev)
+        if dev is None:
             self._devices.pop(addr, None)
             return "removed", None
-        change: Change = "changed" if addr in self._devices else "added"
         self._devices[addr] = dev
-        if dev.iommu_group is not None:
+        if dev.iommu_group is not None and not self.iommu:
             self.iommu = True
-        return change, self._with_verdict(dev)
+            self._ctx = None
+        return ("changed" if old is not None else "added"), self._with_verdict(dev)
+
+    @staticmethod
+    def _verdict_key(d: PciDevice | None) -> tuple[object, ...] | None:
+        return None if d is None else (d.iommu_group, d.class_code, d.vendor_id, d.boot_vga,
+                                       d.physfn, tuple(d.block))
+
+    def _invalidate(self, old: PciDevice | None, new: PciDevice | None) -> None:
+        if self._verdict_key(old) == self._verdict_key(new):
+            return
+        for d in (old, new):
+            if d is None:
+                continue
+            if d.iommu_group is not None:
+                members = self._groups.setdefault(d.iommu_group, set())
+                members.discard(d.address)
+                self._stale |= members
+            self._stale.add(d.address)
+            c = readiness.class16(d)
+            if readiness.is_nic(d) or c in readiness.PLATFORM or d.address == self.root_disk:
+                self._ctx = None  # the host's only NIC or a chipset slot may have changed
+        if new is not None and new.iommu_group is not None:
+            self._groups[new.iommu_group].add(new.address)
+        if old is not None and new is None:
+            self._verdicts.pop(old.address, None)
 
     def _assess(self) -> dict[str, Passthrough]:
-        if self._verdicts is None:
-            self._verdicts = readiness.assess(
-                list(self._devices.values()), iommu=self.iommu, iommu_hint=self.iommu_hint,
-                root_disk=self.root_disk)
+        if self._ctx is None:
+            devices = list(self._devices.values())
+            self._ctx = readiness.context(devices, iommu=self.iommu, iommu_hint=self.iommu_hint,
+                                          root_disk=self.root_disk)
+            self._verdicts = readiness.assess(devices, self._ctx)
+        elif self._stale:
+            addrs = {a for a in self._stale if a in self._devices}
+            for a in list(addrs):
+                g = self._devices[a].iommu_group
+                if g is not None:
+                    addrs |= self._groups.get(g, set())
+            for a in self._stale:
+                self._verdicts.pop(a, None)
+            self._verdicts.update(readiness.assess([self._devices[a] for a in addrs], self._ctx))
+        self._stale = set()
         return self._verdicts
 
     def _with_verdict(self, dev: PciDevice) -> PciDevice:
@@ -122,8 +171,8 @@ class Inventory:
         dev = self.device(address)
         if dev.iommu_group is None:
             return [dev]
-        return [self._with_verdict(d) for d in self._devices.values()
-                if d.iommu_group == dev.iommu_group]
+        return [self._with_verdict(self._devices[a])
+                for a in sorted(self._groups.get(dev.iommu_group, ()))]
 
     def report(self, caps: HostCaps) -> HwReport:
         devices = self.devices()

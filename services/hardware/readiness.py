@@ -2,7 +2,8 @@
 
 Pure functions over ``PciDevice`` lists (no I/O), so every rule is tested on its own::
 
-    verdicts = assess(devices, iommu=True, iommu_hint="", root_disk="0000:00:17.0")
+    ctx = context(devices, iommu=True, iommu_hint="", root_disk="0000:00:17.0")
+    verdicts = assess(devices, ctx)
     verdicts["0000:01:00.0"].verdict          # 'with-companions'
 
 Rules:
@@ -18,6 +19,9 @@ Rules:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+
+import msgspec
 
 from shared.messages.hardware import (
     DeviceKind,
@@ -110,25 +114,54 @@ def _losses(dev: PciDevice, *, root_disk: str | None, only_nic: str | None) -> l
     return out
 
 
-def assess(devices: list[PciDevice], *, iommu: bool, iommu_hint: str,
-           root_disk: str | None) -> dict[str, Passthrough]:
-    """The passthrough verdict of every non-bridge device, by address."""
+class Context(msgspec.Struct, frozen=True, kw_only=True):
+    """What a verdict needs to know beyond the device's own group (built from all devices)."""
+
+    iommu: bool
+    iommu_hint: str = ""
+    root_disk: str | None = None
+    only_nic: str | None = None
+    chipset: frozenset[str] = frozenset()  # slots that hold chipset platform functions
+
+
+def is_nic(dev: PciDevice) -> bool:
+    """A network controller of the host's own (a VF does not count)."""
+    return class16(dev) >> 8 == 0x02 and not dev.physfn
+
+
+def context(devices: Iterable[PciDevice], *, iommu: bool, iommu_hint: str,
+            root_disk: str | None) -> Context:
+    nics = []
+    chipset = set()
+    for d in devices:
+        c = class16(d)
+        if c in PLATFORM:
+            chipset.add(slot(d.address))
+        if c >> 8 == 0x02 and not d.physfn:
+            nics.append(d.address)
+    return Context(iommu=iommu, iommu_hint=iommu_hint, root_disk=root_disk,
+                   only_nic=nics[0] if len(nics) == 1 else None, chipset=frozenset(chipset))
+
+
+def assess(devices: list[PciDevice], ctx: Context) -> dict[str, Passthrough]:
+    """The passthrough verdict of every non-bridge device in ``devices``, by address.
+
+    ``devices`` must hold every member of each device's IOMMU group (a whole inventory,
+    or the groups that changed).
+    """
+    devices = sorted(devices, key=lambda d: d.address)
     groups: dict[int, list[PciDevice]] = defaultdict(list)
-    slots: dict[str, list[PciDevice]] = defaultdict(list)
     for d in devices:
         if d.iommu_group is not None:
             groups[d.iommu_group].append(d)
-        slots[slot(d.address)].append(d)
-    chipset = {s for s, members in slots.items() if any(class16(m) in PLATFORM for m in members)}
-    nics = [d for d in devices if class16(d) >> 8 == 0x02 and not d.physfn]
-    only_nic = nics[0].address if len(nics) == 1 else None
+    iommu, root_disk, only_nic, chipset = ctx.iommu, ctx.root_disk, ctx.only_nic, ctx.chipset
 
     out = {}
     for dev in devices:
         if is_bridge(dev):
             continue
         if not iommu or dev.iommu_group is None:
-            reason = iommu_hint if not iommu else (
+            reason = ctx.iommu_hint if not iommu else (
                 f"{dev.address} has no IOMMU group although the IOMMU is on: the firmware "
                 "does not list it for translation; it cannot be passed through")
             out[dev.address] = Passthrough(

@@ -185,7 +185,7 @@ class Sysfs:
             virtfns=sorted((self.link_name(f"{rel}/{n}") or "" for n in names
                             if n.startswith("virtfn")), key=str) if sriov else [],
             mdev_types=self._mdev_types(rel) if "mdev_supported_types" in names else [],
-            usb=[u for n in sorted(names) if n.startswith("usb") and n[3:].isdigit()
+            usb=[u for n in sorted(n for n in names if n[:3] == "usb" and n[3:].isdigit())
                  for u in self._usb(f"{rel}/{n}")],
             block=sorted(attached["block"].get(addr, [])),
             net=sorted(attached["net"].get(addr, [])),

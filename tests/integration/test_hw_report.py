@@ -164,3 +164,37 @@ def test_local_report_is_what_the_cli_prints(tmp_path: Path) -> None:
     root = build(tmp_path, FIXTURES["sriov-nic"]()).root
     report = to_builtins(local_report(str(root)))
     assert [d["address"] for d in report["devices"]][:2] == ["0000:00:00.0", "0000:00:02.0"]
+
+
+def test_updates_keep_the_verdicts_a_full_scan_gives(tmp_path: Path) -> None:
+    """Incremental verdicts after uevents equal those of a fresh scan of the same tree."""
+    from tests.support.sysfs_tree import Pci
+
+    host = FIXTURES["intel-desktop"]()
+    builder = build(tmp_path, host)
+    inv = Inventory(Sysfs(str(builder.root), root_dev=host.root_dev))
+    inv.scan()
+
+    def same_as_fresh() -> dict[str, str]:
+        fresh = Inventory(Sysfs(str(builder.root), root_dev=host.root_dev))
+        fresh.scan()
+        assert inv.devices() == fresh.devices()
+        return {d.address: d.passthrough.verdict for d in inv.devices() if d.passthrough}
+
+    builder.unbind("0000:01:00.1")
+    inv.update("0000:01:00.1")
+    same_as_fresh()
+    builder.add(Pci(addr="0000:01:00.4", vendor=0x1102, device=0x0012, cls=0x040300,
+                    group=1, parent="0000:00:01.0"))  # an unrelated function joins group 1
+    assert inv.update("0000:01:00.4")[0] == "added"
+    assert same_as_fresh()["0000:01:00.0"] == "shared-group"
+    builder.add(Pci(addr="0000:06:00.0", vendor=0x8086, device=0x1533, cls=0x020000,
+                    driver="igb", group=9))  # a second NIC: 1f.6 is no longer the only one
+    inv.update("0000:06:00.0")
+    same_as_fresh()
+    assert inv.device("0000:00:1f.3").passthrough.host_loses == []  # type: ignore[union-attr]
+    builder.remove("0000:01:00.4")
+    builder.remove("0000:06:00.0")
+    assert inv.update("0000:01:00.4") == ("removed", None)
+    inv.update("0000:06:00.0")
+    assert same_as_fresh()["0000:01:00.0"] == "with-companions"

@@ -8,7 +8,7 @@ from services.hardware import readiness
 from services.hardware.pciids import PciIds
 from services.hardware.sysfs import normalize_address
 from shared.errors import InvalidName
-from shared.messages.hardware import PciDevice
+from shared.messages.hardware import Passthrough, PciDevice
 
 
 def dev(addr: str, cls: str, vendor: str = "10de", group: int | None = 1, **kw: object
@@ -17,15 +17,21 @@ def dev(addr: str, cls: str, vendor: str = "10de", group: int | None = 1, **kw: 
                      iommu_group=group, **kw)  # type: ignore[arg-type]
 
 
+def assess(devices: list[PciDevice], *, iommu: bool = True, iommu_hint: str = "",
+           root_disk: str | None = None) -> dict[str, Passthrough]:
+    ctx = readiness.context(devices, iommu=iommu, iommu_hint=iommu_hint, root_disk=root_disk)
+    return readiness.assess(devices, ctx)
+
+
 def test_alone_in_group_with_a_root_port_is_isolated() -> None:
-    v = readiness.assess([dev("0000:00:01.0", "060400", "8086"), dev("0000:01:00.0", "030000")],
+    v = assess([dev("0000:00:01.0", "060400", "8086"), dev("0000:01:00.0", "030000")],
                          iommu=True, iommu_hint="", root_disk=None)
     assert v["0000:01:00.0"].verdict == "isolated"
     assert "0000:00:01.0" not in v  # bridges have no verdict
 
 
 def test_gpu_functions_are_companions() -> None:
-    v = readiness.assess([dev("0000:01:00.0", "030000"), dev("0000:01:00.1", "040300"),
+    v = assess([dev("0000:01:00.0", "030000"), dev("0000:01:00.1", "040300"),
                           dev("0000:01:00.2", "0c0330"), dev("0000:01:00.3", "0c8000")],
                          iommu=True, iommu_hint="", root_disk=None)
     gpu = v["0000:01:00.0"]
@@ -38,14 +44,14 @@ def test_gpu_functions_are_companions() -> None:
 def test_chipset_functions_in_one_slot_are_never_companions() -> None:
     pch = [dev("0000:00:1f.0", "060100", "8086"), dev("0000:00:1f.3", "040300", "8086"),
            dev("0000:00:1f.4", "0c0500", "8086")]
-    v = readiness.assess(pch, iommu=True, iommu_hint="", root_disk=None)
+    v = assess(pch, iommu=True, iommu_hint="", root_disk=None)
     assert v["0000:00:1f.3"].verdict == "shared-group"
     assert v["0000:00:1f.3"].companions == []
     assert v["0000:00:1f.3"].shares_with == ["0000:00:1f.0", "0000:00:1f.4"]
 
 
 def test_other_vendor_in_the_slot_is_not_a_companion() -> None:
-    v = readiness.assess([dev("0000:01:00.0", "030000"), dev("0000:01:00.1", "040300", "1102")],
+    v = assess([dev("0000:01:00.0", "030000"), dev("0000:01:00.1", "040300", "1102")],
                          iommu=True, iommu_hint="", root_disk=None)
     assert v["0000:01:00.0"].verdict == "shared-group"
 
@@ -54,7 +60,7 @@ def test_shared_group_says_what_the_host_loses() -> None:
     devices = [dev("0000:02:00.0", "0c0330", "1022", 4), dev("0000:02:00.1", "010601", "1022", 4),
                dev("0000:05:00.0", "020000", "10ec", 4),
                dev("0000:08:00.0", "030000", "1002", 6, boot_vga=True)]
-    v = readiness.assess(devices, iommu=True, iommu_hint="", root_disk="0000:02:00.1")
+    v = assess(devices, iommu=True, iommu_hint="", root_disk="0000:02:00.1")
     usb = v["0000:02:00.0"]
     assert usb.verdict == "shared-group"
     assert usb.shares_with == ["0000:02:00.1", "0000:05:00.0"]
@@ -66,12 +72,12 @@ def test_shared_group_says_what_the_host_loses() -> None:
 def test_vfs_do_not_count_as_the_hosts_network_controllers() -> None:
     devices = [dev("0000:03:00.0", "020000", "8086", 2),
                dev("0000:03:10.0", "020000", "8086", 3, physfn="0000:03:00.0")]
-    v = readiness.assess(devices, iommu=True, iommu_hint="", root_disk=None)
+    v = assess(devices, iommu=True, iommu_hint="", root_disk=None)
     assert v["0000:03:00.0"].host_loses == ["0000:03:00.0 is the host's only network controller"]
 
 
 def test_iommu_off_gives_the_hint_to_every_device() -> None:
-    v = readiness.assess([dev("0000:01:00.0", "030000", group=None)], iommu=False,
+    v = assess([dev("0000:01:00.0", "030000", group=None)], iommu=False,
                          iommu_hint="IOMMU is off: x", root_disk=None)
     assert v["0000:01:00.0"].verdict == "no-iommu"
     assert v["0000:01:00.0"].reasons == ["IOMMU is off: x"]
