@@ -381,7 +381,7 @@ def build(root: str | Path, host: Host) -> TreeBuilder:
         v = root / "devices/virtual/iommu" / name
         _write(v / "uevent", "")
         _link(root / "class/iommu" / name, v)
-    feats = ",".join(f"{FEATURES[f]:04X}" for f in sorted(host.cpu_flags, key=FEATURES.get))
+    feats = ",".join(f"{FEATURES[f]:04X}" for f in sorted(host.cpu_flags, key=FEATURES.__getitem__))
     code = VENDOR_CODES.get(host.cpu_vendor, 99)
     _write(root / "devices/system/cpu/modalias",
            f"cpu:type:x86,ven{code:04X}fam0006mod009E:feature:,{feats}\n")
