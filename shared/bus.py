@@ -90,10 +90,13 @@ class Bus:
 
             opts["tls"] = ssl.create_default_context(cafile=ca)
 
+        closing: list[Client] = []
+
         async def disconnected() -> None:
             if metrics:
                 metrics.bus_connected.set(0)
-            log.warning("disconnected from NATS at %s; reconnecting", url)
+            if not any(c.is_closed or c.is_draining for c in closing):
+                log.warning("disconnected from NATS at %s; reconnecting", url)
 
         async def reconnected() -> None:
             if metrics:
@@ -122,6 +125,7 @@ class Bus:
                 **opts), timeout=give_up_after or 30.0)
         except (TimeoutError, OSError, nats.errors.Error) as e:
             raise Unavailable(f"cannot connect to NATS at {url}: {e!r}") from None
+        closing.append(nc)
         if metrics:
             metrics.bus_connected.set(1)
         return cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s)
