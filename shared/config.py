@@ -7,6 +7,8 @@
     PHYLLOME_LIBVIRT_URI    libvirt connection URI (default qemu:///system)
     PHYLLOME_SYSFS_ROOT     where sysfs is read and written (default /sys)
     PHYLLOME_<AGENT>_METRICS_PORT   /metrics port of one agent (defaults 9701..9704; 0 = any)
+    PHYLLOME_REPLICAS       JetStream replicas of PHY_EVENTS and the KV buckets (1, or 3 in a
+                            cluster of three or more servers); lands in ``extra["replicas"]``
     PHYLLOME_CONFIG         a TOML file with the same keys in lower case, and per-agent
                             tables (``[vm] metrics_port = 9802``)
 
@@ -91,6 +93,12 @@ def load(agent: str, env: Mapping[str, str] | None = None) -> Config:
     port_env = f"PHYLLOME_{agent.upper()}_METRICS_PORT"
     if port_env in env:
         values["metrics_port"] = env[port_env]
+    if "PHYLLOME_REPLICAS" in env:
+        replicas = env["PHYLLOME_REPLICAS"]
+        if not replicas.isdigit() or not 1 <= int(replicas) <= 5:
+            raise BadRequest(f"PHYLLOME_REPLICAS={replicas!r}: use 1 (one server) or 3 "
+                             "(a cluster of three or more), at most 5")
+        extra["replicas"] = int(replicas)
     values.setdefault("host", default_host())
     values.setdefault("state_dir", default_state_dir())
     values.setdefault("metrics_port", DEFAULT_METRICS_PORTS[agent])

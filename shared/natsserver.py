@@ -7,6 +7,17 @@ the server picks a free port, which we read back from its log::
     server.start()            # returns once it accepts clients
     print(server.url)         # nats://127.0.0.1:40123
     server.stop()
+
+In a cluster each host's server also listens for routes and solicits the others (JetStream
+then runs clustered; ``server_name`` must differ per host)::
+
+    NatsServer(work, host="0.0.0.0", name="a", cluster_listen="10.0.0.1:6222",
+               routes=["nats://10.0.0.2:6222", "nats://10.0.0.3:6222"])
+
+A host joining over one outbound connection runs a leaf node without JetStream (the hub's
+JetStream serves it): ``NatsServer(work, name="edge", leaf_remotes=["nats-leaf://hub:7422"],
+jetstream=False)``. ``conf_file`` runs a hand-written config (e.g. from ``deploy/nats/``)
+instead of generating one.
 """
 
 from __future__ import annotations
@@ -18,12 +29,29 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import Unavailable
+from shared.errors import BadRequest, Unavailable
 
 _LISTEN = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 MAX_PAYLOAD = 8 * 1024 * 1024
+CLUSTER_NAME = "phyllome"
+_ROUTE = re.compile(r"^nats(-route)?://[^\s/,]+:\d+$")
+_LEAF = re.compile(r"^(nats-leaf|tls|nats)://[^\s/,]+:\d+$")
+
+
+def parse_urls(text: str, what: str, pattern: re.Pattern[str] = _ROUTE) -> list[str]:
+    """Comma-separated URLs (``nats://b:6222,nats://c:6222``), each checked, blanks dropped."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    for url in urls:
+        if not pattern.match(url):
+            raise BadRequest(f"{what}: {url!r} is not a URL like nats://10.0.0.2:6222")
+    return urls
+
+
+def _quoted(urls: Sequence[str]) -> str:
+    return ", ".join(f'"{u}"' for u in urls)
 
 
 def binary() -> str:
@@ -48,12 +76,26 @@ class NatsServer:
         port: int = 4222,
         name: str = "phyllome",
         extra_conf: str = "",
+        cluster_listen: str = "",
+        routes: Sequence[str] = (),
+        cluster_name: str = CLUSTER_NAME,
+        leaf_listen: str = "",
+        leaf_remotes: Sequence[str] = (),
+        jetstream: bool = True,
+        conf_file: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.host = host
         self.port = port
         self.name = name
         self.extra_conf = extra_conf
+        self.cluster_listen = cluster_listen
+        self.routes = list(routes)
+        self.cluster_name = cluster_name
+        self.leaf_listen = leaf_listen
+        self.leaf_remotes = list(leaf_remotes)
+        self.jetstream = jetstream
+        self.conf_file = conf_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,22 +104,39 @@ class NatsServer:
 
     @property
     def conf_path(self) -> Path:
-        return self.workdir / "nats-server.conf"
+        return self.conf_file or self.workdir / "nats-server.conf"
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_listen or self.routes)
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "nats-server.log"
 
     def write_config(self) -> Path:
+        """Write the generated config (a ``conf_file`` is used as it is)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "jetstream").mkdir(exist_ok=True)
+        if self.conf_file is not None:
+            return self.conf_file
         conf = (
-            f"server_name: {self.name}\n"
+            f'server_name: "{self.name}"\n'
             f"listen: {self.host}:{self.port}\n"
             f"max_payload: {MAX_PAYLOAD}\n"
-            f'jetstream {{\n  store_dir: "{self.workdir / "jetstream"}"\n}}\n'
-            f"{self.extra_conf}"
         )
+        if self.jetstream:
+            (self.workdir / "jetstream").mkdir(exist_ok=True)
+            conf += f'jetstream {{\n  store_dir: "{self.workdir / "jetstream"}"\n}}\n'
+        if self.clustered:
+            # Every server lists the same routes (itself included is fine: it is skipped).
+            listen = self.cluster_listen or f"{self.host}:6222"
+            conf += (f'cluster {{\n  name: "{self.cluster_name}"\n  listen: {listen}\n'
+                     f"  routes: [{_quoted(self.routes)}]\n}}\n")
+        if self.leaf_listen or self.leaf_remotes:
+            remotes = ", ".join(f'{{ url: "{u}" }}' for u in self.leaf_remotes)
+            conf += ("leafnodes {\n" + (f"  listen: {self.leaf_listen}\n" if self.leaf_listen
+                                          else "") + f"  remotes: [{remotes}]\n}}\n")
+        conf += self.extra_conf
         self.conf_path.write_text(conf)
         return self.conf_path
 

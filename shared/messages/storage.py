@@ -140,6 +140,7 @@ class TransferOffer(msgspec.Struct, frozen=True, kw_only=True, tag="storage.tran
     virtual_bytes: int
     extents: list[Extent]  # data extents, sorted, not overlapping
     source_stamp: str  # size, mtime and inode of the source: a change means start over
+    checksum: str = "blake2b-128"  # of each chunk's leaves: blake2b-128 or xxh3-128
 
 
 class TransferAccepted(msgspec.Struct, frozen=True, kw_only=True,
@@ -155,7 +156,7 @@ class TransferCommit(msgspec.Struct, frozen=True, kw_only=True, tag="storage.tra
     """All chunks are acknowledged: check the volume digest, then publish the volume."""
 
     transfer_id: str
-    sha256: str  # of the sparse content: see services.storage.transfer.SparseDigest
+    sha256: str  # over the leaves' checksums: see services.storage.transfer.volume_digest
 
 
 class TransferAbort(msgspec.Struct, frozen=True, kw_only=True, tag="storage.transfer_abort.v1"):

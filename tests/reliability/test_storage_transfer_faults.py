@@ -93,7 +93,7 @@ async def check_result(bus_h2: Bus, src: Path, digest: str, st: os.stat_result) 
 
 class CorruptOnce:
     """The real NATS client, except that the first chunk at ``offset`` leaves with a flipped
-    byte: the receiver's BLAKE2b check must catch it and the sender send it again."""
+    byte: the receiver's checksum must catch it and the sender send it again."""
 
     def __init__(self, nc: Any, offset: int) -> None:
         self.nc, self.offset, self.corrupted = nc, offset, 0

@@ -60,9 +60,9 @@ def fuzz_payloads(tp: type, count: int, seed: int = 0) -> list[bytes]:
     """``count`` payloads for request type ``tp``: mostly well-shaped, some wrong-typed JSON,
     some random bytes. Deterministic for a seed."""
     shaped = strategy(mi.type_info(tp))
-    anything = st.recursive(st.none() | st.booleans() | st.integers() | TEXT,
-                            lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3),
-                            max_leaves=8)
+    anything = st.recursive(
+        st.none() | st.booleans() | st.integers() | TEXT,
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=8)
     payload = st.one_of(
         shaped.map(lambda v: json.dumps(v).encode()),
         shaped.map(lambda v: json.dumps(v).encode()),
