@@ -10,6 +10,7 @@ custom collector), so a scrape costs one libvirt round trip whatever the number 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -113,6 +114,9 @@ class VmMetrics:
             yield
         except PhyError as e:
             outcome = e.kind
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
             raise
         except BaseException:
             outcome = "internal"

@@ -1,0 +1,132 @@
+"""Pure parts of the vm agent: libvirt words, the accelerator decision, metrics, disk checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from services.vm import accel, hostfs
+from services.vm.handlers import Handlers, random_mac, redacted
+from services.vm.hypervisor import DomainStats
+from services.vm.libvirt_backend import event_words, state_words
+from services.vm.metrics import VmMetrics
+from shared.errors import BadRequest, Conflict, NotFound
+from shared.messages.hardware import Passthrough, PciDevice
+from shared.messages.vm import VmSpec
+from tests.support.require import require
+
+pytestmark = pytest.mark.unit
+
+
+def test_vm_libvirt_numbers_become_words() -> None:
+    assert event_words(2, 0) == ("started", "booted")
+    assert event_words(5, 1) == ("stopped", "destroyed")
+    assert event_words(3, 0) == ("suspended", "paused")
+    assert event_words(99, 7) == ("99", "7")
+    assert state_words(1, 1) == ("running", "booted")
+    assert state_words(5, 2) == ("shutoff", "destroyed")
+    assert state_words(3, 1) == ("paused", "user")
+    assert state_words(42, 0) == ("unknown", "")
+
+
+async def test_vm_accelerator_forced_cached_and_refused(tmp_path: Path) -> None:
+    forced = await accel.decide("tcg", tmp_path, tmp_path, deadline_s=1)
+    assert (forced.accelerator, forced.kvm_usable) == ("tcg", None)
+    with pytest.raises(BadRequest, match="not one of auto, kvm, tcg"):
+        await accel.decide("xen", tmp_path, tmp_path, deadline_s=1)
+
+    cached = accel.Decision(policy="auto", accelerator="kvm", kvm_usable=True, note="cached",
+                            boot_id=accel.boot_id())
+    (tmp_path / accel.CACHE_NAME).write_bytes(msgspec.json.encode(cached))
+    assert await accel.decide("auto", tmp_path / "no-image", tmp_path, deadline_s=1) == cached
+
+    stale = msgspec.structs.replace(cached, boot_id="another-boot")
+    (tmp_path / accel.CACHE_NAME).write_bytes(msgspec.json.encode(stale))
+    fresh = await accel.decide("auto", tmp_path / "no-image", tmp_path, deadline_s=1)
+    assert fresh.accelerator == "tcg" and "probe guest is missing" in fresh.note
+    # a probe that could not run is not remembered: the next start asks again
+    assert msgspec.json.decode((tmp_path / accel.CACHE_NAME).read_bytes(),
+                               type=accel.Decision) == stale
+
+
+class FakeHypervisor:
+    """Only what the metrics collector reads."""
+
+    def bulk_stats(self) -> list[DomainStats]:
+        return [
+            DomainStats(uuid="u1", name="web", state="running", cpu_time_s=1.5,
+                        memory_bytes=256 << 20, block_read_bytes=4096, net_rx_bytes=10),
+            DomainStats(uuid="u2", name="db", state="shutoff"),
+        ]
+
+
+def test_vm_metrics_come_from_one_bulk_call_and_pass_promtool() -> None:
+    registry = CollectorRegistry()
+    m = VmMetrics(registry, FakeHypervisor(), lambda: {"u1": 1700000000.0})  # type: ignore[arg-type]
+    with m.operation("start"):
+        pass
+    with pytest.raises(Conflict), m.operation("start"):
+        raise Conflict("running already")
+    text = generate_latest(registry).decode()
+    assert 'phyllome_vm_vms{state="running"} 1.0' in text
+    assert 'phyllome_vm_vms{state="shutoff"} 1.0' in text
+    assert 'phyllome_vm_cpu_seconds_total{uuid="u1",vm="web"} 1.5' in text
+    assert 'phyllome_vm_disk_read_bytes_total{uuid="u1",vm="web"} 4096.0' in text
+    assert 'phyllome_vm_boot_time_seconds{uuid="u1",vm="web"} 1.7e+09' in text
+    assert 'operation="start",outcome="conflict"} 1.0' in text
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "promtool (package prometheus)")
+    done = subprocess.run([str(promtool), "check", "metrics"], input=text, text=True,
+                          capture_output=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_vm_disks_must_be_raw(tmp_path: Path) -> None:
+    raw = tmp_path / "ok.raw"
+    raw.write_bytes(bytes(1024))
+    hostfs.check_raw(str(raw))
+    for magic, fmt in ((b"QFI\xfb", "qcow2"), (b"KDMV", "vmdk"), (b"vhdxfile", "vhdx")):
+        bad = tmp_path / f"bad.{fmt}"
+        bad.write_bytes(magic + bytes(512))
+        with pytest.raises(BadRequest, match=f"is {fmt}, not RAW.*qemu-img convert"):
+            hostfs.check_raw(str(bad))
+    with pytest.raises(NotFound, match="does not exist"):
+        hostfs.check_raw(str(tmp_path / "missing.raw"))
+    with pytest.raises(BadRequest, match="not a file"):
+        hostfs.check_raw(str(tmp_path))
+
+
+def _dev(driver: str = "", **passthrough: object) -> PciDevice:
+    p = Passthrough(**passthrough) if passthrough else None  # type: ignore[arg-type]
+    return PciDevice(address="0000:01:00.0", vendor_id="10de", device_id="1b80", driver=driver,
+                     passthrough=p)
+
+
+def test_vm_hostdev_verdicts() -> None:
+    Handlers._passable(_dev("vfio-pci"), ["0000:01:00.0"])
+    Handlers._passable(_dev("nvidia", verdict="isolated"), ["0000:01:00.0"])
+    with pytest.raises(Conflict, match="also holds 0000:00:1f.3"):
+        Handlers._passable(_dev("nvidia", verdict="shared-group", shares_with=["0000:00:1f.3"]),
+                           ["0000:01:00.0"])
+    with pytest.raises(Conflict, match="cannot be bound"):
+        Handlers._passable(_dev("nvidia", verdict="no-iommu"), ["0000:01:00.0"])
+    with pytest.raises(Conflict, match="together with 0000:01:00.1"):
+        Handlers._passable(_dev("nvidia", verdict="with-companions",
+                                companions=["0000:01:00.1"]), ["0000:01:00.0"])
+    Handlers._passable(_dev("nvidia", verdict="with-companions", companions=["0000:01:00.1"]),
+                       ["0000:01:00.0", "0000:01:00.1"])
+    with pytest.raises(Conflict, match="host would lose the boot GPU"):
+        Handlers._passable(_dev("i915", verdict="isolated", host_loses=["the boot GPU"]),
+                           ["0000:01:00.0"])
+
+
+def test_vm_macs_and_redaction() -> None:
+    mac = random_mac()
+    assert mac.startswith("52:54:00:") and len(mac) == 17 and mac != random_mac()
+    assert redacted(VmSpec(name="a", password="pw")).password == "********"
+    assert redacted(VmSpec(name="a")).password == ""
