@@ -144,7 +144,7 @@ def print_report(report: HwReport) -> None:
             continue
         if d.passthrough.verdict != "isolated" or d.passthrough.host_loses:
             con.print(f"{d.address}: {d.passthrough.verdict}: "
-                      f"{' '.join(d.passthrough.reasons)}", highlight=False)
+                      f"{'. '.join(d.passthrough.reasons)}", highlight=False)
         for u in d.usb:
             con.print(f"  usb {u.port} {u.vendor_id}:{u.product_id} {u.manufacturer} "
                       f"{u.product} ({u.kind})", highlight=False)

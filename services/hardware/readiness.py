@@ -214,28 +214,23 @@ def gpu_view(devices: list[PciDevice]) -> list[Gpu]:
     return out
 
 
-_UNLOAD = {"nvidia": "nvidia_drm, nvidia_modeset, nvidia_uvm and nvidia (or nouveau)",
-           "amd": "amdgpu", "intel": "i915 (or xe)", "other": "its driver"}
-
-
 def _handoff(d: PciDevice, vendor: GpuVendor) -> list[str]:
     steps = [
-        "the host loses its display while the VM runs (single-GPU passthrough): stop the "
-        "display manager and anything using the GPU",
-        "unbind the virtual consoles (`echo 0 > /sys/class/vtconsole/vtcon*/bind`) and the "
-        "EFI/simple framebuffer",
-        f"unload {_UNLOAD[vendor]}, then bind the GPU and its companions to vfio-pci "
-        f"(`phyllome hw bind {d.address} --single-gpu`)",
+        "the host loses its display while the VM runs (single-GPU passthrough): first stop "
+        "the display manager and everything that uses the GPU",
+        f"`phyllome hw bind {d.address} --single-gpu` then unbinds the virtual consoles and "
+        "the EFI/simple framebuffer and moves the GPU and its companions to vfio-pci",
     ]
     if vendor == "nvidia":
-        steps.append("as the boot GPU its VBIOS may be shadowed: give the VM a clean ROM "
-                     "dump if the guest shows no picture")
+        steps.append("nvidia_drm holds the GPU while any client uses it (the unbind then "
+                     "blocks); as the boot GPU its VBIOS may be shadowed: give the VM a clean "
+                     "ROM dump if the guest shows no picture")
     elif vendor == "amd":
         steps.append("some AMD GPUs (Polaris, Vega, Navi 10) do not reset between VM runs "
                      "without the vendor-reset module")
     elif vendor == "intel":
         steps.append("an Intel iGPU given whole (GVT-d) needs the IGD OpRegion in the VM; "
                      "GVT-g/SR-IOV mdevs keep the host's display instead")
-    steps.append("after the VM stops, `phyllome hw release` rebinds the host driver; rebind "
-                 "the consoles and restart the display manager")
+    steps.append(f"after the VM stops, `phyllome hw release {d.address}` gives back the "
+                 "driver, the framebuffer and the consoles; then start the display manager")
     return steps

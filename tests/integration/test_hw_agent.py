@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +34,7 @@ from shared.messages.hardware import (
     SriovSet,
 )
 from shared.messages.jobs import JobStatus
-from tests.support.agents import agent_in_process
+from tests.support.agents import REPO, agent_in_process
 from tests.support.nats import nats_server  # noqa: F401
 from tests.support.sysfs_tree import FIXTURES, Pci, TreeBuilder, TreeKernel, build
 
@@ -227,3 +230,57 @@ async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path
         assert isinstance(ev, DeviceRemoved) and ev.address == "0000:06:00.0"
         listed = await agent.bus.call("h1", "hardware", "list", DeviceQuery(kind="net"))
         assert [d.address for d in listed.devices] == ["0000:00:1f.6"]
+
+
+async def phyllome(agent: Agent, *argv: str) -> tuple[int, str, str]:
+    """The real CLI as a process, against this agent's NATS."""
+    env = {**os.environ, "PHYLLOME_HOST": "h1", "PHYLLOME_NATS_URL": agent.cfg.nats_url,
+           "COLUMNS": "200", "PHYLLOME_CONNECT_WAIT": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "hw", *argv, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_through_the_agent(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
+        rc, out, err = await phyllome(agent, "list", "--class", "gpu", "--json")
+        assert rc == 0, err
+        assert [d["address"] for d in json.loads(out)["devices"]] == ["0000:00:02.0",
+                                                                      "0000:01:00.0"]
+        rc, out, err = await phyllome(agent, "groups")
+        assert rc == 0, err
+        assert "0000:01:00.0, 0000:01:00.1" in out
+        rc, out, err = await phyllome(agent, "caps", "--json")
+        assert rc == 0 and json.loads(out)["kvm_usable"] is False
+        rc, out, err = await phyllome(agent, "bind", "0000:01:00.0", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["state"] == "succeeded"
+        rc, out, err = await phyllome(agent, "release", "01:00.2")
+        assert rc == 0 and "release: done" in out, err
+        rc, out, err = await phyllome(agent, "bind", "0000:00:14.0")
+        assert rc == 1 and "pass --force" in err
+        rc, out, err = await phyllome(agent, "bind", "14.0")
+        assert rc == 1 and "not a PCI address" in err
+    rc, out, err = await phyllome(agent, "list")
+    assert rc == 3  # the agent (and its NATS connection) is gone
+
+
+async def test_cli_mdev_and_sriov(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
+        rc, out, err = await phyllome(agent, "mdev", "types", "--json")
+        assert rc == 0, err
+        assert [t["id"] for t in json.loads(out)] == ["i915-GVTg_V5_4", "i915-GVTg_V5_8"]
+        rc, out, err = await phyllome(agent, "mdev", "create", "00:02.0", "i915-GVTg_V5_8",
+                                      "--json")
+        assert rc == 0, err
+        created = json.loads(out)["uuid"]
+        rc, out, err = await phyllome(agent, "mdev", "remove", created)
+        assert rc == 0 and "removed" in out, err
+    async with hw_agent(nats_server.url, tmp_path / "b", "sriov-nic") as (agent, _h, _b):
+        rc, out, err = await phyllome(agent, "sriov", "0000:03:00.0", "4")
+        assert rc == 0 and "4 of 63 VFs" in out, err
+        rc, out, err = await phyllome(agent, "sriov", "0000:05:00.0", "1")
+        assert rc == 1 and "does not support SR-IOV" in err
