@@ -14,7 +14,14 @@ import pytest
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode, encode
-from shared.errors import BadRequest, Conflict, InsufficientResources, InvalidName, Unavailable
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientResources,
+    InvalidName,
+    NotFound,
+    Unavailable,
+)
 from shared.messages.jobs import JobRef
 from shared.messages.vm import (
     Disk,
@@ -33,6 +40,7 @@ from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.libvirt import VmEvents, libvirt_test_uri, vm_events
 from tests.support.nats import nats_server
+from tests.support.sysfs_tree import FIXTURES, build
 
 __all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
@@ -219,3 +227,31 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
         assert decode((await kv.get(info.uuid)).value, VmRecord).state == "shutoff"
         listed = await call(agent, "list", _list_all())
         assert [r.spec.name for r in listed.vms] == ["r"]
+
+
+async def test_vm_hostdevs_need_the_hardware_agents_word(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """Passthrough is refused unless the hardware agent calls the device bound or bindable."""
+    host = FIXTURES["intel-desktop"]()
+    tree = build(tmp_path / "sys", host)
+    (tmp_path / "proc").mkdir()
+    gpu = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
+    async with agent_in_process(
+            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
+            sysfs_root=str(tree.root),
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        with pytest.raises(Conflict, match="must be passed together with 0000:01:00.1"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="gpu1", memory_mib=64, hostdevs=gpu[:1])))
+        with pytest.raises(Conflict, match="cannot be bound"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="audio", memory_mib=64, hostdevs=["0000:00:1f.3"])))
+        with pytest.raises(NotFound, match="no mediated device"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="mdev", memory_mib=64, hostdevs=["b1a2c3d4-0000-4000-8000-000000000001"])))
+        info = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="gpu", memory_mib=64, hostdevs=gpu)))
+        xml = await agent.handlers.hv.xml(info.uuid)
+        assert xml.count("<hostdev mode='subsystem' type='pci' managed='yes'>") == 4
+        assert [d.name for d in await agent.handlers.hv.domains()] == ["gpu"]
