@@ -99,7 +99,7 @@ async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServ
     assert info.sha256 == sha(src) and Path(info.path).read_bytes() == src.read_bytes()
     assert info.local.source_format == "qcow2"
     kv = await bus.kv("images")
-    assert json.loads((await kv.get("local.h1.cloud")).value)["sha256"] == sha(src)
+    assert json.loads((await kv.get("local.h1.cloud")).value or b"")["sha256"] == sha(src)
     listed = await bus.call("h1", "catalogue", "list", ListRequest(search="cloud"))
     assert listed.images[0].local == "ready"
 
