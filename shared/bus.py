@@ -60,6 +60,7 @@ class Bus:
         self._inflight: set[asyncio.Task[None]] = set()
         self._idempotent: OrderedDict[tuple[str, str], asyncio.Future[Reply]] = OrderedDict()
         self._services: list[Service] = []
+        self._snapshots: dict[str, asyncio.Future[dict[str, bytes]]] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -335,23 +336,39 @@ class Bus:
     async def kv_values(self, bucket: str, tp: type) -> list[Any]:
         """Every current value of a bucket decoded as ``tp`` (entries that do not decode are
         skipped: a newer agent may have written a newer schema)."""
-        kv = await self.kv(bucket)
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
         out: list[Any] = []
-        for key in keys:
+        for key, value in (await self.kv_snapshot(bucket)).items():
             try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            if entry.value:
-                try:
-                    out.append(msgspec.json.decode(entry.value, type=tp))
-                except msgspec.MsgspecError:
-                    log.debug("skipping %s/%s: not a %s", bucket, key, tp)
+                out.append(msgspec.json.decode(value, type=tp))
+            except msgspec.MsgspecError:
+                log.debug("skipping %s/%s: not a %s", bucket, key, tp)
         return out
+
+    async def kv_snapshot(self, bucket: str) -> dict[str, bytes]:
+        """Key -> value of a bucket, read with one watcher; concurrent callers share a read."""
+        pending = self._snapshots.get(bucket)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_bucket(bucket))
+            self._snapshots[bucket] = pending
+            pending.add_done_callback(lambda _f: self._snapshots.pop(bucket, None))
+        return await asyncio.shield(pending)
+
+    async def _read_bucket(self, bucket: str) -> dict[str, bytes]:
+        kv = await self.kv(bucket)
+        values: dict[str, bytes] = {}
+        try:
+            watcher = await kv.watchall(ignore_deletes=True)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the initial values are all in
+                        break
+                    if entry.value:
+                        values[entry.key] = entry.value
+            finally:
+                await watcher.stop()
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+            raise Unavailable(f"cannot read KV {bucket}: {e!r}") from None
+        return values
 
 
 def _tag(tp: type) -> str:
