@@ -403,7 +403,7 @@ class Handlers:
                            f"`phyllome image pull {image}` first")
         name = f"{vm_name}-disk0"
         try:
-            accepted = await bus.call(self.host, "storage", "import", ImportVolume(
+            accepted = await bus.call(self.host, "storage", "import_file", ImportVolume(
                 pool="default", name=name, source=info.path), timeout=PEER_TIMEOUT_S)
         except Unavailable:
             log.info("no storage agent; copying image %s locally", image)

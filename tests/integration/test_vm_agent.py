@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages.jobs import JobRef
+from shared.messages.storage import ListVolumes
 from shared.messages.vm import (
     Disk,
     Nic,
@@ -255,3 +258,33 @@ async def test_vm_hostdevs_need_the_hardware_agents_word(
         xml = await agent.handlers.hv.xml(info.uuid)
         assert xml.count("<hostdev mode='subsystem' type='pci' managed='yes'>") == 4
         assert [d.name for d in await agent.handlers.hv.domains()] == ["gpu"]
+
+
+async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """`vm create --image`: the catalogue says where the image is (it adopts built-in images
+    at start); storage copies it into a volume that the VM owns."""
+    tiny = tmp_path / "builtin" / "phyllome-tiny"
+    tiny.mkdir(parents=True)
+    image = raw_disk(tiny / "disk.raw", 4 << 20)
+    with open(image, "r+b") as f:
+        f.write(b"\xebphyllome-tiny")
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    (tiny / "manifest.json").write_text(json.dumps({"files": {"disk.raw": {
+        "sha256": digest, "size": image.stat().st_size}}}))
+    pool_dir = tmp_path / "catalogue" / "pool"
+    async with agent_in_process(
+            "catalogue", nats_server.url, tmp_path / "catalogue", host=HOST,
+            extra={"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(tiny.parent),
+                   "pool_dir": str(pool_dir)}), \
+            agent_in_process("storage", nats_server.url, tmp_path / "storage", host=HOST,
+                             extra={"import_dirs": [str(pool_dir)]}), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=256),
+                                                    image="phyllome-tiny"), timeout=60)
+        disk = info.spec.disks[0]
+        assert (disk.pool, disk.volume, disk.owned) == ("default", "demo-disk0", True)
+        assert hashlib.sha256(Path(disk.path).read_bytes()).hexdigest() == digest
+        await call(agent, "delete", VmDelete(vm="demo", delete_disks=True))
+        assert not Path(disk.path).exists()
+        assert (await agent.bus.call(HOST, "storage", "volumes", ListVolumes())).volumes == []
