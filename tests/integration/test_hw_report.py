@@ -24,6 +24,7 @@ from tests.support.sysfs_tree import FIXTURES, build
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = REPO / "tests/data/hw/expected"
+RECORDED = REPO / "tests/data/hw/trees"  # real machines, by `python -m tests.support.sysfs_tree`
 
 
 def report_of(name: str, tmp_path: Path) -> HwReport:
@@ -39,7 +40,8 @@ def summary(report: HwReport) -> dict[str, Any]:
     h = report.host
     return {
         "host": {"cpu_vendor": h.cpu_vendor, "virt_extension": h.virt_extension,
-                 "nested": h.nested, "iommu": h.iommu, "kvm_usable": h.kvm_usable,
+                 "nested": h.nested, "iommu": h.iommu, "iommu_hint": h.iommu_hint,
+                 "kvm_usable": h.kvm_usable,
                  "sev": h.sev, "sgx": h.sgx},
         "devices": {d.address: {"kind": d.kind, "verdict": d.passthrough.verdict,
                                 "companions": d.passthrough.companions,
@@ -53,9 +55,15 @@ def summary(report: HwReport) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(FIXTURES) + sorted(p.name for p in RECORDED.iterdir()))
 def test_fixture_verdicts(name: str, tmp_path: Path) -> None:
-    got = summary(report_of(name, tmp_path))
+    if name in FIXTURES:
+        report = report_of(name, tmp_path)
+    else:
+        inv = Inventory(Sysfs(str(RECORDED / name)))
+        inv.scan()
+        report = inv.report(host_caps(inv.fs, None))
+    got = summary(report)
     path = EXPECTED / f"{name}.json"
     if os.environ.get("PHYLLOME_REGENERATE"):
         path.write_text(json.dumps(got, indent=1) + "\n")

@@ -717,3 +717,99 @@ FIXTURES: dict[str, Callable[[], Host]] = {
     "single-gpu": single_gpu, "sriov-nic": sriov_nic, "intel-gvtg": intel_gvtg,
     "iommu-off": iommu_off,
 }
+
+
+# -- recording a real machine -------------------------------------------------------------------
+
+ATTRS = ("vendor", "device", "subsystem_vendor", "subsystem_device", "class", "revision",
+         "boot_vga", "numa_node", "reset_method", "driver_override", "uevent", "enable",
+         "sriov_totalvfs", "sriov_numvfs", "sriov_offset", "sriov_stride", "sriov_vf_device")
+USB_ATTRS = ("idVendor", "idProduct", "bDeviceClass", "busnum", "devnum", "manufacturer",
+             "product", "uevent", "bInterfaceClass")
+
+
+def record(src: str | Path, dst: str | Path) -> Path:
+    """Copy what the hardware agent reads from ``src`` (a real /sys) into a tree at ``dst``.
+
+    Attribute files, the driver / IOMMU group / SR-IOV links, mdev types, USB devices under
+    their controllers, disks and network interfaces, the cpu modalias and the kvm modules'
+    parameters; symlinks keep their relative targets, as in sysfs.
+    """
+    src, dst = Path(src), Path(dst)
+
+    def copy_file(rel: Path, limit: int = 1 << 16) -> None:
+        try:
+            data = (src / rel).read_bytes()[:limit]
+        except OSError:
+            return
+        _write(dst / rel, data)
+
+    def copy_link(rel: Path) -> Path:
+        """Mirror a symlink; returns its target relative to the root."""
+        target = os.readlink(src / rel)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (dst / rel).is_symlink():
+            (dst / rel).symlink_to(target)
+        resolved = (src / rel).resolve().relative_to(src.resolve())
+        (dst / resolved).mkdir(parents=True, exist_ok=True)
+        return resolved
+
+    def copy_dir(rel: Path, names: Iterable[str], depth: int) -> None:
+        for p in sorted((src / rel).iterdir()) if (src / rel).is_dir() else []:
+            if p.is_symlink():
+                continue
+            if p.is_file() and p.name in names:
+                copy_file(rel / p.name)
+            elif p.is_dir() and depth > 0:
+                copy_dir(rel / p.name, names, depth - 1)
+
+    devices = Path("bus/pci/devices")
+    for link in sorted((src / devices).iterdir()):
+        d = copy_link(devices / link.name)
+        for name in ATTRS:
+            copy_file(d / name)
+        copy_file(d / "config", 64)
+        for name in ("subsystem", "iommu_group", "physfn", "driver"):
+            if (src / d / name).is_symlink():
+                target = copy_link(d / name)
+                if name == "driver":
+                    for f in ("bind", "unbind", "new_id", "remove_id"):
+                        _write(dst / target / f, "")
+                    copy_link(target / link.name)
+                elif name == "iommu_group":
+                    copy_link(target / "devices" / link.name)
+        for p in (src / d).glob("virtfn*"):
+            copy_link(d / p.name)
+        copy_dir(d / "mdev_supported_types", ("name", "description", "available_instances",
+                                              "device_api"), 1)
+        for hub in (src / d).glob("usb[0-9]*"):
+            copy_dir(d / hub.name, USB_ATTRS, 6)
+    for cls in ("block", "net", "iommu"):
+        for p in sorted((src / "class" / cls).glob("*")):
+            target = str((src / "class" / cls / p.name).resolve())
+            if cls == "iommu" or "/pci" in target:
+                t = copy_link(Path("class") / cls / p.name)
+                for name in ("dev", "partition", "uevent"):
+                    copy_file(t / name)
+    for p in sorted((src / "dev/block").glob("*")):
+        if (dst / p.resolve().relative_to(src.resolve())).is_dir():
+            copy_link(Path("dev/block") / p.name)
+    copy_file(Path("devices/system/cpu/modalias"))
+    if (src / "class/misc/kvm").is_symlink():
+        copy_file(copy_link(Path("class/misc/kvm")) / "uevent")
+    for mod in sorted((src / "module").glob("kvm*")):
+        (dst / "module" / mod.name / "parameters").mkdir(parents=True, exist_ok=True)
+        copy_dir(Path("module") / mod.name / "parameters",
+                 ("nested", "sev", "sev_es", "sev_snp", "tdx"), 0)
+    for d in ("kernel/iommu_groups", "bus/pci/drivers", "class/iommu"):
+        (dst / d).mkdir(parents=True, exist_ok=True)
+    _write(dst / "bus/pci/drivers_probe", "")
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m tests.support.sysfs_tree SRC DST   (e.g. /sys /tmp/mytree)")
+    print(record(sys.argv[1], sys.argv[2]))
