@@ -786,8 +786,7 @@ def record(src: str | Path, dst: str | Path) -> Path:
             copy_dir(d / hub.name, USB_ATTRS, 6)
     for cls in ("block", "net", "iommu"):
         for p in sorted((src / "class" / cls).glob("*")):
-            target = str((src / "class" / cls / p.name).resolve())
-            if cls == "iommu" or "/pci" in target:
+            if cls == "iommu" or "/pci" in str(p.resolve()):
                 t = copy_link(Path("class") / cls / p.name)
                 for name in ("dev", "partition", "uevent"):
                     copy_file(t / name)
@@ -801,8 +800,8 @@ def record(src: str | Path, dst: str | Path) -> Path:
         (dst / "module" / mod.name / "parameters").mkdir(parents=True, exist_ok=True)
         copy_dir(Path("module") / mod.name / "parameters",
                  ("nested", "sev", "sev_es", "sev_snp", "tdx"), 0)
-    for d in ("kernel/iommu_groups", "bus/pci/drivers", "class/iommu"):
-        (dst / d).mkdir(parents=True, exist_ok=True)
+    for empty in ("kernel/iommu_groups", "bus/pci/drivers", "class/iommu"):
+        (dst / empty).mkdir(parents=True, exist_ok=True)
     _write(dst / "bus/pci/drivers_probe", "")
     return dst
 
