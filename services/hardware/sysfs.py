@@ -91,7 +91,7 @@ class Sysfs:
         """The last component of a symlink's target (a driver, a group number), or None."""
         try:
             return os.readlink(f"{self.root}/{rel}").rsplit("/", 1)[-1]
-        except (FileNotFoundError, OSError):
+        except OSError:
             return None
 
     def listdir(self, rel: str) -> list[str]:
