@@ -48,6 +48,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_ref(ref: str) -> str:
+    """``ref`` if it can name a VM: a uuid or a valid name."""
+    if isinstance(ref, str) and _UUID.match(ref):
+        return ref
+    return check_name(ref)
+
+
 def is_pci_address(dev: str) -> bool:
     return bool(_PCI.match(dev))
 

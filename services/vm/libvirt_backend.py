@@ -272,6 +272,7 @@ class LibvirtHypervisor:
         return await asyncio.wrap_future(_submit(work))
 
     def _lookup(self, ref: str) -> libvirt.virDomain:
+        domain_xml.check_ref(ref)
         conn = self._c()
         if len(ref) == 36 and ref.count("-") == 4:
             with contextlib.suppress(libvirt.libvirtError):

@@ -143,6 +143,9 @@ async def test_vm_bad_input_is_refused_and_nothing_is_left(
         for spec, error, match in cases:
             with pytest.raises(error, match=match):
                 await call(agent, "create", VmCreate(spec=spec))
+        for verb in ("start", "reboot", "info"):
+            with pytest.raises(InvalidName, match="VM name"):
+                await call(agent, verb, VmRef(vm="\x00"))
         await call(agent, "create", VmCreate(spec=VmSpec(name="dup", memory_mib=64)))
         with pytest.raises(Conflict, match="exists already"):
             await call(agent, "create", VmCreate(spec=VmSpec(name="dup", memory_mib=64)))
