@@ -118,9 +118,12 @@ class ImageStore:
                         f"(file:// only under a configured local source)")
 
     def _local_path(self, url: str) -> Path:
-        path = Path(unquote(urlsplit(url).path)).resolve()
+        """The file a file:// URL names, if it lies under a local source directory. '..' is
+        normalised away first; symlinks inside a local directory are the operator's and are
+        followed (a built-in image may be a link to a build output)."""
+        path = Path(os.path.abspath(unquote(urlsplit(url).path)))
         for allowed in self.settings.local_dirs:
-            if path.is_relative_to(Path(allowed).resolve()):
+            if path.is_relative_to(os.path.abspath(allowed)):
                 return path
         raise Forbidden(f"catalogue: refusing {url!r}: file:// URLs are only read under a "
                         f"configured local source ({', '.join(self.settings.local_dirs)}); "
@@ -269,18 +272,22 @@ class ImageStore:
         download, work = Path(f"{stem}.download"), Path(f"{stem}.work")
         keep_download = False
         try:
-            if url.startswith("file:"):
-                payload = self._local_path(url)
-                sha, size = await self._hash_local(payload, dl.size, progress)
+            if url.startswith("file:"):  # copied (reflinked) first: what is hashed is ours
+                await progress(0, dl.size, "copying")
+                try:
+                    await asyncio.to_thread(_clone, self._local_path(url), download)
+                except OSError as e:
+                    raise NotFound(f"catalogue: {entry.id}: cannot read {e.filename}: "
+                                   f"{e.strerror}") from None
+                sha, size = await self._hash_local(download, progress)
             else:
-                payload = download
                 try:
                     sha, size = await self._download(url, download, dl.size, progress)
                 except Unavailable:
                     keep_download = True  # the next pull resumes from here
                     raise
             self._verify(entry.id, url, dl, sha, size)
-            raw_sha, source_format = await self._to_raw(entry.id, dl, payload, work, sha,
+            raw_sha, source_format = await self._to_raw(entry.id, dl, download, work, sha,
                                                         progress)
             final = self.raw_path(entry.id)
             await asyncio.to_thread(_fsync, work)  # on disk before it is published
@@ -307,12 +314,8 @@ class ImageStore:
                             f"publishes {dl.sha256}; refused (tampered or corrupt), nothing "
                             "kept")
 
-    async def _hash_local(self, path: Path, expected: int, progress: Progress
-                          ) -> tuple[str, int]:
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise NotFound(f"catalogue: cannot read {path}: {e.strerror}") from None
+    async def _hash_local(self, path: Path, progress: Progress) -> tuple[str, int]:
+        size = path.stat().st_size
         h = hashlib.sha256()
         done = 0
         with path.open("rb") as f:
@@ -429,11 +432,7 @@ class ImageStore:
         else:
             fmt = _container(image_id, head, dl.format)
             if fmt == "raw":
-                if payload.parent == self.partial:
-                    os.replace(payload, work)
-                else:
-                    await progress(0, 0, "copying")
-                    await asyncio.to_thread(_clone, payload, work)
+                os.replace(payload, work)
                 return raw_sha, "raw"
             await self._convert(image_id, payload, work, fmt, progress)
         await progress(0, 0, "hashing RAW")

@@ -249,6 +249,26 @@ async def test_file_url_under_a_local_source_is_pulled(store: ImageStore,
     assert Path(local.path).read_bytes() == raw.read_bytes()
 
 
+async def test_missing_local_file_is_not_found(store: ImageStore, tmp_path: Path) -> None:
+    gone = tmp_path / "local" / "gone.raw"
+    e, dl = entry("l", gone.as_uri(), None, sha256="1" * 64, size=1)
+    with pytest.raises(NotFound, match="cannot read .*gone.raw: No such file"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    assert pool_files(store) == []
+
+
+async def test_local_source_may_hold_a_symlink_but_not_dotdot(store: ImageStore,
+                                                            tmp_path: Path) -> None:
+    outside = make_sparse_raw(tmp_path / "build.raw", MiB)
+    (tmp_path / "local" / "tiny.raw").symlink_to(outside)
+    e, dl = entry("l", (tmp_path / "local" / "tiny.raw").as_uri(), outside)
+    assert (await store.pull(e, dl, allow_unverified=False, progress=no_progress)).sha256
+    sneaky = f"file://{tmp_path}/local/../build.raw"
+    e, dl = entry("s", sneaky, outside)
+    with pytest.raises(Forbidden, match="only read under a configured local source"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+
+
 async def test_image_bigger_than_free_space_refused_before_download(
         srv: FileServer, store: ImageStore) -> None:
     make_sparse_raw(srv.root / "disk.raw", MiB)

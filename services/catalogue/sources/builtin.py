@@ -52,7 +52,7 @@ def _entry(name: str, folder: Path) -> CatalogueEntry:
     downloads = []
     if disk.is_file():
         downloads.append(Download(
-            arch="x86_64", url=disk.resolve().as_uri(), format="raw",
+            arch="x86_64", url=disk.absolute().as_uri(), format="raw",
             sha256=str(published.get("sha256", "")),
             size=int(published.get("size", 0)) or disk.stat().st_size))
     tiny = name == TINY
