@@ -23,6 +23,7 @@ from shared.messages.hardware import (
     HwReport,
     MdevCreate,
     MdevRef,
+    PciDevice,
     SriovSet,
 )
 from shared.messages.jobs import JobAccepted
@@ -140,23 +141,33 @@ def print_report(report: HwReport) -> None:
         for step in gpu.handoff:
             con.print(f"  - {step}", highlight=False)
     for d in report.devices:
-        if d.passthrough is None or d.passthrough.verdict == "no-iommu":
-            continue
-        if d.passthrough.verdict != "isolated" or d.passthrough.host_loses:
-            con.print(f"{d.address}: {d.passthrough.verdict}: "
-                      f"{'. '.join(d.passthrough.reasons)}", highlight=False)
-        for u in d.usb:
-            con.print(f"  usb {u.port} {u.vendor_id}:{u.product_id} {u.manufacturer} "
-                      f"{u.product} ({u.kind})", highlight=False)
+        pt = d.passthrough
+        if pt is not None and pt.verdict != "no-iommu" and (
+                pt.verdict != "isolated" or pt.host_loses):
+            con.print(f"{d.address}: {pt.verdict}: {'; '.join(pt.reasons)}", highlight=False)
+    print_usb(report.devices)
     for p in report.problems:
         con.print(f"[red]problem[/red] {p}", highlight=False)
+
+
+def print_usb(devices: list[PciDevice]) -> None:
+    """USB devices by controller: passing one (a Bluetooth adapter) means passing them all."""
+    for d in devices:
+        if not d.usb:
+            continue
+        verdict = d.passthrough.verdict if d.passthrough else "-"
+        common.console.print(f"USB controller {d.address} ({verdict}) carries:",
+                             highlight=False)
+        for u in d.usb:
+            common.console.print(f"  {u.port} {u.vendor_id}:{u.product_id} {u.manufacturer} "
+                                 f"{u.product} ({u.kind})", highlight=False)
 
 
 def _yn(v: bool | None) -> str:
     return "?" if v is None else "yes" if v else "no"
 
 
-def _device_rows(devices: Any) -> list[dict[str, Any]]:
+def _device_rows(devices: list[PciDevice]) -> list[dict[str, Any]]:
     return [{"address": d.address, "ids": f"{d.vendor_id}:{d.device_id}",
              "class_name": d.class_name or d.class_code, "name": d.name or "-",
              "driver": d.driver or "-", "iommu_group": d.iommu_group,
@@ -189,6 +200,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         common.print_json(result)
     else:
         common.print_table(_device_rows(result.devices), DEVICE_COLUMNS)
+        print_usb(result.devices)
 
 
 def cmd_groups(args: argparse.Namespace) -> None:

@@ -72,6 +72,7 @@ class Handlers:
         self.monitor: UeventMonitor | None = None
 
     async def start(self) -> None:
+        self.monitor = self.fs.monitor()  # first, so that no uevent during the scan is lost
         started = time.perf_counter()
         await asyncio.to_thread(self.inv.scan)
         self.metrics.scan_seconds.set(time.perf_counter() - started)
@@ -83,7 +84,6 @@ class Handlers:
                 probe_in_child, self.settings.kvm_probe_timeout_s)
         self._boot_probe = await self._boot_probe_from_kv()
         self._set_caps()
-        self.monitor = self.fs.monitor()
         if self.monitor is not None:
             asyncio.get_running_loop().add_reader(self.monitor.fileno(), self._on_uevents)
 

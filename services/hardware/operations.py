@@ -229,6 +229,8 @@ class Operations:
             failed = self._undo(binding)
             log.warning("rolled back the interrupted bind of IOMMU group %s%s", key,
                         f" (could not undo: {failed})" if failed else "")
+            for addr in binding.drivers:
+                self.inv.update(addr)
             del self.store.bindings[key]
             undone.append(key)
         self.store.save()

@@ -167,8 +167,8 @@ class Sysfs:
             sub_device = read("subsystem_device", False)[2:]
         cls = uevent.get("PCI_CLASS", "").lower().zfill(6) if "PCI_CLASS" in uevent else (
             read("class")[2:])
-        driver = uevent.get("DRIVER", "") if "uevent" in names else (
-            self.link_name(f"{rel}/driver") or "")
+        driver = uevent["DRIVER"] if "DRIVER" in uevent else (
+            self.link_name(f"{rel}/driver") or "" if "driver" in names else "")
         group = self.link_name(f"{rel}/iommu_group") if "iommu_group" in names else None
         numa = read("numa_node", False)
         sriov = "sriov_totalvfs" in names
@@ -278,12 +278,11 @@ class Sysfs:
                 text = Path(self.proc, "cpuinfo").read_text()
             except OSError:
                 text = ""
-            for line in text.splitlines():
+            for line in text.partition("\n\n")[0].splitlines():  # the first CPU
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     model = value.strip()
-                    break
-                if key.strip() == "flags":  # the kernel's own list wins over the alias
+                elif key.strip() == "flags":  # the kernel's own words, beside the alias
                     flags |= {f for f in value.split() if f in _FEATURES.values()}
         arch = platform.machine() if self.real else (
             "x86_64" if alias.startswith("cpu:type:x86") else alias[9:].partition(",")[0])
