@@ -1,0 +1,169 @@
+"""Least-privilege NATS identities and TLS for a Phyllome host or cluster.
+
+``generate(dir, hosts)`` writes a CA and a server certificate (openssl), one user per agent
+of each host, an ``operator`` (the CLI) and a ``monitor`` (read-only), and ``admin`` (used
+only by ``phyllome up --secure`` to create the stream and buckets); ``server_conf(dir)`` is
+the nats-server ``authorization`` + ``tls`` block; each identity gets an env file::
+
+    generate(Path("/var/lib/phyllome/secure"), ["h1", "h2"])
+    # h1-vm.env: PHYLLOME_NATS_USER=h1-vm PHYLLOME_NATS_PASSWORD=... PHYLLOME_NATS_CA=.../ca.pem
+
+Permissions (``permissions(role, host)``): an agent serves only ``phy.<host>.<agent>.*``,
+publishes only its own events ``phy.evt.<host>.<agent>.>`` and its own heartbeat key, and
+reads only the KV buckets it needs; the operator may request but not publish events or write
+KV; the monitor may only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from shared import subjects
+from shared.errors import BackendError
+
+ROLES = (*subjects.SERVICES, "operator", "monitor", "admin")
+# KV buckets each role may read (watch/get) and write (put).
+KV_READ = {
+    "hardware": [subjects.KV_HOSTS],
+    "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
+    "storage": [subjects.KV_HOSTS, subjects.KV_VMS],
+    "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES],
+    "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
+    "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
+}
+KV_WRITE = {"vm": [subjects.KV_VMS], "catalogue": [subjects.KV_IMAGES]}
+
+
+def _reads(buckets: list[str], stream_reads: bool) -> list[str]:
+    """JetStream API subjects to read these KV buckets (and the event stream)."""
+    out = ["$JS.API.INFO"]
+    for b in buckets:
+        out += [f"$JS.API.STREAM.INFO.KV_{b}", f"$JS.API.CONSUMER.CREATE.KV_{b}",
+                f"$JS.API.CONSUMER.CREATE.KV_{b}.>", f"$JS.API.CONSUMER.DELETE.KV_{b}.>",
+                f"$JS.API.CONSUMER.INFO.KV_{b}.>", f"$JS.API.DIRECT.GET.KV_{b}.>",
+                f"$JS.API.STREAM.MSG.GET.KV_{b}", f"$JS.FC.KV_{b}.>"]
+    if stream_reads:
+        s = subjects.STREAM
+        out += [f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}",
+                f"$JS.API.CONSUMER.CREATE.{s}.>", f"$JS.API.CONSUMER.DELETE.{s}.>",
+                f"$JS.API.CONSUMER.INFO.{s}.>", f"$JS.API.CONSUMER.MSG.NEXT.{s}.>",
+                f"$JS.ACK.{s}.>", f"$JS.FC.{s}.>"]
+    return out
+
+
+def permissions(role: str, host: str = "") -> dict[str, Any]:
+    """The nats-server permissions block of an identity."""
+    if role == "admin":
+        return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    inbox = "_INBOX.>"
+    if role in subjects.SERVICES:
+        subjects.token(host, "host")
+        own = f"{host}.{role}"
+        publish = [
+            "phy.*.*.*",  # requests to any agent (commands are exactly 4 tokens)
+            f"phy.evt.{own}.>",  # its own events only
+            f"$KV.{subjects.KV_HOSTS}.{own}",  # its own heartbeat only
+            *[f"$KV.{b}.>" for b in KV_WRITE.get(role, [])],
+            *_reads(KV_READ[role], stream_reads=True),
+            "$SRV.>",
+        ]
+        return {
+            "publish": {"allow": publish, "deny": ["phy.evt.*.*"]},
+            "subscribe": {"allow": [f"phy.{own}.*", "$SRV.>", inbox]},
+            "allow_responses": True,
+        }
+    if role == "operator":
+        return {
+            "publish": {"allow": ["phy.*.*.*", "$SRV.>", *_reads(KV_READ[role], True)],
+                        "deny": ["phy.evt.>", "$KV.>"]},
+            "subscribe": {"allow": [inbox]},
+        }
+    if role == "monitor":
+        return {
+            "publish": {"allow": ["$SRV.>", *_reads(KV_READ[role], True)],
+                        "deny": ["phy.>", "$KV.>"]},
+            "subscribe": {"allow": [inbox, "phy.evt.>"]},
+        }
+    raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+def identities(hosts: list[str]) -> list[tuple[str, str, str]]:
+    """(user, role, host) of every identity of these hosts."""
+    out = [(f"{h}-{a}", a, h) for h in hosts for a in subjects.SERVICES]
+    return out + [("operator", "operator", ""), ("monitor", "monitor", ""), ("admin", "admin", "")]
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BackendError(f"openssl {args[0]} failed: {done.stderr.strip()[-300:]}")
+
+
+def make_certs(d: Path, names: list[str]) -> None:
+    """A CA and a server certificate for ``names`` (DNS names or IPs), unless present."""
+    if (d / "server.pem").exists():
+        return
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "3650", "-subj", "/CN=Phyllome CA", "-keyout",
+             str(d / "ca-key.pem"), "-out", str(d / "ca.pem"))
+    sans = ",".join(f"IP:{n}" if n.replace(".", "").isdigit() or ":" in n else f"DNS:{n}"
+                    for n in ["localhost", "127.0.0.1", *names])
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-subj", "/CN=phyllome-nats", "-keyout", str(d / "server-key.pem"), "-out",
+             str(d / "server.csr"))
+    ext = d / "server.ext"
+    ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+             str(d / "ca-key.pem"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
+             "-out", str(d / "server.pem"))
+    for key in ("ca-key.pem", "server-key.pem"):
+        os.chmod(d / key, 0o600)
+
+
+def generate(d: Path, hosts: list[str], names: list[str] | None = None) -> dict[str, str]:
+    """Create (or extend) the identities and certificates; returns user -> password."""
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    make_certs(d, [*hosts, *(names or [])])
+    users_file = d / "users.json"
+    users: dict[str, str] = json.loads(users_file.read_text()) if users_file.exists() else {}
+    for user, _role, _host in identities(hosts):
+        users.setdefault(user, secrets.token_urlsafe(24))
+    users_file.write_text(json.dumps(users, indent=2))
+    os.chmod(users_file, 0o600)
+    for user, _role, _host in identities(hosts):
+        env = d / f"{user}.env"
+        env.write_text(f"PHYLLOME_NATS_USER={user}\nPHYLLOME_NATS_PASSWORD={users[user]}\n"
+                       f"PHYLLOME_NATS_CA={d / 'ca.pem'}\n")
+        os.chmod(env, 0o600)
+    (d / "hosts.json").write_text(json.dumps(sorted(set(hosts))))
+    return users
+
+
+def server_conf(d: Path) -> str:
+    """The nats-server config block: users with permissions, TLS required for clients."""
+    users: dict[str, str] = json.loads((d / "users.json").read_text())
+    hosts: list[str] = json.loads((d / "hosts.json").read_text())
+    entries = []
+    for user, role, host in identities(hosts):
+        entries.append({"user": user, "password": users[user],
+                        "permissions": permissions(role, host)})
+    return (
+        f"authorization {{\n  users: {json.dumps(entries)}\n}}\n"
+        f'tls {{\n  cert_file: "{d / "server.pem"}"\n  key_file: "{d / "server-key.pem"}"\n'
+        f'  ca_file: "{d / "ca.pem"}"\n  timeout: 2\n}}\n'
+    )
+
+
+def read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key:
+            out[key] = value
+    return out
