@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared.bus import Bus
+from shared.messages import Empty
+from shared.messages.hardware import DeviceQuery
+from tests.support.agents import AgentProcess
+from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,3 +54,23 @@ def test_report_on_this_machine() -> None:
     holder = [d for d in data["devices"] if f"/{d['address']}/" in disk]
     if holder:
         assert any("root filesystem" in x for x in holder[-1]["passthrough"]["host_loses"])
+
+
+async def test_agent_process_on_this_machine(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    """`python -m services.hardware` as a real process: caps carry the ioctl check only."""
+    require(os.path.isdir("/sys/bus/pci/devices"), "a real /sys with PCI devices")
+    proc = AgentProcess("hardware", nats_server.url, tmp_path, host="h1")
+    await proc.start()
+    try:
+        bus = await Bus.connect(nats_server.url, name="t", host="h1", give_up_after=5)
+        try:
+            caps = await bus.call("h1", "hardware", "caps", Empty())
+            listed = await bus.call("h1", "hardware", "list", DeviceQuery())
+        finally:
+            await bus.close()
+        assert caps.cpu_vendor == cpu_vendor() and caps.kvm_usable is False
+        if os.path.exists("/dev/kvm"):
+            assert caps.kvm_ioctl in ("passed", "failed") and caps.kvm_ioctl_detail
+        assert [d.address for d in listed.devices] == sorted(os.listdir("/sys/bus/pci/devices"))
+    finally:
+        assert await proc.stop() == 0, proc.log()
