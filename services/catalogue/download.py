@@ -63,6 +63,8 @@ class ImageAdapter(Protocol):
 
     def resolve(self, url: str) -> str: ...
 
+    def preflight(self, entry: CatalogueEntry, dl: Download, allow_unverified: bool) -> str: ...
+
     async def fetch(self, url: str, limit: int) -> bytes: ...
 
     async def probe(self, url: str) -> tuple[bool, int, str]: ...
@@ -253,9 +255,9 @@ class ImageStore:
 
     # -- pull -------------------------------------------------------------------------------
 
-    async def pull(self, entry: CatalogueEntry, dl: Download, *, allow_unverified: bool,
-                   progress: Progress) -> LocalImage:
-        """Fetch, verify, unpack and convert ``dl`` into ``<pool>/<id>.raw``."""
+    def preflight(self, entry: CatalogueEntry, dl: Download, allow_unverified: bool) -> str:
+        """Every refusal that needs no byte of the image; returns the URL to fetch. Called
+        before a pull job starts (the caller gets the error at once) and again by it."""
         url = self.resolve(dl.url)
         if not dl.sha256 and not allow_unverified:
             raise Forbidden(f"catalogue: {entry.id} has no published sha256 ({url}); refused. "
@@ -268,6 +270,12 @@ class ImageStore:
             raise InsufficientResources(
                 f"catalogue: {entry.id} is {dl.size} bytes, the image pool {self.pool} has "
                 f"{free} bytes free; free some space (images remove) first")
+        return url
+
+    async def pull(self, entry: CatalogueEntry, dl: Download, *, allow_unverified: bool,
+                   progress: Progress) -> LocalImage:
+        """Fetch, verify, unpack and convert ``dl`` into ``<pool>/<id>.raw``."""
+        url = self.preflight(entry, dl, allow_unverified)
         stem = self.partial / f"{entry.id}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
         download, work = Path(f"{stem}.download"), Path(f"{stem}.work")
         keep_download = False

@@ -278,6 +278,7 @@ class Catalogue:
     def _count_images(self) -> None:
         self.metrics.images.clear()
         pulled = {i.id for i in self.store.locals()}
+        self.agent.details.update(images=len(self.entries), images_pulled=len(pulled))
         for e in self.entries.values():
             self.metrics.images.labels(source=e.source, state="listed").inc()
             if e.downloadable:
@@ -302,6 +303,7 @@ class Catalogue:
         return spec
 
     async def source_remove(self, req: SourceRef) -> Ack:
+        check_id(req.name, "source name")
         if any(s.name == req.name for s in self.configured()):
             raise Forbidden(f"catalogue: source {req.name!r} comes from the agent's "
                             "configuration; edit [catalogue] to remove it")
@@ -339,12 +341,11 @@ class Catalogue:
     async def pull(self, req: PullRequest) -> JobAccepted:
         entry = self.get(req.id)
         dl = choose(entry, normalize_arch(req.arch or self.settings.arch))
-        self.store.resolve(dl.url)
-        if not dl.sha256 and not req.allow_unverified:
+        try:
+            self.store.preflight(entry, dl, req.allow_unverified)
+        except PhyError:
             self.metrics.pulls.labels(outcome="refused").inc()
-            raise Forbidden(f"catalogue: {entry.id} has no published sha256 ({dl.url}); "
-                            "refused. Pass --allow-unverified to pull it anyway (it is then "
-                            "marked unverified)")
+            raise
 
         async def work(job: Job) -> dict[str, object]:
             return await self._pull(job, entry, dl, req.allow_unverified)

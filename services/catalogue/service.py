@@ -21,5 +21,4 @@ async def setup(agent: Agent) -> Catalogue:
     store = ImageStore(settings, agent.host, on_bytes=metrics.downloaded.inc)
     handlers = Catalogue(agent, settings, store, metrics)
     await handlers.start()
-    agent.details["images_pulled"] = len(store.locals())
     return handlers

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from shared.agent import Agent
-from shared.errors import BadRequest, Conflict, Forbidden, InvalidName, NotFound
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InsufficientResources,
+    InvalidName,
+    NotFound,
+)
 from shared.messages import Empty
 from shared.messages.catalogue import (
     ImageRef,
@@ -201,7 +208,7 @@ async def test_duplicate_and_configured_sources(agent: Agent, srv: FileServer) -
 @pytest.mark.parametrize("ident", ["../etc/passwd", "a/b", "..", ".hidden", "a\\b", ""])
 async def test_ids_with_path_separators_are_refused(agent: Agent, ident: str) -> None:
     for verb, req in (("info", ImageRef(id=ident)), ("remove", ImageRef(id=ident)),
-                      ("pull", PullRequest(id=ident))):
+                      ("pull", PullRequest(id=ident)), ("source_remove", SourceRef(name=ident))):
         with pytest.raises(InvalidName, match="no path separators"):
             await agent.bus.call("h1", "catalogue", verb, req)
 
@@ -216,6 +223,19 @@ async def test_unverified_pull_refused_then_allowed(agent: Agent, srv: FileServe
         await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="u"))
     status = await pull(agent, "u", allow_unverified=True)
     assert status.state == "succeeded" and status.result["state"] == "unverified"
+
+
+async def test_image_bigger_than_the_pool_is_refused_at_once(agent: Agent,
+                                                             srv: FileServer) -> None:
+    raw = make_sparse_raw(srv.root / "huge.raw", MiB)
+    img = {**image(srv, "huge", raw), "size": 1 << 55}
+    await agent.bus.call("h1", "catalogue", "source_add",
+                         SourceAdd(name="m", url=write_manifest(srv, [img])))
+    with pytest.raises(InsufficientResources, match="bytes free"):
+        await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="huge"))
+    assert srv.gets("huge.raw") == []
+    assert agent.registry.get_sample_value("phyllome_catalogue_pulls_total",
+                                           {"outcome": "refused"}) == 1
 
 
 async def test_tampered_pull_fails_and_leaves_no_file(agent: Agent, srv: FileServer) -> None:
