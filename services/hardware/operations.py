@@ -211,7 +211,8 @@ class Operations:
     async def release(self, key: str, binding: Binding, progress: Progress) -> dict[str, object]:
         failed = self._undo(binding, probe_unknown=True)
         devices = sorted(binding.drivers)
-        self._refresh([self.inv.device(a) for a in devices if self._known(a)])
+        for addr in devices:
+            self.inv.update(addr)
         if failed:
             raise BackendError(f"release of IOMMU group {key} incomplete: {'; '.join(failed)}")
         self.store.bindings.pop(key, None)
@@ -285,9 +286,6 @@ class Operations:
     def _write(self, steps: list[str], rel: str, value: str) -> None:
         self.fs.write(rel, value)
         steps.append(f"{value.strip()} > {rel}")
-
-    def _known(self, addr: str) -> bool:
-        return self.fs.exists(f"bus/pci/devices/{addr}")
 
     def _refresh(self, devices: list[PciDevice]) -> None:
         for d in devices:

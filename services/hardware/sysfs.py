@@ -243,13 +243,6 @@ class Sysfs:
         found = _ADDR_IN_PATH.findall(os.path.realpath(self.path(f"dev/block/{self.root_dev}")))
         return found[-1] if found else None
 
-    def iommu_groups(self) -> dict[int, list[str]]:
-        out = {}
-        for g in self.listdir("kernel/iommu_groups"):
-            if g.isdigit():
-                out[int(g)] = sorted(self.listdir(f"kernel/iommu_groups/{g}/devices"))
-        return out
-
     def iommu_on(self) -> bool:
         return bool(self.listdir("class/iommu")) or bool(self.listdir("kernel/iommu_groups"))
 
