@@ -390,3 +390,18 @@ async def test_metrics_pass_promtool(agent: Agent, tmp_path: Path) -> None:
     proc = subprocess.run([promtool, "check", "metrics"], input=generate_latest(agent.registry),
                           capture_output=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+async def test_restart_reads_the_index_back_and_rewrites_nothing(nats_server: NatsServer,
+                                                                 tmp_path: Path) -> None:
+    extra = {"probe_interval_s": 0, "builtin_dir": str(tmp_path / "b")}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        kv = await agent.bus.kv("images")
+        first = (await kv.status()).values
+        assert first >= 500  # osinfo-db entries
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        kv = await agent.bus.kv("images")
+        assert (await kv.status()).values == first
+        assert len(agent.handlers.entries) == first
