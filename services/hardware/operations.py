@@ -13,7 +13,6 @@ short by a crash is rolled back at the next start::
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import uuid as uuidlib
@@ -173,14 +172,14 @@ class Operations:
                     raise BackendError(f"{addr} is on {now or 'no driver'} after the probe, "
                                        "not vfio-pci")
                 await progress(i + 1, len(devices), f"{addr} -> vfio-pci")
-        except (PhyError, OSError, asyncio.CancelledError) as e:
+        except BaseException as e:  # cancelled, refused by the kernel, or a bug: undo all
             failed = self._undo(touched)
             del self.store.bindings[key]
             if old is not None:
                 self.store.bindings[key] = old
             self.store.save()
             self._refresh(devices)
-            if isinstance(e, asyncio.CancelledError):
+            if not isinstance(e, PhyError | OSError):
                 raise
             why = e.message if isinstance(e, PhyError) else str(e)
             raise BackendError(
