@@ -5,6 +5,16 @@
 process, restarting one that dies (with backoff), logging to ``<state dir>/logs/``, until
 SIGINT/SIGTERM stops them all. ``--detach`` runs the same in the background and returns
 once every agent answers; ``down`` stops it.
+
+In a cluster every host runs ``up`` with the same routes (``docs/cluster.md``)::
+
+    phyllome up --listen 0.0.0.0:4222 --cluster-listen 10.0.0.1:6222 \
+        --cluster-routes nats://10.0.0.1:6222,nats://10.0.0.2:6222,nats://10.0.0.3:6222
+
+The embedded server then joins the cluster (server name = host name), and with three or
+more routes the agents create ``PHY_EVENTS`` and the KV buckets with three replicas.
+``--leaf-remotes nats-leaf://hub:7422`` joins over one outbound connection instead, and
+``--nats-config FILE`` runs a hand-written server config (``deploy/nats/``).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from cli import common
 from shared import subjects
 from shared.config import default_host, default_state_dir
 from shared.errors import PhyError, Unavailable
-from shared.natsserver import NatsServer
+from shared.natsserver import LEAF_URL, NatsServer, parse_urls
 
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -36,6 +46,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default=os.environ.get("PHYLLOME_HOST") or default_host())
     p.add_argument("--listen", default="127.0.0.1:4222",
                    help="address of the embedded NATS server (default %(default)s)")
+    p.add_argument("--cluster-routes", default=os.environ.get("PHYLLOME_CLUSTER_ROUTES", ""),
+                   help="join a NATS cluster: every host's route URL, comma-separated "
+                   "(nats://10.0.0.1:6222,...); this host's own is skipped")
+    p.add_argument("--cluster-listen", default="",
+                   help="where this host takes routes (default: the --listen address, "
+                   "port 6222)")
+    p.add_argument("--leaf-remotes", default="",
+                   help="join as a leaf node over one outbound connection "
+                   "(nats-leaf://hub:7422); the hub's JetStream serves this host")
+    p.add_argument("--leaf-listen", default="",
+                   help="accept leaf nodes on this address (e.g. 0.0.0.0:7422)")
+    p.add_argument("--nats-config", default="",
+                   help="run nats-server with this config file instead of a generated one")
+    p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
+                   help="JetStream replicas of the events and KV buckets (default: 3 with "
+                   "three or more cluster routes, else 1)")
     p.add_argument("--agents", default=",".join(subjects.SERVICES),
                    help="which agents to run (default: all four)")
     p.add_argument("--no-demo", action="store_true",
@@ -162,7 +188,8 @@ class Supervisor:
         try:
             url = await self.start_nats()
             env = {**os.environ, "PHYLLOME_NATS_URL": url, "PHYLLOME_HOST": self.args.host,
-                   "PHYLLOME_STATE_DIR": str(self.state_dir)}
+                   "PHYLLOME_STATE_DIR": str(self.state_dir),
+                   "PHYLLOME_REPLICAS": str(self.replicas())}
             for name in self.args.agents.split(","):
                 child = Child(subjects.service(name), env,
                               self.state_dir / "logs" / f"{name}.log")
@@ -187,12 +214,31 @@ class Supervisor:
             print(f"using the NATS server at {url}", flush=True)
             return url
         host, _, port = self.args.listen.rpartition(":")
-        self.nats = NatsServer(self.state_dir / "nats", host=host or "127.0.0.1",
-                               port=int(port or 4222), name=self.args.host)
+        host = host or "127.0.0.1"
+        routes = parse_urls(self.args.cluster_routes, "--cluster-routes")
+        cluster_listen = self.args.cluster_listen
+        if routes and not cluster_listen:
+            cluster_listen = f"{host}:6222"
+        self.nats = NatsServer(
+            self.state_dir / "nats", host=host, port=int(port or 4222), name=self.args.host,
+            cluster_listen=cluster_listen, routes=routes,
+            leaf_listen=self.args.leaf_listen,
+            leaf_remotes=parse_urls(self.args.leaf_remotes, "--leaf-remotes", LEAF_URL),
+            jetstream=not self.args.leaf_remotes,
+            conf_file=Path(self.args.nats_config) if self.args.nats_config else None)
         self.nats.start()
-        print(f"nats-server listening on {self.nats.url} (data in {self.state_dir}/nats)",
-              flush=True)
-        return self.nats.url
+        joined = f"; cluster routes {', '.join(routes)}" if routes else ""
+        print(f"nats-server {self.args.host} listening on {self.nats.url} "
+              f"(data in {self.state_dir}/nats{joined})", flush=True)
+        # Agents reach the server on loopback even when it listens on every address.
+        return self.nats.url.replace("://0.0.0.0:", "://127.0.0.1:")
+
+    def replicas(self) -> int:
+        """``--replicas``, else 3 when the cluster has three or more servers, else 1."""
+        if self.args.replicas is not None:
+            return int(self.args.replicas)
+        routes = parse_urls(self.args.cluster_routes, "--cluster-routes")
+        return 3 if len(routes) >= 3 else 1
 
     async def wait_ready(self, url: str) -> None:
         from cli.status import collect

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from shared import __version__, metrics, subjects
+from shared import __version__, cluster, metrics, subjects
 from shared.bus import Bus
 from shared.codec import encode
 from shared.config import Config
@@ -76,6 +76,7 @@ class Agent:
             "host": self.host, "metrics_url": self.metrics_url, "started": str(self.started)})
         await self.beat()
         self.spawn(self._heartbeat(), "heartbeat")
+        self.spawn(cluster.watch(self), "cluster")  # resources in the beat; host down/up
         await self.publish("agent.started", AgentStarted(
             host=self.host, agent=self.name, version=self.version, metrics_url=self.metrics_url))
         self.log.info("%s agent of host %s serving; metrics at %s", self.name, self.host,

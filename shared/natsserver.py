@@ -38,15 +38,16 @@ _LISTEN = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 MAX_PAYLOAD = 8 * 1024 * 1024
 CLUSTER_NAME = "phyllome"
 _ROUTE = re.compile(r"^nats(-route)?://[^\s/,]+:\d+$")
-_LEAF = re.compile(r"^(nats-leaf|tls|nats)://[^\s/,]+:\d+$")
+LEAF_URL = re.compile(r"^(nats-leaf|tls|nats)://[^\s/,]+:\d+$")
 
 
 def parse_urls(text: str, what: str, pattern: re.Pattern[str] = _ROUTE) -> list[str]:
     """Comma-separated URLs (``nats://b:6222,nats://c:6222``), each checked, blanks dropped."""
     urls = [u.strip() for u in text.split(",") if u.strip()]
+    example = "nats-leaf://10.0.0.2:7422" if pattern is LEAF_URL else "nats://10.0.0.2:6222"
     for url in urls:
         if not pattern.match(url):
-            raise BadRequest(f"{what}: {url!r} is not a URL like nats://10.0.0.2:6222")
+            raise BadRequest(f"{what}: {url!r} is not a URL like {example}")
     return urls
 
 
@@ -151,6 +152,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, "PHYLLOME_HOST": self.name},  # $PHYLLOME_HOST in a conf_file
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

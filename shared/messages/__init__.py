@@ -54,6 +54,26 @@ class AgentStopping(Event, frozen=True, kw_only=True, tag="agent.stopping.v1"):
     reason: str = ""
 
 
+class HostDown(Event, frozen=True, kw_only=True, tag="host.down.v1"):
+    """No agent of ``down_host`` has beaten for the TTL (or all of them stopped).
+
+    Every watching host publishes it with the same event id, derived from the last beat, so
+    JetStream stores it once.
+    """
+
+    down_host: str
+    last_beat: float
+    agents: list[str] = []
+    reason: str = ""
+
+
+class HostUp(Event, frozen=True, kw_only=True, tag="host.up.v1"):
+    """``up_host`` beats again after it was down (stored once, like ``HostDown``)."""
+
+    up_host: str
+    agents: list[str] = []
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
     """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
 
