@@ -444,7 +444,10 @@ class ImageStore:
                 return raw_sha, "raw"
             await self._convert(image_id, payload, work, fmt, progress)
         await progress(0, 0, "hashing RAW")
-        return await asyncio.to_thread(_sha256, work), fmt
+        # CPU-bound hashing overlaps the I/O-bound flush of the converted file
+        digest, _ = await asyncio.gather(asyncio.to_thread(_sha256, work),
+                                         asyncio.to_thread(_fsync, work))
+        return digest, fmt
 
     async def _convert(self, image_id: str, src: Path, dst: Path, fmt: str,
                        progress: Progress) -> None:
