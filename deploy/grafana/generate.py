@@ -4,7 +4,7 @@ The JSON files are what Grafana loads (through ``provisioning/dashboards/phyllom
 this script is where they are edited, so that every panel is built the same way. After a
 change::
 
-    .venv/bin/python -m deploy.grafana.dashboards    # rewrites dashboards/*.json
+    .venv/bin/python -m deploy.grafana.generate    # rewrites dashboards/*.json
 
 ``tests/unit/test_deploy_files.py`` fails when the JSON files and this script disagree, and
 ``tests/system/test_observability.py`` runs every panel's query against a real Prometheus
