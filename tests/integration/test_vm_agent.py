@@ -288,6 +288,12 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
         disk = info.spec.disks[0]
         assert (disk.pool, disk.volume, disk.owned) == ("default", "demo-disk0", True)
         assert hashlib.sha256(Path(disk.path).read_bytes()).hexdigest() == digest
-        await call(agent, "delete", VmDelete(vm="demo", delete_disks=True))
-        assert not Path(disk.path).exists()
+        accepted = await call(agent, "clone", VmClone(vm="demo", name="demo2"))
+        assert (await _job(agent, accepted.job_id)).state == "succeeded"
+        copy = (await call(agent, "info", VmRef(vm="demo2"))).spec.disks[0]
+        assert (copy.pool, copy.volume, copy.owned) == ("default", "demo2-disk0", True)
+        assert hashlib.sha256(Path(copy.path).read_bytes()).hexdigest() == digest
+        for name in ("demo", "demo2"):
+            await call(agent, "delete", VmDelete(vm=name, delete_disks=True))
+        assert not Path(disk.path).exists() and not Path(copy.path).exists()
         assert (await agent.bus.call(HOST, "storage", "volumes", ListVolumes())).volumes == []
