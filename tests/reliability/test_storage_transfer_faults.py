@@ -152,7 +152,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
             assert "waiting for the sender" in receiver.log()
             bus = a.bus
             got = await bus.call("h2", "storage", "info", VolumeQuery(name="vm1", sha256=True),
-                                 timeout=60)
+                                 timeout=100)
             assert got.sha256 == digest
             assert got.allocated_bytes == st.st_blocks * 512
             assert not [p for p in (tmp_path / "h2" / "pools" / "default").iterdir()
