@@ -186,7 +186,7 @@ async def test_vm_boots_the_raw_disk_under_secure_boot_and_its_clone_boots(
         disk = guest_dir / "tiny.raw"
         subprocess.run(["cp", "--sparse=always", str(tiny_image.disk), str(disk)], check=True)
         disk.chmod(0o644)
-        spec = VmSpec(name=unique("disk"), memory_mib=256, vcpus=1, secure_boot=True,
+        spec = VmSpec(name=unique("disk"), memory_mib=384, vcpus=1, secure_boot=True,
                       tpm="emulated-2.0", display="vnc", disks=[Disk(path=str(disk))])
         src = await g.call("create", VmCreate(spec=spec))
         await g.call("start", VmRef(vm=src.uuid))
