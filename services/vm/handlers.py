@@ -41,9 +41,16 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
-from shared.messages import Ack
+from shared.messages import Ack, Empty
 from shared.messages.catalogue import ImageInfo, ImageRef
-from shared.messages.hardware import BootProbe, DeviceList, DeviceQuery, DeviceRef, PciDevice
+from shared.messages.hardware import (
+    BootProbe,
+    DeviceList,
+    DeviceQuery,
+    DeviceRef,
+    HostCaps,
+    PciDevice,
+)
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
@@ -305,6 +312,21 @@ class Handlers:
                              f"under TCG ({self.decision.note})")
         return accel
 
+    async def _check_nested(self, spec: VmSpec) -> None:
+        """Refuse ``nested`` when the hardware agent says the KVM module has it off."""
+        if not spec.nested:
+            return
+        try:
+            caps: HostCaps = await self.agent.bus.call(self.host, "hardware", "caps", Empty(),
+                                                       timeout=PEER_TIMEOUT_S)
+        except Unavailable as e:
+            log.warning("nested VM %s: cannot ask the hardware agent (%s)", spec.name, e.message)
+            return
+        if caps.nested is False:
+            modules = ", ".join(caps.kvm_modules) or "kvm_intel/kvm_amd"
+            raise BadRequest(f"host {self.host} does not allow nested virtualization: load "
+                             f"{modules} with nested=1, or drop --nested")
+
     async def _check_hostdevs(self, devs: list[str]) -> None:
         """Refuse devices the hardware agent does not call bound to vfio-pci or bindable."""
         bus = self.agent.bus
@@ -461,6 +483,7 @@ class Handlers:
                 spec = msgspec.structs.replace(spec, uuid=str(uuidlib.uuid4()))
             domain_xml.check_spec(spec)
             self._accelerator(spec)
+            await self._check_nested(spec)
             await self._refuse_duplicate(spec)
             await self._check_memory(spec)
             await self._check_hostdevs(spec.hostdevs)
@@ -592,6 +615,7 @@ class Handlers:
             spec = msgspec.structs.replace(old, **changes)
             domain_xml.check_spec(spec)
             await self._check_memory(spec)
+            await self._check_nested(spec)
             await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
             dom = await self._define(spec)
             if spec.autostart != old.autostart:

@@ -257,10 +257,27 @@ async def test_vm_hostdevs_need_the_hardware_agents_word(
             await call(agent, "create", VmCreate(spec=VmSpec(
                 name="mdev", memory_mib=64, hostdevs=["b1a2c3d4-0000-4000-8000-000000000001"])))
         info = await call(agent, "create", VmCreate(spec=VmSpec(
-            name="gpu", memory_mib=64, hostdevs=gpu)))
+            name="gpu", memory_mib=64, hostdevs=gpu, nested=True, accelerator="kvm")))
         xml = await agent.handlers.hv.xml(info.uuid)
         assert xml.count("<hostdev mode='subsystem' type='pci' managed='yes'>") == 4
+        assert "<cpu mode='host-passthrough'" in xml  # kvm_intel nested=Y on this host
         assert [d.name for d in await agent.handlers.hv.domains()] == ["gpu"]
+
+
+async def test_vm_nested_is_refused_where_the_kvm_module_has_it_off(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    host = FIXTURES["laptop"]()  # kvm_intel nested=N
+    tree = build(tmp_path / "sys", host)
+    (tmp_path / "proc").mkdir()
+    async with agent_in_process(
+            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
+            sysfs_root=str(tree.root),
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        with pytest.raises(BadRequest, match="does not allow nested virtualization.*nested=1"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="nest", memory_mib=64, nested=True, accelerator="kvm")))
+        assert await agent.handlers.hv.domains() == []
 
 
 async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
