@@ -80,6 +80,9 @@ def check_spec(spec: VmSpec) -> None:
         ipaddress.ip_address(spec.listen)
     except ValueError:
         raise BadRequest(f"listen address {spec.listen!r} is not an IP address") from None
+    for what, text in (("cmdline", spec.cmdline), ("password", spec.password)):
+        if not text.isprintable():
+            raise BadRequest(f"the {what} has control or unprintable characters")
     if spec.initrd and not spec.kernel or spec.cmdline and not spec.kernel:
         raise BadRequest("initrd and cmdline need a kernel (direct kernel boot)")
     if len(spec.disks) > len(_DISK_TARGETS):
