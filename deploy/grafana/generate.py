@@ -151,8 +151,8 @@ def host() -> dict[str, Any]:
               "running now?", [(f"phyllome_hardware_jobs_running{{{H}}}", "{{host}}")],
               kind="stat", instant=True, width=8),
         Panel("Passthrough operations by outcome", "Which bind/release/mdev/SR-IOV "
-              "operations succeeded or were refused (and why) in the time range?",
-              [(f"sum by (host, verb, outcome) (increase({ops}[{RANGE}]))",
+              "operations succeeded or were refused (and why), since the agent started?",
+              [(f"sum by (host, verb, outcome) ({ops})",
                 "{{host}} {{verb}} {{outcome}}")], kind="bargauge", instant=True),
         Panel("Kernel uevents", "Which device changes (add, remove, bind, change) did the "
               "kernel report?", [(f"sum by (host, action) (rate(phyllome_hardware_uevents_total"
@@ -197,13 +197,14 @@ def vms() -> dict[str, Any]:
               [(f"time() - phyllome_vm_boot_time_seconds{{{H}}}", "{{host}} {{vm}}")],
               kind="bargauge", instant=True, unit="s"),
         Panel("Lifecycle operations", "Which create/start/stop/... operations ran and how "
-              "did they end, in the time range?",
-              [(f"sum by (operation, outcome) (increase(phyllome_vm_lifecycle_operations_total"
-                f"{{{H}}}[{RANGE}]))", "{{operation}} {{outcome}}")],
+              "did they end, since the agent started?",
+              [(f"sum by (operation, outcome) (phyllome_vm_lifecycle_operations_total{{{H}}})",
+                "{{operation}} {{outcome}}")],
               kind="bargauge", instant=True),
-        Panel("Lifecycle operation time (p95)", "How long do lifecycle operations take?",
-              [("histogram_quantile(0.95, sum by (operation, le) (increase("
-                f"phyllome_vm_lifecycle_operation_duration_seconds_bucket{{{H}}}[{RANGE}])))",
+        Panel("Lifecycle operation time (p95)", "How long do lifecycle operations take "
+              "(since the agent started)?",
+              [("histogram_quantile(0.95, sum by (operation, le) ("
+                f"phyllome_vm_lifecycle_operation_duration_seconds_bucket{{{H}}}))",
                 "{{operation}}")], kind="bargauge", instant=True, unit="s"),
         Panel("Reconciliation", "Does the agent's view drift from the hypervisor's (missed "
               "events), or does it lose libvirt (reconnects)?",
@@ -218,8 +219,9 @@ def vms() -> dict[str, Any]:
 
 
 def storage() -> dict[str, Any]:
-    def over_range(metric: str, by: str) -> str:
-        return f"sum by ({by}) (increase({metric}{{{H}}}[{RANGE}]))"
+    def since_start(metric: str, by: str) -> str:
+        # counters whose labels appear with their first event: increase() would miss it
+        return f"sum by ({by}) ({metric}{{{H}}})"
 
     return dashboard("phyllome-storage", "Phyllome storage and jobs",
                      "How full are the pools, and how do clones, imports and transfers go?", [
@@ -242,37 +244,43 @@ def storage() -> dict[str, Any]:
               [(f"phyllome_storage_pool_volumes{{{H}}}", "{{host}} {{pool}}")],
               kind="bargauge", instant=True),
         Panel("Clones and imports", "Which clones and imports ended how, by method "
-              "(reflink is instant, copy is not)?",
-              [(over_range("phyllome_storage_clones_total", "host, method, outcome"),
+              "(reflink is instant, copy is not), since the agent started?",
+              [(since_start("phyllome_storage_clones_total", "host, method, outcome"),
                 "{{host}} {{method}} {{outcome}}")], kind="bargauge", instant=True),
-        Panel("Transfers", "Which volume transfers between hosts completed or failed?",
-              [(over_range("phyllome_storage_transfers_total", "host, direction, outcome"),
+        Panel("Transfers", "Which volume transfers between hosts completed or failed, "
+              "since the agent started?",
+              [(since_start("phyllome_storage_transfers_total", "host, direction, outcome"),
                 "{{host}} {{direction}} {{outcome}}")], kind="bargauge", instant=True),
         Panel("Bytes copied", "How fast do clones and transfers move data?",
               [(f"sum by (host, op) (rate(phyllome_storage_copied_bytes_total{{{H}}}[{RATE}]))",
                 "{{host}} {{op}}"),
                (f"sum by (host) (rate(phyllome_storage_wire_bytes_total{{{H}}}[{RATE}]))",
                 "{{host}} on the wire")], unit="Bps"),
-        Panel("Bytes skipped as holes", "How much did sparse copies NOT have to read or send?",
-              [(over_range("phyllome_storage_hole_bytes_total", "host, op"), "{{host}} {{op}}")],
+        Panel("Bytes skipped as holes", "How much did sparse copies NOT have to read or send, "
+              "since the agent started?",
+              [(since_start("phyllome_storage_hole_bytes_total", "host, op"), "{{host}} {{op}}")],
               kind="bargauge", instant=True, unit="bytes"),
-        Panel("Checksum failures", "Was data damaged on the wire or on disk? (0 is good)",
-              [(over_range("phyllome_storage_checksum_failures_total", "host, side"),
+        Panel("Checksum failures", "Was data damaged on the wire or on disk, since the agent "
+              "started? (0 is good)",
+              [(since_start("phyllome_storage_checksum_failures_total", "host, side"),
                 "{{host}} {{side}}")], kind="stat", instant=True, thresholds=[(1, "red")]),
-        Panel("Operation time (p95)", "How long do clones, imports and transfers take?",
-              [("histogram_quantile(0.95, sum by (op, le) (increase("
-                f"phyllome_storage_operation_duration_seconds_bucket{{{H}}}[{RANGE}])))",
+        Panel("Operation time (p95)", "How long do clones, imports and transfers take "
+              "(since the agent started)?",
+              [("histogram_quantile(0.95, sum by (op, le) ("
+                f"phyllome_storage_operation_duration_seconds_bucket{{{H}}}))",
                 "{{op}}")], kind="bargauge", instant=True, unit="s"),
-        Panel("Throughput (median)", "What rate do copies and transfers reach?",
-              [("histogram_quantile(0.5, sum by (op, le) (increase("
-                f"phyllome_storage_throughput_bytes_per_second_bucket{{{H}}}[{RANGE}])))",
+        Panel("Throughput (median)", "What rate do copies and transfers reach (since the "
+              "agent started)?",
+              [("histogram_quantile(0.5, sum by (op, le) ("
+                f"phyllome_storage_throughput_bytes_per_second_bucket{{{H}}}))",
                 "{{op}}")], kind="bargauge", instant=True, unit="Bps"),
         Panel("Jobs running", "How many long operations (clone, import, send, pull, bind) "
               "run now, per agent?",
               [(f'{{__name__=~"phyllome_.+_jobs_running", {H}}}', "{{host}} {{agent}}")]),
-        Panel("Jobs finished", "How did the jobs of the time range end, by agent and kind?",
-              [(f'sum by (agent, kind, state) (increase({{__name__=~"phyllome_.+_jobs_total",'
-                f" {H}}}[{RANGE}]))", "{{agent}} {{kind}} {{state}}")],
+        Panel("Jobs finished", "How did jobs end, by agent and kind, since the agents "
+              "started?",
+              [(f'sum by (agent, kind, state) ({{__name__=~"phyllome_.+_jobs_total", {H}}})',
+                "{{agent}} {{kind}} {{state}}")],
               kind="bargauge", instant=True),
     ])
 

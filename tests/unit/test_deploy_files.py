@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from deploy.grafana import generate
+from tests.support.prometheus import panel_queries
 from tests.support.require import require, require_binary
 
 pytestmark = pytest.mark.unit
@@ -28,8 +29,6 @@ PROM = REPO / "deploy" / "prometheus"
 GRAFANA = REPO / "deploy" / "grafana"
 SYSTEMD = REPO / "deploy" / "systemd"
 AGENTS = ("hardware", "vm", "storage", "catalogue")
-# What Grafana substitutes into a query before Prometheus sees it.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$host": ".*"}
 
 
 def load_yaml(path: Path) -> Any:
@@ -39,19 +38,6 @@ def load_yaml(path: Path) -> Any:
         require(False, "PyYAML (dev dependency pyyaml)")
         raise
     return yaml.safe_load(path.read_text())
-
-
-def panel_queries() -> list[tuple[str, str, str]]:
-    """(dashboard file, panel title, PromQL as Prometheus gets it) of every panel target."""
-    out = []
-    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
-            for target in panel["targets"]:
-                expr = target["expr"]
-                for var, value in GRAFANA_VARS.items():
-                    expr = expr.replace(var, value)
-                out.append((path.name, panel["title"], expr))
-    return out
 
 
 # -- compose ---------------------------------------------------------------------------------
