@@ -24,9 +24,9 @@ from shared.messages.catalogue import CatalogueEntry, Download, Requirements, Re
 SOURCE = "builtin"
 TINY = "phyllome-tiny"
 MiB = 1 << 20
+# Booted from its disk under UEFI the kernel resets with 256 MiB (deploy/images/README.md).
 TINY_REQUIREMENTS = Requirements(
-    minimum=Resources(cpus=1, ram=128 * MiB, storage=96 * MiB),
-    recommended=Resources(cpus=1, ram=256 * MiB, storage=96 * MiB),
+    minimum=Resources(cpus=1, ram=384 * MiB, storage=96 * MiB),
     firmware="uefi", secure_boot=True, tpm="2.0")
 
 
