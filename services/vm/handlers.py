@@ -127,16 +127,25 @@ class Handlers:
         await self.hv.close()
 
     async def _report_probe(self) -> None:
-        """Tell the hardware agent what the boot probe found (its host caps carry it)."""
+        """Tell the hardware agent what the boot probe found (its host caps carry it);
+        it may start after us, so keep trying with backoff."""
         if self.decision.kvm_usable is None:
             return
         probe = BootProbe(result="passed" if self.decision.kvm_usable else "failed",
                           detail=self.decision.note)
-        try:
-            await self.agent.bus.call(self.host, "hardware", "boot_probe", probe,
-                                      timeout=PEER_TIMEOUT_S)
-        except PhyError as e:
-            log.info("boot probe not reported to the hardware agent: %s", e.message)
+        delay = 1.0
+        while True:
+            try:
+                await self.agent.bus.call(self.host, "hardware", "boot_probe", probe,
+                                          timeout=PEER_TIMEOUT_S)
+                return
+            except Unavailable as e:
+                log.debug("boot probe not reported yet: %s", e.message)
+            except PhyError as e:
+                log.warning("the hardware agent refused the boot probe: %s", e.message)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     async def _bridge(self) -> None:
         while True:
