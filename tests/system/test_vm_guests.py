@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from shared.agent import Agent
+from shared.messages import Empty
 from shared.messages.jobs import JobRef
 from shared.messages.vm import (
     Disk,
@@ -265,9 +266,15 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
         nats_server: NatsServer, tmp_path: Path, guest_dir: Path, libvirtd: str,
         tiny_image: TinyImage) -> None:
     """On this kind of host a Linux guest hangs under KVM: auto must pick TCG, once a boot."""
-    async with guests(nats_server, tmp_path, guest_dir, tiny_image, accelerator="auto",
-                      extra={"kvm_probe_deadline_s": 5}) as g:
+    async with agent_in_process("hardware", nats_server.url, tmp_path / "hw", host=HOST,
+                                sysfs_root="/sys") as hw, \
+            guests(nats_server, tmp_path, guest_dir, tiny_image, accelerator="auto",
+                   extra={"kvm_probe_deadline_s": 5}) as g:
         decision = g.agent.details["accelerator"]
+        probe = "passed" if decision["kvm_usable"] else "failed"
+        async with asyncio.timeout(20):  # the host capabilities carry the verdict
+            while (await hw.bus.call(HOST, "hardware", "caps", Empty())).kvm_boot_probe != probe:
+                await asyncio.sleep(0.1)
         assert decision["accelerator"] == ("kvm" if decision["kvm_usable"] else "tcg")
         info = await g.call("create", VmCreate(spec=g.direct(unique("auto"), firmware="bios")))
         assert info.accelerator == decision["accelerator"]
