@@ -355,6 +355,10 @@ class Catalogue:
 
     async def _pull(self, job: Job, entry: CatalogueEntry, dl: Download,
                     allow_unverified: bool) -> dict[str, object]:
+        have = self.store.local(entry.id)
+        if have is not None and dl.sha256 and have.source_sha256 == dl.sha256:
+            await job.progress(have.size, have.size, "already pulled")
+            return to_builtins(have)
         try:
             image = await self.store.pull(entry, dl, allow_unverified=allow_unverified,
                                           progress=job.progress)
@@ -373,8 +377,7 @@ class Catalogue:
         await self.agent.publish("image.pulled", ImagePulled(host=self.agent.host, image=image),
                                  image.id)
         self._count_images()
-        result: dict[str, object] = to_builtins(image)
-        return result
+        return to_builtins(image)
 
     async def remove(self, req: ImageRef) -> Ack:
         check_id(req.id)

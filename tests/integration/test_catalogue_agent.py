@@ -102,6 +102,9 @@ async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServ
 
     status = await pull(agent, "cloud")
     assert status.state == "succeeded", status.message
+    again = await pull(agent, "cloud")  # already there: no second download
+    assert again.state == "succeeded" and again.message == "already pulled"
+    assert len(srv.gets("cloud.qcow2")) == 1
     info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
     assert info.sha256 == sha(src) and Path(info.path).read_bytes() == src.read_bytes()
     assert info.local.source_format == "qcow2"
