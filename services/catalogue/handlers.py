@@ -70,6 +70,8 @@ GiB = 1 << 30
 # Formats in the order a pull prefers them: RAW needs no conversion.
 FORMAT_ORDER = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
 PROBE_CONCURRENCY = 8
+# Words people type for an OS family -> osinfo-db's family names.
+FAMILY_ALIASES = {"windows": "winnt", "macos": "darwin"}
 
 
 def template(entry: CatalogueEntry, local: LocalImage | None = None) -> VmTemplate:
@@ -88,7 +90,8 @@ def matches(entry: CatalogueEntry, req: ListRequest) -> bool:
         return False
     if req.source and entry.source != req.source:
         return False
-    if req.family and req.family.lower() not in (entry.family.lower(), entry.distro.lower()):
+    family = FAMILY_ALIASES.get(req.family.lower(), req.family.lower())
+    if family and family not in (entry.family.lower(), entry.distro.lower()):
         return False
     if req.arch and normalize_arch(req.arch) not in entry.archs:
         return False

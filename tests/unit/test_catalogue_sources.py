@@ -151,6 +151,7 @@ def test_search_filters() -> None:
     assert not matches(e, ListRequest(arch="aarch64"))
     assert not matches(e, ListRequest(search="fedora"))
     assert not matches(entry(), ListRequest(downloadable=True))
+    assert matches(entry(family="winnt", distro="win"), ListRequest(family="Windows"))
     container = Download(arch="x86_64", url="docker://q/x", format="containerdisk")
     assert not matches(entry(downloads=[container]), ListRequest(downloadable=True))
 
