@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from services.storage.volumes import data_extents
 from shared.bus import Bus
 from shared.errors import BadRequest
 from shared.messages import Empty
@@ -24,7 +23,7 @@ from shared.messages.storage import (
     VolumeRef,
 )
 from tests.support.agents import agent_in_process
-from tests.support.loopfs import make_sparse, scatter
+from tests.support.loopfs import make_sparse, same_sparse_content, scatter
 from tests.support.nats import nats_server  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -39,19 +38,6 @@ async def finished(bus: Bus, host: str, job_id: str, timeout: float = 60) -> Job
             return st
         assert asyncio.get_running_loop().time() < deadline, f"job {job_id} still running"
         await asyncio.sleep(0.05)
-
-
-def same_sparse_content(a: Path, b: Path) -> bool:
-    """Same size, same data extents, same bytes in them: equal content, holes kept."""
-    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
-    try:
-        size = os.fstat(fa).st_size
-        ea, eb = data_extents(fa, size), data_extents(fb, size)
-        return size == os.fstat(fb).st_size and ea == eb and all(
-            os.pread(fa, n, off) == os.pread(fb, n, off) for off, n in ea)
-    finally:
-        os.close(fa)
-        os.close(fb)
 
 
 def sha256_file(path: Path) -> str:
