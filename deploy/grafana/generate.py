@@ -114,7 +114,7 @@ def overview() -> dict[str, Any]:
         stat("Alerts firing", "How many Phyllome alerts fire now? (0 is good)",
              'count(ALERTS{alertstate="firing", alertname=~"Phyllome.+"}) or vector(0)',
              thresholds=[(1, "red")]),
-        Panel("Agents up", "Which agents answer (1) or not (0), over time?",
+        Panel("Agents over time", "Which agents answered (up) or not (down), and when?",
               [(f'up{{job="phyllome", {H}}}', "{{host}} {{agent}}")], kind="state-timeline",
               mappings={"0": "down", "1": "up"}, thresholds=[(1, "green")]),
         Panel("VMs by state", "How many VMs are in each state?",

@@ -251,3 +251,12 @@ def test_dashboard_generator_writes_the_files(tmp_path: Path, monkeypatch: Any) 
     monkeypatch.setattr(generate, "OUT", tmp_path)
     generate.main()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(generate.render())
+
+
+def test_deploy_doc_names_every_panel_and_alert() -> None:
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    titles = {title for _, title, _ in panel_queries()}
+    groups = load_yaml(PROM / "rules" / "phyllome-alerts.yml")["groups"]
+    alerts = {r["alert"] for g in groups for r in g["rules"]}
+    assert [t for t in sorted(titles) if f"| {t} |" not in doc] == []
+    assert [a for a in sorted(alerts) if f"| {a} |" not in doc] == []
