@@ -13,7 +13,6 @@ In a cluster every host runs ``up`` with the same routes (``docs/cluster.md``)::
 
 The embedded server then joins the cluster (server name = host name), and with three or
 more routes the agents create ``PHY_EVENTS`` and the KV buckets with three replicas.
-``--leaf-remotes nats-leaf://hub:7422`` joins over one outbound connection instead, and
 ``--nats-config FILE`` runs a hand-written server config (``deploy/nats/``).
 """
 
@@ -28,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import nats.errors
+
 from cli import common
 from shared import subjects
-from shared.config import default_host, default_state_dir
+from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
-from shared.natsserver import LEAF_URL, NatsServer, parse_urls
+from shared.natsserver import NatsServer, parse_urls
 
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -52,11 +53,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cluster-listen", default="",
                    help="where this host takes routes (default: the --listen address, "
                    "port 6222)")
-    p.add_argument("--leaf-remotes", default="",
-                   help="join as a leaf node over one outbound connection "
-                   "(nats-leaf://hub:7422); the hub's JetStream serves this host")
-    p.add_argument("--leaf-listen", default="",
-                   help="accept leaf nodes on this address (e.g. 0.0.0.0:7422)")
     p.add_argument("--nats-config", default="",
                    help="run nats-server with this config file instead of a generated one")
     p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
@@ -187,6 +183,7 @@ class Supervisor:
         pid_file(self.state_dir).write_text(str(os.getpid()))
         try:
             url = await self.start_nats()
+            await self.prepare_jetstream(url)
             env = {**os.environ, "PHYLLOME_NATS_URL": url, "PHYLLOME_HOST": self.args.host,
                    "PHYLLOME_STATE_DIR": str(self.state_dir),
                    "PHYLLOME_REPLICAS": str(self.replicas())}
@@ -222,9 +219,6 @@ class Supervisor:
         self.nats = NatsServer(
             self.state_dir / "nats", host=host, port=int(port or 4222), name=self.args.host,
             cluster_listen=cluster_listen, routes=routes,
-            leaf_listen=self.args.leaf_listen,
-            leaf_remotes=parse_urls(self.args.leaf_remotes, "--leaf-remotes", LEAF_URL),
-            jetstream=not self.args.leaf_remotes,
             conf_file=Path(self.args.nats_config) if self.args.nats_config else None)
         self.nats.start()
         joined = f"; cluster routes {', '.join(routes)}" if routes else ""
@@ -232,6 +226,31 @@ class Supervisor:
               f"(data in {self.state_dir}/nats{joined})", flush=True)
         # Agents reach the server on loopback even when it listens on every address.
         return self.nats.url.replace("://0.0.0.0:", "://127.0.0.1:")
+
+    async def prepare_jetstream(self, url: str, timeout: float = 90.0) -> None:
+        """Create PHY_EVENTS and the KV buckets with this cluster's replicas, once JetStream
+        answers (a forming cluster first elects its meta leader), before any agent or CLI
+        could create them with other settings."""
+        cfg = load("hardware", {**os.environ, "PHYLLOME_HOST": self.args.host})
+        bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+                                       give_up_after=10, replicas=self.replicas(),
+                                       kv_ttl_s=cfg.heartbeat_ttl_s)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    await bus.ensure_stream()
+                    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
+                        await bus.kv(bucket)
+                    return
+                except (PhyError, TimeoutError, nats.errors.Error) as e:
+                    if time.monotonic() > deadline or self.stop.is_set():
+                        raise Unavailable(f"JetStream at {url} did not get ready in "
+                                          f"{timeout:.0f} s ({e!r}); see "
+                                          f"{self.state_dir}/nats/nats-server.log") from None
+                    await asyncio.sleep(0.5)
+        finally:
+            await bus.nc.close()
 
     def replicas(self) -> int:
         """``--replicas``, else 3 when the cluster has three or more servers, else 1."""
@@ -246,7 +265,12 @@ class Supervisor:
         deadline = time.monotonic() + 90
         rows: list[dict[str, object]] = []
         while time.monotonic() < deadline and not self.stop.is_set():
-            rows = [r for r in await collect(url, window=0.5) if r["host"] == self.args.host]
+            try:
+                rows = [r for r in await collect(url, window=0.5)
+                        if r["host"] == self.args.host]
+            except (PhyError, TimeoutError, nats.errors.Error):  # a server of the cluster moved
+                await asyncio.sleep(0.5)
+                continue
             if {r["agent"] for r in rows if r["healthy"]} >= {c.name for c in self.children}:
                 break
             for child in self.children:

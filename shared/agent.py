@@ -64,7 +64,7 @@ class Agent:
         self._bus = await Bus.connect(
             cfg.nats_url, name=f"{self.name}@{self.host}", host=self.host, metrics=self.metrics,
             user=cfg.nats_user, password=cfg.nats_password, creds=cfg.nats_creds, ca=cfg.nats_ca,
-            replicas=int(cfg.extra.get("replicas", 1)), kv_ttl_s=cfg.heartbeat_ttl_s)
+            replicas=cfg.replicas, kv_ttl_s=cfg.heartbeat_ttl_s)
         await self.bus.ensure_stream()
         self.handlers = await setup(self)
         missing = [s.verb for s in endpoints if not callable(getattr(self.handlers, s.verb, None))]

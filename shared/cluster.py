@@ -136,7 +136,7 @@ def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
                known: Iterable[str] = (), vm_hosts: Iterable[str] = ()) -> list[HostView]:
     """Group heartbeats by host: up while the newest beat is younger than the TTL.
 
-    ``known`` are hosts seen before (in host events) and ``vm_hosts`` those VM records name;
+    ``known`` are hosts seen before (in the events) and ``vm_hosts`` those VM records name;
     without a live heartbeat they are listed ``down`` (their heartbeats have expired).
     """
     by_host: dict[str, list[Heartbeat]] = {}
@@ -164,32 +164,39 @@ def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
 
 
 async def known_hosts(bus: Bus) -> set[str]:
-    """Hosts named by host events (down/up) still in the stream."""
+    """Hosts whose agents started, or that were said down or up, within the stream's age."""
     await bus.ensure_stream()
-    names = set()
-    for msg in await last_per_subject(bus, subjects.STREAM,
-                                      subjects.events_filter(kind="host.>")):
-        names.add(msg.subject.rsplit(".", 1)[-1])
-    return names
+    started, host_events = await asyncio.gather(
+        last_per_subject(bus, subjects.STREAM, subjects.events_filter(kind="agent.started")),
+        last_per_subject(bus, subjects.STREAM, subjects.events_filter(kind="host.>")))
+    return ({m.subject.split(".")[2] for m in started}
+            | {m.subject.rsplit(".", 1)[-1] for m in host_events})
+
+
+async def hosts_ttl(bus: Bus) -> float:
+    """The TTL of KV ``hosts`` as its creator set it (agents may run with another than ours)."""
+    await bus.kv(subjects.KV_HOSTS)
+    info = await bus.js.stream_info(f"KV_{subjects.KV_HOSTS}")
+    return float(info.config.max_age or bus.kv_ttl_s)
 
 
 async def host_views_on(bus: Bus) -> list[HostView]:
     """Every host of the cluster from KV ``hosts``, KV ``vms`` and the host events."""
-    beats, records, known = await asyncio.gather(
+    beats, records, known, ttl = await asyncio.gather(
         kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS),
-        known_hosts(bus))
+        known_hosts(bus), hosts_ttl(bus))
     vms: list[VmRecord] = _decode_all(records, VmRecord)
-    return host_views(_decode_all(beats, Heartbeat), now=time.time(), ttl_s=bus.kv_ttl_s,
+    return host_views(_decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
                       known=known, vm_hosts=[r.host for r in vms])
 
 
 async def cluster_vms(bus: Bus) -> list[VmRecord]:
     """Every VM of every host from KV ``vms``; a VM whose host is down is ``unknown``."""
-    beats, records = await asyncio.gather(
-        kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS))
+    beats, records, ttl = await asyncio.gather(
+        kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS), hosts_ttl(bus))
     now = time.time()
     up = {v.host for v in host_views(_decode_all(beats, Heartbeat), now=now,
-                                     ttl_s=bus.kv_ttl_s) if v.state == "up"}
+                                     ttl_s=ttl) if v.state == "up"}
     out: list[VmRecord] = []
     for rec in _decode_all(records, VmRecord):
         if rec.host not in up:

@@ -8,7 +8,7 @@
     PHYLLOME_SYSFS_ROOT     where sysfs is read and written (default /sys)
     PHYLLOME_<AGENT>_METRICS_PORT   /metrics port of one agent (defaults 9701..9704; 0 = any)
     PHYLLOME_REPLICAS       JetStream replicas of PHY_EVENTS and the KV buckets (1, or 3 in a
-                            cluster of three or more servers); lands in ``extra["replicas"]``
+                            cluster of three or more servers)
     PHYLLOME_CONFIG         a TOML file with the same keys in lower case, and per-agent
                             tables (``[vm] metrics_port = 9802``)
 
@@ -51,6 +51,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     nats_creds: str = ""
     nats_ca: str = ""
     accelerator: str = "auto"
+    replicas: int = 1
     extra: dict[str, Any] = {}
 
     @property
@@ -69,7 +70,7 @@ def default_host() -> str:
 
 
 _KEYS = ("host", "nats_url", "state_dir", "libvirt_uri", "sysfs_root", "log_level",
-         "nats_user", "nats_password", "nats_creds", "nats_ca", "accelerator")
+         "nats_user", "nats_password", "nats_creds", "nats_ca", "accelerator", "replicas")
 
 
 def load(agent: str, env: Mapping[str, str] | None = None) -> Config:
@@ -93,12 +94,6 @@ def load(agent: str, env: Mapping[str, str] | None = None) -> Config:
     port_env = f"PHYLLOME_{agent.upper()}_METRICS_PORT"
     if port_env in env:
         values["metrics_port"] = env[port_env]
-    if "PHYLLOME_REPLICAS" in env:
-        replicas = env["PHYLLOME_REPLICAS"]
-        if not replicas.isdigit() or not 1 <= int(replicas) <= 5:
-            raise BadRequest(f"PHYLLOME_REPLICAS={replicas!r}: use 1 (one server) or 3 "
-                             "(a cluster of three or more), at most 5")
-        extra["replicas"] = int(replicas)
     values.setdefault("host", default_host())
     values.setdefault("state_dir", default_state_dir())
     values.setdefault("metrics_port", DEFAULT_METRICS_PORTS[agent])
@@ -107,4 +102,7 @@ def load(agent: str, env: Mapping[str, str] | None = None) -> Config:
     except msgspec.ValidationError as e:
         raise BadRequest(f"configuration of {agent}: {e}") from None
     subjects.token(cfg.host, "PHYLLOME_HOST")
+    if not 1 <= cfg.replicas <= 5:
+        raise BadRequest(f"replicas = {cfg.replicas}: use 1 (one server) or 3 (a cluster of "
+                         "three or more), at most 5")
     return cfg

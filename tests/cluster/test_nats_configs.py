@@ -31,8 +31,7 @@ def test_bad_route_and_replica_settings_are_refused_clearly() -> None:
         parse_urls("10.0.0.1", "--cluster-routes")
     with pytest.raises(BadRequest, match="like nats-leaf://"):
         parse_urls("http://hub:7422", "--leaf-remotes", LEAF_URL)
-    assert load("vm", env={"PHYLLOME_HOST": "h", "PHYLLOME_REPLICAS": "3"}).extra == {
-        "replicas": 3}
+    assert load("hardware", env={"PHYLLOME_HOST": "h", "PHYLLOME_REPLICAS": "3"}).replicas == 3
     for bad in ("three", "0", "7"):
-        with pytest.raises(BadRequest, match="PHYLLOME_REPLICAS"):
+        with pytest.raises(BadRequest, match="replicas"):
             load("vm", env={"PHYLLOME_HOST": "h", "PHYLLOME_REPLICAS": bad})

@@ -1,0 +1,69 @@
+"""``phyllome hosts``: every host of the cluster, up or down, with its capabilities and room.
+
+Read from the replicated KV buckets (heartbeats in ``hosts``, VM records in ``vms``) and the
+host events, not by asking each host, so a host that died is still listed, as ``down``::
+
+    phyllome hosts
+    HOST  STATE  AGENTS                           VMS  CPUS  MEM FREE   POOL FREE  CAPS
+    a     up     catalogue hardware storage vm    12   8     21.4 GiB   310.2 GiB  uefi tpm
+    c     down   -                                4    -     -          -          -
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from cli import common
+from shared.bus import Bus
+from shared.cluster import HostView, host_views_on
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("hosts", help="every host of the cluster: up/down, capabilities, room")
+    common.add_common(p)
+    p.set_defaults(func=cmd_hosts)
+
+
+def caps_words(view: HostView) -> list[str]:
+    """What a host offers VMs, in the words placement uses."""
+    res, caps = view.resources, view.caps
+    words = [w for w, ok in (("kvm", caps.get("kvm_usable")), ("uefi", res.get("uefi")),
+                             ("secure-boot", res.get("secure_boot")), ("tpm", res.get("tpm")),
+                             ("nested", caps.get("nested"))) if ok]
+    if gpus := res.get("gpus_bindable"):
+        words.append(f"gpu×{len(gpus)}")
+    return words
+
+
+def row(view: HostView) -> dict[str, Any]:
+    res = view.resources
+    pools_free = [p.get("free_bytes") for p in view.pools.values() if "free_bytes" in p]
+    return {
+        "host": view.host, "state": view.state, "agents": " ".join(view.agents) or None,
+        "vms": view.vms, "cpus": res.get("cpus"),
+        "memory_free": (common.human_bytes(res["memory_available_bytes"])
+                        if "memory_available_bytes" in res else None),
+        "pool_free": common.human_bytes(max(pools_free)) if pools_free else None,
+        "caps": " ".join(caps_words(view)) or None,
+        "last_beat_s": view.age_s, "reason": view.reason or None,
+    }
+
+
+def cmd_hosts(args: argparse.Namespace) -> None:
+    async def go(bus: Bus) -> list[HostView]:
+        return await host_views_on(bus)
+
+    views = common.call(args, go)
+    if args.json:
+        common.print_json(views)
+    elif not views:
+        print("no hosts: no agent has written a heartbeat; start them with `phyllome up`")
+    else:
+        common.print_table([row(v) for v in views], [
+            ("host", "HOST"), ("state", "STATE"), ("agents", "AGENTS"), ("vms", "VMS"),
+            ("cpus", "CPUS"), ("memory_free", "MEM FREE"), ("pool_free", "POOL FREE"),
+            ("caps", "CAPS"), ("last_beat_s", "BEAT AGO S"), ("reason", "WHY DOWN")])
+    if any(v.state == "down" for v in views):
+        sys.exit(common.EXIT_FAILED)

@@ -1,0 +1,226 @@
+"""Three hosts as network namespaces, one NATS cluster with JetStream R3, real agents.
+
+Each host runs ``phyllome up --cluster-routes ...`` (its nats-server joins the cluster; its
+hardware, storage and vm agents heartbeat into KV ``hosts``); the vm agents use libvirt's
+test driver. Then: ``phyllome hosts`` shows three hosts up; 1,000 VMs across them list in
+under a second; host c dies (nats-server and agents SIGKILLed) and the other two keep
+serving, show c down with one ``host.down`` event, its VMs ``unknown``, and events flow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.libvirt import TEST_HOST_XML
+from tests.support.netns import Host, Hosts, env_for
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = ("a", "b", "c")
+HEARTBEAT_S, TTL_S = 1.0, 6.0
+VMS_PER_HOST = 334  # 1,002 in all
+
+
+class Cluster:
+    def __init__(self, hosts: Hosts, workdir: Path) -> None:
+        self.hosts = hosts
+        self.workdir = workdir
+        routes = ",".join(f"nats://{h.addr}:6222" for h in hosts)
+        self.up: dict[str, subprocess.Popen[bytes]] = {}
+        for h in hosts:
+            state = workdir / h.name
+            conf = state / "phyllome.toml"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(f"heartbeat_s = {HEARTBEAT_S}\nheartbeat_ttl_s = {TTL_S}\n")
+            (state / "libvirt-test-host.xml").write_text(TEST_HOST_XML)
+            self.up[h.name] = h.popen(
+                [sys.executable, "-m", "cli.main", "up", "--host", h.name, "--state-dir",
+                 str(state), "--listen", "0.0.0.0:4222", "--cluster-listen", f"{h.addr}:6222",
+                 "--cluster-routes", routes, "--agents", "hardware,storage,vm", "--no-demo"],
+                log=state / "up.log", cwd=REPO, env=self.env(h, nats=False, PHYLLOME_CONFIG=conf,
+                    PHYLLOME_LIBVIRT_URI=f"test://{state / 'libvirt-test-host.xml'}",
+                    PHYLLOME_ACCELERATOR="tcg",
+                    **{f"PHYLLOME_{a}_METRICS_PORT": 0 for a in ("HARDWARE", "STORAGE", "VM")}))
+
+    def env(self, h: Host, *, nats: bool = True, **extra: Any) -> dict[str, str]:
+        """A process's environment in host ``h`` (``up`` starts the server: no NATS URL)."""
+        env = env_for(PHYLLOME_HOST=h.name, PHYLLOME_STATE_DIR=self.workdir / h.name,
+                      PHYLLOME_NATS_URL="nats://127.0.0.1:4222", PHYLLOME_CONNECT_WAIT=10,
+                      COLUMNS=200, **extra)
+        if not nats:
+            del env["PHYLLOME_NATS_URL"]
+        return env
+
+    def wait_up(self, timeout: float = 100.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.up)
+        while pending:
+            for name in list(pending):
+                log = (self.workdir / name / "up.log").read_text(errors="replace")
+                if f"phyllome is up on host {name}" in log:
+                    pending.discard(name)
+                elif self.up[name].poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"host {name} did not come up:\n{log[-3000:]}\n"
+                                         f"{self.logs(name)}")
+            time.sleep(0.2)
+
+    def logs(self, name: str) -> str:
+        logs = sorted((self.workdir / name / "logs").glob("*.log"))
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+
+    def cli(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        h = self.hosts[host]
+        return h.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=self.env(h),
+                     timeout=timeout)
+
+    def py(self, host: str, code: str, timeout: float = 120) -> Any:
+        """Run ``async def main(bus)`` of ``code`` inside ``host``; returns its JSON result."""
+        h = self.hosts[host]
+        script = (
+            "import asyncio, json, time\nfrom shared.bus import Bus\n" + code +
+            "\nasync def _go():\n"
+            f"    bus = await Bus.connect('nats://127.0.0.1:4222', name='t', host='{host}',"
+            " give_up_after=10)\n"
+            "    try:\n        print(json.dumps(await main(bus)))\n"
+            "    finally:\n        await bus.close()\nasyncio.run(_go())\n")
+        result = h.run([sys.executable, "-c", script], cwd=REPO, env=self.env(h),
+                       timeout=timeout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    def hosts_json(self, via: str, timeout: float = 30) -> dict[str, dict[str, Any]]:
+        """``phyllome hosts --json``, retried while JetStream elects new leaders (exit 3)."""
+        deadline = time.monotonic() + timeout
+        while (result := self.cli(via, "hosts", "--json")).returncode == 3:
+            assert time.monotonic() < deadline, result.stderr
+            time.sleep(0.5)
+        assert result.returncode in (0, 1) and result.stdout, result.stderr
+        return {v["host"]: v for v in json.loads(result.stdout)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("cluster")
+    with Hosts(workdir / "ns", NAMES) as hosts:
+        c = Cluster(hosts, workdir)
+        c.wait_up()
+        yield c
+
+
+def test_three_hosts_one_cluster_with_r3(cluster: Cluster) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # resources land in the heartbeat on the agents' first cluster round
+        views = cluster.hosts_json("b")
+        if set(views) == set(NAMES) and all(
+                v["state"] == "up" and v["resources"] and v["pools"] for v in views.values()):
+            break
+        assert time.monotonic() < deadline, views
+        time.sleep(0.5)
+    for v in views.values():
+        assert v["agents"] == ["hardware", "storage", "vm"]
+        assert v["resources"]["cpus"] >= 1 and v["resources"]["memory_available_bytes"] > 0
+        assert v["pools"]["default"]["free_bytes"] > 0
+    table = cluster.cli("a", "hosts")
+    assert table.returncode == 0, table.stderr
+    assert [line.split()[:2] for line in table.stdout.splitlines()[1:]] == [
+        [n, "up"] for n in NAMES]
+    replicas = cluster.py("c", """
+async def main(bus):
+    out = {}
+    for name in ("PHY_EVENTS", "KV_hosts", "KV_vms"):
+        info = await bus.js.stream_info(name)
+        out[name] = [info.config.num_replicas, len(info.cluster.replicas or []) + 1]
+    return out
+""")
+    assert replicas == {s: [3, 3] for s in ("PHY_EVENTS", "KV_hosts", "KV_vms")}
+
+
+def test_thousand_vms_listed_from_kv_in_under_a_second(cluster: Cluster) -> None:
+    created = cluster.py("a", f"""
+from shared.messages.vm import VmCreate, VmSpec
+async def main(bus):
+    sem = asyncio.Semaphore(24)
+    async def one(host, i):
+        async with sem:
+            spec = VmSpec(name=f"vm-{{host}}-{{i:04d}}", memory_mib=64, vcpus=1,
+                          firmware="bios", display="none", nics=[])
+            await bus.call(host, "vm", "create", VmCreate(spec=spec), timeout=60)
+    await asyncio.gather(*(one(h, i) for h in {list(NAMES)!r}
+                           for i in range({VMS_PER_HOST})))
+    return {VMS_PER_HOST} * {len(NAMES)}
+""", timeout=300)
+    assert created == VMS_PER_HOST * len(NAMES)
+    listed = cluster.py("b", """
+from shared.cluster import cluster_vms
+async def main(bus):
+    best = 99.0
+    for _ in range(3):
+        t = time.perf_counter()
+        records = await cluster_vms(bus)
+        best = min(best, time.perf_counter() - t)
+    return {"n": len(records), "s": best, "hosts": sorted({r.host for r in records}),
+            "states": sorted({r.state for r in records})}
+""")
+    assert listed["n"] == VMS_PER_HOST * len(NAMES) and listed["hosts"] == list(NAMES)
+    assert listed["states"] == ["shutoff"]
+    assert listed["s"] < 1.0, listed
+    started = time.perf_counter()
+    cli = cluster.cli("c", "vm", "list", "--all", "--json")
+    wall = time.perf_counter() - started
+    assert cli.returncode == 0, cli.stderr
+    assert len(json.loads(cli.stdout)["vms"]) == VMS_PER_HOST * len(NAMES)
+    print(f"cluster_vms: {listed['s'] * 1000:.0f} ms; `phyllome vm list --all`: {wall:.2f} s")
+
+
+def test_host_down_cluster_keeps_serving(cluster: Cluster) -> None:
+    before = time.time()
+    cluster.hosts["c"].kill_all()
+    killed = time.monotonic()
+    deadline = killed + TTL_S + 30
+    while cluster.hosts_json("a")["c"]["state"] != "down":
+        assert time.monotonic() < deadline, "host c is not shown down"
+        time.sleep(0.5)
+    print(f"host c shown down {time.monotonic() - killed:.1f} s after it died")
+    views = cluster.hosts_json("b")
+    assert [views[n]["state"] for n in NAMES] == ["up", "up", "down"]
+    assert cluster.cli("a", "hosts").returncode == 1  # a host is down: say so in the exit code
+
+    def host_events(kind: str) -> list[dict[str, Any]]:
+        out = cluster.cli("b", "events", "--json", "--subject", f"phy.evt.*.*.{kind}.c")
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line)["event"] for line in out.stdout.splitlines() if line]
+
+    deadline = time.monotonic() + TTL_S + 20
+    while not (downs := host_events("host.down")):
+        assert time.monotonic() < deadline, "no host.down event for c"
+        time.sleep(0.5)
+    time.sleep(3 * HEARTBEAT_S)  # give the other watcher its chance to publish a duplicate
+    downs = host_events("host.down")
+    assert len(downs) == 1, downs
+    assert downs[0]["down_host"] == "c" and downs[0]["host"] in ("a", "b")
+    assert downs[0]["last_beat"] <= before + 1
+
+    # The cluster still serves (two of three servers): KV, requests and events.
+    vms = cluster.py("a", """
+from shared.cluster import cluster_vms
+async def main(bus):
+    return [[r.host, r.state, r.reason] for r in await cluster_vms(bus)]
+""")
+    assert {(h, s) for h, s, _ in vms} == {("a", "shutoff"), ("b", "shutoff"), ("c", "unknown")}
+    assert next(r for h, _, r in vms if h == "c") == "host c is down"
+    new = cluster.cli("a", "vm", "create", "after-c", "--host", "b", "--memory", "64M",
+                      "--firmware", "bios", "--json")
+    assert new.returncode == 0, new.stdout + new.stderr
+    events = cluster.cli("a", "events", "--json", "--subject", "phy.evt.b.vm.>",
+                         "--since", "1m")
+    assert any(json.loads(line)["event"].get("name") == "after-c"
+               for line in events.stdout.splitlines()), events.stdout[-2000:]
