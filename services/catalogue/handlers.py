@@ -148,9 +148,10 @@ class Catalogue:
 
     async def _auto_pull(self, image_id: str) -> None:
         """Put a local (built-in) image in the pool at start, so `vm create --image` works
-        offline on a fresh host; remote images are never pulled unasked."""
+        offline on a fresh host (a no-op when the pool has this build already, a new copy
+        after a rebuild); remote images are never pulled unasked."""
         entry = self.entries.get(image_id)
-        if entry is None or self.store.local(image_id) is not None:
+        if entry is None:
             return
         local = [d for d in entry.downloads if d.url.startswith("file:")]
         if not local:
