@@ -26,7 +26,7 @@ import nats.js.errors
 from services.vm import domain_xml, hostfs
 from services.vm.accel import Decision
 from services.vm.config import Settings
-from services.vm.hypervisor import Domain, Hypervisor, Reconnected
+from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
 from services.vm.metrics import VmMetrics
 from shared import subjects
 from shared.agent import Agent
@@ -157,14 +157,27 @@ class Handlers:
                 elif news.event == "undefined":
                     await self._gone(news.uuid, news.name, "undefined", news.reason)
                 else:
-                    try:
-                        dom = await self.hv.domain(news.uuid)
-                    except NotFound:
-                        await self._gone(news.uuid, news.name, news.event, news.reason)
-                        continue
-                    await self._sync(dom, news.event, news.reason)
+                    await self._on_event(news)
             except PhyError as e:
                 log.warning("event %r not processed: %s", news, e.message)
+
+    async def _on_event(self, news: DomainEvent) -> None:
+        """Record and publish a live event. When the event says the state and we know the VM,
+        the hypervisor is not asked again (that would delay every event by a few calls);
+        reconciliation corrects whatever this misses."""
+        record, _ = await self._load(news.uuid)
+        implied = EVENT_STATE.get(news.event)
+        if record is not None and implied is not None:
+            dom = Domain(uuid=news.uuid, name=news.name, state=implied, reason=news.reason,
+                         spec=record.spec, accelerator=record.accelerator,
+                         autostart=record.spec.autostart)
+        else:
+            try:
+                dom = await self.hv.domain(news.uuid)
+            except NotFound:
+                await self._gone(news.uuid, news.name, news.event, news.reason)
+                return
+        await self._sync(dom, news.event, news.reason)
 
     async def _periodic(self) -> None:
         while True:
