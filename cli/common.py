@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -171,17 +172,18 @@ async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, disable=quiet, transient=True) as progress:
         task = progress.add_task(accepted.kind, total=None)
-        async for _subject, _ts, data in bus.events(subject, since=time.time() - 3600,
-                                                    follow=True):
-            try:
-                event = event_decoder().decode(data)
-            except msgspec.MsgspecError:
-                continue
-            if isinstance(event, JobProgress):
-                progress.update(task, completed=event.done, total=event.total or None,
-                                description=f"{accepted.kind} {event.message}".strip())
-            elif isinstance(event, JobFinished):
-                return event
+        stream = bus.events(subject, since=time.time() - 3600, follow=True)
+        async with contextlib.aclosing(stream):
+            async for _subject, _ts, data in stream:
+                try:
+                    event = event_decoder().decode(data)
+                except msgspec.MsgspecError:
+                    continue
+                if isinstance(event, JobProgress):
+                    progress.update(task, completed=event.done, total=event.total or None,
+                                    description=f"{accepted.kind} {event.message}".strip())
+                elif isinstance(event, JobFinished):
+                    return event
     raise Unavailable(f"lost the events of job {accepted.job_id}")
 
 

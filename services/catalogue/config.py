@@ -9,6 +9,7 @@
     sources = [{name = "lab", kind = "manifest", url = "http://mirror.lan/images.json"}]
     max_unpacked_bytes = 0          # 0 = the pool's free space
     probe_interval_s = 3600         # link-rot HEAD probes; 0 = off
+    probe_osinfo = false            # also probe osinfo-db's third-party URLs (hundreds)
     auto_pull = ["phyllome-tiny"]   # built-in images put in the pool at start
 
     >>> from shared.config import load
@@ -44,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_unpacked_bytes: int = 0
     max_index_bytes: int = 64 << 20
     probe_interval_s: float = 3600.0
+    # osinfo-db lists hundreds of vendors' URLs: probing them from every host hourly is not
+    # polite by default (nor possible offline); the operator's own sources are probed.
+    probe_osinfo: bool = False
     auto_pull: list[str] = msgspec.field(default_factory=lambda: ["phyllome-tiny"])
     timeout_s: float = 30.0
     retries: int = 5

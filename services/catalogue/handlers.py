@@ -399,7 +399,8 @@ class Catalogue:
         """HEAD every download URL once; an event when a URL breaks or comes back."""
         gate = asyncio.Semaphore(PROBE_CONCURRENCY)
         targets = [(e, d.url) for e in list(self.entries.values()) for d in e.downloads
-                   if d.format in FORMAT_ORDER]
+                   if d.format in FORMAT_ORDER
+                   and (e.source != osinfo.SOURCE or self.settings.probe_osinfo)]
 
         async def one(entry: CatalogueEntry, url: str) -> None:
             async with gate:
