@@ -1,10 +1,6 @@
-"""The vm endpoints, the bridge from hypervisor events to bus events, and reconciliation.
-
-The hypervisor is the truth about a VM's state; KV ``vms`` (key: uuid) mirrors it with the
-spec. Live events update the record and are published as ``VmStateChanged`` on
-``phy.evt.<host>.vm.state.<uuid>``; a reconciliation pass (at start, after a hypervisor
-reconnect, and periodically) lists the domains, corrects KV and publishes what events
-missed (``missed=True``). All record writes go through one lock, so the two never race::
+"""The vm endpoints: checks at the edge, then the hypervisor, the peers (catalogue, storage,
+hardware) and the VM records (``state.VmStates``, which also bridges hypervisor events to
+the bus and reconciles)::
 
     handlers = Handlers(agent, LibvirtHypervisor(uri), settings, decision)
     await handlers.begin()
@@ -21,16 +17,15 @@ import uuid as uuidlib
 from typing import Any
 
 import msgspec
-import nats.js.errors
 
 from services.vm import domain_xml, hostfs
 from services.vm.accel import Decision
 from services.vm.config import Settings
-from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
+from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
+from services.vm.state import RUNNING, STOPPED, VmStates
 from shared import subjects
 from shared.agent import Agent
-from shared.codec import decode, encode
 from shared.errors import (
     BackendError,
     BadRequest,
@@ -66,25 +61,13 @@ from shared.messages.vm import (
     VmRef,
     VmShutdown,
     VmSpec,
-    VmState,
-    VmStateChanged,
     VmUpdate,
 )
 
 log = logging.getLogger("phyllome.vm")
 
-RUNNING: frozenset[VmState] = frozenset({"running", "blocked", "paused", "shutting-down",
-                                         "pmsuspended"})
-STOPPED: frozenset[VmState] = frozenset({"shutoff", "crashed"})
-# The state a lifecycle event implies (the domain may have moved on by the time we look).
-EVENT_STATE: dict[str, VmState] = {
-    "started": "running", "resumed": "running", "rebooted": "running", "suspended": "paused",
-    "stopped": "shutoff", "shutdown": "shutting-down", "crashed": "crashed",
-    "pmsuspended": "pmsuspended",
-}
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
-RECHECK_S = 1.0
 
 
 def random_mac() -> str:
@@ -106,10 +89,8 @@ class Handlers:
         self.hv = hypervisor
         self.settings = settings
         self.decision = decision
-        self.metrics = VmMetrics(agent.registry, hypervisor, self._started_at)
-        self._lock = asyncio.Lock()
-        self._changed = asyncio.Event()
-        self._started: dict[str, float] = {}
+        self.metrics = VmMetrics(agent.registry, hypervisor, lambda: self.states.started_at())
+        self.states = VmStates(agent, hypervisor, self.metrics)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -119,9 +100,9 @@ class Handlers:
             await self.agent.publish("accelerator", AcceleratorFallback(
                 host=self.host, reason=self.decision.note))
         self.agent.spawn(self._report_probe(), "report-probe")
-        await self.reconcile()
-        self.agent.spawn(self._bridge(), "events")
-        self.agent.spawn(self._periodic(), "reconcile")
+        await self.states.reconcile()
+        self.agent.spawn(self.states.bridge(), "events")
+        self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
 
     async def close(self) -> None:
         await self.hv.close()
@@ -146,168 +127,6 @@ class Handlers:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
-
-    async def _bridge(self) -> None:
-        while True:
-            news = await self.hv.news.get()
-            try:
-                if isinstance(news, Reconnected):
-                    self.metrics.hypervisor_reconnects.inc()
-                    await self.reconcile()
-                elif news.event == "undefined":
-                    await self._gone(news.uuid, news.name, "undefined", news.reason)
-                else:
-                    await self._on_event(news)
-            except PhyError as e:
-                log.warning("event %r not processed: %s", news, e.message)
-
-    async def _on_event(self, news: DomainEvent) -> None:
-        """Record and publish a live event. When the event says the state and we know the VM,
-        the hypervisor is not asked again (that would delay every event by a few calls);
-        reconciliation corrects whatever this misses."""
-        record, _ = await self._load(news.uuid)
-        implied = EVENT_STATE.get(news.event)
-        if record is not None and implied is not None:
-            dom = Domain(uuid=news.uuid, name=news.name, state=implied, reason=news.reason,
-                         spec=record.spec, accelerator=record.accelerator,
-                         autostart=record.spec.autostart)
-        else:
-            try:
-                dom = await self.hv.domain(news.uuid)
-            except NotFound:
-                await self._gone(news.uuid, news.name, news.event, news.reason)
-                return
-        await self._sync(dom, news.event, news.reason)
-
-    async def _periodic(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reconcile_s)
-            try:
-                await self.reconcile()
-            except PhyError as e:
-                log.warning("reconciliation failed: %s", e.message)
-
-    async def reconcile(self) -> None:
-        """List the domains; correct KV ``vms``; publish the state changes events missed."""
-        if not self.hv.connected:
-            return
-        self.metrics.reconciliations.inc()
-        ours = {d.uuid: d for d in await self.hv.domains() if d.spec is not None}
-        for dom in ours.values():
-            await self._sync(dom, "", "", missed=True)
-        records: list[VmRecord] = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
-        for rec in records:
-            if rec.host == self.host and rec.spec.uuid not in ours:
-                await self._gone(rec.spec.uuid, rec.spec.name, "", "", missed=True)
-
-    # -- records and events ---------------------------------------------------------------
-
-    def _started_at(self) -> dict[str, float]:
-        return dict(self._started)
-
-    async def _kv(self) -> Any:
-        return await self.agent.bus.kv(subjects.KV_VMS)
-
-    async def _load(self, uuid: str) -> tuple[VmRecord | None, int]:
-        kv = await self._kv()
-        try:
-            entry = await kv.get(uuid)
-        except nats.js.errors.KeyNotFoundError:
-            return None, 0
-        if not entry.value:
-            return None, 0
-        return decode(entry.value, VmRecord), entry.revision or 0
-
-    async def _store(self, record: VmRecord, revision: int) -> None:
-        """Compare-and-set on the revision we read (this agent is the record's only writer)."""
-        kv = await self._kv()
-        try:
-            if revision:
-                await kv.update(record.spec.uuid, encode(record), last=revision)
-            else:
-                await kv.create(record.spec.uuid, encode(record))
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
-            raise Conflict(f"the record of VM {record.spec.name} changed under us; "
-                           "retry") from None
-
-    async def _write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> VmRecord:
-        """Store a VM's record after create, update or clone."""
-        async with self._lock:
-            old, rev = await self._load(spec.uuid)
-            record = VmRecord(spec=spec, host=self.host, state=dom.state, reason=dom.reason,
-                              accelerator=dom.accelerator, revision=revision,
-                              started_at=old.started_at if old else 0.0, updated=time.time())
-            await self._store(record, rev)
-            return record
-
-    async def _sync(self, dom: Domain, event: str, reason: str, *, missed: bool = False) -> None:
-        """Record what the hypervisor says about one of our domains; publish the change."""
-        if dom.spec is None:
-            return
-        async with self._lock:
-            old, rev = await self._load(dom.uuid)
-            was = old.state if old else None
-            started_at = old.started_at if old else 0.0
-            if dom.state in RUNNING and (was not in RUNNING or event == "started"):
-                started_at = time.time()
-            elif dom.state not in RUNNING:
-                started_at = 0.0
-            record = VmRecord(
-                spec=old.spec if old else dom.spec, host=self.host, state=dom.state,
-                reason=reason or dom.reason, accelerator=dom.accelerator,
-                revision=old.revision if old else 1, started_at=started_at,
-                updated=time.time())
-            changed = old is None or was != dom.state or old.started_at != started_at
-            if changed:
-                await self._store(record, rev)
-            if started_at:
-                self._started[dom.uuid] = started_at
-            else:
-                self._started.pop(dom.uuid, None)
-            if not event and not changed:
-                return
-            if missed:
-                self.metrics.missed_events.inc()
-                log.info("VM %s is %s (missed by events)", dom.name, dom.state)
-            await self._publish(dom.uuid, dom.name, EVENT_STATE.get(event, dom.state),
-                                event or "reconciled", reason or dom.reason, missed)
-
-    async def _gone(self, uuid: str, name: str, event: str, reason: str, *,
-                    missed: bool = False) -> None:
-        """The domain no longer exists: drop its record and say so, once."""
-        async with self._lock:
-            old, _ = await self._load(uuid)
-            self._started.pop(uuid, None)
-            if old is None or old.host != self.host:
-                return
-            await (await self._kv()).delete(uuid)
-            if missed:
-                self.metrics.missed_events.inc()
-            await self._publish(uuid, name, "deleted", event or "reconciled", reason, missed)
-
-    async def _publish(self, uuid: str, name: str, state: VmState, event: str, reason: str,
-                       missed: bool) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-        await self.agent.publish("state", VmStateChanged(
-            host=self.host, uuid=uuid, name=name, state=state, event=event, reason=reason,
-            missed=missed), uuid)
-
-    async def _wait_state(self, uuid: str, states: frozenset[VmState], timeout: float) -> Domain:
-        """Wait for one of ``states``, woken by events and re-checking every second."""
-        deadline = time.monotonic() + timeout
-        while True:
-            changed = self._changed
-            dom = await self.hv.domain(uuid)
-            if dom.state in states:
-                return dom
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(f"VM {dom.name} is still {dom.state} after {timeout:g} s")
-            try:
-                await asyncio.wait_for(changed.wait(), min(remaining, RECHECK_S))
-            except TimeoutError:
-                pass
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -478,7 +297,7 @@ class Handlers:
 
     async def _info(self, ref: str) -> VmInfo:
         dom = await self.hv.domain(ref)
-        record, _ = await self._load(dom.uuid)
+        record, _ = await self.states.load(dom.uuid)
         spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
         stats = await self.hv.stats(dom.uuid)
         consoles = domain_xml.consoles_of(await self.hv.xml(dom.uuid)) \
@@ -521,7 +340,7 @@ class Handlers:
                 try:
                     if spec.autostart:
                         await self.hv.set_autostart(dom.uuid, True)
-                    await self._write(spec, dom)
+                    await self.states.write(spec, dom)
                 except BaseException:
                     await self.hv.undefine(dom.uuid)
                     raise
@@ -549,7 +368,7 @@ class Handlers:
             await self.hv.shutdown(dom.uuid)
             if req.timeout_s > 0:
                 try:
-                    await self._wait_state(dom.uuid, STOPPED, req.timeout_s)
+                    await self.states.wait_state(dom.uuid, STOPPED, req.timeout_s)
                 except Timeout as e:
                     if not req.force:
                         raise Timeout(f"{e.message}: the guest ignored the ACPI power button; "
@@ -598,10 +417,10 @@ class Handlers:
                     raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
                                    "with --force")
                 await self.hv.destroy(dom.uuid)
-            record, _ = await self._load(dom.uuid)
+            record, _ = await self.states.load(dom.uuid)
             spec = record.spec if record else dom.spec
             await self.hv.undefine(dom.uuid)
-            await self._gone(dom.uuid, dom.name, "undefined", "removed")
+            await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
             await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
             removed = []
             if req.delete_disks and spec is not None:
@@ -628,7 +447,7 @@ class Handlers:
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state}: update changes a stopped VM; "
                                "stop it first")
-            record, _ = await self._load(dom.uuid)
+            record, _ = await self.states.load(dom.uuid)
             old = record.spec if record else dom.spec
             if old is None:
                 raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
@@ -642,14 +461,14 @@ class Handlers:
             dom = await self._define(spec)
             if spec.autostart != old.autostart:
                 await self.hv.set_autostart(dom.uuid, spec.autostart)
-            await self._write(spec, dom, revision=(record.revision if record else 1) + 1)
+            await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
             return await self._info(dom.uuid)
 
     async def clone(self, req: VmClone) -> JobAccepted:
         src = await self.hv.domain(req.vm)
         if src.state not in STOPPED:
             raise Conflict(f"VM {src.name} is {src.state}: clone needs a stopped VM")
-        record, _ = await self._load(src.uuid)
+        record, _ = await self.states.load(src.uuid)
         base = record.spec if record else src.spec
         if base is None:
             raise NotFound(f"VM {src.name} was not made by Phyllome; it has no spec")
@@ -685,13 +504,13 @@ class Handlers:
             defined = dom.uuid
             await job.progress(steps - 1, steps, "copying NVRAM and TPM state")
             await self.hv.copy_state(src.uuid, dom.uuid)
-            await self._write(spec, dom)
+            await self.states.write(spec, dom)
             await job.progress(steps, steps, "done")
             return {"name": spec.name, "uuid": dom.uuid, "from": src.name}
         except BaseException:
             if defined:
                 await self.hv.undefine(defined)
-                await self._gone(defined, spec.name, "undefined", "clone-failed")
+                await self.states.gone(defined, spec.name, "undefined", "clone-failed")
             for disk in made:
                 await self._delete_disk(disk)
             raise

@@ -225,7 +225,7 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
             stale, spec=msgspec.structs.replace(stale.spec, name="ghost",
                                                 uuid="00000000-0000-4000-8000-00000000beef"))
         await kv.put(ghost.spec.uuid, encode(ghost))
-        await agent.handlers.reconcile()
+        await agent.handlers.states.reconcile()
         ev = await events.next(info.uuid, event="reconciled")
         assert (ev.state, ev.missed) == ("shutoff", True)
         ev = await events.next(ghost.spec.uuid)

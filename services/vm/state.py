@@ -1,0 +1,218 @@
+"""KV ``vms`` records and ``VmStateChanged`` events of one host's VMs, kept true to the
+hypervisor.
+
+The hypervisor is the truth about a VM's state; KV ``vms`` (key: uuid) mirrors it with the
+spec. Live events update the record and are published on ``phy.evt.<host>.vm.state.<uuid>``;
+a reconciliation pass (at start, after a hypervisor reconnect, and periodically) lists the
+domains, corrects KV and publishes what events missed (``missed=True``). All record writes
+go through one lock, so the two never race::
+
+    states = VmStates(agent, hypervisor, metrics)
+    await states.reconcile()
+    agent.spawn(states.bridge(), "events")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import nats.js.errors
+
+from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
+from services.vm.metrics import VmMetrics
+from shared import subjects
+from shared.agent import Agent
+from shared.codec import decode, encode
+from shared.errors import Conflict, NotFound, PhyError, Timeout
+from shared.messages.vm import VmRecord, VmSpec, VmState, VmStateChanged
+
+log = logging.getLogger("phyllome.vm")
+
+RUNNING: frozenset[VmState] = frozenset({"running", "blocked", "paused", "shutting-down",
+                                         "pmsuspended"})
+STOPPED: frozenset[VmState] = frozenset({"shutoff", "crashed"})
+# The state a lifecycle event implies (the domain may have moved on by the time we look).
+EVENT_STATE: dict[str, VmState] = {
+    "started": "running", "resumed": "running", "rebooted": "running", "suspended": "paused",
+    "stopped": "shutoff", "shutdown": "shutting-down", "crashed": "crashed",
+    "pmsuspended": "pmsuspended",
+}
+RECHECK_S = 1.0
+
+
+class VmStates:
+    """The one writer of this host's VM records and state events; see the module docstring."""
+
+    def __init__(self, agent: Agent, hypervisor: Hypervisor, metrics: VmMetrics) -> None:
+        self.agent = agent
+        self.host = agent.host
+        self.hv = hypervisor
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._started: dict[str, float] = {}
+
+    async def bridge(self) -> None:
+        while True:
+            news = await self.hv.news.get()
+            try:
+                if isinstance(news, Reconnected):
+                    self.metrics.hypervisor_reconnects.inc()
+                    await self.reconcile()
+                elif news.event == "undefined":
+                    await self.gone(news.uuid, news.name, "undefined", news.reason)
+                else:
+                    await self._on_event(news)
+            except PhyError as e:
+                log.warning("event %r not processed: %s", news, e.message)
+
+    async def _on_event(self, news: DomainEvent) -> None:
+        """Record and publish a live event. When the event says the state and we know the VM,
+        the hypervisor is not asked again (that would delay every event by a few calls);
+        reconciliation corrects whatever this misses."""
+        record, _ = await self.load(news.uuid)
+        implied = EVENT_STATE.get(news.event)
+        if record is not None and implied is not None:
+            dom = Domain(uuid=news.uuid, name=news.name, state=implied, reason=news.reason,
+                         spec=record.spec, accelerator=record.accelerator,
+                         autostart=record.spec.autostart)
+        else:
+            try:
+                dom = await self.hv.domain(news.uuid)
+            except NotFound:
+                await self.gone(news.uuid, news.name, news.event, news.reason)
+                return
+        await self.sync(dom, news.event, news.reason)
+
+    async def periodic(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile()
+            except PhyError as e:
+                log.warning("reconciliation failed: %s", e.message)
+
+    async def reconcile(self) -> None:
+        """List the domains; correct KV ``vms``; publish the state changes events missed."""
+        if not self.hv.connected:
+            return
+        self.metrics.reconciliations.inc()
+        ours = {d.uuid: d for d in await self.hv.domains() if d.spec is not None}
+        for dom in ours.values():
+            await self.sync(dom, "", "", missed=True)
+        records: list[VmRecord] = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
+        for rec in records:
+            if rec.host == self.host and rec.spec.uuid not in ours:
+                await self.gone(rec.spec.uuid, rec.spec.name, "", "", missed=True)
+
+    # -- records and events ---------------------------------------------------------------
+
+    def started_at(self) -> dict[str, float]:
+        return dict(self._started)
+
+    async def _kv(self) -> Any:
+        return await self.agent.bus.kv(subjects.KV_VMS)
+
+    async def load(self, uuid: str) -> tuple[VmRecord | None, int]:
+        kv = await self._kv()
+        try:
+            entry = await kv.get(uuid)
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        if not entry.value:
+            return None, 0
+        return decode(entry.value, VmRecord), entry.revision or 0
+
+    async def _store(self, record: VmRecord, revision: int) -> None:
+        """Compare-and-set on the revision we read (this agent is the record's only writer)."""
+        kv = await self._kv()
+        try:
+            if revision:
+                await kv.update(record.spec.uuid, encode(record), last=revision)
+            else:
+                await kv.create(record.spec.uuid, encode(record))
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            raise Conflict(f"the record of VM {record.spec.name} changed under us; "
+                           "retry") from None
+
+    async def write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> VmRecord:
+        """Store a VM's record after create, update or clone."""
+        async with self._lock:
+            old, rev = await self.load(spec.uuid)
+            record = VmRecord(spec=spec, host=self.host, state=dom.state, reason=dom.reason,
+                              accelerator=dom.accelerator, revision=revision,
+                              started_at=old.started_at if old else 0.0, updated=time.time())
+            await self._store(record, rev)
+            return record
+
+    async def sync(self, dom: Domain, event: str, reason: str, *, missed: bool = False) -> None:
+        """Record what the hypervisor says about one of our domains; publish the change."""
+        if dom.spec is None:
+            return
+        async with self._lock:
+            old, rev = await self.load(dom.uuid)
+            was = old.state if old else None
+            started_at = old.started_at if old else 0.0
+            if dom.state in RUNNING and (was not in RUNNING or event == "started"):
+                started_at = time.time()
+            elif dom.state not in RUNNING:
+                started_at = 0.0
+            record = VmRecord(
+                spec=old.spec if old else dom.spec, host=self.host, state=dom.state,
+                reason=reason or dom.reason, accelerator=dom.accelerator,
+                revision=old.revision if old else 1, started_at=started_at,
+                updated=time.time())
+            changed = old is None or was != dom.state or old.started_at != started_at
+            if changed:
+                await self._store(record, rev)
+            if started_at:
+                self._started[dom.uuid] = started_at
+            else:
+                self._started.pop(dom.uuid, None)
+            if not event and not changed:
+                return
+            if missed:
+                self.metrics.missed_events.inc()
+                log.info("VM %s is %s (missed by events)", dom.name, dom.state)
+            await self._publish(dom.uuid, dom.name, EVENT_STATE.get(event, dom.state),
+                                event or "reconciled", reason or dom.reason, missed)
+
+    async def gone(self, uuid: str, name: str, event: str, reason: str, *,
+                    missed: bool = False) -> None:
+        """The domain no longer exists: drop its record and say so, once."""
+        async with self._lock:
+            old, _ = await self.load(uuid)
+            self._started.pop(uuid, None)
+            if old is None or old.host != self.host:
+                return
+            await (await self._kv()).delete(uuid)
+            if missed:
+                self.metrics.missed_events.inc()
+            await self._publish(uuid, name, "deleted", event or "reconciled", reason, missed)
+
+    async def _publish(self, uuid: str, name: str, state: VmState, event: str, reason: str,
+                       missed: bool) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        await self.agent.publish("state", VmStateChanged(
+            host=self.host, uuid=uuid, name=name, state=state, event=event, reason=reason,
+            missed=missed), uuid)
+
+    async def wait_state(self, uuid: str, states: frozenset[VmState], timeout: float) -> Domain:
+        """Wait for one of ``states``, woken by events and re-checking every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            changed = self._changed
+            dom = await self.hv.domain(uuid)
+            if dom.state in states:
+                return dom
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"VM {dom.name} is still {dom.state} after {timeout:g} s")
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining, RECHECK_S))
+            except TimeoutError:
+                pass
