@@ -68,6 +68,7 @@ from shared.errors import (
     InvalidMessage,
     NotFound,
     PhyError,
+    Timeout,
     Unavailable,
     error_from_reply,
     to_reply,
@@ -401,6 +402,9 @@ class Sender:
                 accepted: TransferAccepted = await self.bus.call(
                     to_host, "storage", "receive", offer, timeout=self.chunk_timeout_s)
             except (Unavailable, NotFound) as e:  # Timeout is an Unavailable
+                if stats.attempts == 0 and isinstance(e, Unavailable) and \
+                        not isinstance(e, Timeout):
+                    raise  # nobody there at all: no point in waiting for a resume
                 log.info("transfer %s: receiver not ready (%s); retrying", offer.transfer_id,
                          e.message)
                 await asyncio.sleep(delay)

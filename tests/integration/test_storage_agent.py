@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shared.bus import Bus
-from shared.errors import BadRequest
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InsufficientResources,
+    InvalidName,
+)
 from shared.messages import Empty
 from shared.messages.jobs import JobRef, JobStatus
 from shared.messages.storage import (
     CloneVolume,
     CreateVolume,
+    ImportVolume,
     ListVolumes,
     ResizeVolume,
     SendVolume,
     VolumeQuery,
     VolumeRef,
 )
-from tests.support.agents import agent_in_process
+from tests.support.agents import REPO, agent_in_process
 from tests.support.loopfs import make_sparse, same_sparse_content, scatter
 from tests.support.nats import nats_server  # noqa: F401
 
@@ -95,3 +105,117 @@ async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:  # 
         assert got.virtual_bytes == 10 << 30
         assert got.allocated_bytes == os.stat(src.path).st_blocks * 512
         assert st.result["wire_bytes"] <= 1.05 * got.allocated_bytes
+
+
+async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
+        bus = a.bus
+        for name in ("a/b", "..", "x\x00y", "-x", "x" * 300):
+            with pytest.raises(InvalidName):
+                await bus.call("h1", "storage", "create", CreateVolume(name=name, size_bytes=512))
+        for size in (-1, 0):
+            with pytest.raises(BadRequest, match="positive"):
+                await bus.call("h1", "storage", "create", CreateVolume(name="d", size_bytes=size))
+        with pytest.raises(InsufficientResources, match="beyond pool"):
+            await bus.call("h1", "storage", "create", CreateVolume(name="d", size_bytes=1 << 60))
+        pool = tmp_path / "h1" / "pools" / "default"
+        (pool / "evil").symlink_to("/etc/passwd")
+        with pytest.raises(Forbidden, match="symlink"):
+            await bus.call("h1", "storage", "info", VolumeQuery(name="evil", sha256=True))
+        with pytest.raises(Forbidden, match="outside the import directories"):
+            await bus.call("h1", "storage", "import_file",
+                           ImportVolume(name="x", source="/etc/passwd"))
+        assert os.listdir(pool) == ["evil"]
+
+
+async def test_two_clones_to_one_destination_and_cancel(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
+        bus = a.bus
+        src = await bus.call("h1", "storage", "create", CreateVolume(name="src",
+                                                                     size_bytes=8 << 30))
+        make_sparse(Path(src.path), 8 << 30, scatter(8 << 30, 256, 4 << 20))
+        first = await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
+        with pytest.raises(Conflict, match="being created by another request"):
+            await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
+        st = await bus.call("h1", "storage", "cancel", JobRef(job_id=first.job_id))
+        assert st.state == "cancelled", st
+        pool = tmp_path / "h1" / "pools" / "default"
+        assert sorted(p.name for p in pool.iterdir()) == ["src"]
+        again = await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
+        assert (await finished(bus, "h1", again.job_id)).state == "succeeded"
+
+
+async def test_volume_of_a_running_vm_is_not_touched(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    from shared import subjects
+    from shared.codec import encode
+    from shared.messages.vm import Disk, VmRecord, VmSpec
+
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
+        bus = a.bus
+        disk = await bus.call("h1", "storage", "create", CreateVolume(name="web-disk",
+                                                                      size_bytes=1 << 20))
+        kv = await bus.kv(subjects.KV_VMS)
+        record = VmRecord(spec=VmSpec(name="web", uuid="u1", disks=[Disk(path=disk.path)]),
+                          host="h1", state="running")
+        await kv.put("u1", encode(record))
+        info = await bus.call("h1", "storage", "info", VolumeQuery(name="web-disk"))
+        assert (info.attached_to, info.attached_state) == ("web", "running")
+        for verb, req in (("delete", VolumeRef(name="web-disk")),
+                          ("clone", CloneVolume(name="web-disk", dst_name="c")),
+                          ("resize", ResizeVolume(name="web-disk", size_bytes=2 << 20)),
+                          ("send", SendVolume(name="web-disk", to_host="h2"))):
+            with pytest.raises(Conflict, match="is a disk of VM 'web', which is running"):
+                await bus.call("h1", "storage", verb, req)
+        await kv.put("u1", encode(msgspec.structs.replace(record, state="shutoff")))
+        await bus.call("h1", "storage", "delete", VolumeRef(name="web-disk"))
+
+
+async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+        src = await a.bus.call("h1", "storage", "create", CreateVolume(name="v",
+                                                                       size_bytes=1 << 30))
+        make_sparse(Path(src.path), 1 << 30, scatter(1 << 30, 4, 1 << 20))
+        there = await b.bus.call("h2", "storage", "create", CreateVolume(name="v",
+                                                                         size_bytes=1 << 20))
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h2"))
+        st = await finished(a.bus, "h1", acc.job_id)
+        assert (st.state, st.error_kind) == ("failed", "conflict"), st
+        assert "exists already" in st.message
+        assert os.stat(there.path).st_size == 1 << 20  # untouched
+        assert sorted(p.name for p in Path(there.path).parent.iterdir()) == ["v"]
+        gone = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h9"))
+        st = await finished(a.bus, "h1", gone.job_id)
+        assert (st.state, st.error_kind) == ("failed", "unavailable"), st
+
+
+async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1"):
+        async def cli(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli.main", "storage", *args, "--host", "h1", "--nats",
+                nats_server.url, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            return proc.returncode or 0, out.decode(), err.decode()
+
+        rc, out, err = await cli("create", "default", "disk0", "1G", "--json")
+        assert rc == 0, err
+        path = Path(json.loads(out)["path"])
+        make_sparse(path, 1 << 30, scatter(1 << 30, 4, 1 << 20))
+        rc, out, err = await cli("clone", "default/disk0", "disk1", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["state"] == "succeeded"
+        rc, out, err = await cli("info", "disk1", "--sha256", "--json")
+        assert rc == 0, err
+        info = json.loads(out)
+        assert {"pool", "name", "path", "virtual_bytes", "allocated_bytes", "sha256"} <= set(info)
+        assert info["sha256"] == sha256_file(path)
+        rc, out, err = await cli("volumes", "--json")
+        assert [v["name"] for v in json.loads(out)["volumes"]] == ["disk0", "disk1"]
+        rc, out, err = await cli("pools")
+        assert rc == 0 and "default" in out
+        rc, out, err = await cli("create", "default", "bad/name", "1G")
+        assert rc == 1 and "contains '/'" in err
+        rc, out, err = await cli("delete", "disk1")
+        assert rc == 0 and "deleted default/disk1" in out
