@@ -142,6 +142,19 @@ async def main(bus):
     return out
 """)
     assert replicas == {s: [3, 3] for s in ("PHY_EVENTS", "KV_hosts", "KV_vms")}
+    choice = cluster.py("a", """
+from shared.errors import InsufficientResources
+from shared.messages.vm import VmSpec
+from shared.placement import choose
+async def main(bus):
+    fits = await choose(bus, VmSpec(name="p", memory_mib=64, firmware="bios"))
+    try:
+        await choose(bus, VmSpec(name="p", memory_mib=1 << 30))
+    except InsufficientResources as e:
+        return [fits.host, fits.reason, e.message]
+""")
+    assert choice[0] in NAMES and choice[1].startswith(f"{choice[0]}: up, ")
+    assert "no host can take this VM" in choice[2] and "a: " in choice[2]
 
 
 def test_thousand_vms_listed_from_kv_in_under_a_second(cluster: Cluster) -> None:
