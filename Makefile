@@ -8,7 +8,7 @@ setup:
 	@$(SETUP) packages venv
 
 up: setup
-	@$(SETUP) libvirt
+	@$(SETUP) libvirt tiny
 	@.venv/bin/phyllome up --detach
 
 down:

@@ -4,6 +4,7 @@
 #   deploy/setup.sh packages   install the Debian packages that are missing (root)
 #   deploy/setup.sh venv       create .venv and install the pinned project when pyproject changed
 #   deploy/setup.sh libvirt    start virtlogd + libvirtd when no systemd manages them
+#   deploy/setup.sh tiny       build the phyllome-tiny guest into the built-in image folder
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-venv python3-dev
   qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools osinfo-db hwdata pciutils
   prometheus xfsprogs cpio busybox-static mtools gdisk dosfstools libxml2-utils
-  socat rsync curl iproute2 kmod
+  socat rsync curl iproute2 kmod gzip openssl
 )
 
 packages() {
@@ -56,6 +57,13 @@ libvirt() {
   done
   echo "libvirtd did not create /run/libvirt/libvirt-sock" >&2
   return 1
+}
+
+tiny() {
+  local dir="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/builtin/phyllome-tiny"
+  [ -f "$dir/manifest.json" ] && [ "$dir/manifest.json" -nt deploy/images/tiny/init ] && return 0
+  echo "building the phyllome-tiny guest image into $dir"
+  deploy/images/build-tiny.sh "$dir" >/dev/null
 }
 
 for step in "$@"; do "$step"; done
