@@ -87,6 +87,10 @@ def cmd_up(args: argparse.Namespace) -> None:
     if (pid := running_pid(state_dir)) is not None:
         print(f"phyllome is already running (pid {pid}); `phyllome status` shows it")
         return
+    try:
+        parse_urls(args.cluster_routes, "--cluster-routes")  # refuse before detaching
+    except PhyError as e:
+        common.fail(e)
     if args.detach:
         detach(args, state_dir)
         return

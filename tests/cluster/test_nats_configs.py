@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,17 @@ def test_bad_route_and_replica_settings_are_refused_clearly() -> None:
     for bad in ("three", "0", "7"):
         with pytest.raises(BadRequest, match="replicas"):
             load("vm", env={"PHYLLOME_HOST": "h", "PHYLLOME_REPLICAS": bad})
+
+
+@pytest.mark.unit
+def test_up_refuses_bad_routes_before_starting_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "PHYLLOME_STATE_DIR": str(tmp_path)}
+    env.pop("PHYLLOME_NATS_URL", None)
+    result = subprocess.run([sys.executable, "-m", "cli.main", "up", "--detach",
+                             "--cluster-routes", "10.0.0.1:6222"], capture_output=True,
+                            text=True, env=env, cwd=Path(__file__).resolve().parents[2],
+                            timeout=60)
+    assert result.returncode == 1
+    assert "--cluster-routes: '10.0.0.1:6222' is not a URL like nats://10.0.0.2:6222" in (
+        result.stderr)
+    assert not (tmp_path / "run" / "up.pid").exists()
