@@ -16,7 +16,7 @@ from shared.natsserver import LEAF_URL, binary, parse_urls
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["cluster.conf", "leaf.conf"])
 def test_deploy_configs_are_valid(name: str) -> None:
     result = subprocess.run([binary(), "-t", "-c", str(DEPLOY / name)], capture_output=True,
@@ -38,7 +38,7 @@ def test_bad_route_and_replica_settings_are_refused_clearly() -> None:
             load("vm", env={"PHYLLOME_HOST": "h", "PHYLLOME_REPLICAS": bad})
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_up_refuses_bad_routes_before_starting_anything(tmp_path: Path) -> None:
     env = {**os.environ, "PHYLLOME_STATE_DIR": str(tmp_path)}
     env.pop("PHYLLOME_NATS_URL", None)
