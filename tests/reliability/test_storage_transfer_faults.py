@@ -28,11 +28,16 @@ from shared.messages.storage import (
     VolumeQuery,
 )
 from tests.support.agents import AgentProcess, agent_in_process
-from tests.support.loopfs import make_sparse, scatter
+from tests.support.loopfs import (  # noqa: F401
+    make_sparse,
+    same_sparse_content,
+    scatter,
+    small_ext4,
+)
 from tests.support.nats import nats_server  # noqa: F401
 
-SIZE = 4 << 30
-DATA = scatter(SIZE, 96, 1 << 20)  # 96 MiB of data in 4 GiB
+SIZE = 2 << 30
+DATA = scatter(SIZE, 96, 1 << 20)  # 96 MiB of data in 2 GiB
 
 
 def sha256_file(path: Path) -> str:
@@ -43,11 +48,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-async def source(bus: Bus) -> tuple[Path, str, os.stat_result]:
+async def source(bus: Bus) -> tuple[Path, os.stat_result]:
     info = await bus.call("h1", "storage", "create", CreateVolume(name="vm1", size_bytes=SIZE))
     path = Path(info.path)
     make_sparse(path, SIZE, DATA)
-    return path, sha256_file(path), path.stat()
+    return path, path.stat()
 
 
 async def until(what: str, check: Any, timeout: float = 60.0) -> Any:
@@ -83,9 +88,9 @@ async def committed_on_h2(bus: Bus) -> int:
     return sum(t.committed_bytes for t in inc.transfers)
 
 
-async def check_result(bus_h2: Bus, src: Path, digest: str, st: os.stat_result) -> None:
+async def check_result(bus_h2: Bus, src: Path, st: os.stat_result) -> None:
     got = await bus_h2.call("h2", "storage", "info", VolumeQuery(name="vm1"))
-    assert sha256_file(Path(got.path)) == digest
+    assert same_sparse_content(src, Path(got.path))
     assert got.allocated_bytes == st.st_blocks * 512
     after = src.stat()
     assert (after.st_mtime_ns, after.st_size) == (st.st_mtime_ns, st.st_size)  # untouched
@@ -109,7 +114,7 @@ class CorruptOnce:
 async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
-        src, digest, st = await source(a.bus)
+        src, st = await source(a.bus)
         channel = CorruptOnce(a.bus.nc, DATA[10][0])
         a.handlers.sender.channel = channel
         acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
@@ -117,7 +122,7 @@ async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path:
         assert result.state == "succeeded", result.message
         assert channel.corrupted == 1
         assert result.result["corrupt_chunks"] == 1
-        await check_result(b.bus, src, digest, st)
+        await check_result(b.bus, src, st)
         text = (await asyncio.to_thread(
             lambda: _scrape(b.metrics_url)))
         assert 'phyllome_storage_transfers_total{direction="receive",outcome="completed"} 1.0' \
@@ -135,7 +140,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
     await receiver.start()
     try:
         async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
-            src, digest, st = await source(a.bus)
+            src, st = await source(a.bus)
             acc = await a.bus.call("h1", "storage", "send", SendVolume(
                 name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
             await until("h2 to commit data", lambda: committed_on_h2(a.bus))
@@ -153,7 +158,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
             bus = a.bus
             got = await bus.call("h2", "storage", "info", VolumeQuery(name="vm1", sha256=True),
                                  timeout=100)
-            assert got.sha256 == digest
+            assert got.sha256 == sha256_file(src)
             assert got.allocated_bytes == st.st_blocks * 512
             assert not [p for p in (tmp_path / "h2" / "pools" / "default").iterdir()
                         if p.name.startswith(".")]
@@ -164,14 +169,89 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
 async def test_nats_restarted_mid_transfer(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
-        src, digest, st = await source(a.bus)
+        src, st = await source(a.bus)
         acc = await a.bus.call("h1", "storage", "send", SendVolume(
             name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
         await until("h2 to commit data", lambda: committed_on_h2(a.bus))
         await asyncio.to_thread(nats_server.restart)
         result = await job_done(a.bus, acc.job_id)
         assert result.state == "succeeded", result.message
-        await check_result(b.bus, src, digest, st)
+        await check_result(b.bus, src, st)
         completed = [e for e in await transfer_events(a.bus) if isinstance(e, TransferCompleted)]
         assert completed and completed[-1].attempts >= 2
         assert msgspec.to_builtins(completed[-1])["sha256"] == result.result["sha256"]
+
+
+def hidden(pool: Path) -> list[str]:
+    return sorted(p.name for p in pool.iterdir() if p.name.startswith("."))
+
+
+async def test_cancelled_send_is_rolled_back_on_the_receiver(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
+        src, st = await source(a.bus)
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+            name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+        await until("h2 to commit data", lambda: committed_on_h2(a.bus))
+        result = await a.bus.call("h1", "storage", "cancel", JobRef(job_id=acc.job_id))
+        assert result.state == "cancelled"
+        pool = tmp_path / "h2" / "pools" / "default"
+        assert list(pool.iterdir()) == []
+        assert (await a.bus.call("h2", "storage", "incoming", Empty())).transfers == []
+        assert src.stat().st_mtime_ns == st.st_mtime_ns
+
+
+async def test_sender_killed_receiver_rolls_back_when_idle(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    sender = AgentProcess("storage", nats_server.url, tmp_path / "h1", "h1")
+    await sender.start()
+    try:
+        async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
+                                    extra={"stale_s": 1.5, "commit_interval_s": 0.2}) as b:
+            await source(b.bus)
+            await b.bus.call("h1", "storage", "send", SendVolume(
+                name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+            await until("h2 to commit data", lambda: committed_on_h2(b.bus))
+            sender.kill()
+            pool = tmp_path / "h2" / "pools" / "default"
+
+            async def rolled_back() -> bool:
+                return not list(pool.iterdir()) and not b.handlers.receiver.incoming
+
+            await until("h2 to roll the transfer back", rolled_back, timeout=20)
+            failed = [e async for e in _events(b.bus, "h2") if e.error_kind == "rolled_back"]
+            assert failed and "no word from the sender" in failed[-1].message
+    finally:
+        sender.kill()
+
+
+async def _events(bus: Bus, host: str) -> Any:
+    async for _s, _t, data in bus.events(subjects.events_filter(host, "storage",
+                                                                "transfer.failed.>")):
+        yield event_decoder().decode(data)
+
+
+async def test_receiver_pool_too_small(nats_server, tmp_path: Path, small_ext4: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
+                             extra={"pools": {"default": str(small_ext4 / "pool")}}):
+        await source(a.bus)  # 96 MiB of data; h2's pool has about 50 MiB free
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+        result = await job_done(a.bus, acc.job_id)
+        assert (result.state, result.error_kind) == ("failed", "insufficient_resources")
+        assert "free, the incoming volume vm1 needs" in result.message
+        assert list((small_ext4 / "pool").iterdir()) == []
+
+
+async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
+        await source(a.bus)
+        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+            name="vm1", to_host="h2", bwlimit_bytes_s=64 << 20))
+        result = await job_done(a.bus, acc.job_id)
+        assert result.state == "succeeded"
+        data = sum(n for _, n in DATA)
+        assert result.result["seconds"] >= 0.9 * data / (64 << 20)
+        events = await transfer_events(a.bus)
+        completed = [e for e in events if isinstance(e, TransferCompleted)][-1]
+        assert completed.rate_bytes_s <= 1.1 * (64 << 20)
