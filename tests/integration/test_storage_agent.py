@@ -6,9 +6,12 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
@@ -35,6 +38,7 @@ from shared.messages.storage import (
 from tests.support.agents import REPO, agent_in_process
 from tests.support.loopfs import make_sparse, same_sparse_content, scatter
 from tests.support.nats import nats_server  # noqa: F401
+from tests.support.require import require
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +93,18 @@ async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:  #
                                                                    size_bytes=1 << 30))
         await bus.call("h1", "storage", "delete", VolumeRef(name="disk1"))
         assert not Path(dst.path).exists()
+        text = await asyncio.to_thread(lambda: httpx.get(a.metrics_url, timeout=5).text)
+        series = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                      if line and not line.startswith("#"))
+        assert float(series['phyllome_storage_pool_capacity_bytes{pool="default"}']) == \
+            pools.pools[0].capacity_bytes
+        assert float(series['phyllome_storage_pool_volumes{pool="default"}']) == 1
+        assert 'phyllome_storage_clones_total{method="' in text
+        promtool = shutil.which("promtool")
+        require(promtool is not None, "promtool (apt prometheus)")
+        lint = subprocess.run([str(promtool), "check", "metrics"], input=text, text=True,
+                              capture_output=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:  # noqa: F811
