@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from deploy.grafana import generate
+from shared.config import DEFAULT_METRICS_PORTS
 from tests.support.prometheus import panel_queries
 from tests.support.require import require, require_binary
 
@@ -179,6 +180,18 @@ def test_promtool_checks_the_configs_and_rules() -> None:
     assert len(rules) == 2
     done = promtool("check", "rules", *rules)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_one_host_config_scrapes_the_agents_default_ports_like_the_cluster_one() -> None:
+    one = load_yaml(PROM / "prometheus.yml")
+    cluster = load_yaml(PROM / "prometheus-cluster.yml")
+    assert one["rule_files"] == cluster["rule_files"] == ["rules/*.yml"]
+    [job] = one["scrape_configs"]
+    assert job["job_name"] == cluster["scrape_configs"][0]["job_name"] == "phyllome"
+    scraped = {g["labels"]["agent"]: g["targets"] for g in job["static_configs"]}
+    assert scraped == {a: [f"127.0.0.1:{DEFAULT_METRICS_PORTS[a]}"] for a in AGENTS}
+    sample = json.loads((PROM / "targets" / "example.json.sample").read_text())
+    assert sorted(g["labels"]["agent"] for g in sample) == sorted(AGENTS)
 
 
 def test_alerts_fire_on_the_series_that_should_fire_them() -> None:
