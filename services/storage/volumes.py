@@ -332,11 +332,17 @@ class Pools:
             raise NotFound(f"no pool {name!r}; pools: {', '.join(sorted(self.pools))}") from None
 
     def _sweep(self, pool: Pool) -> None:
-        """Remove temporary files of clones, creates and imports a crash left behind."""
-        for entry in os.scandir(pool.dir_fd):
-            if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".part") and \
-                    not entry.name.startswith(f"{TEMP_PREFIX}xfer-"):
-                pool.remove(entry.name)
+        """Remove what a crash left behind: temporary files of clones, creates and imports,
+        half-written state files, and incoming transfer data without its state file (the
+        transfers with one are resumed)."""
+        names = set(os.listdir(pool.dir_fd))
+        for name in names:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            xfer = name.startswith(f"{TEMP_PREFIX}xfer-")
+            if name.endswith(".new") or (name.endswith(".part") and (
+                    not xfer or name.removesuffix(".part") + ".json" not in names)):
+                pool.remove(name)
 
     def claim(self, pool: Pool, name: str) -> None:
         """Hold the new volume name ``name`` for one creator at a time; Conflict for others."""
@@ -378,11 +384,14 @@ class Pools:
                         reflink=pool.reflink)
 
     def volumes(self, pool_name: str) -> list[VolumeInfo]:
-        """Regular files of the pool with valid names; links and temporaries are not volumes."""
+        """Regular files of the pool with valid names; links, temporaries and files with names
+        the agent would refuse are not volumes."""
         pool = self.pool(pool_name)
         out = []
         for entry in os.scandir(pool.dir_fd):
-            if entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            if not _NAME_OK.match(entry.name) or ".." in entry.name or \
+                    len(entry.name.encode()) > NAME_MAX or \
+                    not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)
             out.append(self._info(pool, entry.name, st))

@@ -272,3 +272,20 @@ def test_reflink_clone_on_xfs(xfs_reflink: Path, tmp_path: Path) -> None:  # noq
             <= os.stat(src).st_blocks * 512 / 100
     finally:
         pools.close()
+
+
+def test_leftovers_of_a_crash_are_swept_at_start(tmp_path: Path) -> None:
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for name in (".clone-1.part", ".create-2.part", ".xfer-orphan.part",
+                 ".xfer-kept.json.new", "odd name"):
+        (pool_dir / name).write_bytes(b"x")
+    (pool_dir / ".xfer-kept.part").write_bytes(b"x")
+    (pool_dir / ".xfer-kept.json").write_bytes(b"{}")
+    pools = Pools({"default": str(pool_dir)})
+    try:
+        assert sorted(p.name for p in pool_dir.iterdir()) == [
+            ".xfer-kept.json", ".xfer-kept.part", "odd name"]
+        assert pools.volumes("default") == []  # a name the agent refuses is not a volume
+    finally:
+        pools.close()
