@@ -396,8 +396,8 @@ class Sender:
             if time.monotonic() - last_progress > self.resume_timeout_s:
                 raise Unavailable(
                     f"transfer {offer.transfer_id}: no progress towards {to_host} for "
-                    f"{self.resume_timeout_s:.0f} s; it was rolled back there (run the send "
-                    "again to resume, if the receiver kept it)")
+                    f"{self.resume_timeout_s:.0f} s; giving up (the receiver rolls its partial "
+                    "copy back); check that its storage agent runs, then send again")
             try:
                 accepted: TransferAccepted = await self.bus.call(
                     to_host, "storage", "receive", offer, timeout=self.chunk_timeout_s)

@@ -228,7 +228,7 @@ class TransferCompleted(Event, frozen=True, kw_only=True, tag="storage.transfer_
     wire_bytes: int
     seconds: float
     rate_bytes_s: float
-    sha256: str
+    sha256: str  # the volume digest both sides agreed on (see TransferCommit)
     attempts: int = 1
 
 

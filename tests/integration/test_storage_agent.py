@@ -235,3 +235,25 @@ async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
         assert rc == 1 and "contains '/'" in err
         rc, out, err = await cli("delete", "disk1")
         assert rc == 0 and "deleted default/disk1" in out
+
+
+async def test_send_through_a_server_with_the_default_max_payload(tmp_path: Path) -> None:
+    """An external nats-server keeps max_payload at 1 MiB: chunks shrink to fit."""
+    from shared.natsserver import NatsServer
+
+    server = NatsServer(tmp_path / "nats", port=-1, extra_conf="max_payload: 1048576\n")
+    server.start()
+    try:
+        async with agent_in_process("storage", server.url, tmp_path / "h1", "h1") as a, \
+                agent_in_process("storage", server.url, tmp_path / "h2", "h2") as b:
+            assert a.bus.nc.max_payload == 1 << 20
+            src = await a.bus.call("h1", "storage", "create",
+                                   CreateVolume(name="v", size_bytes=1 << 30))
+            make_sparse(Path(src.path), 1 << 30, scatter(1 << 30, 6, 3 << 20))
+            acc = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h2"))
+            st = await finished(a.bus, "h1", acc.job_id)
+            assert st.state == "succeeded", st.message
+            got = await b.bus.call("h2", "storage", "info", VolumeQuery(name="v"))
+            assert same_sparse_content(Path(src.path), Path(got.path))
+    finally:
+        server.stop()
