@@ -24,7 +24,6 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.state import RUNNING, STOPPED, VmStates
-from shared import subjects
 from shared.agent import Agent
 from shared.errors import (
     BackendError,
@@ -57,7 +56,6 @@ from shared.messages.vm import (
     VmInfo,
     VmList,
     VmListRequest,
-    VmRecord,
     VmRef,
     VmShutdown,
     VmSpec,
@@ -433,7 +431,7 @@ class Handlers:
             return Ack(message=f"deleted VM {dom.name}{disks}")
 
     async def list(self, req: VmListRequest) -> VmList:
-        records: list[VmRecord] = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
+        records = await self.states.records()
         mine = [r for r in records if req.all_hosts or r.host == self.host]
         mine.sort(key=lambda r: (r.host, r.spec.name))
         return VmList(vms=[msgspec.structs.replace(r, spec=redacted(r.spec)) for r in mine])
