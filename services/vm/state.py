@@ -57,6 +57,9 @@ class VmStates:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._started: dict[str, float] = {}
+        self._read_lock = asyncio.Lock()
+        self._reads_begun = 0
+        self._last_read: tuple[int, list[VmRecord]] = (0, [])
 
     async def bridge(self) -> None:
         while True:
@@ -119,11 +122,24 @@ class VmStates:
         return await self.agent.bus.kv(subjects.KV_VMS)
 
     async def records(self) -> list[VmRecord]:
-        """Every record in KV ``vms`` (all hosts).
+        """Every record in KV ``vms`` (all hosts), as of a read begun after this call.
 
-        Read with a pull consumer, whose pending count is exact when it is created: a KV
-        watcher (``Bus.kv_values``) may signal "all in" while a value is still in flight and
-        miss a VM created just before (about 1 read in 100 here).
+        Concurrent callers share reads: one that began after a caller arrived serves it too
+        (it sees every write that caller made before), so a burst costs two or three reads.
+        """
+        arrived = self._reads_begun
+        async with self._read_lock:
+            if self._last_read[0] > arrived:
+                return list(self._last_read[1])
+            self._reads_begun += 1
+            number = self._reads_begun
+            self._last_read = (number, await self._read_records())
+            return list(self._last_read[1])
+
+    async def _read_records(self) -> list[VmRecord]:
+        """One pass over KV ``vms`` with a pull consumer, whose pending count is exact when
+        it is created: a KV watcher (``Bus.kv_values``) may signal "all in" while a value is
+        still in flight and miss a VM created just before (about 1 read in 100 here).
         """
         await self._kv()  # the bucket exists from here on
         sub = await self.agent.bus.js.pull_subscribe(
