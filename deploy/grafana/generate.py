@@ -147,6 +147,23 @@ def host() -> dict[str, Any]:
         Panel("Inventory scan time", "How long did the last full PCI scan take?",
               [(f"phyllome_hardware_scan_duration_seconds{{{H}}}", "{{host}}")],
               kind="stat", instant=True, unit="s", width=4),
+        Panel("Passthrough readiness", "How many devices can be passed through alone, with "
+              "their companions, only with unrelated devices, or not at all (IOMMU off)?",
+              [(f"sum by (host, verdict) (phyllome_hardware_passthrough_devices{{{H}}})",
+                "{{host}} {{verdict}}")], kind="bargauge", instant=True, width=8),
+        Panel("Virtualization capabilities", "Does KVM really boot guests, is nested on, is "
+              "the IOMMU on, and how many IOMMU groups and VFIO-bound devices are there?",
+              [(f"phyllome_hardware_kvm_usable{{{H}}}", "{{host}} KVM usable"),
+               (f"phyllome_hardware_nested{{{H}}}", "{{host}} nested"),
+               (f"phyllome_hardware_iommu_enabled{{{H}}}", "{{host}} IOMMU on"),
+               (f"phyllome_hardware_iommu_groups{{{H}}}", "{{host}} IOMMU groups"),
+               (f"phyllome_hardware_vfio_bound_devices{{{H}}}", "{{host}} bound to vfio-pci")],
+              kind="stat", instant=True, width=8),
+        Panel("Drivers in use", "Which driver holds each kind of device (vfio-pci = ready "
+              "for a guest)?", [(f"sum by (host, kind, driver) "
+                                 f"(phyllome_hardware_devices_by_driver{{{H}}})",
+                                 "{{host}} {{kind}} {{driver}}")],
+              kind="table", instant=True, width=8),
         Panel("Passthrough operations running", "Is a bind, release or SR-IOV change "
               "running now?", [(f"phyllome_hardware_jobs_running{{{H}}}", "{{host}}")],
               kind="stat", instant=True, width=8),

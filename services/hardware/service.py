@@ -24,6 +24,8 @@ async def setup(agent: Agent) -> Handlers:
     fs = Sysfs(settings.sysfs_root, proc_root=settings.proc_root, root_dev=settings.root_dev)
     inventory = Inventory(fs)
     ops = Operations(fs, inventory, Path(settings.state_dir))
-    handlers = Handlers(agent, fs, inventory, ops, settings, HardwareMetrics(agent.registry))
+    metrics = HardwareMetrics(agent.registry)
+    handlers = Handlers(agent, fs, inventory, ops, settings, metrics)
+    metrics.watch(inventory.devices, lambda: handlers._caps)
     await handlers.start()
     return handlers
