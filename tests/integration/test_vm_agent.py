@@ -15,7 +15,7 @@ import pytest
 
 from shared import subjects
 from shared.agent import Agent
-from shared.codec import decode, encode
+from shared.codec import encode
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -34,7 +34,6 @@ from shared.messages.vm import (
     VmDelete,
     VmInfo,
     VmListRequest,
-    VmRecord,
     VmRef,
     VmSpec,
     VmUpdate,
@@ -107,9 +106,8 @@ async def test_vm_lifecycle_over_the_bus(nats_server: NatsServer, tmp_path: Path
 
         info = await call(agent, "update", VmUpdate(vm="web-1", vcpus=4, memory_mib=512))
         assert (info.vcpus, info.memory_mib) == (4, 512)
-        record = decode((await (await agent.bus.kv(subjects.KV_VMS)).get(info.uuid)).value,
-                        VmRecord)
-        assert record.revision == 2 and record.spec.vcpus == 4
+        record, _ = await agent.handlers.states.load(info.uuid)
+        assert record is not None and record.revision == 2 and record.spec.vcpus == 4
 
         ack = await call(agent, "delete", VmDelete(vm="web-1"))
         assert "deleted VM web-1" in ack.message
@@ -218,8 +216,8 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
     async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, events):
         info = await call(agent, "create", VmCreate(spec=VmSpec(name="r", memory_mib=64)))
         kv = await agent.bus.kv(subjects.KV_VMS)
-        entry = await kv.get(info.uuid)
-        stale = decode(entry.value, VmRecord)
+        stale, _ = await agent.handlers.states.load(info.uuid)
+        assert stale is not None
         await kv.put(info.uuid, encode(msgspec.structs.replace(stale, state="running")))
         ghost = msgspec.structs.replace(
             stale, spec=msgspec.structs.replace(stale.spec, name="ghost",
@@ -230,7 +228,8 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
         assert (ev.state, ev.missed) == ("shutoff", True)
         ev = await events.next(ghost.spec.uuid)
         assert (ev.state, ev.missed) == ("deleted", True)
-        assert decode((await kv.get(info.uuid)).value, VmRecord).state == "shutoff"
+        fixed, _ = await agent.handlers.states.load(info.uuid)
+        assert fixed is not None and fixed.state == "shutoff"
         listed = await call(agent, "list", _list_all())
         assert [r.spec.name for r in listed.vms] == ["r"]
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import pytest
@@ -26,7 +27,7 @@ GOLDEN = Path(__file__).parents[1] / "data" / "vm" / "golden"
 UUID = "3f1e0c6a-5a8d-4c1e-9d0b-1c2d3e4f5a6b"
 MDEV = "b1a2c3d4-0000-4000-8000-000000000001"
 
-SPECS = {
+SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
     "minimal-uefi": (VmSpec(name="minimal", uuid=UUID), "tcg"),
     "secure-boot-tpm-both": (
         VmSpec(
