@@ -18,6 +18,7 @@ from typing import Any
 
 from cli import common
 from shared.bus import Bus
+from shared.errors import PhyError
 from shared.messages import new_id
 from shared.messages.catalogue import ImageInfo, ImageRef
 from shared.messages.vm import (
@@ -37,6 +38,8 @@ from shared.messages.vm import (
 LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus", "CPUS"),
                 ("memory", "MEMORY"), ("accelerator", "ACCEL"), ("uuid", "UUID")]
 MiB = 1 << 20
+DEMO_IMAGE = "phyllome-tiny"
+DEMO_MIN_MEMORY_MIB = 384  # the tiny disk's UEFI boot resets with less (deploy/images)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -257,6 +260,39 @@ def cmd_console(args: argparse.Namespace) -> None:
         os.execv(viewer, [viewer, uris[0]])
     for uri in uris:
         print(uri)
+
+
+async def ensure_demo(bus: Bus, host: str) -> list[str]:
+    """For the first ``phyllome up`` of a host with no VMs: create and start ``demo`` from
+    phyllome-tiny (UEFI + Secure Boot, TPM 2.0, VNC + SPICE); lines that say how to look at it.
+
+    A host that has VMs gets no demo (and no lines); a failure is said, not raised.
+    """
+    try:
+        listed = await bus.call(host, "vm", "list", VmListRequest(), timeout=30)
+        if listed.vms:
+            return []
+        tiny: ImageInfo = await bus.call(host, "catalogue", "info",
+                                         ImageRef(id=DEMO_IMAGE), timeout=30)
+        spec = VmSpec(name="demo", vcpus=1, secure_boot=True, tpm="emulated-2.0",
+                      display="both", memory_mib=max(tiny.template.memory // MiB,
+                                                     DEMO_MIN_MEMORY_MIB))
+        await bus.call(host, "vm", "create", VmCreate(spec=spec, image=DEMO_IMAGE),
+                       timeout=600, idempotency_key=f"demo:{host}")
+        info: VmInfo = await bus.call(host, "vm", "start", VmRef(vm="demo"), timeout=60)
+    except PhyError as e:
+        return [f"demo VM not created: {e.message}"]
+    consoles = "  ".join(c.uri for c in (info.spice, info.vnc) if c is not None)
+    lines = [
+        f"demo VM `demo` ({DEMO_IMAGE}: UEFI + Secure Boot, TPM 2.0) is {info.state} "
+        f"under {info.accelerator.upper()}" + (f" ({info.accelerator_note})"
+                                                if info.accelerator_note else ""),
+        "  phyllome vm info demo --json     state, uptime, console endpoints",
+        f"  phyllome vm console demo         {consoles or '(no console yet)'}",
+        f"  phyllome events --follow --subject 'phy.evt.{host}.vm.>'",
+        "  the vm agent's /metrics (above): phyllome_vm_vms, phyllome_vm_cpu_seconds_total, ...",
+    ]
+    return lines
 
 
 def _show_info(args: argparse.Namespace, info: VmInfo) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.vm import ensure_demo
 from shared.agent import Agent
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
@@ -79,3 +81,33 @@ async def test_vm_cli_create_start_info_console_stop_delete(
         assert disk.exists()
         rc, _, err = await phyllome(agent, "info", "demo")
         assert rc == 1 and "no VM 'demo'" in err
+
+
+async def test_vm_demo_is_made_once_on_a_host_without_vms(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    tiny = tmp_path / "builtin" / "phyllome-tiny"
+    tiny.mkdir(parents=True)
+    (tiny / "disk.raw").write_bytes(b"\xeb" + bytes((1 << 20) - 1))
+    digest = hashlib.sha256((tiny / "disk.raw").read_bytes()).hexdigest()
+    (tiny / "manifest.json").write_text(json.dumps({"files": {"disk.raw": {
+        "sha256": digest, "size": 1 << 20}}}))
+    pool = tmp_path / "catalogue" / "pool"
+    async with agent_in_process(
+            "catalogue", nats_server.url, tmp_path / "catalogue",
+            extra={"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(tiny.parent),
+                   "pool_dir": str(pool)}), \
+            agent_in_process("storage", nats_server.url, tmp_path / "storage",
+                             extra={"import_dirs": [str(pool)]}), \
+            agent_in_process("vm", nats_server.url, tmp_path / "vm",
+                             libvirt_uri=libvirt_test_uri, accelerator="tcg",
+                             extra={"reconcile_s": 3600}) as agent:
+        lines = await ensure_demo(agent.bus, "h1")
+        assert lines[0].startswith("demo VM `demo` (phyllome-tiny: UEFI + Secure Boot, TPM 2.0)"
+                                   " is running under TCG"), lines
+        assert any("phyllome vm console demo" in line for line in lines)
+        rc, out, err = await phyllome(agent, "info", "demo", "--json")
+        info = json.loads(out)
+        assert (info["state"], info["spec"]["secure_boot"], info["spec"]["display"]) == \
+            ("running", True, "both")
+        assert info["memory_mib"] >= 384
+        assert await ensure_demo(agent.bus, "h1") == []  # the host has a VM now
