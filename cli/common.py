@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypedDict, TypeVar
 
 import msgspec
 from rich.console import Console
@@ -59,13 +59,25 @@ def add_common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
 
 
+class Credentials(TypedDict):
+    user: str
+    password: str
+    creds: str
+    ca: str
+
+
+def credentials() -> Credentials:
+    """The NATS identity of this process, from PHYLLOME_NATS_USER/_PASSWORD/_CREDS/_CA."""
+    env = os.environ.get
+    return Credentials(user=env("PHYLLOME_NATS_USER", ""),
+                       password=env("PHYLLOME_NATS_PASSWORD", ""),
+                       creds=env("PHYLLOME_NATS_CREDS", ""), ca=env("PHYLLOME_NATS_CA", ""))
+
+
 async def connect(args: argparse.Namespace) -> Bus:
     return await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
                              give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")),
-                             user=os.environ.get("PHYLLOME_NATS_USER", ""),
-                             password=os.environ.get("PHYLLOME_NATS_PASSWORD", ""),
-                             creds=os.environ.get("PHYLLOME_NATS_CREDS", ""),
-                             ca=os.environ.get("PHYLLOME_NATS_CA", ""))
+                             **credentials())
 
 
 def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:

@@ -79,7 +79,8 @@ async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
 
 
 async def collect(url: str, window: float = 0.5) -> list[dict[str, Any]]:
-    bus = await Bus.connect(url, name="phyllome-status", host="-", give_up_after=3)
+    bus = await Bus.connect(url, name="phyllome-status", host="-", give_up_after=3,
+                            **common.credentials())
     try:
         return await collect_on(bus, window)
     finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 import nats.errors
 
 from cli import common
-from shared import subjects
+from shared import security, subjects
 from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
 from shared.natsserver import NatsServer, parse_urls
@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
                    help="JetStream replicas of the events and KV buckets (default: 3 with "
                    "three or more cluster routes, else 1)")
+    p.add_argument("--secure", action="store_true",
+                   help="users with least-privilege permissions and TLS (identities in "
+                        "<state dir>/secure; `phyllome secure init` makes them for a cluster)")
     p.add_argument("--agents", default=",".join(subjects.SERVICES),
                    help="which agents to run (default: all four)")
     p.add_argument("--no-demo", action="store_true",
@@ -185,6 +188,10 @@ class Supervisor:
         for d in ("logs", "run"):
             (self.state_dir / d).mkdir(parents=True, exist_ok=True)
         pid_file(self.state_dir).write_text(str(os.getpid()))
+        if self.args.secure:
+            # This process (set-up, readiness checks) acts as admin; each agent as itself.
+            security.generate(self.secure_dir, [self.args.host])
+            os.environ.update(security.read_env(self.secure_dir / "admin.env"))
         try:
             url = await self.start_nats()
             await self.prepare_jetstream(url)
@@ -192,7 +199,11 @@ class Supervisor:
                    "PHYLLOME_STATE_DIR": str(self.state_dir),
                    "PHYLLOME_REPLICAS": str(self.replicas())}
             for name in self.args.agents.split(","):
-                child = Child(subjects.service(name), env,
+                own = dict(env)
+                if self.args.secure:
+                    own.update(security.read_env(
+                        self.secure_dir / f"{self.args.host}-{subjects.service(name)}.env"))
+                child = Child(subjects.service(name), own,
                               self.state_dir / "logs" / f"{name}.log")
                 child.start()
                 self.children.append(child)
@@ -206,11 +217,15 @@ class Supervisor:
             for f in ("up.pid", "ready", "summary", "nats_url"):
                 (self.state_dir / "run" / f).unlink(missing_ok=True)
 
+    @property
+    def secure_dir(self) -> Path:
+        return self.state_dir / "secure"
+
     async def start_nats(self) -> str:
         url = os.environ.get("PHYLLOME_NATS_URL")
         if url:
             bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
-                                           give_up_after=10)
+                                           give_up_after=10, **common.credentials())
             await bus.nc.close()
             print(f"using the NATS server at {url}", flush=True)
             return url
@@ -223,7 +238,8 @@ class Supervisor:
         self.nats = NatsServer(
             self.state_dir / "nats", host=host, port=int(port or 4222), name=self.args.host,
             cluster_listen=cluster_listen, routes=routes,
-            conf_file=Path(self.args.nats_config) if self.args.nats_config else None)
+            conf_file=Path(self.args.nats_config) if self.args.nats_config else None,
+            extra_conf=security.server_conf(self.secure_dir) if self.args.secure else "")
         self.nats.start()
         joined = f"; cluster routes {', '.join(routes)}" if routes else ""
         print(f"nats-server {self.args.host} listening on {self.nats.url} "
@@ -238,7 +254,7 @@ class Supervisor:
         cfg = load("hardware", {**os.environ, "PHYLLOME_HOST": self.args.host})
         bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, replicas=self.replicas(),
-                                       kv_ttl_s=cfg.heartbeat_ttl_s)
+                                       kv_ttl_s=cfg.heartbeat_ttl_s, **common.credentials())
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -294,6 +310,9 @@ class Supervisor:
             "  phyllome events --since 1h what happened",
             f"  logs in {self.state_dir}/logs/; stop with `phyllome down`",
         ]
+        if self.args.secure:
+            lines += [f"secure: TLS and one identity per agent; for the CLI run "
+                      f"`set -a; . {self.secure_dir}/operator.env; set +a`"]
         if not self.args.no_demo:
             lines += await self.demo(url)
         summary = "\n".join(lines) + "\n"

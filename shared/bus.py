@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -286,7 +286,7 @@ class Bus:
 
     async def events(self, subject_filter: str = subjects.EVENTS_ALL, *,
                      since: float | None = None, follow: bool = False,
-                     ) -> AsyncIterator[tuple[str, float, bytes]]:
+                     ) -> AsyncGenerator[tuple[str, float, bytes], None]:
         """Replay events (all, or those newer than the unix time ``since``), then follow."""
         if since is None:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)

@@ -65,3 +65,34 @@ def test_status_without_nats_says_so_and_exits_3(tmp_path: Path) -> None:
     result = phyllome("status", env=env)
     assert result.returncode == 3
     assert "cannot reach NATS at nats://127.0.0.1:1" in result.stderr
+
+
+def test_up_secure_agents_run_as_themselves_and_anonymous_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "sechost",
+           **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
+                                                           "CATALOGUE")},
+           "PHYLLOME_ACCELERATOR": "tcg"}
+    env.pop("PHYLLOME_NATS_URL", None)
+    up = phyllome("up", "--detach", "--secure", "--no-demo", "--listen", "127.0.0.1:-1",
+                  env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        assert "operator.env" in up.stdout
+        env["PHYLLOME_NATS_URL"] = (state / "run" / "nats_url").read_text()
+        anonymous = phyllome("status", env={**env, "PHYLLOME_CONNECT_WAIT": "1"})
+        assert anonymous.returncode == 3, anonymous.stdout + anonymous.stderr
+        operator = {**env}
+        for line in (state / "secure" / "operator.env").read_text().splitlines():
+            key, _, value = line.partition("=")
+            operator[key] = value
+        status = phyllome("status", "--json", env=operator)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert {r["agent"] for r in json.loads(status.stdout) if r["healthy"]} == {
+            "hardware", "vm", "storage", "catalogue"}
+        events = phyllome("events", "--json", env=operator)
+        assert events.stdout.count("agent.started.v1") == 4
+        assert "PHYLLOME_NATS_PASSWORD" not in (state / "logs" / "vm.log").read_text()
+    finally:
+        down = phyllome("down", env=env)
+        assert down.returncode == 0
