@@ -321,6 +321,7 @@ class HostWatch:
 async def watch(agent: Agent) -> None:
     """An agent's cluster loop (see the module doc); runs until the agent drains."""
     host_watch = HostWatch(agent.host, agent.cfg.heartbeat_ttl_s)
+    first = True
     while not agent.stopping.is_set():
         try:
             if agent.name == HOST_AGENT:
@@ -337,6 +338,9 @@ async def watch(agent: Agent) -> None:
             elif agent.name == "storage" and "pools" in agent.details:
                 agent.details["pools"] = await asyncio.to_thread(
                     pool_free, agent.details["pools"])
+            if first:  # what was measured goes out now, not a heartbeat later
+                first = False
+                await agent.beat()
         except (Unavailable, TimeoutError, nats.errors.Error) as e:
             log.debug("cluster watch: %r", e)
         try:

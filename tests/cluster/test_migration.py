@@ -1,0 +1,265 @@
+"""Cold migration between two hosts on one nats-server: real vm agents (libvirt test driver,
+a host file each), real storage agents moving real volume files, real hardware agents.
+
+The migration job runs in host a's vm agent, as the agent's ``migrate`` endpoint will run it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from shared import subjects
+from shared.agent import Agent
+from shared.codec import decode
+from shared.errors import Conflict, NotFound
+from shared.messages import Empty
+from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.storage import CreateVolume, IncomingList, VolumeQuery
+from shared.messages.vm import Disk, VmCreate, VmInfo, VmRecord, VmRef, VmSpec
+from shared.migration import VmMigrate, migrate
+from shared.natsserver import NatsServer
+from tests.support.agents import AgentProcess, agent_in_process
+from tests.support.libvirt import TEST_HOST_XML
+from tests.support.nats import nats_server
+
+__all__ = ["nats_server"]
+pytestmark = pytest.mark.integration
+
+SIZE = 32 << 20
+
+
+class Pair:
+    """Hosts a and b: each a vm, a storage and a hardware agent."""
+
+    def __init__(self, nats: NatsServer, root: Path) -> None:
+        self.nats, self.root = nats, root
+        self.agents: dict[tuple[str, str], Agent] = {}
+
+    @property
+    def bus(self) -> Any:
+        return self.agents[("a", "vm")].bus
+
+    def state(self, host: str) -> Path:
+        return self.root / host
+
+    async def call(self, host: str, svc: str, verb: str, req: Any = None, **kw: Any) -> Any:
+        return await self.bus.call(host, svc, verb, req, **kw)
+
+    async def volume(self, host: str, name: str) -> tuple[str, str]:
+        """A volume on ``host`` with 8 MiB of random data in 32 MiB; (path, sha256)."""
+        info = await self.call(host, "storage", "create", CreateVolume(name=name,
+                                                                         size_bytes=SIZE))
+        data = os.urandom(8 << 20)
+        with open(info.path, "r+b") as f:
+            f.seek(4 << 20)
+            f.write(data)
+        with open(info.path, "rb") as f:
+            return info.path, hashlib.file_digest(f, "sha256").hexdigest()
+
+    async def vm(self, host: str, name: str, **spec: Any) -> VmInfo:
+        await self.volume(host, f"{name}-disk0")
+        return await self.call(host, "vm", "create", VmCreate(spec=VmSpec(
+            name=name, memory_mib=64, vcpus=1, firmware="bios", display="none",
+            disks=[Disk(pool="default", volume=f"{name}-disk0", owned=True)], **spec)))
+
+    def start(self, req: VmMigrate) -> JobAccepted:
+        """The migration as a job of host a's vm agent (what its ``migrate`` endpoint does)."""
+        agent = self.agents[("a", "vm")]
+
+        async def work(job: Any) -> dict[str, object]:
+            return await migrate(agent.bus, "a", req, job)
+
+        return agent.jobs.start("migrate", work)
+
+    async def migrate(self, req: VmMigrate, timeout: float = 90) -> JobStatus:
+        return await _wait(self, self.start(req).job_id, timeout)
+
+    async def record(self, uuid: str) -> VmRecord:
+        entry = await (await self.bus.kv(subjects.KV_VMS)).get(uuid)
+        return decode(entry.value, VmRecord)
+
+
+async def _tick() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def pair(nats: NatsServer, root: Path, *, skip: tuple[tuple[str, str], ...] = (),
+               storage: dict[str, Any] | None = None) -> AsyncIterator[Pair]:
+    p = Pair(nats, root)
+    async with contextlib.AsyncExitStack() as stack:
+        for host in ("a", "b"):
+            state = p.state(host)
+            state.mkdir(parents=True, exist_ok=True)
+            (state / "host.xml").write_text(TEST_HOST_XML)
+            for name, extra in (("hardware", {}), ("storage", {"extra": storage or {}}),
+                                ("vm", {"libvirt_uri": f"test://{state / 'host.xml'}",
+                                        "accelerator": "tcg",
+                                        "extra": {"reconcile_s": 3600,
+                                                  "disk_dir": str(state / "disks")}})):
+                if (host, name) in skip:
+                    continue
+                p.agents[(host, name)] = await stack.enter_async_context(
+                    agent_in_process(name, nats.url, state, host=host, **extra))
+        for agent in p.agents.values():  # resources and pools into the heartbeats now
+            if agent.name == "hardware":
+                from shared.cluster import host_resources
+                agent.details["resources"] = host_resources([])
+            await agent.beat()
+        yield p
+
+
+async def test_stopped_vm_moves_with_its_disk_and_identity(nats_server: NatsServer,
+                                                           tmp_path: Path) -> None:
+    async with pair(nats_server, tmp_path) as p:
+        before = await p.vm("a", "m1")
+        src_path, digest = await p.call("a", "storage", "info", VolumeQuery(
+            name="m1-disk0", sha256=True)), None
+        digest = src_path.sha256
+        st = await p.migrate(VmMigrate(vm="m1", to="b"))
+        assert st.state == "succeeded", st.message
+        assert st.result["to"] == "b" and st.result["disks"] == ["default/m1-disk0"]
+        after: VmInfo = await p.call("b", "vm", "info", VmRef(vm="m1"))
+        assert after.uuid == before.uuid and after.state == "shutoff"
+        assert after.spec.nics == before.spec.nics
+        moved = await p.call("b", "storage", "info", VolumeQuery(name="m1-disk0", sha256=True))
+        assert moved.sha256 == digest and moved.path.startswith(str(p.state("b")))
+        assert after.spec.disks[0].path == moved.path
+        with pytest.raises(NotFound):
+            await p.call("a", "vm", "info", VmRef(vm="m1"))
+        with pytest.raises(NotFound):  # the source's disk went with it
+            await p.call("a", "storage", "info", VolumeQuery(name="m1-disk0"))
+        rec = await p.record(before.uuid)
+        assert rec.host == "b" and rec.spec.name == "m1"
+        steps = [m for m in await _job_messages(p, st.job_id)]
+        assert steps[0].startswith("preflight on b") and steps[-1] == "done"
+        assert any(s.startswith("verifying the sha256") for s in steps)
+
+
+async def _job_messages(p: Pair, job_id: str) -> list[str]:
+    from shared.contracts import event_decoder
+    from shared.messages.jobs import JobProgress
+
+    out = []
+    async for _s, _t, data in p.bus.events(subjects.event("a", "vm", "job", job_id)):
+        ev = event_decoder().decode(data)
+        if isinstance(ev, JobProgress) and (not out or out[-1] != ev.message):
+            out.append(ev.message)
+    return out
+
+
+async def test_refusals_leave_everything_as_it_was(nats_server: NatsServer,
+                                                  tmp_path: Path) -> None:
+    async with pair(nats_server, tmp_path) as p:
+        vm = await p.vm("a", "m2")
+        await p.vm("b", "m2")  # a VM of the same name on the target
+        st = await p.migrate(VmMigrate(vm="m2", to="b"))
+        assert st.state == "failed" and st.error_kind == Conflict.kind
+        assert "b has a VM m2 already" in st.message
+        st = await p.migrate(VmMigrate(vm="m2", to="a"))
+        assert st.state == "failed" and "is on a already" in st.message
+        st = await p.migrate(VmMigrate(vm="m2", to="nowhere"))
+        assert st.state == "failed" and "no host 'nowhere' in the cluster" in st.message
+        await p.call("a", "vm", "start", VmRef(vm="m2"))
+        st = await p.migrate(VmMigrate(vm="m2", to="b"))
+        assert st.state == "failed" and "is running: cold migration needs it shut off" in (
+            st.message)
+        uefi = await p.call("a", "vm", "create", VmCreate(spec=VmSpec(
+            name="m3", memory_mib=64, firmware="uefi", tpm="emulated-2.0", display="none")))
+        st = await p.migrate(VmMigrate(vm="m3", to="b"))
+        assert st.state == "failed" and "cannot carry them between hosts yet" in st.message
+        assert (await p.call("a", "vm", "info", VmRef(vm="m2"))).uuid == vm.uuid
+        assert (await p.call("a", "vm", "info", VmRef(vm="m3"))).uuid == uefi.uuid
+        assert (await p.record(vm.uuid)).host == "a"
+
+
+async def test_target_storage_killed_mid_transfer_vm_stays_whole(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """The receiver dies and stays dead past the sender's patience: the job fails, the VM is
+    whole on a; once the receiver is back, the same migration runs again and succeeds."""
+    async with pair(nats_server, tmp_path, skip=(("b", "storage"),),
+                    storage={"resume_timeout_s": 3.0, "chunk_timeout_s": 1.0}) as p:
+        receiver = AgentProcess("storage", nats_server.url, p.state("b"), host="b")
+        await receiver.start()
+        try:
+            vm = await p.vm("a", "m4")
+            accepted = p.start(VmMigrate(vm="m4", to="b", bwlimit_bytes_s=2 << 20))
+            await _until_receiving(p, accepted.job_id)
+            receiver.kill()
+            st = await _wait(p, accepted.job_id, 90)
+            assert st.state == "failed", st
+            assert "failed at step 1/5" in st.message and "the VM is whole on a" in st.message
+            info = await p.call("a", "vm", "info", VmRef(vm="m4"))
+            assert info.uuid == vm.uuid and info.spec.disks[0].volume == "m4-disk0"
+            await p.call("a", "storage", "info", VolumeQuery(name="m4-disk0"))
+            assert (await p.record(vm.uuid)).host == "a"
+            with pytest.raises(NotFound):
+                await p.call("b", "vm", "info", VmRef(vm="m4"))
+            await receiver.start()  # back: the job can be retried
+            st = await p.migrate(VmMigrate(vm="m4", to="b"))
+            assert st.state == "succeeded", st.message
+            assert (await p.call("b", "vm", "info", VmRef(vm="m4"))).uuid == vm.uuid
+        finally:
+            await receiver.stop()
+
+
+async def test_cancelled_mid_transfer_rolls_back(nats_server: NatsServer,
+                                                 tmp_path: Path) -> None:
+    async with pair(nats_server, tmp_path) as p:
+        vm = await p.vm("a", "m5")
+        accepted = p.start(VmMigrate(vm="m5", to="b", bwlimit_bytes_s=1 << 20))
+        await _until_receiving(p, accepted.job_id)
+        await p.call("a", "vm", "cancel", JobRef(job_id=accepted.job_id))
+        st = await _wait(p, accepted.job_id, 60)
+        assert st.state == "cancelled", st
+        assert (await p.call("a", "vm", "info", VmRef(vm="m5"))).uuid == vm.uuid
+        assert (await p.record(vm.uuid)).host == "a"
+        deadline = time.monotonic() + 30
+        while (await p.call("b", "storage", "incoming", Empty())).transfers:
+            assert time.monotonic() < deadline, "b still holds the partial transfer"
+            await _tick()
+        with pytest.raises(NotFound):
+            await p.call("b", "storage", "info", VolumeQuery(name="m5-disk0"))
+
+
+async def _until_receiving(p: Pair, job_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while not await _receiving(p):
+        st = await p.call("a", "vm", "job", JobRef(job_id=job_id))
+        assert st.state == "running", st
+        assert time.monotonic() < deadline, "the transfer did not start"
+        await _tick()
+
+
+async def _receiving(p: Pair) -> bool:
+    try:
+        inc: IncomingList = await p.call("b", "storage", "incoming", Empty(), timeout=2)
+    except Exception:
+        return False
+    return any(t.committed_bytes > 0 for t in inc.transfers)
+
+
+async def _wait(p: Pair, job_id: str, timeout: float) -> JobStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        st: JobStatus = await p.call("a", "vm", "job", JobRef(job_id=job_id))
+        if st.state != "running":
+            return st
+        assert time.monotonic() < deadline, st
+        await _tick()
+
+
+def test_migrate_request_is_a_tagged_message() -> None:
+    assert msgspec.json.decode(b'{"type":"vm.migrate.v1","vm":"x","to":"b"}',
+                               type=VmMigrate) == VmMigrate(vm="x", to="b")
