@@ -15,6 +15,7 @@ go through one lock, so the two never race::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -142,13 +143,16 @@ class VmStates:
         still in flight and miss a VM created just before (about 1 read in 100 here).
         """
         await self._kv()  # the bucket exists from here on
-        sub = await self.agent.bus.js.pull_subscribe(
-            f"$KV.{subjects.KV_VMS}.>", stream=f"KV_{subjects.KV_VMS}",
+        js, stream = self.agent.bus.js, f"KV_{subjects.KV_VMS}"
+        sub = await js.pull_subscribe(
+            f"$KV.{subjects.KV_VMS}.>", stream=stream,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
                                   ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
         out: list[VmRecord] = []
+        consumer = ""
         try:
-            remaining = (await sub.consumer_info()).num_pending or 0
+            info = await sub.consumer_info()
+            consumer, remaining = info.name, info.num_pending or 0
             while remaining > 0:
                 for msg in await sub.fetch(min(remaining, FETCH_BATCH), timeout=10):
                     remaining = msg.metadata.num_pending or 0
@@ -162,6 +166,9 @@ class VmStates:
             raise Unavailable(f"cannot read KV {subjects.KV_VMS}: {e!r}") from None
         finally:
             await sub.unsubscribe()
+            if consumer:  # unsubscribing leaves an ephemeral pull consumer on the server
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await js.delete_consumer(stream, consumer)
         return out
 
     async def load(self, uuid: str) -> tuple[VmRecord | None, int]:

@@ -232,6 +232,8 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
         assert fixed is not None and fixed.state == "shutoff"
         listed = await call(agent, "list", _list_all())
         assert [r.spec.name for r in listed.vms] == ["r"]
+        stream = await agent.bus.js.stream_info(f"KV_{subjects.KV_VMS}")
+        assert stream.state.consumer_count == 0  # each read removes its consumer
 
 
 async def test_vm_hostdevs_need_the_hardware_agents_word(
