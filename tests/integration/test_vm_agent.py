@@ -25,7 +25,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages.jobs import JobRef
-from shared.messages.storage import ListVolumes
+from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
     Disk,
     Nic,
@@ -314,4 +314,16 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
         for name in ("demo", "demo2"):
             await call(agent, "delete", VmDelete(vm=name, delete_disks=True))
         assert not Path(disk.path).exists() and not Path(copy.path).exists()
-        assert (await agent.bus.call(HOST, "storage", "volumes", ListVolumes())).volumes == []
+
+        data = await agent.bus.call(HOST, "storage", "create", CreateVolume(
+            name="data", size_bytes=1 << 20))
+        info = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="vol", memory_mib=64, disks=[Disk(volume="data")])))
+        assert (info.spec.disks[0].path, info.spec.disks[0].owned) == (data.path, False)
+        await call(agent, "delete", VmDelete(vm="vol", delete_disks=True))
+        assert Path(data.path).exists()  # given, not made for the VM: kept
+        with pytest.raises(NotFound):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="vol", memory_mib=64, disks=[Disk(volume="missing")])))
+        volumes = (await agent.bus.call(HOST, "storage", "volumes", ListVolumes())).volumes
+        assert [v.name for v in volumes] == ["data"]
