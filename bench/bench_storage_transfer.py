@@ -58,22 +58,25 @@ def make_volume(path: Path, virtual: int, data: int, extent: int = 8 * MiB) -> N
     os.close(fd)
 
 
-def agent(host: str, url: str, state: Path) -> subprocess.Popen[bytes]:
+def agent(host: str, url: str, state: Path, chunk: int, window: int) -> subprocess.Popen[bytes]:
+    conf = state / "phyllome.toml"
+    conf.write_text(f"[storage]\nchunk_bytes = {chunk}\nwindow = {window}\n")
     env = {**os.environ, "PHYLLOME_HOST": host, "PHYLLOME_NATS_URL": url,
            "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_STORAGE_METRICS_PORT": "0",
-           "PHYLLOME_LOG_LEVEL": "WARNING"}
+           "PHYLLOME_LOG_LEVEL": "WARNING", "PHYLLOME_CONFIG": str(conf)}
     return subprocess.Popen([sys.executable, "-m", "services.storage"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(state / "agent.log", "wb"))
 
 
-async def ours(work: Path, src: Path, repeat: int) -> tuple[float, int]:
+async def ours(work: Path, src: Path, repeat: int, chunk: int,
+               window: int) -> tuple[float, int]:
     server = NatsServer(work / "nats", port=-1)
     server.start()
     procs = []
     try:
         for host in ("b1", "b2"):
             (work / host / "pools" / "default").mkdir(parents=True, exist_ok=True)
-            procs.append(agent(host, server.url, work / host))
+            procs.append(agent(host, server.url, work / host, chunk, window))
         os.link(src, work / "b1" / "pools" / "default" / "vol")
         bus = await Bus.connect(server.url, name="bench", host="b1", give_up_after=10)
         best, wire = float("inf"), 0
@@ -167,6 +170,8 @@ def main() -> None:
     p.add_argument("--virtual", type=size_arg, default=20 << 30)
     p.add_argument("--data", type=size_arg, default=1 << 30)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--chunk", type=size_arg, default=4 * MiB, help="[storage] chunk_bytes")
+    p.add_argument("--window", type=int, default=8, help="[storage] window")
     p.add_argument("--no-rsync", action="store_true", help="skip rsync (about 2 min at 20 GiB)")
     p.add_argument("--dir", default="/var/tmp", help="an ext4 directory to work in")
     args = p.parse_args()
@@ -178,9 +183,10 @@ def main() -> None:
         src = work / "src.raw"
         make_volume(src, args.virtual, args.data)
         allocated = os.stat(src).st_blocks * 512
-        mine, wire = asyncio.run(ours(work, src, args.repeat))
+        mine, wire = asyncio.run(ours(work, src, args.repeat, args.chunk, args.window))
         pipe = socat(src, work, args.repeat)
-        label = f"{args.virtual >> 30} GiB virtual / {args.data / (1 << 30):.2g} GiB data"
+        label = (f"{args.virtual >> 30} GiB virtual / {args.data / (1 << 30):.2g} GiB data, "
+                 f"chunk {args.chunk // MiB} MiB x {args.window}")
         print("| path | ours | alternative | ratio (alternative / ours) |")
         print("|---|---|---|---|")
         print(f"| transfer {label}, loopback | {mine:.2f} s ({allocated / mine / MiB:.0f} MiB/s,"

@@ -4,7 +4,7 @@
     pools = { fast = "/srv/fast-pool" }   # more pools; "default" is <state dir>/pools/default
     import_dirs = ["/srv/incoming"]       # where `import_file` may read from
     chunk_bytes = 4194304                 # transfer chunk (capped by the server's max_payload)
-    window = 8                            # transfer chunks in flight
+    window = 8                            # transfer chunks in flight (at most 32 MiB)
     chunk_timeout_s = 10                  # a chunk not acknowledged by then is a cut
     resume_timeout_s = 120                # a sender gives up after this long without progress
     stale_s = 3600                        # a receiver rolls back transfers idle this long
@@ -43,7 +43,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         state = Path(cfg.state_dir)
         extra = dict(cfg.extra)
         pools = {"default": str(state / "pools" / "default"), **extra.pop("pools", {})}
-        values = {"pools": pools, "import_dirs": [str(state / "import")], **extra}
+        # The catalogue's image pool is an import source: `vm create --image` copies from it.
+        values = {"pools": pools,
+                  "import_dirs": [str(state / "import"), str(state / "images" / "pool")],
+                  **extra}
         try:
             settings = msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as e:

@@ -5,7 +5,9 @@ Host A's ``Sender`` streams a volume to host B's ``Receiver``:
 1. A -> ``phy.B.storage.receive`` ``TransferOffer``: the extent map (data only) and a stamp
    of the source. B claims the name, makes a sparse temporary file of the volume's size and
    answers ``TransferAccepted`` with the ranges it already holds (empty unless resuming).
-2. A -> ``phy.B.storage.chunk`` requests, at most ``window`` in flight: the body is raw
+2. A -> ``phy.B.storage.chunk`` requests, at most ``window`` and ``MAX_INFLIGHT`` bytes in
+   flight (nats-server drops messages to a client with over 64 MiB pending, by default: a
+   bigger window measured slower, with chunks lost and sent again). The body is raw
    bytes, headers ``Phy-Transfer``, ``Phy-Offset`` and ``Phy-Checksum``: the checksum of
    each leaf of the chunk (extents cut at multiples of ``LEAF``; chunks are whole leaves):
    xxh3-128 when the ``xxhash`` package is installed (15 GB/s), else BLAKE2b-128 (about
@@ -97,6 +99,7 @@ H_DIGEST = "Phy-Checksum"
 MAX_EXTENTS = 20_000  # keeps the offer under 1 MiB; more are merged across small holes
 LEAF = 512 << 10  # checksum unit; a chunk is whole leaves, so it fits a 1 MiB max_payload
 HEADER_ROOM = 4096  # bytes of a chunk message that are not data
+MAX_INFLIGHT = 32 << 20  # half of nats-server's default max_pending per client
 CHUNK_TRIES = 5
 BEST_EFFORT = (nats.errors.Error, OSError, PhyError)  # replies to a peer that may be gone
 
@@ -453,7 +456,7 @@ class Sender:
         """Read and hash every extent (for the digest); send what the receiver lacks."""
         leaves: Leaves = {}
         state = _Pass()
-        window = asyncio.Semaphore(self.window)
+        window = asyncio.Semaphore(max(1, min(self.window, MAX_INFLIGHT // chunk)))
         stats.done_bytes = committed.total()
         try:
             for c_off, c_len in (c for off, n in extents for c in split(off, n, chunk)):
