@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -180,9 +180,19 @@ async def hosts_ttl(bus: Bus) -> float:
     return float(info.config.max_age or bus.kv_ttl_s)
 
 
+async def _read(*reads: Awaitable[Any]) -> list[Any]:
+    """Run reads together; a JetStream that does not answer becomes a clear Unavailable."""
+    try:
+        return list(await asyncio.gather(*reads))
+    except (TimeoutError, nats.errors.Error) as e:
+        raise Unavailable(f"the cluster's JetStream did not answer ({e!r}); if a server just "
+                          "went down, its streams are electing new leaders: retry in a few "
+                          "seconds") from None
+
+
 async def host_views_on(bus: Bus) -> list[HostView]:
     """Every host of the cluster from KV ``hosts``, KV ``vms`` and the host events."""
-    beats, records, known, ttl = await asyncio.gather(
+    beats, records, known, ttl = await _read(
         kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS),
         known_hosts(bus), hosts_ttl(bus))
     vms: list[VmRecord] = _decode_all(records, VmRecord)
@@ -192,7 +202,7 @@ async def host_views_on(bus: Bus) -> list[HostView]:
 
 async def cluster_vms(bus: Bus) -> list[VmRecord]:
     """Every VM of every host from KV ``vms``; a VM whose host is down is ``unknown``."""
-    beats, records, ttl = await asyncio.gather(
+    beats, records, ttl = await _read(
         kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS), hosts_ttl(bus))
     now = time.time()
     up = {v.host for v in host_views(_decode_all(beats, Heartbeat), now=now,

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -48,7 +48,6 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
-from shared.jobs import Job
 from shared.messages.jobs import JobAccepted, JobProgress, JobRef, JobStatus
 from shared.messages.storage import SendVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import VmCreate, VmDelete, VmInfo, VmRef, VmShutdown, VmSpec
@@ -72,22 +71,31 @@ class VmMigrate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.migrate.v1"):
     bwlimit_bytes_s: int = 0  # per disk stream; 0: as fast as it goes
 
 
+class Job(Protocol):
+    """What the migration needs of its job (``shared.jobs.Job`` is one)."""
+
+    id: str
+    kind: str
+
+    async def progress(self, done: int, total: int, message: str = "") -> None: ...
+
+
 class _Step:
     """Progress in steps of the whole migration: preflight, one per disk, define, verify,
     clean up. Each step is published at once (``job.progress`` alone throttles events)."""
 
-    def __init__(self, job: Job, disks: int) -> None:
-        self.job = job
+    def __init__(self, bus: Any, source: str, job: Job, disks: int) -> None:
+        self.bus, self.source, self.job = bus, source, job
         self.total = disks + 4
         self.done = 0
 
     async def __call__(self, message: str, advance: bool = True) -> None:
         log.info("migration: %s", message)
         await self.job.progress(self.done, self.total, message)
-        agent = self.job.runner.agent
-        await agent.publish("job", JobProgress(
-            host=agent.host, job_id=self.job.id, kind=self.job.kind, done=self.done,
-            total=self.total, message=message), self.job.id)
+        await self.bus.publish_event(
+            subjects.event(self.source, "vm", "job", self.job.id), JobProgress(
+                host=self.source, job_id=self.job.id, kind=self.job.kind, done=self.done,
+                total=self.total, message=message))
         if advance:
             self.done += 1
 
@@ -134,7 +142,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
         raise BadRequest(f"VM {req.vm} is on {source} already; give another host with --to")
     info: VmInfo = await bus.call(source, "vm", "info", VmRef(vm=req.vm), timeout=CALL_TIMEOUT_S)
     spec = info.spec
-    step = _Step(job, len(spec.disks))
+    step = _Step(bus, source, job, len(spec.disks))
 
     # 1. shut off
     if info.state not in ("shutoff", "crashed"):

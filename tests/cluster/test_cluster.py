@@ -10,108 +10,26 @@ serving, show c down with one ``host.down`` event, its VMs ``unknown``, and even
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.libvirt import TEST_HOST_XML
-from tests.support.netns import Host, Hosts, env_for
+from tests.support.netns import Cluster, Hosts
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = ("a", "b", "c")
 HEARTBEAT_S, TTL_S = 1.0, 6.0
 VMS_PER_HOST = 334  # 1,002 in all
-
-
-class Cluster:
-    def __init__(self, hosts: Hosts, workdir: Path) -> None:
-        self.hosts = hosts
-        self.workdir = workdir
-        routes = ",".join(f"nats://{h.addr}:6222" for h in hosts)
-        self.up: dict[str, subprocess.Popen[bytes]] = {}
-        for h in hosts:
-            state = workdir / h.name
-            conf = state / "phyllome.toml"
-            conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text(f"heartbeat_s = {HEARTBEAT_S}\nheartbeat_ttl_s = {TTL_S}\n")
-            (state / "libvirt-test-host.xml").write_text(TEST_HOST_XML)
-            self.up[h.name] = h.popen(
-                [sys.executable, "-m", "cli.main", "up", "--host", h.name, "--state-dir",
-                 str(state), "--listen", "0.0.0.0:4222", "--cluster-listen", f"{h.addr}:6222",
-                 "--cluster-routes", routes, "--agents", "hardware,storage,vm", "--no-demo"],
-                log=state / "up.log", cwd=REPO, env=self.env(h, nats=False, PHYLLOME_CONFIG=conf,
-                    PHYLLOME_LIBVIRT_URI=f"test://{state / 'libvirt-test-host.xml'}",
-                    PHYLLOME_ACCELERATOR="tcg",
-                    **{f"PHYLLOME_{a}_METRICS_PORT": 0 for a in ("HARDWARE", "STORAGE", "VM")}))
-
-    def env(self, h: Host, *, nats: bool = True, **extra: Any) -> dict[str, str]:
-        """A process's environment in host ``h`` (``up`` starts the server: no NATS URL)."""
-        env = env_for(PHYLLOME_HOST=h.name, PHYLLOME_STATE_DIR=self.workdir / h.name,
-                      PHYLLOME_NATS_URL="nats://127.0.0.1:4222", PHYLLOME_CONNECT_WAIT=10,
-                      COLUMNS=200, **extra)
-        if not nats:
-            del env["PHYLLOME_NATS_URL"]
-        return env
-
-    def wait_up(self, timeout: float = 100.0) -> None:
-        deadline = time.monotonic() + timeout
-        pending = set(self.up)
-        while pending:
-            for name in list(pending):
-                log = (self.workdir / name / "up.log").read_text(errors="replace")
-                if f"phyllome is up on host {name}" in log:
-                    pending.discard(name)
-                elif self.up[name].poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"host {name} did not come up:\n{log[-3000:]}\n"
-                                         f"{self.logs(name)}")
-            time.sleep(0.2)
-
-    def logs(self, name: str) -> str:
-        logs = sorted((self.workdir / name / "logs").glob("*.log"))
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
-
-    def cli(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        h = self.hosts[host]
-        return h.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=self.env(h),
-                     timeout=timeout)
-
-    def py(self, host: str, code: str, timeout: float = 120) -> Any:
-        """Run ``async def main(bus)`` of ``code`` inside ``host``; returns its JSON result."""
-        h = self.hosts[host]
-        script = (
-            "import asyncio, json, time\nfrom shared.bus import Bus\n" + code +
-            "\nasync def _go():\n"
-            f"    bus = await Bus.connect('nats://127.0.0.1:4222', name='t', host='{host}',"
-            " give_up_after=10)\n"
-            "    try:\n        print(json.dumps(await main(bus)))\n"
-            "    finally:\n        await bus.close()\nasyncio.run(_go())\n")
-        result = h.run([sys.executable, "-c", script], cwd=REPO, env=self.env(h),
-                       timeout=timeout)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.splitlines()[-1])
-
-    def hosts_json(self, via: str, timeout: float = 30) -> dict[str, dict[str, Any]]:
-        """``phyllome hosts --json``, retried while JetStream elects new leaders (exit 3)."""
-        deadline = time.monotonic() + timeout
-        while (result := self.cli(via, "hosts", "--json")).returncode == 3:
-            assert time.monotonic() < deadline, result.stderr
-            time.sleep(0.5)
-        assert result.returncode in (0, 1) and result.stdout, result.stderr
-        return {v["host"]: v for v in json.loads(result.stdout)}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("cluster")
     with Hosts(workdir / "ns", NAMES) as hosts:
-        c = Cluster(hosts, workdir)
+        c = Cluster(hosts, workdir, heartbeat_s=HEARTBEAT_S, ttl_s=TTL_S)
         c.wait_up()
         yield c
 

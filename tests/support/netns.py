@@ -8,6 +8,10 @@
         hosts.cut("a"); hosts.restore("a")  # its link down / up
         a.kill_all()                        # SIGKILL everything running in host a
 
+        cluster = Cluster(hosts, tmp_path)  # `phyllome up --cluster-routes ...` in each host
+        cluster.wait_up()
+        cluster.cli("a", "hosts", "--json"); cluster.py("b", "async def main(bus): ...")
+
 Each host is a network namespace ``phyt-<pid>-<name>`` with a veth pair on a bridge
 ``phb<pid>`` in the root namespace (no address there: traffic stays between the test's
 own namespaces), addresses 10.77.0.<n>/24, and a private mount namespace held by an anchor
@@ -20,17 +24,22 @@ start: its namespaces carry the pid of the test process that made them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support.libvirt import TEST_HOST_XML
 from tests.support.require import require, require_binary, require_root
+
+REPO = Path(__file__).resolve().parents[2]
 
 SUBNET = "10.77.0"
 PREFIX = "phyt-"
@@ -249,6 +258,103 @@ class Hosts:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+class Cluster:
+    """``phyllome up --cluster-routes ...`` in every host of ``hosts``: one NATS cluster.
+
+    ``agents`` per host (default hardware, storage, vm); a vm agent uses libvirt's test
+    driver unless ``libvirt`` names a URI for its host (``Host.start_libvirtd()``).
+    """
+
+    def __init__(self, hosts: Hosts, workdir: Path, *, heartbeat_s: float = 1.0,
+                 ttl_s: float = 6.0, agents: dict[str, str] | None = None,
+                 libvirt: dict[str, str] | None = None) -> None:
+        self.hosts = hosts
+        self.workdir = workdir
+        routes = ",".join(f"nats://{h.addr}:6222" for h in hosts)
+        self.up: dict[str, subprocess.Popen[bytes]] = {}
+        for h in hosts:
+            state = workdir / h.name
+            conf = state / "phyllome.toml"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(f"heartbeat_s = {heartbeat_s}\nheartbeat_ttl_s = {ttl_s}\n")
+            (state / "libvirt-test-host.xml").write_text(TEST_HOST_XML)
+            uri = (libvirt or {}).get(h.name) or f"test://{state / 'libvirt-test-host.xml'}"
+            self.up[h.name] = h.popen(
+                [sys.executable, "-m", "cli.main", "up", "--host", h.name, "--state-dir",
+                 str(state), "--listen", "0.0.0.0:4222", "--cluster-listen", f"{h.addr}:6222",
+                 "--cluster-routes", routes, "--no-demo",
+                 "--agents", (agents or {}).get(h.name, "hardware,storage,vm")],
+                log=state / "up.log", cwd=REPO, env=self.env(
+                    h, nats=False, PHYLLOME_CONFIG=conf, PHYLLOME_LIBVIRT_URI=uri,
+                    PHYLLOME_ACCELERATOR="tcg",
+                    **{f"PHYLLOME_{a}_METRICS_PORT": 0 for a in ("HARDWARE", "STORAGE", "VM")}))
+
+    def env(self, h: Host, *, nats: bool = True, **extra: Any) -> dict[str, str]:
+        """A process's environment in host ``h`` (``up`` starts the server: no NATS URL)."""
+        env = env_for(PHYLLOME_HOST=h.name, PHYLLOME_STATE_DIR=self.workdir / h.name,
+                      PHYLLOME_NATS_URL="nats://127.0.0.1:4222", PHYLLOME_CONNECT_WAIT=10,
+                      COLUMNS=200, **extra)
+        if not nats:
+            del env["PHYLLOME_NATS_URL"]
+        return env
+
+    def wait_up(self, timeout: float = 100.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.up)
+        while pending:
+            for name in list(pending):
+                log = (self.workdir / name / "up.log").read_text(errors="replace")
+                if f"phyllome is up on host {name}" in log:
+                    pending.discard(name)
+                elif self.up[name].poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"host {name} did not come up:\n{log[-3000:]}\n"
+                                         f"{self.logs(name)}")
+            time.sleep(0.2)
+
+    def logs(self, name: str) -> str:
+        logs = sorted((self.workdir / name / "logs").glob("*.log"))
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+
+    def cli(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        h = self.hosts[host]
+        return h.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=self.env(h),
+                     timeout=timeout)
+
+    @staticmethod
+    def script(host: str, code: str) -> str:
+        """A program running ``async def main(bus)`` of ``code``, printing its JSON result."""
+        return (
+            "import asyncio, json, time\nfrom shared.bus import Bus\n" + code +
+            "\nasync def _go():\n"
+            f"    bus = await Bus.connect('nats://127.0.0.1:4222', name='t', host='{host}',"
+            " give_up_after=10)\n"
+            "    try:\n        print(json.dumps(await main(bus)), flush=True)\n"
+            "    finally:\n        await bus.close()\nasyncio.run(_go())\n")
+
+    def py(self, host: str, code: str, timeout: float = 120) -> Any:
+        """Run ``async def main(bus)`` of ``code`` inside ``host``; returns its JSON result."""
+        h = self.hosts[host]
+        result = h.run([sys.executable, "-c", self.script(host, code)], cwd=REPO,
+                       env=self.env(h), timeout=timeout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    def py_background(self, host: str, code: str, log: Path) -> subprocess.Popen[bytes]:
+        """``py`` without waiting: its output goes to ``log``."""
+        h = self.hosts[host]
+        return h.popen([sys.executable, "-c", self.script(host, code)], log=log, cwd=REPO,
+                       env=self.env(h))
+
+    def hosts_json(self, via: str, timeout: float = 30) -> dict[str, dict[str, Any]]:
+        """``phyllome hosts --json``, retried while JetStream elects new leaders (exit 3)."""
+        deadline = time.monotonic() + timeout
+        while (result := self.cli(via, "hosts", "--json")).returncode == 3:
+            assert time.monotonic() < deadline, result.stderr
+            time.sleep(0.5)
+        assert result.returncode in (0, 1) and result.stdout, result.stderr
+        return {v["host"]: v for v in json.loads(result.stdout)}
 
 
 def env_for(**values: Any) -> dict[str, str]:
