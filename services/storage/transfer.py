@@ -415,7 +415,7 @@ class Sender:
                 continue
             stats.attempts += 1
             committed = RangeSet(accepted.committed)
-            if stats.attempts > 1:
+            if stats.attempts > 1 or committed.total():  # a cut, or a send after a crash
                 await self._emit("transfer.resumed", TransferResumed(
                     host=self.host, transfer_id=offer.transfer_id, attempt=stats.attempts,
                     committed_bytes=committed.total(), data_bytes=stats.data_bytes))

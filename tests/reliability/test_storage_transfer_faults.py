@@ -255,3 +255,26 @@ async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:  # noqa: F8
         events = await transfer_events(a.bus)
         completed = [e for e in events if isinstance(e, TransferCompleted)][-1]
         assert completed.rate_bytes_s <= 1.1 * (64 << 20)
+
+
+async def test_sender_killed_and_send_again_resumes(nats_server, tmp_path: Path) -> None:  # noqa: F811
+    sender = AgentProcess("storage", nats_server.url, tmp_path / "h1", "h1")
+    await sender.start()
+    try:
+        async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+            src, st = await source(b.bus)
+            await b.bus.call("h1", "storage", "send", SendVolume(
+                name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+            await until("h2 to commit data", lambda: committed_on_h2(b.bus))
+            sender.kill()
+            await sender.start()
+            acc = await b.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+            result = await job_done(b.bus, acc.job_id)
+            assert result.state == "succeeded", result.message + sender.log()[-2000:]
+            resumed = [e for e in await transfer_events(b.bus) if isinstance(e, TransferResumed)]
+            assert resumed and resumed[-1].committed_bytes > 0
+            assert result.result["sent_bytes"] == sum(n for _, n in DATA) - \
+                resumed[-1].committed_bytes
+            await check_result(b.bus, src, st)
+    finally:
+        await sender.stop()
