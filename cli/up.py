@@ -323,7 +323,16 @@ class Supervisor:
 
     async def demo(self, url: str) -> list[str]:
         """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""
-        return []
+        if not {"vm", "storage", "catalogue"} <= {c.name for c in self.children}:
+            return []
+        from cli.vm import ensure_demo
+
+        bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+                                       give_up_after=10, **common.credentials())
+        try:
+            return await ensure_demo(bus, self.args.host)
+        finally:
+            await bus.nc.close()
 
     async def supervise(self) -> None:
         while not self.stop.is_set():

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -60,7 +61,9 @@ class Bus:
         self._inflight: set[asyncio.Task[None]] = set()
         self._idempotent: OrderedDict[tuple[str, str], asyncio.Future[Reply]] = OrderedDict()
         self._services: list[Service] = []
-        self._snapshots: dict[str, asyncio.Future[dict[str, bytes]]] = {}
+        self._read_locks: dict[str, asyncio.Lock] = {}
+        self._reads_begun: dict[str, int] = {}
+        self._last_reads: dict[str, tuple[int, dict[str, bytes]]] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -345,27 +348,50 @@ class Bus:
         return out
 
     async def kv_snapshot(self, bucket: str) -> dict[str, bytes]:
-        """Key -> value of a bucket, read with one watcher; concurrent callers share a read."""
-        pending = self._snapshots.get(bucket)
-        if pending is None:
-            pending = asyncio.ensure_future(self._read_bucket(bucket))
-            self._snapshots[bucket] = pending
-            pending.add_done_callback(lambda _f: self._snapshots.pop(bucket, None))
-        return await asyncio.shield(pending)
+        """Key -> value of a bucket as of a read begun after this call.
+
+        Concurrent callers share reads: one that began after a caller arrived serves it too
+        (it sees every write that caller made before), so a burst costs two or three reads.
+        """
+        arrived = self._reads_begun.get(bucket, 0)
+        lock = self._read_locks.setdefault(bucket, asyncio.Lock())
+        async with lock:
+            number, values = self._last_reads.get(bucket, (0, {}))
+            if number > arrived:
+                return values
+            number = self._reads_begun[bucket] = self._reads_begun.get(bucket, 0) + 1
+            values = await self._read_bucket(bucket)
+            self._last_reads[bucket] = (number, values)
+            return values
 
     async def _read_bucket(self, bucket: str) -> dict[str, bytes]:
-        kv = await self.kv(bucket)
+        """One pass with a pull consumer, whose pending count is exact when it is created (a
+        KV watcher may say "all in" while a value is still in flight)."""
+        await self.kv(bucket)  # the bucket exists from here on
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         values: dict[str, bytes] = {}
+        consumer = ""
         try:
-            watcher = await kv.watchall(ignore_deletes=True)
+            sub = await self.js.pull_subscribe(
+                f"{prefix}>", stream=stream,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                                      ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
             try:
-                async for entry in watcher:
-                    if entry is None:  # the initial values are all in
-                        break
-                    if entry.value:
-                        values[entry.key] = entry.value
+                info = await sub.consumer_info()
+                consumer, remaining = info.name, info.num_pending or 0
+                while remaining > 0:
+                    for msg in await sub.fetch(min(remaining, 1000), timeout=10):
+                        remaining = msg.metadata.num_pending or 0
+                        key = msg.subject.removeprefix(prefix)
+                        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                            values.pop(key, None)
+                        elif msg.data:
+                            values[key] = msg.data
             finally:
-                await watcher.stop()
+                await sub.unsubscribe()
+                if consumer:  # unsubscribing leaves the ephemeral consumer on the server
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self.js.delete_consumer(stream, consumer)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
             raise Unavailable(f"cannot read KV {bucket}: {e!r}") from None
         return values

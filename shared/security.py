@@ -46,7 +46,8 @@ def _reads(buckets: list[str], stream_reads: bool) -> list[str]:
         out += [f"$JS.API.STREAM.INFO.KV_{b}", f"$JS.API.CONSUMER.CREATE.KV_{b}",
                 f"$JS.API.CONSUMER.CREATE.KV_{b}.>", f"$JS.API.CONSUMER.DELETE.KV_{b}.>",
                 f"$JS.API.CONSUMER.INFO.KV_{b}.>", f"$JS.API.DIRECT.GET.KV_{b}.>",
-                f"$JS.API.STREAM.MSG.GET.KV_{b}", f"$JS.FC.KV_{b}.>"]
+                f"$JS.API.STREAM.MSG.GET.KV_{b}", f"$JS.FC.KV_{b}.>",
+                f"$JS.API.CONSUMER.MSG.NEXT.KV_{b}.>"]
     if stream_reads:
         s = subjects.STREAM
         out += [f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}",

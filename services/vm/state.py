@@ -15,21 +15,19 @@ go through one lock, so the two never race::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
 from services.vm.metrics import VmMetrics
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode, encode
-from shared.errors import Conflict, InvalidMessage, NotFound, PhyError, Timeout, Unavailable
+from shared.errors import Conflict, NotFound, PhyError, Timeout
 from shared.messages.vm import VmRecord, VmSpec, VmState, VmStateChanged
 
 log = logging.getLogger("phyllome.vm")
@@ -44,7 +42,6 @@ EVENT_STATE: dict[str, VmState] = {
     "pmsuspended": "pmsuspended",
 }
 RECHECK_S = 1.0
-FETCH_BATCH = 256
 
 
 class VmStates:
@@ -58,9 +55,6 @@ class VmStates:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._started: dict[str, float] = {}
-        self._read_lock = asyncio.Lock()
-        self._reads_begun = 0
-        self._last_read: tuple[int, list[VmRecord]] = (0, [])
 
     async def bridge(self) -> None:
         while True:
@@ -123,53 +117,8 @@ class VmStates:
         return await self.agent.bus.kv(subjects.KV_VMS)
 
     async def records(self) -> list[VmRecord]:
-        """Every record in KV ``vms`` (all hosts), as of a read begun after this call.
-
-        Concurrent callers share reads: one that began after a caller arrived serves it too
-        (it sees every write that caller made before), so a burst costs two or three reads.
-        """
-        arrived = self._reads_begun
-        async with self._read_lock:
-            if self._last_read[0] > arrived:
-                return list(self._last_read[1])
-            self._reads_begun += 1
-            number = self._reads_begun
-            self._last_read = (number, await self._read_records())
-            return list(self._last_read[1])
-
-    async def _read_records(self) -> list[VmRecord]:
-        """One pass over KV ``vms`` with a pull consumer, whose pending count is exact when
-        it is created: a KV watcher (``Bus.kv_values``) may signal "all in" while a value is
-        still in flight and miss a VM created just before (about 1 read in 100 here).
-        """
-        await self._kv()  # the bucket exists from here on
-        js, stream = self.agent.bus.js, f"KV_{subjects.KV_VMS}"
-        sub = await js.pull_subscribe(
-            f"$KV.{subjects.KV_VMS}.>", stream=stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                                  ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
-        out: list[VmRecord] = []
-        consumer = ""
-        try:
-            info = await sub.consumer_info()
-            consumer, remaining = info.name, info.num_pending or 0
-            while remaining > 0:
-                for msg in await sub.fetch(min(remaining, FETCH_BATCH), timeout=10):
-                    remaining = msg.metadata.num_pending or 0
-                    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                        continue
-                    try:
-                        out.append(decode(msg.data, VmRecord))
-                    except InvalidMessage:  # a newer agent's schema: not ours to list
-                        log.debug("skipping %s: not a VmRecord", msg.subject)
-        except (nats.errors.Error, TimeoutError) as e:
-            raise Unavailable(f"cannot read KV {subjects.KV_VMS}: {e!r}") from None
-        finally:
-            await sub.unsubscribe()
-            if consumer:  # unsubscribing leaves an ephemeral pull consumer on the server
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    await js.delete_consumer(stream, consumer)
-        return out
+        """Every record in KV ``vms`` (all hosts), as of a read begun after this call."""
+        return list(await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord))
 
     async def load(self, uuid: str) -> tuple[VmRecord | None, int]:
         kv = await self._kv()
