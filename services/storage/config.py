@@ -2,7 +2,8 @@
 
     [storage]
     pools = { fast = "/srv/fast-pool" }   # more pools; "default" is <state dir>/pools/default
-    import_dirs = ["/srv/incoming"]       # where `import_file` may read from
+    import_dirs = ["/srv/incoming"]       # where `import_file` may read from (default:
+                                          # <state dir>/import and the catalogue's images/pool)
     chunk_bytes = 4194304                 # transfer chunk (capped by the server's max_payload)
     window = 8                            # transfer chunks in flight (at most 32 MiB)
     chunk_timeout_s = 10                  # a chunk not acknowledged by then is a cut

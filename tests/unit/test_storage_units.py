@@ -132,4 +132,5 @@ def test_transfer_id_is_stable() -> None:
 def test_settings() -> None:
     s = Settings.from_config(load("storage", env={"PHYLLOME_STATE_DIR": "/s",
                                                   "PHYLLOME_HOST": "h1"}))
-    assert s.pools == {"default": "/s/pools/default"} and s.import_dirs == ["/s/import"]
+    assert s.pools == {"default": "/s/pools/default"}
+    assert s.import_dirs == ["/s/import", "/s/images/pool"]  # the catalogue's images too
