@@ -206,7 +206,8 @@ async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_p
 
 
 async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
-    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1"):
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1"), \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         async def cli(*args: str) -> tuple[int, str, str]:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cli.main", "storage", *args, "--host", "h1", "--nats",
@@ -233,6 +234,12 @@ async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
         assert rc == 0 and "default" in out
         rc, out, err = await cli("create", "default", "bad/name", "1G")
         assert rc == 1 and "contains '/'" in err
+        rc, out, err = await cli("send", "disk1", "--to", "h2", "--bwlimit", "1G", "--json")
+        assert rc == 0, err
+        sent = json.loads(out)
+        assert sent["state"] == "succeeded" and sent["result"]["volume"]["name"] == "disk1"
+        rc, out, err = await cli("send", "disk1", "--to", "h2")
+        assert rc == 1 and "exists already" in err
         rc, out, err = await cli("delete", "disk1")
         assert rc == 0 and "deleted default/disk1" in out
 
