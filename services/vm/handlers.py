@@ -23,7 +23,7 @@ from services.vm.accel import Decision
 from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
-from services.vm.state import RUNNING, STOPPED, VmStates
+from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared.agent import Agent
 from shared.errors import (
     BackendError,
@@ -56,6 +56,7 @@ from shared.messages.vm import (
     VmInfo,
     VmList,
     VmListRequest,
+    VmRecord,
     VmRef,
     VmShutdown,
     VmSpec,
@@ -293,6 +294,12 @@ class Handlers:
                                serial_log=self._console_log(spec.uuid))
         return await self.hv.define(xml)
 
+    async def _spec_with_secrets(self, record: VmRecord | None, dom: Domain) -> VmSpec | None:
+        """The spec to rebuild a domain from: KV's, with the console password that only
+        libvirt's (secure) XML keeps."""
+        secure = domain_xml.spec_of(await self.hv.xml(dom.uuid, inactive=True))
+        return with_secrets(record.spec, secure) if record else secure
+
     async def _info(self, ref: str) -> VmInfo:
         dom = await self.hv.domain(ref)
         record, _ = await self.states.load(dom.uuid)
@@ -446,7 +453,7 @@ class Handlers:
                 raise Conflict(f"VM {dom.name} is {dom.state}: update changes a stopped VM; "
                                "stop it first")
             record, _ = await self.states.load(dom.uuid)
-            old = record.spec if record else dom.spec
+            old = await self._spec_with_secrets(record, dom)
             if old is None:
                 raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
             changes = {f: getattr(req, f) for f in req.__struct_fields__
@@ -467,7 +474,7 @@ class Handlers:
         if src.state not in STOPPED:
             raise Conflict(f"VM {src.name} is {src.state}: clone needs a stopped VM")
         record, _ = await self.states.load(src.uuid)
-        base = record.spec if record else src.spec
+        base = await self._spec_with_secrets(record, src)
         if base is None:
             raise NotFound(f"VM {src.name} was not made by Phyllome; it has no spec")
         spec = msgspec.structs.replace(

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 
@@ -42,6 +43,19 @@ EVENT_STATE: dict[str, VmState] = {
     "pmsuspended": "pmsuspended",
 }
 RECHECK_S = 1.0
+
+
+def without_secrets(spec: VmSpec) -> VmSpec:
+    """The spec as KV ``vms`` keeps it: every host and operator reads KV, so the console
+    password stays only in libvirt's domain XML."""
+    return msgspec.structs.replace(spec, password="") if spec.password else spec
+
+
+def with_secrets(stored: VmSpec, dom_spec: VmSpec | None) -> VmSpec:
+    """A spec from KV with the password libvirt keeps put back (for update and clone)."""
+    if dom_spec is None or not dom_spec.password:
+        return stored
+    return msgspec.structs.replace(stored, password=dom_spec.password)
 
 
 class VmStates:
@@ -146,7 +160,8 @@ class VmStates:
         """Store a VM's record after create, update or clone."""
         async with self._lock:
             old, rev = await self.load(spec.uuid)
-            record = VmRecord(spec=spec, host=self.host, state=dom.state, reason=dom.reason,
+            record = VmRecord(spec=without_secrets(spec), host=self.host, state=dom.state,
+                              reason=dom.reason,
                               accelerator=dom.accelerator, revision=revision,
                               started_at=old.started_at if old else 0.0, updated=time.time())
             await self._store(record, rev)
@@ -165,7 +180,8 @@ class VmStates:
             elif dom.state not in RUNNING:
                 started_at = 0.0
             record = VmRecord(
-                spec=old.spec if old else dom.spec, host=self.host, state=dom.state,
+                spec=old.spec if old else without_secrets(dom.spec), host=self.host,
+                state=dom.state,
                 reason=reason or dom.reason, accelerator=dom.accelerator,
                 revision=old.revision if old else 1, started_at=started_at,
                 updated=time.time())
