@@ -182,7 +182,7 @@ class Handlers:
                 if not any(dev.lower() in (i.lower() for i in t.instances)
                            for d in found.devices for t in d.mdev_types):
                     raise NotFound(f"no mediated device {dev} on {self.host}; create it with "
-                                   "`phyllome hw mdev-create`")
+                                   "`phyllome hw mdev create`")
         except Unavailable as e:
             raise Unavailable(f"host devices need the hardware agent's word that they can be "
                               f"passed through, and it does not answer ({e.message})") from None
@@ -262,7 +262,7 @@ class Handlers:
                               "or give a disk with --disk") from None
         if not info.path:
             raise Conflict(f"image {image} is not on {self.host} yet: run "
-                           f"`phyllome image pull {image}` first")
+                           f"`phyllome images pull {image}` first")
         name = f"{vm_name}-disk0"
         try:
             accepted = await bus.call(self.host, "storage", "import_file", ImportVolume(
