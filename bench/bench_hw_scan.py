@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import Result  # noqa: E402
 from services.hardware import pciids  # noqa: E402
 from services.hardware.inventory import Inventory, host_caps  # noqa: E402
 from services.hardware.sysfs import Sysfs  # noqa: E402
@@ -109,29 +110,34 @@ def uevent_update(root: Path, count: int = 500) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--devices", type=int, default=2000)
-    ap.add_argument("--repeat", type=int, default=7)
-    args = ap.parse_args()
+def run(quick: bool = False, devices: int = 2000, repeat: int = 7) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
-        root = build(tmp, big_host(args.devices)).root
+        root = build(tmp, big_host(devices)).root
         n = len(list((root / "bus/pci/devices").iterdir()))
         a, b, c = [], [], []
-        for _ in range(args.repeat):
+        for _ in range(3 if quick else repeat):
             a.append(ours(root)[0])
             b.append(lspci(root)[0])
             c.append(cli(root))
         t_ours, t_lspci, t_cli = (statistics.median(x) for x in (a, b, c))
         t_update = uevent_update(root)
-    print("| path | ours | alternative | ratio (ours / alternative) |")
-    print("|---|---|---|---|")
-    print(f"| hw full scan + report, {n} devices (in process) | {t_ours * 1000:.0f} ms | "
-          f"lspci -nnk {t_lspci * 1000:.0f} ms | {t_ours / t_lspci:.2f}x |")
-    print(f"| `phyllome hw report --json`, {n} devices (process) | {t_cli * 1000:.0f} ms | "
-          f"lspci -nnk {t_lspci * 1000:.0f} ms | {t_cli / t_lspci:.2f}x |")
-    print(f"| hw uevent: inventory update of one device | {t_update * 1e6:.0f} µs | "
-          f"target 5 ms | {t_update / 0.005:.3f}x |")
+    ms = 1000
+    return [
+        Result("hw full scan + report", f"{n} devices, in process", t_ours * ms, t_lspci * ms,
+               "lspci -nnk", "ms", "within 1.5x"),
+        Result("hw report CLI", f"`phyllome hw report --json`, {n} devices", t_cli * ms,
+               t_lspci * ms, "lspci -nnk", "ms", "-", note="includes Python start-up"),
+        Result("hw uevent update", "one device", t_update * ms, 5.0, "target", "ms", "< 5 ms"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    for r in run(devices=args.devices, repeat=args.repeat):
+        print(r.row())
 
 
 if __name__ == "__main__":
