@@ -13,7 +13,9 @@ In a cluster every host runs ``up`` with the same routes (``docs/cluster.md``)::
 
 The embedded server then joins the cluster (server name = host name), and with three or
 more routes the agents create ``PHY_EVENTS`` and the KV buckets with three replicas.
-``--nats-config FILE`` runs a hand-written server config (``deploy/nats/``).
+``--leaf-remotes nats-leaf://10.0.0.1:7422`` joins over one outbound connection instead
+(the cluster hosts then run with ``--leaf-listen 0.0.0.0:7422``), and ``--nats-config FILE``
+runs a hand-written server config (``deploy/nats/``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cli import common
 from shared import security, subjects
 from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
-from shared.natsserver import NatsServer, parse_urls
+from shared.natsserver import LEAF_URL, NatsServer, parse_urls
 
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -53,6 +55,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cluster-listen", default="",
                    help="where this host takes routes (default: the --listen address, "
                    "port 6222)")
+    p.add_argument("--leaf-remotes", default="",
+                   help="join over one outbound connection as a leaf node of the cluster "
+                   "(nats-leaf://10.0.0.1:7422,...); the cluster's JetStream serves this host")
+    p.add_argument("--leaf-listen", default="",
+                   help="take leaf nodes on this address (a cluster host: 0.0.0.0:7422)")
     p.add_argument("--nats-config", default="",
                    help="run nats-server with this config file instead of a generated one")
     p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=None,
@@ -92,6 +99,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         return
     try:
         parse_urls(args.cluster_routes, "--cluster-routes")  # refuse before detaching
+        parse_urls(args.leaf_remotes, "--leaf-remotes", LEAF_URL)
     except PhyError as e:
         common.fail(e)
     if args.detach:
@@ -237,7 +245,9 @@ class Supervisor:
             cluster_listen = f"{host}:6222"
         self.nats = NatsServer(
             self.state_dir / "nats", host=host, port=int(port or 4222), name=self.args.host,
-            cluster_listen=cluster_listen, routes=routes,
+            cluster_listen=cluster_listen, routes=routes, leaf_listen=self.args.leaf_listen,
+            leaf_remotes=parse_urls(self.args.leaf_remotes, "--leaf-remotes", LEAF_URL),
+            jetstream=not self.args.leaf_remotes,
             conf_file=Path(self.args.nats_config) if self.args.nats_config else None,
             extra_conf=security.server_conf(self.secure_dir) if self.args.secure else "")
         self.nats.start()

@@ -37,6 +37,7 @@ from shared.errors import BadRequest, Unavailable
 _LISTEN = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 MAX_PAYLOAD = 8 * 1024 * 1024
 CLUSTER_NAME = "phyllome"
+JS_DOMAIN = "phyllome"  # the cluster's JetStream domain, as leaf nodes address it
 _ROUTE = re.compile(r"^nats(-route)?://[^\s/,]+:\d+$")
 LEAF_URL = re.compile(r"^(nats-leaf|tls|nats)://[^\s/,]+:\d+$")
 
@@ -127,7 +128,14 @@ class NatsServer:
         )
         if self.jetstream:
             (self.workdir / "jetstream").mkdir(exist_ok=True)
-            conf += f'jetstream {{\n  store_dir: "{self.workdir / "jetstream"}"\n}}\n'
+            # A domain lets leaf nodes address this JetStream; local clients need nothing.
+            domain = f"  domain: {JS_DOMAIN}\n" if self.clustered or self.leaf_listen else ""
+            conf += (f'jetstream {{\n  store_dir: "{self.workdir / "jetstream"}"\n'
+                     f"{domain}}}\n")
+        elif self.leaf_remotes:
+            # No JetStream here: the agents' JetStream API and KV writes go to the hub's.
+            conf += (f'mappings = {{\n  "$JS.API.>": "$JS.{JS_DOMAIN}.API.>"\n'
+                     f'  "$KV.>": "$JS.{JS_DOMAIN}.API.$KV.>"\n}}\n')
         if self.clustered:
             # Every server lists the same routes (itself included is fine: it is skipped).
             listen = self.cluster_listen or f"{self.host}:6222"
