@@ -1,10 +1,11 @@
 """Three hosts as network namespaces, one NATS cluster with JetStream R3, real agents.
 
-Each host runs ``phyllome up --cluster-routes ...`` (its nats-server joins the cluster; its
-hardware, storage and vm agents heartbeat into KV ``hosts``); the vm agents use libvirt's
-test driver. Then: ``phyllome hosts`` shows three hosts up; 1,000 VMs across them list in
-under a second; host c dies (nats-server and agents SIGKILLed) and the other two keep
-serving, show c down with one ``host.down`` event, its VMs ``unknown``, and events flow.
+Hosts a and b run ``phyllome up --cluster-routes ...``, host c ``phyllome up --nats-config``
+with deploy/nats/cluster.conf; each nats-server joins the cluster, and each host's hardware,
+storage and vm agents heartbeat into KV ``hosts``; the vm agents use libvirt's test driver.
+Then: ``phyllome hosts`` shows three hosts up; 1,000 VMs across them list in under a second;
+host c dies (nats-server and agents SIGKILLed) and the other two keep serving, show c down
+with one ``host.down`` event, its VMs ``unknown``, and events flow.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import Cluster, Hosts
+from tests.support.netns import REPO, SUBNET, Cluster, Hosts
 
 pytestmark = pytest.mark.cluster
 
@@ -28,8 +29,16 @@ VMS_PER_HOST = 334  # 1,002 in all
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("cluster")
+    # Host c runs the operator's config from deploy/nats, with this test's addresses.
+    conf = (REPO / "deploy" / "nats" / "cluster.conf").read_text()
+    for i in (1, 2, 3):
+        conf = conf.replace(f"10.0.0.{i}:", f"{SUBNET}.{i}:")
+    conf = conf.replace("/var/lib/phyllome/nats", str(workdir / "c" / "nats"))
+    (workdir / "c").mkdir()
+    (workdir / "c" / "cluster.conf").write_text(conf)
     with Hosts(workdir / "ns", NAMES) as hosts:
-        c = Cluster(hosts, workdir, heartbeat_s=HEARTBEAT_S, ttl_s=TTL_S)
+        c = Cluster(hosts, workdir, heartbeat_s=HEARTBEAT_S, ttl_s=TTL_S,
+                    nats_config={"c": workdir / "c" / "cluster.conf"})
         c.wait_up()
         yield c
 

@@ -264,12 +264,14 @@ class Cluster:
     """``phyllome up --cluster-routes ...`` in every host of ``hosts``: one NATS cluster.
 
     ``agents`` per host (default hardware, storage, vm); a vm agent uses libvirt's test
-    driver unless ``libvirt`` names a URI for its host (``Host.start_libvirtd()``).
+    driver unless ``libvirt`` names a URI for its host (``Host.start_libvirtd()``); a host in
+    ``nats_config`` runs ``up --nats-config FILE --replicas 3`` instead of generated routes.
     """
 
     def __init__(self, hosts: Hosts, workdir: Path, *, heartbeat_s: float = 1.0,
                  ttl_s: float = 6.0, agents: dict[str, str] | None = None,
-                 libvirt: dict[str, str] | None = None) -> None:
+                 libvirt: dict[str, str] | None = None,
+                 nats_config: dict[str, Path] | None = None) -> None:
         self.hosts = hosts
         self.workdir = workdir
         routes = ",".join(f"nats://{h.addr}:6222" for h in hosts)
@@ -281,10 +283,13 @@ class Cluster:
             conf.write_text(f"heartbeat_s = {heartbeat_s}\nheartbeat_ttl_s = {ttl_s}\n")
             (state / "libvirt-test-host.xml").write_text(TEST_HOST_XML)
             uri = (libvirt or {}).get(h.name) or f"test://{state / 'libvirt-test-host.xml'}"
+            conf_file = (nats_config or {}).get(h.name)
+            server = (["--nats-config", str(conf_file), "--replicas", "3"] if conf_file else
+                      ["--listen", "0.0.0.0:4222", "--cluster-listen", f"{h.addr}:6222",
+                       "--cluster-routes", routes])
             self.up[h.name] = h.popen(
                 [sys.executable, "-m", "cli.main", "up", "--host", h.name, "--state-dir",
-                 str(state), "--listen", "0.0.0.0:4222", "--cluster-listen", f"{h.addr}:6222",
-                 "--cluster-routes", routes, "--no-demo",
+                 str(state), *server, "--no-demo",
                  "--agents", (agents or {}).get(h.name, "hardware,storage,vm")],
                 log=state / "up.log", cwd=REPO, env=self.env(
                     h, nats=False, PHYLLOME_CONFIG=conf, PHYLLOME_LIBVIRT_URI=uri,
