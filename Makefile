@@ -16,7 +16,7 @@ down:
 
 lint: setup
 	@.venv/bin/ruff check --quiet shared services cli tests bench deploy
-	@.venv/bin/mypy shared services cli
+	@.venv/bin/mypy
 
 test: setup lint
 	@$(SETUP) libvirt

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+from nats.aio.msg import Msg
 
 from bench.common import Result, percentile
 from shared import subjects
@@ -47,7 +48,7 @@ async def request_latency(url: str, tmp: Path, count: int) -> list[Result]:
     bare = await nats.connect(url)
     payload = msgspec.json.encode(Ping(n=1))
 
-    async def bare_handler(msg: nats.aio.msg.Msg) -> None:
+    async def bare_handler(msg: Msg) -> None:
         await msg.respond(msg.data)
 
     await bare.subscribe("bench.bare.ping", cb=bare_handler)

@@ -11,6 +11,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.common import Result
@@ -45,7 +46,7 @@ async def naive(bus: Bus) -> int:
     return n
 
 
-async def best_of(rounds: int, fn) -> float:  # type: ignore[no-untyped-def]
+async def best_of(rounds: int, fn: Callable[[], Awaitable[object]]) -> float:
     best = float("inf")
     for _ in range(rounds):
         t = time.perf_counter()

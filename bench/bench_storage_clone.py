@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import Result  # noqa: E402
 from services.storage.volumes import Pools  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -52,7 +53,7 @@ def make_volume(path: Path, virtual: int, data: int, extent: int = 8 * MiB) -> N
     os.close(fd)
 
 
-def best(repeat: int, run: Callable[[], None], cleanup: Callable[[], None]) -> float:
+def best(repeat: int, run: Callable[[], object], cleanup: Callable[[], object]) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -74,12 +75,11 @@ def tool(*argv: str, fsync: str = "") -> Callable[[], None]:
     return run
 
 
-def ours(pools: Pools, pool: str) -> tuple[Callable[[], None], Callable[[], None]]:
-    return (lambda: pools.clone(pool, "src", pool, "dst") and None,
-            lambda: pools.delete(pool, "dst") and None)
+def ours(pools: Pools, pool: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    return (lambda: pools.clone(pool, "src", pool, "dst"), lambda: pools.delete(pool, "dst"))
 
 
-def ext4(work: Path, virtual: int, data: int, repeat: int) -> list[str]:
+def ext4(work: Path, virtual: int, data: int, repeat: int) -> list[Result]:
     pools = Pools({"b": str(work / "pool")})
     src = work / "pool" / "src"
     make_volume(src, virtual, data)
@@ -90,7 +90,7 @@ def ext4(work: Path, virtual: int, data: int, repeat: int) -> list[str]:
 
     mine = best(repeat, *ours(pools, "b"))
     pools.close()
-    label = f"clone ext4 {virtual // GiB} GiB virtual / {data / GiB:.2g} GiB data (durable)"
+    label = f"{virtual // GiB} GiB virtual / {data / GiB:.2g} GiB data, durable"
     rows = []
     cp = ["cp", "--sparse=always", str(src), str(dst)]
     qemu = ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(dst)]
@@ -98,12 +98,12 @@ def ext4(work: Path, virtual: int, data: int, repeat: int) -> list[str]:
         # As the tools run (no fsync: a crash may lose the copy), then made durable like ours.
         for suffix, sync in (("", ""), (" + fsync", str(dst))):
             alt = best(repeat, tool(*argv, fsync=sync), rm)
-            rows.append(f"| {label} | {mine:.2f} s | {name}{suffix} {alt:.2f} s | "
-                        f"{alt / mine:.2f}x |")
+            rows.append(Result("clone on ext4 (sparse copy)", label, mine, alt,
+                               f"{name}{suffix}", "s", "<= 1.0x the faster tool"))
     return rows
 
 
-def xfs(work: Path, repeat: int) -> list[str]:
+def xfs(work: Path, repeat: int) -> list[Result]:
     image, mnt = work / "xfs.img", work / "xfs"
     mnt.mkdir()
     with open(image, "wb") as f:
@@ -118,14 +118,29 @@ def xfs(work: Path, repeat: int) -> list[str]:
             make_volume(src, virtual, 256 * MiB)
             dst = mnt / "alt.raw"
             mine = best(repeat, *ours(pools, "x"))
-            cp = best(repeat, tool("cp", "--reflink=always", str(src), str(dst)),
-                      lambda dst=dst: dst.unlink())
+            cp = best(repeat, tool("cp", "--reflink=always", str(src), str(dst)), dst.unlink)
             src.unlink()
-            rows.append(f"| clone XFS reflink {virtual // GiB} GiB virtual | {mine * 1000:.1f} ms"
-                        f" | cp --reflink=always {cp * 1000:.1f} ms | {cp / mine:.2f}x |")
+            rows.append(Result("clone on XFS (reflink)", f"{virtual // GiB} GiB virtual",
+                               mine * 1000, cp * 1000, "cp --reflink=always", "ms",
+                               "< 50 ms"))
         pools.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+    return rows
+
+
+def run(quick: bool = False, virtual: int = 20 * GiB, data: int = GiB, repeat: int = 3,
+        with_xfs: bool = True, workdir: str = "/var/tmp") -> list[Result]:
+    if quick:
+        virtual, data, repeat = 4 * GiB, 256 * MiB, 2
+    if not shutil.which("qemu-img"):
+        raise SystemExit("qemu-img is needed (apt install qemu-utils)")
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-clone-") as tmp:
+        rows = ext4(Path(tmp), virtual, data, repeat)
+        if with_xfs:
+            if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
+                raise SystemExit("XFS rows need root and xfsprogs; pass --no-xfs")
+            rows += xfs(Path(tmp), repeat)
     return rows
 
 
@@ -137,17 +152,9 @@ def main() -> None:
     p.add_argument("--no-xfs", action="store_true", help="skip the XFS reflink rows")
     p.add_argument("--dir", default="/var/tmp", help="an ext4 directory to work in")
     args = p.parse_args()
-    if not shutil.which("qemu-img"):
-        raise SystemExit("qemu-img is needed (apt install qemu-utils)")
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-clone-") as tmp:
-        rows = ext4(Path(tmp), args.virtual, args.data, args.repeat)
-        if not args.no_xfs:
-            if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
-                raise SystemExit("XFS rows need root and xfsprogs; pass --no-xfs")
-            rows += xfs(Path(tmp), args.repeat)
-    print("| path | ours | alternative | ratio (alternative / ours) |")
-    print("|---|---|---|---|")
-    print("\n".join(rows))
+    for r in run(virtual=args.virtual, data=args.data, repeat=args.repeat,
+                 with_xfs=not args.no_xfs, workdir=args.dir):
+        print(r.row())
 
 
 if __name__ == "__main__":

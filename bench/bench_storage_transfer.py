@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import Result  # noqa: E402
 from shared.bus import Bus  # noqa: E402
 from shared.messages.jobs import JobRef  # noqa: E402
 from shared.messages.storage import SendVolume, VolumeRef  # noqa: E402
@@ -95,7 +96,7 @@ async def ours(work: Path, src: Path, repeat: int, chunk: int,
                 took = time.perf_counter() - started
                 if st.state != "succeeded":
                     raise SystemExit(f"send {st.state}: {st.message}")
-                best, wire = min(best, took), int(st.result["wire_bytes"])  # type: ignore[call-overload]
+                best, wire = min(best, took), int(str(st.result["wire_bytes"]))
                 await bus.call("b2", "storage", "delete", VolumeRef(name="vol"))
         finally:
             await bus.close()
@@ -165,6 +166,32 @@ def socat(src: Path, work: Path, repeat: int) -> float:
     return best
 
 
+def run(quick: bool = False, virtual: int = 20 << 30, data: int = 1 << 30, repeat: int = 3,
+        chunk: int = 4 * MiB, window: int = 8, with_rsync: bool = True,
+        workdir: str = "/var/tmp") -> list[Result]:
+    if quick:
+        virtual, data, repeat, with_rsync = 4 << 30, 256 * MiB, 2, False
+    for tool in ("socat", "rsync"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed (apt install {tool})")
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-transfer-") as tmp:
+        work = Path(tmp)
+        src = work / "src.raw"
+        make_volume(src, virtual, data)
+        allocated = os.stat(src).st_blocks * 512
+        mine, wire = asyncio.run(ours(work, src, repeat, chunk, window))
+        pipe = socat(src, work, repeat)
+        label = (f"{virtual >> 30} GiB virtual / {data / (1 << 30):.2g} GiB data, chunk "
+                 f"{chunk // MiB} MiB x {window}")
+        note = f"{allocated / mine / MiB:.0f} MiB/s; wire {wire / allocated:.3f}x allocated"
+        rows = [Result("transfer between agents (loopback)", label, mine, pipe,
+                       "socat raw pipe", "s", ">= 0.8x the pipe", note=note)]
+        if with_rsync:
+            rows.append(Result("transfer between agents (loopback)", label, mine,
+                               rsync(src, work), "rsync --sparse", "s", ">= 10x rsync"))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--virtual", type=size_arg, default=20 << 30)
@@ -175,27 +202,9 @@ def main() -> None:
     p.add_argument("--no-rsync", action="store_true", help="skip rsync (about 2 min at 20 GiB)")
     p.add_argument("--dir", default="/var/tmp", help="an ext4 directory to work in")
     args = p.parse_args()
-    for tool in ("socat", "rsync"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is needed (apt install {tool})")
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-transfer-") as tmp:
-        work = Path(tmp)
-        src = work / "src.raw"
-        make_volume(src, args.virtual, args.data)
-        allocated = os.stat(src).st_blocks * 512
-        mine, wire = asyncio.run(ours(work, src, args.repeat, args.chunk, args.window))
-        pipe = socat(src, work, args.repeat)
-        label = (f"{args.virtual >> 30} GiB virtual / {args.data / (1 << 30):.2g} GiB data, "
-                 f"chunk {args.chunk // MiB} MiB x {args.window}")
-        print("| path | ours | alternative | ratio (alternative / ours) |")
-        print("|---|---|---|---|")
-        print(f"| transfer {label}, loopback | {mine:.2f} s ({allocated / mine / MiB:.0f} MiB/s,"
-              f" wire {wire / allocated:.3f}x allocated) | socat raw pipe {pipe:.2f} s | "
-              f"{pipe / mine:.2f}x |")
-        if not args.no_rsync:
-            rs = rsync(src, work)
-            print(f"| transfer {label}, loopback | {mine:.2f} s | rsync --sparse {rs:.2f} s | "
-                  f"{rs / mine:.1f}x |")
+    for r in run(virtual=args.virtual, data=args.data, repeat=args.repeat, chunk=args.chunk,
+                 window=args.window, with_rsync=not args.no_rsync, workdir=args.dir):
+        print(r.row())
 
 
 if __name__ == "__main__":
