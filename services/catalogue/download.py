@@ -45,6 +45,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages.catalogue import CatalogueEntry, Download, LocalImage
+from shared.validate import HEAD_BYTES, disk_format
 
 log = logging.getLogger("phyllome.catalogue.download")
 
@@ -55,9 +56,6 @@ FICLONE = 0x40049409
 REFUSED_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gz", b"\x28\xb5\x2f\xfd": "zst"}
-CONTAINERS = {b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"conectix": "vpc"}
-
-
 class ImageAdapter(Protocol):
     """What the handlers need from the outside world (a small fake in unit tests)."""
 
@@ -513,7 +511,7 @@ def _fsync(path: Path) -> None:
 
 def _head(path: Path) -> bytes:
     with path.open("rb") as f:
-        return f.read(64)
+        return f.read(HEAD_BYTES)
 
 
 def _container(image_id: str, head: bytes, declared: str) -> str:
@@ -521,7 +519,7 @@ def _container(image_id: str, head: bytes, declared: str) -> str:
     if head.startswith(b"# Disk DescriptorFile"):
         raise Forbidden(f"catalogue: {image_id}: a VMDK descriptor refers to other files; "
                         "refused")
-    found = next((fmt for m, fmt in CONTAINERS.items() if head.startswith(m)), "raw")
+    found = disk_format(head) or "raw"
     if found != declared:
         raise Forbidden(f"catalogue: {image_id}: the payload is {found}, the source says "
                         f"{declared}; refused (format confusion)")

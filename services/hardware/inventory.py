@@ -17,7 +17,7 @@ from msgspec.structs import replace
 from services.hardware import readiness
 from services.hardware.kvm import ProbeOutcome
 from services.hardware.pciids import PciIds, load
-from services.hardware.sysfs import VFIO, Sysfs, normalize_address
+from services.hardware.sysfs import VFIO, Sysfs
 from shared.errors import NotFound
 from shared.messages.hardware import (
     DeviceKind,
@@ -28,6 +28,7 @@ from shared.messages.hardware import (
     PciDevice,
     ProbeResult,
 )
+from shared.validate import pci_address
 
 Change = Literal["added", "changed", "removed"]
 
@@ -153,7 +154,7 @@ class Inventory:
                 if kind is None or d.kind == kind]
 
     def device(self, address: str) -> PciDevice:
-        addr = normalize_address(address)
+        addr = pci_address(address)
         dev = self._devices.get(addr)
         if dev is None:
             raise NotFound(f"no PCI device {addr} on this host (see `phyllome hw list`)")

@@ -23,7 +23,7 @@ import msgspec
 
 from services.hardware import readiness
 from services.hardware.inventory import Inventory
-from services.hardware.sysfs import VFIO, Sysfs, normalize_address
+from services.hardware.sysfs import VFIO, Sysfs
 from shared.errors import (
     BackendError,
     BadRequest,
@@ -36,6 +36,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages.hardware import BindRequest, MdevCreate, MdevInfo, PciDevice
+from shared.validate import pci_address
 
 log = logging.getLogger("phyllome.hardware.ops")
 Progress = Callable[[int, int, str], Awaitable[None]]
@@ -82,7 +83,7 @@ class Operations:
 
     def fresh(self, address: str) -> PciDevice:
         """The device as sysfs shows it now (it may have gone since the last scan)."""
-        addr = normalize_address(address)
+        addr = pci_address(address)
         change, dev = self.inv.update(addr)
         if dev is None:
             raise NotFound(f"no PCI device {addr} on this host"

@@ -19,25 +19,12 @@ from pathlib import Path
 
 import msgspec
 
-from shared.errors import BackendError, InvalidName, NotFound
+from shared.errors import BackendError, NotFound
 from shared.messages.hardware import MdevType, PciDevice, UsbDevice
 
-ADDRESS = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _ADDR_IN_PATH = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 VFIO = "vfio-pci"
 AfterWrite = Callable[[str, str], None]
-
-
-def normalize_address(text: str) -> str:
-    """``0000:01:00.0`` from ``01:00.0`` or ``0000:01:00.0`` (any case); else InvalidName."""
-    m = ADDRESS.match(text.strip()) if isinstance(text, str) else None
-    if not m:
-        raise InvalidName(f"{text!r} is not a PCI address: use DDDD:BB:SS.F or BB:SS.F, "
-                          "e.g. 0000:01:00.0 (see `phyllome hw list`)")
-    dom, bus, slot, fn = m.groups()
-    if int(slot, 16) > 0x1F:
-        raise InvalidName(f"{text!r} is not a PCI address: the slot is 00-1f")
-    return f"{(dom or '0000').lower()}:{bus.lower()}:{slot.lower()}.{fn}"
 
 
 class CpuInfo(msgspec.Struct, frozen=True, kw_only=True):

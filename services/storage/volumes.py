@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from shared.errors import (
@@ -41,6 +40,7 @@ from shared.errors import (
     NotFound,
 )
 from shared.messages.storage import Extent, PoolInfo, VolumeInfo
+from shared.validate import HEAD_BYTES, TAIL_BYTES, conversion_hint, disk_format
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 COPY_STEP = 64 << 20  # bytes per copy_file_range call: big enough to be cheap, small to cancel
@@ -103,39 +103,6 @@ def check_size(size: int, what: str = "size") -> int:
                          f"use {up}")
     return size
 
-
-# -- formats -----------------------------------------------------------------------------------
-
-HEAD_BYTES = 4096
-TAIL_BYTES = 512
-
-
-def detect_format(head: bytes, tail: bytes) -> str | None:
-    """The image format a file's first 4 KiB and last 512 bytes show, or None for RAW."""
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"QED\x00"):
-        return "qed"
-    if head.startswith(b"KDMV") or head.startswith(b"# Disk DescriptorFile"):
-        return "vmdk"
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
-        return "vpc"  # VHD; qemu-img calls the format vpc
-    if head[0x40:0x44] == b"\x7f\x10\xda\xbe" or b"VirtualBox Disk Image" in head[:64]:
-        return "vdi"
-    return None
-
-
-_FORMAT_NAMES = {"qcow2": "qcow2", "qed": "QED", "vmdk": "VMDK", "vhdx": "VHDX", "vpc": "VHD",
-                 "vdi": "VDI"}
-
-
-def conversion_hint(fmt: str, source: str) -> str:
-    stem = Path(source).stem or "disk"
-    return (f"{source} is a {_FORMAT_NAMES.get(fmt, fmt)} image, not RAW; convert it first: "
-            f"`qemu-img convert -f {fmt} -O raw {source} {Path(source).parent / stem}.raw`, "
-            "then import the .raw file")
 
 
 # -- extents -----------------------------------------------------------------------------------
@@ -566,9 +533,9 @@ class Pools:
                 raise BadRequest(f"{source} is not a regular file")
             head = os.pread(fd, HEAD_BYTES, 0)
             tail = os.pread(fd, TAIL_BYTES, max(0, st.st_size - TAIL_BYTES))
-            fmt = detect_format(head, tail)
+            fmt = disk_format(head, tail)
             if fmt is not None:
-                raise BadRequest(conversion_hint(fmt, source))
+                raise BadRequest(conversion_hint(fmt, source) + ", then import the .raw file")
             check_size(st.st_size, f"{source}'s size")
             if move and st.st_dev == os.fstat(pool.dir_fd).st_dev:
                 return self._move_in(real, st, pool, name, claimed=claimed)

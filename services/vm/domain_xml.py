@@ -22,6 +22,7 @@ import msgspec
 
 from shared.errors import BadRequest, InvalidName
 from shared.messages.vm import ConsoleEndpoint, VmSpec
+from shared.validate import PCI_ADDRESS
 
 METADATA_NS = "https://phyllome.dev/xmlns/vm/1"
 ET.register_namespace("phyllome", METADATA_NS)
@@ -32,7 +33,6 @@ VNC_PASSWORD_MAX = 8
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-_PCI = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # libvirt's deviceName, no '/'
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -57,7 +57,7 @@ def check_ref(ref: str) -> str:
 
 
 def is_pci_address(dev: str) -> bool:
-    return bool(_PCI.match(dev))
+    return bool(PCI_ADDRESS.match(dev))
 
 
 def check_spec(spec: VmSpec) -> None:
@@ -101,7 +101,7 @@ def check_spec(spec: VmSpec) -> None:
         if nic.kind != "user" and not _IFACE.match(nic.source):
             raise InvalidName(f"{nic.kind} name {nic.source!r} is not valid")
     for dev in spec.hostdevs:
-        if not (_PCI.match(dev) or _UUID.match(dev)):
+        if not (PCI_ADDRESS.match(dev) or _UUID.match(dev)):
             raise BadRequest(
                 f"host device {dev!r} is neither a PCI address (0000:01:00.0) nor an mdev UUID"
             )
@@ -231,7 +231,7 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
 
 
 def _hostdev(dev: ET.Element, address: str) -> None:
-    m = _PCI.match(address)
+    m = PCI_ADDRESS.match(address)
     if m:
         h = ET.SubElement(dev, "hostdev", mode="subsystem", type="pci", managed="yes")
         domain, bus, slot, function = m.groups()

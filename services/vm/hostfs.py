@@ -15,15 +15,7 @@ import stat
 from pathlib import Path
 
 from shared.errors import BackendError, BadRequest, Conflict, NotFound
-
-# First bytes of image formats that are not RAW, and how to convert them.
-_MAGIC = {
-    b"QFI\xfb": "qcow2",
-    b"KDMV": "vmdk",
-    b"vhdxfile": "vhdx",
-    b"conectix": "vpc",
-}
-_MAGIC_AT = {b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi"}
+from shared.validate import read_format
 
 
 def check_raw(path: str) -> None:
@@ -37,12 +29,9 @@ def check_raw(path: str) -> None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise BadRequest(f"disk {path} is not a file or block device")
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        fmt = read_format(path)
     except OSError as e:
         raise BadRequest(f"disk {path}: {e.strerror}") from None
-    fmt = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
-    fmt = fmt or next((name for magic, name in _MAGIC_AT.items() if magic in head), None)
     if fmt is not None:
         raise BadRequest(
             f"disk {path} is {fmt}, not RAW: only RAW disks are supported; convert it with "

@@ -14,7 +14,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 
 
-def phyllome(*args: str, env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess[str]:
+def phyllome(*args: str, env: dict[str, str],
+             timeout: float = 150) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -6,9 +6,9 @@ import pytest
 
 from services.hardware import readiness
 from services.hardware.pciids import PciIds
-from services.hardware.sysfs import normalize_address
 from shared.errors import InvalidName
 from shared.messages.hardware import Passthrough, PciDevice
+from shared.validate import pci_address
 
 
 def dev(addr: str, cls: str, vendor: str = "10de", group: int | None = 1, **kw: object
@@ -111,14 +111,14 @@ def test_gpu_view_single_gpu_handoff() -> None:
     ("0000:01:00.0", "0000:01:00.0"), ("01:00.0", "0000:01:00.0"),
     ("0000:0A:1F.7", "0000:0a:1f.7"), (" 0001:00:02.0 ", "0001:00:02.0")])
 def test_address_normalized(text: str, expected: str) -> None:
-    assert normalize_address(text) == expected
+    assert pci_address(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "01:00", "0000:01:00.8", "0000:01:20.0", "zz:00.0",
                                  "0000:01:00.0/../../x", "../0000:01:00.0"])
 def test_malformed_address_is_refused(bad: str) -> None:
     with pytest.raises(InvalidName, match="not a PCI address"):
-        normalize_address(bad)
+        pci_address(bad)
 
 
 def test_pci_ids_names_and_unknowns() -> None:

@@ -18,9 +18,10 @@ from services.storage.transfer import (
     transfer_id,
     volume_digest,
 )
-from services.storage.volumes import check_name, check_size, conversion_hint, detect_format
+from services.storage.volumes import check_name, check_size
 from shared.config import load
 from shared.errors import BadRequest, InvalidName
+from shared.validate import conversion_hint, disk_format
 
 
 @pytest.mark.parametrize("name", ["disk0", "web-1.raw", "a_b+c", "X" * 255, "_x"])
@@ -55,7 +56,7 @@ def test_sizes() -> None:
     (b"\x00" * 4096, b"\x00" * 512, None),
 ])
 def test_detect_format(head: bytes, tail: bytes, fmt: str | None) -> None:
-    assert detect_format(head, tail) == fmt
+    assert disk_format(head, tail) == fmt
 
 
 def test_conversion_hint() -> None:
