@@ -1,0 +1,82 @@
+"""``kill -9`` of an agent in the middle of its longest job: after a restart nothing half-made
+is presented as done.
+
+Other agents' crash tests: the catalogue (tests/reliability/test_catalogue_crash.py: a pull
+killed mid-download resumes), the storage transfer (test_storage_transfer_faults.py: sender
+or receiver killed), the hardware agent (tests/integration/test_hw_vfio.py: recovery after a
+crash mid-bind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import nats
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.storage import CloneVolume, CreateVolume, ListVolumes, VolumeList
+from shared.natsserver import NatsServer
+from tests.support.agents import AgentProcess
+from tests.support.nats import nats_server
+
+__all__ = ["nats_server"]
+
+MiB = 1 << 20
+
+
+async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer,
+                                                         tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    agent = AgentProcess("storage", nats_server.url, state, "k9")
+    await agent.start()
+    bus = await Bus.connect(nats_server.url, name="t", host="k9", give_up_after=5)
+    try:
+        src = await bus.call("k9", "storage", "create",
+                             CreateVolume(name="big", size_bytes=8 << 30))
+        block = os.urandom(4 * MiB)
+        with open(src.path, "r+b") as f:  # 1.5 GiB of data scattered over 8 GiB
+            for i in range(384):
+                f.seek(i * 20 * MiB)
+                f.write(block)
+        pool = Path(src.path).parent
+        before = set(os.listdir(pool))
+
+        nc = await nats.connect(nats_server.url)
+        progressed = asyncio.Event()
+
+        async def on_event(msg: nats.aio.msg.Msg) -> None:
+            if b"job.progress.v1" in msg.data:
+                progressed.set()
+
+        await nc.subscribe(subjects.events_filter("k9", "storage", "job.*"), cb=on_event)
+        accepted: JobAccepted = await bus.call(
+            "k9", "storage", "clone", CloneVolume(name="big", dst_name="copy"))
+        await asyncio.wait_for(progressed.wait(), 60)
+        agent.kill()  # SIGKILL mid-copy
+        await nc.close()
+        assert agent.proc is not None and agent.proc.returncode == -9
+
+        await agent.start()  # the restarted agent cleans up what the dead one left
+        listed: VolumeList = await bus.call("k9", "storage", "volumes", ListVolumes())
+        assert [v.name for v in listed.volumes] == ["big"], "a half-made clone is listed"
+        assert set(os.listdir(pool)) == before, "leftovers of the killed clone remain"
+
+        again: JobAccepted = await bus.call(
+            "k9", "storage", "clone", CloneVolume(name="big", dst_name="copy"))
+        assert again.job_id != accepted.job_id
+        deadline = asyncio.get_running_loop().time() + 120
+        while True:
+            status: JobStatus = await bus.call("k9", "storage", "job",
+                                               JobRef(job_id=again.job_id))
+            if status.state != "running":
+                break
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        assert status.state == "succeeded", status.message
+    finally:
+        await bus.nc.close()
+        await agent.stop()
