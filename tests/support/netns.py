@@ -104,17 +104,20 @@ class Host:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.libvirt = False
 
-    def _enter(self) -> list[str]:
+    def _enter(self, cwd: Path | None) -> list[str]:
+        """nsenter into this host; entering a mount namespace resets the working directory
+        to its root, so ``cwd`` is given to nsenter rather than to Popen."""
         assert self.anchor is not None
-        return ["nsenter", "-t", str(self.anchor.pid), "-n", "-m", "--"]
+        wd = [f"--wd={cwd}"] if cwd is not None else []
+        return ["nsenter", "-t", str(self.anchor.pid), "-n", "-m", *wd, "--"]
 
     def popen(self, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside this host; stdout and stderr go to ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            proc = subprocess.Popen([*self._enter(), *argv], stdout=out, stderr=out,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            proc = subprocess.Popen([*self._enter(cwd), *argv], stdout=out, stderr=out,
+                                    stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -122,8 +125,8 @@ class Host:
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
             cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside this host and wait for it."""
-        return subprocess.run([*self._enter(), *argv], capture_output=True, text=True,
-                              env=env, cwd=cwd, timeout=timeout)
+        return subprocess.run([*self._enter(cwd), *argv], capture_output=True, text=True,
+                              env=env, timeout=timeout)
 
     def kill_all(self) -> None:
         """SIGKILL every process of this host but the anchor (as if the machine died)."""
