@@ -6,6 +6,8 @@
     phyllome vm console demo            # spice:// or vnc:// URI (remote-viewer if installed)
     phyllome vm stop demo --wait 60 --force
     phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
+    phyllome vm create web --host auto --memory 2G   # placed on a host that fits, says why
+    phyllome vm migrate demo --to b --shutdown       # cold migration, with a progress bar
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 from cli import common
 from shared.bus import Bus
+from shared.cluster import cluster_vms
+from shared.config import default_host
 from shared.errors import PhyError
 from shared.messages import new_id
 from shared.messages.catalogue import ImageInfo, ImageRef
@@ -28,7 +32,9 @@ from shared.messages.vm import (
     VmCreate,
     VmDelete,
     VmInfo,
+    VmList,
     VmListRequest,
+    VmMigrate,
     VmRef,
     VmShutdown,
     VmSpec,
@@ -123,6 +129,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--detach", action="store_true", help="print the job and return at once")
     p.set_defaults(func=cmd_clone)
 
+    p = cmds.add_parser("migrate", help="move a stopped VM to another host (cold)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("--to", required=True, metavar="HOST", help="the host to move it to")
+    p.add_argument("--shutdown", action="store_true",
+                   help="shut a running VM down first (else it is refused)")
+    p.add_argument("--keep-source", action="store_true",
+                   help="keep the source host's copy of the disks")
+    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    p.set_defaults(func=cmd_migrate)
+
     p = cmds.add_parser("console", help="the VM's spice:// or vnc:// URI (or open it)")
     common.add_common(p)
     p.add_argument("vm")
@@ -161,7 +178,9 @@ def _nic(text: str) -> Nic:
 def _template(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults an image's catalogue entry implies, for what the command line left out."""
     async def go(bus: Bus) -> ImageInfo:
-        info: ImageInfo = await bus.call(args.host, "catalogue", "info", ImageRef(id=args.image),
+        host = args.host if args.host != "auto" else os.environ.get("PHYLLOME_HOST") or (
+            default_host())  # any catalogue agent has the cluster's index
+        info: ImageInfo = await bus.call(host, "catalogue", "info", ImageRef(id=args.image),
                                          timeout=args.timeout)
         return info
 
@@ -186,9 +205,23 @@ def cmd_create(args: argparse.Namespace) -> None:
         hostdevs=args.hostdev, nested=args.nested, sound=args.sound, kernel=args.kernel,
         initrd=args.initrd, cmdline=args.cmdline, accelerator=args.accelerator,
         autostart=args.autostart, **values)
+    if args.host == "auto":
+        _place(args, spec)
     info = _call(args, "create", VmCreate(spec=spec, image=args.image),
                  timeout=max(args.timeout, 600.0) if args.image else None, key=new_id())
     _show_info(args, info)
+
+
+def _place(args: argparse.Namespace, spec: VmSpec) -> None:
+    """``--host auto``: the host placement picks, and why (on stderr; --json keeps it too)."""
+    from shared.placement import choose
+
+    async def go(bus: Bus) -> Any:
+        return await choose(bus, spec)
+
+    choice = common.call(args, go)
+    common.err_console.print(f"placed on {choice.reason}", highlight=False)
+    args.host = choice.host
 
 
 def cmd_simple(args: argparse.Namespace) -> None:
@@ -210,7 +243,12 @@ def cmd_delete(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    reply = _call(args, "list", VmListRequest(all_hosts=args.all))
+    """``--all`` reads KV vms here (a VM of a down host shows ``unknown``); else this host's
+    vm agent answers."""
+    if args.all:
+        reply = VmList(vms=common.call(args, cluster_vms))
+    else:
+        reply = _call(args, "list", VmListRequest(all_hosts=False))
     if args.json:
         common.print_json(reply)
         return
@@ -232,6 +270,24 @@ def cmd_clone(args: argparse.Namespace) -> None:
     async def go(bus: Bus) -> Any:
         accepted = await bus.call(args.host, "vm", "clone", VmClone(vm=args.vm, name=args.name),
                                   timeout=args.timeout)
+        if args.detach:
+            return accepted
+        return await common.follow_job(bus, args.host, "vm", accepted, quiet=args.json,
+                                       bytes_progress=False)
+
+    outcome = common.call(args, go)
+    if args.detach:
+        common.show(args, outcome)
+    else:
+        common.finish_job(args, outcome)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    """The job runs in the vm agent of the VM's host (``--host``); we follow its steps."""
+    async def go(bus: Bus) -> Any:
+        accepted = await bus.call(args.host, "vm", "migrate", VmMigrate(
+            vm=args.vm, to=args.to, shutdown=args.shutdown, keep_source=args.keep_source),
+            timeout=args.timeout)
         if args.detach:
             return accepted
         return await common.follow_job(bus, args.host, "vm", accepted, quiet=args.json,

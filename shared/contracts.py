@@ -45,7 +45,15 @@ def event_types() -> list[type[Event]]:
             walk(sub)
 
     walk(Event)
-    return found
+    # Stable whatever the import order: the base module, jobs, then the agents in order.
+    modules = ["shared.messages", "shared.messages.jobs",
+               *(f"shared.messages.{svc}" for svc in subjects.SERVICES)]
+
+    def rank(cls: type[Event]) -> tuple[int, str]:
+        module = modules.index(cls.__module__) if cls.__module__ in modules else len(modules)
+        return module, str(cls.__struct_config__.tag)
+
+    return sorted(found, key=rank)
 
 
 @cache

@@ -50,7 +50,7 @@ from shared.errors import (
 )
 from shared.messages.jobs import JobAccepted, JobProgress, JobRef, JobStatus
 from shared.messages.storage import SendVolume, VolumeInfo, VolumeQuery, VolumeRef
-from shared.messages.vm import VmCreate, VmDelete, VmInfo, VmRef, VmShutdown, VmSpec
+from shared.messages.vm import VmCreate, VmDelete, VmInfo, VmMigrate, VmRef, VmShutdown, VmSpec
 from shared.placement import committed_mib, needs, refusal
 
 log = logging.getLogger("phyllome.migration")
@@ -59,16 +59,6 @@ CALL_TIMEOUT_S = 15.0
 SHA_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 120.0
 JOB_POLL_S = 0.2
-
-
-class VmMigrate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.migrate.v1"):
-    """Move a stopped VM to host ``to`` (cold); ``shutdown`` shuts a running one down first."""
-
-    vm: str
-    to: str
-    shutdown: bool = False
-    keep_source: bool = False  # leave the source's disks in place after the move
-    bwlimit_bytes_s: int = 0  # per disk stream; 0: as fast as it goes
 
 
 class Job(Protocol):

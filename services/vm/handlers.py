@@ -24,6 +24,7 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
+from shared import migration
 from shared.agent import Agent
 from shared.errors import (
     BackendError,
@@ -53,9 +54,11 @@ from shared.messages.vm import (
     VmClone,
     VmCreate,
     VmDelete,
+    VmGuestState,
     VmInfo,
     VmList,
     VmListRequest,
+    VmMigrate,
     VmRecord,
     VmRef,
     VmShutdown,
@@ -468,6 +471,31 @@ class Handlers:
                 await self.hv.set_autostart(dom.uuid, spec.autostart)
             await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
             return await self._info(dom.uuid)
+
+    async def export_state(self, req: VmRef) -> VmGuestState:
+        dom = await self.hv.domain(req.vm)
+        if dom.state not in STOPPED:
+            raise Conflict(f"VM {dom.name} is {dom.state}: its state is exported stopped only")
+        nvram, tpm = await self.hv.export_state(dom.uuid)
+        return VmGuestState(uuid=dom.uuid, nvram=nvram, tpm=tpm)
+
+    async def import_state(self, req: VmGuestState) -> Ack:
+        dom = await self.hv.domain(req.uuid)
+        if dom.state not in STOPPED:
+            raise Conflict(f"VM {dom.name} is {dom.state}: state is imported stopped only")
+        await self.hv.import_state(dom.uuid, req.nvram, req.tpm)
+        return Ack(message=f"VM {dom.name}: NVRAM {len(req.nvram)} bytes, TPM state "
+                           f"{len(req.tpm)} bytes installed")
+
+    async def migrate(self, req: VmMigrate) -> JobAccepted:
+        """Cold migration to ``req.to``, a job run here (see ``shared.migration``)."""
+        dom = await self.hv.domain(req.vm)
+
+        async def work(job: Any) -> dict[str, object]:
+            with self.metrics.operation("migrate"):
+                return await migration.migrate(self.agent.bus, self.host, req, job)
+
+        return self.agent.jobs.start("migrate", work, key=f"migrate:{dom.uuid}:{req.to}")
 
     async def clone(self, req: VmClone) -> JobAccepted:
         src = await self.hv.domain(req.vm)

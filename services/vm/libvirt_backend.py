@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import io
 import logging
 import os
+import tarfile
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -377,6 +379,20 @@ class LibvirtHypervisor:
             if proc.returncode != 0:
                 raise BackendError(f"copying {a} to {b}: {err.decode(errors='replace')}")
 
+    async def export_state(self, uuid: str) -> tuple[bytes, bytes]:
+        if self.uri.startswith("test:"):
+            return b"", b""
+        dom = await self.domain(uuid)
+        nvram = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
+        return await asyncio.to_thread(_read_state, nvram, f"{SWTPM_DIR}/{uuid}")
+
+    async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
+        if self.uri.startswith("test:"):
+            return
+        dom = await self.domain(uuid)
+        path = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
+        await asyncio.to_thread(_write_state, path, nvram, f"{SWTPM_DIR}/{uuid}", tpm)
+
     def bulk_stats(self) -> list[DomainStats]:
         conn = self._conn
         if conn is None:
@@ -387,6 +403,35 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
+
+
+def _read_state(nvram: str, tpm_dir: str) -> tuple[bytes, bytes]:
+    data = b""
+    if os.path.exists(nvram):
+        with open(nvram, "rb") as f:
+            data = f.read()
+    tpm = b""
+    if os.path.isdir(tpm_dir):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(tpm_dir, arcname=".")
+        tpm = buf.getvalue()
+    return data, tpm
+
+
+def _write_state(nvram_path: str, nvram: bytes, tpm_dir: str, tpm: bytes) -> None:
+    """Write the NVRAM file and unpack the TPM state (owners kept: swtpm runs as its user)."""
+    if nvram:
+        os.makedirs(os.path.dirname(nvram_path), exist_ok=True)
+        with open(nvram_path + ".part", "wb") as f:
+            f.write(nvram)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(nvram_path + ".part", nvram_path)
+    if tpm:
+        os.makedirs(tpm_dir, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(tpm), mode="r:gz") as tar:
+            tar.extractall(tpm_dir, filter="fully_trusted")
 
 
 def _nvram_path(xml: str, name: str) -> str:

@@ -191,6 +191,24 @@ class VmClone(msgspec.Struct, frozen=True, kw_only=True, tag="vm.clone.v1"):
     name: str
 
 
+class VmMigrate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.migrate.v1"):
+    """Move a stopped VM to host ``to`` (cold); ``shutdown`` shuts a running one down first."""
+
+    vm: str
+    to: str
+    shutdown: bool = False
+    keep_source: bool = False  # leave the source's disks in place after the move
+    bwlimit_bytes_s: int = 0  # per disk stream; 0: as fast as it goes
+
+
+class VmGuestState(msgspec.Struct, frozen=True, kw_only=True, tag="vm.guest_state.v1"):
+    """A stopped VM's UEFI variables and TPM state, carried from one host to another."""
+
+    uuid: str
+    nvram: bytes = b""  # the NVRAM (VARS) file; empty: none yet
+    tpm: bytes = b""  # the swtpm state directory as a gzipped tar; empty: none
+
+
 class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"):
     """A VM's state changed; ``event`` is the hypervisor's word (started, stopped, ...)."""
 
@@ -221,4 +239,11 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("info", VmRef, VmInfo, "State, uptime, stats and console endpoints of a VM."),
     EndpointSpec("update", VmUpdate, VmInfo, "Change a stopped VM's spec."),
     EndpointSpec("clone", VmClone, JobAccepted, "Clone a stopped VM (a job)."),
+    EndpointSpec("migrate", VmMigrate, JobAccepted,
+                 "Move a stopped VM to another host: disks, definition, state (a job)."),
+    EndpointSpec("export_state", VmRef, VmGuestState,
+                 "A stopped VM's NVRAM and TPM state (for a migration)."),
+    EndpointSpec("import_state", VmGuestState, Ack,
+                 "Give a stopped VM the NVRAM and TPM state of its source (a migration).",
+                 max_payload=16 << 20),
 )

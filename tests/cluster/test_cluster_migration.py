@@ -1,14 +1,15 @@
 """Cold migration of a real phyllome-tiny guest between two hosts of a three-host cluster.
 
 Hosts a and b each run their own libvirtd (in their own mount namespace) and QEMU under TCG;
-c keeps the NATS cluster at three servers. The guest boots on a and powers off; it is moved
-to b while the link of host a is cut and restored mid-transfer (the stream resumes); on b it
-boots again from the moved disk. The job runs in a process inside host a, calling the same
-``shared.migration.migrate`` the vm agent's ``migrate`` endpoint is to run.
+c keeps the NATS cluster at three servers. The UEFI guest with an emulated TPM boots on a
+and powers off; ``phyllome vm migrate`` moves it to b while the link of host a is cut and
+restored mid-transfer (the stream resumes); its NVRAM and TPM state arrive byte for byte;
+on b it boots again from the moved disk and still sees its TPM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -43,7 +44,8 @@ async def main(bus):
         f.seek(1 << 20)
         f.write(bytes(range(256)) * 4096 * 12)  # 12 MiB of data in 64 MiB
     info = await bus.call("a", "vm", "create", VmCreate(spec=VmSpec(
-        name="g1", memory_mib=256, vcpus=1, firmware="bios", display="none",
+        name="g1", memory_mib=256, vcpus=1, firmware="uefi", tpm="emulated-2.0",
+        display="none",
         kernel=KERNEL, initrd=INITRD, cmdline="console=ttyS0",
         disks=[Disk(pool="default", volume="g1-disk0", owned=True)])), timeout=60)
     await boot(bus, "a", "g1")
@@ -53,18 +55,17 @@ async def main(bus):
 """
 
 MIGRATE = """
-from shared.errors import PhyError
-from shared.migration import VmMigrate, migrate
-class Job:
-    id, kind = "cluster-test-migrate", "migrate"
-    async def progress(self, done, total, message=""):
-        print("progress", done, total, message, flush=True)
+from shared.messages.jobs import JobRef
+from shared.messages.vm import VmMigrate
 async def main(bus):
-    try:
-        return await migrate(bus, "a", VmMigrate(vm="g1", to="b",
-                                                 bwlimit_bytes_s=1 << 20), Job())
-    except PhyError as e:
-        return {"error": e.message}
+    accepted = await bus.call("a", "vm", "migrate", VmMigrate(vm="g1", to="b",
+                                                              bwlimit_bytes_s=1 << 20))
+    while True:
+        st = await bus.call("a", "vm", "job", JobRef(job_id=accepted.job_id))
+        print("progress", st.done, st.total, st.message, flush=True)
+        if st.state != "running":
+            return st.result if st.state == "succeeded" else {"error": st.message}
+        await asyncio.sleep(0.2)
 """
 
 AFTER = BOOT + """
@@ -92,6 +93,18 @@ def markers(log: Path) -> dict[str, str]:
     return out
 
 
+def guest_state(host_dir: Path, uuid: str) -> dict[str, str]:
+    """sha256 of the guest's NVRAM file and TPM state as that host's libvirt keeps them."""
+    lib = host_dir / "libvirt" / "var-lib-libvirt"
+    out = {}
+    for key, pattern in (("nvram", "qemu/nvram/g1_VARS.fd"),
+                         ("tpm", f"swtpm/{uuid}/tpm2/tpm2-00.permall")):
+        path = lib / pattern
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+    return out
+
+
+@pytest.mark.timeout(400)
 def test_cold_migration_of_a_real_guest_across_a_cut_link(tmp_path: Path,
                                                           tiny_image: TinyImage) -> None:
     files = tmp_path / "files"
@@ -108,6 +121,9 @@ def test_cold_migration_of_a_real_guest_across_a_cut_link(tmp_path: Path,
         console = Path("vm") / "consoles" / f"{made['uuid']}.log"
         first = markers(tmp_path / "a" / console)
         assert first.get("mode") == "poweroff" and "ready" in first and "vda" in first["disks"]
+        assert first["firmware"] == "uefi" and first["tpm"] == "present"
+        state_a = guest_state(hosts["a"].workdir, made["uuid"])
+        assert state_a["nvram"] and state_a["tpm"], state_a
 
         log = tmp_path / "migrate.log"
         job = cluster.py_background("a", MIGRATE, log)
@@ -133,8 +149,10 @@ async def main(bus):
         assert "error" not in result, log.read_text()
         assert result["to"] == "b" and result["disks"] == ["default/g1-disk0"]
 
+        assert guest_state(hosts["b"].workdir, made["uuid"]) == state_a  # before it boots
         after = cluster.py("b", AFTER, timeout=300)
         assert after == {"uuid": made["uuid"], "sha256": made["sha256"], "on_a": False}
         second = markers(tmp_path / "b" / console)
         assert second.get("mode") == "poweroff" and "ready" in second
         assert second["disks"] == first["disks"]
+        assert second["firmware"] == "uefi" and second["tpm"] == "present"

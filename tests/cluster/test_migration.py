@@ -24,8 +24,7 @@ from shared.errors import Conflict, NotFound
 from shared.messages import Empty
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus
 from shared.messages.storage import CreateVolume, IncomingList, VolumeQuery
-from shared.messages.vm import Disk, VmCreate, VmInfo, VmRecord, VmRef, VmSpec
-from shared.migration import VmMigrate, migrate
+from shared.messages.vm import Disk, VmCreate, VmInfo, VmMigrate, VmRecord, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess, agent_in_process
 from tests.support.libvirt import TEST_HOST_XML
@@ -71,17 +70,13 @@ class Pair:
             name=name, memory_mib=64, vcpus=1, firmware="bios", display="none",
             disks=[Disk(pool="default", volume=f"{name}-disk0", owned=True)], **spec)))
 
-    def start(self, req: VmMigrate) -> JobAccepted:
-        """The migration as a job of host a's vm agent (what its ``migrate`` endpoint does)."""
-        agent = self.agents[("a", "vm")]
-
-        async def work(job: Any) -> dict[str, object]:
-            return await migrate(agent.bus, "a", req, job)
-
-        return agent.jobs.start("migrate", work)
+    async def start(self, req: VmMigrate) -> JobAccepted:
+        """The migration as a job of host a's vm agent (its ``migrate`` endpoint)."""
+        accepted: JobAccepted = await self.call("a", "vm", "migrate", req)
+        return accepted
 
     async def migrate(self, req: VmMigrate, timeout: float = 90) -> JobStatus:
-        return await _wait(self, self.start(req).job_id, timeout)
+        return await _wait(self, (await self.start(req)).job_id, timeout)
 
     async def record(self, uuid: str) -> VmRecord:
         entry = await (await self.bus.kv(subjects.KV_VMS)).get(uuid)
@@ -175,12 +170,7 @@ async def test_refusals_leave_everything_as_it_was(nats_server: NatsServer,
         st = await p.migrate(VmMigrate(vm="m2", to="b"))
         assert st.state == "failed" and "is running: cold migration needs it shut off" in (
             st.message)
-        uefi = await p.call("a", "vm", "create", VmCreate(spec=VmSpec(
-            name="m3", memory_mib=64, firmware="uefi", tpm="emulated-2.0", display="none")))
-        st = await p.migrate(VmMigrate(vm="m3", to="b"))
-        assert st.state == "failed" and "cannot carry them between hosts yet" in st.message
         assert (await p.call("a", "vm", "info", VmRef(vm="m2"))).uuid == vm.uuid
-        assert (await p.call("a", "vm", "info", VmRef(vm="m3"))).uuid == uefi.uuid
         assert (await p.record(vm.uuid)).host == "a"
 
 
@@ -194,7 +184,7 @@ async def test_target_storage_killed_mid_transfer_vm_stays_whole(
         await receiver.start()
         try:
             vm = await p.vm("a", "m4")
-            accepted = p.start(VmMigrate(vm="m4", to="b", bwlimit_bytes_s=2 << 20))
+            accepted = await p.start(VmMigrate(vm="m4", to="b", bwlimit_bytes_s=2 << 20))
             await _until_receiving(p, accepted.job_id)
             receiver.kill()
             st = await _wait(p, accepted.job_id, 90)
@@ -218,7 +208,7 @@ async def test_cancelled_mid_transfer_rolls_back(nats_server: NatsServer,
                                                  tmp_path: Path) -> None:
     async with pair(nats_server, tmp_path) as p:
         vm = await p.vm("a", "m5")
-        accepted = p.start(VmMigrate(vm="m5", to="b", bwlimit_bytes_s=1 << 20))
+        accepted = await p.start(VmMigrate(vm="m5", to="b", bwlimit_bytes_s=1 << 20))
         await _until_receiving(p, accepted.job_id)
         await p.call("a", "vm", "cancel", JobRef(job_id=accepted.job_id))
         st = await _wait(p, accepted.job_id, 60)
@@ -263,3 +253,39 @@ async def _wait(p: Pair, job_id: str, timeout: float) -> JobStatus:
 def test_migrate_request_is_a_tagged_message() -> None:
     assert msgspec.json.decode(b'{"type":"vm.migrate.v1","vm":"x","to":"b"}',
                                type=VmMigrate) == VmMigrate(vm="x", to="b")
+
+
+async def test_cli_migrate_list_and_auto_placement(nats_server: NatsServer,
+                                                   tmp_path: Path) -> None:
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+
+    def phyllome(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PHYLLOME_NATS_URL": nats_server.url, "COLUMNS": "200"}
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    async with pair(nats_server, tmp_path) as p:
+        vm = await p.vm("a", "m6")
+        moved = await asyncio.to_thread(phyllome, "vm", "migrate", "m6", "--to", "b",
+                                        "--host", "a", "--json")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        outcome = json.loads(moved.stdout)
+        assert outcome["state"] == "succeeded" and outcome["result"]["to"] == "b"
+        listed = await asyncio.to_thread(phyllome, "vm", "list", "--all", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(r["spec"]["uuid"], r["host"]) for r in json.loads(listed.stdout)["vms"]] == [
+            (vm.uuid, "b")]
+        placed = await asyncio.to_thread(phyllome, "vm", "create", "m7", "--host", "auto",
+                                         "--memory", "64M", "--firmware", "bios",
+                                         "--display", "none", "--json")
+        assert placed.returncode == 0, placed.stdout + placed.stderr
+        assert "placed on " in placed.stderr and "memory left after this VM" in placed.stderr
+        assert json.loads(placed.stdout)["host"] in ("a", "b")
+        again = await asyncio.to_thread(phyllome, "vm", "migrate", "m6", "--to", "b",
+                                        "--host", "b")
+        assert again.returncode == 1 and "is on b already" in again.stderr
