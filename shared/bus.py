@@ -63,7 +63,7 @@ class Bus:
         self._services: list[Service] = []
         self._read_locks: dict[str, asyncio.Lock] = {}
         self._reads_begun: dict[str, int] = {}
-        self._last_reads: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self._last_reads: dict[str, tuple[int, list[tuple[str, int, bytes]]]] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -340,15 +340,15 @@ class Bus:
         """Every current value of a bucket decoded as ``tp`` (entries that do not decode are
         skipped: a newer agent may have written a newer schema)."""
         out: list[Any] = []
-        for key, value in (await self.kv_snapshot(bucket)).items():
+        for key, _revision, value in await self.kv_entries(bucket):
             try:
                 out.append(msgspec.json.decode(value, type=tp))
             except msgspec.MsgspecError:
                 log.debug("skipping %s/%s: not a %s", bucket, key, tp)
         return out
 
-    async def kv_snapshot(self, bucket: str) -> dict[str, bytes]:
-        """Key -> value of a bucket as of a read begun after this call.
+    async def kv_entries(self, bucket: str) -> list[tuple[str, int, bytes]]:
+        """(key, revision, value) of every live key, as of a read begun after this call.
 
         Concurrent callers share reads: one that began after a caller arrived serves it too
         (it sees every write that caller made before), so a burst costs two or three reads.
@@ -356,20 +356,20 @@ class Bus:
         arrived = self._reads_begun.get(bucket, 0)
         lock = self._read_locks.setdefault(bucket, asyncio.Lock())
         async with lock:
-            number, values = self._last_reads.get(bucket, (0, {}))
+            number, entries = self._last_reads.get(bucket, (0, []))
             if number > arrived:
-                return values
+                return entries
             number = self._reads_begun[bucket] = self._reads_begun.get(bucket, 0) + 1
-            values = await self._read_bucket(bucket)
-            self._last_reads[bucket] = (number, values)
-            return values
+            entries = await self._read_bucket(bucket)
+            self._last_reads[bucket] = (number, entries)
+            return entries
 
-    async def _read_bucket(self, bucket: str) -> dict[str, bytes]:
+    async def _read_bucket(self, bucket: str) -> list[tuple[str, int, bytes]]:
         """One pass with a pull consumer, whose pending count is exact when it is created (a
         KV watcher may say "all in" while a value is still in flight)."""
         await self.kv(bucket)  # the bucket exists from here on
         stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
-        values: dict[str, bytes] = {}
+        live: dict[str, tuple[int, bytes]] = {}
         consumer = ""
         try:
             sub = await self.js.pull_subscribe(
@@ -383,10 +383,12 @@ class Bus:
                     for msg in await sub.fetch(min(remaining, 1000), timeout=10):
                         remaining = msg.metadata.num_pending or 0
                         key = msg.subject.removeprefix(prefix)
-                        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                            values.pop(key, None)
+                        headers = msg.headers or {}
+                        if (headers.get("KV-Operation") in ("DEL", "PURGE")
+                                or "Nats-Marker-Reason" in headers):  # deleted or expired
+                            live.pop(key, None)
                         elif msg.data:
-                            values[key] = msg.data
+                            live[key] = (msg.metadata.sequence.stream, msg.data)
             finally:
                 await sub.unsubscribe()
                 if consumer:  # unsubscribing leaves the ephemeral consumer on the server
@@ -394,7 +396,7 @@ class Bus:
                         await self.js.delete_consumer(stream, consumer)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
             raise Unavailable(f"cannot read KV {bucket}: {e!r}") from None
-        return values
+        return [(key, rev, value) for key, (rev, value) in live.items()]
 
 
 def _tag(tp: type) -> str:

@@ -46,8 +46,6 @@ log = logging.getLogger("phyllome.cluster")
 
 HOST_AGENT = "hardware"  # speaks for its host: resources and the host-down watch
 HostState = Literal["up", "down"]
-_KV_OP = "KV-Operation"
-_MARKER = "Nats-Marker-Reason"
 OVMF_DIRS = ("/usr/share/OVMF", "/usr/share/edk2/ovmf", "/usr/share/qemu")
 
 
@@ -104,19 +102,6 @@ async def last_per_subject(bus: Bus, stream: str, subject: str,
         raise Unavailable(f"reading {stream} ({subject}) stalled for {timeout} s") from None
     finally:
         await sub.unsubscribe()
-
-
-async def kv_snapshot(bus: Bus, bucket: str) -> list[tuple[str, int, bytes]]:
-    """(key, revision, value) of every live key of a KV bucket, deleted keys left out."""
-    await bus.kv(bucket)  # created with its settings when missing
-    prefix = f"$KV.{bucket}."
-    out: list[tuple[str, int, bytes]] = []
-    for msg in await last_per_subject(bus, f"KV_{bucket}", f"{prefix}>"):
-        headers = msg.headers or {}
-        if _KV_OP in headers or _MARKER in headers or not msg.data:
-            continue
-        out.append((msg.subject[len(prefix):], msg.metadata.sequence.stream, msg.data))
-    return out
 
 
 def _decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any]:
@@ -193,7 +178,7 @@ async def _read(*reads: Awaitable[Any]) -> list[Any]:
 async def host_views_on(bus: Bus) -> list[HostView]:
     """Every host of the cluster from KV ``hosts``, KV ``vms`` and the host events."""
     beats, records, known, ttl = await _read(
-        kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS),
+        bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS),
         known_hosts(bus), hosts_ttl(bus))
     vms: list[VmRecord] = _decode_all(records, VmRecord)
     return host_views(_decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
@@ -203,7 +188,7 @@ async def host_views_on(bus: Bus) -> list[HostView]:
 async def cluster_vms(bus: Bus) -> list[VmRecord]:
     """Every VM of every host from KV ``vms``; a VM whose host is down is ``unknown``."""
     beats, records, ttl = await _read(
-        kv_snapshot(bus, subjects.KV_HOSTS), kv_snapshot(bus, subjects.KV_VMS), hosts_ttl(bus))
+        bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS), hosts_ttl(bus))
     now = time.time()
     up = {v.host for v in host_views(_decode_all(beats, Heartbeat), now=now,
                                      ttl_s=ttl) if v.state == "up"}
@@ -338,7 +323,7 @@ async def watch(agent: Agent) -> None:
                 agent.details["resources"] = await asyncio.to_thread(
                     host_resources, _bindable_gpus(agent))
                 entries = [(k, rev, hb) for k, rev, value in
-                           await kv_snapshot(agent.bus, subjects.KV_HOSTS)
+                           await agent.bus.kv_entries(subjects.KV_HOSTS)
                            for hb in _decode_all([(k, rev, value)], Heartbeat)]
                 for event in host_watch.observe(entries, time.monotonic()):
                     ident = getattr(event, "down_host", None) or getattr(event, "up_host", "")

@@ -38,7 +38,7 @@ async def test_vnc_password_stays_in_libvirt_only(nats_server: NatsServer, tmp_p
         await bus.call("h1", "vm", "start", VmRef(vm="locked"))
         metrics = httpx.get(agent.metrics_url).text
         events = [d async for _s, _t, d in bus.events(subjects.EVENTS_ALL)]
-        kv = await bus.kv_snapshot(subjects.KV_VMS)
+        kv = {key: value for key, _rev, value in await bus.kv_entries(subjects.KV_VMS)}
         # libvirt still has it (the update kept it) while the test driver connection is ours
         conn = libvirt.open(libvirt_test_uri)
         await bus.nc.close()
