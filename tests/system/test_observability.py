@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,14 +42,18 @@ from shared.messages.hardware import BindRequest, DeviceList, DeviceQuery
 from shared.messages.storage import CloneVolume, ImportVolume, ListVolumes, SendVolume
 from shared.messages.vm import Disk, VmCreate, VmListRequest, VmRef, VmSpec
 from tests.support.httpserver import FileServer
-from tests.support.libvirt import TEST_HOST_XML
+from tests.support.libvirt import guest_dir, libvirtd
 from tests.support.prometheus import Prometheus, panel_queries, running_prometheus
 from tests.support.require import require, require_binary
+from tests.support.tiny import TinyImage, tiny_image
+
+__all__ = ["guest_dir", "libvirtd", "tiny_image"]
 
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "obshost"
+VM_NAME = f"phy-obs-{os.getpid()}"
 AGENTS = ("hardware", "vm", "storage", "catalogue")
 MiB = 1 << 20
 
@@ -85,7 +90,7 @@ resume_timeout_s = 2
 """)
 
 
-async def exercise(nats_url: str, state: Path) -> None:
+async def exercise(nats_url: str, state: Path, guest: Path) -> None:
     """What fills the dashboards; each step is something a user does."""
     bus = await Bus.connect(nats_url, name="observability-test", host=HOST, give_up_after=10)
     try:
@@ -98,12 +103,17 @@ async def exercise(nats_url: str, state: Path) -> None:
         assert devices.devices, "no PCI device in the inventory"
         Path("/sys/bus/pci/devices", devices.devices[0].address, "uevent").write_text("change")
 
-        disk = state / "vm-disk.raw"
+        # a real phyllome-tiny guest under the host's libvirtd (TCG), so the VM panels show
+        # a VM that really runs: CPU, memory, disk and network series from QEMU
+        disk = guest / "vm-disk.raw"
         with open(disk, "wb") as f:
-            f.truncate(MiB)
-        spec = VmSpec(name="obs-vm", memory_mib=256, disks=[Disk(path=str(disk))])
+            f.truncate(16 * MiB)
+        disk.chmod(0o644)
+        spec = VmSpec(name=VM_NAME, memory_mib=256, vcpus=1, firmware="bios", display="vnc",
+                      kernel=str(guest / "vmlinuz"), initrd=str(guest / "initrd.gz"),
+                      cmdline="console=ttyS0 phyllome.stay=1", disks=[Disk(path=str(disk))])
         await bus.call(HOST, "vm", "create", VmCreate(spec=spec))
-        await bus.call(HOST, "vm", "start", VmRef(vm="obs-vm"))
+        await bus.call(HOST, "vm", "start", VmRef(vm=VM_NAME), timeout=60)
 
         seed = state / "import" / "seed.raw"
         seed.parent.mkdir(exist_ok=True)
@@ -179,17 +189,19 @@ def firing(prom: Prometheus, alertname: str, **labels: str) -> list[dict[str, An
 
 
 @pytest.mark.timeout(300)
-def test_dashboards_rules_and_alerts_against_a_real_prometheus(tmp_path: Path) -> None:
+def test_dashboards_rules_and_alerts_against_a_real_prometheus(
+        tmp_path: Path, tiny_image: TinyImage, guest_dir: Path, libvirtd: str) -> None:
     promtool = require_binary("promtool")
     require(os.geteuid() == 0, "root, to make the kernel emit a PCI uevent")
     state = tmp_path / "state"
-    (tmp_path / "libvirt-host.xml").write_text(TEST_HOST_XML)
+    for src in (tiny_image.kernel, tiny_image.initrd):
+        shutil.copyfile(src, guest_dir / ("vmlinuz" if src == tiny_image.kernel
+                                          else "initrd.gz"))
     image_source(tmp_path / "www")
     with FileServer(tmp_path / "www") as www:
         config(tmp_path / "phyllome.toml", www.url())
         env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": HOST,
                "PHYLLOME_CONFIG": str(tmp_path / "phyllome.toml"),
-               "PHYLLOME_LIBVIRT_URI": f"test://{tmp_path / 'libvirt-host.xml'}",
                "PHYLLOME_ACCELERATOR": "tcg",
                **{f"PHYLLOME_{a.upper()}_METRICS_PORT": "0" for a in AGENTS}}
         env.pop("PHYLLOME_NATS_URL", None)
@@ -208,11 +220,13 @@ def test_dashboards_rules_and_alerts_against_a_real_prometheus(tmp_path: Path) -
             with running_prometheus(tmp_path / "prometheus", targets) as prom:
                 prom.wait_for(lambda: len(prom.query('up{job="phyllome"} == 1')) == 4,
                               "all four agents scraped")
-                asyncio.run(exercise(env["PHYLLOME_NATS_URL"], state))
+                asyncio.run(exercise(env["PHYLLOME_NATS_URL"], state, guest_dir))
                 check_panels_and_rules(prom)
                 check_alerts(prom, state)
         finally:
+            gone = phyllome("vm", "delete", VM_NAME, "--force", "--host", HOST, env=env)
             down = phyllome("down", env=env)
+            assert gone.returncode == 0, gone.stdout + gone.stderr
             assert down.returncode == 0, down.stdout + down.stderr
 
 
