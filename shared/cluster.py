@@ -119,10 +119,13 @@ def _decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any
 
 def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
                known: Iterable[str] = (), vm_hosts: Iterable[str] = ()) -> list[HostView]:
-    """Group heartbeats by host: up while the newest beat is younger than the TTL.
+    """Group live heartbeats by host: a host with a key in KV ``hosts`` is up.
 
-    ``known`` are hosts seen before (in the events) and ``vm_hosts`` those VM records name;
-    without a live heartbeat they are listed ``down`` (their heartbeats have expired).
+    The bucket's TTL is kept by the NATS server, which drops a key its agent stopped
+    rewriting: liveness is judged by the server's clock alone, so a host whose clock is off,
+    or an observer whose clock jumps, sees the same answer. ``age_s`` (by the beats' own
+    clocks) is for people. ``known`` are hosts seen before (in the events) and ``vm_hosts``
+    those VM records name; without a live heartbeat they are listed ``down``.
     """
     by_host: dict[str, list[Heartbeat]] = {}
     for hb in heartbeats:
@@ -135,13 +138,13 @@ def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
         last = max(b.time for b in beats)
         details: dict[str, dict[str, Any]] = {b.agent: b.details for b in beats}
         hw = details.get(HOST_AGENT, {})
-        state: HostState = "up" if now - last <= ttl_s else "down"
+        skew = "" if abs(now - last) <= ttl_s else (
+            f"its last beat is {now - last:.0f} s away by this clock: a clock is off")
         views.append(HostView(
-            host=host, state=state, agents=sorted(b.agent for b in beats), last_beat=last,
+            host=host, state="up", agents=sorted(b.agent for b in beats), last_beat=last,
             age_s=round(now - last, 1), caps=hw.get("caps", {}),
             resources=hw.get("resources", {}), pools=details.get("storage", {}).get("pools", {}),
-            vms=vm_count.get(host, 0),
-            reason="" if state == "up" else f"no heartbeat for {now - last:.0f} s"))
+            vms=vm_count.get(host, 0), reason=skew))
     for host in {*known, *vm_count} - set(by_host):
         views.append(HostView(host=host, state="down", vms=vm_count.get(host, 0),
                               reason="no heartbeat (expired)"))

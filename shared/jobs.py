@@ -58,6 +58,7 @@ class Job:
         self.error_kind = ""
         self.result: dict[str, object] = {}
         self.started = time.time()
+        self._started_mono = time.monotonic()  # rates survive a wall-clock jump
         self.finished = 0.0
         self.task: asyncio.Task[None] | None = None
         self._last_report = 0.0
@@ -71,7 +72,7 @@ class Job:
         self.done, self.total = done, total
         if message:
             self.message = message
-        elapsed = time.time() - self.started
+        elapsed = time.monotonic() - self._started_mono
         self.rate = done / elapsed if elapsed > 0 else 0.0
         now = time.monotonic()
         if now - self._last_report < PROGRESS_INTERVAL_S and done < total:

@@ -76,9 +76,24 @@ def test_host_views_up_down_and_remembered() -> None:
     views = host_views([beat("a", "vm", 100.0), beat("a", "storage", 99.0),
                         beat("b", "vm", 80.0)], now=101.0, ttl_s=20,
                        known=["c"], vm_hosts=["a", "c", "c"])
-    assert [(v.host, v.state, v.vms) for v in views] == [("a", "up", 1), ("b", "down", 0),
+    assert [(v.host, v.state, v.vms) for v in views] == [("a", "up", 1), ("b", "up", 0),
                                                          ("c", "down", 2)]
-    assert views[0].agents == ["storage", "vm"] and views[1].reason == "no heartbeat for 21 s"
+    assert views[0].agents == ["storage", "vm"] and views[0].reason == ""
+    assert views[1].reason == "its last beat is 21 s away by this clock: a clock is off"
+    assert views[2].reason == "no heartbeat (expired)"
+
+
+@pytest.mark.parametrize("jump", [-3600.0, 3600.0])
+def test_a_clock_jump_changes_no_verdict(jump: float) -> None:
+    """Liveness comes from the server's TTL, not from anyone's wall clock."""
+    beats = [beat("a", "vm", 100.0), beat("b", "vm", 99.0)]
+    steady = host_views(beats, now=101.0, ttl_s=20)
+    jumped = host_views(beats, now=101.0 + jump, ttl_s=20)
+    assert [(v.host, v.state) for v in steady] == [(v.host, v.state) for v in jumped] == [
+        ("a", "up"), ("b", "up")]
+    w = HostWatch("a", ttl_s=10)  # the down/up watcher runs on the monotonic clock
+    assert w.observe([("b.vm", 1, beats[1])], now=0.0) == []
+    assert w.observe([("b.vm", 2, beat("b", "vm", 99.0 + jump))], now=9.0) == []
 
 
 def test_host_watch_says_down_once_then_up_with_ids_every_watcher_shares() -> None:
