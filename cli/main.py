@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand -> the module whose register(subparsers) adds it. Only the module of the
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "func", None):
         p.print_help()
         sys.exit(EXIT_USAGE)
-    args.func(args)
+    try:
+        args.func(args)
+    except BrokenPipeError:  # `phyllome ... | head`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

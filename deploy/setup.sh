@@ -63,7 +63,10 @@ tiny() {
   local dir="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/builtin/phyllome-tiny"
   [ -f "$dir/manifest.json" ] && [ "$dir/manifest.json" -nt deploy/images/tiny/init ] && return 0
   echo "building the phyllome-tiny guest image into $dir"
-  deploy/images/build-tiny.sh "$dir" >/dev/null
+  local log
+  log=$(mktemp)
+  deploy/images/build-tiny.sh "$dir" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
+  rm -f "$log"
 }
 
 for step in "$@"; do "$step"; done

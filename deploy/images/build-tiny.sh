@@ -57,7 +57,7 @@ fetch() {
     fi
     file="$debs/${pkg}_${version//:/%3a}_${arch}.deb"
     if [ ! -s "$file" ]; then
-        (cd "$debs" && apt-get download -q "$pkg=$version" >&2) || {
+        (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$version" >&2) || {
             echo "build-tiny: 'apt-get download $pkg=$version' failed" >&2
             exit 1
         }
