@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from shared.codec import decode
 from shared.errors import ErrorReply
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
+from tests.support.figures import figure
 from tests.support.fuzz import fuzz_payloads
 from tests.support.libvirt import TEST_HOST_XML
 from tests.support.nats import nats_server
@@ -98,6 +100,7 @@ async def test_fuzz_agent_endpoints(name: str, nats_server: NatsServer, tmp_path
                 decode(msg.data, spec.response)  # a valid result of the declared type
                 counts["ok"] += 1
 
+        started = time.perf_counter()
         half = len(plan) // 2
         await asyncio.gather(*(send(s, p) for s, p in plan[:half]))
         gc.collect()
@@ -105,6 +108,7 @@ async def test_fuzz_agent_endpoints(name: str, nats_server: NatsServer, tmp_path
         await asyncio.gather(*(send(s, p) for s, p in plan[half:]))
         gc.collect()
         rss_end = rss_mib()
+        took = time.perf_counter() - started
         ping = await nc.request(f"$SRV.PING.{subjects.micro_name(name)}", b"", timeout=5)
         assert b'"fz"' in ping.data, "the agent stopped answering"
         await nc.close()
@@ -113,3 +117,6 @@ async def test_fuzz_agent_endpoints(name: str, nats_server: NatsServer, tmp_path
     assert not unhandled, f"{len(unhandled)} unhandled: {unhandled[0].getMessage()}"
     assert counts["ok"] + counts["error"] == len(plan) >= 0.95 * FUZZ_PER_AGENT
     assert rss_end - rss_half < 64, f"memory grew {rss_end - rss_half:.0f} MiB in the 2nd half"
+    figure(f"fuzz {name}", messages=len(plan), endpoints=len(specs), ok=counts["ok"],
+           typed_errors=counts["error"], unhandled=0, seconds=round(took, 1),
+           rss_growth_2nd_half_mib=round(rss_end - rss_half, 1))

@@ -8,11 +8,8 @@ Each test prints its figure (``pytest -s``) and appends it to ``build/reliabilit
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import nats
@@ -27,21 +24,12 @@ from shared.messages.vm import VmCreate, VmList, VmListRequest, VmSpec
 from shared.natsserver import NatsServer
 from tests.reliability.test_fuzz import overrides
 from tests.support.agents import agent_in_process
+from tests.support.figures import FULL, figure
 from tests.support.nats import nats_server
 
 __all__ = ["nats_server"]
 
-FULL = os.environ.get("PHYLLOME_FULL_SIZE") == "1"
-FIGURES = Path(__file__).resolve().parents[2] / "build" / "reliability.jsonl"
 CHEAP = {"hardware": "list", "vm": "list", "storage": "pools", "catalogue": "sources"}
-
-
-def figure(name: str, **values: Any) -> None:
-    line = {"test": name, "full_size": FULL, "time": time.time(), **values}
-    print(json.dumps(line))
-    FIGURES.parent.mkdir(exist_ok=True)
-    with FIGURES.open("a") as f:
-        f.write(json.dumps(line) + "\n")
 
 
 def percentile(values: list[float], p: float) -> float:
