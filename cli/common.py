@@ -212,3 +212,23 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
                           highlight=False)
     if outcome.state != "succeeded":
         sys.exit(EXIT_FAILED)
+
+
+def run_job(args: argparse.Namespace, svc: str, verb: str, req: Any, *,
+            bytes_progress: bool = True) -> None:
+    """Start a job endpoint, then follow it with a progress bar until it ends (exit status
+    from its outcome), or with ``--detach`` print the job id and return at once."""
+    detach = getattr(args, "detach", False)
+
+    async def go(bus: Bus) -> JobAccepted | JobFinished:
+        accepted: JobAccepted = await bus.call(args.host, svc, verb, req, timeout=args.timeout)
+        if detach:
+            return accepted
+        return await follow_job(bus, args.host, svc, accepted, quiet=args.json,
+                                bytes_progress=bytes_progress)
+
+    outcome = call(args, go)
+    if isinstance(outcome, JobAccepted):
+        show(args, outcome)
+    else:
+        finish_job(args, outcome)

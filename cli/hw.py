@@ -26,7 +26,6 @@ from shared.messages.hardware import (
     PciDevice,
     SriovSet,
 )
-from shared.messages.jobs import JobAccepted
 
 DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
                   ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
@@ -185,13 +184,7 @@ def _call(args: argparse.Namespace, verb: str, req: Any) -> Any:
 
 
 def _job(args: argparse.Namespace, verb: str, req: Any) -> None:
-    async def go(bus: Bus) -> Any:
-        accepted: JobAccepted = await bus.call(args.host, "hardware", verb, req,
-                                               timeout=args.timeout)
-        return await common.follow_job(bus, args.host, "hardware", accepted,
-                                       quiet=args.json, bytes_progress=False)
-
-    common.finish_job(args, common.call(args, go))
+    common.run_job(args, "hardware", verb, req, bytes_progress=False)
 
 
 def cmd_list(args: argparse.Namespace) -> None:

@@ -22,7 +22,6 @@ from shared.messages.catalogue import (
     SourceAdd,
     SourceRef,
 )
-from shared.messages.jobs import JobAccepted
 
 LIST_COLUMNS = [("id", "ID"), ("name", "NAME"), ("family", "FAMILY"), ("version", "VERSION"),
                 ("archs", "ARCH"), ("source", "SOURCE"), ("downloadable", "DOWNLOAD"),
@@ -132,18 +131,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_pull(args: argparse.Namespace) -> None:
     req = PullRequest(id=args.id, arch=args.arch, allow_unverified=args.allow_unverified)
 
-    async def go(bus: Bus) -> Any:
-        accepted: JobAccepted = await bus.call(args.host, "catalogue", "pull", req,
-                                               timeout=args.timeout)
-        if args.detach:
-            return accepted
-        return await common.follow_job(bus, args.host, "catalogue", accepted, quiet=args.json)
-
-    outcome = common.call(args, go)
-    if isinstance(outcome, JobAccepted):
-        common.show(args, outcome)
-        return
-    common.finish_job(args, outcome)
+    common.run_job(args, "catalogue", "pull", req)
 
 
 def cmd_remove(args: argparse.Namespace) -> None:

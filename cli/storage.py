@@ -17,10 +17,8 @@ import argparse
 from typing import Any
 
 from cli import common
-from shared.bus import Bus
 from shared.errors import InvalidName
 from shared.messages import Empty
-from shared.messages.jobs import JobAccepted
 from shared.messages.storage import (
     CloneVolume,
     CreateVolume,
@@ -181,12 +179,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _job(args: argparse.Namespace, verb: str, req: Any) -> None:
-    async def go(bus: Bus) -> Any:
-        accepted: JobAccepted = await bus.call(args.host, "storage", verb, req,
-                                               timeout=args.timeout)
-        return await common.follow_job(bus, args.host, "storage", accepted, quiet=args.json)
-
-    common.finish_job(args, common.call(args, go))
+    common.run_job(args, "storage", verb, req)
 
 
 def cmd_clone(args: argparse.Namespace) -> None:

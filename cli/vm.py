@@ -267,37 +267,15 @@ def cmd_update(args: argparse.Namespace) -> None:
 
 
 def cmd_clone(args: argparse.Namespace) -> None:
-    async def go(bus: Bus) -> Any:
-        accepted = await bus.call(args.host, "vm", "clone", VmClone(vm=args.vm, name=args.name),
-                                  timeout=args.timeout)
-        if args.detach:
-            return accepted
-        return await common.follow_job(bus, args.host, "vm", accepted, quiet=args.json,
-                                       bytes_progress=False)
-
-    outcome = common.call(args, go)
-    if args.detach:
-        common.show(args, outcome)
-    else:
-        common.finish_job(args, outcome)
+    common.run_job(args, "vm", "clone", VmClone(vm=args.vm, name=args.name),
+                   bytes_progress=False)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     """The job runs in the vm agent of the VM's host (``--host``); we follow its steps."""
-    async def go(bus: Bus) -> Any:
-        accepted = await bus.call(args.host, "vm", "migrate", VmMigrate(
-            vm=args.vm, to=args.to, shutdown=args.shutdown, keep_source=args.keep_source),
-            timeout=args.timeout)
-        if args.detach:
-            return accepted
-        return await common.follow_job(bus, args.host, "vm", accepted, quiet=args.json,
-                                       bytes_progress=False)
-
-    outcome = common.call(args, go)
-    if args.detach:
-        common.show(args, outcome)
-    else:
-        common.finish_job(args, outcome)
+    common.run_job(args, "vm", "migrate", VmMigrate(
+        vm=args.vm, to=args.to, shutdown=args.shutdown, keep_source=args.keep_source),
+        bytes_progress=False)
 
 
 def cmd_console(args: argparse.Namespace) -> None:
