@@ -35,9 +35,12 @@ class Result:
         return self.ours / self.theirs if self.higher_is_better else self.theirs / self.ours
 
     def row(self) -> str:
-        return (f"| {self.bench} | {self.metric} | {self.ours:,.3f} {self.unit} | "
-                f"{self.theirs:,.3f} {self.unit} ({self.baseline}) | {self.ratio:.2f}x | "
-                f"{self.target} | {self.note} |")
+        def cell(text: str) -> str:  # a shell pipe in a name must not split the table
+            return text.replace("|", "\\|")
+
+        return (f"| {cell(self.bench)} | {cell(self.metric)} | {self.ours:,.3f} {self.unit} | "
+                f"{self.theirs:,.3f} {self.unit} ({cell(self.baseline)}) | {self.ratio:.2f}x | "
+                f"{cell(self.target)} | {cell(self.note)} |")
 
 
 def percentile(values: list[float], p: float) -> float:
