@@ -20,7 +20,11 @@ packages() {
   for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
+  # The tiny guest's build downloads Debian's kernel: the package lists must be there.
+  if [ ${#missing[@]} -eq 0 ]; then
+    apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
+    return 0
+  fi
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
