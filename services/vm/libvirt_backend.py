@@ -444,6 +444,9 @@ def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:
         return sum(int(v.get(f"{prefix}.{i}.{key}", 0)) for i in range(int(v.get(count_key, 0))))
 
     state, _ = state_words(int(v.get("state.state", 0)), int(v.get("state.reason", 0)))
+    if int(v.get("state.state", 0)) in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_NOSTATE):
+        # No QEMU process: libvirt 9 reports its own process's CPU time for such a domain.
+        return DomainStats(uuid=dom.UUIDString(), name=dom.name(), state=state)
     return DomainStats(
         uuid=dom.UUIDString(), name=dom.name(), state=state,
         cpu_time_s=int(v.get("cpu.time", 0)) / 1e9,

@@ -130,3 +130,22 @@ def test_vm_macs_and_redaction() -> None:
     assert mac.startswith("52:54:00:") and len(mac) == 17 and mac != random_mac()
     assert redacted(VmSpec(name="a", password="pw")).password == "********"
     assert redacted(VmSpec(name="a")).password == ""
+
+
+class _Dom:
+    def UUIDString(self) -> str:  # noqa: N802 - libvirt's name
+        return "u1"
+
+    def name(self) -> str:
+        return "d1"
+
+
+def test_a_shut_off_domain_has_no_cpu_time() -> None:
+    """libvirt 9 reports libvirtd's own CPU time for a domain with no QEMU process."""
+    from services.vm.libvirt_backend import _stats
+
+    off = _stats(_Dom(), {"state.state": 5, "state.reason": 0, "cpu.time": 6_560_000_000,
+                          "balloon.current": 65536})
+    assert (off.state, off.cpu_time_s, off.memory_bytes) == ("shutoff", 0.0, 0)
+    on = _stats(_Dom(), {"state.state": 1, "state.reason": 1, "cpu.time": 2_000_000_000})
+    assert on.cpu_time_s == 2.0
