@@ -24,7 +24,7 @@ import msgspec
 from services.storage.config import Settings
 from services.storage.metrics import StorageMetrics
 from services.storage.transfer import Receiver, Sender, SendStats
-from services.storage.volumes import CloneResult, Pools, Progress, check_name
+from services.storage.volumes import CloneResult, Pools, Progress, VolumeStore, check_name
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import to_builtins
@@ -63,7 +63,7 @@ BUSY_STATES = frozenset({"running", "blocked", "paused", "shutting-down", "pmsus
 class Handlers:
     def __init__(self, agent: Agent, pools: Pools, settings: Settings) -> None:
         self.agent = agent
-        self.store = pools
+        self.store: VolumeStore = pools
         self.settings = settings
         self.metrics = StorageMetrics(agent.registry, pools)
         self.receiver = Receiver(

@@ -24,10 +24,10 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from shared.errors import (
     BackendError,
@@ -274,6 +274,49 @@ class Pool:
 
 def volume_stamp(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class VolumeStore(Protocol):
+    """The volume operations the storage handlers use; ``Pools`` is the real one, and unit
+    tests of the handlers pass a small fake instead."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+
+    def close(self) -> None: ...
+
+    def pool(self, name: str) -> Pool: ...
+
+    def claim(self, pool: Pool, name: str) -> None: ...
+
+    def release(self, pool: Pool, name: str) -> None: ...
+
+    def pool_info(self, name: str) -> PoolInfo: ...
+
+    def volumes(self, pool_name: str) -> list[VolumeInfo]: ...
+
+    def info(self, pool_name: str, name: str) -> VolumeInfo: ...
+
+    def sha256(self, pool_name: str, name: str, *, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> str: ...
+
+    def create(self, pool_name: str, name: str, size: int, *,
+               preallocate: bool = False) -> VolumeInfo: ...
+
+    def resize(self, pool_name: str, name: str, size: int, *,
+               preallocate: bool = False) -> VolumeInfo: ...
+
+    def delete(self, pool_name: str, name: str) -> VolumeInfo: ...
+
+    def clone(self, src_pool: str, name: str, dst_pool: str, dst_name: str, *,
+              progress: Progress | None = None, cancel: threading.Event | None = None,
+              claimed: bool = False) -> CloneResult: ...
+
+    def import_file(self, source: str, pool_name: str, name: str, *, move: bool = False,
+                    progress: Progress | None = None, cancel: threading.Event | None = None,
+                    claimed: bool = False) -> CloneResult: ...
+
+    def check_importable(self, source: str) -> str: ...
 
 
 class Pools:
