@@ -19,6 +19,7 @@ from shared.errors import Unavailable
 from shared.messages import AgentStopping, Heartbeat
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
+from tests.support.wait import until
 
 
 @pytest.fixture
@@ -48,10 +49,8 @@ class Conn:
         return self
 
     async def wait_error(self, text: str, timeout: float = 5.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not any(text in e.lower() for e in self.errors):
-            assert asyncio.get_running_loop().time() < deadline, f"no '{text}': {self.errors}"
-            await asyncio.sleep(0.02)
+        await until(f"the server to say '{text}' (so far: {self.errors})",
+                    lambda: any(text in e.lower() for e in self.errors), timeout, 0.02)
 
 
 @pytest.fixture

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from shared.bus import Bus
 from shared.messages.catalogue import ImageRef, PullRequest, SourceAdd
-from shared.messages.jobs import JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
 from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.nats import nats_server
+from tests.support.wait import job_finished, until
 
 pytestmark = pytest.mark.reliability
 __all__ = ["nats_server"]
 MiB = 1 << 20
-
-
-async def wait_job(bus: Bus, job_id: str, timeout: float = 60) -> JobStatus:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status: JobStatus = await bus.call("h1", "catalogue", "job", JobRef(job_id=job_id))
-        if status.state != "running":
-            return status
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"job {job_id} still running after {timeout} s")
 
 
 async def test_killed_mid_pull_then_resumed(nats_server: NatsServer, tmp_path: Path) -> None:
@@ -55,17 +43,15 @@ async def test_killed_mid_pull_then_resumed(nats_server: NatsServer, tmp_path: P
             srv.rate = 4 * MiB
             await bus.call("h1", "catalogue", "pull", PullRequest(id="big"))
             partial = state / "images/pool/.partial"
-            deadline = time.monotonic() + 30
-            while sum(p.stat().st_size for p in partial.glob("*.download")) < 4 * MiB:
-                assert time.monotonic() < deadline, agent.log()
-                await asyncio.sleep(0.05)
+            await until("4 MiB downloaded before the kill", lambda: sum(
+                p.stat().st_size for p in partial.glob("*.download")) >= 4 * MiB, timeout=30)
             agent.kill()
             kept = sum(p.stat().st_size for p in partial.glob("*.download"))
 
             srv.rate = None
             await agent.start()
             accepted = await bus.call("h1", "catalogue", "pull", PullRequest(id="big"))
-            status = await wait_job(bus, accepted.job_id)
+            status = await job_finished(bus, "h1", "catalogue", accepted.job_id, timeout=60)
             assert status.state == "succeeded", status.message + agent.log()
             resumed = srv.gets("big.raw")[-1]
             assert resumed.startswith("bytes=") and int(resumed[6:-1]) >= kept

@@ -17,11 +17,12 @@ import nats
 
 from shared import subjects
 from shared.bus import Bus
-from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.jobs import JobAccepted
 from shared.messages.storage import CloneVolume, CreateVolume, ListVolumes, VolumeList
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
 from tests.support.nats import nats_server
+from tests.support.wait import job_finished
 
 __all__ = ["nats_server"]
 
@@ -68,15 +69,8 @@ async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer
         again: JobAccepted = await bus.call(
             "k9", "storage", "clone", CloneVolume(name="big", dst_name="copy"))
         assert again.job_id != accepted.job_id
-        deadline = asyncio.get_running_loop().time() + 120
-        while True:
-            status: JobStatus = await bus.call("k9", "storage", "job",
-                                               JobRef(job_id=again.job_id))
-            if status.state != "running":
-                break
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.1)
-        assert status.state == "succeeded", status.message
+        outcome = await job_finished(bus, "k9", "storage", again.job_id, timeout=120)
+        assert outcome.state == "succeeded", outcome.message
     finally:
         await bus.nc.close()
         await agent.stop()

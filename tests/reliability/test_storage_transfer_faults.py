@@ -18,7 +18,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.contracts import event_decoder
 from shared.messages import Empty
-from shared.messages.jobs import JobRef, JobStatus
+from shared.messages.jobs import JobFinished, JobRef
 from shared.messages.storage import (
     CreateVolume,
     IncomingList,
@@ -35,6 +35,7 @@ from tests.support.loopfs import (  # noqa: F401
     small_ext4,
 )
 from tests.support.nats import nats_server  # noqa: F401
+from tests.support.wait import job_finished, until
 
 SIZE = 2 << 30
 DATA = scatter(SIZE, 96, 1 << 20)  # 96 MiB of data in 2 GiB
@@ -55,22 +56,8 @@ async def source(bus: Bus) -> tuple[Path, os.stat_result]:
     return path, path.stat()
 
 
-async def until(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def job_done(bus: Bus, job_id: str, timeout: float = 90.0) -> JobStatus:
-    async def check() -> JobStatus | None:
-        st: JobStatus = await bus.call("h1", "storage", "job", JobRef(job_id=job_id))
-        return st if st.state != "running" else None
-
-    return await until(f"job {job_id}", check, timeout)
+async def job_done(bus: Bus, job_id: str, timeout: float = 90.0) -> JobFinished:
+    return await job_finished(bus, "h1", "storage", job_id, timeout)
 
 
 async def transfer_events(bus: Bus) -> list[Any]:
