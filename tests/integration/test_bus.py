@@ -28,6 +28,7 @@ from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
 from tests.support.nats import nats_server
+from tests.support.wait import until
 
 __all__ = ["nats_server"]
 
@@ -236,9 +237,7 @@ async def test_nats_down_at_start_is_retried_with_backoff(
     server.stop()
     caplog.set_level(logging.WARNING)
     connecting = asyncio.create_task(Bus.connect(f"nats://127.0.0.1:{port}", name="t", host="h1"))
-    deadline = time.monotonic() + 10
-    while "retrying in" not in caplog.text and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await until("a retry to be logged", lambda: "retrying in" in caplog.text, timeout=10)
     assert "NATS not reachable at nats://127.0.0.1:" in caplog.text
     server.start()
     bus = await asyncio.wait_for(connecting, 15)
@@ -254,14 +253,16 @@ async def test_agent_survives_nats_restart_on_the_same_port(
     nats_server.start()
     bus = await Bus.connect(nats_server.url, name="after", host="h1", give_up_after=5)
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        async def echo() -> Ack | None:
             try:
-                reply = await bus.request(subject("echo"), Echo(text="back"), Ack, timeout=1)
-                break
+                reply: Ack = await bus.request(subject("echo"), Echo(text="back"), Ack,
+                                               timeout=1)
+                return reply
             except Unavailable:
-                assert time.monotonic() < deadline, "agent did not come back after restart"
-                await asyncio.sleep(0.1)
+                return None
+
+        reply = await until("the agent to answer after the restart", echo, timeout=20,
+                            interval=0.1)
         assert reply == Ack(message="back")
         assert agent.metrics.bus_reconnects._value.get() >= 1
         assert await agent.publish("agent.started", msgspec.structs.replace(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import shutil
@@ -36,6 +35,7 @@ from tests.support.agents import agent_in_process
 from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.nats import nats_server
 from tests.support.require import require
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 __all__ = ["nats_server"]
@@ -263,10 +263,7 @@ async def test_two_pulls_share_one_download_and_cancel(agent: Agent, srv: FileSe
     second = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="slow"))
     assert first.job_id == second.job_id
     job = agent.jobs.get(first.job_id)
-    deadline = asyncio.get_running_loop().time() + 30
-    while job.done == 0:  # progress has arrived: bytes are flowing
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.05)
+    await until("bytes to flow", lambda: job.done > 0, timeout=30)
     status = await agent.bus.call("h1", "catalogue", "cancel", JobRef(job_id=first.job_id))
     assert status.state == "cancelled"
     assert len(srv.gets("slow.raw")) == 1
@@ -341,19 +338,16 @@ async def test_every_host_sees_the_same_catalogue(nats_server: NatsServer, srv: 
                              extra={**extra, "builtin_dir": str(tmp_path / "b2")}) as h2:
         await h1.bus.call("h1", "catalogue", "source_add",
                           SourceAdd(name="m", url=write_manifest(srv, [image(srv, "s", raw)])))
-        deadline = asyncio.get_running_loop().time() + 10
-        while "s" not in h2.handlers.entries:  # h2's KV watcher brings it
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
+        await until("h2's KV watcher to bring s", lambda: "s" in h2.handlers.entries,
+                    timeout=10, interval=0.02)
         listed = await h2.bus.call("h2", "catalogue", "list", ListRequest(source="m"))
         assert [i.id for i in listed.images] == ["s"]
         status = await pull(h2, "s")
         assert status.state == "succeeded" and status.result["host"] == "h2"
         await h2.bus.call("h2", "catalogue", "refresh", Empty())  # h2 also reads source m
         await h1.bus.call("h1", "catalogue", "source_remove", SourceRef(name="m"))
-        while "s" in h2.handlers.entries:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
+        await until("s to leave h2's catalogue", lambda: "s" not in h2.handlers.entries,
+                    timeout=10, interval=0.02)
 
 
 async def test_pull_interrupted_resumes_where_it_stopped(nats_server: NatsServer,

@@ -24,7 +24,7 @@ from shared.errors import (
     InvalidName,
 )
 from shared.messages import Empty
-from shared.messages.jobs import JobRef, JobStatus
+from shared.messages.jobs import JobFinished, JobRef
 from shared.messages.storage import (
     CloneVolume,
     CreateVolume,
@@ -39,19 +39,13 @@ from tests.support.agents import REPO, agent_in_process
 from tests.support.loopfs import make_sparse, same_sparse_content, scatter
 from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require
+from tests.support.wait import job_finished
 
 pytestmark = pytest.mark.integration
 
 
-async def finished(bus: Bus, host: str, job_id: str, timeout: float = 60) -> JobStatus:
-    """Poll the job until it is no longer running."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        st: JobStatus = await bus.call(host, "storage", "job", JobRef(job_id=job_id))
-        if st.state != "running":
-            return st
-        assert asyncio.get_running_loop().time() < deadline, f"job {job_id} still running"
-        await asyncio.sleep(0.05)
+async def finished(bus: Bus, host: str, job_id: str, timeout: float = 60) -> JobFinished:
+    return await job_finished(bus, host, "storage", job_id, timeout)
 
 
 def sha256_file(path: Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -24,7 +23,7 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
-from shared.messages.jobs import JobRef
+from shared.messages.jobs import JobFinished
 from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
     Disk,
@@ -43,6 +42,7 @@ from tests.support.agents import agent_in_process
 from tests.support.libvirt import VmEvents, libvirt_test_uri, vm_events
 from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
+from tests.support.wait import job_finished
 
 __all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
@@ -202,13 +202,8 @@ async def test_vm_clone_copies_disks_and_gets_new_identity(
         assert not new_disk.exists() and disk.exists()
 
 
-async def _job(agent: Agent, job_id: str) -> Any:
-    async with asyncio.timeout(20):
-        while True:
-            status = await call(agent, "job", JobRef(job_id=job_id))
-            if status.state != "running":
-                return status
-            await asyncio.sleep(0.05)
+async def _job(agent: Agent, job_id: str) -> JobFinished:
+    return await job_finished(agent.bus, agent.host, "vm", job_id, timeout=20)
 
 
 async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
