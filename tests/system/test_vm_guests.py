@@ -22,7 +22,7 @@ import pytest
 
 from shared.agent import Agent
 from shared.messages import Empty
-from shared.messages.jobs import JobRef
+from shared.messages.jobs import JobFinished
 from shared.messages.vm import (
     Disk,
     Nic,
@@ -47,6 +47,7 @@ from tests.support.libvirt import (
 )
 from tests.support.nats import nats_server
 from tests.support.tiny import TinyImage, tiny_image
+from tests.support.wait import job_finished, until
 
 __all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
@@ -111,9 +112,8 @@ async def guests(nats: NatsServer, state: Path, files: Path, tiny: TinyImage,
 
 async def _remove_ours(g: Guests) -> None:
     """Delete what a failed test left behind (only VMs of this test's agent)."""
-    async with asyncio.timeout(30):
-        while not g.agent.handlers.hv.connected:
-            await asyncio.sleep(0.1)
+    await until("libvirt to be connected", lambda: g.agent.handlers.hv.connected, timeout=30,
+                interval=0.1)
     for dom in await g.agent.handlers.hv.domains():
         if dom.spec is not None and dom.spec.name.startswith("phy-"):
             with contextlib.suppress(Exception):
@@ -215,13 +215,8 @@ async def test_vm_boots_the_raw_disk_under_secure_boot_and_its_clone_boots(
         assert not clone_disk.exists() and disk.exists()
 
 
-async def _job(g: Guests, job_id: str) -> Any:
-    async with asyncio.timeout(120):
-        while True:
-            status = await g.call("job", JobRef(job_id=job_id))
-            if status.state != "running":
-                return status
-            await asyncio.sleep(0.1)
+async def _job(g: Guests, job_id: str) -> JobFinished:
+    return await job_finished(g.agent.bus, HOST, "vm", job_id, timeout=120)
 
 
 async def test_vm_bios_guest_powers_itself_off(
@@ -272,9 +267,12 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
                    extra={"kvm_probe_deadline_s": 5}) as g:
         decision = g.agent.details["accelerator"]
         probe = "passed" if decision["kvm_usable"] else "failed"
-        async with asyncio.timeout(20):  # the host capabilities carry the verdict
-            while (await hw.bus.call(HOST, "hardware", "caps", Empty())).kvm_boot_probe != probe:
-                await asyncio.sleep(0.1)
+        async def carried() -> bool:  # the host capabilities carry the verdict
+            caps = await hw.bus.call(HOST, "hardware", "caps", Empty())
+            return bool(caps.kvm_boot_probe == probe)
+
+        await until(f"the host capabilities to say the probe {probe}", carried, timeout=20,
+                    interval=0.1)
         assert decision["accelerator"] == ("kvm" if decision["kvm_usable"] else "tcg")
         info = await g.call("create", VmCreate(spec=g.direct(unique("auto"), firmware="bios")))
         assert info.accelerator == decision["accelerator"]
