@@ -61,6 +61,7 @@ class Job:
         self._started_mono = time.monotonic()  # rates survive a wall-clock jump
         self.finished = 0.0
         self.task: asyncio.Task[None] | None = None
+        self.ended = asyncio.Event()  # set once the work has ended, before the event goes out
         self._last_report = 0.0
 
     @property
@@ -124,7 +125,12 @@ class JobRunner:
         except Exception as e:
             log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
             job.state, job.error_kind, job.message = "failed", "internal", repr(e)
+        await self._finish(job)
+
+    async def _finish(self, job: Job) -> None:
+        """The work has ended (and rolled back if it had to): say so, then tell everyone."""
         job.finished = time.time()
+        job.ended.set()
         self.agent.metrics.jobs_running.dec()
         self.agent.metrics.jobs.labels(kind=job.kind, state=job.state).inc()
         await self.agent.publish("job", JobFinished(
@@ -153,11 +159,21 @@ class JobRunner:
         return job.status()
 
     async def cancel_all(self) -> None:
-        running = [j.task for j in self._jobs.values() if j.task and not j.task.done()]
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.wait(running, timeout=30)
+        running = [j for j in self._jobs.values() if j.task and not j.task.done()]
+        for job in running:
+            await self._stop(job)
+
+    async def _stop(self, job: Job) -> None:
+        """Cancel a job's work and wait until it has rolled back (not for the event)."""
+        if job.task is None or job.task.done():
+            return
+        job.task.cancel()
+        ended = asyncio.ensure_future(job.ended.wait())
+        await asyncio.wait([job.task, ended], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if job.state == "running" and job.task.done():  # cancelled before its work began
+            job.state, job.error_kind, job.message = "cancelled", Cancelled.kind, "cancelled"
+            await self._finish(job)
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -169,7 +185,5 @@ class JobRunner:
 
     async def cancel(self, req: JobRef) -> JobStatus:
         job = self.get(req.job_id)
-        if job.task is not None and not job.task.done():
-            job.task.cancel()
-            await asyncio.wait([job.task], timeout=30)
+        await self._stop(job)
         return job.status()

@@ -28,7 +28,7 @@ from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
 from tests.support.nats import nats_server
-from tests.support.wait import until
+from tests.support.wait import job_finished, until
 
 __all__ = ["nats_server"]
 
@@ -288,3 +288,18 @@ async def test_metrics_endpoint_serves_common_series(agent: Agent, client: Bus) 
     assert "phyllome_catalogue_bus_connected 1.0" in text
     assert "phyllome_catalogue_build_info" in text
     assert encode(Ack()) == b'{"type":"ack.v1","message":""}'
+
+
+async def test_a_job_cancelled_before_its_work_began_is_cancelled(agent: Agent,
+                                                                 client: Bus) -> None:
+    started: list[int] = []
+
+    async def work(job) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        started.append(1)
+        return {}
+
+    accepted = agent.jobs.start("never", work)  # no await in between: the task has not run
+    status = await agent.jobs.cancel(JobRef(job_id=accepted.job_id))
+    assert status.state == "cancelled" and not started
+    finished = await job_finished(client, "h1", "catalogue", accepted.job_id, timeout=10)
+    assert finished.state == "cancelled"
