@@ -11,8 +11,9 @@ Every agent runs ``watch(agent)`` for its lifetime: it keeps the free resources 
 agent's heartbeat current (the hardware agent: CPUs, memory, firmware, swtpm, bindable
 GPUs; the storage agent: free bytes per pool). The hardware agent of each host also watches
 the other hosts' heartbeats and publishes ``HostDown`` when one stops (``HostUp`` when it
-comes back). Every watcher derives the same event id from the last heartbeat it saw, and
-JetStream drops duplicate ids, so the stream holds one event per host going down.
+comes back). Every watcher derives the same event id from the start time of the host's
+agents (the last beat each watcher saw can differ by one beat), and JetStream drops
+duplicate ids, so the stream holds one event per host going down.
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ class HostWatch:
 
     A host is down when none of its heartbeat keys has been rewritten for ``ttl_s`` (by our
     clock: no trust in the other hosts' clocks), or when all its keys are gone. Event ids
-    come from the heartbeats themselves, so every watcher publishes the same id.
+    come from the agents' start time in the heartbeats, so every watcher publishes the
+    same id for one run of a host, whichever beat it saw last.
     """
 
     def __init__(self, observer: str, ttl_s: float) -> None:
@@ -312,7 +314,7 @@ class HostWatch:
                 events.append(HostDown(
                     host=self.observer, down_host=host, last_beat=s.last_beat,
                     agents=s.agents, reason=reason,
-                    event_id=f"host-down-{host}-{int(s.last_beat * 1000)}"))
+                    event_id=f"host-down-{host}-{int(s.started * 1000)}"))
         return events
 
 

@@ -57,8 +57,8 @@ class AgentStopping(Event, frozen=True, kw_only=True, tag="agent.stopping.v1"):
 class HostDown(Event, frozen=True, kw_only=True, tag="host.down.v1"):
     """No agent of ``down_host`` has beaten for the TTL (or all of them stopped).
 
-    Every watching host publishes it with the same event id, derived from the last beat, so
-    JetStream stores it once.
+    Every watching host publishes it with the same event id, derived from the start time of
+    the host's agents, so JetStream stores it once per run of that host.
     """
 
     down_host: str

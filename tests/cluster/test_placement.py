@@ -103,9 +103,11 @@ def test_host_watch_says_down_once_then_up_with_ids_every_watcher_shares() -> No
         assert w.observe(entries, now=0.0) == []
     fresh = [entries[0], ("a.vm", 9, beat("a", "vm", 1005.0))]
     assert w1.observe(fresh, now=5.0) == []
+    # w2 sees one more beat of c before it stops: the same id all the same
+    assert w2.observe([("c.vm", 7, beat("c", "vm", 1001.0)), entries[1]], now=1.0) == []
     down1, down2 = w1.observe(fresh, now=10.5), w2.observe(fresh, now=11.0)
     assert [type(e) for e in down1] == [HostDown] and [type(e) for e in down2] == [HostDown]
-    assert down1[0].event_id == down2[0].event_id == "host-down-c-1000000"
+    assert down1[0].event_id == down2[0].event_id == "host-down-c-1000"
     assert isinstance(down1[0], HostDown) and down1[0].down_host == "c"
     assert w1.observe(fresh, now=12.0) == []  # said once
     back = [("c.vm", 12, Heartbeat(host="c", agent="vm", version="1", started=2000.0,
