@@ -44,7 +44,7 @@ async def request_latency(url: str, tmp: Path, count: int) -> list[Result]:
         "PHYLLOME_HOST": "bench", "PHYLLOME_NATS_URL": url, "PHYLLOME_STATE_DIR": str(tmp),
         "PHYLLOME_CATALOGUE_METRICS_PORT": "0"}))
     agent = Agent("catalogue", cfg)
-    await agent.start(_setup, (EndpointSpec("ping", Ping, Ping, "echo"),))
+    await agent.start(_setup, (EndpointSpec("catalogue", "ping", Ping, Ping, "echo"),))
     bare = await nats.connect(url)
     payload = msgspec.json.encode(Ping(n=1))
 

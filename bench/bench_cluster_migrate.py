@@ -23,6 +23,8 @@ from bench.common import Result
 from shared.agent import Agent
 from shared.cluster import host_resources
 from shared.config import load
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.jobs import JobRef, JobStatus
 from shared.messages.storage import CreateVolume
 from shared.messages.vm import Disk, VmCreate, VmSpec
@@ -77,10 +79,10 @@ async def ours(root: Path, url: str, virtual: int, data: int) -> float:
                 agent.details["resources"] = host_resources([])
             await agent.beat()
         vm = agents[("a", "vm")]
-        vol = await vm.bus.call("a", "storage", "create", CreateVolume(name="m-disk0",
+        vol = await vm.bus.call("a", storage_api.CREATE, CreateVolume(name="m-disk0",
                                                                         size_bytes=virtual))
         fill(vol.path, data)
-        await vm.bus.call("a", "vm", "create", VmCreate(spec=VmSpec(
+        await vm.bus.call("a", vm_api.CREATE, VmCreate(spec=VmSpec(
             name="m", memory_mib=64, vcpus=1, firmware="bios", display="none",
             disks=[Disk(pool="default", volume="m-disk0", owned=True)])))
 
@@ -90,7 +92,7 @@ async def ours(root: Path, url: str, virtual: int, data: int) -> float:
         t = time.perf_counter()
         accepted = vm.jobs.start("migrate", work)
         while True:
-            st: JobStatus = await vm.bus.call("a", "vm", "job", JobRef(job_id=accepted.job_id))
+            st: JobStatus = await vm.bus.call("a", vm_api.JOB, JobRef(job_id=accepted.job_id))
             if st.state != "running":
                 break
             await asyncio.sleep(0.05)

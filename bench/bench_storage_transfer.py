@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import Result  # noqa: E402
 from shared.bus import Bus  # noqa: E402
+from shared.messages import storage as storage_api  # noqa: E402
 from shared.messages.jobs import JobRef  # noqa: E402
 from shared.messages.storage import SendVolume, VolumeRef  # noqa: E402
 from shared.natsserver import NatsServer  # noqa: E402
@@ -86,10 +87,10 @@ async def ours(work: Path, src: Path, repeat: int, chunk: int,
                 await wait_ping(bus, host)
             for _ in range(repeat):
                 started = time.perf_counter()
-                acc = await bus.call("b1", "storage", "send", SendVolume(name="vol",
+                acc = await bus.call("b1", storage_api.SEND, SendVolume(name="vol",
                                                                          to_host="b2"))
                 while True:
-                    st = await bus.call("b1", "storage", "job", JobRef(job_id=acc.job_id))
+                    st = await bus.call("b1", storage_api.JOB, JobRef(job_id=acc.job_id))
                     if st.state != "running":
                         break
                     await asyncio.sleep(0.01)
@@ -97,7 +98,7 @@ async def ours(work: Path, src: Path, repeat: int, chunk: int,
                 if st.state != "succeeded":
                     raise SystemExit(f"send {st.state}: {st.message}")
                 best, wire = min(best, took), int(str(st.result["wire_bytes"]))
-                await bus.call("b2", "storage", "delete", VolumeRef(name="vol"))
+                await bus.call("b2", storage_api.DELETE, VolumeRef(name="vol"))
         finally:
             await bus.close()
         return best, wire
@@ -114,7 +115,7 @@ async def wait_ping(bus: Bus, host: str) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
-            await bus.call(host, "storage", "pools", Empty(), timeout=1)
+            await bus.call(host, storage_api.POOLS, Empty(), timeout=1)
             return
         except Exception:
             if time.monotonic() > deadline:

@@ -29,6 +29,7 @@ from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode
 from shared.config import load
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmRef, VmSpec, VmStateChanged
 from shared.natsserver import NatsServer
 
@@ -66,16 +67,16 @@ async def start_latency(url: str, state: Path, rounds: int) -> Result:
 
     sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", "state") + ".*", cb=got)
     name = f"phy-bench-{int(time.time())}"
-    info = await agent.bus.call(HOST, "vm", "create", VmCreate(spec=VmSpec(
+    info = await agent.bus.call(HOST, vm_api.CREATE, VmCreate(spec=VmSpec(
         name=name, firmware="bios", memory_mib=64, vcpus=1, display="none", usb=False,
         guest_agent=False)))
     ours, theirs = [], []
     try:
         for _ in range(rounds):
             t = time.perf_counter()
-            await agent.bus.call(HOST, "vm", "start", VmRef(vm=name))
+            await agent.bus.call(HOST, vm_api.START, VmRef(vm=name))
             ours.append(await asyncio.wait_for(started.get(), 30) - t)
-            await agent.bus.call(HOST, "vm", "destroy", VmRef(vm=name))
+            await agent.bus.call(HOST, vm_api.DESTROY, VmRef(vm=name))
             t = time.perf_counter()
             await asyncio.to_thread(_virsh, uri, "start", name)
             theirs.append(time.perf_counter() - t)
@@ -100,8 +101,8 @@ async def fifty(url: str, state: Path, count: int) -> Result:
                     memory_mib=64, vcpus=1) for i in range(count)]
     t = time.perf_counter()
     for spec in specs:
-        await agent.bus.call(HOST, "vm", "create", VmCreate(spec=spec))
-        await agent.bus.call(HOST, "vm", "start", VmRef(vm=spec.name))
+        await agent.bus.call(HOST, vm_api.CREATE, VmCreate(spec=spec))
+        await agent.bus.call(HOST, vm_api.START, VmRef(vm=spec.name))
     ours = time.perf_counter() - t
     await agent.drain()
     commands = []

@@ -5,7 +5,7 @@ could not be reached.
 
     def cmd_pools(args):
         async def go(bus):
-            return await bus.call(args.host, "storage", "pools")
+            return await bus.call(args.host, storage_api.POOLS, Empty())
         show(args, call(args, go), columns=[("name", "POOL"), ("free_bytes", "FREE")])
 """
 
@@ -38,9 +38,12 @@ from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host
 from shared.errors import PhyError, Unavailable
+from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 
 T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -214,17 +217,24 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
         sys.exit(EXIT_FAILED)
 
 
-def run_job(args: argparse.Namespace, svc: str, verb: str, req: Any, *,
+def request(args: argparse.Namespace, spec: EndpointSpec[Req, Resp], req: Req, *,
+            timeout: float | None = None, key: str | None = None) -> Resp:
+    """One call of ``spec`` on the agent of ``args.host``: connect, call, close."""
+    return call(args, lambda bus: bus.call(args.host, spec, req, timeout=timeout or args.timeout,
+                                           idempotency_key=key))
+
+
+def run_job(args: argparse.Namespace, spec: EndpointSpec[Req, JobAccepted], req: Req, *,
             bytes_progress: bool = True) -> None:
     """Start a job endpoint, then follow it with a progress bar until it ends (exit status
     from its outcome), or with ``--detach`` print the job id and return at once."""
     detach = getattr(args, "detach", False)
 
     async def go(bus: Bus) -> JobAccepted | JobFinished:
-        accepted: JobAccepted = await bus.call(args.host, svc, verb, req, timeout=args.timeout)
+        accepted = await bus.call(args.host, spec, req, timeout=args.timeout)
         if detach:
             return accepted
-        return await follow_job(bus, args.host, svc, accepted, quiet=args.json,
+        return await follow_job(bus, args.host, spec.service, accepted, quiet=args.json,
                                 bytes_progress=bytes_progress)
 
     outcome = call(args, go)

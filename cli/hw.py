@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 from cli import common
-from shared.bus import Bus
 from shared.errors import BadRequest, PhyError
 from shared.messages import Empty
+from shared.messages import hardware as hardware_api
 from shared.messages.hardware import (
     BindRequest,
     DeviceQuery,
@@ -176,19 +176,9 @@ def _device_rows(devices: list[PciDevice]) -> list[dict[str, Any]]:
 # -- through the agent ------------------------------------------------------------------------
 
 
-def _call(args: argparse.Namespace, verb: str, req: Any) -> Any:
-    async def go(bus: Bus) -> Any:
-        return await bus.call(args.host, "hardware", verb, req, timeout=args.timeout)
-
-    return common.call(args, go)
-
-
-def _job(args: argparse.Namespace, verb: str, req: Any) -> None:
-    common.run_job(args, "hardware", verb, req, bytes_progress=False)
-
 
 def cmd_list(args: argparse.Namespace) -> None:
-    result = _call(args, "list", DeviceQuery(kind=args.kind))
+    result = common.request(args, hardware_api.LIST, DeviceQuery(kind=args.kind))
     if args.json:
         common.print_json(result)
     else:
@@ -197,7 +187,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_groups(args: argparse.Namespace) -> None:
-    result = _call(args, "groups", Empty())
+    result = common.request(args, hardware_api.GROUPS, Empty())
     if args.json:
         common.print_json(result)
         return
@@ -208,20 +198,22 @@ def cmd_groups(args: argparse.Namespace) -> None:
 
 
 def cmd_caps(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "caps", Empty()))
+    common.show(args, common.request(args, hardware_api.CAPS, Empty()))
 
 
 def cmd_bind(args: argparse.Namespace) -> None:
-    _job(args, "bind", BindRequest(address=args.address, force=args.force,
-                                   single_gpu=args.single_gpu))
+    common.run_job(args, hardware_api.BIND, BindRequest(
+        address=args.address, force=args.force, single_gpu=args.single_gpu),
+        bytes_progress=False)
 
 
 def cmd_release(args: argparse.Namespace) -> None:
-    _job(args, "release", DeviceRef(address=args.address))
+    common.run_job(args, hardware_api.RELEASE, DeviceRef(address=args.address),
+                   bytes_progress=False)
 
 
 def cmd_mdev_types(args: argparse.Namespace) -> None:
-    result = _call(args, "list", DeviceQuery())
+    result = common.request(args, hardware_api.LIST, DeviceQuery())
     rows = [{"parent": d.address, "id": t.id, "name": t.name,
              "available": t.available_instances, "instances": t.instances}
             for d in result.devices for t in d.mdev_types]
@@ -233,16 +225,17 @@ def cmd_mdev_types(args: argparse.Namespace) -> None:
 
 
 def cmd_mdev_create(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "mdev_create",
-                            MdevCreate(address=args.address, mdev_type=args.type, uuid=args.uuid)))
+    common.show(args, common.request(args, hardware_api.MDEV_CREATE, MdevCreate(
+        address=args.address, mdev_type=args.type, uuid=args.uuid)))
 
 
 def cmd_mdev_remove(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "mdev_remove", MdevRef(uuid=args.uuid)))
+    common.show(args, common.request(args, hardware_api.MDEV_REMOVE, MdevRef(uuid=args.uuid)))
 
 
 def cmd_sriov(args: argparse.Namespace) -> None:
-    dev = _call(args, "sriov_set", SriovSet(address=args.address, num_vfs=args.num_vfs))
+    dev = common.request(args, hardware_api.SRIOV_SET,
+                         SriovSet(address=args.address, num_vfs=args.num_vfs))
     if args.json:
         common.print_json(dev)
     else:

@@ -12,8 +12,8 @@ import argparse
 from typing import Any
 
 from cli import common
-from shared.bus import Bus
 from shared.messages import Empty
+from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import (
     ImageInfo,
     ImageRef,
@@ -83,15 +83,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_source_remove)
 
 
-def _call(args: argparse.Namespace, verb: str, req: Any) -> Any:
-    async def go(bus: Bus) -> Any:
-        return await bus.call(args.host, "catalogue", verb, req, timeout=args.timeout)
-
-    return common.call(args, go)
-
 
 def cmd_list(args: argparse.Namespace) -> None:
-    result = _call(args, "list", ListRequest(
+    result = common.request(args, catalogue_api.LIST, ListRequest(
         search=args.search, family=args.family, arch=args.arch,
         downloadable=args.downloadable, source=args.source))
     common.show(args, result, LIST_COLUMNS, rows_key="images")
@@ -121,7 +115,7 @@ def info_rows(info: ImageInfo) -> list[dict[str, Any]]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    info = _call(args, "info", ImageRef(id=args.id))
+    info = common.request(args, catalogue_api.INFO, ImageRef(id=args.id))
     if args.json:
         common.print_json(info)
     else:
@@ -131,27 +125,28 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_pull(args: argparse.Namespace) -> None:
     req = PullRequest(id=args.id, arch=args.arch, allow_unverified=args.allow_unverified)
 
-    common.run_job(args, "catalogue", "pull", req)
+    common.run_job(args, catalogue_api.PULL, req)
 
 
 def cmd_remove(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "remove", ImageRef(id=args.id)))
+    common.show(args, common.request(args, catalogue_api.REMOVE, ImageRef(id=args.id)))
 
 
 def cmd_refresh(args: argparse.Namespace) -> None:
-    result = _call(args, "refresh", Empty())
+    result = common.request(args, catalogue_api.REFRESH, Empty())
     common.show(args, result, [("name", "SOURCE"), ("entries", "ENTRIES"), ("error", "ERROR")],
                 rows_key="sources")
 
 
 def cmd_sources(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "sources", Empty()), SOURCE_COLUMNS, rows_key="sources")
+    common.show(args, common.request(args, catalogue_api.SOURCES, Empty()), SOURCE_COLUMNS,
+                rows_key="sources")
 
 
 def cmd_source_add(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "source_add",
-                            SourceAdd(name=args.name, url=args.url, kind=args.kind)))
+    common.show(args, common.request(args, catalogue_api.SOURCE_ADD, SourceAdd(
+        name=args.name, url=args.url, kind=args.kind)))
 
 
 def cmd_source_remove(args: argparse.Namespace) -> None:
-    common.show(args, _call(args, "source_remove", SourceRef(name=args.name)))
+    common.show(args, common.request(args, catalogue_api.SOURCE_REMOVE, SourceRef(name=args.name)))

@@ -19,6 +19,7 @@ from typing import Any
 from cli import common
 from shared.errors import InvalidName
 from shared.messages import Empty
+from shared.messages import storage as storage_api
 from shared.messages.storage import (
     CloneVolume,
     CreateVolume,
@@ -118,8 +119,7 @@ def _volume(args: argparse.Namespace, text: str) -> tuple[str, str]:
 
 
 def cmd_pools(args: argparse.Namespace) -> None:
-    reply = common.call(args, lambda bus: bus.call(args.host, "storage", "pools", Empty(),
-                                                   timeout=args.timeout))
+    reply = common.request(args, storage_api.POOLS, Empty(), timeout=args.timeout)
     if args.json:
         common.print_json(reply)
         return
@@ -131,8 +131,8 @@ def cmd_pools(args: argparse.Namespace) -> None:
 
 
 def cmd_volumes(args: argparse.Namespace) -> None:
-    reply = common.call(args, lambda bus: bus.call(
-        args.host, "storage", "volumes", ListVolumes(pool=args.pool), timeout=args.timeout))
+    reply = common.request(args, storage_api.VOLUMES, ListVolumes(pool=args.pool),
+                           timeout=args.timeout)
     if args.json:
         common.print_json(reply)
         return
@@ -148,24 +148,21 @@ def _volume_row(v: Any) -> dict[str, Any]:
 def cmd_create(args: argparse.Namespace) -> None:
     req = CreateVolume(pool=args.pool, name=args.name, size_bytes=args.size,
                        preallocate=args.preallocate)
-    info = common.call(args, lambda bus: bus.call(args.host, "storage", "create", req,
-                                                  timeout=max(args.timeout, 300)))
+    info = common.request(args, storage_api.CREATE, req, timeout=max(args.timeout, 300))
     common.show(args, info)
 
 
 def cmd_resize(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.volume)
     req = ResizeVolume(pool=pool, name=name, size_bytes=args.size, preallocate=args.preallocate)
-    info = common.call(args, lambda bus: bus.call(args.host, "storage", "resize", req,
-                                                  timeout=max(args.timeout, 300)))
+    info = common.request(args, storage_api.RESIZE, req, timeout=max(args.timeout, 300))
     common.show(args, info)
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.volume)
-    ack = common.call(args, lambda bus: bus.call(args.host, "storage", "delete",
-                                                 VolumeRef(pool=pool, name=name),
-                                                 timeout=args.timeout))
+    ack = common.request(args, storage_api.DELETE, VolumeRef(pool=pool, name=name),
+                         timeout=args.timeout)
     common.print_json(ack) if args.json else print(ack.message)
 
 
@@ -173,29 +170,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.volume)
     req = VolumeQuery(pool=pool, name=name, sha256=args.sha256)
     timeout = max(args.timeout, 3600) if args.sha256 else args.timeout
-    info = common.call(args, lambda bus: bus.call(args.host, "storage", "info", req,
-                                                  timeout=timeout))
+    info = common.request(args, storage_api.INFO, req, timeout=timeout)
     common.show(args, info)
-
-
-def _job(args: argparse.Namespace, verb: str, req: Any) -> None:
-    common.run_job(args, "storage", verb, req)
 
 
 def cmd_clone(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.src)
-    _job(args, "clone", CloneVolume(pool=pool, name=name, dst_name=args.dst,
+    common.run_job(args, storage_api.CLONE, CloneVolume(pool=pool, name=name, dst_name=args.dst,
                                     dst_pool=args.pool))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.volume)
-    _job(args, "import_file", ImportVolume(pool=pool, name=name, source=args.source,
-                                           move=args.move))
+    common.run_job(args, storage_api.IMPORT_FILE, ImportVolume(
+        pool=pool, name=name, source=args.source, move=args.move))
 
 
 def cmd_send(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.volume)
-    _job(args, "send", SendVolume(pool=pool, name=name, to_host=args.to_host,
+    common.run_job(args, storage_api.SEND, SendVolume(pool=pool, name=name, to_host=args.to_host,
                                   dst_pool=args.to_pool, dst_name=args.to_name,
                                   bwlimit_bytes_s=args.bwlimit))

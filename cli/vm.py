@@ -19,11 +19,14 @@ import sys
 from typing import Any
 
 from cli import common
+from shared import contracts
 from shared.bus import Bus
 from shared.cluster import cluster_vms
 from shared.config import default_host
 from shared.errors import PhyError
+from shared.messages import catalogue as catalogue_api
 from shared.messages import new_id
+from shared.messages import vm as vm_api
 from shared.messages.catalogue import ImageInfo, ImageRef
 from shared.messages.vm import (
     Disk,
@@ -148,14 +151,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_console)
 
 
-def _call(args: argparse.Namespace, verb: str, req: Any, *, timeout: float | None = None,
-          key: str | None = None) -> Any:
-    async def go(bus: Bus) -> Any:
-        return await bus.call(args.host, "vm", verb, req, timeout=timeout or args.timeout,
-                              idempotency_key=key)
-
-    return common.call(args, go)
-
 
 def _disk(text: str) -> Disk:
     if text.startswith("/"):
@@ -180,7 +175,7 @@ def _template(args: argparse.Namespace) -> dict[str, Any]:
     async def go(bus: Bus) -> ImageInfo:
         host = args.host if args.host != "auto" else os.environ.get("PHYLLOME_HOST") or (
             default_host())  # any catalogue agent has the cluster's index
-        info: ImageInfo = await bus.call(host, "catalogue", "info", ImageRef(id=args.image),
+        info: ImageInfo = await bus.call(host, catalogue_api.INFO, ImageRef(id=args.image),
                                          timeout=args.timeout)
         return info
 
@@ -207,7 +202,7 @@ def cmd_create(args: argparse.Namespace) -> None:
         autostart=args.autostart, **values)
     if args.host == "auto":
         _place(args, spec)
-    info = _call(args, "create", VmCreate(spec=spec, image=args.image),
+    info = common.request(args, vm_api.CREATE, VmCreate(spec=spec, image=args.image),
                  timeout=max(args.timeout, 600.0) if args.image else None, key=new_id())
     _show_info(args, info)
 
@@ -225,16 +220,16 @@ def _place(args: argparse.Namespace, spec: VmSpec) -> None:
 
 
 def cmd_simple(args: argparse.Namespace) -> None:
-    _show_info(args, _call(args, args.verb, VmRef(vm=args.vm)))
+    _show_info(args, common.request(args, contracts.spec("vm", args.verb), VmRef(vm=args.vm)))
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
     req = VmShutdown(vm=args.vm, timeout_s=args.wait, force=args.force)
-    _show_info(args, _call(args, "shutdown", req, timeout=args.timeout + args.wait))
+    _show_info(args, common.request(args, vm_api.SHUTDOWN, req, timeout=args.timeout + args.wait))
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    ack = _call(args, "delete", VmDelete(vm=args.vm, force=args.force,
+    ack = common.request(args, vm_api.DELETE, VmDelete(vm=args.vm, force=args.force,
                                          delete_disks=args.delete_disks))
     if args.json:
         common.print_json(ack)
@@ -248,7 +243,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     if args.all:
         reply = VmList(vms=common.call(args, cluster_vms))
     else:
-        reply = _call(args, "list", VmListRequest(all_hosts=False))
+        reply = common.request(args, vm_api.LIST, VmListRequest(all_hosts=False))
     if args.json:
         common.print_json(reply)
         return
@@ -263,23 +258,23 @@ def cmd_update(args: argparse.Namespace) -> None:
                    memory_mib=args.memory // MiB if args.memory is not None else None,
                    autostart=None if args.autostart is None else args.autostart == "on",
                    accelerator=args.accelerator)
-    _show_info(args, _call(args, "update", req))
+    _show_info(args, common.request(args, vm_api.UPDATE, req))
 
 
 def cmd_clone(args: argparse.Namespace) -> None:
-    common.run_job(args, "vm", "clone", VmClone(vm=args.vm, name=args.name),
+    common.run_job(args, vm_api.CLONE, VmClone(vm=args.vm, name=args.name),
                    bytes_progress=False)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     """The job runs in the vm agent of the VM's host (``--host``); we follow its steps."""
-    common.run_job(args, "vm", "migrate", VmMigrate(
+    common.run_job(args, vm_api.MIGRATE, VmMigrate(
         vm=args.vm, to=args.to, shutdown=args.shutdown, keep_source=args.keep_source),
         bytes_progress=False)
 
 
 def cmd_console(args: argparse.Namespace) -> None:
-    info: VmInfo = _call(args, "info", VmRef(vm=args.vm))
+    info: VmInfo = common.request(args, vm_api.INFO, VmRef(vm=args.vm))
     uris = [c.uri for c in (info.spice, info.vnc) if c is not None]
     if args.json:
         common.print_json({"name": info.name, "spice": info.spice, "vnc": info.vnc})
@@ -303,17 +298,17 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
     A host that has VMs gets no demo (and no lines); a failure is said, not raised.
     """
     try:
-        listed = await bus.call(host, "vm", "list", VmListRequest(), timeout=30)
+        listed = await bus.call(host, vm_api.LIST, VmListRequest(), timeout=30)
         if listed.vms:
             return []
-        tiny: ImageInfo = await bus.call(host, "catalogue", "info",
+        tiny: ImageInfo = await bus.call(host, catalogue_api.INFO,
                                          ImageRef(id=DEMO_IMAGE), timeout=30)
         spec = VmSpec(name="demo", vcpus=1, secure_boot=True, tpm="emulated-2.0",
                       display="both", memory_mib=max(tiny.template.memory // MiB,
                                                      DEMO_MIN_MEMORY_MIB))
-        await bus.call(host, "vm", "create", VmCreate(spec=spec, image=DEMO_IMAGE),
+        await bus.call(host, vm_api.CREATE, VmCreate(spec=spec, image=DEMO_IMAGE),
                        timeout=600, idempotency_key=f"demo:{host}")
-        info: VmInfo = await bus.call(host, "vm", "start", VmRef(vm="demo"), timeout=60)
+        info: VmInfo = await bus.call(host, vm_api.START, VmRef(vm="demo"), timeout=60)
     except PhyError as e:
         return [f"demo VM not created: {e.message}"]
     consoles = "  ".join(c.uri for c in (info.spice, info.vnc) if c is not None)

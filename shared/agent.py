@@ -26,7 +26,7 @@ from shared.config import Config
 from shared.errors import Internal
 from shared.jobs import JobRunner
 from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, Heartbeat
-from shared.messages.jobs import JOB_ENDPOINTS
+from shared.messages.jobs import job_endpoints
 
 Setup = Callable[["Agent"], Awaitable[Any]]
 
@@ -57,7 +57,8 @@ class Agent:
             raise RuntimeError("agent not started")
         return self._bus
 
-    async def start(self, setup: Setup, endpoints: Sequence[EndpointSpec]) -> None:
+    async def start(self, setup: Setup,
+                    endpoints: Sequence[EndpointSpec[Any, Any]]) -> None:
         port = metrics.serve(self.registry, self.cfg.metrics_host, self.cfg.metrics_port)
         self.metrics_url = f"http://{self.cfg.metrics_host}:{port}/metrics"
         cfg = self.cfg
@@ -71,7 +72,7 @@ class Agent:
         if missing:
             raise Internal(f"the {self.name} handlers lack endpoints {', '.join(missing)}")
         bindings = [(s, getattr(self.handlers, s.verb)) for s in endpoints]
-        bindings += [(s, getattr(self.jobs, s.verb)) for s in JOB_ENDPOINTS]
+        bindings += [(s, getattr(self.jobs, s.verb)) for s in job_endpoints(self.name)]
         await self.bus.serve(self.name, self.version, bindings, metadata={
             "host": self.host, "metrics_url": self.metrics_url, "started": str(self.started)})
         await self.beat()

@@ -1,7 +1,7 @@
 """The bus: NATS connection, request/reply through micro endpoints, JetStream events and KV.
 
     bus = await Bus.connect("nats://127.0.0.1:4222", name="cli", host="h1")
-    info = await bus.call("h1", "vm", "info", VmRef(name="demo"), timeout=5)
+    info = await bus.call("h1", vm_api.INFO, VmRef(vm="demo"), timeout=5)   # -> VmInfo
     await bus.publish_event("phy.evt.h1.vm.state.abc", VmStateChanged(...))
 """
 
@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -29,7 +29,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from shared import contracts, subjects
+from shared import subjects
 from shared.codec import decode, encode
 from shared.errors import Internal, PhyError, Timeout, Unavailable, raise_for_reply, to_reply
 from shared.messages import EndpointSpec, Event
@@ -42,6 +42,8 @@ EVENT_MAX_AGE_S = 30 * 24 * 3600
 DUPLICATE_WINDOW_S = 120.0
 # KV buckets and their settings; ``hosts`` TTL comes from the agents' heartbeat TTL.
 Handler = Callable[[Any], Awaitable[Any]]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 Reply = tuple[dict[str, str] | None, bytes]
 KV_HISTORY = {subjects.KV_HOSTS: 1, subjects.KV_VMS: 5, subjects.KV_IMAGES: 5}
 
@@ -166,16 +168,17 @@ class Bus:
         raise_for_reply(msg.headers, msg.data)
         return decode(msg.data, resp_type)
 
-    async def call(self, host: str, svc: str, verb: str, req: Any = None, *,
-                   timeout: float = 10.0, idempotency_key: str | None = None) -> Any:
-        """Call ``verb`` on the ``svc`` agent of ``host``; returns its typed response."""
-        s = contracts.spec(svc, verb)
-        return await self.request(subjects.command(host, svc, verb), req, s.response,
-                                  timeout=timeout, idempotency_key=idempotency_key)
+    async def call(self, host: str, spec: EndpointSpec[Req, Resp], req: Req, *,
+                   timeout: float = 10.0, idempotency_key: str | None = None) -> Resp:
+        """Call ``spec`` on its agent of ``host``; the reply is decoded as ``spec.response``."""
+        return cast(Resp, await self.request(
+            subjects.command(host, spec.service, spec.verb), req, spec.response,
+            timeout=timeout, idempotency_key=idempotency_key))
 
     # -- serving ----------------------------------------------------------------------------
 
-    async def serve(self, svc: str, version: str, bindings: Sequence[tuple[EndpointSpec, Handler]],
+    async def serve(self, svc: str, version: str,
+                    bindings: Sequence[tuple[EndpointSpec[Any, Any], Handler]],
                     *, metadata: dict[str, str]) -> Service:
         """Register a NATS micro service with one endpoint per (spec, handler) binding."""
         service = await add_service(
@@ -189,7 +192,7 @@ class Bus:
         self._services.append(service)
         return service
 
-    def _handler(self, spec: EndpointSpec,
+    def _handler(self, spec: EndpointSpec[Any, Any],
                  fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
         async def handle(req: Request) -> None:
             # A task per request: a slow handler must not hold up the endpoint's subscription.
@@ -199,7 +202,7 @@ class Bus:
 
         return handle
 
-    async def _dispatch(self, spec: EndpointSpec, fn: Callable[[Any], Awaitable[Any]],
+    async def _dispatch(self, spec: EndpointSpec[Any, Any], fn: Callable[[Any], Awaitable[Any]],
                         req: Request) -> None:
         started = time.perf_counter()
         key = (req.headers or {}).get(IDEMPOTENCY_HEADER)

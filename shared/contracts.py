@@ -15,17 +15,19 @@ import msgspec
 from shared import subjects
 from shared.errors import InvalidName
 from shared.messages import EndpointSpec, Event
-from shared.messages.jobs import JOB_ENDPOINTS
+from shared.messages.jobs import job_endpoints
 
 
-def endpoints(svc: str) -> tuple[EndpointSpec, ...]:
+def endpoints(svc: str) -> tuple[EndpointSpec[Any, Any], ...]:
     """Every endpoint an agent of kind ``svc`` answers: its own, then the job endpoints."""
     module = importlib.import_module(f"shared.messages.{subjects.service(svc)}")
-    own: tuple[EndpointSpec, ...] = module.ENDPOINTS
-    return own + JOB_ENDPOINTS
+    own: tuple[EndpointSpec[Any, Any], ...] = module.ENDPOINTS
+    return own + job_endpoints(svc)
 
 
-def spec(svc: str, verb: str) -> EndpointSpec:
+def spec(svc: str, verb: str) -> EndpointSpec[Any, Any]:
+    """The spec of ``verb`` of the ``svc`` agent, for callers that hold names only (the CLI's
+    generic job commands, the fuzzer); code that knows its peer uses the spec constant."""
     for s in endpoints(svc):
         if s.verb == verb:
             return s

@@ -48,6 +48,8 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobProgress, JobRef, JobStatus
 from shared.messages.storage import SendVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import VmCreate, VmDelete, VmInfo, VmMigrate, VmRef, VmShutdown, VmSpec
@@ -103,8 +105,8 @@ async def _wait_job(bus: Any, host: str, svc: str, accepted: JobAccepted,
                     timeout: float = 24 * 3600) -> JobStatus:
     deadline = time.monotonic() + timeout
     while True:
-        status: JobStatus = await bus.call(host, svc, "job", JobRef(job_id=accepted.job_id),
-                                           timeout=CALL_TIMEOUT_S)
+        status: JobStatus = await bus.call(host, contracts.spec(svc, "job"),
+                                           JobRef(job_id=accepted.job_id), timeout=CALL_TIMEOUT_S)
         if status.state != "running":
             if status.state != "succeeded":
                 raise BackendError(f"{svc} {accepted.kind} on {host} {status.state}: "
@@ -130,7 +132,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
     target = subjects.token(req.to, "target host")
     if target == source:
         raise BadRequest(f"VM {req.vm} is on {source} already; give another host with --to")
-    info: VmInfo = await bus.call(source, "vm", "info", VmRef(vm=req.vm), timeout=CALL_TIMEOUT_S)
+    info: VmInfo = await bus.call(source, vm_api.INFO, VmRef(vm=req.vm), timeout=CALL_TIMEOUT_S)
     spec = info.spec
     step = _Step(bus, source, job, len(spec.disks))
 
@@ -140,7 +142,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
             raise Conflict(f"VM {info.name} is {info.state}: cold migration needs it shut off; "
                            "stop it first, or migrate with --shutdown")
         await step(f"shutting {info.name} down", advance=False)
-        info = await bus.call(source, "vm", "shutdown", VmShutdown(
+        info = await bus.call(source, vm_api.SHUTDOWN, VmShutdown(
             vm=spec.uuid, timeout_s=SHUTDOWN_WAIT_S, force=True),
             timeout=SHUTDOWN_WAIT_S + CALL_TIMEOUT_S)
         if info.state not in ("shutoff", "crashed"):
@@ -159,7 +161,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
         for i, disk in enumerate(spec.disks):
             label = f"disk {i + 1}/{len(spec.disks)} ({disk.pool}/{disk.volume})"
             await step(f"sending {label} to {target}", advance=False)
-            accepted = await bus.call(source, "storage", "send", SendVolume(
+            accepted = await bus.call(source, storage_api.SEND, SendVolume(
                 pool=disk.pool, name=disk.volume, to_host=target, dst_pool=disk.pool,
                 bwlimit_bytes_s=req.bwlimit_bytes_s), timeout=CALL_TIMEOUT_S)
             made_volumes.append(VolumeRef(pool=disk.pool, name=disk.volume))
@@ -177,7 +179,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
         await step(f"defining {spec.name} on {target}")
         moved = msgspec.structs.replace(spec, disks=[
             msgspec.structs.replace(d, path="") for d in spec.disks])
-        await bus.call(target, "vm", "create", VmCreate(spec=moved), timeout=CALL_TIMEOUT_S * 2,
+        await bus.call(target, vm_api.CREATE, VmCreate(spec=moved), timeout=CALL_TIMEOUT_S * 2,
                        idempotency_key=f"migrate:{spec.uuid}:{target}")
         defined = True
         if _needs_state(spec):
@@ -186,7 +188,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
         # 5. verify
         await step(f"verifying the sha256 of {len(spec.disks)} disk(s) on {target}")
         for disk in spec.disks:
-            got: VolumeInfo = await bus.call(target, "storage", "info", VolumeQuery(
+            got: VolumeInfo = await bus.call(target, storage_api.INFO, VolumeQuery(
                 pool=disk.pool, name=disk.volume, sha256=True), timeout=SHA_TIMEOUT_S)
             if got.sha256 != digests[(disk.pool, disk.volume)]:
                 raise BackendError(f"disk {disk.pool}/{disk.volume} differs on {target} after "
@@ -195,7 +197,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
     except BaseException as e:
         for accepted in sending:  # this job was cancelled mid-transfer: stop the stream too
             with contextlib.suppress(PhyError):
-                await bus.call(source, "storage", "cancel", JobRef(job_id=accepted.job_id),
+                await bus.call(source, storage_api.CANCEL, JobRef(job_id=accepted.job_id),
                                timeout=CALL_TIMEOUT_S)
         left = await _roll_back(bus, target, spec, made_volumes, defined, record)
         if isinstance(e, PhyError):
@@ -208,7 +210,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
     await step(f"removing {spec.name} from {source}" +
                (" (keeping its disks)" if req.keep_source else ""))
     try:
-        await bus.call(source, "vm", "delete", VmDelete(
+        await bus.call(source, vm_api.DELETE, VmDelete(
             vm=spec.uuid, delete_disks=not req.keep_source), timeout=CALL_TIMEOUT_S * 4)
     except PhyError as e:
         raise BackendError(f"{spec.name} now runs from {target}, but its old definition on "
@@ -246,7 +248,7 @@ async def _preflight(bus: Any, source: str, target: str,
     disk_bytes: dict[str, int] = {}
     digests: dict[tuple[str, str], str] = {}
     for disk in spec.disks:
-        vol: VolumeInfo = await bus.call(source, "storage", "info", VolumeQuery(
+        vol: VolumeInfo = await bus.call(source, storage_api.INFO, VolumeQuery(
             pool=disk.pool, name=disk.volume, sha256=True), timeout=SHA_TIMEOUT_S)
         digests[(disk.pool, disk.volume)] = vol.sha256
         disk_bytes[disk.pool] = disk_bytes.get(disk.pool, 0) + vol.allocated_bytes
@@ -261,10 +263,10 @@ async def _preflight(bus: Any, source: str, target: str,
         raise InsufficientResources(f"{target} has no bindable {', '.join(missing)} for "
                                     f"{spec.name}")
     for ref in (spec.name, spec.uuid):
-        if await _exists(bus.call(target, "vm", "info", VmRef(vm=ref), timeout=CALL_TIMEOUT_S)):
+        if await _exists(bus.call(target, vm_api.INFO, VmRef(vm=ref), timeout=CALL_TIMEOUT_S)):
             raise Conflict(f"{target} has a VM {ref} already; rename or delete one of them")
     for disk in spec.disks:
-        if await _exists(bus.call(target, "storage", "info", VolumeQuery(
+        if await _exists(bus.call(target, storage_api.INFO, VolumeQuery(
                 pool=disk.pool, name=disk.volume), timeout=CALL_TIMEOUT_S)):
             raise Conflict(f"{target} has a volume {disk.pool}/{disk.volume} already (left "
                            "by an earlier try?); delete it there with `phyllome storage "
@@ -275,9 +277,9 @@ async def _preflight(bus: Any, source: str, target: str,
 
 async def _carry_state(bus: Any, source: str, target: str, spec: VmSpec) -> None:
     """NVRAM and TPM state from the source's vm agent to the target's."""
-    state = await bus.call(source, "vm", "export_state", VmRef(vm=spec.uuid),
+    state = await bus.call(source, vm_api.EXPORT_STATE, VmRef(vm=spec.uuid),
                            timeout=CALL_TIMEOUT_S)
-    await bus.call(target, "vm", "import_state", state, timeout=CALL_TIMEOUT_S)
+    await bus.call(target, vm_api.IMPORT_STATE, state, timeout=CALL_TIMEOUT_S)
 
 
 async def _record_bytes(bus: Any, uuid: str) -> bytes | None:
@@ -295,7 +297,7 @@ async def _roll_back(bus: Any, target: str, spec: VmSpec, volumes: list[VolumeRe
     left: list[str] = []
     if defined:
         try:
-            await bus.call(target, "vm", "delete", VmDelete(vm=spec.uuid, force=True),
+            await bus.call(target, vm_api.DELETE, VmDelete(vm=spec.uuid, force=True),
                            timeout=CALL_TIMEOUT_S * 2)
         except NotFound:
             pass
@@ -303,7 +305,7 @@ async def _roll_back(bus: Any, target: str, spec: VmSpec, volumes: list[VolumeRe
             left.append(f"the VM definition ({e.message})")
     for vol in volumes:
         try:
-            await bus.call(target, "storage", "delete", vol, timeout=CALL_TIMEOUT_S)
+            await bus.call(target, storage_api.DELETE, vol, timeout=CALL_TIMEOUT_S)
         except NotFound:
             pass
         except PhyError as e:

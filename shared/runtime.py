@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from shared.agent import Agent, Setup
 from shared.config import Config, load
@@ -45,7 +46,8 @@ def setup_logging(level: str, **fields: str) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 
 
-async def serve(name: str, cfg: Config, setup: Setup, endpoints: Sequence[EndpointSpec]) -> None:
+async def serve(name: str, cfg: Config, setup: Setup,
+                endpoints: Sequence[EndpointSpec[Any, Any]]) -> None:
     """Run one agent until SIGTERM/SIGINT, then drain."""
     agent = Agent(name, cfg)
     loop = asyncio.get_running_loop()
@@ -58,7 +60,7 @@ async def serve(name: str, cfg: Config, setup: Setup, endpoints: Sequence[Endpoi
         await agent.drain()
 
 
-def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec]) -> None:
+def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any]]) -> None:
     try:
         cfg = load(name)
     except PhyError as e:

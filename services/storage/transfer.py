@@ -76,6 +76,7 @@ from shared.errors import (
     to_reply,
 )
 from shared.messages import Event
+from shared.messages import storage as storage_api
 from shared.messages.storage import (
     Extent,
     IncomingTransfer,
@@ -358,7 +359,7 @@ class Sender:
 
     async def _fail(self, to_host: str, tid: str, err: PhyError, stats: SendStats) -> None:
         try:
-            await self.bus.call(to_host, "storage", "receive_abort",
+            await self.bus.call(to_host, storage_api.RECEIVE_ABORT,
                                 TransferAbort(transfer_id=tid, reason=err.message), timeout=5)
         except PhyError as e:
             log.warning("transfer %s: receiver not told to roll back (%s); it will after its "
@@ -403,7 +404,7 @@ class Sender:
                     "copy back); check that its storage agent runs, then send again")
             try:
                 accepted: TransferAccepted = await self.bus.call(
-                    to_host, "storage", "receive", offer, timeout=self.chunk_timeout_s)
+                    to_host, storage_api.RECEIVE, offer, timeout=self.chunk_timeout_s)
             except (Unavailable, NotFound) as e:  # Timeout is an Unavailable
                 if stats.attempts == 0 and isinstance(e, Unavailable) and \
                         not isinstance(e, Timeout):
@@ -433,7 +434,7 @@ class Sender:
             stats.sha256 = digest
             try:
                 info: VolumeInfo = await self.bus.call(
-                    to_host, "storage", "receive_commit",
+                    to_host, storage_api.RECEIVE_COMMIT,
                     TransferCommit(transfer_id=offer.transfer_id, sha256=digest),
                     timeout=60 + stats.data_bytes / (100 << 20))
             except (Unavailable, NotFound) as e:

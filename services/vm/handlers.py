@@ -24,7 +24,7 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
-from shared import migration
+from shared import contracts, migration
 from shared.agent import Agent
 from shared.errors import (
     BackendError,
@@ -37,6 +37,9 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages import Ack, Empty
+from shared.messages import catalogue as catalogue_api
+from shared.messages import hardware as hardware_api
+from shared.messages import storage as storage_api
 from shared.messages.catalogue import ImageInfo, ImageRef
 from shared.messages.hardware import (
     BootProbe,
@@ -119,7 +122,7 @@ class Handlers:
         delay = 1.0
         while True:
             try:
-                await self.agent.bus.call(self.host, "hardware", "boot_probe", probe,
+                await self.agent.bus.call(self.host, hardware_api.BOOT_PROBE, probe,
                                           timeout=PEER_TIMEOUT_S)
                 return
             except Unavailable as e:
@@ -160,7 +163,7 @@ class Handlers:
         if not spec.nested:
             return
         try:
-            caps: HostCaps = await self.agent.bus.call(self.host, "hardware", "caps", Empty(),
+            caps: HostCaps = await self.agent.bus.call(self.host, hardware_api.CAPS, Empty(),
                                                        timeout=PEER_TIMEOUT_S)
         except Unavailable as e:
             log.warning("nested VM %s: cannot ask the hardware agent (%s)", spec.name, e.message)
@@ -176,11 +179,11 @@ class Handlers:
         try:
             for dev in devs:
                 if domain_xml.is_pci_address(dev):
-                    d: PciDevice = await bus.call(self.host, "hardware", "device",
+                    d: PciDevice = await bus.call(self.host, hardware_api.DEVICE,
                                                   DeviceRef(address=dev), timeout=PEER_TIMEOUT_S)
                     self._passable(d, devs)
                     continue
-                found: DeviceList = await bus.call(self.host, "hardware", "list",
+                found: DeviceList = await bus.call(self.host, hardware_api.LIST,
                                                    DeviceQuery(), timeout=PEER_TIMEOUT_S)
                 if not any(dev.lower() in (i.lower() for i in t.instances)
                            for d in found.devices for t in d.mdev_types):
@@ -217,7 +220,7 @@ class Handlers:
         for disk in spec.disks:
             if not disk.path:
                 vol: VolumeInfo = await self.agent.bus.call(
-                    self.host, "storage", "info",
+                    self.host, storage_api.INFO,
                     VolumeQuery(pool=disk.pool or "default", name=disk.volume),
                     timeout=PEER_TIMEOUT_S)
                 disk = msgspec.structs.replace(disk, path=vol.path, pool=vol.pool)
@@ -229,7 +232,8 @@ class Handlers:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while True:
             status: JobStatus = await self.agent.bus.call(
-                self.host, svc, "job", JobRef(job_id=accepted.job_id), timeout=PEER_TIMEOUT_S)
+                self.host, contracts.spec(svc, "job"), JobRef(job_id=accepted.job_id),
+                timeout=PEER_TIMEOUT_S)
             if status.state != "running":
                 if status.state != "succeeded":
                     raise BackendError(f"{svc} {accepted.kind} {status.state}: {status.message}")
@@ -244,10 +248,10 @@ class Handlers:
         bus = self.agent.bus
         if src.volume:
             pool = src.pool or "default"
-            accepted = await bus.call(self.host, "storage", "clone", CloneVolume(
+            accepted = await bus.call(self.host, storage_api.CLONE, CloneVolume(
                 pool=pool, name=src.volume, dst_name=dst_name), timeout=PEER_TIMEOUT_S)
             await self._wait_job("storage", accepted)
-            vol: VolumeInfo = await bus.call(self.host, "storage", "info", VolumeQuery(
+            vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
                 pool=pool, name=dst_name), timeout=PEER_TIMEOUT_S)
             return Disk(path=vol.path, pool=pool, volume=dst_name, bus=src.bus, owned=True)
         path = f"{self.settings.disk_dir}/{dst_name}.raw"
@@ -258,7 +262,7 @@ class Handlers:
         """The image's RAW file (from the catalogue) cloned into a new disk of the VM."""
         bus = self.agent.bus
         try:
-            info: ImageInfo = await bus.call(self.host, "catalogue", "info",
+            info: ImageInfo = await bus.call(self.host, catalogue_api.INFO,
                                              ImageRef(id=image), timeout=PEER_TIMEOUT_S)
         except Unavailable as e:
             raise Unavailable(f"--image needs the catalogue agent ({e.message}); "
@@ -268,19 +272,19 @@ class Handlers:
                            f"`phyllome images pull {image}` first")
         name = f"{vm_name}-disk0"
         try:
-            accepted = await bus.call(self.host, "storage", "import_file", ImportVolume(
+            accepted = await bus.call(self.host, storage_api.IMPORT_FILE, ImportVolume(
                 pool="default", name=name, source=info.path), timeout=PEER_TIMEOUT_S)
         except Unavailable:
             log.info("no storage agent; copying image %s locally", image)
             return await self._copy_disk(Disk(path=info.path), name)
         await self._wait_job("storage", accepted)
-        vol: VolumeInfo = await bus.call(self.host, "storage", "info", VolumeQuery(
+        vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
             pool="default", name=name), timeout=PEER_TIMEOUT_S)
         return Disk(path=vol.path, pool="default", volume=name, owned=True)
 
     async def _delete_disk(self, disk: Disk) -> None:
         if disk.volume:
-            await self.agent.bus.call(self.host, "storage", "delete", VolumeRef(
+            await self.agent.bus.call(self.host, storage_api.DELETE, VolumeRef(
                 pool=disk.pool or "default", name=disk.volume), timeout=PEER_TIMEOUT_S)
         else:
             await asyncio.to_thread(hostfs.remove, disk.path)

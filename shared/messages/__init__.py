@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -86,12 +86,32 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v
     details: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class EndpointSpec:
-    """One request/reply endpoint: ``phy.<host>.<service>.<verb>``."""
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
+
+@dataclass(frozen=True)
+class EndpointSpec(Generic[Req, Resp]):
+    """One request/reply endpoint: ``phy.<host>.<service>.<verb>``, typed end to end.
+
+    Callers hand the spec itself to the bus, so the request is checked and the reply typed::
+
+        info = await bus.call(host, storage_api.INFO, VolumeQuery(name="d"))  # -> VolumeInfo
+
+    Specs are validated when built (like ``nats.micro`` endpoint configs): a bad service or
+    verb fails at import, not at the first call.
+    """
+
+    service: str
     verb: str
-    request: type
-    response: type
+    request: type[Req]
+    response: type[Resp]
     doc: str
     max_payload: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for what, token in (("service", self.service), ("verb", self.verb)):
+            if not token or not token.replace("_", "").isalnum() or not token.islower():
+                raise ValueError(f"endpoint {what} {token!r}: lower-case letters, digits and _")
+        if self.max_payload <= 0:
+            raise ValueError(f"endpoint {self.service}.{self.verb}: max_payload must be > 0")

@@ -18,7 +18,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, Empty, EndpointSpec, Event
-from shared.messages.jobs import JobAccepted
+from shared.messages.jobs import JobAccepted, job_endpoints
 
 SourceType = Literal["osinfo", "simplestreams", "manifest", "builtin"]
 Firmware = Literal["", "uefi", "bios"]  # the VM agent's words; "" = either
@@ -228,17 +228,29 @@ class CatalogueRefreshed(Event, frozen=True, kw_only=True, tag="catalogue.refres
     sources: list[SourceCount]
 
 
-# The job endpoints (jobs, job, cancel) are added by the agent runtime.
-ENDPOINTS: tuple[EndpointSpec, ...] = (
-    EndpointSpec("list", ListRequest, ImageList,
-                 "Catalogue entries, filtered by text, family, arch, downloadable."),
-    EndpointSpec("info", ImageRef, ImageInfo,
-                 "One entry, its VM template, and the local RAW file once pulled."),
-    EndpointSpec("pull", PullRequest, JobAccepted,
-                 "Download, verify and convert an image to RAW in the pool (a job)."),
-    EndpointSpec("remove", ImageRef, Ack, "Delete a pulled image from this host's pool."),
-    EndpointSpec("sources", Empty, SourceList, "Configured image sources."),
-    EndpointSpec("source_add", SourceAdd, SourceSpec, "Add a manifest or simplestreams source."),
-    EndpointSpec("source_remove", SourceRef, Ack, "Remove a source and its entries."),
-    EndpointSpec("refresh", Empty, RefreshResult, "Re-read every source into KV images."),
-)
+LIST = EndpointSpec(
+    "catalogue", "list", ListRequest, ImageList,
+    "Catalogue entries, filtered by text, family, arch, downloadable.")
+INFO = EndpointSpec(
+    "catalogue", "info", ImageRef, ImageInfo,
+    "One entry, its VM template, and the local RAW file once pulled.")
+PULL = EndpointSpec(
+    "catalogue", "pull", PullRequest, JobAccepted,
+    "Download, verify and convert an image to RAW in the pool (a job).")
+REMOVE = EndpointSpec(
+    "catalogue", "remove", ImageRef, Ack,
+    "Delete a pulled image from this host's pool.")
+SOURCES = EndpointSpec("catalogue", "sources", Empty, SourceList, "Configured image sources.")
+SOURCE_ADD = EndpointSpec(
+    "catalogue", "source_add", SourceAdd, SourceSpec,
+    "Add a manifest or simplestreams source.")
+SOURCE_REMOVE = EndpointSpec(
+    "catalogue", "source_remove", SourceRef, Ack,
+    "Remove a source and its entries.")
+REFRESH = EndpointSpec(
+    "catalogue", "refresh", Empty, RefreshResult,
+    "Re-read every source into KV images.")
+JOBS, JOB, CANCEL = job_endpoints("catalogue")
+
+# What the catalogue agent serves; the job endpoints are added by the agent runtime.
+ENDPOINTS = (LIST, INFO, PULL, REMOVE, SOURCES, SOURCE_ADD, SOURCE_REMOVE, REFRESH)

@@ -12,7 +12,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, Empty, EndpointSpec, Event
-from shared.messages.jobs import JobAccepted
+from shared.messages.jobs import JobAccepted, job_endpoints
 
 Verdict = Literal["isolated", "with-companions", "shared-group", "no-iommu"]
 GpuVendor = Literal["intel", "amd", "nvidia", "other"]
@@ -220,19 +220,35 @@ class DeviceRemoved(Event, frozen=True, kw_only=True, tag="hw.device_removed.v1"
     address: str
 
 
-ENDPOINTS: tuple[EndpointSpec, ...] = (
-    EndpointSpec("list", DeviceQuery, DeviceList, "PCI devices, optionally of one kind."),
-    EndpointSpec("device", DeviceRef, PciDevice, "One PCI device with its readiness."),
-    EndpointSpec("groups", Empty, GroupList, "IOMMU groups and their members."),
-    EndpointSpec("caps", Empty, HostCaps, "Host capabilities (KVM, nested, IOMMU, SEV/TDX)."),
-    EndpointSpec("report", Empty, HwReport, "The full readiness report."),
-    EndpointSpec("bind", BindRequest, JobAccepted,
-                 "Bind a device and its group to vfio-pci (a job; rolls back on failure)."),
-    EndpointSpec("release", DeviceRef, JobAccepted,
-                 "Give a bound group back to its original drivers (a job)."),
-    EndpointSpec("mdev_create", MdevCreate, MdevInfo, "Create a mediated device."),
-    EndpointSpec("mdev_remove", MdevRef, Ack, "Remove a mediated device."),
-    EndpointSpec("sriov_set", SriovSet, PciDevice, "Set the number of SR-IOV VFs of a PF."),
-    EndpointSpec("boot_probe", BootProbe, HostCaps,
-                 "Record the VM agent's KVM boot-probe result in the host capabilities."),
-)
+LIST = EndpointSpec(
+    "hardware", "list", DeviceQuery, DeviceList,
+    "PCI devices, optionally of one kind.")
+DEVICE = EndpointSpec(
+    "hardware", "device", DeviceRef, PciDevice,
+    "One PCI device with its readiness.")
+GROUPS = EndpointSpec("hardware", "groups", Empty, GroupList, "IOMMU groups and their members.")
+CAPS = EndpointSpec(
+    "hardware", "caps", Empty, HostCaps,
+    "Host capabilities (KVM, nested, IOMMU, SEV/TDX).")
+REPORT = EndpointSpec("hardware", "report", Empty, HwReport, "The full readiness report.")
+BIND = EndpointSpec(
+    "hardware", "bind", BindRequest, JobAccepted,
+    "Bind a device and its group to vfio-pci (a job; rolls back on failure).")
+RELEASE = EndpointSpec(
+    "hardware", "release", DeviceRef, JobAccepted,
+    "Give a bound group back to its original drivers (a job).")
+MDEV_CREATE = EndpointSpec(
+    "hardware", "mdev_create", MdevCreate, MdevInfo,
+    "Create a mediated device.")
+MDEV_REMOVE = EndpointSpec("hardware", "mdev_remove", MdevRef, Ack, "Remove a mediated device.")
+SRIOV_SET = EndpointSpec(
+    "hardware", "sriov_set", SriovSet, PciDevice,
+    "Set the number of SR-IOV VFs of a PF.")
+BOOT_PROBE = EndpointSpec(
+    "hardware", "boot_probe", BootProbe, HostCaps,
+    "Record the VM agent's KVM boot-probe result in the host capabilities.")
+JOBS, JOB, CANCEL = job_endpoints("hardware")
+
+# What the hardware agent serves; the job endpoints are added by the agent runtime.
+ENDPOINTS = (LIST, DEVICE, GROUPS, CAPS, REPORT, BIND, RELEASE, MDEV_CREATE, MDEV_REMOVE,
+    SRIOV_SET, BOOT_PROBE)

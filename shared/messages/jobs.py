@@ -62,8 +62,13 @@ class JobFinished(Event, frozen=True, kw_only=True, tag="job.finished.v1"):
     result: dict[str, object] = {}
 
 
-JOB_ENDPOINTS = (
-    EndpointSpec("jobs", Empty, JobList, "Jobs this agent ran since it started."),
-    EndpointSpec("job", JobRef, JobStatus, "One job's state and progress."),
-    EndpointSpec("cancel", JobRef, JobStatus, "Ask a running job to stop; it rolls back."),
-)
+def job_endpoints(service: str) -> tuple[EndpointSpec[Empty, JobList],
+                                         EndpointSpec[JobRef, JobStatus],
+                                         EndpointSpec[JobRef, JobStatus]]:
+    """The ``jobs``, ``job`` and ``cancel`` endpoints every agent that runs jobs answers."""
+    return (
+        EndpointSpec(service, "jobs", Empty, JobList, "Jobs this agent ran since it started."),
+        EndpointSpec(service, "job", JobRef, JobStatus, "One job's state and progress."),
+        EndpointSpec(service, "cancel", JobRef, JobStatus,
+                     "Ask a running job to stop; it rolls back."),
+    )

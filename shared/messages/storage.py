@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, Empty, EndpointSpec, Event
-from shared.messages.jobs import JobAccepted
+from shared.messages.jobs import JobAccepted, job_endpoints
 
 Extent = tuple[int, int]  # (offset, length) in bytes
 VolumeChange = Literal["created", "resized", "deleted", "imported", "cloned", "received"]
@@ -240,22 +240,48 @@ class TransferFailed(Event, frozen=True, kw_only=True, tag="storage.transfer_fai
     wire_bytes: int = 0
 
 
-ENDPOINTS: tuple[EndpointSpec, ...] = (
-    EndpointSpec("pools", Empty, PoolList, "Pools with capacity, free and allocated bytes."),
-    EndpointSpec("volumes", ListVolumes, VolumeList, "Volumes of one pool, or of all."),
-    EndpointSpec("create", CreateVolume, VolumeInfo, "Create a RAW volume (sparse by default)."),
-    EndpointSpec("resize", ResizeVolume, VolumeInfo, "Grow a volume that no running VM uses."),
-    EndpointSpec("delete", VolumeRef, Ack, "Delete a volume that no running VM uses."),
-    EndpointSpec("info", VolumeQuery, VolumeInfo, "One volume; its sha256 when asked."),
-    EndpointSpec("import_file", ImportVolume, JobAccepted, "Adopt a RAW file (job); refuses qcow2, "
-                 "VMDK, VHD(X), VDI with the command that converts it."),
-    EndpointSpec("clone", CloneVolume, JobAccepted, "Reflink or sparse copy of a volume (job)."),
-    EndpointSpec("send", SendVolume, JobAccepted, "Stream a volume to another host (job)."),
-    EndpointSpec("receive", TransferOffer, TransferAccepted,
-                 "Receiving side: accept (or resume) an incoming transfer."),
-    EndpointSpec("receive_commit", TransferCommit, VolumeInfo,
-                 "Receiving side: verify the digest and publish the volume."),
-    EndpointSpec("receive_abort", TransferAbort, Ack,
-                 "Receiving side: roll an incoming transfer back."),
-    EndpointSpec("incoming", Empty, IncomingList, "Incoming transfers not finished yet."),
-)
+POOLS = EndpointSpec(
+    "storage", "pools", Empty, PoolList,
+    "Pools with capacity, free and allocated bytes.")
+VOLUMES = EndpointSpec(
+    "storage", "volumes", ListVolumes, VolumeList,
+    "Volumes of one pool, or of all.")
+CREATE = EndpointSpec(
+    "storage", "create", CreateVolume, VolumeInfo,
+    "Create a RAW volume (sparse by default).")
+RESIZE = EndpointSpec(
+    "storage", "resize", ResizeVolume, VolumeInfo,
+    "Grow a volume that no running VM uses.")
+DELETE = EndpointSpec(
+    "storage", "delete", VolumeRef, Ack,
+    "Delete a volume that no running VM uses.")
+INFO = EndpointSpec(
+    "storage", "info", VolumeQuery, VolumeInfo,
+    "One volume; its sha256 when asked.")
+IMPORT_FILE = EndpointSpec(
+    "storage", "import_file", ImportVolume, JobAccepted,
+    "Adopt a RAW file (job); refuses qcow2, VMDK, VHD(X), VDI with the command that "
+    "converts it.")
+CLONE = EndpointSpec(
+    "storage", "clone", CloneVolume, JobAccepted,
+    "Reflink or sparse copy of a volume (job).")
+SEND = EndpointSpec(
+    "storage", "send", SendVolume, JobAccepted,
+    "Stream a volume to another host (job).")
+RECEIVE = EndpointSpec(
+    "storage", "receive", TransferOffer, TransferAccepted,
+    "Receiving side: accept (or resume) an incoming transfer.")
+RECEIVE_COMMIT = EndpointSpec(
+    "storage", "receive_commit", TransferCommit, VolumeInfo,
+    "Receiving side: verify the digest and publish the volume.")
+RECEIVE_ABORT = EndpointSpec(
+    "storage", "receive_abort", TransferAbort, Ack,
+    "Receiving side: roll an incoming transfer back.")
+INCOMING = EndpointSpec(
+    "storage", "incoming", Empty, IncomingList,
+    "Incoming transfers not finished yet.")
+JOBS, JOB, CANCEL = job_endpoints("storage")
+
+# What the storage agent serves; the job endpoints are added by the agent runtime.
+ENDPOINTS = (POOLS, VOLUMES, CREATE, RESIZE, DELETE, INFO, IMPORT_FILE, CLONE, SEND, RECEIVE,
+    RECEIVE_COMMIT, RECEIVE_ABORT, INCOMING)

@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, EndpointSpec, Event
-from shared.messages.jobs import JobAccepted
+from shared.messages.jobs import JobAccepted, job_endpoints
 
 Arch = Literal["x86_64"]
 Firmware = Literal["uefi", "bios"]
@@ -226,24 +226,38 @@ class AcceleratorFallback(Event, frozen=True, kw_only=True, tag="vm.accelerator_
     reason: str
 
 
-ENDPOINTS: tuple[EndpointSpec, ...] = (
-    EndpointSpec("create", VmCreate, VmInfo, "Define a VM from a spec (idempotency key honoured)."),
-    EndpointSpec("start", VmRef, VmInfo, "Start a defined VM."),
-    EndpointSpec("shutdown", VmShutdown, VmInfo, "ACPI shutdown, optionally forced after a wait."),
-    EndpointSpec("destroy", VmRef, VmInfo, "Power off at once."),
-    EndpointSpec("reboot", VmRef, VmInfo, "ACPI reboot of a running VM."),
-    EndpointSpec("suspend", VmRef, VmInfo, "Pause a running VM's vCPUs."),
-    EndpointSpec("resume", VmRef, VmInfo, "Continue a paused VM."),
-    EndpointSpec("delete", VmDelete, Ack, "Undefine a VM with its NVRAM and TPM state."),
-    EndpointSpec("list", VmListRequest, VmList, "VMs from KV vms: this host's or the cluster's."),
-    EndpointSpec("info", VmRef, VmInfo, "State, uptime, stats and console endpoints of a VM."),
-    EndpointSpec("update", VmUpdate, VmInfo, "Change a stopped VM's spec."),
-    EndpointSpec("clone", VmClone, JobAccepted, "Clone a stopped VM (a job)."),
-    EndpointSpec("migrate", VmMigrate, JobAccepted,
-                 "Move a stopped VM to another host: disks, definition, state (a job)."),
-    EndpointSpec("export_state", VmRef, VmGuestState,
-                 "A stopped VM's NVRAM and TPM state (for a migration)."),
-    EndpointSpec("import_state", VmGuestState, Ack,
-                 "Give a stopped VM the NVRAM and TPM state of its source (a migration).",
-                 max_payload=16 << 20),
-)
+CREATE = EndpointSpec(
+    "vm", "create", VmCreate, VmInfo,
+    "Define a VM from a spec (idempotency key honoured).")
+START = EndpointSpec("vm", "start", VmRef, VmInfo, "Start a defined VM.")
+SHUTDOWN = EndpointSpec(
+    "vm", "shutdown", VmShutdown, VmInfo,
+    "ACPI shutdown, optionally forced after a wait.")
+DESTROY = EndpointSpec("vm", "destroy", VmRef, VmInfo, "Power off at once.")
+REBOOT = EndpointSpec("vm", "reboot", VmRef, VmInfo, "ACPI reboot of a running VM.")
+SUSPEND = EndpointSpec("vm", "suspend", VmRef, VmInfo, "Pause a running VM's vCPUs.")
+RESUME = EndpointSpec("vm", "resume", VmRef, VmInfo, "Continue a paused VM.")
+DELETE = EndpointSpec("vm", "delete", VmDelete, Ack, "Undefine a VM with its NVRAM and TPM state.")
+LIST = EndpointSpec(
+    "vm", "list", VmListRequest, VmList,
+    "VMs from KV vms: this host's or the cluster's.")
+INFO = EndpointSpec(
+    "vm", "info", VmRef, VmInfo,
+    "State, uptime, stats and console endpoints of a VM.")
+UPDATE = EndpointSpec("vm", "update", VmUpdate, VmInfo, "Change a stopped VM's spec.")
+CLONE = EndpointSpec("vm", "clone", VmClone, JobAccepted, "Clone a stopped VM (a job).")
+MIGRATE = EndpointSpec(
+    "vm", "migrate", VmMigrate, JobAccepted,
+    "Move a stopped VM to another host: disks, definition, state (a job).")
+EXPORT_STATE = EndpointSpec(
+    "vm", "export_state", VmRef, VmGuestState,
+    "A stopped VM's NVRAM and TPM state (for a migration).")
+IMPORT_STATE = EndpointSpec(
+    "vm", "import_state", VmGuestState, Ack,
+    "Give a stopped VM the NVRAM and TPM state of its source (a migration).",
+    max_payload=16 << 20)
+JOBS, JOB, CANCEL = job_endpoints("vm")
+
+# What the vm agent serves; the job endpoints are added by the agent runtime.
+ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
+    CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE)

@@ -93,7 +93,7 @@ async def main(bus):
         async with sem:
             spec = VmSpec(name=f"vm-{{host}}-{{i:04d}}", memory_mib=64, vcpus=1,
                           firmware="bios", display="none", nics=[])
-            await bus.call(host, "vm", "create", VmCreate(spec=spec), timeout=60)
+            await bus.call(host, vm_api.CREATE, VmCreate(spec=spec), timeout=60)
     await asyncio.gather(*(one(h, i) for h in {list(NAMES)!r}
                            for i in range({VMS_PER_HOST})))
     return {VMS_PER_HOST} * {len(NAMES)}
@@ -152,6 +152,7 @@ def test_host_down_cluster_keeps_serving(cluster: Cluster) -> None:
     # The cluster still serves (two of three servers): KV, requests and events.
     vms = cluster.py("a", """
 from shared.cluster import cluster_vms
+from shared.messages import vm as vm_api
 async def main(bus):
     return [[r.host, r.state, r.reason] for r in await cluster_vms(bus)]
 """)

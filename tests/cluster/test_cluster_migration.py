@@ -29,27 +29,27 @@ BOOT = """
 from shared.messages.storage import CreateVolume, VolumeQuery
 from shared.messages.vm import Disk, VmCreate, VmRef, VmSpec
 async def boot(bus, host, name):
-    await bus.call(host, "vm", "start", VmRef(vm=name), timeout=60)
+    await bus.call(host, vm_api.START, VmRef(vm=name), timeout=60)
     deadline = time.monotonic() + 180
-    while (await bus.call(host, "vm", "info", VmRef(vm=name))).state != "shutoff":
+    while (await bus.call(host, vm_api.INFO, VmRef(vm=name))).state != "shutoff":
         assert time.monotonic() < deadline, "the guest did not power off"
         await asyncio.sleep(0.5)
 """
 
 SETUP = BOOT + """
 async def main(bus):
-    vol = await bus.call("a", "storage", "create", CreateVolume(name="g1-disk0",
+    vol = await bus.call("a", storage_api.CREATE, CreateVolume(name="g1-disk0",
                                                                  size_bytes=64 << 20))
     with open(vol.path, "r+b") as f:
         f.seek(1 << 20)
         f.write(bytes(range(256)) * 4096 * 12)  # 12 MiB of data in 64 MiB
-    info = await bus.call("a", "vm", "create", VmCreate(spec=VmSpec(
+    info = await bus.call("a", vm_api.CREATE, VmCreate(spec=VmSpec(
         name="g1", memory_mib=256, vcpus=1, firmware="uefi", tpm="emulated-2.0",
         display="none",
         kernel=KERNEL, initrd=INITRD, cmdline="console=ttyS0",
         disks=[Disk(pool="default", volume="g1-disk0", owned=True)])), timeout=60)
     await boot(bus, "a", "g1")
-    digest = (await bus.call("a", "storage", "info", VolumeQuery(name="g1-disk0",
+    digest = (await bus.call("a", storage_api.INFO, VolumeQuery(name="g1-disk0",
                                                                 sha256=True))).sha256
     return {"uuid": info.uuid, "sha256": digest}
 """
@@ -58,10 +58,10 @@ MIGRATE = """
 from shared.messages.jobs import JobRef
 from shared.messages.vm import VmMigrate
 async def main(bus):
-    accepted = await bus.call("a", "vm", "migrate", VmMigrate(vm="g1", to="b",
+    accepted = await bus.call("a", vm_api.MIGRATE, VmMigrate(vm="g1", to="b",
                                                               bwlimit_bytes_s=1 << 20))
     while True:
-        st = await bus.call("a", "vm", "job", JobRef(job_id=accepted.job_id))
+        st = await bus.call("a", vm_api.JOB, JobRef(job_id=accepted.job_id))
         print("progress", st.done, st.total, st.message, flush=True)
         if st.state != "running":
             return st.result if st.state == "succeeded" else {"error": st.message}
@@ -71,12 +71,12 @@ async def main(bus):
 AFTER = BOOT + """
 from shared.errors import PhyError
 async def main(bus):
-    vm = await bus.call("b", "vm", "info", VmRef(vm="g1"))
-    digest = (await bus.call("b", "storage", "info", VolumeQuery(name="g1-disk0",
+    vm = await bus.call("b", vm_api.INFO, VmRef(vm="g1"))
+    digest = (await bus.call("b", storage_api.INFO, VolumeQuery(name="g1-disk0",
                                                                 sha256=True))).sha256
     await boot(bus, "b", "g1")
     try:
-        await bus.call("a", "vm", "info", VmRef(vm="g1"))
+        await bus.call("a", vm_api.INFO, VmRef(vm="g1"))
         on_a = True
     except PhyError:
         on_a = False
@@ -136,8 +136,10 @@ def test_cold_migration_of_a_real_guest_across_a_cut_link(tmp_path: Path,
         # the link stays down until b's storage agent sees the stream stall
         stalled = """
 from shared.messages import Empty
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 async def main(bus):
-    inc = await bus.call("b", "storage", "incoming", Empty())
+    inc = await bus.call("b", storage_api.INCOMING, Empty())
     return max((t.idle_s for t in inc.transfers), default=0.0)
 """
         deadline = time.monotonic() + 60

@@ -21,7 +21,9 @@ from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode
 from shared.errors import Conflict, NotFound
-from shared.messages import Empty
+from shared.messages import Empty, EndpointSpec
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus
 from shared.messages.storage import CreateVolume, IncomingList, VolumeQuery
 from shared.messages.vm import Disk, VmCreate, VmInfo, VmMigrate, VmRecord, VmRef, VmSpec
@@ -50,12 +52,12 @@ class Pair:
     def state(self, host: str) -> Path:
         return self.root / host
 
-    async def call(self, host: str, svc: str, verb: str, req: Any = None, **kw: Any) -> Any:
-        return await self.bus.call(host, svc, verb, req, **kw)
+    async def call(self, host: str, spec: EndpointSpec[Any, Any], req: Any, **kw: Any) -> Any:
+        return await self.bus.call(host, spec, req, **kw)
 
     async def volume(self, host: str, name: str) -> tuple[str, str]:
         """A volume on ``host`` with 8 MiB of random data in 32 MiB; (path, sha256)."""
-        info = await self.call(host, "storage", "create", CreateVolume(name=name,
+        info = await self.call(host, storage_api.CREATE, CreateVolume(name=name,
                                                                          size_bytes=SIZE))
         data = os.urandom(8 << 20)
         with open(info.path, "r+b") as f:
@@ -66,13 +68,13 @@ class Pair:
 
     async def vm(self, host: str, name: str, **spec: Any) -> VmInfo:
         await self.volume(host, f"{name}-disk0")
-        return await self.call(host, "vm", "create", VmCreate(spec=VmSpec(
+        return await self.call(host, vm_api.CREATE, VmCreate(spec=VmSpec(
             name=name, memory_mib=64, vcpus=1, firmware="bios", display="none",
             disks=[Disk(pool="default", volume=f"{name}-disk0", owned=True)], **spec)))
 
     async def start(self, req: VmMigrate) -> JobAccepted:
         """The migration as a job of host a's vm agent (its ``migrate`` endpoint)."""
-        accepted: JobAccepted = await self.call("a", "vm", "migrate", req)
+        accepted: JobAccepted = await self.call("a", vm_api.MIGRATE, req)
         return accepted
 
     async def migrate(self, req: VmMigrate, timeout: float = 90) -> JobStatus:
@@ -119,22 +121,22 @@ async def test_stopped_vm_moves_with_its_disk_and_identity(nats_server: NatsServ
                                                            tmp_path: Path) -> None:
     async with pair(nats_server, tmp_path) as p:
         before = await p.vm("a", "m1")
-        src_path, digest = await p.call("a", "storage", "info", VolumeQuery(
+        src_path, digest = await p.call("a", storage_api.INFO, VolumeQuery(
             name="m1-disk0", sha256=True)), None
         digest = src_path.sha256
         st = await p.migrate(VmMigrate(vm="m1", to="b"))
         assert st.state == "succeeded", st.message
         assert st.result["to"] == "b" and st.result["disks"] == ["default/m1-disk0"]
-        after: VmInfo = await p.call("b", "vm", "info", VmRef(vm="m1"))
+        after: VmInfo = await p.call("b", vm_api.INFO, VmRef(vm="m1"))
         assert after.uuid == before.uuid and after.state == "shutoff"
         assert after.spec.nics == before.spec.nics
-        moved = await p.call("b", "storage", "info", VolumeQuery(name="m1-disk0", sha256=True))
+        moved = await p.call("b", storage_api.INFO, VolumeQuery(name="m1-disk0", sha256=True))
         assert moved.sha256 == digest and moved.path.startswith(str(p.state("b")))
         assert after.spec.disks[0].path == moved.path
         with pytest.raises(NotFound):
-            await p.call("a", "vm", "info", VmRef(vm="m1"))
+            await p.call("a", vm_api.INFO, VmRef(vm="m1"))
         with pytest.raises(NotFound):  # the source's disk went with it
-            await p.call("a", "storage", "info", VolumeQuery(name="m1-disk0"))
+            await p.call("a", storage_api.INFO, VolumeQuery(name="m1-disk0"))
         rec = await p.record(before.uuid)
         assert rec.host == "b" and rec.spec.name == "m1"
         steps = [m for m in await _job_messages(p, st.job_id)]
@@ -166,11 +168,11 @@ async def test_refusals_leave_everything_as_it_was(nats_server: NatsServer,
         assert st.state == "failed" and "is on a already" in st.message
         st = await p.migrate(VmMigrate(vm="m2", to="nowhere"))
         assert st.state == "failed" and "no host 'nowhere' in the cluster" in st.message
-        await p.call("a", "vm", "start", VmRef(vm="m2"))
+        await p.call("a", vm_api.START, VmRef(vm="m2"))
         st = await p.migrate(VmMigrate(vm="m2", to="b"))
         assert st.state == "failed" and "is running: cold migration needs it shut off" in (
             st.message)
-        assert (await p.call("a", "vm", "info", VmRef(vm="m2"))).uuid == vm.uuid
+        assert (await p.call("a", vm_api.INFO, VmRef(vm="m2"))).uuid == vm.uuid
         assert (await p.record(vm.uuid)).host == "a"
 
 
@@ -190,16 +192,16 @@ async def test_target_storage_killed_mid_transfer_vm_stays_whole(
             st = await _wait(p, accepted.job_id, 90)
             assert st.state == "failed", st
             assert "failed at step 1/5" in st.message and "the VM is whole on a" in st.message
-            info = await p.call("a", "vm", "info", VmRef(vm="m4"))
+            info = await p.call("a", vm_api.INFO, VmRef(vm="m4"))
             assert info.uuid == vm.uuid and info.spec.disks[0].volume == "m4-disk0"
-            await p.call("a", "storage", "info", VolumeQuery(name="m4-disk0"))
+            await p.call("a", storage_api.INFO, VolumeQuery(name="m4-disk0"))
             assert (await p.record(vm.uuid)).host == "a"
             with pytest.raises(NotFound):
-                await p.call("b", "vm", "info", VmRef(vm="m4"))
+                await p.call("b", vm_api.INFO, VmRef(vm="m4"))
             await receiver.start()  # back: the job can be retried
             st = await p.migrate(VmMigrate(vm="m4", to="b"))
             assert st.state == "succeeded", st.message
-            assert (await p.call("b", "vm", "info", VmRef(vm="m4"))).uuid == vm.uuid
+            assert (await p.call("b", vm_api.INFO, VmRef(vm="m4"))).uuid == vm.uuid
         finally:
             await receiver.stop()
 
@@ -210,23 +212,23 @@ async def test_cancelled_mid_transfer_rolls_back(nats_server: NatsServer,
         vm = await p.vm("a", "m5")
         accepted = await p.start(VmMigrate(vm="m5", to="b", bwlimit_bytes_s=1 << 20))
         await _until_receiving(p, accepted.job_id)
-        await p.call("a", "vm", "cancel", JobRef(job_id=accepted.job_id))
+        await p.call("a", vm_api.CANCEL, JobRef(job_id=accepted.job_id))
         st = await _wait(p, accepted.job_id, 60)
         assert st.state == "cancelled", st
-        assert (await p.call("a", "vm", "info", VmRef(vm="m5"))).uuid == vm.uuid
+        assert (await p.call("a", vm_api.INFO, VmRef(vm="m5"))).uuid == vm.uuid
         assert (await p.record(vm.uuid)).host == "a"
         deadline = time.monotonic() + 30
-        while (await p.call("b", "storage", "incoming", Empty())).transfers:
+        while (await p.call("b", storage_api.INCOMING, Empty())).transfers:
             assert time.monotonic() < deadline, "b still holds the partial transfer"
             await _tick()
         with pytest.raises(NotFound):
-            await p.call("b", "storage", "info", VolumeQuery(name="m5-disk0"))
+            await p.call("b", storage_api.INFO, VolumeQuery(name="m5-disk0"))
 
 
 async def _until_receiving(p: Pair, job_id: str) -> None:
     deadline = time.monotonic() + 60
     while not await _receiving(p):
-        st = await p.call("a", "vm", "job", JobRef(job_id=job_id))
+        st = await p.call("a", vm_api.JOB, JobRef(job_id=job_id))
         assert st.state == "running", st
         assert time.monotonic() < deadline, "the transfer did not start"
         await _tick()
@@ -234,7 +236,7 @@ async def _until_receiving(p: Pair, job_id: str) -> None:
 
 async def _receiving(p: Pair) -> bool:
     try:
-        inc: IncomingList = await p.call("b", "storage", "incoming", Empty(), timeout=2)
+        inc: IncomingList = await p.call("b", storage_api.INCOMING, Empty(), timeout=2)
     except Exception:
         return False
     return any(t.committed_bytes > 0 for t in inc.transfers)
@@ -243,7 +245,7 @@ async def _receiving(p: Pair) -> bool:
 async def _wait(p: Pair, job_id: str, timeout: float) -> JobStatus:
     deadline = time.monotonic() + timeout
     while True:
-        st: JobStatus = await p.call("a", "vm", "job", JobRef(job_id=job_id))
+        st: JobStatus = await p.call("a", vm_api.JOB, JobRef(job_id=job_id))
         if st.state != "running":
             return st
         assert time.monotonic() < deadline, st

@@ -23,7 +23,8 @@ from shared.errors import (
     PayloadTooLarge,
     Unavailable,
 )
-from shared.messages import Ack, EndpointSpec, Heartbeat
+from shared.messages import Ack, Empty, EndpointSpec, Heartbeat
+from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
@@ -43,12 +44,12 @@ class Slow(msgspec.Struct, frozen=True, kw_only=True, tag="test.slow.v1"):
 
 
 ENDPOINTS = (
-    EndpointSpec("echo", Echo, Ack, "Repeat the text."),
-    EndpointSpec("fail", Echo, Ack, "Raise NotFound."),
-    EndpointSpec("crash", Echo, Ack, "Raise a bug."),
-    EndpointSpec("create", Echo, Ack, "Count calls (idempotency)."),
-    EndpointSpec("slow", Slow, Ack, "Take a while."),
-    EndpointSpec("work", Slow, Ack, "Start a job."),
+    EndpointSpec("catalogue", "echo", Echo, Ack, "Repeat the text."),
+    EndpointSpec("catalogue", "fail", Echo, Ack, "Raise NotFound."),
+    EndpointSpec("catalogue", "crash", Echo, Ack, "Raise a bug."),
+    EndpointSpec("catalogue", "create", Echo, Ack, "Count calls (idempotency)."),
+    EndpointSpec("catalogue", "slow", Slow, Ack, "Take a while."),
+    EndpointSpec("catalogue", "work", Slow, Ack, "Start a job."),
 )
 
 
@@ -156,7 +157,7 @@ async def test_a_host_that_does_not_exist_fails_fast(agent: Agent, client: Bus) 
         await client.request(subject("echo", "nohost"), Echo(), Ack, timeout=5)
     assert time.monotonic() - started < 2
     with pytest.raises(InvalidName):
-        await client.call("bad.host", "vm", "jobs")
+        await client.call("bad.host", vm_api.JOBS, Empty())
 
 
 async def test_slow_handler_does_not_block_other_requests(agent: Agent, client: Bus) -> None:

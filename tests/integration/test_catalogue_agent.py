@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from shared import contracts
 from shared.agent import Agent
 from shared.errors import (
     BadRequest,
@@ -22,6 +23,7 @@ from shared.errors import (
     NotFound,
 )
 from shared.messages import Empty
+from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import (
     ImageRef,
     ListRequest,
@@ -76,7 +78,7 @@ def image(srv: FileServer, ident: str, path: Path, fmt: str = "raw", **kw: Any) 
 
 
 async def pull(agent: Agent, ident: str, **kw: Any) -> Any:
-    accepted = await agent.bus.call(agent.host, "catalogue", "pull", PullRequest(id=ident, **kw))
+    accepted = await agent.bus.call(agent.host, catalogue_api.PULL, PullRequest(id=ident, **kw))
     return await agent.jobs.wait(accepted.job_id)
 
 
@@ -89,14 +91,14 @@ async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServ
     url = write_manifest(srv, [image(srv, "tiny", raw),
                                image(srv, "cloud", qcow, fmt="qcow2", family="linux")])
     bus = agent.bus
-    spec = await bus.call("h1", "catalogue", "source_add", SourceAdd(name="lab", url=url))
+    spec = await bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="lab", url=url))
     assert spec.kind == "manifest"
-    listed = await bus.call("h1", "catalogue", "list", ListRequest(source="lab"))
+    listed = await bus.call("h1", catalogue_api.LIST, ListRequest(source="lab"))
     assert [i.id for i in listed.images] == ["cloud", "tiny"]
-    found = await bus.call("h1", "catalogue", "list", ListRequest(family="linux", source="lab"))
+    found = await bus.call("h1", catalogue_api.LIST, ListRequest(family="linux", source="lab"))
     assert [i.id for i in found.images] == ["cloud"]
 
-    info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
+    info = await bus.call("h1", catalogue_api.INFO, ImageRef(id="cloud"))
     assert (info.template.firmware, info.template.memory) == ("uefi", 512 * MiB)
     assert info.path == "" and info.local is None
 
@@ -105,22 +107,22 @@ async def test_manifest_source_list_info_pull_remove(agent: Agent, srv: FileServ
     again = await pull(agent, "cloud")  # already there: no second download
     assert again.state == "succeeded" and again.message == "already pulled"
     assert len(srv.gets("cloud.qcow2")) == 1
-    info = await bus.call("h1", "catalogue", "info", ImageRef(id="cloud"))
+    info = await bus.call("h1", catalogue_api.INFO, ImageRef(id="cloud"))
     assert info.sha256 == sha(src) and Path(info.path).read_bytes() == src.read_bytes()
     assert info.local.source_format == "qcow2"
     kv = await bus.kv("images")
     assert json.loads((await kv.get("local.h1.cloud")).value or b"")["sha256"] == sha(src)
-    listed = await bus.call("h1", "catalogue", "list", ListRequest(search="cloud"))
+    listed = await bus.call("h1", catalogue_api.LIST, ListRequest(search="cloud"))
     assert listed.images[0].local == "ready"
 
-    await bus.call("h1", "catalogue", "remove", ImageRef(id="cloud"))
+    await bus.call("h1", catalogue_api.REMOVE, ImageRef(id="cloud"))
     assert not Path(info.path).exists()
     with pytest.raises(NotFound):
-        await bus.call("h1", "catalogue", "remove", ImageRef(id="cloud"))
+        await bus.call("h1", catalogue_api.REMOVE, ImageRef(id="cloud"))
 
-    await bus.call("h1", "catalogue", "source_remove", SourceRef(name="lab"))
+    await bus.call("h1", catalogue_api.SOURCE_REMOVE, SourceRef(name="lab"))
     with pytest.raises(NotFound, match="no image 'tiny'"):
-        await bus.call("h1", "catalogue", "info", ImageRef(id="tiny"))
+        await bus.call("h1", catalogue_api.INFO, ImageRef(id="tiny"))
 
 
 async def test_simplestreams_tree(agent: Agent, srv: FileServer, tmp_path: Path) -> None:
@@ -147,9 +149,9 @@ async def test_simplestreams_tree(agent: Agent, srv: FileServer, tmp_path: Path)
         "debian:bookworm:amd64:container": {"arch": "amd64", "os": "debian", "versions": {
             "1": {"items": {"r": {"ftype": "squashfs", "path": "z", "size": 1}}}}}}}))
     bus = agent.bus
-    await bus.call("h1", "catalogue", "source_add",
+    await bus.call("h1", catalogue_api.SOURCE_ADD,
                    SourceAdd(name="ss", url=srv.url(""), kind="simplestreams"))
-    listed = await bus.call("h1", "catalogue", "list", ListRequest(source="ss"))
+    listed = await bus.call("h1", catalogue_api.LIST, ListRequest(source="ss"))
     assert [i.id for i in listed.images] == ["debian-bookworm-amd64-cloud"]
     assert listed.images[0].archs == ["x86_64"]
     status = await pull(agent, "debian-bookworm-amd64-cloud")
@@ -174,8 +176,8 @@ async def test_bad_manifest_is_refused_with_a_clear_error(
         agent: Agent, srv: FileServer, images: list[dict[str, Any]], match: str) -> None:
     url = write_manifest(srv, images)
     with pytest.raises(BadRequest, match=match):
-        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="bad", url=url))
-    sources = await agent.bus.call("h1", "catalogue", "sources", Empty())
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="bad", url=url))
+    sources = await agent.bus.call("h1", catalogue_api.SOURCES, Empty())
     assert "bad" not in [s.name for s in sources.sources]
 
 
@@ -185,27 +187,27 @@ async def test_toml_manifest(agent: Agent, srv: FileServer) -> None:
         f'[[images]]\nid = "t"\nname = "T"\narch = "amd64"\nurl = "t.raw"\nformat = "raw"\n'
         f'sha256 = "{sha(raw)}"\nsize = {raw.stat().st_size}\n'
         '[images.requirements]\nsecure_boot = true\ntpm = "2.0"\n')
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="toml", url=srv.url("m.toml")))
-    info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="t"))
+    info = await agent.bus.call("h1", catalogue_api.INFO, ImageRef(id="t"))
     assert (info.template.secure_boot, info.template.tpm) == (True, "2.0")
 
 
 @pytest.mark.parametrize("url", ["file:///etc/", "ftp://example.org/m.json", "javascript:x"])
 async def test_source_with_non_http_url_is_refused(agent: Agent, url: str) -> None:
     with pytest.raises(Forbidden, match="refusing"):
-        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="x", url=url))
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="x", url=url))
 
 
 async def test_duplicate_and_configured_sources(agent: Agent, srv: FileServer) -> None:
     url = write_manifest(srv, [])
-    await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a", url=url))
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="a", url=url))
     with pytest.raises(Conflict):
-        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a", url=url))
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="a", url=url))
     with pytest.raises(Forbidden, match="configuration"):
-        await agent.bus.call("h1", "catalogue", "source_remove", SourceRef(name="builtin"))
+        await agent.bus.call("h1", catalogue_api.SOURCE_REMOVE, SourceRef(name="builtin"))
     with pytest.raises(InvalidName):
-        await agent.bus.call("h1", "catalogue", "source_add", SourceAdd(name="a/b", url=url))
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="a/b", url=url))
 
 
 @pytest.mark.parametrize("ident", ["../etc/passwd", "a/b", "..", ".hidden", "a\\b", ""])
@@ -213,17 +215,17 @@ async def test_ids_with_path_separators_are_refused(agent: Agent, ident: str) ->
     for verb, req in (("info", ImageRef(id=ident)), ("remove", ImageRef(id=ident)),
                       ("pull", PullRequest(id=ident)), ("source_remove", SourceRef(name=ident))):
         with pytest.raises(InvalidName, match="no path separators"):
-            await agent.bus.call("h1", "catalogue", verb, req)
+            await agent.bus.call("h1", contracts.spec("catalogue", verb), req)
 
 
 async def test_unverified_pull_refused_then_allowed(agent: Agent, srv: FileServer) -> None:
     raw = make_sparse_raw(srv.root / "u.raw", MiB)
     img = image(srv, "u", raw)
     del img["sha256"]
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="m", url=write_manifest(srv, [img])))
     with pytest.raises(Forbidden, match="--allow-unverified"):
-        await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="u"))
+        await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="u"))
     status = await pull(agent, "u", allow_unverified=True)
     assert status.state == "succeeded" and status.result["state"] == "unverified"
 
@@ -232,10 +234,10 @@ async def test_image_bigger_than_the_pool_is_refused_at_once(agent: Agent,
                                                              srv: FileServer) -> None:
     raw = make_sparse_raw(srv.root / "huge.raw", MiB)
     img = {**image(srv, "huge", raw), "size": 1 << 55}
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="m", url=write_manifest(srv, [img])))
     with pytest.raises(InsufficientResources, match="bytes free"):
-        await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="huge"))
+        await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="huge"))
     assert srv.gets("huge.raw") == []
     assert agent.registry.get_sample_value("phyllome_catalogue_pulls_total",
                                            {"outcome": "refused"}) == 1
@@ -244,7 +246,7 @@ async def test_image_bigger_than_the_pool_is_refused_at_once(agent: Agent,
 async def test_tampered_pull_fails_and_leaves_no_file(agent: Agent, srv: FileServer) -> None:
     raw = make_sparse_raw(srv.root / "t.raw", MiB)
     img = image(srv, "t", raw)
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="m", url=write_manifest(srv, [img])))
     raw.write_bytes(b"\x01" + raw.read_bytes()[1:])  # the mirror now serves other bytes
     status = await pull(agent, "t")
@@ -256,15 +258,15 @@ async def test_tampered_pull_fails_and_leaves_no_file(agent: Agent, srv: FileSer
 
 async def test_two_pulls_share_one_download_and_cancel(agent: Agent, srv: FileServer) -> None:
     raw = make_sparse_raw(srv.root / "slow.raw", 32 * MiB)
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="m", url=write_manifest(srv, [image(srv, "slow", raw)])))
     srv.rate = 4 * MiB
-    first = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="slow"))
-    second = await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="slow"))
+    first = await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="slow"))
+    second = await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="slow"))
     assert first.job_id == second.job_id
     job = agent.jobs.get(first.job_id)
     await until("bytes to flow", lambda: job.done > 0, timeout=30)
-    status = await agent.bus.call("h1", "catalogue", "cancel", JobRef(job_id=first.job_id))
+    status = await agent.bus.call("h1", catalogue_api.CANCEL, JobRef(job_id=first.job_id))
     assert status.state == "cancelled"
     assert len(srv.gets("slow.raw")) == 1
     pool = Path(agent.cfg.state_dir) / "images/pool"
@@ -273,7 +275,7 @@ async def test_two_pulls_share_one_download_and_cancel(agent: Agent, srv: FileSe
 
 async def test_link_rot_probe_publishes_an_event(agent: Agent, srv: FileServer) -> None:
     raw = make_sparse_raw(srv.root / "l.raw", MiB)
-    await agent.bus.call("h1", "catalogue", "source_add",
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                          SourceAdd(name="m", url=write_manifest(srv, [image(srv, "l", raw)])))
     handlers = agent.handlers
     await handlers.probe_all()
@@ -303,7 +305,7 @@ async def test_pull_of_builtin_tiny_offline(nats_server: NatsServer, tmp_path: P
         assert status.state == "succeeded", status.message
         status = await pull(agent, "phyllome-tiny")
         assert status.state == "succeeded", status.message
-        info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="phyllome-tiny"))
+        info = await agent.bus.call("h1", catalogue_api.INFO, ImageRef(id="phyllome-tiny"))
         assert info.sha256 == sha(disk) and info.local.state == "ready"
         assert (info.template.firmware, info.template.secure_boot, info.template.tpm) == (
             "uefi", True, "2.0")
@@ -314,18 +316,18 @@ async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
     extra = {"probe_interval_s": 0, "builtin_dir": str(tmp_path / "b")}
     async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
                                 extra=extra) as agent:
-        listed = await agent.bus.call("h1", "catalogue", "list",
+        listed = await agent.bus.call("h1", catalogue_api.LIST,
                                       ListRequest(downloadable=True, source="osinfo"))
         assert len(listed.images) >= 30
         assert {"fedora37", "debian11", "ubuntu22.04"} <= {i.id for i in listed.images}
-        win = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="win11"))
+        win = await agent.bus.call("h1", catalogue_api.INFO, ImageRef(id="win11"))
         assert (win.template.firmware, win.template.secure_boot, win.template.tpm) == (
             "uefi", True, "2.0")
         assert win.template.memory == 4 << 30
         with pytest.raises(Forbidden, match="no published sha256"):
-            await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="fedora37"))
+            await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="fedora37"))
         with pytest.raises(NotFound, match="no disk image for x86_64.*install media"):
-            await agent.bus.call("h1", "catalogue", "pull", PullRequest(id="win11"))
+            await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="win11"))
 
 
 async def test_every_host_sees_the_same_catalogue(nats_server: NatsServer, srv: FileServer,
@@ -336,16 +338,16 @@ async def test_every_host_sees_the_same_catalogue(nats_server: NatsServer, srv: 
                                 extra={**extra, "builtin_dir": str(tmp_path / "b1")}) as h1, \
             agent_in_process("catalogue", nats_server.url, tmp_path / "h2", host="h2",
                              extra={**extra, "builtin_dir": str(tmp_path / "b2")}) as h2:
-        await h1.bus.call("h1", "catalogue", "source_add",
+        await h1.bus.call("h1", catalogue_api.SOURCE_ADD,
                           SourceAdd(name="m", url=write_manifest(srv, [image(srv, "s", raw)])))
         await until("h2's KV watcher to bring s", lambda: "s" in h2.handlers.entries,
                     timeout=10, interval=0.02)
-        listed = await h2.bus.call("h2", "catalogue", "list", ListRequest(source="m"))
+        listed = await h2.bus.call("h2", catalogue_api.LIST, ListRequest(source="m"))
         assert [i.id for i in listed.images] == ["s"]
         status = await pull(h2, "s")
         assert status.state == "succeeded" and status.result["host"] == "h2"
-        await h2.bus.call("h2", "catalogue", "refresh", Empty())  # h2 also reads source m
-        await h1.bus.call("h1", "catalogue", "source_remove", SourceRef(name="m"))
+        await h2.bus.call("h2", catalogue_api.REFRESH, Empty())  # h2 also reads source m
+        await h1.bus.call("h1", catalogue_api.SOURCE_REMOVE, SourceRef(name="m"))
         await until("s to leave h2's catalogue", lambda: "s" not in h2.handlers.entries,
                     timeout=10, interval=0.02)
 
@@ -359,7 +361,7 @@ async def test_pull_interrupted_resumes_where_it_stopped(nats_server: NatsServer
     async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
                                 extra=extra) as agent:
         img = {**image(srv, "r", raw), "url": "https://images.example.org/r.raw"}
-        await agent.bus.call("h1", "catalogue", "source_add",
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
                              SourceAdd(name="m", url=write_manifest(srv, [img])))
         srv.drop_after = 5 * MiB
         status = await pull(agent, "r")

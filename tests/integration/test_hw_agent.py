@@ -21,6 +21,7 @@ from shared.agent import Agent
 from shared.contracts import event_decoder
 from shared.errors import Conflict, Forbidden, InvalidMessage, InvalidName, NotFound
 from shared.messages import Empty, Heartbeat
+from shared.messages import hardware as hardware_api
 from shared.messages.hardware import (
     BindRequest,
     BootProbe,
@@ -77,21 +78,21 @@ async def job_done(agent: Agent, job_id: str) -> JobStatus:
 async def test_reads_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
         bus = agent.bus
-        gpus = await bus.call("h1", "hardware", "list", DeviceQuery(kind="gpu"))
+        gpus = await bus.call("h1", hardware_api.LIST, DeviceQuery(kind="gpu"))
         assert [d.address for d in gpus.devices] == ["0000:00:02.0", "0000:01:00.0"]
-        dev = await bus.call("h1", "hardware", "device", DeviceRef(address="01:00.0"))
+        dev = await bus.call("h1", hardware_api.DEVICE, DeviceRef(address="01:00.0"))
         assert dev.passthrough.verdict == "with-companions" and dev.vendor == "NVIDIA Corporation"
-        groups = await bus.call("h1", "hardware", "groups", Empty())
+        groups = await bus.call("h1", hardware_api.GROUPS, Empty())
         assert groups.iommu and [g.id for g in groups.groups] == [0, 1, 2, 3, 4, 5]
-        caps = await bus.call("h1", "hardware", "caps", Empty())
+        caps = await bus.call("h1", hardware_api.CAPS, Empty())
         assert (caps.cpu_vendor, caps.virt_extension, caps.nested) == ("intel", "vmx", True)
         assert caps.kvm_ioctl == "not-run" and caps.kvm_usable is False
-        report = await bus.call("h1", "hardware", "report", Empty())
+        report = await bus.call("h1", hardware_api.REPORT, Empty())
         assert len(report.devices) == 15 and len(report.gpus) == 2
         with pytest.raises(NotFound, match="no PCI device 0000:07:00.0"):
-            await bus.call("h1", "hardware", "device", DeviceRef(address="0000:07:00.0"))
+            await bus.call("h1", hardware_api.DEVICE, DeviceRef(address="0000:07:00.0"))
         with pytest.raises(InvalidName, match="not a PCI address"):
-            await bus.call("h1", "hardware", "device", DeviceRef(address="gpu0"))
+            await bus.call("h1", hardware_api.DEVICE, DeviceRef(address="gpu0"))
         with pytest.raises(InvalidMessage):
             await bus.request(subjects.command("h1", "hardware", "list"), {"kind": "toaster"},
                               Empty)
@@ -109,11 +110,11 @@ async def test_caps_in_the_heartbeat_and_the_boot_probe_decides(
         hb = await heartbeat()
         assert hb.details["caps"]["kvm_usable"] is False
         assert hb.details["caps"]["iommu"] is True
-        caps = await agent.bus.call("h1", "hardware", "boot_probe",
+        caps = await agent.bus.call("h1", hardware_api.BOOT_PROBE,
                                     BootProbe(result="passed", detail="tiny guest ready"))
         assert caps.kvm_boot_probe == "passed" and caps.kvm_usable is True
         assert (await heartbeat()).details["caps"]["kvm_usable"] is True
-        caps = await agent.bus.call("h1", "hardware", "boot_probe", BootProbe(result="failed"))
+        caps = await agent.bus.call("h1", hardware_api.BOOT_PROBE, BootProbe(result="failed"))
         assert caps.kvm_usable is False
 
 
@@ -121,24 +122,24 @@ async def test_bind_and_release_jobs_with_events(nats_server, tmp_path: Path) ->
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b), \
             events(agent, "device.changed") as changed:
         bus = agent.bus
-        accepted = await bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.0"))
+        accepted = await bus.call("h1", hardware_api.BIND, BindRequest(address="0000:01:00.0"))
         st = await job_done(agent, accepted.job_id)
         assert st.state == "succeeded", st.message
         assert st.result["devices"] == ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2",
                                         "0000:01:00.3"]
         seen = [await asyncio.wait_for(changed.get(), 5) for _ in range(4)]
         assert all(isinstance(e, DeviceChanged) and e.device.driver == "vfio-pci" for e in seen)
-        dev = await bus.call("h1", "hardware", "device", DeviceRef(address="0000:01:00.1"))
+        dev = await bus.call("h1", hardware_api.DEVICE, DeviceRef(address="0000:01:00.1"))
         assert dev.driver == "vfio-pci"
-        accepted = await bus.call("h1", "hardware", "release", DeviceRef(address="01:00.1"))
+        accepted = await bus.call("h1", hardware_api.RELEASE, DeviceRef(address="01:00.1"))
         st = await job_done(agent, accepted.job_id)
         assert st.state == "succeeded", st.message
         assert st.result["drivers"] == {"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel",
                                         "0000:01:00.2": "xhci_hcd", "0000:01:00.3": "nvidia-gpu"}
         with pytest.raises(Forbidden, match="boot GPU"):
-            await bus.call("h1", "hardware", "bind", BindRequest(address="0000:00:02.0"))
+            await bus.call("h1", hardware_api.BIND, BindRequest(address="0000:00:02.0"))
         with pytest.raises(Conflict, match="not bound to vfio-pci"):
-            await bus.call("h1", "hardware", "release", DeviceRef(address="0000:01:00.0"))
+            await bus.call("h1", hardware_api.RELEASE, DeviceRef(address="0000:01:00.0"))
 
 
 async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> None:  # noqa: F811
@@ -152,8 +153,8 @@ async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> No
 
         handlers.ops.bind = held  # type: ignore[method-assign]
         results = await asyncio.gather(
-            agent.bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.0")),
-            agent.bus.call("h1", "hardware", "bind", BindRequest(address="0000:01:00.1")),
+            agent.bus.call("h1", hardware_api.BIND, BindRequest(address="0000:01:00.0")),
+            agent.bus.call("h1", hardware_api.BIND, BindRequest(address="0000:01:00.1")),
             return_exceptions=True)
         won = [r for r in results if not isinstance(r, BaseException)]
         lost = [r for r in results if isinstance(r, BaseException)]
@@ -163,7 +164,7 @@ async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> No
         gate.set()
         st = await job_done(agent, won[0].job_id)
         assert st.state == "succeeded", st.message
-        again = await agent.bus.call("h1", "hardware", "release",
+        again = await agent.bus.call("h1", hardware_api.RELEASE,
                                      DeviceRef(address="0000:01:00.0"))
         assert (await job_done(agent, again.job_id)).state == "succeeded"
 
@@ -171,18 +172,18 @@ async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> No
 async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder):
         handlers.fs.after_write = TreeKernel(builder, {"bus/pci/drivers_probe": 2})
-        accepted = await agent.bus.call("h1", "hardware", "bind",
+        accepted = await agent.bus.call("h1", hardware_api.BIND,
                                         BindRequest(address="0000:01:00.0"))
         st = await job_done(agent, accepted.job_id)
         assert st.state == "failed" and st.error_kind == "backend"
         assert "failed at 'probe 0000:01:00.1'" in st.message and "rolled back" in st.message
-        dev = await agent.bus.call("h1", "hardware", "device", DeviceRef(address="0000:01:00.0"))
+        dev = await agent.bus.call("h1", hardware_api.DEVICE, DeviceRef(address="0000:01:00.0"))
         assert dev.driver == "nvidia"
 
 
 async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
-        accepted = await agent.bus.call("h1", "hardware", "bind",
+        accepted = await agent.bus.call("h1", hardware_api.BIND,
                                         BindRequest(address="0000:01:00.0"))
         assert (await job_done(agent, accepted.job_id)).state == "succeeded"
         fd = tmp_path / "proc/999/fd"
@@ -190,18 +191,18 @@ async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Pa
         (fd / "30").symlink_to("/dev/vfio/1")
         (tmp_path / "proc/999/cmdline").write_bytes(b"qemu-system-x86_64\0-name\0guest=gamer\0")
         with pytest.raises(Conflict, match=r"pid 999 \(VM gamer\)"):
-            await agent.bus.call("h1", "hardware", "release", DeviceRef(address="0000:01:00.3"))
+            await agent.bus.call("h1", hardware_api.RELEASE, DeviceRef(address="0000:01:00.3"))
 
 
 async def test_mdev_and_sriov_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
-        info = await agent.bus.call("h1", "hardware", "mdev_create", MdevCreate(
+        info = await agent.bus.call("h1", hardware_api.MDEV_CREATE, MdevCreate(
             address="0000:00:02.0", mdev_type="i915-GVTg_V5_8"))
-        ack = await agent.bus.call("h1", "hardware", "mdev_remove", MdevRef(uuid=info.uuid))
+        ack = await agent.bus.call("h1", hardware_api.MDEV_REMOVE, MdevRef(uuid=info.uuid))
         assert info.uuid in ack.message
     async with hw_agent(nats_server.url, tmp_path / "b", "sriov-nic") as (agent, _h, _b), \
             events(agent, "device.*") as seen:
-        pf = await agent.bus.call("h1", "hardware", "sriov_set",
+        pf = await agent.bus.call("h1", hardware_api.SRIOV_SET,
                                   SriovSet(address="0000:03:00.0", num_vfs=3))
         assert len(pf.virtfns) == 3
         got = [await asyncio.wait_for(seen.get(), 5) for _ in range(6)]
@@ -228,7 +229,7 @@ async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path
         await handlers.device_event("remove", "0000:06:00.0")
         ev = await asyncio.wait_for(seen.get(), 5)
         assert isinstance(ev, DeviceRemoved) and ev.address == "0000:06:00.0"
-        listed = await agent.bus.call("h1", "hardware", "list", DeviceQuery(kind="net"))
+        listed = await agent.bus.call("h1", hardware_api.LIST, DeviceQuery(kind="net"))
         assert [d.address for d in listed.devices] == ["0000:00:1f.6"]
 
 

@@ -12,6 +12,7 @@ import pytest
 from services.vm import domain_xml
 from shared import subjects
 from shared.bus import Bus
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmInfo, VmListRequest, VmRef, VmSpec, VmUpdate
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
@@ -31,11 +32,11 @@ async def test_vnc_password_stays_in_libvirt_only(nats_server: NatsServer, tmp_p
                                 libvirt_uri=libvirt_test_uri, accelerator="tcg") as agent:
         bus = await Bus.connect(nats_server.url, name="t", host="h1", give_up_after=5)
         spec = VmSpec(name="locked", firmware="bios", display="vnc", password=SECRET)
-        created: VmInfo = await bus.call("h1", "vm", "create", VmCreate(spec=spec))
-        await bus.call("h1", "vm", "update", VmUpdate(vm="locked", memory_mib=512))
-        replies = [created, await bus.call("h1", "vm", "info", VmRef(vm="locked")),
-                   await bus.call("h1", "vm", "list", VmListRequest())]
-        await bus.call("h1", "vm", "start", VmRef(vm="locked"))
+        created: VmInfo = await bus.call("h1", vm_api.CREATE, VmCreate(spec=spec))
+        await bus.call("h1", vm_api.UPDATE, VmUpdate(vm="locked", memory_mib=512))
+        replies = [created, await bus.call("h1", vm_api.INFO, VmRef(vm="locked")),
+                   await bus.call("h1", vm_api.LIST, VmListRequest())]
+        await bus.call("h1", vm_api.START, VmRef(vm="locked"))
         metrics = httpx.get(agent.metrics_url).text
         events = [d async for _s, _t, d in bus.events(subjects.EVENTS_ALL)]
         kv = {key: value for key, _rev, value in await bus.kv_entries(subjects.KV_VMS)}
@@ -58,8 +59,8 @@ async def test_update_keeps_the_password_in_the_domain(nats_server: NatsServer, 
                                 libvirt_uri=libvirt_test_uri, accelerator="tcg") as agent:
         bus = await Bus.connect(nats_server.url, name="t", host="h1", give_up_after=5)
         spec = VmSpec(name="kept", firmware="bios", display="vnc", password=SECRET)
-        await bus.call("h1", "vm", "create", VmCreate(spec=spec))
-        await bus.call("h1", "vm", "update", VmUpdate(vm="kept", vcpus=1))
+        await bus.call("h1", vm_api.CREATE, VmCreate(spec=spec))
+        await bus.call("h1", vm_api.UPDATE, VmUpdate(vm="kept", vcpus=1))
         dom = await agent.handlers.hv.domain("kept")
         kept = domain_xml.spec_of(await agent.handlers.hv.xml(dom.uuid))
         await bus.nc.close()

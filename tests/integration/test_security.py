@@ -15,7 +15,8 @@ import pytest
 from shared import security, subjects
 from shared.bus import Bus
 from shared.errors import Unavailable
-from shared.messages import AgentStopping, Heartbeat
+from shared.messages import AgentStopping, Empty, Heartbeat
+from shared.messages import storage as storage_api
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.wait import until
@@ -98,7 +99,7 @@ async def test_admin_sets_up_then_agents_run_with_their_own_identity(
         operator = await Bus.connect(server.url, name="cli", host="h1",
                                      user="operator", password=op_env["PHYLLOME_NATS_PASSWORD"],
                                      ca=op_env["PHYLLOME_NATS_CA"], give_up_after=5)
-        pools = await operator.call("h1", "storage", "pools")
+        pools = await operator.call("h1", storage_api.POOLS, Empty())
         assert pools.pools, "the storage agent answered its own command as h1-storage"
         beats = await operator.kv_values(subjects.KV_HOSTS, Heartbeat)
         assert [(b.host, b.agent) for b in beats] == [("h1", "storage")]

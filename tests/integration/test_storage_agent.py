@@ -15,6 +15,7 @@ import httpx
 import msgspec
 import pytest
 
+from shared import contracts
 from shared.bus import Bus
 from shared.errors import (
     BadRequest,
@@ -24,6 +25,7 @@ from shared.errors import (
     InvalidName,
 )
 from shared.messages import Empty
+from shared.messages import storage as storage_api
 from shared.messages.jobs import JobFinished, JobRef
 from shared.messages.storage import (
     CloneVolume,
@@ -59,33 +61,33 @@ def sha256_file(path: Path) -> str:
 async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
-        pools = await bus.call("h1", "storage", "pools", Empty())
+        pools = await bus.call("h1", storage_api.POOLS, Empty())
         assert [p.name for p in pools.pools] == ["default"]
         assert pools.pools[0].path == str(tmp_path / "h1" / "pools" / "default")
-        info = await bus.call("h1", "storage", "create",
+        info = await bus.call("h1", storage_api.CREATE,
                               CreateVolume(name="disk0", size_bytes=1 << 30))
         assert (info.virtual_bytes, info.allocated_bytes) == (1 << 30, 0)
         make_sparse(Path(info.path), 1 << 30, scatter(1 << 30, 8, 1 << 20))
-        acc = await bus.call("h1", "storage", "clone",
+        acc = await bus.call("h1", storage_api.CLONE,
                              CloneVolume(name="disk0", dst_name="disk1"))
         st = await finished(bus, "h1", acc.job_id)
         assert st.state == "succeeded", st.message
         assert st.result["method"] in ("reflink", "copy")
-        src = await bus.call("h1", "storage", "info", VolumeQuery(name="disk0", sha256=True),
+        src = await bus.call("h1", storage_api.INFO, VolumeQuery(name="disk0", sha256=True),
                              timeout=60)
-        dst = await bus.call("h1", "storage", "info", VolumeQuery(name="disk1", sha256=True),
+        dst = await bus.call("h1", storage_api.INFO, VolumeQuery(name="disk1", sha256=True),
                              timeout=60)
         assert src.sha256 == dst.sha256 == sha256_file(Path(src.path))
         assert abs(dst.allocated_bytes - src.allocated_bytes) <= src.allocated_bytes / 100
-        vols = await bus.call("h1", "storage", "volumes", ListVolumes())
+        vols = await bus.call("h1", storage_api.VOLUMES, ListVolumes())
         assert [v.name for v in vols.volumes] == ["disk0", "disk1"]
-        grown = await bus.call("h1", "storage", "resize",
+        grown = await bus.call("h1", storage_api.RESIZE,
                                ResizeVolume(name="disk1", size_bytes=2 << 30))
         assert grown.virtual_bytes == 2 << 30
         with pytest.raises(BadRequest, match="only growing"):
-            await bus.call("h1", "storage", "resize", ResizeVolume(name="disk1",
+            await bus.call("h1", storage_api.RESIZE, ResizeVolume(name="disk1",
                                                                    size_bytes=1 << 30))
-        await bus.call("h1", "storage", "delete", VolumeRef(name="disk1"))
+        await bus.call("h1", storage_api.DELETE, VolumeRef(name="disk1"))
         assert not Path(dst.path).exists()
         text = await asyncio.to_thread(lambda: httpx.get(a.metrics_url, timeout=5).text)
         series = dict(line.rsplit(" ", 1) for line in text.splitlines()
@@ -104,13 +106,13 @@ async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:  #
 async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
-        src = await a.bus.call("h1", "storage", "create",
+        src = await a.bus.call("h1", storage_api.CREATE,
                                CreateVolume(name="vm1", size_bytes=10 << 30))
         make_sparse(Path(src.path), 10 << 30, scatter(10 << 30, 40, 1 << 20))
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="vm1", to_host="h2"))
         st = await finished(a.bus, "h1", acc.job_id)
         assert st.state == "succeeded", st.message
-        got = await b.bus.call("h2", "storage", "info", VolumeQuery(name="vm1"))
+        got = await b.bus.call("h2", storage_api.INFO, VolumeQuery(name="vm1"))
         assert same_sparse_content(Path(src.path), Path(got.path))
         assert got.virtual_bytes == 10 << 30
         assert got.allocated_bytes == os.stat(src.path).st_blocks * 512
@@ -122,18 +124,18 @@ async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:  
         bus = a.bus
         for name in ("a/b", "..", "x\x00y", "-x", "x" * 300):
             with pytest.raises(InvalidName):
-                await bus.call("h1", "storage", "create", CreateVolume(name=name, size_bytes=512))
+                await bus.call("h1", storage_api.CREATE, CreateVolume(name=name, size_bytes=512))
         for size in (-1, 0):
             with pytest.raises(BadRequest, match="positive"):
-                await bus.call("h1", "storage", "create", CreateVolume(name="d", size_bytes=size))
+                await bus.call("h1", storage_api.CREATE, CreateVolume(name="d", size_bytes=size))
         with pytest.raises(InsufficientResources, match="beyond pool"):
-            await bus.call("h1", "storage", "create", CreateVolume(name="d", size_bytes=1 << 60))
+            await bus.call("h1", storage_api.CREATE, CreateVolume(name="d", size_bytes=1 << 60))
         pool = tmp_path / "h1" / "pools" / "default"
         (pool / "evil").symlink_to("/etc/passwd")
         with pytest.raises(Forbidden, match="symlink"):
-            await bus.call("h1", "storage", "info", VolumeQuery(name="evil", sha256=True))
+            await bus.call("h1", storage_api.INFO, VolumeQuery(name="evil", sha256=True))
         with pytest.raises(Forbidden, match="outside the import directories"):
-            await bus.call("h1", "storage", "import_file",
+            await bus.call("h1", storage_api.IMPORT_FILE,
                            ImportVolume(name="x", source="/etc/passwd"))
         assert os.listdir(pool) == ["evil"]
 
@@ -141,17 +143,17 @@ async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:  
 async def test_two_clones_to_one_destination_and_cancel(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
-        src = await bus.call("h1", "storage", "create", CreateVolume(name="src",
+        src = await bus.call("h1", storage_api.CREATE, CreateVolume(name="src",
                                                                      size_bytes=8 << 30))
         make_sparse(Path(src.path), 8 << 30, scatter(8 << 30, 256, 4 << 20))
-        first = await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
+        first = await bus.call("h1", storage_api.CLONE, CloneVolume(name="src", dst_name="dst"))
         with pytest.raises(Conflict, match="being created by another request"):
-            await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
-        st = await bus.call("h1", "storage", "cancel", JobRef(job_id=first.job_id))
+            await bus.call("h1", storage_api.CLONE, CloneVolume(name="src", dst_name="dst"))
+        st = await bus.call("h1", storage_api.CANCEL, JobRef(job_id=first.job_id))
         assert st.state == "cancelled", st
         pool = tmp_path / "h1" / "pools" / "default"
         assert sorted(p.name for p in pool.iterdir()) == ["src"]
-        again = await bus.call("h1", "storage", "clone", CloneVolume(name="src", dst_name="dst"))
+        again = await bus.call("h1", storage_api.CLONE, CloneVolume(name="src", dst_name="dst"))
         assert (await finished(bus, "h1", again.job_id)).state == "succeeded"
 
 
@@ -162,39 +164,39 @@ async def test_volume_of_a_running_vm_is_not_touched(nats_server, tmp_path: Path
 
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
-        disk = await bus.call("h1", "storage", "create", CreateVolume(name="web-disk",
+        disk = await bus.call("h1", storage_api.CREATE, CreateVolume(name="web-disk",
                                                                       size_bytes=1 << 20))
         kv = await bus.kv(subjects.KV_VMS)
         record = VmRecord(spec=VmSpec(name="web", uuid="u1", disks=[Disk(path=disk.path)]),
                           host="h1", state="running")
         await kv.put("u1", encode(record))
-        info = await bus.call("h1", "storage", "info", VolumeQuery(name="web-disk"))
+        info = await bus.call("h1", storage_api.INFO, VolumeQuery(name="web-disk"))
         assert (info.attached_to, info.attached_state) == ("web", "running")
         for verb, req in (("delete", VolumeRef(name="web-disk")),
                           ("clone", CloneVolume(name="web-disk", dst_name="c")),
                           ("resize", ResizeVolume(name="web-disk", size_bytes=2 << 20)),
                           ("send", SendVolume(name="web-disk", to_host="h2"))):
             with pytest.raises(Conflict, match="is a disk of VM 'web', which is running"):
-                await bus.call("h1", "storage", verb, req)
+                await bus.call("h1", contracts.spec("storage", verb), req)
         await kv.put("u1", encode(msgspec.structs.replace(record, state="shutoff")))
-        await bus.call("h1", "storage", "delete", VolumeRef(name="web-disk"))
+        await bus.call("h1", storage_api.DELETE, VolumeRef(name="web-disk"))
 
 
 async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_path: Path) -> None:  # noqa: F811
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
-        src = await a.bus.call("h1", "storage", "create", CreateVolume(name="v",
+        src = await a.bus.call("h1", storage_api.CREATE, CreateVolume(name="v",
                                                                        size_bytes=1 << 30))
         make_sparse(Path(src.path), 1 << 30, scatter(1 << 30, 4, 1 << 20))
-        there = await b.bus.call("h2", "storage", "create", CreateVolume(name="v",
+        there = await b.bus.call("h2", storage_api.CREATE, CreateVolume(name="v",
                                                                          size_bytes=1 << 20))
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h2"))
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h2"))
         st = await finished(a.bus, "h1", acc.job_id)
         assert (st.state, st.error_kind) == ("failed", "conflict"), st
         assert "exists already" in st.message
         assert os.stat(there.path).st_size == 1 << 20  # untouched
         assert sorted(p.name for p in Path(there.path).parent.iterdir()) == ["v"]
-        gone = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h9"))
+        gone = await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h9"))
         st = await finished(a.bus, "h1", gone.job_id)
         assert (st.state, st.error_kind) == ("failed", "unavailable"), st
 
@@ -248,13 +250,13 @@ async def test_send_through_a_server_with_the_default_max_payload(tmp_path: Path
         async with agent_in_process("storage", server.url, tmp_path / "h1", "h1") as a, \
                 agent_in_process("storage", server.url, tmp_path / "h2", "h2") as b:
             assert a.bus.nc.max_payload == 1 << 20
-            src = await a.bus.call("h1", "storage", "create",
+            src = await a.bus.call("h1", storage_api.CREATE,
                                    CreateVolume(name="v", size_bytes=1 << 30))
             make_sparse(Path(src.path), 1 << 30, scatter(1 << 30, 6, 3 << 20))
-            acc = await a.bus.call("h1", "storage", "send", SendVolume(name="v", to_host="h2"))
+            acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h2"))
             st = await finished(a.bus, "h1", acc.job_id)
             assert st.state == "succeeded", st.message
-            got = await b.bus.call("h2", "storage", "info", VolumeQuery(name="v"))
+            got = await b.bus.call("h2", storage_api.INFO, VolumeQuery(name="v"))
             assert same_sparse_content(Path(src.path), Path(got.path))
     finally:
         server.stop()

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared import subjects
+from shared import contracts, subjects
 from shared.agent import Agent
 from shared.codec import encode
 from shared.errors import (
@@ -23,6 +23,8 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished
 from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
@@ -61,7 +63,7 @@ async def vm_agent(nats: NatsServer, state: Path, uri: str,
 
 
 async def call(agent: Agent, verb: str, req: Any, timeout: float = 10.0) -> Any:
-    return await agent.bus.call(HOST, "vm", verb, req, timeout=timeout)
+    return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
 
 
 def raw_disk(path: Path, size: int = 1 << 20) -> Path:
@@ -156,8 +158,8 @@ async def test_vm_create_is_idempotent_with_a_key(nats_server: NatsServer, tmp_p
                                                   libvirt_test_uri: str) -> None:
     async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
         req = VmCreate(spec=VmSpec(name="once", memory_mib=64))
-        first = await agent.bus.call(HOST, "vm", "create", req, idempotency_key="k1")
-        again = await agent.bus.call(HOST, "vm", "create", req, idempotency_key="k1")
+        first = await agent.bus.call(HOST, vm_api.CREATE, req, idempotency_key="k1")
+        again = await agent.bus.call(HOST, vm_api.CREATE, req, idempotency_key="k1")
         assert first.uuid == again.uuid
         assert len(await agent.handlers.hv.domains()) == 1
 
@@ -310,7 +312,7 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
             await call(agent, "delete", VmDelete(vm=name, delete_disks=True))
         assert not Path(disk.path).exists() and not Path(copy.path).exists()
 
-        data = await agent.bus.call(HOST, "storage", "create", CreateVolume(
+        data = await agent.bus.call(HOST, storage_api.CREATE, CreateVolume(
             name="data", size_bytes=1 << 20))
         info = await call(agent, "create", VmCreate(spec=VmSpec(
             name="vol", memory_mib=64, disks=[Disk(volume="data")])))
@@ -320,5 +322,5 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
         with pytest.raises(NotFound):
             await call(agent, "create", VmCreate(spec=VmSpec(
                 name="vol", memory_mib=64, disks=[Disk(volume="missing")])))
-        volumes = (await agent.bus.call(HOST, "storage", "volumes", ListVolumes())).volumes
+        volumes = (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
         assert [v.name for v in volumes] == ["data"]

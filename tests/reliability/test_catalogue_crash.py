@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.bus import Bus
+from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import ImageRef, PullRequest, SourceAdd
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
@@ -38,10 +39,10 @@ async def test_killed_mid_pull_then_resumed(nats_server: NatsServer, tmp_path: P
         await agent.start()
         bus = await Bus.connect(nats_server.url, name="test", host="h1", give_up_after=5)
         try:
-            await bus.call("h1", "catalogue", "source_add",
+            await bus.call("h1", catalogue_api.SOURCE_ADD,
                            SourceAdd(name="m", url=srv.url("m.json")))
             srv.rate = 4 * MiB
-            await bus.call("h1", "catalogue", "pull", PullRequest(id="big"))
+            await bus.call("h1", catalogue_api.PULL, PullRequest(id="big"))
             partial = state / "images/pool/.partial"
             await until("4 MiB downloaded before the kill", lambda: sum(
                 p.stat().st_size for p in partial.glob("*.download")) >= 4 * MiB, timeout=30)
@@ -50,12 +51,12 @@ async def test_killed_mid_pull_then_resumed(nats_server: NatsServer, tmp_path: P
 
             srv.rate = None
             await agent.start()
-            accepted = await bus.call("h1", "catalogue", "pull", PullRequest(id="big"))
+            accepted = await bus.call("h1", catalogue_api.PULL, PullRequest(id="big"))
             status = await job_finished(bus, "h1", "catalogue", accepted.job_id, timeout=60)
             assert status.state == "succeeded", status.message + agent.log()
             resumed = srv.gets("big.raw")[-1]
             assert resumed.startswith("bytes=") and int(resumed[6:-1]) >= kept
-            info = await bus.call("h1", "catalogue", "info", ImageRef(id="big"))
+            info = await bus.call("h1", catalogue_api.INFO, ImageRef(id="big"))
             assert info.sha256 == digest and list(partial.iterdir()) == []
             assert await agent.stop() == 0
         finally:

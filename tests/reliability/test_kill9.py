@@ -17,6 +17,7 @@ import nats
 
 from shared import subjects
 from shared.bus import Bus
+from shared.messages import storage as storage_api
 from shared.messages.jobs import JobAccepted
 from shared.messages.storage import CloneVolume, CreateVolume, ListVolumes, VolumeList
 from shared.natsserver import NatsServer
@@ -36,7 +37,7 @@ async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer
     await agent.start()
     bus = await Bus.connect(nats_server.url, name="t", host="k9", give_up_after=5)
     try:
-        src = await bus.call("k9", "storage", "create",
+        src = await bus.call("k9", storage_api.CREATE,
                              CreateVolume(name="big", size_bytes=8 << 30))
         block = os.urandom(4 * MiB)
         with open(src.path, "r+b") as f:  # 1.5 GiB of data scattered over 8 GiB
@@ -55,19 +56,19 @@ async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer
 
         await nc.subscribe(subjects.events_filter("k9", "storage", "job.*"), cb=on_event)
         accepted: JobAccepted = await bus.call(
-            "k9", "storage", "clone", CloneVolume(name="big", dst_name="copy"))
+            "k9", storage_api.CLONE, CloneVolume(name="big", dst_name="copy"))
         await asyncio.wait_for(progressed.wait(), 60)
         agent.kill()  # SIGKILL mid-copy
         await nc.close()
         assert agent.proc is not None and agent.proc.returncode == -9
 
         await agent.start()  # the restarted agent cleans up what the dead one left
-        listed: VolumeList = await bus.call("k9", "storage", "volumes", ListVolumes())
+        listed: VolumeList = await bus.call("k9", storage_api.VOLUMES, ListVolumes())
         assert [v.name for v in listed.volumes] == ["big"], "a half-made clone is listed"
         assert set(os.listdir(pool)) == before, "leftovers of the killed clone remain"
 
         again: JobAccepted = await bus.call(
-            "k9", "storage", "clone", CloneVolume(name="big", dst_name="copy"))
+            "k9", storage_api.CLONE, CloneVolume(name="big", dst_name="copy"))
         assert again.job_id != accepted.job_id
         outcome = await job_finished(bus, "k9", "storage", again.job_id, timeout=120)
         assert outcome.state == "succeeded", outcome.message

@@ -17,9 +17,10 @@ import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from shared import subjects
+from shared import contracts, subjects
 from shared.bus import Bus
-from shared.messages import AgentStopping
+from shared.messages import AgentStopping, Empty
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmList, VmListRequest, VmSpec
 from shared.natsserver import NatsServer
 from tests.reliability.test_fuzz import overrides
@@ -50,7 +51,7 @@ async def test_concurrent_requests_all_answered(name: str, nats_server: NatsServ
 
         async def one() -> None:
             started = time.perf_counter()
-            await bus.call("ld", name, CHEAP[name], None, timeout=60)
+            await bus.call("ld", contracts.spec(name, CHEAP[name]), Empty(), timeout=60)
             latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -156,10 +157,10 @@ async def test_one_idempotency_key_creates_exactly_one_vm(nats_server: NatsServe
         bus = await Bus.connect(nats_server.url, name="dup", host="id", give_up_after=5)
         create = VmCreate(spec=VmSpec(name="once", firmware="bios"))
         replies = await asyncio.gather(*(
-            bus.call("id", "vm", "create", create, idempotency_key="create-once", timeout=120)
+            bus.call("id", vm_api.CREATE, create, idempotency_key="create-once", timeout=120)
             for _ in range(1000)), return_exceptions=True)
         errors = [r for r in replies if isinstance(r, BaseException)]
-        vms = await bus.call("id", "vm", "list", VmListRequest())
+        vms = await bus.call("id", vm_api.LIST, VmListRequest())
         await bus.nc.close()
     assert not errors, errors[:3]
     assert isinstance(vms, VmList)

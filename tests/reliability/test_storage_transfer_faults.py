@@ -18,6 +18,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.contracts import event_decoder
 from shared.messages import Empty
+from shared.messages import storage as storage_api
 from shared.messages.jobs import JobFinished, JobRef
 from shared.messages.storage import (
     CreateVolume,
@@ -50,7 +51,7 @@ def sha256_file(path: Path) -> str:
 
 
 async def source(bus: Bus) -> tuple[Path, os.stat_result]:
-    info = await bus.call("h1", "storage", "create", CreateVolume(name="vm1", size_bytes=SIZE))
+    info = await bus.call("h1", storage_api.CREATE, CreateVolume(name="vm1", size_bytes=SIZE))
     path = Path(info.path)
     make_sparse(path, SIZE, DATA)
     return path, path.stat()
@@ -69,14 +70,14 @@ async def transfer_events(bus: Bus) -> list[Any]:
 
 async def committed_on_h2(bus: Bus) -> int:
     try:
-        inc: IncomingList = await bus.call("h2", "storage", "incoming", Empty(), timeout=2)
+        inc: IncomingList = await bus.call("h2", storage_api.INCOMING, Empty(), timeout=2)
     except Exception:
         return 0
     return sum(t.committed_bytes for t in inc.transfers)
 
 
 async def check_result(bus_h2: Bus, src: Path, st: os.stat_result) -> None:
-    got = await bus_h2.call("h2", "storage", "info", VolumeQuery(name="vm1"))
+    got = await bus_h2.call("h2", storage_api.INFO, VolumeQuery(name="vm1"))
     assert same_sparse_content(src, Path(got.path))
     assert got.allocated_bytes == st.st_blocks * 512
     after = src.stat()
@@ -104,7 +105,7 @@ async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path:
         src, st = await source(a.bus)
         channel = CorruptOnce(a.bus.nc, DATA[10][0])
         a.handlers.sender.channel = channel
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="vm1", to_host="h2"))
         result = await job_done(a.bus, acc.job_id)
         assert result.state == "succeeded", result.message
         assert channel.corrupted == 1
@@ -128,7 +129,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
     try:
         async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
             src, st = await source(a.bus)
-            acc = await a.bus.call("h1", "storage", "send", SendVolume(
+            acc = await a.bus.call("h1", storage_api.SEND, SendVolume(
                 name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
             await until("h2 to commit data", lambda: committed_on_h2(a.bus))
             receiver.kill()
@@ -143,7 +144,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
             assert result.result["sent_bytes"] < data + resumed[-1].committed_bytes
             assert "waiting for the sender" in receiver.log()
             bus = a.bus
-            got = await bus.call("h2", "storage", "info", VolumeQuery(name="vm1", sha256=True),
+            got = await bus.call("h2", storage_api.INFO, VolumeQuery(name="vm1", sha256=True),
                                  timeout=100)
             assert got.sha256 == sha256_file(src)
             assert got.allocated_bytes == st.st_blocks * 512
@@ -157,7 +158,7 @@ async def test_nats_restarted_mid_transfer(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src, st = await source(a.bus)
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(
             name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
         await until("h2 to commit data", lambda: committed_on_h2(a.bus))
         await asyncio.to_thread(nats_server.restart)
@@ -177,14 +178,14 @@ async def test_cancelled_send_is_rolled_back_on_the_receiver(nats_server, tmp_pa
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         src, st = await source(a.bus)
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(
             name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
         await until("h2 to commit data", lambda: committed_on_h2(a.bus))
-        result = await a.bus.call("h1", "storage", "cancel", JobRef(job_id=acc.job_id))
+        result = await a.bus.call("h1", storage_api.CANCEL, JobRef(job_id=acc.job_id))
         assert result.state == "cancelled"
         pool = tmp_path / "h2" / "pools" / "default"
         assert list(pool.iterdir()) == []
-        assert (await a.bus.call("h2", "storage", "incoming", Empty())).transfers == []
+        assert (await a.bus.call("h2", storage_api.INCOMING, Empty())).transfers == []
         assert src.stat().st_mtime_ns == st.st_mtime_ns
 
 
@@ -195,7 +196,7 @@ async def test_sender_killed_receiver_rolls_back_when_idle(nats_server, tmp_path
         async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
                                     extra={"stale_s": 1.5, "commit_interval_s": 0.2}) as b:
             await source(b.bus)
-            await b.bus.call("h1", "storage", "send", SendVolume(
+            await b.bus.call("h1", storage_api.SEND, SendVolume(
                 name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
             await until("h2 to commit data", lambda: committed_on_h2(b.bus))
             sender.kill()
@@ -222,7 +223,7 @@ async def test_receiver_pool_too_small(nats_server, tmp_path: Path, small_ext4: 
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
                              extra={"pools": {"default": str(small_ext4 / "pool")}}):
         await source(a.bus)  # 96 MiB of data; h2's pool has about 50 MiB free
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="vm1", to_host="h2"))
         result = await job_done(a.bus, acc.job_id)
         assert (result.state, result.error_kind) == ("failed", "insufficient_resources")
         assert "free, the incoming volume vm1 needs" in result.message
@@ -233,7 +234,7 @@ async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:  # noqa: F8
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         await source(a.bus)
-        acc = await a.bus.call("h1", "storage", "send", SendVolume(
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(
             name="vm1", to_host="h2", bwlimit_bytes_s=64 << 20))
         result = await job_done(a.bus, acc.job_id)
         assert result.state == "succeeded"
@@ -250,12 +251,12 @@ async def test_sender_killed_and_send_again_resumes(nats_server, tmp_path: Path)
     try:
         async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
             src, st = await source(b.bus)
-            await b.bus.call("h1", "storage", "send", SendVolume(
+            await b.bus.call("h1", storage_api.SEND, SendVolume(
                 name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
             await until("h2 to commit data", lambda: committed_on_h2(b.bus))
             sender.kill()
             await sender.start()
-            acc = await b.bus.call("h1", "storage", "send", SendVolume(name="vm1", to_host="h2"))
+            acc = await b.bus.call("h1", storage_api.SEND, SendVolume(name="vm1", to_host="h2"))
             result = await job_done(b.bus, acc.job_id)
             assert result.state == "succeeded", result.message + sender.log()[-2000:]
             resumed = [e for e in await transfer_events(b.bus) if isinstance(e, TransferResumed)]

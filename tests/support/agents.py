@@ -1,7 +1,7 @@
 """Agents under test: in this process (fast, debuggable) or as a real child process.
 
     async with agent_in_process("storage", nats_server.url, tmp_path, host="h1") as agent:
-        reply = await agent.bus.call("h1", "storage", "pools")
+        reply = await agent.bus.call("h1", storage_api.POOLS, Empty())
 
     proc = AgentProcess("vm", nats_server.url, tmp_path, host="h1")
     await proc.start()        # returns once the agent answers $SRV.PING

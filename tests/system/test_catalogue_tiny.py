@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.messages import Empty
+from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import ImageRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
@@ -33,7 +34,7 @@ async def test_tiny_is_in_the_pool_at_start_and_verified(
         [job] = [j for j in (await agent.jobs.jobs(Empty())).jobs if j.kind == "pull"]
         status = await agent.jobs.wait(job.job_id)
         assert status.state == "succeeded", status.message
-        info = await agent.bus.call("h1", "catalogue", "info", ImageRef(id="phyllome-tiny"))
+        info = await agent.bus.call("h1", catalogue_api.INFO, ImageRef(id="phyllome-tiny"))
     assert info.local.state == "ready" and info.sha256 == published["sha256"]
     assert Path(info.path).stat().st_size == published["size"]
     assert hashlib.sha256(Path(info.path).read_bytes()).hexdigest() == published["sha256"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shared.bus import Bus
 from shared.messages import Empty
+from shared.messages import hardware as hardware_api
 from shared.messages.hardware import DeviceQuery
 from tests.support.agents import AgentProcess
 from tests.support.nats import nats_server  # noqa: F401
@@ -64,8 +65,8 @@ async def test_agent_process_on_this_machine(nats_server, tmp_path: Path) -> Non
     try:
         bus = await Bus.connect(nats_server.url, name="t", host="h1", give_up_after=5)
         try:
-            caps = await bus.call("h1", "hardware", "caps", Empty())
-            listed = await bus.call("h1", "hardware", "list", DeviceQuery())
+            caps = await bus.call("h1", hardware_api.CAPS, Empty())
+            listed = await bus.call("h1", hardware_api.LIST, DeviceQuery())
         finally:
             await bus.close()
         assert caps.cpu_vendor == cpu_vendor() and caps.kvm_usable is False

@@ -34,9 +34,14 @@ from typing import Any
 import httpx
 import pytest
 
+from shared import contracts
 from shared.bus import Bus
 from shared.errors import NotFound
 from shared.messages import Empty
+from shared.messages import catalogue as catalogue_api
+from shared.messages import hardware as hardware_api
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.catalogue import ListRequest, PullRequest
 from shared.messages.hardware import BindRequest, DeviceList, DeviceQuery
 from shared.messages.storage import CloneVolume, ImportVolume, ListVolumes, SendVolume
@@ -94,11 +99,11 @@ async def exercise(nats_url: str, state: Path, guest: Path) -> None:
     """What fills the dashboards; each step is something a user does."""
     bus = await Bus.connect(nats_url, name="observability-test", host=HOST, give_up_after=10)
     try:
-        devices: DeviceList = await bus.call(HOST, "hardware", "list", DeviceQuery())
-        await bus.call(HOST, "hardware", "caps", Empty())
+        devices: DeviceList = await bus.call(HOST, hardware_api.LIST, DeviceQuery())
+        await bus.call(HOST, hardware_api.CAPS, Empty())
         # a refused bind is counted; an address no machine has, so nothing is ever bound
         with pytest.raises(NotFound):
-            await bus.call(HOST, "hardware", "bind", BindRequest(address="0000:fe:1f.7"))
+            await bus.call(HOST, hardware_api.BIND, BindRequest(address="0000:fe:1f.7"))
         # a real kernel uevent (FACTS.md: it arrives within 0.3 s)
         assert devices.devices, "no PCI device in the inventory"
         Path("/sys/bus/pci/devices", devices.devices[0].address, "uevent").write_text("change")
@@ -112,30 +117,30 @@ async def exercise(nats_url: str, state: Path, guest: Path) -> None:
         spec = VmSpec(name=VM_NAME, memory_mib=256, vcpus=1, firmware="bios", display="vnc",
                       kernel=str(guest / "vmlinuz"), initrd=str(guest / "initrd.gz"),
                       cmdline="console=ttyS0 phyllome.stay=1", disks=[Disk(path=str(disk))])
-        await bus.call(HOST, "vm", "create", VmCreate(spec=spec))
-        await bus.call(HOST, "vm", "start", VmRef(vm=VM_NAME), timeout=60)
+        await bus.call(HOST, vm_api.CREATE, VmCreate(spec=spec))
+        await bus.call(HOST, vm_api.START, VmRef(vm=VM_NAME), timeout=60)
 
         seed = state / "import" / "seed.raw"
         seed.parent.mkdir(exist_ok=True)
         seed.write_bytes(os.urandom(2 * MiB))
-        await bus.call(HOST, "storage", "import_file", ImportVolume(name="seed",
+        await bus.call(HOST, storage_api.IMPORT_FILE, ImportVolume(name="seed",
                                                                     source=str(seed)))
         await _until(bus, "storage", "volumes", ListVolumes(), lambda r: any(
             v.name == "seed" for v in r.volumes))
-        await bus.call(HOST, "storage", "clone", CloneVolume(name="seed", dst_name="copy"))
-        await bus.call(HOST, "storage", "send", SendVolume(name="seed", to_host="ghost"))
+        await bus.call(HOST, storage_api.CLONE, CloneVolume(name="seed", dst_name="copy"))
+        await bus.call(HOST, storage_api.SEND, SendVolume(name="seed", to_host="ghost"))
 
-        await bus.call(HOST, "catalogue", "pull", PullRequest(id="lab-tiny"))
+        await bus.call(HOST, catalogue_api.PULL, PullRequest(id="lab-tiny"))
 
         # Steady traffic, as clients of a real cluster make: a rate needs a counter to grow
         # between two scrapes (1 s apart), and each endpoint's counter is born with its
         # first call.
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            await bus.call(HOST, "hardware", "list", DeviceQuery())
-            await bus.call(HOST, "vm", "list", VmListRequest())
-            await bus.call(HOST, "storage", "pools", Empty())
-            await bus.call(HOST, "catalogue", "list", ListRequest())
+            await bus.call(HOST, hardware_api.LIST, DeviceQuery())
+            await bus.call(HOST, vm_api.LIST, VmListRequest())
+            await bus.call(HOST, storage_api.POOLS, Empty())
+            await bus.call(HOST, catalogue_api.LIST, ListRequest())
             await asyncio.sleep(0.2)
     finally:
         await bus.close()
@@ -144,7 +149,7 @@ async def exercise(nats_url: str, state: Path, guest: Path) -> None:
 async def _until(bus: Bus, svc: str, verb: str, req: Any, check: Any,
                  timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while not check(await bus.call(HOST, svc, verb, req)):
+    while not check(await bus.call(HOST, contracts.spec(svc, verb), req)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{svc}.{verb} did not show what the test waits for")
         await asyncio.sleep(0.2)

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from shared import contracts
 from shared.agent import Agent
 from shared.messages import Empty
+from shared.messages import hardware as hardware_api
 from shared.messages.jobs import JobFinished
 from shared.messages.vm import (
     Disk,
@@ -67,7 +69,7 @@ class Guests:
         self.initrd = files / "initrd.gz"
 
     async def call(self, verb: str, req: Any, timeout: float = 30.0) -> Any:
-        return await self.agent.bus.call(HOST, "vm", verb, req, timeout=timeout)
+        return await self.agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
 
     def console(self, vm_uuid: str) -> Path:
         return self.files / "consoles" / f"{vm_uuid}.log"
@@ -268,7 +270,7 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
         decision = g.agent.details["accelerator"]
         probe = "passed" if decision["kvm_usable"] else "failed"
         async def carried() -> bool:  # the host capabilities carry the verdict
-            caps = await hw.bus.call(HOST, "hardware", "caps", Empty())
+            caps = await hw.bus.call(HOST, hardware_api.CAPS, Empty())
             return bool(caps.kvm_boot_probe == probe)
 
         await until(f"the host capabilities to say the probe {probe}", carried, timeout=20,
