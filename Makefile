@@ -17,6 +17,7 @@ down:
 lint: setup
 	@.venv/bin/ruff check --quiet shared services cli tests bench deploy
 	@.venv/bin/mypy
+	@.venv/bin/mypy --strict shared cli  # what every agent and user builds on
 
 test: setup lint
 	@$(SETUP) libvirt

@@ -27,8 +27,8 @@ from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.jobs import JobRef, JobStatus
 from shared.messages.storage import CreateVolume
-from shared.messages.vm import Disk, VmCreate, VmSpec
-from shared.migration import VmMigrate, migrate
+from shared.messages.vm import Disk, VmCreate, VmMigrate, VmSpec
+from shared.migration import migrate
 from shared.natsserver import NatsServer
 
 MiB = 1 << 20

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import nats
+from nats.aio.client import Client
 
 from cli import common
 from shared import subjects
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_status)
 
 
-async def ping_all(nc: nats.NATS, window: float) -> list[dict[str, Any]]:
+async def ping_all(nc: Client, window: float) -> list[dict[str, Any]]:
     """Every ``$SRV.PING`` reply that arrives within ``window`` seconds."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)

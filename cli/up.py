@@ -33,6 +33,7 @@ import nats.errors
 
 from cli import common
 from shared import security, subjects
+from shared.bus import Bus
 from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
 from shared.natsserver import LEAF_URL, NatsServer, parse_urls
@@ -232,7 +233,7 @@ class Supervisor:
     async def start_nats(self) -> str:
         url = os.environ.get("PHYLLOME_NATS_URL")
         if url:
-            bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+            bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                            give_up_after=10, **common.credentials())
             await bus.nc.close()
             print(f"using the NATS server at {url}", flush=True)
@@ -262,7 +263,7 @@ class Supervisor:
         answers (a forming cluster first elects its meta leader), before any agent or CLI
         could create them with other settings."""
         cfg = load("hardware", {**os.environ, "PHYLLOME_HOST": self.args.host})
-        bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+        bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, replicas=self.replicas(),
                                        kv_ttl_s=cfg.heartbeat_ttl_s, **common.credentials())
         deadline = time.monotonic() + timeout
@@ -337,7 +338,7 @@ class Supervisor:
             return []
         from cli.vm import ensure_demo
 
-        bus = await common.Bus.connect(url, name="phyllome-up", host=self.args.host,
+        bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, **common.credentials())
         try:
             return await ensure_demo(bus, self.args.host)

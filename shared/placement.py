@@ -104,8 +104,8 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
 def memory_left(view: HostView, committed: int) -> int:
     """Bytes of memory left on a host: available now, and not promised to its VMs."""
     res = view.resources
-    return min(res.get("memory_available_bytes", 0),
-               res.get("memory_total_bytes", 0) - committed * MiB)
+    return min(int(res.get("memory_available_bytes", 0)),
+               int(res.get("memory_total_bytes", 0)) - committed * MiB)
 
 
 def place(need: Needs, views: Iterable[HostView],
