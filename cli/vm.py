@@ -170,53 +170,48 @@ def _nic(text: str) -> Nic:
     return Nic(kind=kind, source=source)  # type: ignore[arg-type]
 
 
-def _template(args: argparse.Namespace) -> dict[str, Any]:
+def _template(info: ImageInfo) -> dict[str, Any]:
     """Defaults an image's catalogue entry implies, for what the command line left out."""
-    async def go(bus: Bus) -> ImageInfo:
-        host = args.host if args.host != "auto" else os.environ.get("PHYLLOME_HOST") or (
-            default_host())  # any catalogue agent has the cluster's index
-        info: ImageInfo = await bus.call(host, catalogue_api.INFO, ImageRef(id=args.image),
-                                         timeout=args.timeout)
-        return info
-
-    t = common.call(args, go).template
+    t = info.template
     return {"memory_mib": max(t.memory // MiB, 16), "vcpus": t.vcpus,
             "firmware": t.firmware or "uefi", "secure_boot": t.secure_boot,
             "tpm": "emulated-2.0" if t.tpm else "none"}
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    values: dict[str, Any] = {"memory_mib": 1024, "vcpus": 2, "firmware": "uefi",
-                              "secure_boot": False, "tpm": "none"}
-    if args.image:
-        values.update(_template(args))
-    given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
-             "vcpus": args.cpus, "firmware": args.firmware, "secure_boot": args.secure_boot,
-             "tpm": "emulated-2.0" if args.tpm else None}
-    values.update({k: v for k, v in given.items() if v is not None})
-    spec = VmSpec(
-        name=args.name, disks=[_disk(d) for d in args.disk], nics=[_nic(n) for n in args.nic],
-        display=args.display, listen=args.listen, password=args.password,
-        hostdevs=args.hostdev, nested=args.nested, sound=args.sound, kernel=args.kernel,
-        initrd=args.initrd, cmdline=args.cmdline, accelerator=args.accelerator,
-        autostart=args.autostart, **values)
-    if args.host == "auto":
-        _place(args, spec)
-    info = common.request(args, vm_api.CREATE, VmCreate(spec=spec, image=args.image),
-                 timeout=max(args.timeout, 600.0) if args.image else None, key=new_id())
-    _show_info(args, info)
-
-
-def _place(args: argparse.Namespace, spec: VmSpec) -> None:
-    """``--host auto``: the host placement picks, and why (on stderr; --json keeps it too)."""
+    """Image defaults, placement and the create itself over one connection."""
     from shared.placement import choose
 
-    async def go(bus: Bus) -> Any:
-        return await choose(bus, spec)
+    disks, nics = [_disk(d) for d in args.disk], [_nic(n) for n in args.nic]  # usage first
 
-    choice = common.call(args, go)
-    common.err_console.print(f"placed on {choice.reason}", highlight=False)
-    args.host = choice.host
+    async def go(bus: Bus) -> VmInfo:
+        values: dict[str, Any] = {"memory_mib": 1024, "vcpus": 2, "firmware": "uefi",
+                                  "secure_boot": False, "tpm": "none"}
+        if args.image:
+            # any catalogue agent has the cluster's index
+            near = args.host if args.host != "auto" else (
+                os.environ.get("PHYLLOME_HOST") or default_host())
+            values.update(_template(await bus.call(
+                near, catalogue_api.INFO, ImageRef(id=args.image), timeout=args.timeout)))
+        given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
+                 "vcpus": args.cpus, "firmware": args.firmware,
+                 "secure_boot": args.secure_boot, "tpm": "emulated-2.0" if args.tpm else None}
+        values.update({k: v for k, v in given.items() if v is not None})
+        spec = VmSpec(
+            name=args.name, disks=disks, nics=nics, display=args.display, listen=args.listen,
+            password=args.password, hostdevs=args.hostdev, nested=args.nested,
+            sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+            accelerator=args.accelerator, autostart=args.autostart, **values)
+        host = args.host
+        if host == "auto":
+            choice = await choose(bus, spec)
+            common.err_console.print(f"placed on {choice.reason}", highlight=False)
+            host = choice.host
+        return await bus.call(host, vm_api.CREATE, VmCreate(spec=spec, image=args.image),
+                              timeout=max(args.timeout, 600.0) if args.image else args.timeout,
+                              idempotency_key=new_id())
+
+    _show_info(args, common.call(args, go))
 
 
 def cmd_simple(args: argparse.Namespace) -> None:
@@ -230,7 +225,7 @@ def cmd_stop(args: argparse.Namespace) -> None:
 
 def cmd_delete(args: argparse.Namespace) -> None:
     ack = common.request(args, vm_api.DELETE, VmDelete(vm=args.vm, force=args.force,
-                                         delete_disks=args.delete_disks))
+                                                       delete_disks=args.delete_disks))
     if args.json:
         common.print_json(ack)
     else:
