@@ -9,9 +9,14 @@ the nats-server ``authorization`` + ``tls`` block; each identity gets an env fil
     # h1-vm.env: PHYLLOME_NATS_USER=h1-vm PHYLLOME_NATS_PASSWORD=... PHYLLOME_NATS_CA=.../ca.pem
 
 Permissions (``permissions(role, host)``): an agent serves only ``phy.<host>.<agent>.*``,
-publishes only its own events ``phy.evt.<host>.<agent>.>`` and its own heartbeat key, and
-reads only the KV buckets it needs; the operator may request but not publish events or write
-KV; the monitor may only read.
+calls only the peer endpoints ``PEER_CALLS`` names for it, publishes only its own events
+``phy.evt.<host>.<agent>.>`` and its own heartbeat key, and reads only the KV buckets it
+needs; the operator may request any endpoint but the ``AGENT_ONLY`` ones, and may not publish
+events or write KV; the monitor may only read.
+
+The permission layer is the only guard on who calls what: a NATS request carries no identity
+its receiver can trust (headers are whatever the publisher wrote), so a handler cannot tell
+the host's vm agent from anyone else.
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ import os
 import secrets
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from shared import subjects
 from shared.errors import BackendError
+from shared.messages import EndpointSpec
+from shared.messages import catalogue as catalogue_api
+from shared.messages import hardware as hardware_api
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 
 ROLES = (*subjects.SERVICES, "operator", "monitor", "admin")
 # KV buckets each role may read (watch/get) and write (put).
@@ -37,6 +47,49 @@ KV_READ = {
     "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
 }
 KV_WRITE = {"vm": [subjects.KV_VMS], "catalogue": [subjects.KV_IMAGES]}
+
+Reach = Literal["own", "any"]
+# The peer endpoints each agent calls, and where: "own" = on its own host only
+# (phy.<host>.<svc>.<verb>), "any" = on every host (phy.*.<svc>.<verb>; cold migration and
+# disk transfers). Each entry is a publish permission of that agent's identity, and nothing
+# else is; tests/unit/test_peer_calls.py checks the table against the code's bus.call()s both
+# ways, so a new peer call fails there before it fails in a secure cluster.
+PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
+    "hardware": {},
+    "vm": {
+        # create and start: devices, nested, the boot probe, disks from volumes and images
+        "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
+                hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
+                catalogue_api.INFO),
+        # cold migration: the VM, its disks and its NVRAM/TPM state on source and target
+        "any": (vm_api.INFO, vm_api.SHUTDOWN, vm_api.CREATE, vm_api.DELETE,
+                vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, storage_api.INFO, storage_api.SEND,
+                storage_api.DELETE, storage_api.JOB, storage_api.CANCEL),
+    },
+    # a disk transfer, sender to receiver
+    "storage": {"any": (storage_api.RECEIVE, storage_api.RECEIVE_COMMIT,
+                        storage_api.RECEIVE_ABORT)},
+    "catalogue": {},
+}
+# Subjects outside the endpoints an agent publishes to a peer of any host: the transfer chunks
+# (services/storage/transfer.py's chunk_subject), as (service, verb) of phy.*.<svc>.<verb>.
+PEER_SUBJECTS: dict[str, tuple[tuple[str, str], ...]] = {"storage": (("storage", "chunk"),)}
+# Endpoints only agents call; the operator is refused them: the boot probe marks KVM usable,
+# export_state/import_state read and write a VM's NVRAM and TPM state, receive* publish a
+# transferred disk.
+AGENT_ONLY: tuple[EndpointSpec[Any, Any], ...] = (
+    hardware_api.BOOT_PROBE, vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, storage_api.RECEIVE,
+    storage_api.RECEIVE_COMMIT, storage_api.RECEIVE_ABORT)
+
+
+def peer_subjects(role: str, host: str) -> list[str]:
+    """The request subjects an agent of ``host`` may publish: its ``PEER_CALLS``."""
+    calls = PEER_CALLS[role]
+    anywhere = {(s.service, s.verb) for s in calls.get("any", ())}
+    anywhere |= set(PEER_SUBJECTS.get(role, ()))
+    own = {(s.service, s.verb) for s in calls.get("own", ())} - anywhere
+    return ([subjects.command(host, svc, verb) for svc, verb in sorted(own)]
+            + [f"phy.*.{svc}.{verb}" for svc, verb in sorted(anywhere)])
 
 
 def _reads(buckets: list[str], stream_reads: bool) -> list[str]:
@@ -66,7 +119,7 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
         subjects.token(host, "host")
         own = f"{host}.{role}"
         publish = [
-            "phy.*.*.*",  # requests to any agent (commands are exactly 4 tokens)
+            *peer_subjects(role, host),
             f"phy.evt.{own}.>",  # its own events only
             f"$KV.{subjects.KV_HOSTS}.{own}",  # its own heartbeat only
             *[f"$KV.{b}.>" for b in KV_WRITE.get(role, [])],
@@ -81,7 +134,10 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
     if role == "operator":
         return {
             "publish": {"allow": ["phy.*.*.*", "$SRV.>", *_reads(KV_READ[role], True)],
-                        "deny": ["phy.evt.>", "$KV.>"]},
+                        "deny": ["phy.evt.>", "$KV.>",
+                                 *(f"phy.*.{s.service}.{s.verb}" for s in AGENT_ONLY),
+                                 *(f"phy.*.{svc}.{verb}" for r in PEER_SUBJECTS.values()
+                                   for svc, verb in r)]},
             "subscribe": {"allow": [inbox]},
         }
     if role == "monitor":

@@ -3,23 +3,37 @@ not do and is refused; each can do its job."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import nats.errors
 import pytest
 
-from shared import security, subjects
+from shared import contracts, security, subjects
+from shared.agent import Agent
 from shared.bus import Bus
-from shared.errors import Unavailable
-from shared.messages import AgentStopping, Empty, Heartbeat
+from shared.errors import Timeout, Unavailable
+from shared.messages import AgentStopping, Empty, EndpointSpec, Heartbeat
+from shared.messages import hardware as hardware_api
 from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
+from shared.messages.hardware import BindRequest, BootProbe, DeviceRef
+from shared.messages.jobs import JobRef
+from shared.messages.vm import VmClone, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
+from tests.support.libvirt import libvirt_test_uri
+from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.wait import until
+
+__all__ = ["libvirt_test_uri"]
 
 
 @pytest.fixture
@@ -69,6 +83,42 @@ async def connect(secure) -> AsyncIterator:  # type: ignore[no-untyped-def]
             await c.nc.close()
 
 
+def as_identity(d: Path, user: str) -> dict[str, str]:
+    """agent_in_process overrides that run an agent as ``user``."""
+    env = security.read_env(d / f"{user}.env")
+    return {"nats_user": env["PHYLLOME_NATS_USER"], "nats_password": env["PHYLLOME_NATS_PASSWORD"],
+            "nats_ca": env["PHYLLOME_NATS_CA"]}
+
+
+async def connect_bus(server: NatsServer, d: Path, user: str) -> Bus:
+    env = security.read_env(d / f"{user}.env")
+    return await Bus.connect(server.url, name=user, host="h1", user=user,
+                             password=env["PHYLLOME_NATS_PASSWORD"],
+                             ca=env["PHYLLOME_NATS_CA"], give_up_after=5)
+
+
+async def set_up_streams(server: NatsServer, d: Path) -> None:
+    """What `phyllome up --secure` does as admin before the agents start."""
+    admin = await connect_bus(server, d, "admin")
+    await admin.ensure_stream()
+    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
+        await admin.kv(bucket)
+    await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def hardware_agent(server: NatsServer, d: Path, tmp_path: Path) -> AsyncIterator[Agent]:
+    """h1's hardware agent on a fixture sysfs tree, as h1-hardware."""
+    await set_up_streams(server, d)
+    tree = build(tmp_path / "sys", FIXTURES["intel-desktop"]())
+    (tmp_path / "proc").mkdir()
+    async with agent_in_process("hardware", server.url, tmp_path / "hw", "h1",
+                                sysfs_root=str(tree.root),
+                                extra={"proc_root": str(tmp_path / "proc")},
+                                **as_identity(d, "h1-hardware")) as agent:
+        yield agent
+
+
 async def test_anonymous_and_plaintext_are_refused(secure) -> None:  # type: ignore[no-untyped-def]
     server, d, users = secure
     with pytest.raises((nats.errors.Error, OSError)):
@@ -80,25 +130,18 @@ async def test_anonymous_and_plaintext_are_refused(secure) -> None:  # type: ign
         ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
         await nats.connect(server.url, tls=ctx, user="h1-vm", password="wrong",
                            allow_reconnect=False, connect_timeout=2)
+    with pytest.raises(Unavailable, match="cannot connect to NATS"):  # what the CLI reports
+        await Bus.connect(server.url, name="cli", host="h1", user="operator", password="wrong",
+                          ca=str(d / "ca.pem"), give_up_after=3)
 
 
 async def test_admin_sets_up_then_agents_run_with_their_own_identity(
         secure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server, d, users = secure
-    admin = await Bus.connect(server.url, name="admin", host="h1", user="admin",
-                              password=users["admin"], ca=str(d / "ca.pem"), give_up_after=5)
-    await admin.ensure_stream()
-    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
-        await admin.kv(bucket)
-    env = security.read_env(d / "h1-storage.env")
+    server, d, _users = secure
+    await set_up_streams(server, d)
     async with agent_in_process("storage", server.url, tmp_path / "st", "h1",
-                                nats_user=env["PHYLLOME_NATS_USER"],
-                                nats_password=env["PHYLLOME_NATS_PASSWORD"],
-                                nats_ca=env["PHYLLOME_NATS_CA"]) as agent:
-        op_env = security.read_env(d / "operator.env")
-        operator = await Bus.connect(server.url, name="cli", host="h1",
-                                     user="operator", password=op_env["PHYLLOME_NATS_PASSWORD"],
-                                     ca=op_env["PHYLLOME_NATS_CA"], give_up_after=5)
+                                **as_identity(d, "h1-storage")) as agent:
+        operator = await connect_bus(server, d, "operator")
         pools = await operator.call("h1", storage_api.POOLS, Empty())
         assert pools.pools, "the storage agent answered its own command as h1-storage"
         beats = await operator.kv_values(subjects.KV_HOSTS, Heartbeat)
@@ -107,7 +150,6 @@ async def test_admin_sets_up_then_agents_run_with_their_own_identity(
         assert started, "the agent's own event was stored"
         assert agent.metrics.events_failed._value.get() == 0
         await operator.nc.close()
-    await admin.nc.close()
 
 
 async def test_agent_cannot_publish_another_agents_event_or_serve_its_subjects(
@@ -184,4 +226,146 @@ def test_roles_are_what_the_docs_say() -> None:
         security.permissions("root")
     with pytest.raises(Exception, match="is not valid"):
         security.permissions("vm", "bad.host")
-    assert Unavailable  # the secure CLI path raises it when credentials are wrong
+
+
+# -- peer calls: each agent may call what PEER_CALLS names, and nothing else -----------------
+
+def every_command(hosts: tuple[str, ...] = ("h1", "h2")) -> set[str]:
+    """Every request subject of every agent on these hosts, the transfer chunks included."""
+    verbs = {(svc, s.verb) for svc in subjects.SERVICES for s in contracts.endpoints(svc)}
+    verbs |= {v for raw in security.PEER_SUBJECTS.values() for v in raw}
+    return {subjects.command(h, svc, verb) for h in hosts for svc, verb in verbs}
+
+
+def granted(agent: str, host: str, hosts: tuple[str, ...] = ("h1", "h2")) -> set[str]:
+    """The request subjects PEER_CALLS grants ``agent`` of ``host``, spelled out per host."""
+    out = set()
+    for reach, specs in security.PEER_CALLS[agent].items():
+        for s in specs:
+            out |= {subjects.command(h, s.service, s.verb)
+                    for h in ((host,) if reach == "own" else hosts)}
+    return out | {subjects.command(h, svc, verb) for h in hosts
+                  for svc, verb in security.PEER_SUBJECTS.get(agent, ())}
+
+
+async def refused(conn: Conn, denied: set[str]) -> None:
+    """Publish to each subject; the server must call each one a permission violation."""
+    for subject in sorted(denied):
+        await conn.nc.publish(subject, b"{}")
+    await conn.nc.flush()
+
+    def missing() -> list[str]:
+        return [s for s in sorted(denied) if not any(f'"{s}"' in e for e in conn.errors)]
+
+    await until(f"the server to refuse {len(denied)} subjects", lambda: not missing(),
+                timeout=10, interval=0.05)
+
+
+@pytest.mark.parametrize("agent", subjects.SERVICES)
+async def test_an_agent_may_call_exactly_the_peer_endpoints_of_its_table(
+        connect, agent: str) -> None:  # type: ignore[no-untyped-def]
+    """Allowed: a request reaches the server's routing (nobody serves it here: no
+    responders). Refused: every other verb of every agent on both hosts."""
+    conn = await connect(f"h1-{agent}")
+    allowed = granted(agent, "h1")
+    assert (agent in ("hardware", "catalogue")) == (not allowed)
+    for subject in sorted(allowed):
+        with pytest.raises(nats.errors.NoRespondersError):
+            await conn.nc.request(subject, b"{}", timeout=5)
+    assert conn.errors == []
+    await refused(conn, every_command() - allowed)
+
+
+async def test_storage_identity_cannot_import_vm_state_or_bind_devices(
+        secure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With the hardware agent serving: the storage identity's bind and boot-probe requests
+    are refused by the server and fail; the hardware agent never sees them."""
+    server, d, _users = secure
+    async with hardware_agent(server, d, tmp_path):
+        storage = await connect_bus(server, d, "h1-storage")
+        calls: list[tuple[EndpointSpec[Any, Any], Any]] = [
+            (hardware_api.BIND, BindRequest(address="0000:01:00.0")),
+            (hardware_api.BOOT_PROBE, BootProbe(result="passed")),
+            (vm_api.IMPORT_STATE, VmRef(vm="x"))]
+        for spec, req in calls:
+            with pytest.raises(Timeout):  # the server drops it: no reply, ever
+                await storage.call("h1", spec, req, timeout=1)
+        operator = await connect_bus(server, d, "operator")
+        caps = await operator.call("h1", hardware_api.CAPS, Empty())
+        assert caps.kvm_boot_probe == "not-run"
+        devices = await operator.call("h1", hardware_api.DEVICE, DeviceRef(
+            address="0000:01:00.0"))
+        assert devices.driver != "vfio-pci", "a refused bind changed nothing"
+        await storage.close()
+        await operator.close()
+
+
+async def test_only_the_hosts_vm_agent_may_report_the_boot_probe(
+        secure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The boot probe marks KVM usable: the operator, the storage agent and another host's
+    vm agent are refused; h1's vm agent is heard."""
+    server, d, _users = secure
+    async with hardware_agent(server, d, tmp_path):
+        for user in ("operator", "h1-storage", "h2-vm"):
+            bus = await connect_bus(server, d, user)
+            with pytest.raises(Timeout):
+                await bus.call("h1", hardware_api.BOOT_PROBE, BootProbe(result="passed"),
+                               timeout=1)
+            await bus.close()
+        vm = await connect_bus(server, d, "h1-vm")
+        before = await vm.call("h1", hardware_api.CAPS, Empty())
+        assert (before.kvm_boot_probe, before.kvm_usable) == ("not-run", False)
+        caps = await vm.call("h1", hardware_api.BOOT_PROBE, BootProbe(result="passed"))
+        assert (caps.kvm_boot_probe, caps.kvm_usable) == ("passed", True)
+        await vm.close()
+
+
+async def test_vm_agent_does_its_work_through_peers_as_itself(
+        secure, tmp_path: Path, libvirt_test_uri: str) -> None:  # type: ignore[no-untyped-def]
+    """The operator creates a VM from an image and clones it: the vm agent asks the
+    catalogue and storage agents (image info, import, jobs, clone, volume info, delete),
+    every agent under its own identity."""
+    server, d, _users = secure
+    await set_up_streams(server, d)
+    tiny = tmp_path / "builtin" / "phyllome-tiny"
+    tiny.mkdir(parents=True)
+    with open(tiny / "disk.raw", "wb") as f:
+        f.write(b"\xebphyllome-tiny")
+        f.truncate(1 << 20)
+    digest = hashlib.sha256((tiny / "disk.raw").read_bytes()).hexdigest()
+    (tiny / "manifest.json").write_text(json.dumps({"files": {"disk.raw": {
+        "sha256": digest, "size": 1 << 20}}}))
+    pool_dir = tmp_path / "catalogue" / "pool"
+    vm_extra: dict[str, Any] = {"reconcile_s": 3600, "disk_dir": str(tmp_path / "disks")}
+    async with agent_in_process(
+            "catalogue", server.url, tmp_path / "catalogue", "h1",
+            extra={"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(tiny.parent),
+                   "pool_dir": str(pool_dir)}, **as_identity(d, "h1-catalogue")), \
+            agent_in_process("storage", server.url, tmp_path / "storage", "h1",
+                             extra={"import_dirs": [str(pool_dir)]},
+                             **as_identity(d, "h1-storage")), \
+            agent_in_process("vm", server.url, tmp_path / "vm", "h1",
+                             libvirt_uri=libvirt_test_uri, accelerator="tcg", extra=vm_extra,
+                             **as_identity(d, "h1-vm")) as vm_agent:
+        op = await connect_bus(server, d, "operator")
+        info = await op.call("h1", vm_api.CREATE, VmCreate(
+            spec=VmSpec(name="demo", memory_mib=256), image="phyllome-tiny"), timeout=60)
+        disk = info.spec.disks[0]
+        assert (disk.volume, disk.owned) == ("demo-disk0", True)
+        assert hashlib.sha256(Path(disk.path).read_bytes()).hexdigest() == digest
+        accepted = await op.call("h1", vm_api.CLONE, VmClone(vm="demo", name="demo2"))
+
+        async def finished() -> bool:
+            status = await op.call("h1", vm_api.JOB, JobRef(job_id=accepted.job_id))
+            assert status.state in ("running", "succeeded"), status.message
+            return status.state == "succeeded"
+
+        await until("the clone to finish", finished, timeout=60, interval=0.1)
+        copy = (await op.call("h1", vm_api.INFO, VmRef(vm="demo2"))).spec.disks[0]
+        assert hashlib.sha256(Path(copy.path).read_bytes()).hexdigest() == digest
+        for name in ("demo", "demo2"):
+            await op.call("h1", vm_api.DELETE, VmDelete(vm=name, delete_disks=True))
+        assert not Path(disk.path).exists() and not Path(copy.path).exists()
+        assert vm_agent.metrics.events_failed._value.get() == 0
+        await op.close()
+
