@@ -235,20 +235,20 @@ class Handlers:
 
     async def mdev_create(self, req: MdevCreate) -> MdevInfo:
         info = await self._quick("mdev_create", f"mdev parent {req.address}",
-                           lambda: self.ops.mdev_create(req))
+                                 lambda: self.ops.mdev_create(req))
         await self._changed(info.parent, "mdev_create")
         return info
 
     async def mdev_remove(self, req: MdevRef) -> Ack:
         info = await self._quick("mdev_remove", f"mdev {req.uuid}",
-                           lambda: self.ops.mdev_remove(req.uuid))
+                                 lambda: self.ops.mdev_remove(req.uuid))
         await self._changed(info.parent, "mdev_remove")
         return Ack(message=f"mediated device {info.uuid} of {info.parent} removed")
 
     async def sriov_set(self, req: SriovSet) -> PciDevice:
         before = self.inv.device(req.address).virtfns
         dev = await self._quick("sriov_set", f"SR-IOV of {req.address}",
-                          lambda: self.ops.sriov_set(req.address, req.num_vfs))
+                                lambda: self.ops.sriov_set(req.address, req.num_vfs))
         if dev.virtfns != before:  # the kernel destroyed every old VF and made the new ones
             for vf in before:
                 await self.agent.publish("device.removed", DeviceRemoved(

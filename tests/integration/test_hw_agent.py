@@ -186,7 +186,7 @@ async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path)
 async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
         nats_server, tmp_path: Path) -> None:  # noqa: F811
     """An unbind that never returns (a FIFO with no reader) must not stop the agent."""
-    async with hw_agent(nats_server.url, tmp_path, sysfs_write_timeout_s=4) as (
+    async with hw_agent(nats_server.url, tmp_path, sysfs_write_timeout_s=6) as (
             agent, handlers, builder):
         fifo = builder.root / "bus/pci/drivers/nvidia/unbind"
         fifo.unlink()
@@ -207,9 +207,9 @@ async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
         assert dev.driver == "i915"
         assert agent.jobs.get(accepted.job_id).state == "running"  # all that while stuck
         st = await job_done(agent, accepted.job_id)
-        assert 4 <= time.monotonic() - started < 60
+        assert 6 <= time.monotonic() - started < 60
         assert st.state == "failed" and st.error_kind == "backend"
-        assert f"writing '0000:01:00.0' to {fifo} did not return within 4 s" in st.message
+        assert f"writing '0000:01:00.0' to {fifo} did not return within 6 s" in st.message
         assert "dmesg" in st.message and "could NOT undo: 0000:01:00.0" in st.message
         # the thread is still in the kernel: the agent beats, says so, refuses the device
         await beats_after((await kv.get("h1.hardware")).revision or 0)
