@@ -4,6 +4,8 @@
     phyllome images info debian11 --json        # VM template; RAW path and sha256 once pulled
     phyllome images pull phyllome-tiny          # progress bar; non-zero exit when refused
     phyllome images sources add lab http://mirror.lan/images.json --type manifest
+    phyllome images sources add ubuntu https://cloud-images.ubuntu.com/releases/ \
+        --type simplestreams --keyring /usr/share/keyrings/ubuntu-cloudimage-keyring.gpg
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 from typing import Any
 
 from cli import common
+from shared.codec import to_builtins
 from shared.messages import Empty
 from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import (
@@ -20,13 +23,15 @@ from shared.messages.catalogue import (
     ListRequest,
     PullRequest,
     SourceAdd,
+    SourceList,
     SourceRef,
 )
 
 LIST_COLUMNS = [("id", "ID"), ("name", "NAME"), ("family", "FAMILY"), ("version", "VERSION"),
                 ("archs", "ARCH"), ("source", "SOURCE"), ("downloadable", "DOWNLOAD"),
                 ("local", "LOCAL")]
-SOURCE_COLUMNS = [("name", "NAME"), ("kind", "TYPE"), ("url", "URL"), ("builtin", "CONFIGURED")]
+SOURCE_COLUMNS = [("name", "NAME"), ("kind", "TYPE"), ("url", "URL"), ("signature", "SIGNATURE"),
+                  ("builtin", "CONFIGURED")]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,6 +81,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("url")
     p.add_argument("--type", dest="kind", choices=("manifest", "simplestreams"),
                    default="manifest")
+    p.add_argument("--keyring", default="",
+                   help="simplestreams: a binary GPG keyring on the catalogue agent's host; "
+                        "the signed index (.sjson) is read and its signature checked")
     p.set_defaults(func=cmd_source_add)
     p = scmds.add_parser("remove", help="remove a source and its entries")
     common.add_common(p)
@@ -138,14 +146,28 @@ def cmd_refresh(args: argparse.Namespace) -> None:
                 rows_key="sources")
 
 
+def source_rows(sources: SourceList) -> list[dict[str, Any]]:
+    """Each source with how its index is trusted: a signature, or nothing beyond sha256."""
+    rows = []
+    for s in sources.sources:
+        row = to_builtins(s)
+        row["signature"] = (f"checked ({s.keyring})" if s.keyring else
+                            "local files" if s.kind in ("builtin", "osinfo") else "unsigned")
+        rows.append(row)
+    return rows
+
+
 def cmd_sources(args: argparse.Namespace) -> None:
-    common.show(args, common.request(args, catalogue_api.SOURCES, Empty()), SOURCE_COLUMNS,
-                rows_key="sources")
+    sources = common.request(args, catalogue_api.SOURCES, Empty())
+    if args.json:
+        common.print_json(sources)
+    else:
+        common.print_table(source_rows(sources), SOURCE_COLUMNS)
 
 
 def cmd_source_add(args: argparse.Namespace) -> None:
     common.show(args, common.request(args, catalogue_api.SOURCE_ADD, SourceAdd(
-        name=args.name, url=args.url, kind=args.kind)))
+        name=args.name, url=args.url, kind=args.kind, keyring=args.keyring)))
 
 
 def cmd_source_remove(args: argparse.Namespace) -> None:

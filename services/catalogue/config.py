@@ -6,11 +6,15 @@
     osinfo_dir = "/usr/share/osinfo"                  # "" = no osinfo-db entries
     local_dirs = ["/srv/images"]                      # file:// URLs allowed under these
     mirrors = {"https://cloud.debian.org/" = "http://mirror.lan/debian-cloud/"}
-    sources = [{name = "lab", kind = "manifest", url = "http://mirror.lan/images.json"}]
+    sources = [{name = "lab", kind = "manifest", url = "http://mirror.lan/images.json"},
+               {name = "ubuntu", kind = "simplestreams",
+                url = "https://cloud-images.ubuntu.com/releases/",  # signed: read its .sjson
+                keyring = "/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg"}]
     max_unpacked_bytes = 0          # 0 = the pool's free space
     probe_interval_s = 3600         # link-rot HEAD probes; 0 = off
     probe_osinfo = false            # also probe osinfo-db's third-party URLs (hundreds)
     auto_pull = ["phyllome-tiny"]   # built-in images put in the pool at start
+    gpgv_timeout_s = 30             # checking a signed index's signature
 
     >>> from shared.config import load
     >>> s = Settings.from_config(load("catalogue", env={"PHYLLOME_STATE_DIR": "/s"}))
@@ -33,6 +37,7 @@ class ConfiguredSource(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     name: str
     url: str
     kind: str = "manifest"
+    keyring: str = ""  # simplestreams: read the signed .sjson index, checked with this keyring
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -50,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     probe_osinfo: bool = False
     auto_pull: list[str] = msgspec.field(default_factory=lambda: ["phyllome-tiny"])
     timeout_s: float = 30.0
+    gpgv_timeout_s: float = 30.0
     retries: int = 5
     max_redirects: int = 5
     arch: str = platform.machine()

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from services.catalogue.config import Settings
 from services.catalogue.download import ImageAdapter
 from services.catalogue.metrics import CatalogueMetrics
+from services.catalogue.signature import check_keyring, verify_clearsigned
 from services.catalogue.sources import (
     builtin,
     check_id,
@@ -211,7 +212,7 @@ class Catalogue:
         for s in self.settings.sources:
             kind = s.kind if s.kind in ("manifest", "simplestreams") else "manifest"
             out.append(SourceSpec(name=s.name, kind=kind, url=s.url,  # type: ignore[arg-type]
-                                  builtin=True))
+                                  builtin=True, keyring=s.keyring))
         return out
 
     def all_sources(self) -> list[SourceSpec]:
@@ -226,15 +227,30 @@ class Catalogue:
             return await asyncio.to_thread(builtin.entries, src.url)
         if src.kind == "osinfo":
             return await asyncio.to_thread(osinfo.load, src.url)
+        if src.keyring and src.kind != "simplestreams":
+            raise BadRequest(f"catalogue: source {src.name!r}: a keyring checks simplestreams "
+                             f"indexes only, not a {src.kind}; leave the keyring out")
         if src.kind == "manifest":
             return manifest.parse(await self.store.fetch(src.url, limit), src.url, src.name)
-        index = simplestreams.index_url(src.url)
+        signed = bool(src.keyring)
+        if signed:
+            check_keyring(src.keyring)  # before any download: a typo is told at once
+        index = simplestreams.index_url(src.url, signed)
         root = simplestreams.root_url(index)
         out: list[CatalogueEntry] = []
-        for path in simplestreams.product_paths(await self.store.fetch(index, limit)):
-            out += simplestreams.parse_products(
-                await self.store.fetch(root + path, limit), root, src.name)
+        for path in simplestreams.product_paths(await self._fetch_index(src, index)):
+            url = root + (simplestreams.signed_path(path) if signed else path)
+            out += simplestreams.parse_products(await self._fetch_index(src, url), root,
+                                                src.name)
         return out
+
+    async def _fetch_index(self, src: SourceSpec, url: str) -> bytes:
+        """An index file of ``src``; only its signed text when the source names a keyring."""
+        data = await self.store.fetch(url, self.settings.max_index_bytes)
+        if not src.keyring:
+            return data
+        return await asyncio.to_thread(verify_clearsigned, data, src.keyring, url,
+                                       self.settings.gpgv_timeout_s)
 
     async def refresh(self, req: Empty) -> RefreshResult:
         """Re-read every source; write changed entries to KV and delete vanished ones."""
@@ -298,7 +314,7 @@ class Catalogue:
         if any(s.name == req.name for s in self.all_sources()):
             raise Conflict(f"catalogue: a source named {req.name!r} exists; remove it first")
         self.store.resolve(req.url)  # refuses non-http(s) and file:// outside local dirs
-        spec = SourceSpec(name=req.name, kind=req.kind, url=req.url)
+        spec = SourceSpec(name=req.name, kind=req.kind, url=req.url, keyring=req.keyring)
         entries = await self.read_source(spec)  # a bad manifest is refused here, not added
         await self.kv.put(f"source.{req.name}", msgspec.json.encode(spec))
         self.added[req.name] = spec

@@ -3,6 +3,7 @@
     [hardware]
     proc_root = "/proc"          # where VFIO users are looked for (default: /proc with /sys)
     kvm_probe_timeout_s = 5      # the ioctl-level KVM check runs in a child with this deadline
+    sysfs_write_timeout_s = 30   # a bind/unbind/mdev/SR-IOV write blocked longer fails its job
 
     >>> from shared.config import load
     >>> Settings.from_config(load("hardware", env={"PHYLLOME_STATE_DIR": "/s"})).state_dir
@@ -25,6 +26,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     proc_root: str | None = None
     root_dev: str | None = None  # "major:minor" of "/" (read from the machine with /sys)
     kvm_probe_timeout_s: float = 5.0
+    sysfs_write_timeout_s: float = 30.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> Settings:

@@ -77,13 +77,14 @@ class Handlers:
         await asyncio.to_thread(self.inv.scan)
         self.metrics.scan_seconds.set(time.perf_counter() - started)
         self._count()
-        for key in self.ops.recover():
+        for key in await self.ops.recover():
             log.warning("IOMMU group %s: an interrupted bind was rolled back", key)
         if self.fs.real and self.fs.kvm_device():
             self.kvm_ioctl = await asyncio.to_thread(
                 probe_in_child, self.settings.kvm_probe_timeout_s)
         self._boot_probe = await self._boot_probe_from_kv()
         self._set_caps()
+        self.agent.details["stuck_writes"] = self.fs.stuck  # live: each beat shows what is stuck
         if self.monitor is not None:
             asyncio.get_running_loop().add_reader(self.monitor.fileno(), self._on_uevents)
 
@@ -211,11 +212,14 @@ class Handlers:
             raise
         return result
 
-    def _quick(self, verb: str, key: str, fn: Callable[[], T]) -> T:
+    async def _quick(self, verb: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         """A short operation (mdev, SR-IOV) under the same one-at-a-time claim as jobs."""
         self.ops.claim(key, verb)
         try:
-            result = self._checked(verb, fn)
+            result = await fn()
+        except PhyError as e:
+            self.metrics.operations.labels(verb=verb, outcome=e.kind).inc()
+            raise
         finally:
             self.ops.unclaim(key)
         self.metrics.operations.labels(verb=verb, outcome="succeeded").inc()
@@ -230,21 +234,21 @@ class Handlers:
             host=self.agent.host, device=dev, action=action))
 
     async def mdev_create(self, req: MdevCreate) -> MdevInfo:
-        info = self._quick("mdev_create", f"mdev parent {req.address}",
-                           lambda: self.ops.mdev_create(req))
+        info = await self._quick("mdev_create", f"mdev parent {req.address}",
+                                 lambda: self.ops.mdev_create(req))
         await self._changed(info.parent, "mdev_create")
         return info
 
     async def mdev_remove(self, req: MdevRef) -> Ack:
-        info = self._quick("mdev_remove", f"mdev {req.uuid}",
-                           lambda: self.ops.mdev_remove(req.uuid))
+        info = await self._quick("mdev_remove", f"mdev {req.uuid}",
+                                 lambda: self.ops.mdev_remove(req.uuid))
         await self._changed(info.parent, "mdev_remove")
         return Ack(message=f"mediated device {info.uuid} of {info.parent} removed")
 
     async def sriov_set(self, req: SriovSet) -> PciDevice:
         before = self.inv.device(req.address).virtfns
-        dev = self._quick("sriov_set", f"SR-IOV of {req.address}",
-                          lambda: self.ops.sriov_set(req.address, req.num_vfs))
+        dev = await self._quick("sriov_set", f"SR-IOV of {req.address}",
+                                lambda: self.ops.sriov_set(req.address, req.num_vfs))
         if dev.virtfns != before:  # the kernel destroyed every old VF and made the new ones
             for vf in before:
                 await self.agent.publish("device.removed", DeviceRemoved(

@@ -1,12 +1,15 @@
 """VFIO bind and release of whole groups (with rollback), mdev create/remove, SR-IOV VFs.
 
 The checks run when the request arrives (so a refusal is the reply, not a failed job);
-the sysfs writes run in a job. Each group has one operation at a time: a second bind of a
-group that is being bound gets Conflict at once. Original drivers are kept in
+the sysfs writes run in a job, each in a thread with a deadline (``Sysfs.write_bounded``):
+a write the driver blocks fails the job and is rolled back like any failed step. Each group
+has one operation at a time: a second bind of a group that is being bound gets Conflict at
+once. Original drivers are kept in
 ``<state_dir>/hardware/vfio.json`` so that release works after a restart, and a bind cut
 short by a crash is rolled back at the next start::
 
     ops = Operations(fs, inventory, state_dir / "hardware")
+    await ops.recover()                                           # at start
     devices = ops.plan_bind(BindRequest(address="0000:01:00.0"))   # raises when refused
     result = await ops.bind(devices, progress, single_gpu=False)  # writes, rolls back on error
 """
@@ -84,6 +87,7 @@ class Operations:
     def fresh(self, address: str) -> PciDevice:
         """The device as sysfs shows it now (it may have gone since the last scan)."""
         addr = pci_address(address)
+        self.fs.refuse_if_stuck(addr)
         change, dev = self.inv.update(addr)
         if dev is None:
             raise NotFound(f"no PCI device {addr} on this host"
@@ -124,6 +128,7 @@ class Operations:
                             "from the host; pass --force to bind the whole group")
         members = [dev, *(self.inv.device(a) for a in pt.companions + pt.shares_with)]
         for m in members:
+            self.fs.refuse_if_stuck(m.address)
             if m.address == self.inv.root_disk:
                 raise Forbidden(f"{m.address} holds the host's root filesystem: it cannot be "
                                 "passed through, not even with --force")
@@ -150,7 +155,7 @@ class Operations:
         try:
             if single_gpu and any(d.boot_vga for d in devices):
                 step = "unbind the consoles"
-                touched.consoles, touched.framebuffers = self._release_consoles(steps)
+                touched.consoles, touched.framebuffers = await self._release_consoles(steps)
                 binding.consoles, binding.framebuffers = touched.consoles, touched.framebuffers
                 self.store.save()
             for i, dev in enumerate(devices):
@@ -162,19 +167,19 @@ class Operations:
                 binding.drivers[addr] = touched.drivers[addr] = orig
                 self.store.save()
                 step = f"set driver_override of {addr}"
-                self._write(steps, f"bus/pci/devices/{addr}/driver_override", VFIO)
+                await self._write(steps, f"bus/pci/devices/{addr}/driver_override", VFIO)
                 if orig:
                     step = f"unbind {addr} from {orig}"
-                    self._write(steps, f"bus/pci/drivers/{orig}/unbind", addr)
+                    await self._write(steps, f"bus/pci/drivers/{orig}/unbind", addr)
                 step = f"probe {addr}"
-                self._write(steps, "bus/pci/drivers_probe", addr)
+                await self._write(steps, "bus/pci/drivers_probe", addr)
                 now = self.fs.driver(addr)
                 if now != VFIO:
                     raise BackendError(f"{addr} is on {now or 'no driver'} after the probe, "
                                        "not vfio-pci")
                 await progress(i + 1, len(devices), f"{addr} -> vfio-pci")
-        except BaseException as e:  # cancelled, refused by the kernel, or a bug: undo all
-            failed = self._undo(touched)
+        except BaseException as e:  # cancelled, refused or stuck in the kernel, a bug: undo all
+            failed = await self._undo(touched)
             del self.store.bindings[key]
             if old is not None:
                 self.store.bindings[key] = old
@@ -209,7 +214,7 @@ class Operations:
         return key, binding
 
     async def release(self, key: str, binding: Binding, progress: Progress) -> dict[str, object]:
-        failed = self._undo(binding, probe_unknown=True)
+        failed = await self._undo(binding, probe_unknown=True)
         devices = sorted(binding.drivers)
         for addr in devices:
             self.inv.update(addr)
@@ -221,13 +226,13 @@ class Operations:
         return {"group": int(key) if key.isdigit() else key, "devices": devices,
                 "drivers": {a: self.fs.driver(a) for a in devices}}
 
-    def recover(self) -> list[str]:
+    async def recover(self) -> list[str]:
         """Roll back binds a crash cut short (state ``binding``); returns what was undone."""
         undone = []
         for key, binding in list(self.store.bindings.items()):
             if binding.state != "binding":
                 continue
-            failed = self._undo(binding)
+            failed = await self._undo(binding)
             log.warning("rolled back the interrupted bind of IOMMU group %s%s", key,
                         f" (could not undo: {failed})" if failed else "")
             for addr in binding.drivers:
@@ -237,54 +242,54 @@ class Operations:
         self.store.save()
         return undone
 
-    def _undo(self, binding: Binding, probe_unknown: bool = False) -> list[str]:
+    async def _undo(self, binding: Binding, probe_unknown: bool = False) -> list[str]:
         """Give each device back its original driver, in reverse order; failures as text."""
         failed = []
         for addr, orig in reversed(list(binding.drivers.items())):
             try:
-                self._restore(addr, orig, probe_unknown)
+                await self._restore(addr, orig, probe_unknown)
             except (PhyError, OSError) as e:
                 failed.append(f"{addr}: {e.message if isinstance(e, PhyError) else e}")
         for fb in binding.framebuffers:
             try:
-                self.fs.write(f"bus/platform/drivers/{fb.split('.')[0]}/bind", fb)
+                await self.fs.write_bounded(f"bus/platform/drivers/{fb.split('.')[0]}/bind", fb)
             except PhyError as e:
                 failed.append(f"{fb}: {e.message}")
         for con in binding.consoles:
             try:
-                self.fs.write(f"class/vtconsole/{con}/bind", "1")
+                await self.fs.write_bounded(f"class/vtconsole/{con}/bind", "1")
             except PhyError as e:
                 failed.append(f"{con}: {e.message}")
         return failed
 
-    def _restore(self, addr: str, orig: str, probe_unknown: bool) -> None:
+    async def _restore(self, addr: str, orig: str, probe_unknown: bool) -> None:
         if not self.fs.exists(f"bus/pci/devices/{addr}"):
             return  # it has gone: nothing to give back
         cur = self.fs.driver(addr)
         if cur and cur != orig:
-            self.fs.write(f"bus/pci/drivers/{cur}/unbind", addr)
-        self.fs.write(f"bus/pci/devices/{addr}/driver_override", "\n")
+            await self.fs.write_bounded(f"bus/pci/drivers/{cur}/unbind", addr)
+        await self.fs.write_bounded(f"bus/pci/devices/{addr}/driver_override", "\n")
         if orig and self.fs.driver(addr) != orig:
-            self.fs.write(f"bus/pci/drivers/{orig}/bind", addr)
+            await self.fs.write_bounded(f"bus/pci/drivers/{orig}/bind", addr)
         elif not orig and probe_unknown:
-            self.fs.write("bus/pci/drivers_probe", addr)
+            await self.fs.write_bounded("bus/pci/drivers_probe", addr)
 
-    def _release_consoles(self, steps: list[str]) -> tuple[list[str], list[str]]:
+    async def _release_consoles(self, steps: list[str]) -> tuple[list[str], list[str]]:
         consoles = []
         for con in sorted(self.fs.listdir("class/vtconsole")):
             if self.fs.attr(f"class/vtconsole/{con}/bind") == "1":
-                self._write(steps, f"class/vtconsole/{con}/bind", "0")
+                await self._write(steps, f"class/vtconsole/{con}/bind", "0")
                 consoles.append(con)
         fbs = []
         for drv in ("efi-framebuffer", "simple-framebuffer"):
             for name in self.fs.listdir(f"bus/platform/drivers/{drv}"):
                 if name.startswith(f"{drv}."):
-                    self._write(steps, f"bus/platform/drivers/{drv}/unbind", name)
+                    await self._write(steps, f"bus/platform/drivers/{drv}/unbind", name)
                     fbs.append(name)
         return consoles, fbs
 
-    def _write(self, steps: list[str], rel: str, value: str) -> None:
-        self.fs.write(rel, value)
+    async def _write(self, steps: list[str], rel: str, value: str) -> None:
+        await self.fs.write_bounded(rel, value)
         steps.append(f"{value.strip()} > {rel}")
 
     def _refresh(self, devices: list[PciDevice]) -> None:
@@ -293,7 +298,7 @@ class Operations:
 
     # -- mdev -----------------------------------------------------------------------------------
 
-    def mdev_create(self, req: MdevCreate) -> MdevInfo:
+    async def mdev_create(self, req: MdevCreate) -> MdevInfo:
         dev = self.fresh(req.address)
         types = {t.id: t for t in dev.mdev_types}
         if not types:
@@ -309,14 +314,14 @@ class Operations:
         mdev_uuid = _uuid(req.uuid) if req.uuid else str(uuidlib.uuid4())
         if self.fs.exists(f"bus/mdev/devices/{mdev_uuid}"):
             raise Conflict(f"a mediated device {mdev_uuid} exists already")
-        self.fs.write(f"bus/pci/devices/{dev.address}/mdev_supported_types/{mtype.id}/create",
-                      mdev_uuid)
+        await self.fs.write_bounded(
+            f"bus/pci/devices/{dev.address}/mdev_supported_types/{mtype.id}/create", mdev_uuid)
         if not self.fs.exists(f"bus/mdev/devices/{mdev_uuid}"):
             raise BackendError(f"the kernel accepted mdev {mdev_uuid} but did not create it")
         self.inv.update(dev.address)
         return MdevInfo(uuid=mdev_uuid, parent=dev.address, mdev_type=mtype.id)
 
-    def mdev_remove(self, mdev_uuid: str) -> MdevInfo:
+    async def mdev_remove(self, mdev_uuid: str) -> MdevInfo:
         mdev_uuid = _uuid(mdev_uuid)
         rel = f"bus/mdev/devices/{mdev_uuid}"
         if not self.fs.exists(rel):
@@ -327,13 +332,13 @@ class Operations:
         group = self.fs.link_name(f"{rel}/iommu_group")
         if group is not None and (users := self.fs.vfio_users(int(group))):
             raise Conflict(f"mediated device {mdev_uuid} is in use by {', '.join(users)}")
-        self.fs.write(f"{rel}/remove", "1")
+        await self.fs.write_bounded(f"{rel}/remove", "1")
         self.inv.update(parent)
         return MdevInfo(uuid=mdev_uuid, parent=parent, mdev_type=mtype)
 
     # -- SR-IOV ---------------------------------------------------------------------------------
 
-    def sriov_set(self, address: str, num_vfs: int) -> PciDevice:
+    async def sriov_set(self, address: str, num_vfs: int) -> PciDevice:
         dev = self.fresh(address)
         if not dev.sriov_totalvfs:
             raise BadRequest(f"{dev.address} does not support SR-IOV (no sriov_totalvfs)")
@@ -345,12 +350,12 @@ class Operations:
         rel = f"bus/pci/devices/{dev.address}/sriov_numvfs"
         before = dev.sriov_numvfs
         if before and num_vfs and num_vfs != before:
-            self.fs.write(rel, "0")  # the kernel only changes a count through zero
+            await self.fs.write_bounded(rel, "0")  # the kernel changes a count only through 0
         try:
-            self.fs.write(rel, str(num_vfs))
+            await self.fs.write_bounded(rel, str(num_vfs))
         except PhyError:
-            if before and num_vfs != before:
-                self.fs.write(rel, str(before))
+            if before and num_vfs != before and dev.address not in self.fs.stuck:
+                await self.fs.write_bounded(rel, str(before))
             raise
         for vf in dev.virtfns:
             self.inv.update(vf)

@@ -21,7 +21,8 @@ __all__ = ["ENDPOINTS", "setup"]
 
 async def setup(agent: Agent) -> Handlers:
     settings = Settings.from_config(agent.cfg)
-    fs = Sysfs(settings.sysfs_root, proc_root=settings.proc_root, root_dev=settings.root_dev)
+    fs = Sysfs(settings.sysfs_root, proc_root=settings.proc_root, root_dev=settings.root_dev,
+               write_timeout_s=settings.sysfs_write_timeout_s)
     inventory = Inventory(fs)
     ops = Operations(fs, inventory, Path(settings.state_dir))
     metrics = HardwareMetrics(agent.registry)

@@ -2,29 +2,44 @@
 
 Every read and write goes under ``root`` (``PHYLLOME_SYSFS_ROOT``, default ``/sys``), so the
 same code runs on a tree built by ``tests/support/sysfs_tree.py``; pyudev lists devices
-and watches uevents only where the root is the real ``/sys``::
+and watches uevents only where the root is the real ``/sys``. Writes that change devices
+go through ``write_bounded`` (a thread with a deadline), because a driver may block in them
+for good (nvidia's unbind does) and the agent must keep serving and beating meanwhile::
 
     fs = Sysfs("/sys")
     dev = fs.read_device("0000:00:02.0")     # a PciDevice with ids, driver, group …
-    fs.write("bus/pci/drivers_probe", "0000:00:02.0")
+    await fs.write_bounded("bus/pci/drivers_probe", "0000:00:02.0")
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import platform
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
-from shared.errors import BackendError, NotFound
+from shared.errors import BackendError, Conflict, NotFound, Timeout
 from shared.messages.hardware import MdevType, PciDevice, UsbDevice
 
 _ADDR_IN_PATH = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 VFIO = "vfio-pci"
 AfterWrite = Callable[[str, str], None]
+log = logging.getLogger("phyllome.hardware.sysfs")
+
+
+class StuckWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """A write that outlived its deadline: its thread is still inside the kernel."""
+
+    path: str
+    value: str
+    since: float  # time.time() when it started
 
 
 class CpuInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,10 +62,12 @@ class Sysfs:
     ``after_write`` is called with (path, value) after each write: on a tree, tests use it
     to play the kernel's part (a driver link appearing after ``drivers_probe``).
     ``root_dev`` is the ``major:minor`` of the root filesystem (read from ``/`` when real).
+    ``stuck`` holds, by device, the writes that did not return within ``write_timeout_s``.
     """
 
     def __init__(self, root: str = "/sys", *, proc_root: str | None = None,
-                 root_dev: str | None = None, after_write: AfterWrite | None = None) -> None:
+                 root_dev: str | None = None, after_write: AfterWrite | None = None,
+                 write_timeout_s: float = 30.0) -> None:
         self.root = os.path.abspath(root)
         self.real = os.path.realpath(self.root) == "/sys"
         self.proc = proc_root if proc_root is not None else ("/proc" if self.real else "")
@@ -59,6 +76,8 @@ class Sysfs:
             root_dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
         self.root_dev = root_dev
         self.after_write = after_write
+        self.write_timeout_s = write_timeout_s
+        self.stuck: dict[str, StuckWrite] = {}
         self._pci = f"{self.root}/bus/pci/devices"
 
     # -- primitives ---------------------------------------------------------------------------
@@ -101,6 +120,84 @@ class Sysfs:
         except OSError as e:
             raise BackendError(f"writing {value.strip()!r} to {path} failed: "
                                f"{e.strerror or e}") from None
+
+    async def write_bounded(self, rel: str, value: str) -> None:
+        """``write`` in a thread of its own, awaited for at most ``write_timeout_s``.
+
+        A thread blocked in a kernel write cannot be killed: past the deadline it is kept in
+        ``stuck`` under its device, every later write for that device is refused until it
+        returns, and the caller gets Timeout (its rollback goes on with the other devices).
+        A daemon thread, not the loop's executor: a stuck one must not hold up the exit.
+        When the caller is cancelled, the write is awaited before the cancel goes on, so a
+        rollback never races the write it undoes.
+        """
+        device = _device_of(rel, value)
+        self.refuse_if_stuck(device)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                self.write(rel, value)
+            except BaseException as e:  # handed to the awaiting side, never lost in a thread
+                error = e
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop has closed: nobody waits for this write any more
+                pass
+
+        started = time.time()
+        threading.Thread(target=run, name=f"sysfs write {rel}", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.write_timeout_s)
+        except TimeoutError:
+            self._stuck(device, StuckWrite(path=self.path(rel), value=value.strip(),
+                                           since=started), done)
+            raise Timeout(
+                f"writing {value.strip()!r} to {self.path(rel)} did not return within "
+                f"{self.write_timeout_s:g} s: the driver of {device} is blocked in the kernel. "
+                "The write cannot be interrupted, and no other write to that device is made "
+                "until it returns. Look at `dmesg` for the driver's complaint and stop what "
+                "holds the device (a display server, nvidia-persistenced), or reboot the "
+                "host; if the driver is only slow, raise [hardware] sysfs_write_timeout_s"
+            ) from None
+        except asyncio.CancelledError:
+            await asyncio.wait([done], timeout=self.write_timeout_s)
+            if not done.done():
+                self._stuck(device, StuckWrite(path=self.path(rel), value=value.strip(),
+                                               since=started), done)
+            raise
+
+    def refuse_if_stuck(self, device: str) -> None:
+        """Conflict when a write for ``device`` is still stuck in the kernel."""
+        if (old := self.stuck.get(device)) is not None:
+            raise Conflict(
+                f"writing {old.value!r} to {old.path} has been stuck in the kernel for "
+                f"{time.time() - old.since:.0f} s; nothing more is written to {device} until "
+                "it returns (see `dmesg`; a reboot of the host clears it)")
+
+    def _stuck(self, device: str, write: StuckWrite, done: asyncio.Future[None]) -> None:
+        self.stuck[device] = write
+        log.error("writing %r to %s is stuck in the kernel; %s gets no more writes until it "
+                  "returns", write.value, write.path, device)
+
+        def returned(f: asyncio.Future[None]) -> None:
+            self.stuck.pop(device, None)
+            error = f.exception()
+            log.warning("the stuck write of %r to %s returned after %.0f s (%s); check %s with "
+                        "`phyllome hw show %s`", write.value, write.path,
+                        time.time() - write.since, error or "ok", device, device)
+
+        done.add_done_callback(returned)
 
     # -- devices ------------------------------------------------------------------------------
 
@@ -325,6 +422,13 @@ class Sysfs:
             if a == "-name":  # QEMU: -name guest=vm1,debug-threads=on
                 return f"VM {words[i + 1].removeprefix('guest=').split(',')[0]}"
         return os.path.basename(words[0]) if words else "?"
+
+
+def _device_of(rel: str, value: str) -> str:
+    """The device a write acts on: the PCI address in the value (``unbind``) or in the path
+    (``driver_override``, ``sriov_numvfs``, mdev ``create``), else the file's directory."""
+    found = _ADDR_IN_PATH.findall(value) or _ADDR_IN_PATH.findall(rel)
+    return found[0] if found else rel.rsplit("/", 1)[0]
 
 
 class UeventMonitor:

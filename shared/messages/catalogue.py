@@ -124,6 +124,9 @@ class SourceSpec(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.sourc
     kind: SourceType
     url: str = ""
     builtin: bool = False  # from the agent's configuration, not removable over the bus
+    # a binary GPG keyring on the catalogue agent's host: the index is read only as .sjson
+    # files whose signature gpgv verifies against it; "" = unsigned (only sha256 checked)
+    keyring: str = ""
 
 
 # -- requests and replies -------------------------------------------------------------------
@@ -178,6 +181,7 @@ class SourceAdd(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.source
     name: str
     url: str
     kind: Literal["manifest", "simplestreams"] = "manifest"
+    keyring: str = ""  # simplestreams only: see SourceSpec.keyring
 
 
 class SourceRef(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.source_ref.v1"):

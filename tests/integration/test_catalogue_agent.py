@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from services.catalogue import signature
 from shared import contracts
 from shared.agent import Agent
 from shared.errors import (
@@ -21,6 +22,7 @@ from shared.errors import (
     InsufficientResources,
     InvalidName,
     NotFound,
+    Unavailable,
 )
 from shared.messages import Empty
 from shared.messages import catalogue as catalogue_api
@@ -34,6 +36,7 @@ from shared.messages.catalogue import (
 from shared.messages.jobs import JobRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
+from tests.support.gpg import Signer
 from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.nats import nats_server
 from tests.support.require import require
@@ -157,6 +160,141 @@ async def test_simplestreams_tree(agent: Agent, srv: FileServer, tmp_path: Path)
     status = await pull(agent, "debian-bookworm-amd64-cloud")
     assert status.state == "succeeded", status.message
     assert status.result["sha256"] == sha(src)
+
+
+# -- signed simplestreams (.sjson, gpgv) -------------------------------------------------------
+
+
+def streams(srv: FileServer, *products: str) -> list[Path]:
+    """An index and one product file listing ``products`` (each with a VM disk item)."""
+    v1 = srv.root / "streams/v1"
+    v1.mkdir(parents=True, exist_ok=True)
+    (v1 / "index.json").write_text(json.dumps({"format": "index:1.0", "index": {
+        "images": {"datatype": "image-downloads", "path": "streams/v1/images.json"}}}))
+    (v1 / "images.json").write_text(json.dumps({"format": "products:1.0", "products": {
+        f"lab:{name}:amd64:cloud": {
+            "arch": "amd64", "os": "lab", "release": name, "variant": "cloud", "versions": {
+                "20240101": {"items": {"disk": {"ftype": "disk-kvm.img", "size": 1,
+                                                "path": f"{name}.qcow2", "sha256": "a" * 64}}}}}
+        for name in products}}))
+    return [v1 / "index.json", v1 / "images.json"]
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> Iterator[Signer]:
+    with Signer(tmp_path / "gpg", "Lab images") as s:
+        yield s
+
+
+def signed_source(url: str, keyring: Path | str) -> SourceAdd:
+    return SourceAdd(name="signed", url=url, kind="simplestreams", keyring=str(keyring))
+
+
+async def test_signed_simplestreams_is_read_from_its_verified_sjson(
+        agent: Agent, srv: FileServer, signer: Signer) -> None:
+    for f in streams(srv, "bookworm"):
+        signer.clearsign(f)
+    streams(srv, "bookworm", "evil")  # the unsigned .json files say something else
+    spec = await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
+                                signed_source(srv.url(""), signer.keyring))
+    assert spec.keyring == str(signer.keyring)
+    listed = await agent.bus.call("h1", catalogue_api.LIST, ListRequest(source="signed"))
+    assert [i.id for i in listed.images] == ["lab-bookworm-amd64-cloud"]
+    assert srv.gets("streams/v1/index.sjson") and srv.gets("streams/v1/images.sjson")
+    assert not srv.gets("streams/v1/index.json") and not srv.gets("streams/v1/images.json")
+    sources = await agent.bus.call("h1", catalogue_api.SOURCES, Empty())
+    assert {s.name: s.keyring for s in sources.sources}["signed"] == str(signer.keyring)
+
+
+async def test_a_tampered_signed_index_is_refused(agent: Agent, srv: FileServer,
+                                                  signer: Signer) -> None:
+    _, products = streams(srv, "bookworm")
+    signer.clearsign(products.with_name("index.json"))
+    signed = signer.clearsign(products)
+    signed.write_text(signed.read_text().replace("a" * 64, "b" * 64))  # another image's sha
+    with pytest.raises(Forbidden, match=r"the signature of http://.*/streams/v1/images.sjson "
+                                        r"does not verify against keyring .*trusted.gpg "
+                                        r"\(.*BAD signature.*\): the file was changed after it "
+                                        r"was signed"):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
+                             signed_source(srv.url(""), signer.keyring))
+    sources = await agent.bus.call("h1", catalogue_api.SOURCES, Empty())
+    assert "signed" not in [s.name for s in sources.sources]
+    listed = await agent.bus.call("h1", catalogue_api.LIST, ListRequest(search="bookworm"))
+    assert listed.images == []
+
+
+async def test_an_index_signed_by_another_key_is_refused(agent: Agent, srv: FileServer,
+                                                         signer: Signer, tmp_path: Path) -> None:
+    with Signer(tmp_path / "other", "Someone else") as other:
+        for f in streams(srv, "bookworm"):
+            other.clearsign(f)
+    with pytest.raises(Forbidden, match=r"index.sjson does not verify .*No public key\): "
+                                        r"it is signed by a key that is not in the keyring"):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
+                             signed_source(srv.url(""), signer.keyring))
+
+
+async def test_a_server_that_does_not_sign_is_refused(agent: Agent, srv: FileServer,
+                                                      signer: Signer) -> None:
+    index, _ = streams(srv, "bookworm")
+    index.with_suffix(".sjson").write_bytes(index.read_bytes())
+    with pytest.raises(Forbidden, match=r"index.sjson is not clear-signed"):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD,
+                             signed_source(srv.url(""), signer.keyring))
+    with pytest.raises(BadRequest, match=r"index.sjson is a signed index: name the keyring"):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(
+            name="s", url=srv.url("streams/v1/index.sjson"), kind="simplestreams"))
+
+
+@pytest.mark.parametrize("keyring, match", [
+    ("/nonexistent/lab.gpg", r"keyring /nonexistent/lab.gpg does not exist on this host; "
+                             r"export the key the source signs with: gpg --export"),
+    ("lab.gpg", "keyring 'lab.gpg' is not an absolute path"),
+])
+async def test_a_missing_keyring_is_a_clear_error(agent: Agent, srv: FileServer, keyring: str,
+                                                  match: str) -> None:
+    streams(srv, "bookworm")
+    with pytest.raises(BadRequest, match=match):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, signed_source(srv.url(""), keyring))
+    assert srv.requests == []  # told before anything is downloaded
+
+
+async def test_a_keyring_is_for_simplestreams_only(agent: Agent, srv: FileServer,
+                                                   signer: Signer) -> None:
+    with pytest.raises(BadRequest, match="a keyring checks simplestreams indexes only"):
+        await agent.bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(
+            name="m", url=write_manifest(srv, []), keyring=str(signer.keyring)))
+
+
+async def test_a_signature_broken_later_fails_the_refresh_and_says_why(
+        agent: Agent, srv: FileServer, signer: Signer) -> None:
+    files = streams(srv, "bookworm")
+    for f in files:
+        signer.clearsign(f)
+    await agent.bus.call("h1", catalogue_api.SOURCE_ADD, signed_source(srv.url(""),
+                                                                       signer.keyring))
+    signed = files[1].with_suffix(".sjson")
+    signed.write_text(signed.read_text().replace("bookworm", "trixie"))
+    result = await agent.bus.call("h1", catalogue_api.REFRESH, Empty())
+    [count] = [c for c in result.sources if c.name == "signed"]
+    assert "BAD signature" in count.error and count.entries == 1  # the verified ones stay
+    listed = await agent.bus.call("h1", catalogue_api.LIST, ListRequest(source="signed"))
+    assert [i.id for i in listed.images] == ["lab-bookworm-amd64-cloud"]
+    refreshed = [json.loads(data) async for _, _, data in
+                 agent.bus.events("phy.evt.h1.catalogue.refreshed")]
+    assert "BAD signature" in {s["name"]: s["error"]
+                               for s in refreshed[-1]["sources"]}["signed"]
+
+
+def test_without_gpgv_a_signed_source_is_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                     signer: Signer, tmp_path: Path) -> None:
+    monkeypatch.setattr(signature, "GPGV", "gpgv-not-installed")
+    data = tmp_path / "x.json"
+    data.write_text("{}")
+    with pytest.raises(Unavailable, match=r"gpgv is not installed.*apt-get install gpgv"):
+        signature.verify_clearsigned(signer.clearsign(data).read_bytes(), str(signer.keyring),
+                                     "http://h/x.sjson", 30)
 
 
 @pytest.mark.parametrize("images, match", [

@@ -38,19 +38,21 @@ from shared.messages.jobs import JobStatus
 from tests.support.agents import REPO, agent_in_process
 from tests.support.nats import nats_server  # noqa: F401
 from tests.support.sysfs_tree import FIXTURES, Pci, TreeBuilder, TreeKernel, build
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 
 
 @asynccontextmanager
-async def hw_agent(url: str, tmp_path: Path, fixture: str = "intel-desktop"
+async def hw_agent(url: str, tmp_path: Path, fixture: str = "intel-desktop", **settings: Any
                    ) -> AsyncIterator[tuple[Agent, Handlers, TreeBuilder]]:
     host = FIXTURES[fixture]()
     builder = build(tmp_path / "sys", host)
     (tmp_path / "proc").mkdir()
     async with agent_in_process(
             "hardware", url, tmp_path / "state", "h1", sysfs_root=str(builder.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}) as agent:
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc"),
+                   **settings}) as agent:
         handlers: Handlers = agent.handlers
         handlers.fs.after_write = TreeKernel(builder)  # the kernel's part on a tree
         yield agent, handlers, builder
@@ -179,6 +181,44 @@ async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path)
         assert "failed at 'probe 0000:01:00.1'" in st.message and "rolled back" in st.message
         dev = await agent.bus.call("h1", hardware_api.DEVICE, DeviceRef(address="0000:01:00.0"))
         assert dev.driver == "nvidia"
+
+
+async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
+        nats_server, tmp_path: Path) -> None:  # noqa: F811
+    """An unbind that never returns (a FIFO with no reader) must not stop the agent."""
+    async with hw_agent(nats_server.url, tmp_path, sysfs_write_timeout_s=6) as (
+            agent, handlers, builder):
+        fifo = builder.root / "bus/pci/drivers/nvidia/unbind"
+        fifo.unlink()
+        os.mkfifo(fifo)
+        kv = await agent.bus.kv(subjects.KV_HOSTS)
+
+        async def beats_after(revision: int) -> int:
+            async def advanced() -> int:
+                entry = await kv.get("h1.hardware")
+                return entry.revision if (entry.revision or 0) > revision else 0
+            return await until("the heartbeat to advance", advanced, timeout=30)
+
+        started = time.monotonic()
+        accepted = await agent.bus.call("h1", hardware_api.BIND,
+                                        BindRequest(address="0000:01:00.0"))
+        await beats_after((await kv.get("h1.hardware")).revision or 0)
+        dev = await agent.bus.call("h1", hardware_api.DEVICE, DeviceRef(address="00:02.0"))
+        assert dev.driver == "i915"
+        assert agent.jobs.get(accepted.job_id).state == "running"  # all that while stuck
+        st = await job_done(agent, accepted.job_id)
+        assert 6 <= time.monotonic() - started < 60
+        assert st.state == "failed" and st.error_kind == "backend"
+        assert f"writing '0000:01:00.0' to {fifo} did not return within 6 s" in st.message
+        assert "dmesg" in st.message and "could NOT undo: 0000:01:00.0" in st.message
+        # the thread is still in the kernel: the agent beats, says so, refuses the device
+        await beats_after((await kv.get("h1.hardware")).revision or 0)
+        hb = msgspec.json.decode((await kv.get("h1.hardware")).value or b"", type=Heartbeat)
+        assert hb.details["stuck_writes"]["0000:01:00.0"]["path"] == str(fifo)
+        with pytest.raises(Conflict, match="stuck in the kernel"):
+            await agent.bus.call("h1", hardware_api.BIND, BindRequest(address="0000:01:00.0"))
+        assert await asyncio.to_thread(fifo.read_text) == "0000:01:00.0"
+        await until("the stuck write to return", lambda: not handlers.fs.stuck, timeout=30)
 
 
 async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Path) -> None:  # noqa: F811

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,12 @@ from shared.errors import (
     InsufficientResources,
     InvalidName,
     NotFound,
+    Timeout,
     Unavailable,
 )
 from shared.messages.hardware import BindRequest, MdevCreate
 from tests.support.sysfs_tree import FIXTURES, TreeBuilder, TreeKernel, build
+from tests.support.wait import until
 
 GPU = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
 ORIG = {"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel",
@@ -183,8 +187,79 @@ async def test_an_interrupted_bind_is_rolled_back_at_the_next_start(tmp_path: Pa
     for rel, value in bind_writes(addr, "nvidia"):  # the crash came after the first device
         rig.fs.write(rel, value)
     assert rig.driver(addr) == "vfio-pci"
-    assert Operations(rig.fs, rig.inv, rig.state).recover() == ["1"]
+    assert await Operations(rig.fs, rig.inv, rig.state).recover() == ["1"]
     assert rig.driver(addr) == "nvidia" and rig.override(addr) == ""
+
+
+def blocking(path: Path) -> Path:
+    """Make a sysfs file a FIFO with no reader: opening it for writing blocks, as a driver's
+    unbind can in the kernel. ``read_text`` of it (in a thread) lets the write go through."""
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+def write_thread_in(rel: str) -> bool:
+    return any(t.name == f"sysfs write {rel}" for t in threading.enumerate())
+
+
+async def test_a_write_the_driver_blocks_fails_the_bind_within_the_deadline(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.fs.write_timeout_s = 0.5
+    fifo = blocking(rig.root / "bus/pci/drivers/nvidia/unbind")
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        await rig.bind("0000:01:00.0")
+    assert 0.5 <= time.monotonic() - started < 30
+    msg = err.value.message
+    assert "failed at 'unbind 0000:01:00.0 from nvidia'" in msg
+    assert f"writing '0000:01:00.0' to {fifo} did not return within 0.5 s" in msg
+    assert "dmesg" in msg and "sysfs_write_timeout_s" in msg
+    assert f"could NOT undo: 0000:01:00.0: writing '0000:01:00.0' to {fifo} has been stuck" in msg
+    assert list(rig.fs.stuck) == ["0000:01:00.0"]
+    assert (rig.state / "vfio.json").read_text() == "{}"
+    with pytest.raises(Conflict, match=r"stuck in the kernel .* nothing more is written to "
+                                       r"0000:01:00.0 until it returns"):
+        rig.ops.plan_bind(BindRequest(address="0000:01:00.1"))
+    assert await asyncio.to_thread(fifo.read_text) == "0000:01:00.0"  # the driver lets go
+    await until("the stuck write to return", lambda: not rig.fs.stuck, timeout=30)
+    assert rig.driver("0000:01:00.0") == ""  # the late unbind took effect
+    fifo.unlink()
+    fifo.touch()
+    await rig.bind("0000:01:00.0")  # writes to the device are allowed again
+    assert {a: rig.driver(a) for a in GPU} == dict.fromkeys(GPU, "vfio-pci")
+
+
+async def test_a_cancelled_bind_waits_for_its_write_before_the_rollback(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rel = "bus/pci/drivers/nvidia/unbind"
+    fifo = blocking(rig.root / rel)
+    task = asyncio.create_task(rig.bind("0000:01:00.0"))
+    await until("the unbind to be in the kernel", lambda: write_thread_in(rel), timeout=30)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=1.0)
+    assert not done, "the rollback ran while the unbind it undoes was still in the kernel"
+    assert await asyncio.to_thread(fifo.read_text) == "0000:01:00.0"
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {a: rig.driver(a) for a in GPU} == ORIG and not rig.fs.stuck
+
+
+async def test_a_blocked_mdev_create_times_out_and_holds_the_parent(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, "intel-gvtg")
+    rig.fs.write_timeout_s = 0.5
+    types = rig.root / "bus/pci/devices/0000:00:02.0/mdev_supported_types"
+    fifo = blocking(types / "i915-GVTg_V5_8/create")
+    with pytest.raises(Timeout, match=f"to {fifo} did not return within 0.5 s"):
+        await rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_8",
+                                             uuid=UUID))
+    with pytest.raises(Conflict, match="stuck in the kernel"):
+        await rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_4"))
+    assert await asyncio.to_thread(fifo.read_text) == UUID
+    await until("the stuck write to return", lambda: not rig.fs.stuck, timeout=30)
+    info = await rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_4"))
+    assert info.parent == "0000:00:02.0"
 
 
 async def test_single_gpu_hands_over_consoles_and_gives_them_back(tmp_path: Path) -> None:
@@ -289,9 +364,9 @@ def test_a_group_has_one_operation_at_a_time(tmp_path: Path) -> None:
 UUID = "5b1a54f4-9f0e-4c7e-bb0e-2a3c1d6e7f80"
 
 
-def test_mdev_create_and_remove(tmp_path: Path) -> None:
+async def test_mdev_create_and_remove(tmp_path: Path) -> None:
     rig = Rig(tmp_path, "intel-gvtg")
-    info = rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_8",
+    info = await rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_8",
                                           uuid=UUID.upper()))
     assert (info.uuid, info.parent, info.mdev_type) == (UUID, "0000:00:02.0", "i915-GVTg_V5_8")
     assert rig.kernel.writes == [
@@ -300,20 +375,21 @@ def test_mdev_create_and_remove(tmp_path: Path) -> None:
     assert types["i915-GVTg_V5_8"].instances == [UUID]
     assert types["i915-GVTg_V5_8"].available_instances == 1
     with pytest.raises(Conflict, match="exists already"):
-        rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_8", uuid=UUID))
-    removed = rig.ops.mdev_remove(UUID)
+        await rig.ops.mdev_create(MdevCreate(address="00:02.0", mdev_type="i915-GVTg_V5_8",
+                                             uuid=UUID))
+    removed = await rig.ops.mdev_remove(UUID)
     assert removed.parent == "0000:00:02.0" and removed.mdev_type == "i915-GVTg_V5_8"
     assert rig.kernel.writes[-1] == (f"bus/mdev/devices/{UUID}/remove", "1")
     types = {t.id: t for t in rig.inv.device("0000:00:02.0").mdev_types}
     assert types["i915-GVTg_V5_8"].instances == []
 
 
-def test_mdev_fresh_uuid_and_exhausted_type(tmp_path: Path) -> None:
+async def test_mdev_fresh_uuid_and_exhausted_type(tmp_path: Path) -> None:
     rig = Rig(tmp_path, "intel-gvtg")
-    info = rig.ops.mdev_create(MdevCreate(address="0000:00:02.0", mdev_type="i915-GVTg_V5_4"))
+    info = await rig.ops.mdev_create(MdevCreate(address="0000:00:02.0", mdev_type="i915-GVTg_V5_4"))
     assert len(info.uuid) == 36
     with pytest.raises(InsufficientResources, match="no instance left"):
-        rig.ops.mdev_create(MdevCreate(address="0000:00:02.0", mdev_type="i915-GVTg_V5_4"))
+        await rig.ops.mdev_create(MdevCreate(address="0000:00:02.0", mdev_type="i915-GVTg_V5_4"))
 
 
 @pytest.mark.parametrize(("req", "error", "match"), [
@@ -323,26 +399,26 @@ def test_mdev_fresh_uuid_and_exhausted_type(tmp_path: Path) -> None:
     (MdevCreate(address="0000:00:02.0", mdev_type="i915-GVTg_V5_8", uuid="not-a-uuid"),
      InvalidName, "is not a UUID"),
 ])
-def test_mdev_bad_input(tmp_path: Path, req: MdevCreate, error: type[Exception],
+async def test_mdev_bad_input(tmp_path: Path, req: MdevCreate, error: type[Exception],
                         match: str) -> None:
     rig = Rig(tmp_path, "intel-gvtg")
     with pytest.raises(error, match=match):
-        rig.ops.mdev_create(req)
+        await rig.ops.mdev_create(req)
     with pytest.raises(NotFound, match="no mediated device"):
-        rig.ops.mdev_remove(UUID)
+        await rig.ops.mdev_remove(UUID)
 
 
 # -- SR-IOV -----------------------------------------------------------------------------------
 
 
-def test_sriov_count_changes_through_zero(tmp_path: Path) -> None:
+async def test_sriov_count_changes_through_zero(tmp_path: Path) -> None:
     rig = Rig(tmp_path, "sriov-nic")
-    pf = rig.ops.sriov_set("0000:03:00.0", 4)
+    pf = await rig.ops.sriov_set("0000:03:00.0", 4)
     assert rig.kernel.writes == [("bus/pci/devices/0000:03:00.0/sriov_numvfs", "0"),
                                  ("bus/pci/devices/0000:03:00.0/sriov_numvfs", "4")]
     assert pf.sriov_numvfs == 4 and len(pf.virtfns) == 4
     assert [d.physfn for d in rig.inv.devices("net") if d.physfn] == ["0000:03:00.0"] * 4
-    pf = rig.ops.sriov_set("0000:03:00.0", 0)
+    pf = await rig.ops.sriov_set("0000:03:00.0", 0)
     assert pf.virtfns == [] and not [d for d in rig.inv.devices() if d.physfn]
 
 
@@ -351,18 +427,18 @@ def test_sriov_count_changes_through_zero(tmp_path: Path) -> None:
     ("0000:03:00.0", -1, BadRequest, "not -1"),
     ("0000:05:00.0", 2, BadRequest, "does not support SR-IOV"),
 ])
-def test_sriov_bad_input(tmp_path: Path, address: str, n: int, error: type[Exception],
+async def test_sriov_bad_input(tmp_path: Path, address: str, n: int, error: type[Exception],
                          match: str) -> None:
     rig = Rig(tmp_path, "sriov-nic")
     with pytest.raises(error, match=match):
-        rig.ops.sriov_set(address, n)
+        await rig.ops.sriov_set(address, n)
     assert rig.kernel.writes == []
 
 
-def test_sriov_refused_while_a_vm_uses_a_vf(tmp_path: Path) -> None:
+async def test_sriov_refused_while_a_vm_uses_a_vf(tmp_path: Path) -> None:
     rig = Rig(tmp_path, "sriov-nic")
     group = rig.inv.device("0000:03:10.0").iommu_group
     assert group is not None
     rig.vm_holds(group, name="router")
     with pytest.raises(Conflict, match="VM router"):
-        rig.ops.sriov_set("0000:03:00.0", 0)
+        await rig.ops.sriov_set("0000:03:00.0", 0)

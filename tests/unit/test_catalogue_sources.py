@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from cli.images import source_rows
 from services.catalogue.handlers import choose, matches, template
 from services.catalogue.sources import (
     check_id,
@@ -24,6 +25,8 @@ from shared.messages.catalogue import (
     LocalImage,
     Requirements,
     Resources,
+    SourceList,
+    SourceSpec,
 )
 
 pytestmark = pytest.mark.unit
@@ -130,6 +133,34 @@ def test_simplestreams_index_and_products() -> None:
     assert (e.id, e.name, e.archs) == ("ubuntu-jammy-arm64", "Ubuntu 22.04 LTS", ["aarch64"])
     assert e.downloads[0].url == "http://h/ss/server/jammy/new.img"
     assert (e.downloads[0].format, e.downloads[0].sha256) == ("qcow2", SHA)
+
+
+@pytest.mark.parametrize(("base", "url"), [
+    ("http://h/ss", "http://h/ss/streams/v1/index.sjson"),
+    ("http://h/ss/", "http://h/ss/streams/v1/index.sjson"),
+    ("http://h/ss/streams/v1/index.json", "http://h/ss/streams/v1/index.sjson"),
+    ("http://h/ss/streams/v1/index.sjson", "http://h/ss/streams/v1/index.sjson"),
+])
+def test_a_signed_source_reads_the_sjson_files(base: str, url: str) -> None:
+    assert simplestreams.index_url(base, signed=True) == url
+    assert simplestreams.root_url(url) == "http://h/ss/"
+    assert simplestreams.signed_path("streams/v1/a.json") == "streams/v1/a.sjson"
+    assert simplestreams.signed_path("streams/v1/a.sjson") == "streams/v1/a.sjson"
+
+
+def test_a_signed_index_without_a_keyring_is_refused() -> None:
+    with pytest.raises(BadRequest, match="is a signed index: name the keyring of its signer"):
+        simplestreams.index_url("http://h/ss/streams/v1/index.sjson")
+
+
+def test_sources_say_how_their_index_is_trusted() -> None:
+    rows = source_rows(SourceList(sources=[
+        SourceSpec(name="builtin", kind="builtin", url="/b", builtin=True),
+        SourceSpec(name="lab", kind="manifest", url="http://h/m.json"),
+        SourceSpec(name="ss", kind="simplestreams", url="http://h/ss"),
+        SourceSpec(name="ubuntu", kind="simplestreams", url="http://h/u", keyring="/k.gpg")]))
+    assert [r["signature"] for r in rows] == ["local files", "unsigned", "unsigned",
+                                              "checked (/k.gpg)"]
 
 
 def test_simplestreams_wrong_types_are_clear() -> None:

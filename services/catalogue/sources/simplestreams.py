@@ -5,6 +5,11 @@ versions, and each version to items (files) with ``path``, ``sha256`` and ``size
 every product the newest version holding a VM disk is an entry; its id is built from the
 product's os, release, arch and variant.
 
+A server that signs publishes each file also clear-signed, as ``.sjson`` beside the
+``.json``; a source with a keyring reads only those (``signature.py`` checks them)::
+
+    >>> index_url("http://h/ss", signed=True)
+    'http://h/ss/streams/v1/index.sjson'
     >>> product_paths(b'{"format": "index:1.0", "index": {"x": {"datatype": "image-downloads",'
     ...               b' "path": "streams/v1/x.json"}}}')
     ['streams/v1/x.json']
@@ -22,6 +27,7 @@ from shared.errors import BadRequest
 from shared.messages.catalogue import CatalogueEntry, Download
 
 INDEX_PATH = "streams/v1/index.json"
+SIGNED_INDEX_PATH = "streams/v1/index.sjson"
 
 # VM disk item types in order of preference -> their format.
 DISK_FTYPES = {"disk-kvm.img": "qcow2", "disk1.img": "qcow2", "uefi1.img": "qcow2",
@@ -71,15 +77,27 @@ def _decode(data: bytes, tp: type[Any], what: str) -> Any:
         raise BadRequest(f"simplestreams {what}: {e}") from None
 
 
-def index_url(base: str) -> str:
-    """The index of a server given by its root URL or by the index URL itself."""
-    return base if base.endswith(".json") else urljoin(base.rstrip("/") + "/", INDEX_PATH)
+def index_url(base: str, signed: bool = False) -> str:
+    """The index of a server given by its root URL or by the index URL itself; its signed
+    form (``.sjson``) when ``signed``."""
+    if base.endswith(".sjson") and not signed:
+        raise BadRequest(f"{base} is a signed index: name the keyring of its signer "
+                         "(--keyring), or give the unsigned .json index")
+    if base.endswith((".json", ".sjson")):
+        return signed_path(base) if signed else base
+    return urljoin(base.rstrip("/") + "/", SIGNED_INDEX_PATH if signed else INDEX_PATH)
+
+
+def signed_path(path: str) -> str:
+    """The clear-signed twin of an index or product file: ``x.json`` -> ``x.sjson``."""
+    return path.removesuffix(".json") + ".sjson" if path.endswith(".json") else path
 
 
 def root_url(base: str) -> str:
     """The server root that item and product paths are relative to."""
-    if base.endswith(INDEX_PATH):
-        return base[: -len(INDEX_PATH)]
+    for index in (INDEX_PATH, SIGNED_INDEX_PATH):
+        if base.endswith(index):
+            return base[: -len(index)]
     return base.rstrip("/") + "/"
 
 
