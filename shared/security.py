@@ -9,8 +9,9 @@ the nats-server ``authorization`` + ``tls`` block; each identity gets an env fil
     # h1-vm.env: PHYLLOME_NATS_USER=h1-vm PHYLLOME_NATS_PASSWORD=... PHYLLOME_NATS_CA=.../ca.pem
 
 Permissions (``permissions(role, host)``): an agent serves only ``phy.<host>.<agent>.*``,
-publishes only its own events ``phy.evt.<host>.<agent>.>`` and its own heartbeat key, and
-reads only the KV buckets it needs; the operator may request but not publish events or write
+publishes only its own events ``phy.evt.<host>.<agent>.>``, its own heartbeat key and its own
+kept replies (``idempotency`` keys ``<host>.<agent>.>``), and reads only the KV buckets it
+needs; the operator may request but not publish events or write
 KV; the monitor may only read.
 """
 
@@ -29,10 +30,10 @@ from shared.errors import BackendError
 ROLES = (*subjects.SERVICES, "operator", "monitor", "admin")
 # KV buckets each role may read (watch/get) and write (put).
 KV_READ = {
-    "hardware": [subjects.KV_HOSTS],
-    "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
-    "storage": [subjects.KV_HOSTS, subjects.KV_VMS],
-    "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES],
+    "hardware": [subjects.KV_HOSTS, subjects.KV_IDEMPOTENCY],
+    "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
+    "storage": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IDEMPOTENCY],
+    "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
     "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
     "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
 }
@@ -69,6 +70,7 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
             "phy.*.*.*",  # requests to any agent (commands are exactly 4 tokens)
             f"phy.evt.{own}.>",  # its own events only
             f"$KV.{subjects.KV_HOSTS}.{own}",  # its own heartbeat only
+            f"$KV.{subjects.KV_IDEMPOTENCY}.{own}.>",  # its own kept replies only
             *[f"$KV.{b}.>" for b in KV_WRITE.get(role, [])],
             *_reads(KV_READ[role], stream_reads=True),
             "$SRV.>",

@@ -88,7 +88,7 @@ async def test_admin_sets_up_then_agents_run_with_their_own_identity(
     admin = await Bus.connect(server.url, name="admin", host="h1", user="admin",
                               password=users["admin"], ca=str(d / "ca.pem"), give_up_after=5)
     await admin.ensure_stream()
-    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
+    for bucket in subjects.KV_BUCKETS:
         await admin.kv(bucket)
     env = security.read_env(d / "h1-storage.env")
     async with agent_in_process("storage", server.url, tmp_path / "st", "h1",
@@ -99,15 +99,18 @@ async def test_admin_sets_up_then_agents_run_with_their_own_identity(
         operator = await Bus.connect(server.url, name="cli", host="h1",
                                      user="operator", password=op_env["PHYLLOME_NATS_PASSWORD"],
                                      ca=op_env["PHYLLOME_NATS_CA"], give_up_after=5)
-        pools = await operator.call("h1", storage_api.POOLS, Empty())
+        pools = await operator.call("h1", storage_api.POOLS, Empty(), idempotency_key="p1")
         assert pools.pools, "the storage agent answered its own command as h1-storage"
+        kept = await (await admin.kv(subjects.KV_IDEMPOTENCY)).get(
+            subjects.idempotency_key("h1", "storage", "pools", "p1"))
+        assert kept.value and b"request_sha256" in kept.value, "the reply was kept in KV"
         beats = await operator.kv_values(subjects.KV_HOSTS, Heartbeat)
         assert [(b.host, b.agent) for b in beats] == [("h1", "storage")]
         started = [s async for s, _t, _d in operator.events("phy.evt.h1.storage.agent.started")]
         assert started, "the agent's own event was stored"
         assert agent.metrics.events_failed._value.get() == 0
-        await operator.nc.close()
-    await admin.nc.close()
+        await operator.close()
+    await admin.close()
 
 
 async def test_agent_cannot_publish_another_agents_event_or_serve_its_subjects(
@@ -135,6 +138,9 @@ async def test_agent_cannot_publish_another_agents_event_or_serve_its_subjects(
     await storage.wait_error("permissions violation for publish")
     storage.errors.clear()
     await storage.nc.publish(f"$KV.{subjects.KV_IMAGES}.evil", b"{}")
+    await storage.wait_error("permissions violation for publish")
+    storage.errors.clear()
+    await storage.nc.publish(f"$KV.{subjects.KV_IDEMPOTENCY}.h1.vm.create.x", b"{}")  # vm's
     await storage.wait_error("permissions violation for publish")
     await storage.nc.publish("phy.evt.h1.storage.volume", event)  # its own: allowed
     await storage.nc.flush()
