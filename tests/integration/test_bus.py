@@ -32,9 +32,9 @@ from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
+from tests.support.errors import error_classes
 from tests.support.nats import nats_server
 from tests.support.wait import job_finished, until
-from tests.unit.test_contracts_unit import error_classes
 
 __all__ = ["nats_server"]
 

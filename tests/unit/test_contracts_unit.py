@@ -22,17 +22,7 @@ from shared.errors import (
 )
 from shared.messages import LIFECYCLE, Ack, Empty, EndpointSpec
 from shared.messages.jobs import JobRef
-
-
-def error_classes() -> list[type[PhyError]]:
-    """Every class of the error tree below the root (each one may be raised and sent)."""
-    out: list[type[PhyError]] = []
-    todo = list(PhyError.__subclasses__())
-    while todo:
-        cls = todo.pop(0)
-        out.append(cls)
-        todo += cls.__subclasses__()
-    return out
+from tests.support.errors import error_classes
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a*", ">", "has space", "", "x" * 129, "tab\t"])
