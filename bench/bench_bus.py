@@ -63,7 +63,7 @@ async def request_latency(url: str, tmp: Path, count: int) -> list[Result]:
         reply = await client.nc.request("bench.bare.ping", payload, timeout=5)
         msgspec.json.decode(reply.data)
         theirs.append(time.perf_counter() - t)
-    await client.nc.close()
+    await client.close()
     await bare.close()
     await agent.drain()
     ms = 1000
@@ -89,7 +89,7 @@ async def publish_rate(url: str, count: int) -> list[Result]:
     futures = [await bus.js.publish_async(subject, payload) for _ in range(count)]
     await asyncio.gather(*futures)
     theirs = count / (time.perf_counter() - t)
-    await bus.nc.close()
+    await bus.close()
     return [Result("event publish (JetStream)", f"{count:,} events", ours, theirs,
                    "bare js.publish_async", "events/s", ">= 0.8x and >= 20,000/s",
                    higher_is_better=True)]

@@ -91,7 +91,7 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
         try:
             return await fn(bus)
         finally:
-            await bus.nc.close()
+            await bus.close()
 
     try:
         return asyncio.run(go())
@@ -102,7 +102,7 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
 
 
 def fail(e: PhyError) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {e.message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {e}", highlight=False)
     sys.exit(EXIT_UNREACHABLE if isinstance(e, Unavailable) else EXIT_FAILED)
 
 

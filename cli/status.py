@@ -85,7 +85,7 @@ async def collect(url: str, window: float = 0.5) -> list[dict[str, Any]]:
     try:
         return await collect_on(bus, window)
     finally:
-        await bus.nc.close()
+        await bus.close()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -235,7 +235,7 @@ class Supervisor:
         if url:
             bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                            give_up_after=10, **common.credentials())
-            await bus.nc.close()
+            await bus.close()
             print(f"using the NATS server at {url}", flush=True)
             return url
         host, _, port = self.args.listen.rpartition(":")
@@ -271,7 +271,7 @@ class Supervisor:
             while True:
                 try:
                     await bus.ensure_stream()
-                    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
+                    for bucket in subjects.KV_BUCKETS:
                         await bus.kv(bucket)
                     return
                 except (PhyError, TimeoutError, nats.errors.Error) as e:
@@ -281,7 +281,7 @@ class Supervisor:
                                           f"{self.state_dir}/nats/nats-server.log") from None
                     await asyncio.sleep(0.5)
         finally:
-            await bus.nc.close()
+            await bus.close()
 
     def replicas(self) -> int:
         """``--replicas``, else 3 when the cluster has three or more servers, else 1."""
@@ -343,7 +343,7 @@ class Supervisor:
         try:
             return await ensure_demo(bus, self.args.host)
         finally:
-            await bus.nc.close()
+            await bus.close()
 
     async def supervise(self) -> None:
         while not self.stop.is_set():

@@ -301,11 +301,10 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
         spec = VmSpec(name="demo", vcpus=1, secure_boot=True, tpm="emulated-2.0",
                       display="both", memory_mib=max(tiny.template.memory // MiB,
                                                      DEMO_MIN_MEMORY_MIB))
-        await bus.call(host, vm_api.CREATE, VmCreate(spec=spec, image=DEMO_IMAGE),
-                       timeout=600, idempotency_key=f"demo:{host}")
+        await bus.call(host, vm_api.CREATE, VmCreate(spec=spec, image=DEMO_IMAGE), timeout=600)
         info: VmInfo = await bus.call(host, vm_api.START, VmRef(vm="demo"), timeout=60)
     except PhyError as e:
-        return [f"demo VM not created: {e.message}"]
+        return [f"demo VM not created: {e}"]
     consoles = "  ".join(c.uri for c in (info.spice, info.vnc) if c is not None)
     lines = [
         f"demo VM `demo` ({DEMO_IMAGE}: UEFI + Secure Boot, TPM 2.0) is {info.state} "

@@ -1,7 +1,9 @@
 """What every agent is made of: config, metrics, the bus, a micro service, jobs, heartbeat.
 
 An agent package supplies ``setup(agent) -> handlers`` and its ``ENDPOINTS``; this class does
-the rest, the same way for all four::
+the rest, the same way for all four. Each endpoint's verb is bound to the handlers' method of
+that name; the handlers' lifecycle (``Lifecycle``: ``begin``/``close``) has names no verb may
+take (``EndpointSpec`` refuses them), so an endpoint ``start`` cannot clash with it::
 
     agent = Agent("storage", load("storage"))
     await agent.start(setup, ENDPOINTS)   # connected, serving, heartbeat running
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +31,17 @@ from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, He
 from shared.messages.jobs import job_endpoints
 
 Setup = Callable[["Agent"], Awaitable[Any]]
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """Handlers that hold resources: ``setup`` awaits ``begin()`` before it returns them (scan,
+    watchers, loops), ``Agent.drain`` awaits ``close()`` after the jobs have stopped. The
+    names are in ``shared.messages.LIFECYCLE``, which no endpoint verb may use."""
+
+    async def begin(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class Agent:
@@ -123,13 +136,10 @@ class Agent:
         self.stopping.set()
         if self._bus is None:
             return
-        for svc in list(self.bus._services):
-            await svc.stop()
-        self.bus._services.clear()
+        await self.bus.stop_serving()
         await self.jobs.cancel_all()
-        closer = getattr(self.handlers, "close", None)
-        if closer is not None:
-            await closer()
+        if isinstance(self.handlers, Lifecycle):
+            await self.handlers.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

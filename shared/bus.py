@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -31,13 +33,24 @@ from nats.micro.service import Service
 
 from shared import subjects
 from shared.codec import decode, encode
-from shared.errors import Internal, PhyError, Timeout, Unavailable, raise_for_reply, to_reply
+from shared.errors import (
+    Cancelled,
+    Conflict,
+    Internal,
+    PhyError,
+    Timeout,
+    Unavailable,
+    raise_for_reply,
+    to_reply,
+)
 from shared.messages import EndpointSpec, Event
 from shared.metrics import AgentMetrics
 
 log = logging.getLogger("phyllome.bus")
 
 IDEMPOTENCY_HEADER = "Phy-Idempotency-Key"
+IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long a keyed reply is kept (in KV and in memory)
+IDEMPOTENCY_MEMORY = 10_000  # keyed replies kept in memory in front of KV
 EVENT_MAX_AGE_S = 30 * 24 * 3600
 DUPLICATE_WINDOW_S = 120.0
 # KV buckets and their settings; ``hosts`` TTL comes from the agents' heartbeat TTL.
@@ -46,6 +59,26 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Reply = tuple[dict[str, str] | None, bytes]
 KV_HISTORY = {subjects.KV_HOSTS: 1, subjects.KV_VMS: 5, subjects.KV_IMAGES: 5}
+# Outcomes of a keyed request that are not kept: nothing was done, so a retry must act.
+NOT_KEPT = frozenset({Cancelled.kind, Unavailable.kind, Timeout.kind})
+
+
+class KeptReply(msgspec.Struct, frozen=True, kw_only=True, tag="bus.kept_reply.v1"):
+    """The reply to a keyed request, in KV ``idempotency`` under
+    ``<host>.<service>.<verb>.<sha256 of the key>`` for ``IDEMPOTENCY_TTL_S``."""
+
+    request_sha256: str
+    headers: dict[str, str] | None = None
+    body: bytes = b""
+
+
+@dataclass
+class _Slot:
+    """A keyed request in memory: the body it came with, and its reply once settled."""
+
+    request_sha256: str
+    reply: asyncio.Future[Reply]
+    at: float
 
 
 class Bus:
@@ -61,7 +94,7 @@ class Bus:
         self.kv_ttl_s = kv_ttl_s
         self._kv: dict[str, KeyValue] = {}
         self._inflight: set[asyncio.Task[None]] = set()
-        self._idempotent: OrderedDict[tuple[str, str], asyncio.Future[Reply]] = OrderedDict()
+        self._idempotent: OrderedDict[str, _Slot] = OrderedDict()
         self._services: list[Service] = []
         self._read_locks: dict[str, asyncio.Lock] = {}
         self._reads_begun: dict[str, int] = {}
@@ -136,11 +169,16 @@ class Bus:
             metrics.bus_connected.set(1)
         return cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s)
 
-    async def close(self) -> None:
-        """Stop serving, let in-flight requests finish, flush and close."""
+    async def stop_serving(self) -> None:
+        """Take no new requests (the micro services leave NATS); those in flight go on."""
         for svc in self._services:
             await svc.stop()
         self._services.clear()
+
+    async def close(self) -> None:
+        """The one way to end a Bus, for an agent and for a CLI command alike: stop serving,
+        let in-flight requests finish (10 s at most), drain the connection and close it."""
+        await self.stop_serving()
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=10)
         if not self.nc.is_closed:
@@ -202,41 +240,113 @@ class Bus:
 
         return handle
 
-    async def _dispatch(self, spec: EndpointSpec[Any, Any], fn: Callable[[Any], Awaitable[Any]],
-                        req: Request) -> None:
+    async def _dispatch(self, spec: EndpointSpec[Any, Any], fn: Handler, req: Request) -> None:
         started = time.perf_counter()
+        origin = f"{self.host}/{spec.service}.{spec.verb}"
         key = (req.headers or {}).get(IDEMPOTENCY_HEADER)
-        outcome = "ok"
         if key:
-            slot = (spec.verb, key)
-            first = self._idempotent.get(slot)
-            if first is not None:
-                replay_headers, replay_body = await first
-                await req.respond(replay_body, headers=replay_headers)
-                self._observe(spec.verb, "replayed", started)
-                return
-            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-            self._idempotent[slot] = future
-            while len(self._idempotent) > 10_000:
-                self._idempotent.popitem(last=False)
-        headers: dict[str, str] | None = None
-        try:
-            body = encode(await fn(decode(req.data, spec.request, limit=spec.max_payload)))
-        except PhyError as e:
-            outcome = e.kind
-            headers, body = to_reply(e)
-            log.info("%s refused: %s", spec.verb, e.message)
-        except Exception:
-            outcome = "internal"
-            log.exception("%s failed unexpectedly", spec.verb)
-            headers, body = to_reply(Internal(f"{spec.verb}: unexpected error; see the agent log"))
-        if key:
-            future.set_result((headers, body))
+            outcome, (headers, body) = await self._once(spec, fn, req, key, origin)
+        else:
+            outcome, (headers, body) = await self._run(spec, fn, req, origin)
         try:
             await req.respond(body, headers=headers)
         except nats.errors.Error as e:
             log.warning("could not reply to %s: %r", spec.verb, e)
         self._observe(spec.verb, outcome, started)
+
+    async def _run(self, spec: EndpointSpec[Any, Any], fn: Handler, req: Request,
+                   origin: str) -> tuple[str, Reply]:
+        """Decode, call the handler, encode: (outcome, reply) for every way it can end, except
+        the cancellation of this request's own task, which goes on up."""
+        try:
+            result = await fn(decode(req.data, spec.request, limit=spec.max_payload))
+            return "ok", (None, encode(result))
+        except PhyError as e:
+            e.origin = e.origin or origin  # an error from a peer keeps the peer's origin
+            log.info("%s refused: %s", spec.verb, e)
+            return e.kind, to_reply(e)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The handler's own wait was cancelled (a job it awaited): an answer, not a hang.
+            log.info("%s: its work was cancelled", spec.verb)
+            return Cancelled.kind, to_reply(Cancelled(
+                f"{spec.verb} was cancelled before it finished; send it again", origin=origin))
+        except Exception:
+            log.exception("%s failed unexpectedly", spec.verb)
+            return Internal.kind, to_reply(Internal(
+                f"unexpected error in {spec.verb}; see the agent log", origin=origin))
+
+    async def _once(self, spec: EndpointSpec[Any, Any], fn: Handler, req: Request, key: str,
+                    origin: str) -> tuple[str, Reply]:
+        """Act on a keyed request once per (host, service, verb, key).
+
+        A repeat — concurrent, later, or after the agent restarted (the reply is kept in KV
+        ``idempotency`` for a day) — gets the first reply, failures included; the same key
+        with another body is refused. An outcome that did nothing (cancelled, unavailable) is
+        not kept: its waiters get it, a later retry acts.
+        """
+        name = subjects.idempotency_key(self.host, spec.service, spec.verb, key)
+        digest = hashlib.sha256(req.data).hexdigest()
+        slot = self._idempotent.get(name)
+        if slot is not None and time.monotonic() - slot.at < IDEMPOTENCY_TTL_S:
+            reply = await asyncio.shield(slot.reply)  # a waiter's cancel must not cancel it
+            if slot.request_sha256 != digest:
+                return Conflict.kind, self._reused(key, origin)
+            return "replayed", reply
+        slot = _Slot(digest, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._idempotent[name] = slot
+        self._idempotent.move_to_end(name)
+        while len(self._idempotent) > IDEMPOTENCY_MEMORY:
+            self._idempotent.popitem(last=False)
+        outcome, reply = Cancelled.kind, to_reply(Cancelled(
+            f"the agent stopped before {spec.verb} finished; send it again", origin=origin))
+        try:
+            kept = await self._kept(name)
+            if kept is None:
+                outcome, reply = await self._run(spec, fn, req, origin)
+                if outcome not in NOT_KEPT:
+                    await self._keep(name, KeptReply(request_sha256=digest, headers=reply[0],
+                                                     body=reply[1]))
+                return outcome, reply
+            outcome, reply = "replayed", (kept.headers, kept.body)
+            slot.request_sha256 = kept.request_sha256
+            if kept.request_sha256 != digest:
+                return Conflict.kind, self._reused(key, origin)
+            return outcome, reply
+        finally:
+            if not slot.reply.done():
+                slot.reply.set_result(reply)
+            if outcome in NOT_KEPT and self._idempotent.get(name) is slot:
+                del self._idempotent[name]
+
+    @staticmethod
+    def _reused(key: str, origin: str) -> Reply:
+        return to_reply(Conflict(
+            f"idempotency key {key!r} was first used with another request; a new request "
+            "needs a new key", origin=origin))
+
+    async def _kept(self, name: str) -> KeptReply | None:
+        """The reply kept in KV for a keyed request, if any (none when KV cannot say)."""
+        try:
+            kv = await self.kv(subjects.KV_IDEMPOTENCY)
+            entry = await kv.get(name)
+            return msgspec.json.decode(entry.value or b"", type=KeptReply)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (PhyError, nats.errors.Error, TimeoutError, msgspec.MsgspecError) as e:
+            log.warning("idempotency key %s not read from KV (%r); acting on memory alone",
+                        name, e)
+            return None
+
+    async def _keep(self, name: str, kept: KeptReply) -> None:
+        try:
+            kv = await self.kv(subjects.KV_IDEMPOTENCY)
+            await kv.put(name, msgspec.json.encode(kept))
+        except (PhyError, nats.errors.Error, TimeoutError) as e:
+            log.warning("idempotency key %s not kept in KV (%r); a restart would act again",
+                        name, e)
 
     def _observe(self, verb: str, outcome: str, started: float) -> None:
         if self.metrics:
@@ -329,7 +439,8 @@ class Bus:
         try:
             kv = await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
-            ttl = self.kv_ttl_s if bucket == subjects.KV_HOSTS else None
+            ttl = {subjects.KV_HOSTS: self.kv_ttl_s,
+                   subjects.KV_IDEMPOTENCY: IDEMPOTENCY_TTL_S}.get(bucket)
             try:
                 kv = await self.js.create_key_value(
                     bucket=bucket, history=KV_HISTORY.get(bucket, 1), ttl=ttl,

@@ -114,11 +114,14 @@ def markdown() -> str:
         f"| event stream | `{subjects.STREAM}` on `{subjects.EVENTS_ALL}`, "
         "`Nats-Msg-Id` = event id |",
         f"| KV buckets | `{subjects.KV_HOSTS}` (heartbeats, key `<host>.<agent>`, TTL), "
-        f"`{subjects.KV_VMS}`, `{subjects.KV_IMAGES}` |",
+        f"`{subjects.KV_VMS}`, `{subjects.KV_IMAGES}`, `{subjects.KV_IDEMPOTENCY}` (replies to "
+        "keyed requests, key `<host>.<service>.<verb>.<sha256 of the key>`, TTL 24 h) |",
         "| micro services | `phyllome-<service>` (`$SRV.PING/INFO/STATS`) |",
-        "| idempotency | request header `Phy-Idempotency-Key` |",
+        "| idempotency | request header `Phy-Idempotency-Key`: acted on once per host, "
+        "service and verb; a repeat gets the first reply, another body with the key a "
+        "`conflict` |",
         "| errors | headers `Nats-Service-Error`, `Nats-Service-Error-Code`; body "
-        "`error.v1` {code, kind, message} |",
+        "`error.v1` {code, kind, message, origin?} (origin `<host>/<service>.<verb>`) |",
         "",
     ]
     for svc in subjects.SERVICES:

@@ -1,13 +1,17 @@
 """One error tree for every agent, and its typed form on the bus.
 
 An error crosses NATS as an ``ErrorReply`` body plus the micro-service headers
-``Nats-Service-Error`` / ``Nats-Service-Error-Code``; ``from_reply`` raises the same
-class on the caller's side, so ``except NotFound`` works across processes::
+``Nats-Service-Error`` / ``Nats-Service-Error-Code``; ``raise_for_reply`` raises the same
+class on the caller's side, so ``except NotFound`` works across processes. The bus that
+turned the error into a reply records its ``origin`` (``<host>/<service>.<verb>``) once, so
+messages need no hand-written "vm: " prefix and ``str(e)`` says where it came from::
 
     >>> raise_for_reply({"Nats-Service-Error-Code": "404"}, b'{"code":404,"kind":"not_found",'
-    ...                 b'"message":"vm: no VM named demo"}')
+    ...                 b'"message":"no VM named demo","origin":"h1/vm.info"}')
     Traceback (most recent call last):
-    shared.errors.NotFound: vm: no VM named demo
+    shared.errors.NotFound: vm on h1: no VM named demo
+
+Every class below has its own ``kind`` (the wire name); a new class must pick a new one.
 """
 
 from __future__ import annotations
@@ -19,14 +23,37 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 
 class PhyError(Exception):
-    """Root of every error an agent reports; ``message`` says what was wrong and what to do."""
+    """Root of every error an agent reports; ``message`` says what was wrong and what to do,
+    ``origin`` (set by the bus of the agent that refused) where it happened."""
 
     code = 500
     kind = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, origin: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.origin = origin
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        other = _BY_KIND.setdefault(cls.kind, cls)
+        if other is not cls:
+            raise TypeError(f"error kind {cls.kind!r} of {cls.__name__} is taken by "
+                            f"{other.__name__}; give {cls.__name__} its own kind")
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.origin else self.message
+
+    @property
+    def where(self) -> str:
+        """``origin`` for people: ``storage on h1`` (empty when the error never crossed a bus)."""
+        host, _, endpoint = self.origin.partition("/")
+        return f"{endpoint.partition('.')[0]} on {host}" if endpoint else self.origin
+
+
+# Every concrete class by kind, filled as the classes below are defined (the root is not in
+# it: an error of unknown kind decodes as ``Internal``).
+_BY_KIND: dict[str, type[PhyError]] = {}
 
 
 # -- the caller sent something wrong -------------------------------------------------------
@@ -128,28 +155,19 @@ class Internal(PhyError):
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error.v1"):
-    """The body of a failed request."""
+    """The body of a failed request; ``origin`` is ``<host>/<service>.<verb>`` of the
+    endpoint that refused (the first one, when the error crossed several agents)."""
 
     code: int
     kind: str
     message: str
-
-
-_BY_KIND: dict[str, type[PhyError]] = {}
-
-
-def _register(cls: type[PhyError]) -> None:
-    _BY_KIND.setdefault(cls.kind, cls)
-    for sub in cls.__subclasses__():
-        _register(sub)
-
-
-_register(PhyError)
+    origin: str = ""
 
 
 def to_reply(err: PhyError) -> tuple[dict[str, str], bytes]:
     """Headers and body for a failed request."""
-    body = msgspec.json.encode(ErrorReply(code=err.code, kind=err.kind, message=err.message))
+    body = msgspec.json.encode(ErrorReply(code=err.code, kind=err.kind, message=err.message,
+                                          origin=err.origin))
     return {ERROR_HEADER: err.message[:200], ERROR_CODE_HEADER: str(err.code)}, body
 
 
@@ -164,7 +182,7 @@ def error_from_reply(headers: dict[str, str] | None, body: bytes) -> PhyError | 
         text = headers.get(ERROR_HEADER, "unknown error")
         return Internal(text) if code >= 500 else BadRequest(text)
     cls = _BY_KIND.get(reply.kind, Internal)
-    return cls(reply.message)
+    return cls(reply.message, origin=reply.origin)
 
 
 def raise_for_reply(headers: dict[str, str] | None, body: bytes) -> None:

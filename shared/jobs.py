@@ -121,7 +121,7 @@ class JobRunner:
             job.state, job.error_kind = "cancelled", Cancelled.kind
             job.message = job.message or "cancelled"
         except PhyError as e:
-            job.state, job.error_kind, job.message = "failed", e.kind, e.message
+            job.state, job.error_kind, job.message = "failed", e.kind, str(e)  # with its origin
         except Exception as e:
             log.exception("job %s (%s) failed unexpectedly", job.id, job.kind)
             job.state, job.error_kind, job.message = "failed", "internal", repr(e)
@@ -148,8 +148,8 @@ class JobRunner:
         try:
             return self._jobs[job_id]
         except KeyError:
-            raise NotFound(f"{self.agent.name}: no job {job_id!r} on host "
-                           f"{self.agent.host}") from None
+            raise NotFound(f"no job {job_id!r}: it never ran here, or it finished long "
+                           f"ago (the last {KEEP_FINISHED} are kept)") from None
 
     async def wait(self, job_id: str) -> JobStatus:
         """Wait until the job has finished (for callers in the same process)."""

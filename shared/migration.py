@@ -180,7 +180,7 @@ async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, 
         moved = msgspec.structs.replace(spec, disks=[
             msgspec.structs.replace(d, path="") for d in spec.disks])
         await bus.call(target, vm_api.CREATE, VmCreate(spec=moved), timeout=CALL_TIMEOUT_S * 2,
-                       idempotency_key=f"migrate:{spec.uuid}:{target}")
+                       idempotency_key=f"migrate:{spec.uuid}:{target}:{job.id}")
         defined = True
         if _needs_state(spec):
             await _carry_state(bus, source, target, spec)

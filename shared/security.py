@@ -10,9 +10,10 @@ the nats-server ``authorization`` + ``tls`` block; each identity gets an env fil
 
 Permissions (``permissions(role, host)``): an agent serves only ``phy.<host>.<agent>.*``,
 calls only the peer endpoints ``PEER_CALLS`` names for it, publishes only its own events
-``phy.evt.<host>.<agent>.>`` and its own heartbeat key, and reads only the KV buckets it
-needs; the operator may request any endpoint but the ``AGENT_ONLY`` ones, and may not publish
-events or write KV; the monitor may only read.
+``phy.evt.<host>.<agent>.>``, its own heartbeat key and its own kept replies
+(``idempotency`` keys ``<host>.<agent>.>``), and reads only the KV buckets it needs; the
+operator may request any endpoint but the ``AGENT_ONLY`` ones, and may not publish events or
+write KV; the monitor may only read.
 
 The permission layer is the only guard on who calls what: a NATS request carries no identity
 its receiver can trust (headers are whatever the publisher wrote), so a handler cannot tell
@@ -39,10 +40,10 @@ from shared.messages import vm as vm_api
 ROLES = (*subjects.SERVICES, "operator", "monitor", "admin")
 # KV buckets each role may read (watch/get) and write (put).
 KV_READ = {
-    "hardware": [subjects.KV_HOSTS],
-    "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
-    "storage": [subjects.KV_HOSTS, subjects.KV_VMS],
-    "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES],
+    "hardware": [subjects.KV_HOSTS, subjects.KV_IDEMPOTENCY],
+    "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
+    "storage": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IDEMPOTENCY],
+    "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
     "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
     "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
 }
@@ -122,6 +123,7 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
             *peer_subjects(role, host),
             f"phy.evt.{own}.>",  # its own events only
             f"$KV.{subjects.KV_HOSTS}.{own}",  # its own heartbeat only
+            f"$KV.{subjects.KV_IDEMPOTENCY}.{own}.>",  # its own kept replies only
             *[f"$KV.{b}.>" for b in KV_WRITE.get(role, [])],
             *_reads(KV_READ[role], stream_reads=True),
             "$SRV.>",

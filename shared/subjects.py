@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from shared.errors import InvalidName
@@ -19,6 +20,7 @@ KV_HOSTS = "hosts"
 KV_VMS = "vms"
 KV_IMAGES = "images"
 KV_IDEMPOTENCY = "idempotency"
+KV_BUCKETS = (KV_HOSTS, KV_VMS, KV_IMAGES, KV_IDEMPOTENCY)
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}$")
 
@@ -65,3 +67,10 @@ def micro_name(svc: str) -> str:
 
 def heartbeat_key(host: str, svc: str) -> str:
     return f"{token(host, 'host')}.{service(svc)}"
+
+
+def idempotency_key(host: str, svc: str, verb: str, key: str) -> str:
+    """KV key of a keyed request's reply: ``<host>.<service>.<verb>.<sha256 of the key>`` (the
+    caller's key may hold any character; a KV key may not)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return f"{token(host, 'host')}.{service(svc)}.{token(verb, 'verb')}.{digest}"

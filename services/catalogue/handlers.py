@@ -5,7 +5,7 @@ KV ``images`` keys: ``entry.<id>`` (CatalogueEntry), ``source.<name>`` (SourceSp
 sources added over the bus), ``local.<host>.<id>`` (LocalImage: pulled on that host).
 
     handlers = Catalogue(agent, settings, store, metrics)
-    await handlers.start()      # sources read, KV written, watcher and link prober running
+    await handlers.begin()      # sources read, KV written, watcher and link prober running
     await handlers.list(ListRequest(family="linux", downloadable=True))
 """
 
@@ -108,7 +108,7 @@ def choose(entry: CatalogueEntry, arch: str) -> Download:
     usable = [d for d in entry.downloads if d.arch == arch and d.format in FORMAT_ORDER]
     if not usable:
         have = sorted({f"{d.arch}/{d.format}" for d in entry.downloads})
-        raise NotFound(f"catalogue: {entry.id} has no disk image for {arch}"
+        raise NotFound(f"{entry.id} has no disk image for {arch}"
                        + (f" (it has {', '.join(have)}; pass --arch)" if have else
                           " (install media only: use its ISO)"))
     return min(usable, key=lambda d: (FORMAT_ORDER.index(d.format), not d.cloud_init))
@@ -135,7 +135,7 @@ class Catalogue:
         assert self._kv is not None, "start() first"
         return self._kv
 
-    async def start(self) -> None:
+    async def begin(self) -> None:
         self._kv = await self.agent.bus.kv(subjects.KV_IMAGES)
         self.agent.spawn(self._watch(), "index-watch")
         await asyncio.wait_for(self._synced.wait(), 30)
@@ -312,7 +312,7 @@ class Catalogue:
     async def source_add(self, req: SourceAdd) -> SourceSpec:
         check_id(req.name, "source name")
         if any(s.name == req.name for s in self.all_sources()):
-            raise Conflict(f"catalogue: a source named {req.name!r} exists; remove it first")
+            raise Conflict(f"a source named {req.name!r} exists; remove it first")
         self.store.resolve(req.url)  # refuses non-http(s) and file:// outside local dirs
         spec = SourceSpec(name=req.name, kind=req.kind, url=req.url, keyring=req.keyring)
         entries = await self.read_source(spec)  # a bad manifest is refused here, not added
@@ -325,10 +325,10 @@ class Catalogue:
     async def source_remove(self, req: SourceRef) -> Ack:
         check_id(req.name, "source name")
         if any(s.name == req.name for s in self.configured()):
-            raise Forbidden(f"catalogue: source {req.name!r} comes from the agent's "
+            raise Forbidden(f"source {req.name!r} comes from the agent's "
                             "configuration; edit [catalogue] to remove it")
         if req.name not in self.added:
-            raise NotFound(f"catalogue: no source named {req.name!r}")
+            raise NotFound(f"no source named {req.name!r}")
         await self.kv.delete(f"source.{req.name}")
         self.added.pop(req.name, None)
         await self._refresh(dropped=req.name)
@@ -341,7 +341,7 @@ class Catalogue:
         try:
             return self.entries[image_id]
         except KeyError:
-            raise NotFound(f"catalogue: no image {image_id!r}; see 'phyllome images list "
+            raise NotFound(f"no image {image_id!r}; see 'phyllome images list "
                            "--search'") from None
 
     async def list(self, req: ListRequest) -> ImageList:

@@ -20,5 +20,5 @@ async def setup(agent: Agent) -> Catalogue:
     metrics = CatalogueMetrics(agent.registry)
     store = ImageStore(settings, agent.host, on_bytes=metrics.downloaded.inc)
     handlers = Catalogue(agent, settings, store, metrics)
-    await handlers.start()
+    await handlers.begin()
     return handlers

@@ -5,7 +5,7 @@ per uevent); bind and release are jobs; each device change is an event
 ``phy.evt.<host>.hardware.device.{added,changed,removed}``::
 
     handlers = Handlers(agent, fs, inventory, operations, settings, metrics)
-    await handlers.start()              # scan, KVM check, caps into the heartbeat, uevents
+    await handlers.begin()              # scan, KVM check, caps into the heartbeat, uevents
     await handlers.list(DeviceQuery(kind="gpu"))
 """
 
@@ -68,10 +68,10 @@ class Handlers:
         self.metrics = metrics
         self.kvm_ioctl: ProbeOutcome | None = None
         self._boot_probe: ProbeResult = "not-run"
-        self._caps: HostCaps | None = None
+        self.last_caps: HostCaps | None = None  # as last computed; read by the metrics
         self.monitor: UeventMonitor | None = None
 
-    async def start(self) -> None:
+    async def begin(self) -> None:
         self.monitor = self.fs.monitor()  # first, so that no uevent during the scan is lost
         started = time.perf_counter()
         await asyncio.to_thread(self.inv.scan)
@@ -107,9 +107,9 @@ class Handlers:
         return "not-run" if usable is None else "passed" if usable else "failed"
 
     def _set_caps(self) -> HostCaps:
-        self._caps = host_caps(self.fs, self.kvm_ioctl, self._boot_probe)
-        self.agent.details["caps"] = to_builtins(self._caps)
-        return self._caps
+        self.last_caps = host_caps(self.fs, self.kvm_ioctl, self._boot_probe)
+        self.agent.details["caps"] = to_builtins(self.last_caps)
+        return self.last_caps
 
     # -- uevents ----------------------------------------------------------------------------------
 
@@ -151,10 +151,10 @@ class Handlers:
         return GroupList(iommu=self.inv.iommu, groups=self.inv.groups(), hint=self.inv.iommu_hint)
 
     async def caps(self, req: Empty) -> HostCaps:
-        return self._caps or self._set_caps()
+        return self.last_caps or self._set_caps()
 
     async def report(self, req: Empty) -> HwReport:
-        return self.inv.report(self._caps or self._set_caps())
+        return self.inv.report(self.last_caps or self._set_caps())
 
     async def boot_probe(self, req: BootProbe) -> HostCaps:
         self._boot_probe = req.result

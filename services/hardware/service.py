@@ -27,6 +27,6 @@ async def setup(agent: Agent) -> Handlers:
     ops = Operations(fs, inventory, Path(settings.state_dir))
     metrics = HardwareMetrics(agent.registry)
     handlers = Handlers(agent, fs, inventory, ops, settings, metrics)
-    metrics.watch(inventory.devices, lambda: handlers._caps)
-    await handlers.start()
+    metrics.watch(inventory.devices, lambda: handlers.last_caps)
+    await handlers.begin()
     return handlers

@@ -76,7 +76,7 @@ class Handlers:
             resume_timeout_s=settings.resume_timeout_s, emit=self._emit_transfer,
             observe=self._sent)
 
-    async def start(self) -> None:
+    async def begin(self) -> None:
         await self.receiver.start(self.agent.bus.nc)
         self.agent.spawn(self.receiver.maintain(self.agent.stopping), "incoming-transfers")
 
@@ -123,7 +123,7 @@ class Handlers:
         try:
             records = await self.agent.bus.kv_values(subjects.KV_VMS, VmRecord)
         except Exception as e:
-            raise Unavailable(f"storage: cannot read KV {subjects.KV_VMS!r} to check which "
+            raise Unavailable(f"cannot read KV {subjects.KV_VMS!r} to check which "
                               f"VMs use which volumes ({e!r}); try again") from None
         users: dict[str, VmRecord] = {}
         for rec in records:
@@ -143,7 +143,7 @@ class Handlers:
     async def _not_in_use(self, pool: str, name: str, doing: str) -> VolumeInfo:
         info = await self._with_user(self.store.info(pool, name))
         if info.attached_to and info.attached_state in BUSY_STATES:
-            raise Conflict(f"storage: {pool}/{name} is a disk of VM {info.attached_to!r}, which "
+            raise Conflict(f"{pool}/{name} is a disk of VM {info.attached_to!r}, which "
                            f"is {info.attached_state}; shut it down before you {doing} it")
         return info
 

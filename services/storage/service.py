@@ -18,7 +18,7 @@ async def setup(agent: Agent) -> Handlers:
     settings = Settings.from_config(agent.cfg)
     pools = Pools(settings.pools, settings.import_dirs)
     handlers = Handlers(agent, pools, settings)
-    await handlers.start()
+    await handlers.begin()
     agent.details["pools"] = {n: {"path": p.path, "reflink": p.reflink}
                               for n, p in pools.pools.items()}
     return handlers

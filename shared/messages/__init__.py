@@ -88,6 +88,9 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+# Method names of an agent's handlers that are its lifecycle (``shared.agent.Lifecycle``),
+# never an endpoint: handlers bind verbs by name, so a verb must not take one of these.
+LIFECYCLE = frozenset({"begin", "close"})
 
 
 @dataclass(frozen=True)
@@ -113,5 +116,8 @@ class EndpointSpec(Generic[Req, Resp]):
         for what, token in (("service", self.service), ("verb", self.verb)):
             if not token or not token.replace("_", "").isalnum() or not token.islower():
                 raise ValueError(f"endpoint {what} {token!r}: lower-case letters, digits and _")
+        if self.verb in LIFECYCLE:
+            raise ValueError(f"endpoint verb {self.verb!r} of {self.service} is the name of a "
+                             f"lifecycle step ({', '.join(sorted(LIFECYCLE))}); choose another")
         if self.max_payload <= 0:
             raise ValueError(f"endpoint {self.service}.{self.verb}: max_payload must be > 0")

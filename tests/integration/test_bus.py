@@ -17,10 +17,14 @@ from shared.bus import Bus
 from shared.codec import encode
 from shared.errors import (
     Cancelled,
+    Conflict,
+    Internal,
     InvalidMessage,
     InvalidName,
     NotFound,
     PayloadTooLarge,
+    PhyError,
+    Timeout,
     Unavailable,
 )
 from shared.messages import Ack, Empty, EndpointSpec, Heartbeat
@@ -28,6 +32,7 @@ from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
+from tests.support.errors import error_classes
 from tests.support.nats import nats_server
 from tests.support.wait import job_finished, until
 
@@ -50,13 +55,22 @@ ENDPOINTS = (
     EndpointSpec("catalogue", "create", Echo, Ack, "Count calls (idempotency)."),
     EndpointSpec("catalogue", "slow", Slow, Ack, "Take a while."),
     EndpointSpec("catalogue", "work", Slow, Ack, "Start a job."),
+    EndpointSpec("catalogue", "throw", Echo, Ack, "Raise the error class of kind `text`."),
+    EndpointSpec("catalogue", "relay", Echo, Ack, "Call `throw` on this host (a peer call)."),
+    EndpointSpec("catalogue", "abandon", Echo, Ack, "Count calls, then be cancelled."),
+    EndpointSpec("catalogue", "hold", Echo, Ack, "Count calls, then wait until cancelled."),
+    EndpointSpec("catalogue", "start", Echo, Ack, "An endpoint named like a lifecycle step."),
 )
+ERRORS = {cls.kind: cls for cls in error_classes()}
 
 
 class Handlers:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.created = 0
+        self.abandoned = 0
+        self.held: list[asyncio.Task[object] | None] = []
+        self.sleeping = asyncio.Event()
 
     async def echo(self, req: Echo) -> Ack:
         return Ack(message=req.text * req.times)
@@ -70,9 +84,31 @@ class Handlers:
     async def create(self, req: Echo) -> Ack:
         self.created += 1
         await asyncio.sleep(0.05)  # hold the first call open so duplicates overlap it
+        if req.text == "refuse":
+            raise Conflict(f"test: refused at call {self.created}")
         return Ack(message=f"created {self.created}")
 
+    async def throw(self, req: Echo) -> Ack:
+        raise ERRORS[req.text](f"test: a {req.text} error")
+
+    async def relay(self, req: Echo) -> Ack:
+        return await self.agent.bus.request(subject("throw"), req, Ack)
+
+    async def abandon(self, req: Echo) -> Ack:
+        self.abandoned += 1
+        await asyncio.sleep(0.05)
+        raise asyncio.CancelledError  # as when the job it awaited was cancelled
+
+    async def hold(self, req: Echo) -> Ack:
+        self.held.append(asyncio.current_task())
+        await asyncio.Event().wait()
+        raise AssertionError("not reached")
+
+    async def start(self, req: Echo) -> Ack:
+        return Ack(message=f"endpoint start {req.text}")
+
     async def slow(self, req: Slow) -> Ack:
+        self.sleeping.set()
         await asyncio.sleep(req.seconds)
         return Ack(message="slept")
 
@@ -91,6 +127,26 @@ async def setup(agent: Agent) -> Handlers:
     return Handlers(agent)
 
 
+class WithLifecycle(Handlers):
+    """Handlers that hold resources (``shared.agent.Lifecycle``) and serve a verb ``start``."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.steps: list[str] = []
+
+    async def begin(self) -> None:
+        self.steps.append("begin")
+
+    async def close(self) -> None:
+        self.steps.append("close")
+
+
+async def setup_with_lifecycle(agent: Agent) -> WithLifecycle:
+    handlers = WithLifecycle(agent)
+    await handlers.begin()
+    return handlers
+
+
 @pytest.fixture
 async def agent(nats_server: NatsServer, tmp_path: Path):  # type: ignore[no-untyped-def]
     a = Agent("catalogue", agent_config("catalogue", nats_server.url, tmp_path))
@@ -103,7 +159,7 @@ async def agent(nats_server: NatsServer, tmp_path: Path):  # type: ignore[no-unt
 async def client(nats_server: NatsServer):  # type: ignore[no-untyped-def]
     bus = await Bus.connect(nats_server.url, name="test", host="h1", give_up_after=5)
     yield bus
-    await bus.nc.close()
+    await bus.close()
 
 
 def subject(verb: str, host: str = "h1") -> str:
@@ -146,9 +202,32 @@ async def test_bad_inputs_get_typed_errors_and_the_agent_stays_up(
 async def test_errors_cross_the_bus_as_the_same_class(agent: Agent, client: Bus) -> None:
     with pytest.raises(NotFound, match="no thing named zz"):
         await client.request(subject("fail"), Echo(text="zz"), Ack)
-    with pytest.raises(Exception, match="unexpected error; see the agent log"):
+    with pytest.raises(Internal) as crashed:
         await client.request(subject("crash"), Echo(), Ack)
+    assert str(crashed.value) == ("catalogue on h1: unexpected error in crash; see the agent "
+                                  "log")
     assert await client.request(subject("echo"), Echo(text="ok"), Ack) == Ack(message="ok")
+
+
+async def test_every_error_class_crosses_the_bus_with_its_origin(agent: Agent,
+                                                                 client: Bus) -> None:
+    for kind, cls in ERRORS.items():
+        with pytest.raises(PhyError) as caught:
+            await client.request(subject("throw"), Echo(text=kind), Ack)
+        err = caught.value
+        assert type(err) is cls, f"{cls.__name__} came back as {type(err).__name__}"
+        assert (err.kind, err.code, err.message, err.origin) == (
+            kind, cls.code, f"test: a {kind} error", "h1/catalogue.throw")
+        assert str(err) == f"catalogue on h1: test: a {kind} error"
+
+
+async def test_an_error_from_a_peer_keeps_the_peers_origin(agent: Agent, client: Bus) -> None:
+    with pytest.raises(Conflict) as caught:
+        await client.request(subject("relay"), Echo(text="conflict"), Ack)
+    assert caught.value.origin == "h1/catalogue.throw"  # not the relaying endpoint
+    with pytest.raises(InvalidMessage) as bad:
+        await client.request(subject("echo"), {"times": "x"}, Ack)
+    assert bad.value.origin == "h1/catalogue.echo"
 
 
 async def test_a_host_that_does_not_exist_fails_fast(agent: Agent, client: Bus) -> None:
@@ -168,6 +247,28 @@ async def test_slow_handler_does_not_block_other_requests(agent: Agent, client: 
     assert await slow == Ack(message="slept")
 
 
+async def test_an_endpoint_named_start_is_served_and_drain_closes_the_handlers(
+        nats_server: NatsServer, tmp_path: Path, client: Bus) -> None:
+    a = Agent("catalogue", agent_config("catalogue", nats_server.url, tmp_path))
+    await a.start(setup_with_lifecycle, ENDPOINTS)
+    try:
+        reply = await client.request(subject("start"), Echo(text="x"), Ack)
+        assert (reply.message, a.handlers.steps) == ("endpoint start x", ["begin"])
+    finally:
+        await a.drain()
+    assert a.handlers.steps == ["begin", "close"]
+
+
+async def test_stop_serving_refuses_new_calls_and_finishes_those_in_flight(
+        agent: Agent, client: Bus) -> None:
+    slow = asyncio.create_task(client.request(subject("slow"), Slow(seconds=0.3), Ack))
+    await asyncio.wait_for(agent.handlers.sleeping.wait(), 5)
+    await agent.bus.stop_serving()
+    with pytest.raises(Unavailable, match="no catalogue agent for host 'h1' answers"):
+        await client.request(subject("echo"), Echo(), Ack)
+    assert await asyncio.wait_for(slow, 5) == Ack(message="slept")
+
+
 async def test_idempotency_key_acts_once(agent: Agent, client: Bus) -> None:
     replies = await asyncio.gather(*[
         client.request(subject("create"), Echo(), Ack, idempotency_key="k1") for _ in range(50)])
@@ -175,6 +276,93 @@ async def test_idempotency_key_acts_once(agent: Agent, client: Bus) -> None:
     assert agent.handlers.created == 1
     other = await client.request(subject("create"), Echo(), Ack, idempotency_key="k2")
     assert other.message == "created 2"
+
+
+async def test_a_duplicate_of_a_failed_call_gets_the_same_error(agent: Agent,
+                                                                client: Bus) -> None:
+    for _ in range(2):
+        with pytest.raises(Conflict, match="refused at call 1$"):
+            await asyncio.wait_for(client.request(
+                subject("create"), Echo(text="refuse"), Ack, idempotency_key="f1"), 5)
+    assert agent.handlers.created == 1
+
+
+async def test_a_duplicate_of_a_cancelled_call_is_answered_and_a_retry_acts(
+        agent: Agent, client: Bus) -> None:
+    calls = [client.request(subject("abandon"), Echo(), Ack, idempotency_key="c1")
+             for _ in range(5)]
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert all(isinstance(o, Cancelled) for o in outcomes), outcomes
+    assert agent.handlers.abandoned == 1
+    with pytest.raises(Cancelled, match="abandon was cancelled before it finished"):
+        await asyncio.wait_for(client.request(subject("abandon"), Echo(), Ack,
+                                              idempotency_key="c1"), 5)
+    assert agent.handlers.abandoned == 2, "nothing was done, so a retry acts again"
+
+
+async def test_a_duplicate_of_a_call_whose_task_was_cancelled_is_answered(
+        agent: Agent, client: Bus) -> None:
+    held = agent.handlers.held
+
+    def hold(key: str | None) -> asyncio.Task[Ack]:
+        return asyncio.create_task(client.request(subject("hold"), Echo(), Ack, timeout=2,
+                                                  idempotency_key=key))
+
+    first = hold("h1")
+    await until("the first call to be held", lambda: len(held) == 1, timeout=5)
+    duplicate = hold("h1")
+    unkeyed = hold(None)  # runs its handler once the duplicate (sent before) is waiting
+    await until("the unkeyed call to be held", lambda: len(held) == 2, timeout=5)
+    for task in held:
+        assert task is not None
+        task.cancel()  # the agent's tasks of the calls, as a shutdown would
+    with pytest.raises(Cancelled, match="the agent stopped before hold finished"):
+        await asyncio.wait_for(duplicate, 5)
+    for cancelled in (first, unkeyed):  # no reply for a cancelled call: its deadline says so
+        with pytest.raises(Timeout):
+            await cancelled
+    assert len(held) == 2
+
+
+async def test_the_same_key_on_another_verb_acts_there_too(agent: Agent, client: Bus) -> None:
+    created = await client.request(subject("create"), Echo(), Ack, idempotency_key="v1")
+    echoed = await client.request(subject("echo"), Echo(text="e"), Ack, idempotency_key="v1")
+    assert (created.message, echoed.message) == ("created 1", "e")
+
+
+async def test_the_same_key_with_another_body_is_refused(agent: Agent, client: Bus) -> None:
+    assert (await client.request(subject("create"), Echo(text="a"), Ack,
+                                 idempotency_key="b1")).message == "created 1"
+    with pytest.raises(Conflict, match="idempotency key 'b1' was first used with another "
+                                       "request; a new request needs a new key"):
+        await client.request(subject("create"), Echo(text="b"), Ack, idempotency_key="b1")
+    assert agent.handlers.created == 1
+
+
+async def test_a_restarted_agent_replays_the_first_reply_from_kv(
+        nats_server: NatsServer, tmp_path: Path, client: Bus) -> None:
+    first = Agent("catalogue", agent_config("catalogue", nats_server.url, tmp_path))
+    await first.start(setup, ENDPOINTS)
+    try:
+        reply = await client.request(subject("create"), Echo(), Ack, idempotency_key="r1")
+        with pytest.raises(Conflict, match="refused at call 2"):
+            await client.request(subject("create"), Echo(text="refuse"), Ack,
+                                 idempotency_key="r2")
+    finally:
+        await first.drain()
+    second = Agent("catalogue", agent_config("catalogue", nats_server.url, tmp_path))
+    await second.start(setup, ENDPOINTS)
+    try:
+        again = await client.request(subject("create"), Echo(), Ack, idempotency_key="r1")
+        with pytest.raises(Conflict, match="refused at call 2") as refused:
+            await client.request(subject("create"), Echo(text="refuse"), Ack,
+                                 idempotency_key="r2")
+        assert (again, second.handlers.created) == (reply, 0)
+        assert refused.value.origin == "h1/catalogue.create"
+        info = await client.js.stream_info(f"KV_{subjects.KV_IDEMPOTENCY}")
+        assert info.config.max_age == 24 * 3600, "kept replies expire after a day"
+    finally:
+        await second.drain()
 
 
 async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus) -> None:
@@ -242,7 +430,7 @@ async def test_nats_down_at_start_is_retried_with_backoff(
     assert "NATS not reachable at nats://127.0.0.1:" in caplog.text
     server.start()
     bus = await asyncio.wait_for(connecting, 15)
-    await bus.nc.close()
+    await bus.close()
     server.stop()
     with pytest.raises(Unavailable, match="cannot reach NATS"):
         await Bus.connect(f"nats://127.0.0.1:{port}", name="t", host="h1", give_up_after=0.5)
@@ -269,7 +457,7 @@ async def test_agent_survives_nats_restart_on_the_same_port(
         assert await agent.publish("agent.started", msgspec.structs.replace(
             _started(agent), event_id="after-restart"))
     finally:
-        await bus.nc.close()
+        await bus.close()
 
 
 def _started(agent: Agent):  # type: ignore[no-untyped-def]

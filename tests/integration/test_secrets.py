@@ -42,7 +42,7 @@ async def test_vnc_password_stays_in_libvirt_only(nats_server: NatsServer, tmp_p
         kv = {key: value for key, _rev, value in await bus.kv_entries(subjects.KV_VMS)}
         # libvirt still has it (the update kept it) while the test driver connection is ours
         conn = libvirt.open(libvirt_test_uri)
-        await bus.nc.close()
+        await bus.close()
     assert events and kv
     for where, text in [("reply", repr(replies)), ("metrics", metrics),
                         ("events", b"".join(events).decode()),
@@ -63,5 +63,5 @@ async def test_update_keeps_the_password_in_the_domain(nats_server: NatsServer, 
         await bus.call("h1", vm_api.UPDATE, VmUpdate(vm="kept", vcpus=1))
         dom = await agent.handlers.hv.domain("kept")
         kept = domain_xml.spec_of(await agent.handlers.hv.xml(dom.uuid))
-        await bus.nc.close()
+        await bus.close()
     assert kept is not None and kept.password == SECRET and kept.vcpus == 1

@@ -101,7 +101,7 @@ async def set_up_streams(server: NatsServer, d: Path) -> None:
     """What `phyllome up --secure` does as admin before the agents start."""
     admin = await connect_bus(server, d, "admin")
     await admin.ensure_stream()
-    for bucket in (subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES):
+    for bucket in subjects.KV_BUCKETS:
         await admin.kv(bucket)
     await admin.close()
 
@@ -139,17 +139,22 @@ async def test_admin_sets_up_then_agents_run_with_their_own_identity(
         secure, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, d, _users = secure
     await set_up_streams(server, d)
+    admin = await connect_bus(server, d, "admin")
     async with agent_in_process("storage", server.url, tmp_path / "st", "h1",
                                 **as_identity(d, "h1-storage")) as agent:
         operator = await connect_bus(server, d, "operator")
-        pools = await operator.call("h1", storage_api.POOLS, Empty())
+        pools = await operator.call("h1", storage_api.POOLS, Empty(), idempotency_key="p1")
         assert pools.pools, "the storage agent answered its own command as h1-storage"
+        kept = await (await admin.kv(subjects.KV_IDEMPOTENCY)).get(
+            subjects.idempotency_key("h1", "storage", "pools", "p1"))
+        assert kept.value and b"request_sha256" in kept.value, "the reply was kept in KV"
         beats = await operator.kv_values(subjects.KV_HOSTS, Heartbeat)
         assert [(b.host, b.agent) for b in beats] == [("h1", "storage")]
         started = [s async for s, _t, _d in operator.events("phy.evt.h1.storage.agent.started")]
         assert started, "the agent's own event was stored"
         assert agent.metrics.events_failed._value.get() == 0
-        await operator.nc.close()
+        await operator.close()
+    await admin.close()
 
 
 async def test_agent_cannot_publish_another_agents_event_or_serve_its_subjects(
@@ -177,6 +182,9 @@ async def test_agent_cannot_publish_another_agents_event_or_serve_its_subjects(
     await storage.wait_error("permissions violation for publish")
     storage.errors.clear()
     await storage.nc.publish(f"$KV.{subjects.KV_IMAGES}.evil", b"{}")
+    await storage.wait_error("permissions violation for publish")
+    storage.errors.clear()
+    await storage.nc.publish(f"$KV.{subjects.KV_IDEMPOTENCY}.h1.vm.create.x", b"{}")  # vm's
     await storage.wait_error("permissions violation for publish")
     await storage.nc.publish("phy.evt.h1.storage.volume", event)  # its own: allowed
     await storage.nc.flush()

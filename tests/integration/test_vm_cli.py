@@ -63,6 +63,7 @@ async def test_vm_cli_create_start_info_console_stop_delete(
 
         rc, _, err = await phyllome(agent, "start", "demo")
         assert rc == 1 and "running already" in err
+        assert err.count("vm on h1: ") == 1, f"the error says once where it came from: {err}"
         rc, _, err = await phyllome(agent, "create", "bad name")
         assert rc == 1 and "not valid" in err
         rc, _, err = await phyllome(agent, "delete", "demo")

@@ -73,5 +73,5 @@ async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer
         outcome = await job_finished(bus, "k9", "storage", again.job_id, timeout=120)
         assert outcome.state == "succeeded", outcome.message
     finally:
-        await bus.nc.close()
+        await bus.close()
         await agent.stop()

@@ -57,7 +57,7 @@ async def test_concurrent_requests_all_answered(name: str, nats_server: NatsServ
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
         wall = time.perf_counter() - started
-        await bus.nc.close()
+        await bus.close()
     assert len(latencies) == count
     figure(f"concurrent {name}.{CHEAP[name]}", requests=count, wall_s=round(wall, 3),
            p50_ms=round(percentile(latencies, 50) * 1000, 2),
@@ -139,7 +139,7 @@ async def test_event_stream_survives_server_kill_nothing_lost_nothing_duplicated
     await asyncio.wait_for(done.wait(), 120)
     await reader_task
     info = await js.stream_info(subjects.STREAM)
-    await bus.nc.close()
+    await bus.close()
     lost = [i for i in ids if i not in seen]
     redelivered = sum(c - 1 for c in seen.values())
     assert not lost, f"{len(lost)} events lost, e.g. {lost[:5]}"
@@ -161,7 +161,7 @@ async def test_one_idempotency_key_creates_exactly_one_vm(nats_server: NatsServe
             for _ in range(1000)), return_exceptions=True)
         errors = [r for r in replies if isinstance(r, BaseException)]
         vms = await bus.call("id", vm_api.LIST, VmListRequest())
-        await bus.nc.close()
+        await bus.close()
     assert not errors, errors[:3]
     assert isinstance(vms, VmList)
     assert [v.spec.name for v in vms.vms] == ["once"]

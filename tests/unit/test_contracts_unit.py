@@ -10,15 +10,19 @@ from shared.codec import decode, encode
 from shared.config import load
 from shared.errors import (
     BadRequest,
+    Internal,
     InvalidMessage,
     InvalidName,
     NotFound,
     PayloadTooLarge,
+    PhyError,
     error_from_reply,
+    raise_for_reply,
     to_reply,
 )
-from shared.messages import Ack, Empty
+from shared.messages import LIFECYCLE, Ack, Empty, EndpointSpec
 from shared.messages.jobs import JobRef
+from tests.support.errors import error_classes
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a*", ">", "has space", "", "x" * 129, "tab\t"])
@@ -58,14 +62,61 @@ def test_decode_rejects_malformed_json_unknown_tag_missing_field_and_oversize() 
 
 
 def test_error_round_trip_keeps_class_and_text() -> None:
-    headers, body = to_reply(NotFound("vm: no VM named demo"))
+    headers, body = to_reply(NotFound("no VM named demo", origin="h1/vm.info"))
     assert headers["Nats-Service-Error-Code"] == "404"
     err = error_from_reply(headers, body)
-    assert isinstance(err, NotFound) and err.message == "vm: no VM named demo"
+    assert isinstance(err, NotFound) and err.message == "no VM named demo"
+    assert err.origin == "h1/vm.info" and str(err) == "vm on h1: no VM named demo"
+    assert str(NotFound("no VM named demo")) == "no VM named demo"  # never crossed a bus
     assert error_from_reply(None, encode(Ack())) is None
     garbled = error_from_reply({"Nats-Service-Error-Code": "400",
                                 "Nats-Service-Error": "bad"}, b"not json")
     assert isinstance(garbled, BadRequest)
+    older = error_from_reply({"Nats-Service-Error-Code": "404"},
+                             b'{"code":404,"kind":"not_found","message":"gone"}')
+    assert isinstance(older, NotFound) and older.origin == "" and str(older) == "gone"
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda c: c.__name__)
+def test_every_error_class_round_trips_as_itself(cls: type[PhyError]) -> None:
+    headers, body = to_reply(cls("what went wrong; what to do", origin="h2/storage.clone"))
+    with pytest.raises(PhyError) as caught:
+        raise_for_reply(headers, body)
+    err = caught.value
+    assert type(err) is cls, f"{cls.__name__} came back as {type(err).__name__}"
+    assert (err.kind, err.code, err.message, err.origin) == (
+        cls.kind, cls.code, "what went wrong; what to do", "h2/storage.clone")
+    assert str(err) == "storage on h2: what went wrong; what to do"
+
+
+def test_error_kinds_are_unique_and_unknown_kinds_are_internal() -> None:
+    assert Internal in error_classes() and len({c.kind for c in error_classes()}) == len(
+        error_classes())
+    with pytest.raises(TypeError, match="error kind 'not_found' of Missing is taken by NotFound"):
+        type("Missing", (PhyError,), {"kind": "not_found"})
+    err = error_from_reply({"Nats-Service-Error-Code": "500"},
+                           b'{"code":500,"kind":"from_the_future","message":"new"}')
+    assert type(err) is Internal and err.message == "new"
+
+
+@pytest.mark.parametrize("verb", sorted(LIFECYCLE))
+def test_an_endpoint_cannot_take_a_lifecycle_name(verb: str) -> None:
+    with pytest.raises(ValueError, match=f"endpoint verb '{verb}' of vm is the name of a "
+                                         "lifecycle step"):
+        EndpointSpec("vm", verb, Empty, Ack, "clashes with the handlers' lifecycle")
+
+
+def test_every_agents_handlers_have_the_lifecycle_and_no_verb_shadows_it() -> None:
+    import importlib
+    import typing
+
+    from shared.agent import Lifecycle
+
+    for name in subjects.SERVICES:
+        service = importlib.import_module(f"services.{name}.service")
+        cls = typing.get_type_hints(service.setup)["return"]
+        assert issubclass(cls, Lifecycle), f"the {name} handlers lack begin()/close()"
+        assert not {s.verb for s in service.ENDPOINTS} & LIFECYCLE
 
 
 def test_config_env_over_file_over_defaults(tmp_path) -> None:
