@@ -27,10 +27,9 @@ from services.hardware.operations import Operations
 from services.hardware.sysfs import Sysfs, UeventMonitor
 from shared import subjects
 from shared.agent import Agent
-from shared.codec import to_builtins
 from shared.errors import PhyError
 from shared.jobs import Job
-from shared.messages import Ack, Empty, Heartbeat
+from shared.messages import Ack, Empty
 from shared.messages.hardware import (
     BindRequest,
     BootProbe,
@@ -50,6 +49,7 @@ from shared.messages.hardware import (
     ProbeResult,
     SriovSet,
 )
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobAccepted
 
 log = logging.getLogger("phyllome.hardware")
@@ -102,12 +102,12 @@ class Handlers:
             hb = msgspec.json.decode(entry.value or b"", type=Heartbeat)
         except Exception:  # no VM agent yet (the key is missing): it will call boot_probe
             return "not-run"
-        usable = hb.details.get("accelerator", {}).get("kvm_usable")
+        usable = hb.details.accelerator.kvm_usable if hb.details.accelerator else None
         return "not-run" if usable is None else "passed" if usable else "failed"
 
     def _set_caps(self) -> HostCaps:
         self._caps = host_caps(self.fs, self.kvm_ioctl, self._boot_probe)
-        self.agent.details["caps"] = to_builtins(self._caps)
+        self.agent.details = msgspec.structs.replace(self.agent.details, caps=self._caps)
         return self._caps
 
     # -- uevents ----------------------------------------------------------------------------------

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
-from shared.cluster import HostView, HostWatch, host_views, memory_bytes
+from services.hardware.hostwatch import HostWatch
+from services.hardware.resources import memory_bytes
+from shared.cluster import HostView, host_views
 from shared.errors import InsufficientResources
-from shared.messages import Heartbeat, HostDown, HostUp
+from shared.messages import HostDown, HostUp
+from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.hosts import Heartbeat, HeartbeatDetails
+from shared.messages.storage import PoolRoom
 from shared.messages.vm import VmRecord, VmSpec
 from shared.placement import committed_mib, needs, place
 
@@ -18,11 +24,13 @@ GiB = 1 << 30
 
 def view(host: str, *, state: str = "up", mem_gib: float = 8, free_gib: float = 100,
          **res: Any) -> HostView:
-    resources = {"memory_total_bytes": int(16 * GiB), "memory_available_bytes": int(mem_gib * GiB),
-                 "uefi": True, "secure_boot": True, "tpm": True, "gpus_bindable": [], **res}
+    resources = HostResources(memory_total_bytes=int(16 * GiB),
+                              memory_available_bytes=int(mem_gib * GiB),
+                              uefi=True, secure_boot=True, tpm=True)
     return HostView(host=host, state=state, agents=["hardware", "storage", "vm"],  # type: ignore[arg-type]
-                    resources=resources, caps={"nested": False, "kvm_usable": False},
-                    pools={"default": {"path": "/p", "free_bytes": int(free_gib * GiB)}},
+                    resources=msgspec.structs.replace(resources, **res),
+                    caps=HostCaps(arch="x86_64", nested=False, kvm_usable=False),
+                    pools={"default": PoolRoom(path="/p", free_bytes=int(free_gib * GiB))},
                     reason="" if state == "up" else "no heartbeat for 30 s")
 
 
@@ -50,7 +58,7 @@ def test_memory_promised_to_defined_vms_counts() -> None:
     (VmSpec(name="x", secure_boot=True), {"secure_boot": False}, "no Secure Boot firmware"),
     (VmSpec(name="x", firmware="uefi"), {"uefi": False}, "no UEFI firmware (OVMF)"),
     (VmSpec(name="x", nested=True), {}, "no nested virtualization under a usable KVM"),
-    (VmSpec(name="x", hostdevs=["0000:01:00.0"]), {}, "0 bindable GPU(s), the VM needs 1"),
+    (VmSpec(name="x", hostdevs=["0000:01:00.0"]), {}, "no passable device 0000:01:00.0"),
 ])
 def test_every_refusal_is_named(spec: VmSpec, host_res: dict[str, Any], why: str) -> None:
     with pytest.raises(InsufficientResources, match="no host can take this VM") as e:
@@ -81,6 +89,25 @@ def test_host_views_up_down_and_remembered() -> None:
     assert views[0].agents == ["storage", "vm"] and views[0].reason == ""
     assert views[1].reason == "its last beat is 21 s away by this clock: a clock is off"
     assert views[2].reason == "no heartbeat (expired)"
+
+
+def test_a_host_view_merges_what_each_agent_published() -> None:
+    caps = HostCaps(arch="x86_64", kvm_usable=True)
+    res = HostResources(cpus=8, memory_available_bytes=GiB)
+    room = PoolRoom(path="/p", free_bytes=2 * GiB)
+    beats = [msgspec.structs.replace(beat("a", "hardware", 100.0), details=HeartbeatDetails(
+                 caps=caps, resources=res)),
+             msgspec.structs.replace(beat("a", "storage", 100.0), details=HeartbeatDetails(
+                 pools={"default": room})),
+             beat("a", "vm", 100.0)]
+    (a,) = host_views(beats, now=100.0, ttl_s=20)
+    assert (a.caps, a.resources, a.pools) == (caps, res, {"default": room})
+    # through JSON as KV holds it, and as `phyllome hosts --json` prints it
+    again = msgspec.json.decode(msgspec.json.encode(beats[0]), type=Heartbeat)
+    assert again.details.resources == res
+    assert msgspec.json.decode(b'{"host":"a","agent":"hardware","version":"1","started":1,'
+                               b'"time":2,"metrics_url":"","details":{"caps":null,'
+                               b'"newer_field":1}}', type=Heartbeat).details.caps is None
 
 
 @pytest.mark.parametrize("jump", [-3600.0, 3600.0])

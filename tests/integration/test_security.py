@@ -15,8 +15,9 @@ import pytest
 from shared import security, subjects
 from shared.bus import Bus
 from shared.errors import Unavailable
-from shared.messages import AgentStopping, Empty, Heartbeat
+from shared.messages import AgentStopping, Empty
 from shared.messages import storage as storage_api
+from shared.messages.hosts import Heartbeat
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.wait import until
