@@ -64,6 +64,8 @@ class HostWatch:
             started = max(hb.started for _, hb in beats)
             agents = sorted(hb.agent for _, hb in beats)
             old = self.seen.get(host)
+            if old is None:
+                log.debug("%s watches host %s (agents %s)", self.observer, host, agents)
             if old is None or rev > old.revision:
                 if old is not None and not old.up:
                     events.append(HostUp(

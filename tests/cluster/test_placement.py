@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from services.hardware.hostwatch import HostWatch
-from services.hardware.resources import memory_bytes
+from services.hardware.inventory import Inventory
+from services.hardware.resources import mdev_rooms, memory_bytes, passable
+from services.hardware.sysfs import Sysfs
 from shared.cluster import HostView, host_views
 from shared.errors import InsufficientResources
 from shared.messages import HostDown, HostUp
@@ -17,6 +20,7 @@ from shared.messages.hosts import Heartbeat, HeartbeatDetails
 from shared.messages.storage import PoolRoom
 from shared.messages.vm import VmRecord, VmSpec
 from shared.placement import committed_mib, needs, place
+from tests.support.sysfs_tree import FIXTURES, Pci, build
 
 pytestmark = pytest.mark.unit
 GiB = 1 << 30
@@ -147,3 +151,72 @@ def test_host_watch_says_down_once_then_up_with_ids_every_watcher_shares() -> No
 def test_meminfo_parsing() -> None:
     assert memory_bytes("MemTotal:  16 kB\nMemFree: 4 kB\nMemAvailable: 8 kB\n") == (
         16384, 8192)
+
+
+# -- host devices, as the hardware agent publishes them from fixture trees ---------------------
+
+GVTG_MDEV = "9f5c1a2e-5f7b-4c1e-8a5b-3a4f1e2d3c4b"  # made on intel-gvtg's iGPU
+NVIDIA_CARD = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]  # intel-desktop
+
+
+def fixture_view(host: str, fixture: str, tmp_path: Path) -> HostView:
+    """A host whose hardware agent published the devices of fixture tree ``fixture``."""
+    tree = FIXTURES[fixture]()
+    inventory = Inventory(Sysfs(str(build(tmp_path / host, tree).root), root_dev=tree.root_dev))
+    inventory.scan()
+    devices = inventory.devices()
+    return view(host, devices=passable(devices), mdevs=mdev_rooms(devices))
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> list[HostView]:
+    return [fixture_view("desk", "intel-desktop", tmp_path),
+            fixture_view("nic", "sriov-nic", tmp_path),
+            fixture_view("gvt", "intel-gvtg", tmp_path)]
+
+
+@pytest.mark.parametrize(("hostdevs", "host", "has"), [
+    (NVIDIA_CARD, "desk", "1 GPU(s) (+3 function(s))"),
+    (["0000:03:10.0", "0000:03:10.2"], "nic", "2 VF(s) of 0000:03:00.0"),
+    ([GVTG_MDEV.upper()], "gvt", "1 mdev i915-GVTg_V5_4"),
+    (["0000:03:00.0", "0000:03:00.1"], "nic", "2 other device(s)"),  # both ports of the PF
+])
+def test_a_vm_goes_where_its_devices_are_counted_by_what_they_are(
+        hosts: list[HostView], hostdevs: list[str], host: str, has: str) -> None:
+    choice = place(needs(VmSpec(name="x", hostdevs=hostdevs)), hosts)
+    assert choice.host == host and choice.reason.endswith(f"has UEFI, {has}"), choice
+    assert len(choice.passed_over) == 2 and all(
+        "no passable device" in why or "no mediated device" in why
+        for why in choice.passed_over.values()), choice.passed_over
+
+
+@pytest.mark.parametrize(("hostdevs", "why"), [
+    (NVIDIA_CARD[:2], "desk: 0000:01:00.0 must be passed with 0000:01:00.2, 0000:01:00.3 "
+                      "(the other functions of its card)"),
+    (["0000:00:02.0"], "desk: no passable device 0000:00:02.0"),  # the boot GPU
+    (["0000:03:10.4"], "nic: no passable device 0000:03:10.4"),  # no such VF made
+    (["0c3b1f7e-0000-4000-8000-000000000001"],
+     "gvt: no mediated device 0c3b1f7e-0000-4000-8000-000000000001; make one with "
+     "`phyllome hw mdev create PARENT TYPE --uuid 0c3b1f7e-0000-4000-8000-000000000001` "
+     "(types with room: i915-GVTg_V5_4 on 0000:00:02.0 (1 free), i915-GVTg_V5_8 on "
+     "0000:00:02.0 (2 free))"),
+])
+def test_devices_a_host_cannot_give_are_named(hosts: list[HostView], hostdevs: list[str],
+                                              why: str) -> None:
+    with pytest.raises(InsufficientResources, match="no host can take this VM") as e:
+        place(needs(VmSpec(name="x", hostdevs=hostdevs)), hosts)
+    assert why in e.value.message
+
+
+def test_a_card_bound_to_vfio_gives_each_function_alone(tmp_path: Path) -> None:
+    """The vm agent's own rule: a function on vfio-pci already (``phyllome hw bind`` took
+    its whole group) needs nothing more."""
+    tree = FIXTURES["intel-desktop"]()
+    tree.devices = [Pci(**{**d.__dict__, "driver": "vfio-pci"}) if d.addr in NVIDIA_CARD
+                    else d for d in tree.devices]
+    inventory = Inventory(Sysfs(str(build(tmp_path, tree).root), root_dev=tree.root_dev))
+    inventory.scan()
+    devices = inventory.devices()
+    bound = view("desk", devices=passable(devices), mdevs=mdev_rooms(devices))
+    choice = place(needs(VmSpec(name="x", hostdevs=NVIDIA_CARD[:1])), [bound])
+    assert choice.reason.endswith("has UEFI, 1 GPU(s)")
