@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ import pytest
 from services.hardware import hostwatch
 from shared import subjects
 from shared.agent import Agent
+from shared.bus import Bus
+from shared.codec import encode
 from shared.contracts import event_decoder
 from shared.messages import Empty, HostDown
 from shared.messages import hardware as hardware_api
 from shared.messages import storage as storage_api
 from shared.messages.catalogue import ImageCounts
 from shared.messages.hardware import HostResources, SriovSet
-from shared.messages.hosts import Heartbeat
+from shared.messages.hosts import Heartbeat, HeartbeatDetails
+from shared.messages.vm import AcceleratorDecision
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config, agent_in_process
 from tests.support.nats import nats_server
@@ -151,3 +155,23 @@ async def test_the_hardware_agent_says_when_another_host_is_gone(
     assert down.reason == "its agents removed their heartbeats"
     assert down.event_id == f"host-down-h2-{int(started * 1000)}"
 
+
+
+@pytest.mark.parametrize(("usable", "probe"), [(True, "passed"), (False, "failed"),
+                                               (None, "not-run")])
+async def test_a_hardware_agent_started_late_reads_the_vm_agents_verdict(
+        nats_server: NatsServer, tmp_path: Path, usable: bool | None, probe: str) -> None:
+    """The vm agent's boot probe ran before this hardware agent started: its heartbeat has it."""
+    vm_beat = Heartbeat(host="h1", agent="vm", version="1", started=1.0, time=time.time(),
+                        metrics_url="", details=HeartbeatDetails(accelerator=AcceleratorDecision(
+                            policy="auto", accelerator="kvm" if usable else "tcg",
+                            kvm_usable=usable)))
+    bus = await Bus.connect(nats_server.url, name="test", host="h1")
+    try:
+        kv = await bus.kv(subjects.KV_HOSTS)
+        await kv.put(subjects.heartbeat_key("h1", "vm"), encode(vm_beat))
+    finally:
+        await bus.close()
+    async with hw_agent(nats_server.url, tmp_path, "h1", "laptop") as agent:
+        caps = (await heartbeat(agent)).details.caps
+        assert caps is not None and caps.kvm_boot_probe == probe
