@@ -19,7 +19,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.cluster import cluster_vms
 from shared.codec import encode
-from shared.messages import Heartbeat
+from shared.messages.hosts import Heartbeat
 from shared.messages.vm import VmRecord, VmSpec
 from shared.natsserver import NatsServer
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from bench.common import Result
 from shared.agent import Agent
-from shared.cluster import host_resources
 from shared.config import load
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
@@ -74,9 +73,7 @@ async def ours(root: Path, url: str, virtual: int, data: int) -> float:
             agents[(host, "vm")] = await start(
                 stack, "vm", url, state, host, libvirt_uri=f"test://{state / 'host.xml'}",
                 accelerator="tcg", extra={"reconcile_s": 3600})
-        for agent in agents.values():
-            if agent.name == "hardware":
-                agent.details["resources"] = host_resources([])
+        for agent in agents.values():  # resources and pools into the heartbeats now
             await agent.beat()
         vm = agents[("a", "vm")]
         vol = await vm.bus.call("a", storage_api.CREATE, CreateVolume(name="m-disk0",

@@ -29,22 +29,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def caps_words(view: HostView) -> list[str]:
     """What a host offers VMs, in the words placement uses."""
     res, caps = view.resources, view.caps
-    words = [w for w, ok in (("kvm", caps.get("kvm_usable")), ("uefi", res.get("uefi")),
-                             ("secure-boot", res.get("secure_boot")), ("tpm", res.get("tpm")),
-                             ("nested", caps.get("nested"))) if ok]
-    if gpus := res.get("gpus_bindable"):
-        words.append(f"gpu×{len(gpus)}")
+    has = {"kvm": caps is not None and caps.kvm_usable,
+           "uefi": res is not None and res.uefi,
+           "secure-boot": res is not None and res.secure_boot,
+           "tpm": res is not None and res.tpm,
+           "nested": caps is not None and bool(caps.nested)}
+    words = [w for w, ok in has.items() if ok]
+    if res is not None:
+        counts = (("gpu", sum(d.kind == "gpu" and not d.physfn for d in res.devices)),
+                  ("vf", sum(bool(d.physfn) for d in res.devices)),
+                  ("mdev", sum(m.available + len(m.instances) for m in res.mdevs)))
+        words += [f"{name}×{n}" for name, n in counts if n]
     return words
 
 
 def row(view: HostView) -> dict[str, Any]:
     res = view.resources
-    pools_free = [p.get("free_bytes") for p in view.pools.values() if "free_bytes" in p]
+    pools_free = [p.free_bytes for p in view.pools.values()]
     return {
         "host": view.host, "state": view.state, "agents": " ".join(view.agents) or None,
-        "vms": view.vms, "cpus": res.get("cpus"),
-        "memory_free": (common.human_bytes(res["memory_available_bytes"])
-                        if "memory_available_bytes" in res else None),
+        "vms": view.vms, "cpus": res.cpus if res else None,
+        "memory_free": common.human_bytes(res.memory_available_bytes) if res else None,
         "pool_free": common.human_bytes(max(pools_free)) if pools_free else None,
         "caps": " ".join(caps_words(view)) or None,
         "last_beat_s": view.age_s, "reason": view.reason or None,

@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from cli import common
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import Heartbeat
+from shared.messages.hosts import Heartbeat
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

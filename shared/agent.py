@@ -9,6 +9,14 @@ take (``EndpointSpec`` refuses them), so an endpoint ``start`` cannot clash with
     await agent.start(setup, ENDPOINTS)   # connected, serving, heartbeat running
     await agent.stopping.wait()
     await agent.drain()
+
+What an agent tells the cluster beside being alive is its part of ``agent.details`` (typed
+``HeartbeatDetails``). Values that change (free memory, free pool space) are measured by a
+hook that ``setup`` registers, called before every heartbeat::
+
+    async def measure() -> None:
+        agent.details = msgspec.structs.replace(agent.details, pools=await rooms())
+    agent.on_beat(measure)
 """
 
 from __future__ import annotations
@@ -21,16 +29,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
-from shared import __version__, cluster, metrics, subjects
+from shared import __version__, metrics, subjects
 from shared.bus import Bus
 from shared.codec import encode
 from shared.config import Config
 from shared.errors import Internal
 from shared.jobs import JobRunner
-from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, Heartbeat
+from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event
+from shared.messages.hosts import Heartbeat, HeartbeatDetails
 from shared.messages.jobs import job_endpoints
 
 Setup = Callable[["Agent"], Awaitable[Any]]
+Measure = Callable[[], Awaitable[None]]
 
 
 @runtime_checkable
@@ -56,7 +66,8 @@ class Agent:
         self.registry = CollectorRegistry()
         self.metrics = metrics.AgentMetrics(self.registry, name, host=cfg.host, version=version)
         self.jobs = JobRunner(self)
-        self.details: dict[str, Any] = {}
+        self.details = HeartbeatDetails()
+        self._on_beat: list[Measure] = []
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.metrics_url = ""
@@ -90,7 +101,6 @@ class Agent:
             "host": self.host, "metrics_url": self.metrics_url, "started": str(self.started)})
         await self.beat()
         self.spawn(self._heartbeat(), "heartbeat")
-        self.spawn(cluster.watch(self), "cluster")  # resources in the beat; host down/up
         await self.publish("agent.started", AgentStarted(
             host=self.host, agent=self.name, version=self.version, metrics_url=self.metrics_url))
         self.log.info("%s agent of host %s serving; metrics at %s", self.name, self.host,
@@ -113,8 +123,19 @@ class Agent:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
 
+    def on_beat(self, measure: Measure) -> None:
+        """Call ``measure`` before every heartbeat, so that what it sets in ``details`` (room
+        that changes: memory, pool space) is as fresh as the beat that carries it."""
+        self._on_beat.append(measure)
+
     async def beat(self) -> None:
-        """Write this agent's heartbeat (and its details) into KV ``hosts`` now."""
+        """Measure (the ``on_beat`` hooks), then write this agent's heartbeat into KV ``hosts``."""
+        for measure in self._on_beat:
+            try:
+                await measure()
+            except Exception as e:  # a hook's bug must not stop the beat: the host would look down
+                self.log.warning("heartbeat details not refreshed, the last ones go out: %r", e,
+                                 exc_info=e)
         hb = Heartbeat(host=self.host, agent=self.name, version=self.version,
                        started=self.started, time=time.time(), metrics_url=self.metrics_url,
                        details=self.details)

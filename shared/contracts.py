@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import typing
 from functools import cache
 from typing import Any
 
@@ -15,6 +16,7 @@ import msgspec
 from shared import subjects
 from shared.errors import InvalidName
 from shared.messages import EndpointSpec, Event
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import job_endpoints
 
 
@@ -91,6 +93,24 @@ def _fields(tp: Any) -> str:
     return "; ".join(parts) or "(no fields)"
 
 
+def _structs(tp: Any) -> list[type]:
+    """``tp`` and every Struct type its fields hold, depth first, each once."""
+    out: list[type] = []
+
+    def walk(t: Any) -> None:
+        if isinstance(t, type) and issubclass(t, msgspec.Struct):
+            if t not in out:
+                out.append(t)
+                for f in msgspec.structs.fields(t):
+                    walk(f.type)
+        else:
+            for arg in typing.get_args(t):
+                walk(arg)
+
+    walk(tp)
+    return out
+
+
 def _tag(tp: Any) -> str:
     cfg = getattr(tp, "__struct_config__", None)
     return str(getattr(cfg, "tag", None) or _type_name(tp))
@@ -143,6 +163,13 @@ def markdown() -> str:
     out += ["", "## Events", "", "| type | fields |", "|---|---|"]
     for ev in event_types():
         out.append(f"| `{_tag(ev)}` | {_fields(ev)} |")
+    out += ["", f"## KV `{subjects.KV_HOSTS}` records", "",
+            "Each agent's heartbeat (key `<host>.<agent>`) with its part of the details: caps and",
+            "resources from the hardware agent, pools from the storage agent, the accelerator",
+            "from the vm agent, image counts from the catalogue agent.", "",
+            "| type | fields |", "|---|---|"]
+    for tp in _structs(Heartbeat):
+        out.append(f"| `{_tag(tp)}` | {_fields(tp)} |")
     return "\n".join(out) + "\n"
 
 

@@ -18,11 +18,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from shared import subjects
 from shared.errors import Cancelled, NotFound, PhyError
-from shared.messages import Empty, new_id
+from shared.messages import Empty, Event, new_id
 from shared.messages.jobs import (
     JobAccepted,
     JobFinished,
@@ -32,15 +32,29 @@ from shared.messages.jobs import (
     JobState,
     JobStatus,
 )
-
-if TYPE_CHECKING:
-    from shared.agent import Agent
+from shared.metrics import AgentMetrics
 
 log = logging.getLogger("phyllome.jobs")
 
 Work = Callable[["Job"], Awaitable[dict[str, object]]]
 PROGRESS_INTERVAL_S = 0.25
 KEEP_FINISHED = 500
+
+
+class Publisher(Protocol):
+    """What a JobRunner needs of its agent: who it is, where jobs are counted, and a way to
+    publish their events (``shared.agent.Agent`` is one; a unit test can pass a small fake)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def metrics(self) -> AgentMetrics: ...
+
+    async def publish(self, kind: str, event: Event, ident: str | None = None) -> bool: ...
 
 
 class Job:
@@ -94,7 +108,7 @@ class Job:
 class JobRunner:
     """The jobs of one agent; also the handlers of the ``jobs``/``job``/``cancel`` endpoints."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Publisher) -> None:
         self.agent = agent
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, Job] = {}

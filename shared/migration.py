@@ -258,10 +258,6 @@ async def _preflight(bus: Any, source: str, target: str,
         why = refusal(view, needs(spec, disk_bytes=size, pool=pool), committed)
         if why is not None:
             raise InsufficientResources(f"{target} cannot take {spec.name}: {why}")
-    bindable = set(view.resources.get("gpus_bindable", []))
-    if missing := [d for d in spec.hostdevs if d not in bindable]:
-        raise InsufficientResources(f"{target} has no bindable {', '.join(missing)} for "
-                                    f"{spec.name}")
     for ref in (spec.name, spec.uuid):
         if await _exists(bus.call(target, vm_api.INFO, VmRef(vm=ref), timeout=CALL_TIMEOUT_S)):
             raise Conflict(f"{target} has a VM {ref} already; rename or delete one of them")

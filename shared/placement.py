@@ -2,8 +2,10 @@
 
 A host qualifies when it is up, runs a vm and a storage agent, and has what the spec needs:
 memory (free now, and not promised to the VMs already defined there), room in the pool,
-UEFI / Secure Boot firmware, swtpm for a TPM, nested virtualization, bindable GPUs. Among
-those, the one with the most memory left after the VM wins (ties: the name), so VMs spread.
+UEFI / Secure Boot firmware, swtpm for a TPM, nested virtualization, and every host device
+the spec names: a GPU with the other functions of its card, an SR-IOV VF, a mediated device,
+each one the host's hardware agent publishes as passable (``HostResources``). Among those,
+the one with the most memory left after the VM wins (ties: the name), so VMs spread.
 The reply names the host and says why, and why every other host was passed over::
 
     choice = await choose(bus, spec, disk_bytes=10 << 30)   # or place(needs(...), views, ...)
@@ -13,13 +15,14 @@ The reply names the host and says why, and why every other host was passed over:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from shared.cluster import HostView, cluster_vms, host_views_on
 from shared.errors import InsufficientResources
+from shared.messages.hardware import HostResources
 from shared.messages.vm import VmRecord, VmSpec
 
 if TYPE_CHECKING:
@@ -38,7 +41,7 @@ class Needs(msgspec.Struct, frozen=True, kw_only=True):
     secure_boot: bool = False
     tpm: bool = False
     nested: bool = False
-    gpus: int = 0
+    hostdevs: list[str] = []  # PCI addresses and mdev UUIDs, as the spec names them
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="cluster.placement.v1"):
@@ -53,7 +56,73 @@ def needs(spec: VmSpec, *, disk_bytes: int = 0, pool: str = "default") -> Needs:
     """The needs of ``spec``; ``disk_bytes``: room its new disks take (an image's size)."""
     return Needs(memory_mib=spec.memory_mib, disk_bytes=disk_bytes, pool=pool,
                  uefi=spec.firmware == "uefi", secure_boot=spec.secure_boot,
-                 tpm=spec.tpm != "none", nested=spec.nested, gpus=len(spec.hostdevs))
+                 tpm=spec.tpm != "none", nested=spec.nested, hostdevs=spec.hostdevs)
+
+
+class DeviceFit(msgspec.Struct, frozen=True, kw_only=True):
+    """A VM's host devices as one host has them, counted by what they are there; or why
+    that host cannot give them (``refusal``)."""
+
+    gpus: int = 0
+    functions: int = 0  # other functions of a passed card (HDMI audio, its USB controller)
+    vfs: dict[str, int] = {}  # SR-IOV VFs per PF
+    mdevs: dict[str, int] = {}  # mediated devices per type
+    other: int = 0  # any other passable function (a NIC, a USB controller)
+    refusal: str | None = None
+
+    def summary(self) -> str:
+        """``1 GPU (+3 functions), 2 VF(s) of 0000:03:00.0, 1 mdev i915-GVTg_V5_4``."""
+        parts = []
+        if self.gpus:
+            parts.append(f"{self.gpus} GPU(s)"
+                         + (f" (+{self.functions} function(s))" if self.functions else ""))
+        parts += [f"{n} VF(s) of {pf}" for pf, n in sorted(self.vfs.items())]
+        parts += [f"{n} mdev {t}" for t, n in sorted(self.mdevs.items())]
+        if self.other:
+            parts.append(f"{self.other} other device(s)")
+        return ", ".join(parts)
+
+
+def device_fit(hostdevs: Sequence[str], res: HostResources) -> DeviceFit:
+    """What ``hostdevs`` are on the host ``res`` describes, by the vm agent's rule: each PCI
+    function passable there and given with all its companions, each mdev made there."""
+    passable = {d.address: d for d in res.devices}
+    mdev_type = {u.lower(): m.mdev_type for m in res.mdevs for u in m.instances}
+    asked = {d.lower() for d in hostdevs}
+    companion = {c for d in passable.values() if d.address in asked and d.kind == "gpu"
+                 for c in d.companions}
+    gpus = functions = other = 0
+    vfs: dict[str, int] = {}
+    mdevs: dict[str, int] = {}
+    for dev in (d.lower() for d in hostdevs):
+        if dev in mdev_type:
+            mdevs[mdev_type[dev]] = mdevs.get(mdev_type[dev], 0) + 1
+            continue
+        found = passable.get(dev)
+        if found is None:
+            return DeviceFit(refusal=_not_here(dev, res))
+        if missing := [c for c in found.companions if c not in asked]:
+            return DeviceFit(refusal=f"{dev} must be passed with {', '.join(missing)} "
+                                     "(the other functions of its card)")
+        if found.physfn:
+            vfs[found.physfn] = vfs.get(found.physfn, 0) + 1
+        elif found.kind == "gpu":
+            gpus += 1
+        elif dev in companion:
+            functions += 1
+        else:
+            other += 1
+    return DeviceFit(gpus=gpus, functions=functions, vfs=vfs, mdevs=mdevs, other=other)
+
+
+def _not_here(dev: str, res: HostResources) -> str:
+    if ":" in dev:
+        return (f"no passable device {dev} (not there, or bound to a host driver it cannot "
+                "leave: see `phyllome hw list`)")
+    room = [f"{m.mdev_type} on {m.parent} ({m.available} free)" for m in res.mdevs
+            if m.available]
+    return (f"no mediated device {dev}; make one with `phyllome hw mdev create PARENT TYPE "
+            f"--uuid {dev}`" + (f" (types with room: {', '.join(room)})" if room else ""))
 
 
 def committed_mib(records: Iterable[VmRecord]) -> dict[str, int]:
@@ -76,6 +145,8 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
     if missing:
         return f"no {', '.join(missing)} agent running"
     res, caps = view.resources, view.caps
+    if res is None:
+        return "has not published its resources yet"
     want = need.memory_mib * MiB
     left = memory_left(view, committed)
     if left < want:
@@ -84,28 +155,27 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
     pool = view.pools.get(need.pool)
     if pool is None:
         return f"no pool {need.pool!r}"
-    if need.disk_bytes and pool.get("free_bytes", 0) < need.disk_bytes:
-        return (f"pool {need.pool!r} has {_gib(pool.get('free_bytes', 0))} free, the disk "
+    if need.disk_bytes and pool.free_bytes < need.disk_bytes:
+        return (f"pool {need.pool!r} has {_gib(pool.free_bytes)} free, the disk "
                 f"needs {_gib(need.disk_bytes)}")
-    for wanted, have, what in ((need.uefi, res.get("uefi"), "no UEFI firmware (OVMF)"),
-                               (need.secure_boot, res.get("secure_boot"),
+    nested = caps is not None and bool(caps.nested) and caps.kvm_usable
+    for wanted, have, what in ((need.uefi, res.uefi, "no UEFI firmware (OVMF)"),
+                               (need.secure_boot, res.secure_boot,
                                 "no Secure Boot firmware (OVMF .ms)"),
-                               (need.tpm, res.get("tpm"), "no swtpm for an emulated TPM"),
-                               (need.nested, caps.get("nested") and caps.get("kvm_usable"),
+                               (need.tpm, res.tpm, "no swtpm for an emulated TPM"),
+                               (need.nested, nested,
                                 "no nested virtualization under a usable KVM")):
         if wanted and not have:
             return what
-    gpus = len(res.get("gpus_bindable", []))
-    if need.gpus > gpus:
-        return f"{gpus} bindable GPU(s), the VM needs {need.gpus}"
-    return None
+    return device_fit(need.hostdevs, res).refusal if need.hostdevs else None
 
 
 def memory_left(view: HostView, committed: int) -> int:
     """Bytes of memory left on a host: available now, and not promised to its VMs."""
     res = view.resources
-    return min(int(res.get("memory_available_bytes", 0)),
-               int(res.get("memory_total_bytes", 0)) - committed * MiB)
+    if res is None:
+        return 0
+    return min(res.memory_available_bytes, res.memory_total_bytes - committed * MiB)
 
 
 def place(need: Needs, views: Iterable[HostView],
@@ -113,11 +183,13 @@ def place(need: Needs, views: Iterable[HostView],
     """The host for a VM with ``need``; raises InsufficientResources naming every refusal."""
     committed = committed or {}
     fit: list[tuple[int, str]] = []
+    fitting: dict[str, HostView] = {}
     passed: dict[str, str] = {}
     for view in views:
         why = refusal(view, need, committed.get(view.host, 0))
         if why is None:
             fit.append((memory_left(view, committed.get(view.host, 0)), view.host))
+            fitting[view.host] = view
         else:
             passed[view.host] = why
     if not fit:
@@ -130,9 +202,11 @@ def place(need: Needs, views: Iterable[HostView],
     others = [h for _, h in fit[1:]]
     for h in others:
         passed[h] = f"fits, with less memory left than {host}"
+    res = fitting[host].resources
+    devices = device_fit(need.hostdevs, res).summary() if need.hostdevs and res else ""
     extras = [w for w, on in (("UEFI", need.uefi), ("Secure Boot", need.secure_boot),
                               ("TPM", need.tpm), ("nested", need.nested),
-                              (f"{need.gpus} GPU(s)", need.gpus)) if on]
+                              (devices, devices)) if on]
     reason = (f"{host}: up, {_gib(left)} memory left after this VM (most of {len(fit)} "
               f"host(s) that fit)" + (f", has {', '.join(extras)}" if extras else ""))
     return Placement(host=host, reason=reason, passed_over=passed)

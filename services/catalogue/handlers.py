@@ -40,6 +40,7 @@ from shared.messages.catalogue import (
     CatalogueEntry,
     CatalogueRefreshed,
     Download,
+    ImageCounts,
     ImageInfo,
     ImageList,
     ImagePulled,
@@ -298,7 +299,8 @@ class Catalogue:
     def _count_images(self) -> None:
         self.metrics.images.clear()
         pulled = {i.id for i in self.store.locals()}
-        self.agent.details.update(images=len(self.entries), images_pulled=len(pulled))
+        self.agent.details = msgspec.structs.replace(
+            self.agent.details, images=ImageCounts(listed=len(self.entries), pulled=len(pulled)))
         for e in self.entries.values():
             self.metrics.images.labels(source=e.source, state="listed").inc()
             if e.downloadable:

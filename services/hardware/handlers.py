@@ -27,10 +27,9 @@ from services.hardware.operations import Operations
 from services.hardware.sysfs import Sysfs, UeventMonitor
 from shared import subjects
 from shared.agent import Agent
-from shared.codec import to_builtins
 from shared.errors import PhyError
 from shared.jobs import Job
-from shared.messages import Ack, Empty, Heartbeat
+from shared.messages import Ack, Empty
 from shared.messages.hardware import (
     BindRequest,
     BootProbe,
@@ -50,6 +49,7 @@ from shared.messages.hardware import (
     ProbeResult,
     SriovSet,
 )
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobAccepted
 
 log = logging.getLogger("phyllome.hardware")
@@ -84,7 +84,6 @@ class Handlers:
                 probe_in_child, self.settings.kvm_probe_timeout_s)
         self._boot_probe = await self._boot_probe_from_kv()
         self._set_caps()
-        self.agent.details["stuck_writes"] = self.fs.stuck  # live: each beat shows what is stuck
         if self.monitor is not None:
             asyncio.get_running_loop().add_reader(self.monitor.fileno(), self._on_uevents)
 
@@ -103,12 +102,12 @@ class Handlers:
             hb = msgspec.json.decode(entry.value or b"", type=Heartbeat)
         except Exception:  # no VM agent yet (the key is missing): it will call boot_probe
             return "not-run"
-        usable = hb.details.get("accelerator", {}).get("kvm_usable")
+        usable = hb.details.accelerator.kvm_usable if hb.details.accelerator else None
         return "not-run" if usable is None else "passed" if usable else "failed"
 
     def _set_caps(self) -> HostCaps:
         self.last_caps = host_caps(self.fs, self.kvm_ioctl, self._boot_probe)
-        self.agent.details["caps"] = to_builtins(self.last_caps)
+        self.agent.details = msgspec.structs.replace(self.agent.details, caps=self.last_caps)
         return self.last_caps
 
     # -- uevents ----------------------------------------------------------------------------------

@@ -26,20 +26,12 @@ from pathlib import Path
 import msgspec
 
 from shared.errors import BackendError, Conflict, NotFound, Timeout
-from shared.messages.hardware import MdevType, PciDevice, UsbDevice
+from shared.messages.hardware import MdevType, PciDevice, StuckWrite, UsbDevice
 
 _ADDR_IN_PATH = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 VFIO = "vfio-pci"
 AfterWrite = Callable[[str, str], None]
 log = logging.getLogger("phyllome.hardware.sysfs")
-
-
-class StuckWrite(msgspec.Struct, frozen=True, kw_only=True):
-    """A write that outlived its deadline: its thread is still inside the kernel."""
-
-    path: str
-    value: str
-    since: float  # time.time() when it started
 
 
 class CpuInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
+
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
 from services.storage.volumes import Pools
@@ -19,6 +23,10 @@ async def setup(agent: Agent) -> Handlers:
     pools = Pools(settings.pools, settings.import_dirs)
     handlers = Handlers(agent, pools, settings)
     await handlers.begin()
-    agent.details["pools"] = {n: {"path": p.path, "reflink": p.reflink}
-                              for n, p in pools.pools.items()}
+
+    async def measure() -> None:
+        rooms = await asyncio.to_thread(pools.rooms)
+        agent.details = msgspec.structs.replace(agent.details, pools=rooms)
+
+    agent.on_beat(measure)
     return handlers

@@ -39,7 +39,7 @@ from shared.errors import (
     InvalidName,
     NotFound,
 )
-from shared.messages.storage import Extent, PoolInfo, VolumeInfo
+from shared.messages.storage import Extent, PoolInfo, PoolRoom, VolumeInfo
 from shared.validate import HEAD_BYTES, TAIL_BYTES, conversion_hint, disk_format
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
@@ -392,6 +392,17 @@ class Pools:
                         allocated_bytes=sum(v.allocated_bytes for v in vols),
                         virtual_bytes=sum(v.virtual_bytes for v in vols), volumes=len(vols),
                         reflink=pool.reflink)
+
+    def rooms(self) -> dict[str, PoolRoom]:
+        """Every pool's free space now, for the heartbeat (placement reads it from there)."""
+        out = {}
+        for name, pool in self.pools.items():
+            try:
+                free = pool.space()[1]
+            except OSError:  # the pool's filesystem went away: no room for a new disk
+                free = 0
+            out[name] = PoolRoom(path=pool.path, reflink=pool.reflink, free_bytes=free)
+        return out
 
     def volumes(self, pool_name: str) -> list[VolumeInfo]:
         """Regular files of the pool with valid names; links, temporaries and files with names

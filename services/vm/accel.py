@@ -25,6 +25,7 @@ from typing import Literal
 import msgspec
 
 from shared.errors import BadRequest
+from shared.messages.vm import AcceleratorDecision
 
 log = logging.getLogger("phyllome.vm.accel")
 
@@ -33,18 +34,6 @@ READY_MARKER = b"PHYLLOME-TINY: ready"
 CACHE_NAME = "accelerator.json"
 
 Accel = Literal["kvm", "tcg"]
-
-
-class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """What VMs with ``accelerator: auto`` get on this host, and why."""
-
-    policy: Literal["auto", "kvm", "tcg"]
-    accelerator: Accel
-    kvm_usable: bool | None = None  # None: not probed (forced by policy)
-    note: str = ""
-    boot_id: str = ""
-    probed_at: float = 0.0
-    probe_s: float = 0.0
 
 
 async def probe(kernel: Path, initrd: Path, *, deadline_s: float,
@@ -98,22 +87,22 @@ def boot_id() -> str:
 
 
 async def decide(policy: str, tiny_dir: Path, cache_dir: Path, *,
-                 deadline_s: float) -> Decision:
+                 deadline_s: float) -> AcceleratorDecision:
     """The accelerator for ``auto`` VMs: forced by policy, cached for this boot, or probed."""
     if policy in ("kvm", "tcg"):
-        return Decision(policy=policy, accelerator=policy,  # type: ignore[arg-type]
+        return AcceleratorDecision(policy=policy, accelerator=policy,  # type: ignore[arg-type]
                         note=f"accelerator forced to {policy} by configuration")
     if policy != "auto":
         raise BadRequest(f"accelerator {policy!r} is not one of auto, kvm, tcg")
     current = boot_id()
     cache = cache_dir / CACHE_NAME
     with contextlib.suppress(OSError, msgspec.MsgspecError):
-        cached = msgspec.json.decode(cache.read_bytes(), type=Decision)
+        cached = msgspec.json.decode(cache.read_bytes(), type=AcceleratorDecision)
         if cached.boot_id == current and current:
             return cached
     ok, detail, took = await probe(tiny_dir / "vmlinuz", tiny_dir / "initrd.gz",
                                    deadline_s=deadline_s)
-    decision = Decision(
+    decision = AcceleratorDecision(
         policy="auto", accelerator="kvm" if ok else "tcg", kvm_usable=ok,
         note=("KVM boot probe passed: " if ok else "KVM unusable, VMs run under TCG (slow): ")
         + detail,

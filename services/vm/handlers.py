@@ -19,7 +19,6 @@ from typing import Any
 import msgspec
 
 from services.vm import domain_xml, hostfs
-from services.vm.accel import Decision
 from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
@@ -52,6 +51,7 @@ from shared.messages.hardware import (
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
+    AcceleratorDecision,
     AcceleratorFallback,
     Disk,
     VmClone,
@@ -88,7 +88,7 @@ class Handlers:
     """One vm agent's endpoints over one hypervisor; see the module docstring."""
 
     def __init__(self, agent: Agent, hypervisor: Hypervisor, settings: Settings,
-                 decision: Decision) -> None:
+                 decision: AcceleratorDecision) -> None:
         self.agent = agent
         self.host = agent.host
         self.hv = hypervisor

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from services.vm import accel
 from services.vm.config import Settings
 from services.vm.handlers import Handlers
 from services.vm.libvirt_backend import LibvirtHypervisor
 from shared.agent import Agent
-from shared.codec import to_builtins
 from shared.messages.vm import ENDPOINTS
 
 __all__ = ["ENDPOINTS", "setup"]
@@ -20,7 +21,7 @@ async def setup(agent: Agent) -> Handlers:
     decision = await accel.decide(agent.cfg.accelerator, Path(settings.tiny_dir),
                                   Path(settings.probe_dir),
                                   deadline_s=settings.kvm_probe_deadline_s)
-    agent.details["accelerator"] = to_builtins(decision)
+    agent.details = msgspec.structs.replace(agent.details, accelerator=decision)
     hypervisor = LibvirtHypervisor(agent.cfg.libvirt_uri)
     await hypervisor.connect()
     handlers = Handlers(agent, hypervisor, settings, decision)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -72,18 +72,6 @@ class HostUp(Event, frozen=True, kw_only=True, tag="host.up.v1"):
 
     up_host: str
     agents: list[str] = []
-
-
-class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
-    """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
-
-    host: str
-    agent: str
-    version: str
-    started: float
-    time: float
-    metrics_url: str
-    details: dict[str, Any] = {}
 
 
 Req = TypeVar("Req")

@@ -105,6 +105,13 @@ class LocalImage(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.local
     pulled_at: float = 0.0
 
 
+class ImageCounts(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_counts.v1"):
+    """The catalogue agent's heartbeat: how many entries it lists and how many are pulled."""
+
+    listed: int = 0
+    pulled: int = 0
+
+
 class VmTemplate(msgspec.Struct, frozen=True, kw_only=True):
     """VM defaults implied by an entry's requirements (``vm create --image`` uses them)."""
 

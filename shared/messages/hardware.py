@@ -134,6 +134,50 @@ class HostCaps(msgspec.Struct, frozen=True, kw_only=True, tag="hw.host_caps.v1")
     vfio_pci_loaded: bool = False
 
 
+class PassableDevice(msgspec.Struct, frozen=True, kw_only=True, tag="hw.passable.v1"):
+    """A PCI function this host can give a VM now: bound to vfio-pci already, or bindable
+    without taking anything from the host. ``companions`` are the other functions of its
+    card, which go with it; ``physfn`` is set on an SR-IOV VF (its PF)."""
+
+    address: str
+    kind: DeviceKind
+    name: str = ""
+    companions: list[str] = []
+    physfn: str = ""
+
+
+class MdevRoom(msgspec.Struct, frozen=True, kw_only=True, tag="hw.mdev_room.v1"):
+    """One mediated-device type of one parent: the devices made of it, and room for more."""
+
+    parent: str
+    mdev_type: str
+    name: str = ""
+    available: int = 0
+    instances: list[str] = []
+
+
+class HostResources(msgspec.Struct, frozen=True, kw_only=True, tag="hw.host_resources.v1"):
+    """What this host has for VMs, measured before each heartbeat of its hardware agent:
+    placement and migration read it from KV ``hosts`` instead of asking the host."""
+
+    cpus: int = 0
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    uefi: bool = False  # OVMF firmware
+    secure_boot: bool = False  # OVMF with Microsoft keys (.ms)
+    tpm: bool = False  # swtpm
+    devices: list[PassableDevice] = []
+    mdevs: list[MdevRoom] = []
+
+
+class StuckWrite(msgspec.Struct, frozen=True, kw_only=True, tag="hw.stuck_write.v1"):
+    """A sysfs write that outlived its deadline: its thread is still inside the kernel."""
+
+    path: str
+    value: str
+    since: float  # time.time() when it started
+
+
 class HwReport(msgspec.Struct, frozen=True, kw_only=True, tag="hw.report.v1"):
     """Everything ``phyllome hw report`` prints: caps, devices, groups, GPUs, problems."""
 

@@ -36,6 +36,15 @@ class PoolInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool.v1")
     reflink: bool = False  # the filesystem answered a FICLONE probe
 
 
+class PoolRoom(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool_room.v1"):
+    """A pool as the storage agent's heartbeat shows it, measured before each beat, so that
+    placement can tell whether a new disk fits without asking the host."""
+
+    path: str
+    reflink: bool = False
+    free_bytes: int = 0
+
+
 class PoolList(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pools.v1"):
     pools: list[PoolInfo]
 

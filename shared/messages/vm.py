@@ -97,6 +97,19 @@ class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     uri: str
 
 
+class AcceleratorDecision(msgspec.Struct, frozen=True, kw_only=True, tag="vm.accelerator.v1"):
+    """What VMs with ``accelerator: auto`` get on this host, and why (in the vm agent's
+    heartbeat; the hardware agent reads ``kvm_usable`` from it when it starts after it)."""
+
+    policy: Literal["auto", "kvm", "tcg"]
+    accelerator: Literal["kvm", "tcg"]
+    kvm_usable: bool | None = None  # None: not probed (forced by policy)
+    note: str = ""
+    boot_id: str = ""
+    probed_at: float = 0.0
+    probe_s: float = 0.0
+
+
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, tag="vm.record.v1"):
     """A VM in KV ``vms`` (key: uuid): its spec, where it lives and what it was last seen doing."""
 

@@ -86,6 +86,7 @@ async def main(bus):
 
 def test_thousand_vms_listed_from_kv_in_under_a_second(cluster: Cluster) -> None:
     created = cluster.py("a", f"""
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmSpec
 async def main(bus):
     sem = asyncio.Semaphore(24)

@@ -110,9 +110,6 @@ async def pair(nats: NatsServer, root: Path, *, skip: tuple[tuple[str, str], ...
                 p.agents[(host, name)] = await stack.enter_async_context(
                     agent_in_process(name, nats.url, state, host=host, **extra))
         for agent in p.agents.values():  # resources and pools into the heartbeats now
-            if agent.name == "hardware":
-                from shared.cluster import host_resources
-                agent.details["resources"] = host_resources([])
             await agent.beat()
         yield p
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from shared.cluster import HostView, HostWatch, host_views, memory_bytes
+from services.hardware.hostwatch import HostWatch
+from services.hardware.inventory import Inventory
+from services.hardware.resources import mdev_rooms, memory_bytes, passable
+from services.hardware.sysfs import Sysfs
+from shared.cluster import HostView, host_views
 from shared.errors import InsufficientResources
-from shared.messages import Heartbeat, HostDown, HostUp
+from shared.messages import HostDown, HostUp
+from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.hosts import Heartbeat, HeartbeatDetails
+from shared.messages.storage import PoolRoom
 from shared.messages.vm import VmRecord, VmSpec
 from shared.placement import committed_mib, needs, place
+from tests.support.sysfs_tree import FIXTURES, Pci, build
 
 pytestmark = pytest.mark.unit
 GiB = 1 << 30
@@ -18,11 +28,13 @@ GiB = 1 << 30
 
 def view(host: str, *, state: str = "up", mem_gib: float = 8, free_gib: float = 100,
          **res: Any) -> HostView:
-    resources = {"memory_total_bytes": int(16 * GiB), "memory_available_bytes": int(mem_gib * GiB),
-                 "uefi": True, "secure_boot": True, "tpm": True, "gpus_bindable": [], **res}
+    resources = HostResources(memory_total_bytes=int(16 * GiB),
+                              memory_available_bytes=int(mem_gib * GiB),
+                              uefi=True, secure_boot=True, tpm=True)
     return HostView(host=host, state=state, agents=["hardware", "storage", "vm"],  # type: ignore[arg-type]
-                    resources=resources, caps={"nested": False, "kvm_usable": False},
-                    pools={"default": {"path": "/p", "free_bytes": int(free_gib * GiB)}},
+                    resources=msgspec.structs.replace(resources, **res),
+                    caps=HostCaps(arch="x86_64", nested=False, kvm_usable=False),
+                    pools={"default": PoolRoom(path="/p", free_bytes=int(free_gib * GiB))},
                     reason="" if state == "up" else "no heartbeat for 30 s")
 
 
@@ -50,7 +62,7 @@ def test_memory_promised_to_defined_vms_counts() -> None:
     (VmSpec(name="x", secure_boot=True), {"secure_boot": False}, "no Secure Boot firmware"),
     (VmSpec(name="x", firmware="uefi"), {"uefi": False}, "no UEFI firmware (OVMF)"),
     (VmSpec(name="x", nested=True), {}, "no nested virtualization under a usable KVM"),
-    (VmSpec(name="x", hostdevs=["0000:01:00.0"]), {}, "0 bindable GPU(s), the VM needs 1"),
+    (VmSpec(name="x", hostdevs=["0000:01:00.0"]), {}, "no passable device 0000:01:00.0"),
 ])
 def test_every_refusal_is_named(spec: VmSpec, host_res: dict[str, Any], why: str) -> None:
     with pytest.raises(InsufficientResources, match="no host can take this VM") as e:
@@ -81,6 +93,25 @@ def test_host_views_up_down_and_remembered() -> None:
     assert views[0].agents == ["storage", "vm"] and views[0].reason == ""
     assert views[1].reason == "its last beat is 21 s away by this clock: a clock is off"
     assert views[2].reason == "no heartbeat (expired)"
+
+
+def test_a_host_view_merges_what_each_agent_published() -> None:
+    caps = HostCaps(arch="x86_64", kvm_usable=True)
+    res = HostResources(cpus=8, memory_available_bytes=GiB)
+    room = PoolRoom(path="/p", free_bytes=2 * GiB)
+    beats = [msgspec.structs.replace(beat("a", "hardware", 100.0), details=HeartbeatDetails(
+                 caps=caps, resources=res)),
+             msgspec.structs.replace(beat("a", "storage", 100.0), details=HeartbeatDetails(
+                 pools={"default": room})),
+             beat("a", "vm", 100.0)]
+    (a,) = host_views(beats, now=100.0, ttl_s=20)
+    assert (a.caps, a.resources, a.pools) == (caps, res, {"default": room})
+    # through JSON as KV holds it, and as `phyllome hosts --json` prints it
+    again = msgspec.json.decode(msgspec.json.encode(beats[0]), type=Heartbeat)
+    assert again.details.resources == res
+    assert msgspec.json.decode(b'{"host":"a","agent":"hardware","version":"1","started":1,'
+                               b'"time":2,"metrics_url":"","details":{"caps":null,'
+                               b'"newer_field":1}}', type=Heartbeat).details.caps is None
 
 
 @pytest.mark.parametrize("jump", [-3600.0, 3600.0])
@@ -120,3 +151,72 @@ def test_host_watch_says_down_once_then_up_with_ids_every_watcher_shares() -> No
 def test_meminfo_parsing() -> None:
     assert memory_bytes("MemTotal:  16 kB\nMemFree: 4 kB\nMemAvailable: 8 kB\n") == (
         16384, 8192)
+
+
+# -- host devices, as the hardware agent publishes them from fixture trees ---------------------
+
+GVTG_MDEV = "9f5c1a2e-5f7b-4c1e-8a5b-3a4f1e2d3c4b"  # made on intel-gvtg's iGPU
+NVIDIA_CARD = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]  # intel-desktop
+
+
+def fixture_view(host: str, fixture: str, tmp_path: Path) -> HostView:
+    """A host whose hardware agent published the devices of fixture tree ``fixture``."""
+    tree = FIXTURES[fixture]()
+    inventory = Inventory(Sysfs(str(build(tmp_path / host, tree).root), root_dev=tree.root_dev))
+    inventory.scan()
+    devices = inventory.devices()
+    return view(host, devices=passable(devices), mdevs=mdev_rooms(devices))
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> list[HostView]:
+    return [fixture_view("desk", "intel-desktop", tmp_path),
+            fixture_view("nic", "sriov-nic", tmp_path),
+            fixture_view("gvt", "intel-gvtg", tmp_path)]
+
+
+@pytest.mark.parametrize(("hostdevs", "host", "has"), [
+    (NVIDIA_CARD, "desk", "1 GPU(s) (+3 function(s))"),
+    (["0000:03:10.0", "0000:03:10.2"], "nic", "2 VF(s) of 0000:03:00.0"),
+    ([GVTG_MDEV.upper()], "gvt", "1 mdev i915-GVTg_V5_4"),
+    (["0000:03:00.0", "0000:03:00.1"], "nic", "2 other device(s)"),  # both ports of the PF
+])
+def test_a_vm_goes_where_its_devices_are_counted_by_what_they_are(
+        hosts: list[HostView], hostdevs: list[str], host: str, has: str) -> None:
+    choice = place(needs(VmSpec(name="x", hostdevs=hostdevs)), hosts)
+    assert choice.host == host and choice.reason.endswith(f"has UEFI, {has}"), choice
+    assert len(choice.passed_over) == 2 and all(
+        "no passable device" in why or "no mediated device" in why
+        for why in choice.passed_over.values()), choice.passed_over
+
+
+@pytest.mark.parametrize(("hostdevs", "why"), [
+    (NVIDIA_CARD[:2], "desk: 0000:01:00.0 must be passed with 0000:01:00.2, 0000:01:00.3 "
+                      "(the other functions of its card)"),
+    (["0000:00:02.0"], "desk: no passable device 0000:00:02.0"),  # the boot GPU
+    (["0000:03:10.4"], "nic: no passable device 0000:03:10.4"),  # no such VF made
+    (["0c3b1f7e-0000-4000-8000-000000000001"],
+     "gvt: no mediated device 0c3b1f7e-0000-4000-8000-000000000001; make one with "
+     "`phyllome hw mdev create PARENT TYPE --uuid 0c3b1f7e-0000-4000-8000-000000000001` "
+     "(types with room: i915-GVTg_V5_4 on 0000:00:02.0 (1 free), i915-GVTg_V5_8 on "
+     "0000:00:02.0 (2 free))"),
+])
+def test_devices_a_host_cannot_give_are_named(hosts: list[HostView], hostdevs: list[str],
+                                              why: str) -> None:
+    with pytest.raises(InsufficientResources, match="no host can take this VM") as e:
+        place(needs(VmSpec(name="x", hostdevs=hostdevs)), hosts)
+    assert why in e.value.message
+
+
+def test_a_card_bound_to_vfio_gives_each_function_alone(tmp_path: Path) -> None:
+    """The vm agent's own rule: a function on vfio-pci already (``phyllome hw bind`` took
+    its whole group) needs nothing more."""
+    tree = FIXTURES["intel-desktop"]()
+    tree.devices = [Pci(**{**d.__dict__, "driver": "vfio-pci"}) if d.addr in NVIDIA_CARD
+                    else d for d in tree.devices]
+    inventory = Inventory(Sysfs(str(build(tmp_path, tree).root), root_dev=tree.root_dev))
+    inventory.scan()
+    devices = inventory.devices()
+    bound = view("desk", devices=passable(devices), mdevs=mdev_rooms(devices))
+    choice = place(needs(VmSpec(name="x", hostdevs=NVIDIA_CARD[:1])), [bound])
+    assert choice.reason.endswith("has UEFI, 1 GPU(s)")

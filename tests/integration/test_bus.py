@@ -27,8 +27,9 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
-from shared.messages import Ack, Empty, EndpointSpec, Heartbeat
+from shared.messages import Ack, Empty, EndpointSpec
 from shared.messages import vm as vm_api
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config

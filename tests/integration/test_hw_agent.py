@@ -20,7 +20,7 @@ from shared import subjects
 from shared.agent import Agent
 from shared.contracts import event_decoder
 from shared.errors import Conflict, Forbidden, InvalidMessage, InvalidName, NotFound
-from shared.messages import Empty, Heartbeat
+from shared.messages import Empty
 from shared.messages import hardware as hardware_api
 from shared.messages.hardware import (
     BindRequest,
@@ -34,6 +34,7 @@ from shared.messages.hardware import (
     MdevRef,
     SriovSet,
 )
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobStatus
 from tests.support.agents import REPO, agent_in_process
 from tests.support.nats import nats_server  # noqa: F401
@@ -110,12 +111,13 @@ async def test_caps_in_the_heartbeat_and_the_boot_probe_decides(
                                        type=Heartbeat)
 
         hb = await heartbeat()
-        assert hb.details["caps"]["kvm_usable"] is False
-        assert hb.details["caps"]["iommu"] is True
+        assert hb.details.caps is not None
+        assert hb.details.caps.kvm_usable is False and hb.details.caps.iommu is True
         caps = await agent.bus.call("h1", hardware_api.BOOT_PROBE,
                                     BootProbe(result="passed", detail="tiny guest ready"))
         assert caps.kvm_boot_probe == "passed" and caps.kvm_usable is True
-        assert (await heartbeat()).details["caps"]["kvm_usable"] is True
+        caps_now = (await heartbeat()).details.caps
+        assert caps_now is not None and caps_now.kvm_usable is True
         caps = await agent.bus.call("h1", hardware_api.BOOT_PROBE, BootProbe(result="failed"))
         assert caps.kvm_usable is False
 
@@ -214,7 +216,7 @@ async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
         # the thread is still in the kernel: the agent beats, says so, refuses the device
         await beats_after((await kv.get("h1.hardware")).revision or 0)
         hb = msgspec.json.decode((await kv.get("h1.hardware")).value or b"", type=Heartbeat)
-        assert hb.details["stuck_writes"]["0000:01:00.0"]["path"] == str(fifo)
+        assert hb.details.stuck_writes["0000:01:00.0"].path == str(fifo)
         with pytest.raises(Conflict, match="stuck in the kernel"):
             await agent.bus.call("h1", hardware_api.BIND, BindRequest(address="0000:01:00.0"))
         assert await asyncio.to_thread(fifo.read_text) == "0000:01:00.0"

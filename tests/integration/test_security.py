@@ -20,11 +20,12 @@ from shared import contracts, security, subjects
 from shared.agent import Agent
 from shared.bus import Bus
 from shared.errors import Timeout, Unavailable
-from shared.messages import AgentStopping, Empty, EndpointSpec, Heartbeat
+from shared.messages import AgentStopping, Empty, EndpointSpec
 from shared.messages import hardware as hardware_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.hardware import BindRequest, BootProbe, DeviceRef
+from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobRef
 from shared.messages.vm import VmClone, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer

@@ -267,17 +267,18 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
                                 sysfs_root="/sys") as hw, \
             guests(nats_server, tmp_path, guest_dir, tiny_image, accelerator="auto",
                    extra={"kvm_probe_deadline_s": 5}) as g:
-        decision = g.agent.details["accelerator"]
-        probe = "passed" if decision["kvm_usable"] else "failed"
+        decision = g.agent.details.accelerator
+        assert decision is not None
+        probe = "passed" if decision.kvm_usable else "failed"
         async def carried() -> bool:  # the host capabilities carry the verdict
             caps = await hw.bus.call(HOST, hardware_api.CAPS, Empty())
             return bool(caps.kvm_boot_probe == probe)
 
         await until(f"the host capabilities to say the probe {probe}", carried, timeout=20,
                     interval=0.1)
-        assert decision["accelerator"] == ("kvm" if decision["kvm_usable"] else "tcg")
+        assert decision.accelerator == ("kvm" if decision.kvm_usable else "tcg")
         info = await g.call("create", VmCreate(spec=g.direct(unique("auto"), firmware="bios")))
-        assert info.accelerator == decision["accelerator"]
+        assert info.accelerator == decision.accelerator
         if not decision["kvm_usable"]:  # this kind of machine (FACTS.md)
             assert "KVM unusable" in decision["note"] and "KVM unusable" in info.accelerator_note
         await g.call("delete", VmDelete(vm=info.uuid))

@@ -17,7 +17,7 @@ from services.vm.libvirt_backend import event_words, state_words
 from services.vm.metrics import VmMetrics
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.messages.hardware import Passthrough, PciDevice
-from shared.messages.vm import VmSpec
+from shared.messages.vm import AcceleratorDecision, VmSpec
 from tests.support.require import require
 
 pytestmark = pytest.mark.unit
@@ -40,8 +40,8 @@ async def test_vm_accelerator_forced_cached_and_refused(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="not one of auto, kvm, tcg"):
         await accel.decide("xen", tmp_path, tmp_path, deadline_s=1)
 
-    cached = accel.Decision(policy="auto", accelerator="kvm", kvm_usable=True, note="cached",
-                            boot_id=accel.boot_id())
+    cached = AcceleratorDecision(policy="auto", accelerator="kvm", kvm_usable=True,
+                                 note="cached", boot_id=accel.boot_id())
     (tmp_path / accel.CACHE_NAME).write_bytes(msgspec.json.encode(cached))
     assert await accel.decide("auto", tmp_path / "no-image", tmp_path, deadline_s=1) == cached
 
@@ -51,7 +51,7 @@ async def test_vm_accelerator_forced_cached_and_refused(tmp_path: Path) -> None:
     assert fresh.accelerator == "tcg" and "probe guest is missing" in fresh.note
     # a probe that could not run is not remembered: the next start asks again
     assert msgspec.json.decode((tmp_path / accel.CACHE_NAME).read_bytes(),
-                               type=accel.Decision) == stale
+                               type=AcceleratorDecision) == stale
 
 
 class FakeHypervisor:

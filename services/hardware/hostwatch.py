@@ -1,0 +1,107 @@
+"""The hardware agent speaks for its host, and watches the others: ``HostDown``/``HostUp``.
+
+The hardware agent of every host reads KV ``hosts`` once per heartbeat period and publishes
+``phy.evt.<host>.hardware.host.down.<other>`` when another host's heartbeats stop
+(``host.up`` when they come back). Every watcher derives the same event id from the start
+time of that host's agents (the last beat each watcher saw can differ by one beat), and
+JetStream drops duplicate ids, so the stream holds one event per host going down::
+
+    agent.spawn(watch(agent), "host-watch")     # what service.setup does
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import msgspec
+import nats.errors
+
+from shared.agent import Agent
+from shared.cluster import heartbeats
+from shared.codec import to_builtins
+from shared.errors import Unavailable
+from shared.messages import HostDown, HostUp
+from shared.messages.hosts import Heartbeat
+
+log = logging.getLogger("phyllome.hardware.hosts")
+
+
+class _Seen(msgspec.Struct, kw_only=True):
+    revision: int
+    changed: float  # monotonic time the revision last grew
+    last_beat: float
+    started: float
+    agents: list[str]
+    up: bool = True
+
+
+class HostWatch:
+    """Turns successive snapshots of KV ``hosts`` into ``HostDown``/``HostUp`` events.
+
+    A host is down when none of its heartbeat keys has been rewritten for ``ttl_s`` (by our
+    clock: no trust in the other hosts' clocks), or when all its keys are gone. Event ids
+    come from the agents' start time in the heartbeats, so every watcher publishes the
+    same id for one run of a host, whichever beat it saw last.
+    """
+
+    def __init__(self, observer: str, ttl_s: float) -> None:
+        self.observer = observer
+        self.ttl_s = ttl_s
+        self.seen: dict[str, _Seen] = {}
+
+    def observe(self, entries: Iterable[tuple[str, int, Heartbeat]],
+                now: float) -> list[HostDown | HostUp]:
+        by_host: dict[str, list[tuple[int, Heartbeat]]] = {}
+        for _key, rev, hb in entries:
+            by_host.setdefault(hb.host, []).append((rev, hb))
+        events: list[HostDown | HostUp] = []
+        for host, beats in by_host.items():
+            rev = max(r for r, _ in beats)
+            last = max(hb.time for _, hb in beats)
+            started = max(hb.started for _, hb in beats)
+            agents = sorted(hb.agent for _, hb in beats)
+            old = self.seen.get(host)
+            if old is None:
+                log.debug("%s watches host %s (agents %s)", self.observer, host, agents)
+            if old is None or rev > old.revision:
+                if old is not None and not old.up:
+                    events.append(HostUp(
+                        host=self.observer, up_host=host, agents=agents,
+                        event_id=f"host-up-{host}-{int(started * 1000)}"))
+                self.seen[host] = _Seen(revision=rev, changed=now, last_beat=last,
+                                        started=started, agents=agents)
+        for host, s in self.seen.items():
+            if not s.up:
+                continue
+            gone = host not in by_host
+            if gone or now - s.changed >= self.ttl_s:
+                s.up = False
+                reason = ("its agents removed their heartbeats" if gone and
+                          now - s.changed < self.ttl_s else
+                          f"no heartbeat for {self.ttl_s:.0f} s")
+                events.append(HostDown(
+                    host=self.observer, down_host=host, last_beat=s.last_beat,
+                    agents=s.agents, reason=reason,
+                    event_id=f"host-down-{host}-{int(s.started * 1000)}"))
+        return events
+
+
+async def watch(agent: Agent) -> None:
+    """The host watch of one hardware agent (see the module doc); runs until it drains."""
+    host_watch = HostWatch(agent.host, agent.cfg.heartbeat_ttl_s)
+    while not agent.stopping.is_set():
+        try:
+            for event in host_watch.observe(await heartbeats(agent.bus), time.monotonic()):
+                ident = event.down_host if isinstance(event, HostDown) else event.up_host
+                kind = "host.down" if isinstance(event, HostDown) else "host.up"
+                log.info("%s: %s", kind, to_builtins(event))
+                await agent.publish(kind, event, ident)
+        except (Unavailable, TimeoutError, nats.errors.Error) as e:
+            log.debug("host watch: %r", e)
+        try:
+            await asyncio.wait_for(agent.stopping.wait(), agent.cfg.heartbeat_s)
+        except TimeoutError:
+            pass

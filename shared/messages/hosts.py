@@ -1,0 +1,45 @@
+"""The records of KV ``hosts``: each agent's heartbeat, with what it tells the cluster.
+
+Every agent rewrites its record (key ``<host>.<agent>``) within the bucket's TTL; the NATS
+server drops a record its agent stopped rewriting, so a host with no record is down. Each
+agent fills its own part of ``details``; readers (``phyllome hosts``, placement) merge the
+parts of one host's records::
+
+    >>> hb = Heartbeat(host="h1", agent="storage", version="1", started=1.0, time=2.0,
+    ...                metrics_url="", details=HeartbeatDetails(
+    ...                    pools={"default": PoolRoom(path="/p", free_bytes=8)}))
+    >>> hb.details.pools["default"].free_bytes
+    8
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.messages.catalogue import ImageCounts
+from shared.messages.hardware import HostCaps, HostResources, StuckWrite
+from shared.messages.storage import PoolRoom
+from shared.messages.vm import AcceleratorDecision
+
+
+class HeartbeatDetails(msgspec.Struct, frozen=True, kw_only=True, tag="host.details.v1"):
+    """What an agent tells the cluster beside being alive; each agent sets its own fields."""
+
+    caps: HostCaps | None = None  # the hardware agent
+    resources: HostResources | None = None  # the hardware agent, refreshed before each beat
+    stuck_writes: dict[str, StuckWrite] = {}  # the hardware agent: by device, writes stuck
+    pools: dict[str, PoolRoom] = {}  # the storage agent, refreshed before each beat
+    accelerator: AcceleratorDecision | None = None  # the vm agent
+    images: ImageCounts | None = None  # the catalogue agent
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
+    """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
+
+    host: str
+    agent: str
+    version: str
+    started: float
+    time: float
+    metrics_url: str
+    details: HeartbeatDetails = HeartbeatDetails()
