@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -24,7 +23,7 @@ import lzma
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
@@ -35,6 +34,7 @@ import zstandard
 
 from services.catalogue.config import Settings
 from services.catalogue.sources import rewrite
+from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
@@ -51,7 +51,6 @@ log = logging.getLogger("phyllome.catalogue.download")
 
 Progress = Callable[[int, int, str], Awaitable[None]]
 CHUNK = 4 << 20
-FICLONE = 0x40049409
 # Content types that are never a disk image: an error page or an API answer.
 REFUSED_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
@@ -280,11 +279,7 @@ class ImageStore:
         try:
             if url.startswith("file:"):  # copied (reflinked) first: what is hashed is ours
                 await progress(0, dl.size, "copying")
-                try:
-                    await asyncio.to_thread(_clone, self._local_path(url), download)
-                except OSError as e:
-                    raise NotFound(f"catalogue: {entry.id}: cannot read {e.filename}: "
-                                   f"{e.strerror}") from None
+                await asyncio.to_thread(_clone, entry.id, self._local_path(url), download)
                 sha, size = await self._hash_local(download, progress)
             else:
                 try:
@@ -296,15 +291,21 @@ class ImageStore:
             raw_sha, source_format = await self._to_raw(entry.id, dl, download, work, sha,
                                                         progress)
             final = self.raw_path(entry.id)
-            await asyncio.to_thread(_fsync, work)  # on disk before it is published
-            os.replace(work, final)
+            await asyncio.to_thread(fileops.fsync_path, work)  # on disk before it is published
+            await asyncio.to_thread(fileops.publish, work, final, replace=True)
             image = LocalImage(
                 id=entry.id, host=self.host, path=str(final), sha256=raw_sha,
                 size=final.stat().st_size, state="ready" if dl.sha256 else "unverified",
                 source=entry.source, url=url, source_sha256=sha, source_format=source_format,
                 pulled_at=time.time())
-            self._meta_path(entry.id).write_bytes(msgspec.json.encode(image))
+            fileops.write_atomic(self._meta_path(entry.id), msgspec.json.encode(image),
+                                 mode=0o644)
             return image
+        except OSError as e:
+            if e.errno not in fileops.NO_SPACE:
+                raise
+            raise fileops.os_error(e, f"catalogue: the image pool {self.pool}",
+                                   f"pulling {entry.id}", "nothing was kept") from None
         finally:
             work.unlink(missing_ok=True)
             if not keep_download:
@@ -444,7 +445,7 @@ class ImageStore:
         await progress(0, 0, "hashing RAW")
         # CPU-bound hashing overlaps the I/O-bound flush of the converted file
         digest, _ = await asyncio.gather(asyncio.to_thread(_sha256, work),
-                                         asyncio.to_thread(_fsync, work))
+                                         asyncio.to_thread(fileops.fsync_path, work))
         return digest, fmt
 
     async def _convert(self, image_id: str, src: Path, dst: Path, fmt: str,
@@ -501,14 +502,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _head(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(HEAD_BYTES)
@@ -561,44 +554,21 @@ def _unpack(src: Path, dst: Path, compression: str, limit: int, image_id: str) -
                     out.write(block)
             out.truncate(size)
     except (lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as e:
+        if isinstance(e, OSError) and e.errno in fileops.NO_SPACE:
+            raise  # the pool is full, the payload may be fine
         raise Forbidden(f"catalogue: {image_id}: the {compression} payload is corrupt: "
                         f"{e}") from None
     return h.hexdigest()
 
 
-def _clone(src: Path, dst: Path) -> None:
+def _clone(image_id: str, src: Path, dst: Path) -> None:
     """Reflink ``src`` to ``dst`` where the filesystem can, else a sparse copy."""
-    with src.open("rb") as s, dst.open("wb") as d:
-        try:
-            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
-            return
-        except OSError:
-            pass
-        for start, length in _extents(s.fileno()):
-            os.lseek(s.fileno(), start, os.SEEK_SET)
-            d.seek(start)
-            left = length
-            while left:
-                block = s.read(min(CHUNK, left))
-                if not block:
-                    break
-                d.write(block)
-                left -= len(block)
-        d.truncate(os.fstat(s.fileno()).st_size)
-
-
-def _extents(fd: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data regions of a file (SEEK_DATA / SEEK_HOLE)."""
-    end = os.fstat(fd).st_size
-    pos = 0
-    while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            return
-        stop = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, stop - start
-        pos = stop
+    try:
+        s = open(src, "rb")
+    except OSError as e:
+        raise NotFound(f"catalogue: {image_id}: cannot read {src}: {e.strerror}") from None
+    with s, open(dst, "wb") as d:
+        fileops.clone(s.fileno(), d.fileno())
 
 
 async def _run(*argv: str) -> str:
