@@ -703,7 +703,11 @@ class Receiver:
                 await self.rollback(inc, "refused")
                 raise
         if inc.fd < 0:
-            await asyncio.to_thread(self._open, inc)
+            try:
+                await asyncio.to_thread(self._open, inc)
+            except PhyError:
+                await self.rollback(inc, "its temporary file could not be made")
+                raise
         inc.last_activity = time.monotonic()
         # A live receiver holds everything it acknowledged; a restarted one what it fsynced.
         return TransferAccepted(transfer_id=req.transfer_id, committed=inc.written.ranges(),
