@@ -38,6 +38,7 @@ from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host
 from shared.errors import PhyError, Unavailable
+from shared.fileops import human_bytes as human_bytes  # the CLI's tables use common.human_bytes
 from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 
@@ -150,14 +151,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
     return str(value)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def parse_size(text: str) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -24,7 +23,7 @@ import lzma
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
@@ -35,6 +34,7 @@ import zstandard
 
 from services.catalogue.config import Settings
 from services.catalogue.sources import rewrite
+from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
@@ -51,7 +51,6 @@ log = logging.getLogger("phyllome.catalogue.download")
 
 Progress = Callable[[int, int, str], Awaitable[None]]
 CHUNK = 4 << 20
-FICLONE = 0x40049409
 # Content types that are never a disk image: an error page or an API answer.
 REFUSED_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
@@ -114,7 +113,7 @@ class ImageStore:
         if scheme == "file":
             self._local_path(url)
             return url
-        raise Forbidden(f"catalogue: refusing {url!r}: only http and https URLs are fetched "
+        raise Forbidden(f"refusing {url!r}: only http and https URLs are fetched "
                         f"(file:// only under a configured local source)")
 
     def _local_path(self, url: str) -> Path:
@@ -125,7 +124,7 @@ class ImageStore:
         for allowed in self.settings.local_dirs:
             if path.is_relative_to(os.path.abspath(allowed)):
                 return path
-        raise Forbidden(f"catalogue: refusing {url!r}: file:// URLs are only read under a "
+        raise Forbidden(f"refusing {url!r}: file:// URLs are only read under a "
                         f"configured local source ({', '.join(self.settings.local_dirs)}); "
                         "add the directory to [catalogue] local_dirs")
 
@@ -147,30 +146,30 @@ class ImageStore:
             target = urljoin(url, resp.headers.get("location", ""))
             old, new = urlsplit(url).scheme, urlsplit(target).scheme
             if new != old and (old, new) != ("http", "https"):
-                raise Forbidden(f"catalogue: {url} redirects to {target!r} ({new}://); "
+                raise Forbidden(f"{url} redirects to {target!r} ({new}://); "
                                 f"redirects that leave {old}:// are refused")
             url = target
-        raise BackendError(f"catalogue: {url}: more than {self.settings.max_redirects} "
+        raise BackendError(f"{url}: more than {self.settings.max_redirects} "
                            "redirects")
 
     @staticmethod
     def _status(url: str, resp: httpx.Response) -> None:
         code = resp.status_code
         if code in (404, 410):
-            raise NotFound(f"catalogue: {url} answered {code}: the image is gone from its "
+            raise NotFound(f"{url} answered {code}: the image is gone from its "
                            "server (link rot); refresh the source or use a mirror")
         if code in (401, 403):
-            raise Forbidden(f"catalogue: {url} answered {code}: access denied by the server")
+            raise Forbidden(f"{url} answered {code}: access denied by the server")
         if code >= 500 or code == 429:
-            raise Unavailable(f"catalogue: {url} answered {code}; try again later")
+            raise Unavailable(f"{url} answered {code}; try again later")
         if code >= 400:
-            raise BackendError(f"catalogue: {url} answered {code}")
+            raise BackendError(f"{url} answered {code}")
 
     @staticmethod
     def _content_type(url: str, resp: httpx.Response) -> None:
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype.startswith(REFUSED_TYPES):
-            raise Forbidden(f"catalogue: {url} answered with Content-Type {ctype!r}, which is "
+            raise Forbidden(f"{url} answered with Content-Type {ctype!r}, which is "
                             "not a disk image (an error page?); refused")
 
     async def fetch(self, url: str, limit: int) -> bytes:
@@ -180,10 +179,10 @@ class ImageStore:
             path = self._local_path(url)
             try:
                 if path.stat().st_size > limit:
-                    raise BadRequest(f"catalogue: {path} is over {limit} bytes")
+                    raise BadRequest(f"{path} is over {limit} bytes")
                 return await asyncio.to_thread(path.read_bytes)
             except OSError as e:
-                raise NotFound(f"catalogue: cannot read {path}: {e.strerror}") from None
+                raise NotFound(f"cannot read {path}: {e.strerror}") from None
         try:
             async with self._open(url) as resp:
                 self._status(url, resp)
@@ -191,10 +190,10 @@ class ImageStore:
                 async for chunk in resp.aiter_raw():
                     body += chunk
                     if len(body) > limit:
-                        raise BadRequest(f"catalogue: {url} is over {limit} bytes")
+                        raise BadRequest(f"{url} is over {limit} bytes")
                 return bytes(body)
         except httpx.HTTPError as e:
-            raise Unavailable(f"catalogue: cannot fetch {url}: {e!r}") from None
+            raise Unavailable(f"cannot fetch {url}: {e!r}") from None
 
     async def probe(self, url: str) -> tuple[bool, int, str]:
         """Whether an image URL still answers (HEAD): (ok, status, reason)."""
@@ -243,7 +242,7 @@ class ImageStore:
     def remove(self, image_id: str) -> LocalImage:
         image = self.local(image_id)
         if image is None:
-            raise NotFound(f"catalogue: image {image_id!r} is not pulled on host {self.host}")
+            raise NotFound(f"image {image_id!r} is not pulled on host {self.host}")
         self.raw_path(image_id).unlink(missing_ok=True)
         self._meta_path(image_id).unlink(missing_ok=True)
         return image
@@ -258,15 +257,15 @@ class ImageStore:
         before a pull job starts (the caller gets the error at once) and again by it."""
         url = self.resolve(dl.url)
         if not dl.sha256 and not allow_unverified:
-            raise Forbidden(f"catalogue: {entry.id} has no published sha256 ({url}); refused. "
+            raise Forbidden(f"{entry.id} has no published sha256 ({url}); refused. "
                             "Pass --allow-unverified to pull it anyway (marked unverified)")
         if dl.format not in ("raw", "qcow2", "vmdk", "vhdx", "vpc"):
-            raise BadRequest(f"catalogue: {entry.id} is a {dl.format!r} image, which cannot "
+            raise BadRequest(f"{entry.id} is a {dl.format!r} image, which cannot "
                              "become a RAW disk")
         free = self.free()
         if dl.size and dl.size > free:
             raise InsufficientResources(
-                f"catalogue: {entry.id} is {dl.size} bytes, the image pool {self.pool} has "
+                f"{entry.id} is {dl.size} bytes, the image pool {self.pool} has "
                 f"{free} bytes free; free some space (images remove) first")
         return url
 
@@ -280,11 +279,7 @@ class ImageStore:
         try:
             if url.startswith("file:"):  # copied (reflinked) first: what is hashed is ours
                 await progress(0, dl.size, "copying")
-                try:
-                    await asyncio.to_thread(_clone, self._local_path(url), download)
-                except OSError as e:
-                    raise NotFound(f"catalogue: {entry.id}: cannot read {e.filename}: "
-                                   f"{e.strerror}") from None
+                await asyncio.to_thread(_clone, entry.id, self._local_path(url), download)
                 sha, size = await self._hash_local(download, progress)
             else:
                 try:
@@ -296,15 +291,21 @@ class ImageStore:
             raw_sha, source_format = await self._to_raw(entry.id, dl, download, work, sha,
                                                         progress)
             final = self.raw_path(entry.id)
-            await asyncio.to_thread(_fsync, work)  # on disk before it is published
-            os.replace(work, final)
+            await asyncio.to_thread(fileops.fsync_path, work)  # on disk before it is published
+            await asyncio.to_thread(fileops.publish, work, final, replace=True)
             image = LocalImage(
                 id=entry.id, host=self.host, path=str(final), sha256=raw_sha,
                 size=final.stat().st_size, state="ready" if dl.sha256 else "unverified",
                 source=entry.source, url=url, source_sha256=sha, source_format=source_format,
                 pulled_at=time.time())
-            self._meta_path(entry.id).write_bytes(msgspec.json.encode(image))
+            fileops.write_atomic(self._meta_path(entry.id), msgspec.json.encode(image),
+                                 mode=0o644)
             return image
+        except OSError as e:
+            if e.errno not in fileops.NO_SPACE:
+                raise
+            raise fileops.os_error(e, f"the image pool {self.pool}",
+                                   f"pulling {entry.id}", "nothing was kept") from None
         finally:
             work.unlink(missing_ok=True)
             if not keep_download:
@@ -313,10 +314,10 @@ class ImageStore:
     @staticmethod
     def _verify(image_id: str, url: str, dl: Download, sha: str, size: int) -> None:
         if dl.size and size != dl.size:
-            raise Forbidden(f"catalogue: {image_id}: {url} gave {size} bytes, the source says "
+            raise Forbidden(f"{image_id}: {url} gave {size} bytes, the source says "
                             f"{dl.size}; refused (truncated or replaced)")
         if dl.sha256 and sha != dl.sha256:
-            raise Forbidden(f"catalogue: {image_id}: sha256 of {url} is {sha}, the source "
+            raise Forbidden(f"{image_id}: sha256 of {url} is {sha}, the source "
                             f"publishes {dl.sha256}; refused (tampered or corrupt), nothing "
                             "kept")
 
@@ -372,7 +373,7 @@ class ImageStore:
                     cuts += 1
                     if cuts > self.settings.retries:
                         raise Unavailable(
-                            f"catalogue: {url}: the connection broke {cuts} times (last at "
+                            f"{url}: the connection broke {cuts} times (last at "
                             f"byte {have}: {e!r}); pull again to resume") from None
                     log.info("%s: cut at byte %d (%r); resuming", url, have, e)
                     await asyncio.sleep(min(0.1 * 2 ** cuts, 5.0))  # back off before retrying
@@ -389,11 +390,11 @@ class ImageStore:
         try:
             async for chunk in resp.aiter_raw():
                 if have == 0 and chunk.lstrip()[:16].lower().startswith(HTML_STARTS):
-                    raise Forbidden(f"catalogue: {url} sent an HTML/XML page instead of a disk "
+                    raise Forbidden(f"{url} sent an HTML/XML page instead of a disk "
                                     "image (an error page served with status 200?); refused")
                 have += len(chunk)
                 if have > limit:
-                    raise Forbidden(f"catalogue: {url} sent more than {limit} bytes, more than "
+                    raise Forbidden(f"{url} sent more than {limit} bytes, more than "
                                     "the source announced (or the pool can hold); refused")
                 batch.append(chunk)
                 batched += len(chunk)
@@ -444,26 +445,26 @@ class ImageStore:
         await progress(0, 0, "hashing RAW")
         # CPU-bound hashing overlaps the I/O-bound flush of the converted file
         digest, _ = await asyncio.gather(asyncio.to_thread(_sha256, work),
-                                         asyncio.to_thread(_fsync, work))
+                                         asyncio.to_thread(fileops.fsync_path, work))
         return digest, fmt
 
     async def _convert(self, image_id: str, src: Path, dst: Path, fmt: str,
                        progress: Progress) -> None:
         info = json.loads(await _run("qemu-img", "info", "--output=json", "-f", fmt, str(src)))
         if info.get("backing-filename") or info.get("full-backing-filename"):
-            raise Forbidden(f"catalogue: {image_id}: the {fmt} image has a backing file "
+            raise Forbidden(f"{image_id}: the {fmt} image has a backing file "
                             f"({info.get('backing-filename')}); refused (it could read host "
                             "files)")
         data = info.get("format-specific", {}).get("data", {})
         if data.get("data-file") or fmt == "vmdk" and data.get("create-type") not in (
                 None, "monolithicSparse", "streamOptimized"):
-            raise Forbidden(f"catalogue: {image_id}: the {fmt} image refers to external "
+            raise Forbidden(f"{image_id}: the {fmt} image refers to external "
                             "files; refused")
         virtual = int(info.get("virtual-size", 0))
         free = self.free()
         if virtual > free:
             raise InsufficientResources(
-                f"catalogue: {image_id} is {virtual} bytes as RAW, the image pool has {free} "
+                f"{image_id} is {virtual} bytes as RAW, the image pool has {free} "
                 "bytes free")
         await progress(0, virtual, f"converting {fmt} to RAW")
         await _run("qemu-img", "convert", "-q", "-W", "-m", "8", "-f", fmt, "-O", "raw",
@@ -501,14 +502,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _head(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(HEAD_BYTES)
@@ -517,11 +510,11 @@ def _head(path: Path) -> bytes:
 def _container(image_id: str, head: bytes, declared: str) -> str:
     """The format the bytes are in; it must be the one the catalogue declares."""
     if head.startswith(b"# Disk DescriptorFile"):
-        raise Forbidden(f"catalogue: {image_id}: a VMDK descriptor refers to other files; "
+        raise Forbidden(f"{image_id}: a VMDK descriptor refers to other files; "
                         "refused")
     found = disk_format(head) or "raw"
     if found != declared:
-        raise Forbidden(f"catalogue: {image_id}: the payload is {found}, the source says "
+        raise Forbidden(f"{image_id}: the payload is {found}, the source says "
                         f"{declared}; refused (format confusion)")
     return found
 
@@ -551,7 +544,7 @@ def _unpack(src: Path, dst: Path, compression: str, limit: int, image_id: str) -
                 size += len(block)
                 if size > limit:
                     raise Forbidden(
-                        f"catalogue: {image_id}: the {compression} payload unpacks to more "
+                        f"{image_id}: the {compression} payload unpacks to more "
                         f"than {limit} bytes (a decompression bomb, or set [catalogue] "
                         "max_unpacked_bytes higher); refused")
                 h.update(block)
@@ -561,44 +554,21 @@ def _unpack(src: Path, dst: Path, compression: str, limit: int, image_id: str) -
                     out.write(block)
             out.truncate(size)
     except (lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as e:
-        raise Forbidden(f"catalogue: {image_id}: the {compression} payload is corrupt: "
+        if isinstance(e, OSError) and e.errno in fileops.NO_SPACE:
+            raise  # the pool is full, the payload may be fine
+        raise Forbidden(f"{image_id}: the {compression} payload is corrupt: "
                         f"{e}") from None
     return h.hexdigest()
 
 
-def _clone(src: Path, dst: Path) -> None:
+def _clone(image_id: str, src: Path, dst: Path) -> None:
     """Reflink ``src`` to ``dst`` where the filesystem can, else a sparse copy."""
-    with src.open("rb") as s, dst.open("wb") as d:
-        try:
-            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
-            return
-        except OSError:
-            pass
-        for start, length in _extents(s.fileno()):
-            os.lseek(s.fileno(), start, os.SEEK_SET)
-            d.seek(start)
-            left = length
-            while left:
-                block = s.read(min(CHUNK, left))
-                if not block:
-                    break
-                d.write(block)
-                left -= len(block)
-        d.truncate(os.fstat(s.fileno()).st_size)
-
-
-def _extents(fd: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data regions of a file (SEEK_DATA / SEEK_HOLE)."""
-    end = os.fstat(fd).st_size
-    pos = 0
-    while pos < end:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            return
-        stop = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, stop - start
-        pos = stop
+    try:
+        s = open(src, "rb")
+    except OSError as e:
+        raise NotFound(f"{image_id}: cannot read {src}: {e.strerror}") from None
+    with s, open(dst, "wb") as d:
+        fileops.clone(s.fileno(), d.fileno())
 
 
 async def _run(*argv: str) -> str:
@@ -612,6 +582,6 @@ async def _run(*argv: str) -> str:
         await proc.wait()
         raise
     if proc.returncode != 0:
-        raise BackendError(f"catalogue: {' '.join(argv[:2])} failed: "
+        raise BackendError(f"{' '.join(argv[:2])} failed: "
                            f"{err.decode(errors='replace').strip()}")
     return out.decode()

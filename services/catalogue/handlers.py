@@ -229,7 +229,7 @@ class Catalogue:
         if src.kind == "osinfo":
             return await asyncio.to_thread(osinfo.load, src.url)
         if src.keyring and src.kind != "simplestreams":
-            raise BadRequest(f"catalogue: source {src.name!r}: a keyring checks simplestreams "
+            raise BadRequest(f"source {src.name!r}: a keyring checks simplestreams "
                              f"indexes only, not a {src.kind}; leave the keyring out")
         if src.kind == "manifest":
             return manifest.parse(await self.store.fetch(src.url, limit), src.url, src.name)

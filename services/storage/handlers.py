@@ -69,7 +69,8 @@ class Handlers:
         self.receiver = Receiver(
             pools, host=agent.host, max_chunk_bytes=max(settings.chunk_bytes, 8 << 20),
             commit_every=settings.commit_every, commit_interval_s=settings.commit_interval_s,
-            stale_s=settings.stale_s, emit=self._emit_transfer, on_chunk=self._received)
+            stale_s=settings.stale_s, emit=self._emit_transfer, on_chunk=self._received,
+            on_drop=lambda reason: self.metrics.chunks_dropped.labels(reason=reason).inc())
         self.sender = Sender(
             agent.bus, pools, host=agent.host, chunk_bytes=settings.chunk_bytes,
             window=settings.window, chunk_timeout_s=settings.chunk_timeout_s,

@@ -70,6 +70,11 @@ class StorageMetrics:
         self.checksum_failures = Counter(
             f"{P}_checksum_failures", "Chunks or volumes that failed their checksum, by side "
             "(send, receive).", ["side"], registry=registry)
+        self.chunks_dropped = Counter(
+            f"{P}_chunks_dropped", "Transfer chunks a receiver refused, by reason: forged (not "
+            "signed with the transfer's key), corrupt (failed its checksum: sent again), "
+            "invalid (outside the extent map), unknown_transfer (none in progress: offered "
+            "again).", ["reason"], registry=registry)
         self.duration = Histogram(
             f"{P}_operation_duration_seconds", "Time of clones, imports and transfers, by "
             "operation.", ["op"], buckets=DURATION_BUCKETS, registry=registry)

@@ -4,18 +4,31 @@ Host A's ``Sender`` streams a volume to host B's ``Receiver``:
 
 1. A -> ``phy.B.storage.receive`` ``TransferOffer``: the extent map (data only) and a stamp
    of the source. B claims the name, makes a sparse temporary file of the volume's size and
-   answers ``TransferAccepted`` with the ranges it already holds (empty unless resuming).
+   answers ``TransferAccepted`` with the ranges it already holds (empty unless resuming) and
+   the transfer's chunk key: 32 random bytes that B keeps in memory only (a restarted B
+   hands out a new one when A offers again), sent only in the reply to A's offer (A's
+   inbox: with per-identity inbox prefixes no other identity can read it).
 2. A -> ``phy.B.storage.chunk`` requests, at most ``window`` and ``MAX_INFLIGHT`` bytes in
    flight (nats-server drops messages to a client with over 64 MiB pending, by default: a
    bigger window measured slower, with chunks lost and sent again). The body is raw
-   bytes, headers ``Phy-Transfer``, ``Phy-Offset`` and ``Phy-Checksum``: the checksum of
-   each leaf of the chunk (extents cut at multiples of ``LEAF``; chunks are whole leaves):
-   xxh3-128 when the ``xxhash`` package is installed (15 GB/s), else BLAKE2b-128 (about
-   1 GB/s here, which then bounds the transfer); the offer names which.
-   B checks them, writes at the offset (holes stay holes) and answers
+   bytes, headers ``Phy-Transfer``, ``Phy-Offset``, ``Phy-Checksum`` and ``Phy-Auth``.
+   ``Phy-Checksum`` is the checksum of each leaf of the chunk (extents cut at multiples of
+   ``LEAF``; chunks are whole leaves): xxh3-128 when the ``xxhash`` package is installed
+   (15 GB/s), else BLAKE2b-128 (about 1 GB/s here, which then bounds the transfer); the
+   offer names which. ``Phy-Auth`` is the HMAC-SHA256 under the chunk key of the transfer
+   id, offset and checksums (``chunk_mac``): anyone may publish on the chunk subject, only
+   A can sign (the checksums bind the data; they are not cryptographic, which is enough
+   while only B may subscribe to the subject and see a signed chunk). B drops a chunk
+   whose ``Phy-Auth`` is wrong or missing without an answer (counted in
+   ``phyllome_storage_chunks_dropped_total{reason="forged"}`` and logged): if it was A's
+   own chunk, damaged on the way, it goes unacknowledged and A's cut-and-resume path sends
+   it again.
+   B checks the checksums, writes at the offset (holes stay holes) and answers
    with an empty body, or a typed error: ``InvalidMessage`` (corrupt: A sends it again),
    ``NotFound`` (B lost the transfer, e.g. it restarted: A offers again and resumes from
-   what B has on disk), anything else ends the transfer.
+   what B has on disk), ``BadRequest`` (outside the extent map: A gives up). A bad chunk is
+   dropped and costs the transfer nothing; only B's own failures (out of space, I/O) roll
+   the transfer back, and A's abort does.
    B fsyncs every ``commit_every`` bytes or second and then records the committed ranges
    in a state file next to the temporary file, so a restarted B resumes from them.
 3. A -> ``phy.B.storage.receive_commit`` with the volume digest: a sha256 over the size and
@@ -38,8 +51,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import hmac
 import logging
 import os
+import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -52,12 +67,11 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from services.storage.volumes import (
+    OpenVolume,
     Pool,
     Pools,
     check_name,
     check_pool_name,
-    data_extents,
-    fmt_bytes,
     zero_outside,
 )
 from shared import subjects
@@ -75,6 +89,7 @@ from shared.errors import (
     error_from_reply,
     to_reply,
 )
+from shared.fileops import human_bytes
 from shared.messages import Event
 from shared.messages import storage as storage_api
 from shared.messages.storage import (
@@ -97,6 +112,7 @@ log = logging.getLogger("phyllome.storage.transfer")
 H_TRANSFER = "Phy-Transfer"
 H_OFFSET = "Phy-Offset"
 H_DIGEST = "Phy-Checksum"
+H_AUTH = "Phy-Auth"
 MAX_EXTENTS = 20_000  # keeps the offer under 1 MiB; more are merged across small holes
 LEAF = 512 << 10  # checksum unit; a chunk is whole leaves, so it fits a 1 MiB max_payload
 HEADER_ROOM = 4096  # bytes of a chunk message that are not data
@@ -117,6 +133,13 @@ def transfer_id(src_host: str, pool: str, name: str, stamp: str, to_host: str, d
     """Same source, unchanged, to the same place: same id, so the receiver can resume."""
     key = "\0".join((src_host, pool, name, stamp, to_host, dst_pool, dst_name)).encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+def chunk_mac(key: str, tid: str, offset: str, digests: str) -> str:
+    """HMAC-SHA256, under the transfer's chunk key, of a chunk's transfer id, offset and leaf
+    checksums (which bind its data): what the ``Phy-Auth`` header must carry."""
+    text = f"{tid}\n{offset}\n{digests}".encode()
+    return hmac.new(bytes.fromhex(key), text, hashlib.sha256).hexdigest()
 
 
 def _blake2b(data: bytes | memoryview) -> str:
@@ -283,6 +306,7 @@ class SendStats:
 class _Pass:
     """One pass over the extent map, from an offer to the end or to a cut."""
 
+    key: str  # the receiver's chunk key for this offer (TransferAccepted.chunk_key)
     cut: asyncio.Event = field(default_factory=asyncio.Event)
     fatal: PhyError | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -323,7 +347,7 @@ class Sender:
         tid = transfer_id(self.host, pool, name, vol.stamp, to_host, dst_pool, dst_name)
         stats.transfer_id = tid
         try:
-            extents = coalesce(await asyncio.to_thread(data_extents, vol.fd, vol.size))
+            extents = coalesce(await asyncio.to_thread(vol.extents))
             stats.data_bytes = sum(n for _, n in extents)
             offer = TransferOffer(
                 transfer_id=tid, src_host=self.host, src_pool=pool, src_name=name,
@@ -336,7 +360,7 @@ class Sender:
             limiter = RateLimit(bwlimit)
             reporter = asyncio.create_task(self._report(stats, started, progress))
             try:
-                info = await self._run(offer, vol.fd, extents, to_host, limiter, stats)
+                info = await self._run(offer, vol, extents, to_host, limiter, stats)
             finally:
                 reporter.cancel()
             stats.seconds = time.monotonic() - started
@@ -355,7 +379,7 @@ class Sender:
             await asyncio.shield(self._fail(to_host, tid, err, stats))
             raise
         finally:
-            os.close(vol.fd)
+            vol.close()
 
     async def _fail(self, to_host: str, tid: str, err: PhyError, stats: SendStats) -> None:
         try:
@@ -392,7 +416,8 @@ class Sender:
                     data_bytes=stats.data_bytes, wire_bytes=stats.wire_bytes,
                     rate_bytes_s=stats.sent_bytes / elapsed))
 
-    async def _run(self, offer: TransferOffer, fd: int, extents: list[Extent], to_host: str,
+    async def _run(self, offer: TransferOffer, vol: OpenVolume, extents: list[Extent],
+                   to_host: str,
                    limiter: RateLimit, stats: SendStats) -> VolumeInfo:
         last_progress = time.monotonic()
         delay = 0.1
@@ -422,8 +447,8 @@ class Sender:
                     committed_bytes=committed.total(), data_bytes=stats.data_bytes))
             chunk = self._chunk_size(accepted)
             before = stats.done_bytes
-            digest, complete = await self._pass(offer, fd, extents, to_host, committed, chunk,
-                                                limiter, stats)
+            digest, complete = await self._pass(offer, vol, extents, to_host, committed, chunk,
+                                                limiter, stats, accepted.chunk_key)
             if stats.done_bytes > before:
                 last_progress = time.monotonic()
                 delay = 0.1
@@ -451,12 +476,12 @@ class Sender:
             limits.append(accepted.max_chunk_bytes)
         return max(LEAF, min(limits) // LEAF * LEAF)
 
-    async def _pass(self, offer: TransferOffer, fd: int, extents: list[Extent], to_host: str,
-                    committed: RangeSet, chunk: int, limiter: RateLimit,
-                    stats: SendStats) -> tuple[str, bool]:
+    async def _pass(self, offer: TransferOffer, vol: OpenVolume, extents: list[Extent],
+                    to_host: str, committed: RangeSet, chunk: int, limiter: RateLimit,
+                    stats: SendStats, key: str) -> tuple[str, bool]:
         """Read and hash every extent (for the digest); send what the receiver lacks."""
         leaves: Leaves = {}
-        state = _Pass()
+        state = _Pass(key=key)
         window = asyncio.Semaphore(max(1, min(self.window, MAX_INFLIGHT // chunk)))
         stats.done_bytes = committed.total()
         try:
@@ -466,7 +491,7 @@ class Sender:
                     window.release()
                     break
                 task = asyncio.create_task(self._chunk(
-                    fd, offer.transfer_id, to_host, c_off, c_len, committed.covers(c_off, c_len),
+                    vol, offer.transfer_id, to_host, c_off, c_len, committed.covers(c_off, c_len),
                     leaves, limiter, state, stats))
                 task.add_done_callback(lambda _t: window.release())
                 state.tasks.add(task)
@@ -484,9 +509,10 @@ class Sender:
             return "", False
         return volume_digest(offer.virtual_bytes, leaves), True
 
-    async def _chunk(self, fd: int, tid: str, to_host: str, off: int, length: int, held: bool,
-                     leaves: Leaves, limiter: RateLimit, state: _Pass, stats: SendStats) -> None:
-        data, digests = await asyncio.to_thread(_read_leaves, fd, off, length,
+    async def _chunk(self, vol: OpenVolume, tid: str, to_host: str, off: int, length: int,
+                     held: bool, leaves: Leaves, limiter: RateLimit, state: _Pass,
+                     stats: SendStats) -> None:
+        data, digests = await asyncio.to_thread(_read_leaves, vol, off, length,
                                                 PREFERRED_CHECKSUM)
         for (o, n), d in zip(split(off, length, LEAF), digests, strict=True):
             leaves[o] = (n, d)
@@ -498,7 +524,8 @@ class Sender:
 
     async def _send_chunk(self, subject: str, tid: str, off: int, data: bytes, b2: str,
                           state: _Pass, stats: SendStats) -> None:
-        headers = {H_TRANSFER: tid, H_OFFSET: str(off), H_DIGEST: b2}
+        headers = {H_TRANSFER: tid, H_OFFSET: str(off), H_DIGEST: b2,
+                   H_AUTH: chunk_mac(state.key, tid, str(off), b2)}
         for _ in range(CHUNK_TRIES):
             if state.cut.is_set():
                 return
@@ -529,10 +556,9 @@ class Sender:
         state.cut.set()
 
 
-def _read_leaves(fd: int, off: int, length: int, checksum: str) -> tuple[bytes, list[str]]:
-    data = os.pread(fd, length, off)
-    if len(data) != length:
-        raise BackendError(f"short read at offset {off}: was the source truncated?")
+def _read_leaves(vol: OpenVolume, off: int, length: int,
+                 checksum: str) -> tuple[bytes, list[str]]:
+    data = vol.read(off, length)
     return data, leaf_digests(data, off, checksum)
 
 
@@ -559,6 +585,9 @@ class Incoming:
     unsynced: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     closed: bool = False
+    # Each chunk must carry an HMAC under this key, which only the sender the offer was
+    # answered to knows; kept in memory only, so a restarted receiver hands out a new one.
+    key: str = field(default_factory=lambda: secrets.token_hex(32))
     syncing: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     map: RangeSet = field(default_factory=RangeSet)
@@ -574,7 +603,8 @@ class Receiver:
     def __init__(self, pools: Pools, *, host: str, max_chunk_bytes: int = 8 << 20,
                  commit_every: int = 256 << 20, commit_interval_s: float = 1.0,
                  stale_s: float = 3600.0, emit: Emit | None = None,
-                 on_chunk: Callable[[str, int], None] | None = None) -> None:
+                 on_chunk: Callable[[str, int], None] | None = None,
+                 on_drop: Callable[[str], None] | None = None) -> None:
         self.pools = pools
         self.host = host
         self.max_chunk_bytes = max_chunk_bytes
@@ -583,6 +613,7 @@ class Receiver:
         self.stale_s = stale_s
         self.emit = emit
         self.on_chunk = on_chunk
+        self.on_drop = on_drop  # called with the reason of each chunk refused
         self.incoming: dict[str, Incoming] = {}
         self.completed: dict[str, VolumeInfo] = {}
         self._sub: Any = None
@@ -600,7 +631,7 @@ class Receiver:
                 inc.written = inc.durable.copy()
                 log.info("transfer %s into %s/%s: %s committed, waiting for the sender",
                          st.offer.transfer_id, pool.name, st.offer.name,
-                         fmt_bytes(inc.durable.total()))
+                         human_bytes(inc.durable.total()))
             except (PhyError, msgspec.MsgspecError, OSError) as e:
                 log.warning("dropping unreadable incoming transfer %s: %r", state_name, e)
                 stem = state_name.removesuffix(".json")
@@ -620,9 +651,7 @@ class Receiver:
                 await asyncio.wait(list(inc.tasks))
             with suppress(*BEST_EFFORT):
                 await self._sync(inc)
-            if inc.fd >= 0:
-                os.close(inc.fd)
-                inc.fd = -1
+            self._close_fd(inc)
 
     def _adopt(self, offer: TransferOffer, pool: Pool) -> Incoming:
         _, temp, state_name = self.pools.transfer_paths(pool.name, offer.transfer_id)
@@ -668,29 +697,32 @@ class Receiver:
                 _, free = pool.space()
                 if needed > free:
                     raise InsufficientResources(
-                        f"storage: pool {pool.name!r} on {self.host} has {fmt_bytes(free)} "
-                        f"free, the incoming volume {req.name} needs {fmt_bytes(needed)}")
+                        f"pool {pool.name!r} on {self.host} has {human_bytes(free)} "
+                        f"free, the incoming volume {req.name} needs {human_bytes(needed)}")
             except PhyError:
                 await self.rollback(inc, "refused")
                 raise
         if inc.fd < 0:
-            await asyncio.to_thread(self._open, inc)
+            try:
+                await asyncio.to_thread(self._open, inc)
+            except PhyError:
+                await self.rollback(inc, "its temporary file could not be made")
+                raise
         inc.last_activity = time.monotonic()
         # A live receiver holds everything it acknowledged; a restarted one what it fsynced.
         return TransferAccepted(transfer_id=req.transfer_id, committed=inc.written.ranges(),
-                                max_chunk_bytes=self.max_chunk_bytes)
+                                max_chunk_bytes=self.max_chunk_bytes, chunk_key=inc.key)
 
     def _open(self, inc: Incoming) -> None:
-        pool = inc.pool
-        if pool.lstat(inc.temp) is None:
-            inc.fd = pool.open(inc.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            os.ftruncate(inc.fd, inc.offer.virtual_bytes)
+        inc.fd, made = self.pools.open_partial(inc.pool, inc.temp, inc.offer.virtual_bytes)
+        if made:
             inc.written, inc.durable, inc.leaves = RangeSet(), RangeSet(), {}
             self._write_state(inc, {})
-        else:
-            inc.fd = pool.open(inc.temp, os.O_RDWR)
-            if os.fstat(inc.fd).st_size != inc.offer.virtual_bytes:
-                os.ftruncate(inc.fd, inc.offer.virtual_bytes)
+
+    def _close_fd(self, inc: Incoming) -> None:
+        if inc.fd >= 0:
+            os.close(inc.fd)
+            inc.fd = -1
 
     def _write_state(self, inc: Incoming, leaves: Leaves) -> None:
         committed = [(o, n, d) for o, (n, d) in sorted(leaves.items())]
@@ -720,8 +752,7 @@ class Receiver:
             raise BackendError(f"transfer {req.transfer_id} into {inc.pool.name}/"
                                f"{inc.offer.name} failed its check ({why}); it was rolled "
                                "back, send it again")
-        os.close(inc.fd)
-        inc.fd = -1
+        self._close_fd(inc)
         inc.pool.publish(inc.temp, inc.offer.name)
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
@@ -753,9 +784,7 @@ class Receiver:
         if others:
             await asyncio.wait(others)
         async with inc.syncing:
-            if inc.fd >= 0:
-                os.close(inc.fd)
-                inc.fd = -1
+            self._close_fd(inc)
         inc.pool.remove(inc.temp)
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
@@ -771,22 +800,45 @@ class Receiver:
 
     async def _on_chunk_msg(self, msg: Msg) -> None:
         # One task per chunk, so that hashing and writing overlap; the sender's window bounds
-        # how many there are.
-        tid = (msg.headers or {}).get(H_TRANSFER, "")
+        # how many there are. A chunk not signed with the transfer's key is dropped here,
+        # unanswered: it is not from the sender the offer was answered to (or it is from
+        # before the receiver restarted), and it must not cost the real transfer anything.
+        h = msg.headers or {}
+        tid = h.get(H_TRANSFER, "")
         inc = self.incoming.get(tid)
+        if inc is not None and not inc.closed and inc.fd >= 0 and not _signed(inc.key, h):
+            self._dropped(tid, "forged", f"a chunk at offset {h.get(H_OFFSET, '?')!r} without "
+                          f"a valid {H_AUTH} header (not from the sender the offer was "
+                          "answered to)")
+            return
         task = asyncio.create_task(self._chunk(msg, inc))
         if inc is not None:
             inc.tasks.add(task)
             task.add_done_callback(inc.tasks.discard)
 
+    def _dropped(self, tid: str, reason: str, what: str) -> None:
+        log.warning("transfer %s: dropped %s", tid, what)
+        if self.on_drop:
+            self.on_drop(reason)
+
     async def _chunk(self, msg: Msg, inc: Incoming | None) -> None:
+        """Write one chunk and answer it. A bad chunk (unknown transfer, outside the map,
+        failing its checksum) is dropped with an error reply that tells the sender what to
+        do; only a failure of this host (out of space, I/O) rolls the transfer back."""
         headers: dict[str, str] | None = None
         body = b""
         try:
             await self._write_chunk(msg, inc)
         except PhyError as e:
             headers, body = to_reply(e)
-            if inc is not None and not isinstance(e, InvalidMessage | NotFound):
+            tid = (msg.headers or {}).get(H_TRANSFER, "")
+            if isinstance(e, NotFound):
+                self._dropped(tid, "unknown_transfer", "a chunk of no transfer in progress")
+            elif isinstance(e, InvalidMessage):
+                self._dropped(tid, "corrupt", e.message)
+            elif isinstance(e, BadRequest):
+                self._dropped(tid, "invalid", e.message)
+            elif inc is not None:
                 await self.rollback(inc, e.message)
         if msg.reply and self._nc is not None:
             with suppress(*BEST_EFFORT):
@@ -824,18 +876,7 @@ class Receiver:
         if leaf_digests(data, off, inc.offer.checksum) != digests:
             raise InvalidMessage(f"chunk at offset {off} of transfer {inc.offer.transfer_id} "
                                  f"failed its {inc.offer.checksum} check")
-        view = memoryview(data)
-        pos = 0
-        try:
-            while pos < len(data):
-                pos += os.pwrite(inc.fd, view[pos:], off + pos)
-        except OSError as e:
-            if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise InsufficientResources(
-                    f"storage: pool {inc.pool.name!r} on {self.host} ran out of space "
-                    f"receiving {inc.offer.name}; the transfer was rolled back") from None
-            raise BackendError(f"storage on {self.host}: writing {inc.offer.name}: "
-                               f"{e.strerror}") from None
+        self.pools.write_partial(inc.pool, inc.fd, off, data, inc.offer.name)
 
     async def _sync(self, inc: Incoming) -> None:
         """fsync, then record what is now durable, so a restart resumes from there."""
@@ -844,7 +885,7 @@ class Receiver:
                 return
             snapshot, leaves = inc.written.copy(), dict(inc.leaves)
             inc.unsynced = 0
-            await asyncio.to_thread(os.fdatasync, inc.fd)
+            await asyncio.to_thread(self.pools.sync_partial, inc.fd)
             await asyncio.to_thread(self._write_state, inc, leaves)
             inc.durable = snapshot
 
@@ -859,7 +900,12 @@ class Receiver:
                 elif inc.unsynced and not inc.syncing.locked():
                     try:
                         await self._sync(inc)
-                    except OSError as e:
+                    except (OSError, PhyError) as e:
                         log.warning("transfer %s: fsync failed: %r", inc.offer.transfer_id, e)
 
 
+def _signed(key: str, headers: dict[str, str]) -> bool:
+    """Whether a chunk's ``Phy-Auth`` header is the HMAC of its headers under ``key``."""
+    want = chunk_mac(key, headers.get(H_TRANSFER, ""), headers.get(H_OFFSET, ""),
+                     headers.get(H_DIGEST, ""))
+    return hmac.compare_digest(want.encode(), headers.get(H_AUTH, "").encode())

@@ -1,11 +1,13 @@
 """The storage agent's filesystem adapter: directory pools of RAW volumes.
 
-This module alone touches files. Every volume is one regular file directly in its pool's
-directory, opened relative to a directory descriptor held since start, with ``O_NOFOLLOW``:
-a symlink planted in a pool is refused, never followed, and nothing outside a pool is read
-or written (imports read only from the configured import directories). New volumes appear
-under their name only once complete: they are written to a hidden temporary name, fsynced,
-then hard-linked into place (which fails rather than replaces when the name exists).
+This module alone touches the pools' files (with the primitives of ``shared/fileops.py``);
+the transfer code reads and writes through it. Every volume is one regular file directly in
+its pool's directory, opened relative to a directory descriptor held since start, with
+``O_NOFOLLOW``: a symlink planted in a pool is refused, never followed, and nothing outside
+a pool is read or written (imports read only from the configured import directories). New
+volumes appear under their name only once complete: they are written to a hidden temporary
+name, fsynced, then hard-linked into place (which fails rather than replaces when the name
+exists).
 
     pools = Pools({"default": "/var/lib/phyllome/pools/default"})
     pools.create("default", "disk0", 10 << 30)
@@ -16,7 +18,6 @@ then hard-linked into place (which fails rather than replaces when the name exis
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
@@ -38,13 +40,12 @@ from shared.errors import (
     InsufficientResources,
     InvalidName,
     NotFound,
+    PhyError,
 )
+from shared.fileops import READ_STEP, data_extents, human_bytes
 from shared.messages.storage import Extent, PoolInfo, PoolRoom, VolumeInfo
 from shared.validate import HEAD_BYTES, TAIL_BYTES, conversion_hint, disk_format
 
-FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-COPY_STEP = 64 << 20  # bytes per copy_file_range call: big enough to be cheap, small to cancel
-READ_STEP = 8 << 20
 TEMP_PREFIX = "."  # volumes never start with a dot; every temporary file does
 NAME_MAX = 255
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
@@ -53,15 +54,6 @@ _ZEROS = bytes(READ_STEP)
 
 Progress = Callable[[int, int], None]
 CloneMethod = Literal["reflink", "copy", "rename"]
-
-
-def fmt_bytes(n: float) -> str:
-    """``2.1 GiB``: sizes in error messages."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def check_name(name: str, what: str = "volume name") -> str:
@@ -108,29 +100,6 @@ def check_size(size: int, what: str = "size") -> int:
 # -- extents -----------------------------------------------------------------------------------
 
 
-def data_extents(fd: int, size: int) -> list[Extent]:
-    """The (offset, length) ranges of ``fd`` that hold data, from SEEK_DATA / SEEK_HOLE.
-
-    A filesystem without hole reporting yields one extent over the whole file.
-    """
-    out: list[Extent] = []
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after off
-                break
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return [(0, size)] if size else []
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end > start:
-            out.append((start, end - start))
-        off = end
-    return out
-
-
 def zero_outside(fd: int, size: int, allowed: list[Extent]) -> bool:
     """True if every byte of ``fd`` outside the sorted ``allowed`` ranges reads as zero."""
     for off, length in data_extents(fd, size):
@@ -173,11 +142,23 @@ class CloneResult:
 
 @dataclass
 class OpenVolume:
-    """A volume opened read-only for a transfer; the caller closes ``fd``."""
+    """A volume opened read-only for a transfer; the caller closes it."""
 
     fd: int
     size: int
     stamp: str  # changes when the file does
+
+    def extents(self) -> list[Extent]:
+        return data_extents(self.fd, self.size)
+
+    def read(self, off: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, off)
+        if len(data) != length:
+            raise BackendError(f"short read at offset {off}: was the source truncated?")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Pool:
@@ -245,12 +226,9 @@ class Pool:
     def publish(self, temp: str, name: str) -> None:
         """Make the finished ``temp`` visible as ``name``; Conflict if ``name`` appeared."""
         try:
-            os.link(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
-                    follow_symlinks=False)
+            fileops.publish(temp, name, dir_fd=self.dir_fd)
         except FileExistsError:
             raise Conflict(f"{self.name}/{name} exists already; choose another name") from None
-        os.unlink(temp, dir_fd=self.dir_fd)
-        self.fsync_dir()
 
     def _probe_reflink(self) -> bool:
         a, b = self.temp_name("probe"), self.temp_name("probe")
@@ -261,8 +239,7 @@ class Pool:
             os.pwrite(fa, b"x" * 4096, 0)
             fb = os.open(b, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                          dir_fd=self.dir_fd)
-            fcntl.ioctl(fb, FICLONE, fa)
-            return True
+            return fileops.reflink(fa, fb)
         except OSError:
             return False
         finally:
@@ -481,8 +458,8 @@ class Pools:
         capacity, free = pool.space()
         if needed > free:
             raise InsufficientResources(
-                f"storage: pool {pool.name!r} has {fmt_bytes(free)} free, {what} needs "
-                f"{fmt_bytes(needed)}; free some space or use another pool")
+                f"pool {pool.name!r} has {human_bytes(free)} free, {what} needs "
+                f"{human_bytes(needed)}; free some space or use another pool")
 
     def create(self, pool_name: str, name: str, size: int, *,
                preallocate: bool = False) -> VolumeInfo:
@@ -492,8 +469,8 @@ class Pools:
         capacity, _ = pool.space()
         if size > capacity:
             raise InsufficientResources(
-                f"storage: a volume of {fmt_bytes(size)} is beyond pool {pool.name!r}, whose "
-                f"filesystem holds {fmt_bytes(capacity)} in all; use a smaller size or a "
+                f"a volume of {human_bytes(size)} is beyond pool {pool.name!r}, whose "
+                f"filesystem holds {human_bytes(capacity)} in all; use a smaller size or a "
                 "bigger pool")
         if preallocate:
             self._need(pool, size, f"preallocating {name}")
@@ -526,8 +503,8 @@ class Pools:
         capacity, _ = pool.space()
         if size > capacity:
             raise InsufficientResources(
-                f"storage: {fmt_bytes(size)} is beyond pool {pool.name!r}, whose filesystem "
-                f"holds {fmt_bytes(capacity)} in all")
+                f"{human_bytes(size)} is beyond pool {pool.name!r}, whose filesystem "
+                f"holds {human_bytes(capacity)} in all")
         if preallocate:
             self._need(pool, size - st.st_size, f"preallocating the growth of {name}")
         fd = pool.open(name, os.O_RDWR)
@@ -637,23 +614,15 @@ class Pools:
             fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             try:
                 method: CloneMethod = "reflink"
-                copied = 0
-                holes = 0
-                try:
-                    fcntl.ioctl(fd, FICLONE, src_fd)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL,
-                                       errno.ENOTTY, errno.EPERM, errno.EBADF):
-                        raise
+                copied = holes = 0
+                if fileops.reflink(src_fd, fd):
+                    if progress:
+                        progress(st.st_size, st.st_size)
+                else:
                     method = "copy"
-                    extents = data_extents(src_fd, st.st_size)
-                    data = sum(n for _, n in extents)
                     self._need(pool, st.st_blocks * 512, f"cloning {src_label}")
-                    os.ftruncate(fd, st.st_size)
-                    copied = sparse_copy(src_fd, fd, extents, progress=progress, cancel=cancel)
-                    holes = st.st_size - data
-                if progress and method == "reflink":
-                    progress(st.st_size, st.st_size)
+                    copied, holes = fileops.copy_sparse(src_fd, fd, progress=progress,
+                                                        cancel=cancel)
                 os.fsync(fd)
                 os.close(fd)
                 fd = -1
@@ -682,6 +651,36 @@ class Pools:
                 if entry.name.startswith(f"{TEMP_PREFIX}xfer-") and entry.name.endswith(".json"):
                     yield pool, entry.name
 
+    def open_partial(self, pool: Pool, temp: str, size: int) -> tuple[int, bool]:
+        """The read-write descriptor of an incoming transfer's temporary file of ``size``
+        bytes, and whether it was made now (sparse, empty) rather than found from before."""
+        try:
+            fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            made = True
+        except Conflict:
+            fd = pool.open(temp, os.O_RDWR)
+            made = False
+        try:
+            if made or os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise _os_error(e, pool, f"making room for an incoming volume of "
+                            f"{human_bytes(size)}", "nothing was kept") from None
+        return fd, made
+
+    def write_partial(self, pool: Pool, fd: int, off: int, data: bytes, name: str) -> None:
+        """Write received ``data`` at ``off`` of an incoming transfer's temporary file."""
+        try:
+            fileops.write_at(fd, data, off)
+        except OSError as e:
+            raise _os_error(e, pool, f"receiving {name}", "the transfer was rolled back") \
+                from None
+
+    def sync_partial(self, fd: int) -> None:
+        """Make what was written to an incoming transfer's temporary file durable."""
+        os.fdatasync(fd)
+
     def read_small(self, pool: Pool, name: str) -> bytes:
         fd = pool.open(name, os.O_RDONLY)
         try:
@@ -690,65 +689,11 @@ class Pools:
             os.close(fd)
 
     def write_atomic(self, pool: Pool, name: str, data: bytes) -> None:
-        """Replace the small file ``name`` with ``data``, durably."""
-        temp = f"{name}.new"
-        pool.remove(temp)
-        fd = pool.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        """Replace the small file ``name`` with ``data``, durably (``name.new`` meanwhile)."""
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=pool.dir_fd, dst_dir_fd=pool.dir_fd)
-        pool.fsync_dir()
-
-
-def sparse_copy(src: int, dst: int, extents: list[Extent], *, progress: Progress | None = None,
-                cancel: threading.Event | None = None) -> int:
-    """Copy only ``extents`` from ``src`` to the same offsets of ``dst``; holes stay holes.
-
-    ``copy_file_range`` moves the data inside the kernel in big steps (64 MiB: measured as
-    fast as larger steps, and a cancel is seen within one); where it cannot (another
-    filesystem type), pread/pwrite does the same. The caller fsyncs.
-    """
-    total = sum(n for _, n in extents)
-    done = 0
-    use_cfr = True
-    for off, length in extents:
-        end = off + length
-        while off < end:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("clone cancelled; the partial copy was removed")
-            step = min(COPY_STEP, end - off)
-            n = 0
-            if use_cfr:
-                try:
-                    n = os.copy_file_range(src, dst, step, off, off)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-                    use_cfr = False
-            if not use_cfr:
-                n = _copy_rw(src, dst, off, min(step, READ_STEP))
-            if n == 0:
-                raise BackendError("the source ended early: was it truncated during the copy?")
-            # Start writing this step back now, so that the final fsync finds little left
-            # to do (measured: 1 GiB durable in 0.5 s instead of 0.9 s).
-            os.posix_fadvise(dst, off, n, os.POSIX_FADV_DONTNEED)
-            off += n
-            done += n
-            if progress:
-                progress(done, total)
-    return done
-
-
-def _copy_rw(src: int, dst: int, off: int, length: int) -> int:
-    data = os.pread(src, length, off)
-    view = memoryview(data)
-    written = 0
-    while written < len(data):
-        written += os.pwrite(dst, view[written:], off + written)
-    return len(data)
+            fileops.write_atomic(name, data, dir_fd=pool.dir_fd)
+        except OSError as e:
+            raise _os_error(e, pool, f"writing {name}", "its previous content stays") from None
 
 
 def _hash_zeros(h: hashlib._Hash, n: int) -> None:
@@ -759,13 +704,7 @@ def _hash_zeros(h: hashlib._Hash, n: int) -> None:
         n -= step
 
 
-def _os_error(e: OSError, pool: Pool, doing: str) -> Exception:
+def _os_error(e: OSError, pool: Pool, doing: str,
+              outcome: str = "nothing was left behind") -> PhyError:
     """The PhyError for an OSError while ``doing`` something in ``pool``."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientResources(
-            f"storage: pool {pool.name!r} ran out of space while {doing}; nothing was left "
-            "behind: free some space or use another pool")
-    if e.errno == errno.EFBIG:
-        return BadRequest(f"storage: {doing}: the size is over what the filesystem of pool "
-                          f"{pool.name!r} allows for one file")
-    return BackendError(f"storage: {doing} in pool {pool.name!r}: {e.strerror or e}")
+    return fileops.os_error(e, f"pool {pool.name!r}", doing, outcome)

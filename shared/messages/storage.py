@@ -159,6 +159,7 @@ class TransferAccepted(msgspec.Struct, frozen=True, kw_only=True,
     transfer_id: str
     committed: list[Extent] = []
     max_chunk_bytes: int = 0
+    chunk_key: str = ""  # hex; each chunk carries an HMAC under it (services/storage/transfer.py)
 
 
 class TransferCommit(msgspec.Struct, frozen=True, kw_only=True, tag="storage.transfer_commit.v1"):

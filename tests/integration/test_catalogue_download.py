@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import lzma
+import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from services.catalogue.download import ImageStore
 from shared.errors import Forbidden, InsufficientResources, NotFound
 from shared.messages.catalogue import CatalogueEntry, Download
 from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.loopfs import small_ext4  # noqa: F401
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -169,7 +171,7 @@ async def test_404_is_link_rot(srv: FileServer, store: ImageStore) -> None:
     with pytest.raises(NotFound, match="answered 404"):
         await store.pull(e, dl, allow_unverified=False, progress=no_progress)
     assert await store.probe(srv.url("gone.raw")) == (
-        False, 0, f"catalogue: {srv.url('gone.raw')} answered 404: the image is gone from its "
+        False, 0, f"{srv.url('gone.raw')} answered 404: the image is gone from its "
         "server (link rot); refresh the source or use a mirror")
 
 
@@ -276,6 +278,30 @@ async def test_image_bigger_than_free_space_refused_before_download(
     with pytest.raises(InsufficientResources, match="bytes free"):
         await store.pull(e, dl, allow_unverified=False, progress=no_progress)
     assert srv.requests == []
+
+
+async def test_pool_filling_up_mid_download_is_insufficient_resources(
+        srv: FileServer, small_ext4: Path) -> None:  # noqa: F811
+    raw = make_sparse_raw(srv.root / "disk.raw", 32 * MiB)
+    s = ImageStore(Settings(pool_dir=str(small_ext4 / "pool"), builtin_dir=str(srv.root),
+                            retries=0), host="h1")
+    filler = small_ext4 / "filler"
+
+    async def progress(done: int, total: int, message: str) -> None:
+        # The free-space check before the download passed; now the pool fills up under it.
+        if done and not filler.exists():
+            free = shutil.disk_usage(small_ext4).free
+            subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+
+    try:
+        e, dl = entry("disk", srv.url("disk.raw"), raw)
+        with pytest.raises(InsufficientResources,
+                           match="image pool .* ran out of space while pulling disk; nothing"):
+            await s.pull(e, dl, allow_unverified=False, progress=progress)
+        assert filler.exists()
+        assert pool_files(s) == []
+    finally:
+        await s.close()
 
 
 async def test_decompression_bomb_is_refused(srv: FileServer, tmp_path: Path) -> None:

@@ -34,11 +34,12 @@ from shared.messages.storage import (
     ListVolumes,
     ResizeVolume,
     SendVolume,
+    TransferOffer,
     VolumeQuery,
     VolumeRef,
 )
 from tests.support.agents import REPO, agent_in_process
-from tests.support.loopfs import make_sparse, same_sparse_content, scatter
+from tests.support.loopfs import make_sparse, same_sparse_content, scatter, small_ext4  # noqa: F401
 from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require
 from tests.support.wait import job_finished
@@ -199,6 +200,26 @@ async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_p
         gone = await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h9"))
         st = await finished(a.bus, "h1", gone.job_id)
         assert (st.state, st.error_kind) == ("failed", "unavailable"), st
+
+
+async def test_offer_too_big_for_the_filesystem_leaves_nothing_held(
+        nats_server, tmp_path: Path, small_ext4: Path) -> None:  # noqa: F811
+    pool = small_ext4 / "pool"
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
+                                extra={"pools": {"default": str(pool)}}) as b:
+        def offer(virtual: int) -> TransferOffer:
+            return TransferOffer(
+                transfer_id=f"t{virtual}", src_host="h1", src_pool="default", src_name="v",
+                pool="default", name="v", virtual_bytes=virtual, extents=[(0, 1 << 20)],
+                source_stamp="s")
+
+        # 1 PiB: over ext4's largest file, so making the sparse temporary file fails
+        with pytest.raises(BadRequest, match="allows for one file"):
+            await b.bus.call("h2", storage_api.RECEIVE, offer(1 << 50))
+        assert (await b.bus.call("h2", storage_api.INCOMING, Empty())).transfers == []
+        assert list(pool.iterdir()) == []
+        accepted = await b.bus.call("h2", storage_api.RECEIVE, offer(1 << 30))  # name free
+        assert len(bytes.fromhex(accepted.chunk_key)) == 32
 
 
 async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811

@@ -1,19 +1,30 @@
 """Transfers between two storage agents (hosts h1 and h2 on one nats-server) under faults:
-a chunk corrupted in flight, the receiver killed and restarted, the NATS server restarted.
-Each must end with the same volume on h2 (sha256), the source untouched, and no restart
-from zero where the receiver kept its progress."""
+a chunk corrupted in flight, chunks forged by another publisher, the receiver killed and
+restarted, the NATS server restarted. Each must end with the same volume on h2 (sha256),
+the source untouched, and no restart from zero where the receiver kept its progress."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 
+from services.storage.transfer import (
+    H_AUTH,
+    H_DIGEST,
+    H_OFFSET,
+    H_TRANSFER,
+    PREFERRED_CHECKSUM,
+    chunk_mac,
+    chunk_subject,
+    leaf_digests,
+)
 from shared import subjects
 from shared.bus import Bus
 from shared.contracts import event_decoder
@@ -25,6 +36,7 @@ from shared.messages.storage import (
     IncomingList,
     SendVolume,
     TransferCompleted,
+    TransferFailed,
     TransferResumed,
     VolumeQuery,
 )
@@ -68,6 +80,10 @@ async def transfer_events(bus: Bus) -> list[Any]:
     return out
 
 
+async def incoming_on_h2(bus: Bus) -> IncomingList:
+    return await bus.call("h2", storage_api.INCOMING, Empty(), timeout=2)
+
+
 async def committed_on_h2(bus: Bus) -> int:
     try:
         inc: IncomingList = await bus.call("h2", storage_api.INCOMING, Empty(), timeout=2)
@@ -86,17 +102,37 @@ async def check_result(bus_h2: Bus, src: Path, st: os.stat_result) -> None:
 
 class CorruptOnce:
     """The real NATS client, except that the first chunk at ``offset`` leaves with a flipped
-    byte: the receiver's checksum must catch it and the sender send it again."""
+    byte (or, with ``signature``, a flipped ``Phy-Auth`` header): the receiver must drop it
+    and the sender send it again."""
 
-    def __init__(self, nc: Any, offset: int) -> None:
-        self.nc, self.offset, self.corrupted = nc, offset, 0
+    def __init__(self, nc: Any, offset: int, signature: bool = False) -> None:
+        self.nc, self.offset, self.signature, self.corrupted = nc, offset, signature, 0
 
     async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5,
                       old_style: bool = False, headers: dict[str, Any] | None = None) -> Msg:
-        if headers and headers.get("Phy-Offset") == str(self.offset) and not self.corrupted:
+        if headers and headers.get(H_OFFSET) == str(self.offset) and not self.corrupted:
             self.corrupted += 1
-            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+            if self.signature:
+                mac = headers[H_AUTH]
+                headers = {**headers, H_AUTH: ("0" if mac[0] != "0" else "1") + mac[1:]}
+            else:
+                payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
         return await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+
+
+def dropped(metrics: str, reason: str) -> float:
+    """``phyllome_storage_chunks_dropped_total{reason=...}`` in a scrape (0 if absent)."""
+    prefix = f'phyllome_storage_chunks_dropped_total{{reason="{reason}"}} '
+    found = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(found[0].removeprefix(prefix)) if found else 0.0
+
+
+async def scrape(url: str) -> str:
+    return await asyncio.to_thread(_scrape, url)
+
+
+async def rollbacks(bus: Bus, host: str) -> list[TransferFailed]:
+    return [e async for e in _events(bus, host) if e.error_kind == "rolled_back"]
 
 
 async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path: Path) -> None:  # noqa: F811
@@ -111,10 +147,73 @@ async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path:
         assert channel.corrupted == 1
         assert result.result["corrupt_chunks"] == 1
         await check_result(b.bus, src, st)
-        text = (await asyncio.to_thread(
-            lambda: _scrape(b.metrics_url)))
+        text = await scrape(b.metrics_url)
         assert 'phyllome_storage_transfers_total{direction="receive",outcome="completed"} 1.0' \
             in text
+        assert dropped(text, "corrupt") == 1
+        assert await rollbacks(b.bus, "h2") == []
+
+
+async def test_chunk_with_a_damaged_signature_is_dropped_and_sent_again(
+        nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1",
+                                extra={"chunk_timeout_s": 1.0}) as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+        src, st = await source(a.bus)
+        channel = CorruptOnce(a.bus.nc, DATA[10][0], signature=True)
+        a.handlers.sender.channel = channel
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(name="vm1", to_host="h2"))
+        result = await job_done(a.bus, acc.job_id)
+        assert result.state == "succeeded", result.message
+        assert channel.corrupted == 1
+        # unanswered, so the sender saw a cut, offered again and sent what h2 lacked
+        assert result.result["attempts"] >= 2
+        assert dropped(await scrape(b.metrics_url), "forged") == 1
+        assert await rollbacks(b.bus, "h2") == []
+        await check_result(b.bus, src, st)
+
+
+async def test_forged_chunks_are_dropped_and_the_transfer_succeeds(
+        nats_server, tmp_path: Path) -> None:  # noqa: F811
+    async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
+            agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
+        src, st = await source(a.bus)
+        acc = await a.bus.call("h1", storage_api.SEND, SendVolume(
+            name="vm1", to_host="h2", bwlimit_bytes_s=24 << 20))
+        # h2 has written the first extents, so a forged chunk there would replace real data
+        async def sixteen_mib() -> bool:
+            return await committed_on_h2(a.bus) >= 16 << 20
+
+        await until("h2 to commit 16 MiB", sixteen_mib)
+        tid = (await incoming_on_h2(a.bus)).transfers[0].transfer_id
+        off, length = DATA[0]
+        garbage = os.urandom(length)
+        digests = ",".join(leaf_digests(garbage, off, PREFERRED_CHECKSUM))
+        hole = next(o for o in range(0, SIZE, length) if o not in {d for d, _ in DATA})
+        forged = [
+            {H_OFFSET: str(off), H_DIGEST: digests},  # no signature at all
+            {H_OFFSET: str(off), H_DIGEST: digests,  # signed with a guessed key
+             H_AUTH: chunk_mac(secrets.token_hex(32), tid, str(off), digests)},
+            {H_OFFSET: str(hole), H_DIGEST: digests},  # outside the map: was a rollback
+        ]
+        # published by another client, as anyone allowed on phy.*.*.* could
+        for headers in forged:
+            await b.bus.nc.publish(chunk_subject("h2"), garbage,
+                                   headers={H_TRANSFER: tid, **headers})
+        await b.bus.nc.flush()
+
+        async def all_dropped() -> bool:
+            return dropped(await scrape(b.metrics_url), "forged") == len(forged)
+
+        await until("h2 to drop the forged chunks", all_dropped)
+        result = await job_done(a.bus, acc.job_id)
+        assert result.state == "succeeded", result.message
+        assert result.result["attempts"] == 1  # never rolled back, never restarted
+        assert await rollbacks(b.bus, "h2") == []
+        got = await a.bus.call("h2", storage_api.INFO, VolumeQuery(name="vm1", sha256=True),
+                               timeout=100)
+        assert got.sha256 == sha256_file(src)
+        await check_result(b.bus, src, st)
 
 
 def _scrape(url: str) -> str:

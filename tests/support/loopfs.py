@@ -81,7 +81,7 @@ def same_sparse_content(a: Path, b: Path) -> bool:
 
     A plain sha256 would hash every hole: 10 s per 20 GiB; this reads the data only.
     """
-    from services.storage.volumes import data_extents
+    from shared.fileops import data_extents
 
     fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
     try:
