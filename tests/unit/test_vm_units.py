@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 from pathlib import Path
@@ -149,3 +150,17 @@ def test_a_shut_off_domain_has_no_cpu_time() -> None:
     assert (off.state, off.cpu_time_s, off.memory_bytes) == ("shutoff", 0.0, 0)
     on = _stats(_Dom(), {"state.state": 1, "state.reason": 1, "cpu.time": 2_000_000_000})
     assert on.cpu_time_s == 2.0
+
+
+def test_vm_only_the_libvirt_backend_speaks_libvirt() -> None:
+    """The Hypervisor Protocol speaks VmSpec: libvirt and its domain XML stay in one module."""
+    libvirt_words = {"libvirt", "libvirtaio", "services.vm.domain_xml"}
+    for path in sorted((Path(__file__).parents[2] / "services" / "vm").glob("*.py")):
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        if path.name not in ("libvirt_backend.py", "domain_xml.py"):
+            assert not imported & libvirt_words, f"{path.name} imports {imported & libvirt_words}"
