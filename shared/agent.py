@@ -25,7 +25,7 @@ from shared.codec import encode
 from shared.config import Config
 from shared.errors import Internal
 from shared.jobs import JobRunner
-from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, Heartbeat
+from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event, Heartbeat, Problem
 from shared.messages.jobs import job_endpoints
 
 Setup = Callable[["Agent"], Awaitable[Any]]
@@ -44,6 +44,7 @@ class Agent:
         self.metrics = metrics.AgentMetrics(self.registry, name, host=cfg.host, version=version)
         self.jobs = JobRunner(self)
         self.details: dict[str, Any] = {}
+        self.problems: list[Problem] = []  # set by the agent's own checks; sent in each beat
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.metrics_url = ""
@@ -104,7 +105,7 @@ class Agent:
         """Write this agent's heartbeat (and its details) into KV ``hosts`` now."""
         hb = Heartbeat(host=self.host, agent=self.name, version=self.version,
                        started=self.started, time=time.time(), metrics_url=self.metrics_url,
-                       details=self.details)
+                       details=self.details, problems=self.problems)
         try:
             kv = await self.bus.kv(subjects.KV_HOSTS)
             await kv.put(subjects.heartbeat_key(self.host, self.name), encode(hb))

@@ -74,6 +74,7 @@ log = logging.getLogger("phyllome.vm")
 
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
+HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
 
 
 def random_mac() -> str:
@@ -109,9 +110,27 @@ class Handlers:
         await self.states.reconcile()
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
+        self.agent.spawn(self._watch_health(), "health")
 
     async def close(self) -> None:
         await self.hv.close()
+
+    async def _watch_health(self) -> None:
+        """Keep the agent's problems (its heartbeat, ``phyllome status``) true to the
+        hypervisor's; a change is logged and beaten at once."""
+        while True:
+            try:
+                found = await self.hv.problems()
+            except PhyError as e:
+                log.debug("host problems not checked: %s", e.message)
+            else:
+                if found != self.agent.problems:
+                    for p in found:
+                        if p not in self.agent.problems:
+                            log.warning("%s; fix: %s", p.what, p.fix)
+                    self.agent.problems = found
+                    await self.agent.beat()
+            await asyncio.sleep(HEALTH_S)
 
     async def _report_probe(self) -> None:
         """Tell the hardware agent what the boot probe found (its host caps carry it);

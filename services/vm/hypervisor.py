@@ -19,6 +19,7 @@ from typing import Protocol
 import msgspec
 
 from services.vm.accel import Accel
+from shared.messages import Problem
 from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
 
 
@@ -106,6 +107,10 @@ class Hypervisor(Protocol):
         ...
     async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
         """Install what ``export_state`` gave, for the domain of the same uuid here."""
+        ...
+    async def problems(self) -> list[Problem]:
+        """What an operator should fix on this host for the hypervisor to work well (each with
+        the fix); called now and then, so it must be cheap when all is well."""
         ...
     def bulk_stats(self) -> list[DomainStats]:
         """Every domain's counters in one call; called from the metrics scrape thread."""

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,11 +30,12 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
-from services.vm import domain_xml, guest_state
+from services.vm import domain_xml, guest_state, health
 from services.vm.accel import Accel
 from services.vm.hypervisor import Domain, DomainEvent, DomainStats, HypervisorNews, Reconnected
 from services.vm.spec import check_name, check_ref, check_uuid
 from shared.errors import BackendError, Conflict, Forbidden, NotFound, PhyError, Unavailable
+from shared.messages import Problem
 from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
 
 log = logging.getLogger("phyllome.vm.libvirt")
@@ -158,12 +160,17 @@ class LibvirtHypervisor:
     """Domains of the libvirt at ``uri``; see the module docstring.
 
     ``state_dir`` is where that libvirt keeps guests' NVRAM files and swtpm state
-    (``LIBVIRT_DIR`` by default; none for the test driver, which keeps neither, unless given).
+    (``LIBVIRT_DIR`` by default; none for the test driver, which keeps neither, unless given);
+    ``kvm_device`` the node whose access by QEMU's user ``problems`` checks.
     """
 
-    def __init__(self, uri: str, *, state_dir: str = "") -> None:
+    def __init__(self, uri: str, *, state_dir: str = "", kvm_device: str = "/dev/kvm") -> None:
         self.uri = uri
         self.state_dir = state_dir or ("" if uri.startswith("test:") else LIBVIRT_DIR)
+        self.kvm_device = kvm_device
+        self._connections = 0
+        self._timed: tuple[int, bool] | None = None  # (connection, KVM usable) of the timing
+        self._reprobing: Problem | None = None
         self.news: asyncio.Queue[HypervisorNews] = asyncio.Queue()
         self.connected = False
         self._conn: libvirt.virConnect | None = None
@@ -198,6 +205,7 @@ class LibvirtHypervisor:
         self._callbacks = []
         self._conn = await asyncio.wrap_future(_submit(work))
         self.connected = True
+        self._connections += 1
         log.info("connected to libvirt at %s", self.uri)
 
     async def close(self) -> None:
@@ -423,6 +431,35 @@ class LibvirtHypervisor:
     def _tpm_dir(self, uuid: str) -> str:
         """The swtpm state directory of the domain ``uuid`` (as libvirt spells uuids)."""
         return os.path.join(self.state_dir, "swtpm", check_uuid(uuid))
+
+    async def problems(self) -> list[Problem]:
+        """/dev/kvm closed to QEMU's user (checked each time), and libvirt re-probing QEMU:
+        timed once per connection and again when the node's verdict changes, since on such a
+        host the timing itself holds the libvirt thread for a minute."""
+        kvm = await asyncio.to_thread(health.kvm_access, self.kvm_device)
+        when = (self._connections, kvm is None)
+        if self.connected and when != self._timed:
+            self._timed = when
+            seconds = await self._requery_seconds()
+            self._reprobing = None if seconds is None else health.reprobing(
+                seconds, self.kvm_device)
+        return [p for p in (kvm, self._reprobing) if p is not None]
+
+    async def _requery_seconds(self) -> float | None:
+        """Seconds libvirt took to answer the same QEMU capability query a second time;
+        None when this libvirt has no such query (the test driver)."""
+        def work() -> float:
+            conn = self._c()
+            conn.getDomainCapabilities()
+            started = time.monotonic()
+            conn.getDomainCapabilities()
+            return time.monotonic() - started
+
+        try:
+            return await self._run("querying QEMU's capabilities", work)
+        except PhyError as e:
+            log.debug("QEMU capabilities not timed: %s", e.message)
+            return None
 
     def bulk_stats(self) -> list[DomainStats]:
         conn = self._conn

@@ -74,6 +74,18 @@ class HostUp(Event, frozen=True, kw_only=True, tag="host.up.v1"):
     agents: list[str] = []
 
 
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    """Something on an agent's host that an operator should fix; the agent keeps working.
+
+    ``kind`` is a stable word for scripts (``kvm-access``), ``what`` says what is wrong and
+    what it costs, ``fix`` what to run.
+    """
+
+    kind: str
+    what: str
+    fix: str
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
     """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
 
@@ -84,6 +96,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v
     time: float
     metrics_url: str
     details: dict[str, Any] = {}
+    problems: list[Problem] = []  # what ``phyllome status`` shows under the agent
 
 
 Req = TypeVar("Req")
