@@ -1,5 +1,8 @@
 """The one module that imports libvirt: domains of one host, its lifecycle events, reconnects.
 
+Specs become domain XML here (``domain_xml``) and facts are read back from it here; the
+rest of the agent sees only the ``Hypervisor`` Protocol.
+
 libvirt's event loop is ``libvirtaio`` on a private asyncio loop in a daemon thread, and
 every libvirt call runs on that thread too (libvirtaio is not thread-safe, libvirt accepts one
 event implementation per process, and an agent's loop may come and go, as in tests); the
@@ -407,9 +410,8 @@ class LibvirtHypervisor:
         """Checked by ``guest_state``: the bytes come from the bus."""
         if not self.state_dir:
             return
-        path = await self._nvram_path(uuid)
         if nvram:
-            await asyncio.to_thread(guest_state.write_nvram, path, nvram)
+            await asyncio.to_thread(guest_state.write_nvram, await self._nvram_path(uuid), nvram)
         if tpm:
             await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid))
 
@@ -435,7 +437,7 @@ class LibvirtHypervisor:
     async def problems(self) -> list[Problem]:
         """/dev/kvm closed to QEMU's user (checked each time), and libvirt re-probing QEMU:
         timed once per connection and again when the node's verdict changes, since on such a
-        host the timing itself holds the libvirt thread for a minute."""
+        host each timing holds the libvirt thread for two QEMU probes (seconds each)."""
         kvm = await asyncio.to_thread(health.kvm_access, self.kvm_device)
         when = (self._connections, kvm is None)
         if self.connected and when != self._timed:
