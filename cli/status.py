@@ -1,7 +1,9 @@
 """``phyllome status``: every agent of every host, from ``$SRV.PING`` and the heartbeats in KV.
 
 An agent is healthy when it answers its ping and its heartbeat is fresh. A host with a
-heartbeat in KV whose agent does not answer is listed with ``healthy: false``.
+heartbeat in KV whose agent does not answer is listed with ``healthy: false``. What an agent
+found wrong on its host (its heartbeat's ``problems``, e.g. ``/dev/kvm`` closed to QEMU) is
+listed under the table with the fix, and in ``--json`` as each row's ``problems``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from nats.aio.client import Client
 from cli import common
 from shared import subjects
 from shared.bus import Bus
+from shared.codec import to_builtins
 from shared.messages.hosts import Heartbeat
 
 
@@ -59,6 +62,7 @@ async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
             "host": hb.host, "agent": hb.agent, "version": hb.version,
             "uptime_s": round(now - hb.started, 1), "healthy": False,
             "metrics_url": hb.metrics_url, "heartbeat_age_s": round(now - hb.time, 1),
+            "problems": to_builtins(hb.problems),
         }
     for ping in await ping_all(bus.nc, window):
         name = str(ping.get("name", ""))
@@ -67,7 +71,7 @@ async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
             continue
         agent = name.removeprefix("phyllome-")
         row = rows.setdefault((meta["host"], agent), {
-            "host": meta["host"], "agent": agent, "heartbeat_age_s": None})
+            "host": meta["host"], "agent": agent, "heartbeat_age_s": None, "problems": []})
         started = float(meta.get("started", now))
         row.update(version=ping.get("version", ""), uptime_s=round(now - started, 1),
                    metrics_url=meta.get("metrics_url", ""), healthy=True)
@@ -75,7 +79,7 @@ async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
         for agent in subjects.SERVICES:
             rows.setdefault((host, agent), {
                 "host": host, "agent": agent, "version": "", "uptime_s": None,
-                "healthy": False, "metrics_url": "", "heartbeat_age_s": None})
+                "healthy": False, "metrics_url": "", "heartbeat_age_s": None, "problems": []})
     return sorted(rows.values(), key=lambda r: (r["host"], r["agent"]))
 
 
@@ -98,6 +102,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         common.print_table(rows, [("host", "HOST"), ("agent", "AGENT"), ("version", "VERSION"),
                                   ("uptime_s", "UPTIME S"), ("healthy", "HEALTHY"),
                                   ("metrics_url", "METRICS")])
+        for r in rows:
+            for p in r["problems"]:
+                print(f"\n{r['host']} {r['agent']}: {p['what']}\n  fix: {p['fix']}")
     if not rows or not all(r["healthy"] for r in rows):
         sys.exit(common.EXIT_FAILED)
 

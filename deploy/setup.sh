@@ -3,7 +3,8 @@
 # Idempotent and quiet when there is nothing to do. Used by `make up` and `make test`.
 #   deploy/setup.sh packages   install the Debian packages that are missing (root)
 #   deploy/setup.sh venv       create .venv and install the pinned project when pyproject changed
-#   deploy/setup.sh libvirt    start virtlogd + libvirtd when no systemd manages them
+#   deploy/setup.sh kvm        give /dev/kvm group kvm, mode 0660 (udev's rule), if it exists
+#   deploy/setup.sh libvirt    the kvm step, then start virtlogd + libvirtd unless systemd does
 #   deploy/setup.sh tiny       build the phyllome-tiny guest into the built-in image folder
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +50,9 @@ venv() {
 
 # What Debian's udev rule does for /dev/kvm (group kvm, 0660). Without udevd (a container, a
 # minimal VM) the node stays root-only 0600; libvirt then finds its QEMU capabilities stale
-# on every call and re-probes QEMU for seconds each time (50-110 s per define).
-kvm_node() {
+# on every call and re-probes QEMU for seconds each time (50-110 s per define); the vm agent
+# reports it in `phyllome status`.
+kvm() {
   [ -c /dev/kvm ] || return 0
   getent group kvm >/dev/null || groupadd --system kvm
   chgrp kvm /dev/kvm
@@ -58,7 +60,7 @@ kvm_node() {
 }
 
 libvirt() {
-  kvm_node
+  kvm
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl is-active -q libvirtd || systemctl start libvirtd
     return 0

@@ -36,7 +36,7 @@ from shared.config import Config
 from shared.errors import Internal
 from shared.jobs import JobRunner
 from shared.messages import AgentStarted, AgentStopping, EndpointSpec, Event
-from shared.messages.hosts import Heartbeat, HeartbeatDetails
+from shared.messages.hosts import Heartbeat, HeartbeatDetails, Problem
 from shared.messages.jobs import job_endpoints
 
 Setup = Callable[["Agent"], Awaitable[Any]]
@@ -68,6 +68,7 @@ class Agent:
         self.jobs = JobRunner(self)
         self.details = HeartbeatDetails()
         self._on_beat: list[Measure] = []
+        self.problems: list[Problem] = []  # set by the agent's own checks; sent in each beat
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.metrics_url = ""
@@ -138,7 +139,7 @@ class Agent:
                                  exc_info=e)
         hb = Heartbeat(host=self.host, agent=self.name, version=self.version,
                        started=self.started, time=time.time(), metrics_url=self.metrics_url,
-                       details=self.details)
+                       details=self.details, problems=self.problems)
         try:
             kv = await self.bus.kv(subjects.KV_HOSTS)
             await kv.put(subjects.heartbeat_key(self.host, self.name), encode(hb))

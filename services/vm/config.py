@@ -6,6 +6,9 @@
     console_dir = "/var/lib/phyllome/vm/consoles"   # serial console logs, <uuid>.log
     kvm_probe_deadline_s = 10       # the KVM boot probe's wait for the guest's marker
     reconcile_s = 30                # periodic reconciliation against libvirt
+    libvirt_dir = "/var/lib/libvirt"  # libvirt's NVRAM (qemu/nvram) and TPM state (swtpm);
+                                      # default: that one, none for the test driver
+    kvm_device = "/dev/kvm"         # whose access by QEMU's user the health check looks at
     replicas = 1                    # read by shared.agent for the KV buckets
 
 The accelerator policy (auto|kvm|tcg) is the common ``accelerator`` setting
@@ -33,6 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     probe_dir: str
     kvm_probe_deadline_s: float = 10.0
     reconcile_s: float = 30.0
+    libvirt_dir: str = ""
+    kvm_device: str = "/dev/kvm"
     replicas: int = 1
 
     @classmethod

@@ -18,10 +18,12 @@ from typing import Any
 
 import msgspec
 
-from services.vm import domain_xml, hostfs
+from services.vm import hostfs
+from services.vm.accel import Accel
 from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
+from services.vm.spec import check_name, check_spec, is_pci_address
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared import contracts, migration
 from shared.agent import Agent
@@ -73,6 +75,7 @@ log = logging.getLogger("phyllome.vm")
 
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
+HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
 
 
 def random_mac() -> str:
@@ -108,9 +111,27 @@ class Handlers:
         await self.states.reconcile()
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
+        self.agent.spawn(self._watch_health(), "health")
 
     async def close(self) -> None:
         await self.hv.close()
+
+    async def _watch_health(self) -> None:
+        """Keep the agent's problems (its heartbeat, ``phyllome status``) true to the
+        hypervisor's; a change is logged and beaten at once."""
+        while True:
+            try:
+                found = await self.hv.problems()
+            except PhyError as e:
+                log.debug("host problems not checked: %s", e.message)
+            else:
+                if found != self.agent.problems:
+                    for p in found:
+                        if p not in self.agent.problems:
+                            log.warning("%s; fix: %s", p.what, p.fix)
+                    self.agent.problems = found
+                    await self.agent.beat()
+            await asyncio.sleep(HEALTH_S)
 
     async def _report_probe(self) -> None:
         """Tell the hardware agent what the boot probe found (its host caps carry it);
@@ -151,7 +172,7 @@ class Handlers:
                 f"VM {spec.name} asks for {spec.memory_mib} MiB of memory and host "
                 f"{self.host} has {host_mib} MiB: give less memory")
 
-    def _accelerator(self, spec: VmSpec) -> str:
+    def _accelerator(self, spec: VmSpec) -> Accel:
         accel = self.decision.accelerator if spec.accelerator == "auto" else spec.accelerator
         if spec.nested and accel != "kvm":
             raise BadRequest(f"nested virtualization needs KVM, and VM {spec.name} would run "
@@ -178,7 +199,7 @@ class Handlers:
         bus = self.agent.bus
         try:
             for dev in devs:
-                if domain_xml.is_pci_address(dev):
+                if is_pci_address(dev):
                     d: PciDevice = await bus.call(self.host, hardware_api.DEVICE,
                                                   DeviceRef(address=dev), timeout=PEER_TIMEOUT_S)
                     self._passable(d, devs)
@@ -297,14 +318,13 @@ class Handlers:
     async def _define(self, spec: VmSpec) -> Domain:
         accel = self._accelerator(spec)
         hostfs.ensure_dir(self.settings.console_dir)
-        xml = domain_xml.build(spec, accelerator=accel,  # type: ignore[arg-type]
-                               serial_log=self._console_log(spec.uuid))
-        return await self.hv.define(xml)
+        return await self.hv.define(spec, accelerator=accel,
+                                    console_log=self._console_log(spec.uuid))
 
     async def _spec_with_secrets(self, record: VmRecord | None, dom: Domain) -> VmSpec | None:
         """The spec to rebuild a domain from: KV's, with the console password that only
-        libvirt's (secure) XML keeps."""
-        secure = domain_xml.spec_of(await self.hv.xml(dom.uuid, inactive=True))
+        the hypervisor keeps."""
+        secure = await self.hv.spec(dom.uuid)
         return with_secrets(record.spec, secure) if record else secure
 
     async def _info(self, ref: str) -> VmInfo:
@@ -312,8 +332,7 @@ class Handlers:
         record, _ = await self.states.load(dom.uuid)
         spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
         stats = await self.hv.stats(dom.uuid)
-        consoles = domain_xml.consoles_of(await self.hv.xml(dom.uuid)) \
-            if dom.state in RUNNING else {}
+        consoles = await self.hv.consoles(dom.uuid) if dom.state in RUNNING else {}
         started = record.started_at if record and dom.state in RUNNING else 0.0
         note = ""
         if dom.accelerator == "tcg":
@@ -334,7 +353,7 @@ class Handlers:
             spec = req.spec
             if not spec.uuid:
                 spec = msgspec.structs.replace(spec, uuid=str(uuidlib.uuid4()))
-            domain_xml.check_spec(spec)
+            check_spec(spec)
             self._accelerator(spec)
             await self._check_nested(spec)
             await self._refuse_duplicate(spec)
@@ -466,7 +485,7 @@ class Handlers:
             changes = {f: getattr(req, f) for f in req.__struct_fields__
                        if f != "vm" and getattr(req, f) is not None}
             spec = msgspec.structs.replace(old, **changes)
-            domain_xml.check_spec(spec)
+            check_spec(spec)
             await self._check_memory(spec)
             await self._check_nested(spec)
             await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
@@ -510,7 +529,7 @@ class Handlers:
         if base is None:
             raise NotFound(f"VM {src.name} was not made by Phyllome; it has no spec")
         spec = msgspec.structs.replace(
-            base, name=domain_xml.check_name(req.name), uuid=str(uuidlib.uuid4()),
+            base, name=check_name(req.name), uuid=str(uuidlib.uuid4()),
             nics=[msgspec.structs.replace(n, mac=random_mac()) for n in base.nics],
             autostart=False)
         await self._refuse_duplicate(spec)

@@ -1,8 +1,10 @@
 """What the vm agent needs from a hypervisor: the ``Hypervisor`` Protocol and its data.
 
-``libvirt_backend.LibvirtHypervisor`` is the implementation today; a Cloud Hypervisor
-backend can implement the same Protocol later. Handlers depend only on this module, so unit
-tests hand them a small fake::
+The Protocol speaks ``VmSpec`` and domain facts (state, uuid, name, counters, console
+endpoints); each backend turns a spec into its own configuration and reads facts back from
+it. ``libvirt_backend.LibvirtHypervisor`` is the implementation today (libvirt domain XML,
+built by ``domain_xml``, never leaves it); a Cloud Hypervisor backend can implement the same
+Protocol later. Handlers depend only on this module, so unit tests hand them a small fake::
 
     class FakeHypervisor:  # implements Hypervisor
         ...
@@ -12,11 +14,13 @@ tests hand them a small fake::
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Protocol
+from typing import Protocol
 
 import msgspec
 
-from shared.messages.vm import VmSpec, VmState
+from services.vm.accel import Accel
+from shared.messages.hosts import Problem
+from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
 
 
 class Domain(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,7 +31,7 @@ class Domain(msgspec.Struct, frozen=True, kw_only=True):
     state: VmState
     reason: str = ""
     spec: VmSpec | None = None
-    accelerator: Literal["kvm", "tcg"] = "tcg"
+    accelerator: Accel = "tcg"
     autostart: bool = False
 
 
@@ -75,7 +79,10 @@ class Hypervisor(Protocol):
     async def host_memory_mib(self) -> int: ...
     async def domains(self) -> list[Domain]: ...
     async def domain(self, ref: str) -> Domain: ...
-    async def define(self, xml: str) -> Domain: ...
+    async def define(self, spec: VmSpec, *, accelerator: Accel, console_log: str) -> Domain:
+        """Define (or redefine, same uuid) the domain of a checked spec; the serial console
+        is logged to ``console_log``."""
+        ...
     async def undefine(self, uuid: str) -> None: ...
     async def start(self, uuid: str) -> None: ...
     async def shutdown(self, uuid: str) -> None: ...
@@ -84,7 +91,13 @@ class Hypervisor(Protocol):
     async def suspend(self, uuid: str) -> None: ...
     async def resume(self, uuid: str) -> None: ...
     async def set_autostart(self, uuid: str, on: bool) -> None: ...
-    async def xml(self, uuid: str, *, inactive: bool = False) -> str: ...
+    async def spec(self, uuid: str) -> VmSpec | None:
+        """The spec the domain was defined from, with the console password that only the
+        hypervisor keeps; None for a domain the agent did not make."""
+        ...
+    async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
+        """The VNC and SPICE endpoints of a running domain, by kind (ports exist once it runs)."""
+        ...
     async def stats(self, uuid: str) -> DomainStats: ...
     async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
         """Give ``dst`` a copy of ``src``'s NVRAM (UEFI variables) and TPM state."""
@@ -94,6 +107,10 @@ class Hypervisor(Protocol):
         ...
     async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
         """Install what ``export_state`` gave, for the domain of the same uuid here."""
+        ...
+    async def problems(self) -> list[Problem]:
+        """What an operator should fix on this host for the hypervisor to work well (each with
+        the fix); called now and then, so it must be cheap when all is well."""
         ...
     def bulk_stats(self) -> list[DomainStats]:
         """Every domain's counters in one call; called from the metrics scrape thread."""

@@ -1,5 +1,8 @@
 """The one module that imports libvirt: domains of one host, its lifecycle events, reconnects.
 
+Specs become domain XML here (``domain_xml``) and facts are read back from it here; the
+rest of the agent sees only the ``Hypervisor`` Protocol.
+
 libvirt's event loop is ``libvirtaio`` on a private asyncio loop in a daemon thread, and
 every libvirt call runs on that thread too (libvirtaio is not thread-safe, libvirt accepts one
 event implementation per process, and an agent's loop may come and go, as in tests); the
@@ -9,7 +12,7 @@ close callback starts a reconnect with backoff::
 
     hv = LibvirtHypervisor("qemu:///system")
     await hv.connect()
-    dom = await hv.define(xml)
+    dom = await hv.define(spec, accelerator="tcg", console_log="/var/log/phyllome/demo.log")
     await hv.start(dom.uuid)
     news = await hv.news.get()      # DomainEvent(event="started", reason="booted", ...)
 """
@@ -19,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import io
 import logging
 import os
-import tarfile
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -31,10 +33,13 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
-from services.vm import domain_xml
+from services.vm import domain_xml, guest_state, health
+from services.vm.accel import Accel
 from services.vm.hypervisor import Domain, DomainEvent, DomainStats, HypervisorNews, Reconnected
-from shared.errors import BackendError, Conflict, NotFound, PhyError, Unavailable
-from shared.messages.vm import VmState
+from services.vm.spec import check_name, check_ref, check_uuid
+from shared.errors import BackendError, Conflict, Forbidden, NotFound, PhyError, Unavailable
+from shared.messages.hosts import Problem
+from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
 
 log = logging.getLogger("phyllome.vm.libvirt")
 T = TypeVar("T")
@@ -82,8 +87,7 @@ _BULK_STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOT
                | libvirt.VIR_DOMAIN_STATS_INTERFACE)
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
-NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
-SWTPM_DIR = "/var/lib/libvirt/swtpm"
+LIBVIRT_DIR = "/var/lib/libvirt"  # NVRAM files in qemu/nvram, swtpm state in swtpm/<uuid>
 
 
 def event_words(event: int, detail: int) -> tuple[str, str]:
@@ -156,10 +160,20 @@ def translated(what: str) -> Iterator[None]:
 
 
 class LibvirtHypervisor:
-    """Domains of the libvirt at ``uri``; see the module docstring."""
+    """Domains of the libvirt at ``uri``; see the module docstring.
 
-    def __init__(self, uri: str) -> None:
+    ``state_dir`` is where that libvirt keeps guests' NVRAM files and swtpm state
+    (``LIBVIRT_DIR`` by default; none for the test driver, which keeps neither, unless given);
+    ``kvm_device`` the node whose access by QEMU's user ``problems`` checks.
+    """
+
+    def __init__(self, uri: str, *, state_dir: str = "", kvm_device: str = "/dev/kvm") -> None:
         self.uri = uri
+        self.state_dir = state_dir or ("" if uri.startswith("test:") else LIBVIRT_DIR)
+        self.kvm_device = kvm_device
+        self._connections = 0
+        self._timed: tuple[int, bool] | None = None  # (connection, KVM usable) of the timing
+        self._reprobing: Problem | None = None
         self.news: asyncio.Queue[HypervisorNews] = asyncio.Queue()
         self.connected = False
         self._conn: libvirt.virConnect | None = None
@@ -194,6 +208,7 @@ class LibvirtHypervisor:
         self._callbacks = []
         self._conn = await asyncio.wrap_future(_submit(work))
         self.connected = True
+        self._connections += 1
         log.info("connected to libvirt at %s", self.uri)
 
     async def close(self) -> None:
@@ -274,7 +289,7 @@ class LibvirtHypervisor:
         return await asyncio.wrap_future(_submit(work))
 
     def _lookup(self, ref: str) -> libvirt.virDomain:
-        domain_xml.check_ref(ref)
+        check_ref(ref)
         conn = self._c()
         if len(ref) == 36 and ref.count("-") == 4:
             with contextlib.suppress(libvirt.libvirtError):
@@ -313,7 +328,8 @@ class LibvirtHypervisor:
     async def domain(self, ref: str) -> Domain:
         return await self._run(f"looking up {ref}", lambda: self._describe(self._lookup(ref)))
 
-    async def define(self, xml: str) -> Domain:
+    async def define(self, spec: VmSpec, *, accelerator: Accel, console_log: str) -> Domain:
+        xml = domain_xml.build(spec, accelerator=accelerator, serial_log=console_log)
         return await self._run("defining the domain",
                                lambda: self._describe(self._c().defineXML(xml)))
 
@@ -348,11 +364,18 @@ class LibvirtHypervisor:
                         lambda: self._lookup(uuid).setAutostart(int(on)))
 
     async def xml(self, uuid: str, *, inactive: bool = False) -> str:
+        """The domain's XML with its secrets (live, or the next boot's when ``inactive``)."""
         flags = libvirt.VIR_DOMAIN_XML_SECURE
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
         return await self._run(f"reading the XML of {uuid}",
                                lambda: str(self._lookup(uuid).XMLDesc(flags)))
+
+    async def spec(self, uuid: str) -> VmSpec | None:
+        return domain_xml.spec_of(await self.xml(uuid, inactive=True))
+
+    async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
+        return domain_xml.consoles_of(await self.xml(uuid))
 
     async def stats(self, uuid: str) -> DomainStats:
         def work() -> DomainStats:
@@ -363,13 +386,11 @@ class LibvirtHypervisor:
         return await self._run(f"reading the statistics of {uuid}", work)
 
     async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
-        """Copy the NVRAM file and the swtpm state directory (the test driver has neither)."""
-        if self.uri.startswith("test:"):
+        """Copy the NVRAM file and the swtpm state directory."""
+        if not self.state_dir:
             return
-        src, dst = await self.domain(src_uuid), await self.domain(dst_uuid)
-        copies = [(_nvram_path(await self.xml(src.uuid, inactive=True), src.name),
-                   _nvram_path(await self.xml(dst.uuid, inactive=True), dst.name)),
-                  (f"{SWTPM_DIR}/{src.uuid}", f"{SWTPM_DIR}/{dst.uuid}")]
+        copies = [(await self._nvram_path(src_uuid), await self._nvram_path(dst_uuid)),
+                  (self._tpm_dir(src_uuid), self._tpm_dir(dst_uuid))]
         for a, b in copies:
             if not os.path.exists(a):
                 continue
@@ -380,18 +401,67 @@ class LibvirtHypervisor:
                 raise BackendError(f"copying {a} to {b}: {err.decode(errors='replace')}")
 
     async def export_state(self, uuid: str) -> tuple[bytes, bytes]:
-        if self.uri.startswith("test:"):
+        if not self.state_dir:
             return b"", b""
-        dom = await self.domain(uuid)
-        nvram = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
-        return await asyncio.to_thread(_read_state, nvram, f"{SWTPM_DIR}/{uuid}")
+        return await asyncio.to_thread(guest_state.read_state, await self._nvram_path(uuid),
+                                       self._tpm_dir(uuid))
 
     async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
-        if self.uri.startswith("test:"):
+        """Checked by ``guest_state``: the bytes come from the bus."""
+        if not self.state_dir:
             return
+        if nvram:
+            await asyncio.to_thread(guest_state.write_nvram, await self._nvram_path(uuid), nvram)
+        if tpm:
+            await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid))
+
+    async def _nvram_path(self, uuid: str) -> str:
+        """Where libvirt keeps (or will keep) a UEFI domain's variables: its ``<nvram>``, else
+        ``<name>_VARS.fd`` in its NVRAM folder. A path outside that folder is refused, so that
+        no domain definition steers a write elsewhere."""
+        folder = os.path.join(self.state_dir, "qemu", "nvram")
         dom = await self.domain(uuid)
-        path = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
-        await asyncio.to_thread(_write_state, path, nvram, f"{SWTPM_DIR}/{uuid}", tpm)
+        chosen = domain_xml.nvram_of(await self.xml(dom.uuid, inactive=True))
+        path = os.path.normpath(chosen or os.path.join(
+            folder, f"{check_name(dom.name)}_VARS.fd"))
+        if os.path.dirname(path) != os.path.normpath(folder):
+            raise Forbidden(f"VM {dom.name} keeps its NVRAM in {path}, outside libvirt's "
+                            f"folder {folder}: refusing to touch it; set [vm] libvirt_dir if "
+                            "this libvirt keeps its files elsewhere")
+        return path
+
+    def _tpm_dir(self, uuid: str) -> str:
+        """The swtpm state directory of the domain ``uuid`` (as libvirt spells uuids)."""
+        return os.path.join(self.state_dir, "swtpm", check_uuid(uuid))
+
+    async def problems(self) -> list[Problem]:
+        """/dev/kvm closed to QEMU's user (checked each time), and libvirt re-probing QEMU:
+        timed once per connection and again when the node's verdict changes, since on such a
+        host each timing holds the libvirt thread for two QEMU probes (seconds each)."""
+        kvm = await asyncio.to_thread(health.kvm_access, self.kvm_device)
+        when = (self._connections, kvm is None)
+        if self.connected and when != self._timed:
+            self._timed = when
+            seconds = await self._requery_seconds()
+            self._reprobing = None if seconds is None else health.reprobing(
+                seconds, self.kvm_device)
+        return [p for p in (kvm, self._reprobing) if p is not None]
+
+    async def _requery_seconds(self) -> float | None:
+        """Seconds libvirt took to answer the same QEMU capability query a second time;
+        None when this libvirt has no such query (the test driver)."""
+        def work() -> float:
+            conn = self._c()
+            conn.getDomainCapabilities()
+            started = time.monotonic()
+            conn.getDomainCapabilities()
+            return time.monotonic() - started
+
+        try:
+            return await self._run("querying QEMU's capabilities", work)
+        except PhyError as e:
+            log.debug("QEMU capabilities not timed: %s", e.message)
+            return None
 
     def bulk_stats(self) -> list[DomainStats]:
         conn = self._conn
@@ -403,40 +473,6 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
-
-
-def _read_state(nvram: str, tpm_dir: str) -> tuple[bytes, bytes]:
-    data = b""
-    if os.path.exists(nvram):
-        with open(nvram, "rb") as f:
-            data = f.read()
-    tpm = b""
-    if os.path.isdir(tpm_dir):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(tpm_dir, arcname=".")
-        tpm = buf.getvalue()
-    return data, tpm
-
-
-def _write_state(nvram_path: str, nvram: bytes, tpm_dir: str, tpm: bytes) -> None:
-    """Write the NVRAM file and unpack the TPM state (owners kept: swtpm runs as its user)."""
-    if nvram:
-        os.makedirs(os.path.dirname(nvram_path), exist_ok=True)
-        with open(nvram_path + ".part", "wb") as f:
-            f.write(nvram)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(nvram_path + ".part", nvram_path)
-    if tpm:
-        os.makedirs(tpm_dir, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(tpm), mode="r:gz") as tar:
-            tar.extractall(tpm_dir, filter="fully_trusted")
-
-
-def _nvram_path(xml: str, name: str) -> str:
-    """Where libvirt keeps (or will keep) a UEFI domain's variables."""
-    return domain_xml.nvram_of(xml) or f"{NVRAM_DIR}/{name}_VARS.fd"
 
 
 def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:

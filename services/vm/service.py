@@ -22,7 +22,8 @@ async def setup(agent: Agent) -> Handlers:
                                   Path(settings.probe_dir),
                                   deadline_s=settings.kvm_probe_deadline_s)
     agent.details = msgspec.structs.replace(agent.details, accelerator=decision)
-    hypervisor = LibvirtHypervisor(agent.cfg.libvirt_uri)
+    hypervisor = LibvirtHypervisor(agent.cfg.libvirt_uri, state_dir=settings.libvirt_dir,
+                                   kvm_device=settings.kvm_device)
     await hypervisor.connect()
     handlers = Handlers(agent, hypervisor, settings, decision)
     await handlers.begin()

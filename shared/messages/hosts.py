@@ -33,6 +33,18 @@ class HeartbeatDetails(msgspec.Struct, frozen=True, kw_only=True, tag="host.deta
     images: ImageCounts | None = None  # the catalogue agent
 
 
+class Problem(msgspec.Struct, frozen=True, kw_only=True, tag="host.problem.v1"):
+    """Something on an agent's host that an operator should fix; the agent keeps working.
+
+    ``kind`` is a stable word for scripts (``kvm-access``), ``what`` says what is wrong and
+    what it costs, ``fix`` what to run.
+    """
+
+    kind: str
+    what: str
+    fix: str
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v1"):
     """An agent's record in KV ``hosts`` (key ``<host>.<agent>``), refreshed within the TTL."""
 
@@ -43,3 +55,4 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="host.heartbeat.v
     time: float
     metrics_url: str
     details: HeartbeatDetails = HeartbeatDetails()
+    problems: list[Problem] = []  # what ``phyllome status`` shows under the agent

@@ -18,6 +18,7 @@ from shared.codec import encode
 from shared.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     InsufficientResources,
     InvalidName,
     NotFound,
@@ -33,6 +34,7 @@ from shared.messages.vm import (
     VmClone,
     VmCreate,
     VmDelete,
+    VmGuestState,
     VmInfo,
     VmListRequest,
     VmRef,
@@ -41,15 +43,17 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import VmEvents, libvirt_test_uri, vm_events
+from tests.support.libvirt import TEST_HOST_XML, VmEvents, libvirt_test_uri, vm_events
 from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
+from tests.support.tarballs import hostile_tpm_states, tpm_state, tree
 from tests.support.wait import job_finished
 
 __all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
 
 HOST = "h1"
+FOREIGN = "6d1f3a52-0c4e-4b7a-9f5e-2a8b1c9d0e7f"
 
 
 @contextlib.asynccontextmanager
@@ -324,3 +328,52 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
                 name="vol", memory_mib=64, disks=[Disk(volume="missing")])))
         volumes = (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
         assert [v.name for v in volumes] == ["data"]
+
+
+async def test_vm_import_state_takes_a_good_state_and_refuses_hostile_ones(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """``vm.import_state`` comes off the bus and writes as root: only plain files inside the
+    VM's swtpm folder and an NVRAM file in libvirt's folder may result."""
+    libvirt_dir, outside = tmp_path / "libvirt", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"victim")
+    async with vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri,
+                        libvirt_dir=str(libvirt_dir)) as (agent, _):
+        info = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="g1", memory_mib=64, secure_boot=True, tpm="emulated-2.0")))
+        good = VmGuestState(uuid=info.uuid, nvram=b"vars" * 1000,
+                            tpm=tpm_state({"tpm2/tpm2-00.permall": b"permall"}))
+        ack = await call(agent, "import_state", good)
+        assert "NVRAM 4000 bytes" in ack.message
+        assert (libvirt_dir / "qemu" / "nvram" / "g1_VARS.fd").read_bytes() == good.nvram
+        target = libvirt_dir / "swtpm" / info.uuid
+        assert (target / "tpm2" / "tpm2-00.permall").read_bytes() == b"permall"
+        exported = await call(agent, "export_state", VmRef(vm="g1"))
+        assert exported.nvram == good.nvram
+
+        before = {"libvirt": tree(libvirt_dir), "outside": tree(outside)}
+        for case, (data, error, match) in hostile_tpm_states(target, outside).items():
+            with pytest.raises(error, match=match):
+                await call(agent, "import_state", VmGuestState(uuid=info.uuid, tpm=data))
+            after = {"libvirt": tree(libvirt_dir), "outside": tree(outside)}
+            assert after == before, f"{case}: files changed"
+
+
+async def test_vm_import_state_never_writes_where_a_domain_points(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """A domain defined outside Phyllome whose <nvram> lies outside libvirt's folder: refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    host = tmp_path / "host.xml"
+    host.write_text(TEST_HOST_XML.replace("</node>", f"""  <domain type='test'>
+    <name>foreign</name><uuid>{FOREIGN}</uuid><memory>65536</memory>
+    <os><type>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>
+      <nvram>{outside}/stolen_VARS.fd</nvram></os>
+  </domain>
+</node>"""))
+    async with vm_agent(nats_server, tmp_path / "vm", f"test://{host}",
+                        libvirt_dir=str(tmp_path / "libvirt")) as (agent, _):
+        await call(agent, "destroy", VmRef(vm="foreign"))
+        with pytest.raises(Forbidden, match="outside libvirt's folder"):
+            await call(agent, "import_state", VmGuestState(uuid=FOREIGN, nvram=b"x"))
+    assert list(outside.iterdir()) == []

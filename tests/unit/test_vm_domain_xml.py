@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.vm import domain_xml
+from services.vm import spec as spec_rules
 from shared.errors import BadRequest, InvalidName
 from shared.messages.vm import Disk, Nic, VmSpec
 from tests.support.require import require
@@ -105,7 +106,7 @@ def test_vm_password_is_not_in_metadata() -> None:
 )
 def test_vm_bad_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidName, match="VM name"):
-        domain_xml.check_spec(VmSpec(name=name))
+        spec_rules.check_spec(VmSpec(name=name))
 
 
 @pytest.mark.unit
@@ -128,7 +129,7 @@ def test_vm_bad_names_are_refused(name: str) -> None:
 def test_vm_bad_specs_are_refused(changes: dict[str, object], match: str) -> None:
     spec = VmSpec(name="ok", **changes)  # type: ignore[arg-type]
     with pytest.raises(BadRequest, match=match):
-        domain_xml.check_spec(spec)
+        spec_rules.check_spec(spec)
 
 
 @pytest.mark.unit
@@ -190,7 +191,7 @@ def test_vm_every_checked_spec_gives_valid_xml(tmp_path: Path, case: tuple[VmSpe
     require(tool is not None, "virt-xml-validate (package libvirt-clients)")
     spec, accel = case
     try:
-        domain_xml.check_spec(spec)
+        spec_rules.check_spec(spec)
     except BadRequest:  # the property: whatever check_spec lets through is valid
         return
     xml = domain_xml.build(spec, accelerator=accel,  # type: ignore[arg-type]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import grp
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +14,7 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services.vm import accel, hostfs
+from services.vm import accel, health, hostfs
 from services.vm.handlers import Handlers, random_mac, redacted
 from services.vm.hypervisor import DomainStats
 from services.vm.libvirt_backend import event_words, state_words
@@ -149,3 +153,61 @@ def test_a_shut_off_domain_has_no_cpu_time() -> None:
     assert (off.state, off.cpu_time_s, off.memory_bytes) == ("shutoff", 0.0, 0)
     on = _stats(_Dom(), {"state.state": 1, "state.reason": 1, "cpu.time": 2_000_000_000})
     assert on.cpu_time_s == 2.0
+
+
+def test_vm_only_the_libvirt_backend_speaks_libvirt() -> None:
+    """The Hypervisor Protocol speaks VmSpec: libvirt and its domain XML stay in one module."""
+    libvirt_words = {"libvirt", "libvirtaio", "services.vm.domain_xml"}
+    for path in sorted((Path(__file__).parents[2] / "services" / "vm").glob("*.py")):
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        if path.name not in ("libvirt_backend.py", "domain_xml.py"):
+            assert not imported & libvirt_words, f"{path.name} imports {imported & libvirt_words}"
+
+
+@pytest.mark.parametrize(("mode", "owner", "group", "uid", "gids", "ok"), [
+    (0o600, 0, 0, 64055, {109, 64055}, False),   # a fresh host without udev: root only
+    (0o660, 0, 109, 64055, {109, 64055}, True),  # Debian's udev rule; QEMU's user in kvm
+    (0o660, 0, 109, 64055, {64055}, False),      # the rule, but QEMU's user not in kvm
+    (0o666, 0, 0, 64055, {64055}, True),
+    (0o066, 64055, 0, 64055, {64055}, False),    # the owner's bits win over group and others
+    (0o640, 0, 109, 64055, {109}, False),        # read is not enough
+    (0o000, 0, 0, 0, {0}, True),                 # QEMU as root ("+0") opens anything
+])
+def test_vm_kvm_node_access_as_libvirt_checks_it(mode: int, owner: int, group: int, uid: int,
+                                                 gids: set[int], ok: bool) -> None:
+    assert health.can_open_rw(mode, owner, group, uid, gids) is ok
+
+
+def test_vm_kvm_access_reads_qemus_user_from_qemu_conf(tmp_path: Path) -> None:
+    node, conf = tmp_path / "kvm", tmp_path / "qemu.conf"
+    node.touch(mode=0o600)
+    nobody = pwd.getpwnam("nobody")
+    conf.write_text('#user = "root"\nuser = "nobody"   # comment\ngroup = "nogroup"\n')
+    assert health.qemu_identity(str(conf)) == (
+        "nobody", nobody.pw_uid,
+        set(os.getgrouplist("nobody", nobody.pw_gid)) | {grp.getgrnam("nogroup").gr_gid})
+    problem = health.kvm_access(str(node), str(conf))
+    assert problem is not None and problem.kind == "kvm-access"
+    assert f"QEMU's user nobody cannot open {node} (-rw-------" in problem.what
+    assert f"chgrp kvm {node} && chmod 0660 {node}" in problem.fix
+    node.chmod(0o666)
+    assert health.kvm_access(str(node), str(conf)) is None
+    node.chmod(0o600)
+    conf.write_text('user = "+0"\n')
+    assert health.kvm_access(str(node), str(conf)) is None
+    conf.write_text('user = "no-such-user-here"\n')
+    assert health.kvm_access(str(node), str(conf)) is None  # no QEMU user: nothing to judge
+    assert health.kvm_access(str(tmp_path / "absent"), str(conf)) is None
+
+
+def test_vm_a_slow_repeated_capability_query_means_reprobing() -> None:
+    assert health.reprobing(0.04) is None
+    assert health.reprobing(health.REPROBE_S) is None
+    slow = health.reprobing(48.2)
+    assert slow is not None and "took 48.2 s" in slow.what
+    assert "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm" in slow.fix and "make up" in slow.fix

@@ -1,0 +1,104 @@
+"""What a ``VmSpec`` may hold, checked before any hypervisor sees it.
+
+Names and uuids end up in file names and on command lines, paths must be absolute, and a
+spec no host could run (Secure Boot on BIOS, a VNC password over 8 characters, ...) is
+refused with what to change, before any disk is made or anything defined::
+
+    >>> check_spec(VmSpec(name="demo", memory_mib=8))
+    Traceback (most recent call last):
+    shared.errors.BadRequest: memory of 8 MiB is too small: give at least 16 MiB
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from shared.errors import BadRequest, InvalidName
+from shared.messages.vm import VmSpec
+from shared.validate import PCI_ADDRESS
+
+MIN_MEMORY_MIB = 16
+MAX_VCPUS = 255
+VNC_PASSWORD_MAX = 8
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # libvirt's deviceName, no '/'
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+DISK_TARGETS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a safe VM name (also used in file names and on the command line)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidName(
+            f"VM name {name!r} is not valid: use 1-64 letters, digits, '-', '_', '.' or '+', "
+            "starting with a letter or digit (no spaces, quotes, '<' or '/')"
+        )
+    return name
+
+
+def check_uuid(uuid: str) -> str:
+    """``uuid`` if it is a UUID as libvirt spells them (also used in file names)."""
+    if not isinstance(uuid, str) or not _UUID.match(uuid):
+        raise InvalidName(f"uuid {uuid!r} is not a UUID (8-4-4-4-12 hex digits)")
+    return uuid
+
+
+def check_ref(ref: str) -> str:
+    """``ref`` if it can name a VM: a uuid or a valid name."""
+    if isinstance(ref, str) and _UUID.match(ref):
+        return ref
+    return check_name(ref)
+
+
+def is_pci_address(dev: str) -> bool:
+    return bool(PCI_ADDRESS.match(dev))
+
+
+def check_spec(spec: VmSpec) -> None:
+    """Refuse a spec that no host could run, with what to change; host limits come later."""
+    check_name(spec.name)
+    if spec.uuid:
+        check_uuid(spec.uuid)
+    if spec.memory_mib < MIN_MEMORY_MIB:
+        raise BadRequest(
+            f"memory of {spec.memory_mib} MiB is too small: give at least {MIN_MEMORY_MIB} MiB"
+        )
+    if not 1 <= spec.vcpus <= MAX_VCPUS:
+        raise BadRequest(f"{spec.vcpus} vCPUs: give between 1 and {MAX_VCPUS}")
+    if spec.secure_boot and spec.firmware != "uefi":
+        raise BadRequest(
+            "Secure Boot needs UEFI firmware: drop --secure-boot or use --firmware uefi"
+        )
+    if spec.display in ("vnc", "both") and len(spec.password) > VNC_PASSWORD_MAX:
+        raise BadRequest(f"a VNC password has at most {VNC_PASSWORD_MAX} characters")
+    try:
+        ipaddress.ip_address(spec.listen)
+    except ValueError:
+        raise BadRequest(f"listen address {spec.listen!r} is not an IP address") from None
+    for what, text in (("cmdline", spec.cmdline), ("password", spec.password)):
+        if not text.isprintable():
+            raise BadRequest(f"the {what} has control or unprintable characters")
+    if spec.initrd and not spec.kernel or spec.cmdline and not spec.kernel:
+        raise BadRequest("initrd and cmdline need a kernel (direct kernel boot)")
+    if len(spec.disks) > len(DISK_TARGETS):
+        raise BadRequest(f"{len(spec.disks)} disks: at most {len(DISK_TARGETS)}")
+    for disk in spec.disks:
+        if not disk.path and not disk.volume:
+            raise BadRequest("a disk needs a path or a storage volume")
+    paths = [d.path for d in spec.disks if d.path or not d.volume]
+    for path in paths + [p for p in (spec.kernel, spec.initrd) if p]:
+        if not path.startswith("/") or "\x00" in path:
+            raise BadRequest(f"path {path!r} must be absolute")
+    for nic in spec.nics:
+        if nic.mac and not _MAC.match(nic.mac):
+            raise BadRequest(f"MAC address {nic.mac!r} is not six hex pairs (52:54:00:12:34:56)")
+        if nic.kind != "user" and not _IFACE.match(nic.source):
+            raise InvalidName(f"{nic.kind} name {nic.source!r} is not valid")
+    for dev in spec.hostdevs:
+        if not (PCI_ADDRESS.match(dev) or _UUID.match(dev)):
+            raise BadRequest(
+                f"host device {dev!r} is neither a PCI address (0000:01:00.0) nor an mdev UUID"
+            )
