@@ -1,9 +1,9 @@
 """The ``phyllome`` command.
 
-    phyllome up --detach        start NATS and the agents of this host
-    phyllome status --json      every agent of every host
-    phyllome events --since 1h  what happened
-    phyllome jobs list --all    long work running on any host
+    phyllome up --detach        # start NATS and the agents of this host
+    phyllome status --json      # every agent of every host
+    phyllome events --since 1h  # what happened
+    phyllome jobs list --all    # long work running on any host
 """
 
 from __future__ import annotations
