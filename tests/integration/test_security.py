@@ -3,7 +3,10 @@ not do and is refused; each can do its job."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from shared.errors import Unavailable
 from shared.messages import AgentStopping, Empty, Heartbeat
 from shared.messages import storage as storage_api
 from shared.natsserver import NatsServer
-from tests.support.agents import agent_in_process
+from tests.support.agents import REPO, agent_in_process
 from tests.support.wait import until
 
 
@@ -184,4 +187,17 @@ def test_roles_are_what_the_docs_say() -> None:
         security.permissions("root")
     with pytest.raises(Exception, match="is not valid"):
         security.permissions("vm", "bad.host")
-    assert Unavailable  # the secure CLI path raises it when credentials are wrong
+
+
+async def test_cli_with_wrong_credentials_exits_unreachable(secure) -> None:  # type: ignore[no-untyped-def]
+    server, d, users = secure
+    with pytest.raises(Unavailable, match="cannot connect to NATS"):
+        await Bus.connect(server.url, name="cli", host="h1", user="operator",
+                          password="wrong", ca=str(d / "ca.pem"), give_up_after=5)
+    env = {**os.environ, "PHYLLOME_NATS_URL": server.url, "PHYLLOME_NATS_USER": "operator",
+           "PHYLLOME_NATS_PASSWORD": "wrong", "PHYLLOME_NATS_CA": str(d / "ca.pem")}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "status", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 3 and "cannot connect to NATS" in err.decode(), err.decode()
