@@ -7,7 +7,6 @@ Regenerate the golden files after an intended change::
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from services.vm import domain_xml
 from shared.errors import BadRequest, InvalidName
 from shared.messages.vm import Disk, Nic, VmSpec
+from tests.support.golden import regenerating
 from tests.support.require import require
 
 GOLDEN = Path(__file__).parents[1] / "data" / "vm" / "golden"
@@ -68,7 +68,7 @@ def _xml(case: str) -> str:
 def test_vm_xml_matches_golden(case: str) -> None:
     golden = GOLDEN / f"{case}.xml"
     xml = _xml(case)
-    if os.environ.get("PHYLLOME_REGENERATE") == "1":
+    if regenerating():
         golden.write_text(xml)
     assert golden.exists(), f"no golden file {golden}: run with PHYLLOME_REGENERATE=1"
     assert xml == golden.read_text()
