@@ -6,7 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +34,18 @@ from shared.messages.catalogue import (
 from shared.messages.jobs import JobRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.nats import nats_server
 from tests.support.require import require
 from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import lzma
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -17,18 +17,11 @@ from services.catalogue.config import Settings
 from services.catalogue.download import ImageStore
 from shared.errors import Forbidden, InsufficientResources, NotFound
 from shared.messages.catalogue import CatalogueEntry, Download
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 
 pytestmark = pytest.mark.integration
+__all__ = ["srv"]
 MiB = 1 << 20
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

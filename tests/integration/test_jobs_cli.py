@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,12 @@ from shared.messages.jobs import JobRef
 from shared.messages.storage import CloneVolume, CreateVolume
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.nats import nats_server
 from tests.support.wait import job_finished, until
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 
@@ -62,14 +62,6 @@ async def ended(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

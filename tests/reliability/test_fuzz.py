@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,13 +77,13 @@ from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.figures import figure
 from tests.support.fuzz import Tally, fuzz_payloads, send
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.libvirt import TEST_HOST_XML
 from tests.support.nats import nats_server
 from tests.support.sentinel import Sentinel
 from tests.support.sysfs_tree import Host, Pci, TreeKernel, build, intel_gvtg
 
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 
 FUZZ_PER_AGENT = int(os.environ.get("PHYLLOME_FUZZ_PER_AGENT", "10000"))
 CONCURRENCY = 64
@@ -239,18 +239,15 @@ SEEDS = {"hardware": seed_hardware, "vm": seed_vm, "storage": seed_storage,
 
 
 @pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[FileServer]:
+def mirror(srv: FileServer) -> FileServer:
     """Two manifest sources, ``demo`` and ``gone``, each with one small verified image."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as srv:
-        for name in ("demo", "gone"):
-            raw = make_sparse_raw(root / f"{name}.raw", 2 * MiB)
-            (root / f"{name}.json").write_text(json.dumps({"images": [{
-                "id": name, "name": name, "arch": "x86_64", "url": raw.name, "format": "raw",
-                "size": raw.stat().st_size,
-                "sha256": hashlib.sha256(raw.read_bytes()).hexdigest()}]}))
-        yield srv
+    for name in ("demo", "gone"):
+        raw = make_sparse_raw(srv.root / f"{name}.raw", 2 * MiB)
+        (srv.root / f"{name}.json").write_text(json.dumps({"images": [{
+            "id": name, "name": name, "arch": "x86_64", "url": raw.name, "format": "raw",
+            "size": raw.stat().st_size,
+            "sha256": hashlib.sha256(raw.read_bytes()).hexdigest()}]}))
+    return srv
 
 
 @pytest.mark.timeout(900)
