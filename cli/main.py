@@ -1,8 +1,9 @@
 """The ``phyllome`` command.
 
-    phyllome up --detach        start NATS and the agents of this host
-    phyllome status --json      every agent of every host
-    phyllome events --since 1h  what happened
+    phyllome up --detach        # start NATS and the agents of this host
+    phyllome status --json      # every agent of every host
+    phyllome events --since 1h  # what happened
+    phyllome jobs list --all    # long work running on any host
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 # command asked for is imported, so `phyllome hw report` starts as fast as it can.
 COMMANDS = {"up": "up", "down": "up", "status": "status", "events": "events",
             "hosts": "hosts", "hw": "hw", "vm": "vm", "storage": "storage", "images": "images",
-            "secure": "secure"}
+            "secure": "secure", "jobs": "jobs"}
 EXIT_USAGE = 2
 
 

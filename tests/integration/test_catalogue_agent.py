@@ -37,26 +37,18 @@ from shared.messages.jobs import JobRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.gpg import Signer
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.nats import nats_server
 from tests.support.require import require
 from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +15,12 @@ import pytest
 from shared.agent import Agent
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.nats import nats_server
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import hashlib
 import lzma
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -18,19 +18,12 @@ from services.catalogue.config import Settings
 from services.catalogue.download import ImageStore
 from shared.errors import Forbidden, InsufficientResources, NotFound
 from shared.messages.catalogue import CatalogueEntry, Download
-from tests.support.httpserver import FileServer, make_sparse_raw
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.loopfs import small_ext4  # noqa: F401
 
 pytestmark = pytest.mark.integration
+__all__ = ["srv"]
 MiB = 1 << 20
-
-
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[FileServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with FileServer(root) as server:
-        yield server
 
 
 @pytest.fixture

@@ -256,12 +256,11 @@ async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path
     async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder), \
             events(agent, "device.*") as seen:
         builder.unbind("0000:01:00.1")
-        started = time.perf_counter()
         await handlers.device_event("unbind", "0000:01:00.1")
+        # ~2 ms (bench/bench_hw_uevent.py); the 5 s wait only catches an event that never comes
         ev = await asyncio.wait_for(seen.get(), 5)
         assert isinstance(ev, DeviceChanged) and ev.device.address == "0000:01:00.1"
         assert ev.device.driver == "" and ev.action == "unbind"
-        assert time.perf_counter() - started < 1.0
         builder.add(Pci(addr="0000:06:00.0", vendor=0x8086, device=0x2723, cls=0x028000,
                         driver="iwlwifi", group=9))
         await handlers.device_event("add", "0000:06:00.0")

@@ -7,7 +7,6 @@ change, rewrite them with ``PHYLLOME_REGENERATE=1`` and review the diff.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from services.hardware.inventory import Inventory, host_caps
 from services.hardware.sysfs import Sysfs
 from shared.codec import to_builtins
 from shared.messages.hardware import HwReport
+from tests.support.golden import regenerating
 from tests.support.sysfs_tree import FIXTURES, build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_fixture_verdicts(name: str, tmp_path: Path) -> None:
         report = inv.report(host_caps(inv.fs, None))
     got = summary(report)
     path = EXPECTED / f"{name}.json"
-    if os.environ.get("PHYLLOME_REGENERATE"):
+    if regenerating():
         path.write_text(json.dumps(got, indent=1) + "\n")
     assert got == json.loads(path.read_text())
 
@@ -106,6 +106,17 @@ def test_expert_verdicts_spelled_out(tmp_path: Path) -> None:
     assert not off.host.iommu and "intel_iommu=on" in off.host.iommu_hint
     assert {d.passthrough.verdict for d in off.devices if d.passthrough} == {"no-iommu"}
     assert off.groups == []
+
+    # IOMMU on, one device without a group: it cannot be passed through, so never isolated
+    ungrouped = report_of("iommu-ungrouped", tmp_path)
+    assert ungrouped.host.iommu and ungrouped.host.iommu_hint == ""
+    by_addr = {d.address: d for d in ungrouped.devices}
+    igpu = by_addr["0000:00:02.0"].passthrough
+    assert igpu is not None and igpu.verdict == "no-iommu"
+    assert "no IOMMU group although the IOMMU is on" in igpu.reasons[0]
+    assert all("0000:00:02.0" not in g.devices for g in ungrouped.groups)
+    dgpu = by_addr["0000:01:00.0"].passthrough
+    assert dgpu is not None and dgpu.verdict == "with-companions"  # the others keep theirs
 
 
 def test_usb_devices_listed_under_their_controller(tmp_path: Path) -> None:

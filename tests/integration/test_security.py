@@ -3,10 +3,13 @@ not do and is refused; each can do its job."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobRef
 from shared.messages.vm import VmClone, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
-from tests.support.agents import agent_in_process
+from tests.support.agents import REPO, agent_in_process
 from tests.support.libvirt import libvirt_test_uri
 from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.wait import until
@@ -378,3 +381,16 @@ async def test_vm_agent_does_its_work_through_peers_as_itself(
         assert vm_agent.metrics.events_failed._value.get() == 0
         await op.close()
 
+
+async def test_cli_with_wrong_credentials_exits_unreachable(secure) -> None:  # type: ignore[no-untyped-def]
+    server, d, users = secure
+    with pytest.raises(Unavailable, match="cannot connect to NATS"):
+        await Bus.connect(server.url, name="cli", host="h1", user="operator",
+                          password="wrong", ca=str(d / "ca.pem"), give_up_after=5)
+    env = {**os.environ, "PHYLLOME_NATS_URL": server.url, "PHYLLOME_NATS_USER": "operator",
+           "PHYLLOME_NATS_PASSWORD": "wrong", "PHYLLOME_NATS_CA": str(d / "ca.pem")}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "status", cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 3 and "cannot connect to NATS" in err.decode(), err.decode()

@@ -26,6 +26,7 @@ from shared.errors import (
     NotFound,
 )
 from tests.support.loopfs import (  # noqa: F401
+    ext4,
     make_sparse,
     same_sparse_content,
     scatter,
@@ -42,6 +43,15 @@ MiB = 1 << 20
 def pools(tmp_path: Path) -> Iterator[Pools]:
     (tmp_path / "import").mkdir()
     p = Pools({"default": str(tmp_path / "pool")}, [str(tmp_path / "import")])
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def ext4_pools(ext4: Path) -> Iterator[Pools]:  # noqa: F811
+    """Pools on a loop-mounted ext4, so the sparse-copy path is the one taken."""
+    p = Pools({"default": str(ext4 / "pool")})
+    assert not p.pool("default").reflink
     yield p
     p.close()
 
@@ -90,7 +100,8 @@ def test_preallocation_beyond_free_space_is_refused(pools: Pools) -> None:
         pools.create("default", "big", size, preallocate=True)
 
 
-def test_create_resize_delete_on_ext4(pools: Pools) -> None:
+def test_create_resize_delete_on_ext4(ext4_pools: Pools) -> None:
+    pools = ext4_pools
     info = pools.create("default", "disk0", 10 * GiB)
     assert (info.virtual_bytes, info.allocated_bytes) == (10 * GiB, 0)
     pre = pools.create("default", "disk1", 8 * MiB, preallocate=True)
@@ -108,14 +119,15 @@ def test_create_resize_delete_on_ext4(pools: Pools) -> None:
         pools.volumes("nope")
 
 
-def test_sparse_clone_on_ext4_keeps_content_and_holes(pools: Pools) -> None:
+def test_sparse_clone_on_ext4_keeps_content_and_holes(ext4_pools: Pools) -> None:
+    pools = ext4_pools
     src = Path(pools.path_of("default", "big"))
     make_sparse(src, 12 * GiB, scatter(12 * GiB, 48, MiB))
     seen: list[tuple[int, int]] = []
     result = pools.clone("default", "big", "default", "copy",
                          progress=lambda d, t: seen.append((d, t)))
     dst = Path(result.volume.path)
-    assert result.method in ("copy", "reflink")
+    assert result.method == "copy"
     assert seen[-1][0] == seen[-1][1]
     assert same_sparse_content(src, dst)
     allocated = os.stat(src).st_blocks * 512
@@ -261,7 +273,7 @@ def test_reflink_clone_on_xfs(xfs_reflink: Path, tmp_path: Path) -> None:  # noq
         free = pools.pool("xfs").space()[1]
         result = pools.clone("xfs", "base", "xfs", "vm1")
         assert result.method == "reflink" and result.copied_bytes == 0
-        assert result.seconds < 1.0
+        assert result.seconds < 10  # about 1 ms (bench/bench_storage_clone.py): no copy
         assert pools.clone("xfs", "huge", "xfs", "huge2").method == "reflink"
         assert pools.pool("xfs").space()[1] >= free - 16 * MiB  # blocks are shared
         assert same_sparse_content(src, Path(result.volume.path))

@@ -2,19 +2,28 @@
 
 Per agent: ``FUZZ_PER_AGENT`` messages (10,000 by default; ``PHYLLOME_FUZZ_PER_AGENT`` for a
 longer run) spread over its endpoints — shaped requests from hypothesis strategies built on
-the msgspec request types, wrong-typed JSON and raw bytes. Pass: every reply is a typed error
-or a valid result, nothing is logged as an unhandled exception, the agent still answers, and
-its memory is steady.
+the msgspec request types, wrong-typed JSON and raw bytes. Before the fuzz, a valid request
+per endpoint (``SEEDS``) builds a small world the fuzz's names also hit (VM, volume and image
+``demo``, pool ``default``) and proves each endpoint's success path works here.
+
+Pass: every endpoint answered ``ok`` at least once; every reply is a typed error or a valid
+result, nothing is logged as an unhandled exception, the agent still answers, its memory is
+steady, and no file outside the agent's own directories was created, changed or removed
+(the test's directory, /etc/libvirt and libvirt's NVRAM and swtpm directories are watched).
+Replies are counted per endpoint and kind, to show how deep the fuzz got.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import logging
 import os
-import resource
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +31,99 @@ import msgspec
 import nats
 import pytest
 
+from services.storage.transfer import volume_digest
 from shared import contracts, subjects
-from shared.codec import decode
-from shared.errors import ErrorReply
+from shared.agent import Agent
+from shared.config import default_state_dir
+from shared.messages import Empty, new_id
+from shared.messages.catalogue import ImageRef, ListRequest, PullRequest, SourceAdd, SourceRef
+from shared.messages.hardware import (
+    BindRequest,
+    BootProbe,
+    DeviceQuery,
+    DeviceRef,
+    MdevCreate,
+    MdevInfo,
+    MdevRef,
+    SriovSet,
+)
+from shared.messages.jobs import JobAccepted, JobRef
+from shared.messages.storage import (
+    CloneVolume,
+    CreateVolume,
+    ImportVolume,
+    ListVolumes,
+    ResizeVolume,
+    SendVolume,
+    TransferAbort,
+    TransferCommit,
+    TransferOffer,
+    VolumeQuery,
+    VolumeRef,
+)
+from shared.messages.vm import (
+    VmClone,
+    VmCreate,
+    VmDelete,
+    VmGuestState,
+    VmListRequest,
+    VmMigrate,
+    VmRef,
+    VmShutdown,
+    VmSpec,
+    VmUpdate,
+)
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.figures import figure
-from tests.support.fuzz import fuzz_payloads
+from tests.support.fuzz import Tally, fuzz_payloads, send
+from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.libvirt import TEST_HOST_XML
 from tests.support.nats import nats_server
-from tests.support.sysfs_tree import TreeKernel, amd_desktop, build
+from tests.support.sentinel import Sentinel
+from tests.support.sysfs_tree import Host, Pci, TreeKernel, build, intel_gvtg
 
-__all__ = ["nats_server"]
+__all__ = ["nats_server", "srv"]
 
 FUZZ_PER_AGENT = int(os.environ.get("PHYLLOME_FUZZ_PER_AGENT", "10000"))
 CONCURRENCY = 64
+HOST = "fz"
+MiB = 1 << 20
 KNOWN_KINDS = {"bad_request", "invalid_message", "invalid_name", "payload_too_large",
                "forbidden", "not_found", "conflict", "insufficient_resources", "cancelled",
                "unavailable", "timeout", "backend"}
 # Endpoints that only start a job whose effects the fuzz does not need: fewer messages.
 SLOW = {"bind", "release", "pull", "refresh", "send", "clone", "import", "start", "reboot",
         "shutdown", "boot_probe"}
+# Places outside the test's directory that a request must never reach (state import writes
+# NVRAM and swtpm files there for a real libvirt; the fuzz's VMs are on the test driver).
+WATCHED = [Path("/etc/libvirt"), Path("/var/lib/libvirt/qemu/nvram"),
+           Path("/var/lib/libvirt/swtpm"), Path(default_state_dir()), Path("/etc/phyllome")]
+# What each agent may write under its state directory.
+WRITES = {"hardware": ["hardware"], "vm": ["vm"], "storage": ["pools", "import", "storage"],
+          "catalogue": ["images", "catalogue"]}
+
+
+def fuzz_host() -> Host:
+    """GVT-g mdev types (the iGPU), an SR-IOV NIC and a USB card alone in its group."""
+    host = intel_gvtg()
+    extra = [
+        Pci(addr="0000:00:01.0", vendor=0x8086, device=0x1901, cls=0x060400,
+            driver="pcieport", group=5),
+        Pci(addr="0000:03:00.0", vendor=0x8086, device=0x10FB, cls=0x020000, driver="ixgbe",
+            group=5, parent="0000:00:01.0", sriov_totalvfs=8, vf_device=0x10ED,
+            vf_driver="ixgbevf", net=("ens1f0",)),
+        Pci(addr="0000:00:1c.0", vendor=0x8086, device=0xA190, cls=0x060400,
+            driver="pcieport", group=6),
+        Pci(addr="0000:04:00.0", vendor=0x1B21, device=0x1242, cls=0x0C0330,
+            driver="xhci_hcd", group=6, parent="0000:00:1c.0"),
+    ]
+    return replace(host, name="fuzz", devices=[*host.devices, *extra])
 
 
 def overrides(name: str, tmp: Path) -> dict[str, Any]:
     if name == "hardware":
-        tree = build(tmp / "sys", amd_desktop())
+        tree = build(tmp / "sys", fuzz_host())
         return {"sysfs_root": str(tree.root), "_kernel": TreeKernel(tree)}
     if name == "vm":
         host = tmp / "libvirt-host.xml"
@@ -59,12 +135,125 @@ def overrides(name: str, tmp: Path) -> dict[str, Any]:
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The resident memory of this process now (not its peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+
+
+# -- seeds: one valid request per endpoint, in an order that builds what the next needs ---------
+
+Call = Callable[[str, Any], Awaitable[Any]]
+
+
+async def finished(agent: Agent, accepted: JobAccepted, state: str = "succeeded") -> None:
+    status = await asyncio.wait_for(agent.jobs.wait(accepted.job_id), 60)
+    assert status.state == state, f"{accepted.kind} job: {status.state}: {status.message}"
+
+
+async def jobs(call: Call, job: JobAccepted) -> None:
+    await call("jobs", Empty())
+    await call("job", JobRef(job_id=job.job_id))
+    await call("cancel", JobRef(job_id=job.job_id))  # finished: answers its status
+
+
+async def seed_hardware(call: Call, agent: Agent, ctx: dict[str, Any]) -> None:
+    await call("list", DeviceQuery())
+    await call("device", DeviceRef(address="0000:00:02.0"))
+    for verb in ("groups", "caps", "report"):
+        await call(verb, Empty())
+    mdev: MdevInfo = await call("mdev_create", MdevCreate(address="0000:00:02.0",
+                                                          mdev_type="i915-GVTg_V5_8"))
+    await call("mdev_remove", MdevRef(uuid=mdev.uuid))
+    await call("sriov_set", SriovSet(address="0000:03:00.0", num_vfs=2))
+    bind = await call("bind", BindRequest(address="0000:04:00.0"))
+    await finished(agent, bind)
+    await finished(agent, await call("release", DeviceRef(address="0000:04:00.0")))
+    await call("boot_probe", BootProbe(result="failed", detail="fuzz seed"))
+    await jobs(call, bind)
+
+
+async def seed_vm(call: Call, agent: Agent, ctx: dict[str, Any]) -> None:
+    await call("create", VmCreate(spec=VmSpec(name="demo", firmware="bios", memory_mib=256)))
+    await call("list", VmListRequest())
+    await call("info", VmRef(vm="demo"))
+    await call("update", VmUpdate(vm="demo", vcpus=1))
+    state: VmGuestState = await call("export_state", VmRef(vm="demo"))
+    await call("import_state", state)
+    clone = await call("clone", VmClone(vm="demo", name="demo2"))
+    await finished(agent, clone)
+    await call("delete", VmDelete(vm="demo2"))
+    for verb in ("start", "suspend", "resume", "reboot", "destroy", "start"):
+        await call(verb, VmRef(vm="demo"))
+    await call("shutdown", VmShutdown(vm="demo", timeout_s=10, force=True))
+    await finished(agent, await call("migrate", VmMigrate(vm="demo", to="nohost")), "failed")
+    await jobs(call, clone)
+
+
+async def seed_storage(call: Call, agent: Agent, ctx: dict[str, Any]) -> None:
+    await call("pools", Empty())
+    await call("create", CreateVolume(name="demo", size_bytes=MiB))
+    await call("resize", ResizeVolume(name="demo", size_bytes=2 * MiB))
+    await call("volumes", ListVolumes())
+    await call("info", VolumeQuery(name="demo", sha256=True))
+    clone = await call("clone", CloneVolume(name="demo", dst_name="demo2"))
+    await finished(agent, clone)
+    await call("delete", VolumeRef(name="demo2"))
+    source = Path(agent.cfg.state_dir) / "import" / "disk.raw"
+    source.parent.mkdir(exist_ok=True)
+    make_sparse_raw(source, 2 * MiB)
+    await finished(agent, await call("import_file", ImportVolume(name="imported",
+                                                                 source=str(source))))
+    await finished(agent, await call("send", SendVolume(name="demo", to_host="nohost")),
+                   "failed")
+    for name, verb in (("received", "receive_commit"), ("aborted", "receive_abort")):
+        offer = TransferOffer(transfer_id=new_id(), src_host="elsewhere", src_pool="default",
+                              src_name="x", pool="default", name=name, virtual_bytes=MiB,
+                              extents=[], source_stamp="seed")
+        await call("receive", offer)
+        await call("incoming", Empty())
+        if verb == "receive_commit":  # no data extents: nothing to send before the commit
+            await call(verb, TransferCommit(transfer_id=offer.transfer_id,
+                                            sha256=volume_digest(MiB, {})))
+        else:
+            await call(verb, TransferAbort(transfer_id=offer.transfer_id, reason="seed"))
+    await jobs(call, clone)
+
+
+async def seed_catalogue(call: Call, agent: Agent, ctx: dict[str, Any]) -> None:
+    srv: FileServer = ctx["srv"]
+    await call("sources", Empty())
+    for name in ("demo", "gone"):
+        await call("source_add", SourceAdd(name=name, url=srv.url(f"{name}.json")))
+    await call("refresh", Empty())
+    await call("list", ListRequest())
+    await call("info", ImageRef(id="demo"))
+    pull = await call("pull", PullRequest(id="demo"))
+    await finished(agent, pull)
+    await call("remove", ImageRef(id="demo"))
+    await call("source_remove", SourceRef(name="gone"))
+    await jobs(call, pull)
+
+
+SEEDS = {"hardware": seed_hardware, "vm": seed_vm, "storage": seed_storage,
+         "catalogue": seed_catalogue}
+
+
+@pytest.fixture
+def mirror(srv: FileServer) -> FileServer:
+    """Two manifest sources, ``demo`` and ``gone``, each with one small verified image."""
+    for name in ("demo", "gone"):
+        raw = make_sparse_raw(srv.root / f"{name}.raw", 2 * MiB)
+        (srv.root / f"{name}.json").write_text(json.dumps({"images": [{
+            "id": name, "name": name, "arch": "x86_64", "url": raw.name, "format": "raw",
+            "size": raw.stat().st_size,
+            "sha256": hashlib.sha256(raw.read_bytes()).hexdigest()}]}))
+    return srv
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", subjects.SERVICES)
 async def test_fuzz_agent_endpoints(name: str, nats_server: NatsServer, tmp_path: Path,
+                                    mirror: FileServer,
                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     specs = contracts.endpoints(name)
@@ -74,49 +263,78 @@ async def test_fuzz_agent_endpoints(name: str, nats_server: NatsServer, tmp_path
             for p in fuzz_payloads(s.request, max(20, int(unit * weights[s.verb])))]
     opts = overrides(name, tmp_path)
     kernel = opts.pop("_kernel", None)
-    async with agent_in_process(name, nats_server.url, tmp_path / "state", "fz", **opts) as agent:
+    state = tmp_path / "state"
+    allowed = [tmp_path / "nats", *(state / d for d in WRITES[name])]
+    if kernel is not None:
+        allowed.append(tmp_path / "sys")  # the hardware agent writes sysfs: its job
+    for d in allowed:
+        d.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "bait").mkdir()
+    (tmp_path / "bait" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    sentinel = Sentinel([tmp_path, *WATCHED], allowed)
+    tally = Tally([s.verb for s in specs])
+    async with agent_in_process(name, nats_server.url, state, HOST, **opts) as agent:
         if kernel is not None:
             agent.handlers.fs.after_write = kernel
         nc = await nats.connect(nats_server.url)
         gate = asyncio.Semaphore(CONCURRENCY)
         problems: list[str] = []
-        counts = {"ok": 0, "error": 0}
+        by_verb = {s.verb: s for s in specs}
 
-        async def send(spec: Any, payload: bytes) -> None:
+        async def seed_call(verb: str, req: Any) -> Any:
+            kind, reply = await send(nc, HOST, name, by_verb[verb], msgspec.json.encode(req))
+            tally.add(verb, kind, seed=True)
+            assert kind == "ok", f"seed {name}.{verb}({req!r:.200}) answered {kind}: {reply}"
+            return reply
+
+        async def fuzz(spec: Any, payload: bytes) -> None:
             async with gate:
-                try:
-                    msg = await nc.request(subjects.command("fz", name, spec.verb), payload,
-                                           timeout=30)
-                except nats.errors.TimeoutError:
-                    problems.append(f"{spec.verb}: no reply to {payload[:120]!r}")
-                    return
-            if msg.headers and "Nats-Service-Error-Code" in msg.headers:
-                reply = msgspec.json.decode(msg.data, type=ErrorReply)
-                counts["error"] += 1
-                if reply.kind not in KNOWN_KINDS:
-                    problems.append(f"{spec.verb}: {reply.kind} for {payload[:120]!r}: "
-                                    f"{reply.message}")
-            else:
-                decode(msg.data, spec.response)  # a valid result of the declared type
-                counts["ok"] += 1
+                kind, reply = await send(nc, HOST, name, spec, payload)
+            tally.add(spec.verb, kind)
+            if kind not in KNOWN_KINDS | {"ok"}:
+                problems.append(f"{spec.verb}: {kind} for {payload[:120]!r}: {reply}")
 
+        await SEEDS[name](seed_call, agent, {"srv": mirror})
         started = time.perf_counter()
         half = len(plan) // 2
-        await asyncio.gather(*(send(s, p) for s, p in plan[:half]))
+        await asyncio.gather(*(fuzz(s, p) for s, p in plan[:half]))
         gc.collect()
         rss_half = rss_mib()
-        await asyncio.gather(*(send(s, p) for s, p in plan[half:]))
+        await asyncio.gather(*(fuzz(s, p) for s, p in plan[half:]))
         gc.collect()
         rss_end = rss_mib()
         took = time.perf_counter() - started
         ping = await nc.request(f"$SRV.PING.{subjects.micro_name(name)}", b"", timeout=5)
         assert b'"fz"' in ping.data, "the agent stopped answering"
         await nc.close()
+    print(f"\n{name}: replies per endpoint and kind\n{tally.table()}")
     assert not problems, "\n".join(problems[:20])
     unhandled = [r for r in caplog.records if r.exc_info]
     assert not unhandled, f"{len(unhandled)} unhandled: {unhandled[0].getMessage()}"
-    assert counts["ok"] + counts["error"] == len(plan) >= 0.95 * FUZZ_PER_AGENT
-    assert rss_end - rss_half < 64, f"memory grew {rss_end - rss_half:.0f} MiB in the 2nd half"
-    figure(f"fuzz {name}", messages=len(plan), endpoints=len(specs), ok=counts["ok"],
-           typed_errors=counts["error"], unhandled=0, seconds=round(took, 1),
-           rss_growth_2nd_half_mib=round(rss_end - rss_half, 1))
+    assert not tally.without_ok(), f"no ok reply from {tally.without_ok()}:\n{tally.table()}"
+    assert not tally.never_decoded(), f"the fuzz never got past the decoder of " \
+                                      f"{tally.never_decoded()}:\n{tally.table()}"
+    assert tally.total() == len(plan) >= 0.95 * FUZZ_PER_AGENT
+    changed = sentinel.changes()
+    assert not changed, f"files touched outside the agent's directories: {changed[:20]}"
+    # ~10 MiB in CI runs; the bound only catches a leak that grows with every message
+    assert rss_end - rss_half < 256, f"memory grew {rss_end - rss_half:.0f} MiB in the 2nd half"
+    figure(f"fuzz {name}", messages=len(plan), endpoints=len(specs),
+           ok=tally.total("ok"), typed_errors=tally.total() - tally.total("ok"), unhandled=0,
+           seconds=round(took, 1), rss_growth_2nd_half_mib=round(rss_end - rss_half, 1),
+           per_endpoint={v: dict(c) for v, c in tally.kinds.items()})
+
+
+def test_the_sentinel_sees_what_it_must(tmp_path: Path) -> None:
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "kept").write_text("a")
+    (tmp_path / "changed").write_text("a")
+    (tmp_path / "removed").write_text("a")
+    sentinel = Sentinel([tmp_path], [tmp_path / "allowed"])
+    (tmp_path / "allowed" / "new").write_text("fine")
+    (tmp_path / "changed").write_text("bb")
+    (tmp_path / "removed").unlink()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "new").symlink_to("/etc/passwd")
+    assert sentinel.changes() == [f"created {tmp_path}/sub", f"created {tmp_path}/sub/new",
+                                  f"removed {tmp_path}/removed", f"changed {tmp_path}/changed"]

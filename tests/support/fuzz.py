@@ -1,19 +1,28 @@
 """Fuzz payloads for an endpoint: hypothesis strategies built from its msgspec request type,
-plus arbitrary JSON and raw bytes.
+plus arbitrary JSON and raw bytes; sending them, and counting the replies.
 
     payloads = fuzz_payloads(VolumeRef, 500)   # list[bytes], deterministic
+    kind, reply = await send(nc, "h1", "storage", storage_api.INFO, payloads[0])
+    tally.add("info", kind)                    # "ok", "not_found", "invalid_message", ...
 """
 
 from __future__ import annotations
 
 import json
 import string
+from collections import Counter
 from typing import Any
 
 import msgspec
 import msgspec.inspect as mi
+import nats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from shared import subjects
+from shared.codec import decode
+from shared.errors import ErrorReply
+from shared.messages import EndpointSpec
 
 # Strings an attacker tries first: traversal, injection, wildcards, control characters.
 NASTY = ["", ".", "..", "../../etc/passwd", "/etc/shadow", "a/b", "-rf", "*", ">", "a.b",
@@ -82,3 +91,49 @@ def fuzz_payloads(tp: type, count: int, seed: int = 0) -> list[bytes]:
     while len(out) < count:  # small input spaces run out of distinct examples
         out.append(msgspec.json.encode({"pad": len(out)}))
     return out[:count]
+
+
+async def send(nc: nats.NATS, host: str, svc: str, spec: EndpointSpec[Any, Any],
+               payload: bytes, timeout: float = 30) -> tuple[str, Any]:
+    """One raw request: ("ok", the decoded result), (error kind, the ErrorReply), or
+    ("no_reply", None). A result that does not decode as the response type raises."""
+    try:
+        msg = await nc.request(subjects.command(host, svc, spec.verb), payload,
+                               timeout=timeout)
+    except nats.errors.TimeoutError:
+        return "no_reply", None
+    if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+        reply = msgspec.json.decode(msg.data, type=ErrorReply)
+        return reply.kind, reply
+    return "ok", decode(msg.data, spec.response)
+
+
+class Tally:
+    """Replies per endpoint and kind: how deep the fuzz got (past the decoder to a handler's
+    own refusal, or all the way to ``ok``). Seed replies are counted apart."""
+
+    def __init__(self, verbs: list[str]) -> None:
+        self.kinds: dict[str, Counter[str]] = {v: Counter() for v in verbs}
+        self.seeded: Counter[str] = Counter()
+
+    def add(self, verb: str, kind: str, *, seed: bool = False) -> None:
+        if seed:
+            self.seeded[verb] += kind == "ok"
+        else:
+            self.kinds[verb][kind] += 1
+
+    def total(self, kind: str = "") -> int:
+        return sum(c[kind] if kind else c.total() for c in self.kinds.values())
+
+    def without_ok(self) -> list[str]:
+        return [v for v, c in self.kinds.items() if not c["ok"] and not self.seeded[v]]
+
+    def never_decoded(self) -> list[str]:
+        """Endpoints whose fuzz replies were all refused by the decoder (none reached the
+        handler)."""
+        return [v for v, c in self.kinds.items() if set(c) <= {"invalid_message"}]
+
+    def table(self) -> str:
+        return "\n".join(
+            f"  {verb:<15} seed ok {self.seeded[verb]}  fuzz "
+            + " ".join(f"{k}={n}" for k, n in c.most_common()) for verb, c in self.kinds.items())

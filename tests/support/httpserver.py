@@ -21,9 +21,12 @@ import http.server
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import pytest
 
 HTML_404 = (b"<!DOCTYPE html><html><head><title>Not Found</title></head>"
             b"<body><h1>404 - the page you asked for is not here</h1></body></html>")
@@ -169,6 +172,15 @@ class FileServer:
                     ahead = sent / self.rate - (time.monotonic() - began)
                     if ahead > 0:
                         time.sleep(ahead)  # pacing the stream, not waiting for a result
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[FileServer]:
+    """A FileServer over ``tmp_path/www`` for one test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with FileServer(root) as server:
+        yield server
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Small real filesystems for storage tests: XFS with reflink or ext4 on a loop device, made
 inside the test and always unmounted; and sparse images with scattered data.
 
-    def test_x(xfs_reflink):          # a mounted 2 GiB XFS (reflink=1) directory
+    def test_x(xfs_reflink):          # a mounted 2 GiB XFS (reflink=1) directory; ext4 alike
         make_sparse(xfs_reflink / "v", 10 << 30, scatter(10 << 30, 64, 1 << 20))
 """
 
@@ -46,6 +46,14 @@ def loop_fs(workdir: Path, size: int, fstype: str) -> Iterator[Path]:
 @pytest.fixture
 def xfs_reflink(tmp_path: Path) -> Iterator[Path]:
     with loop_fs(tmp_path / "xfs", 2 << 30, "xfs") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Path]:
+    """A mounted 16 GiB ext4 (sparse; no reflink), whatever filesystem holds the test's
+    directory."""
+    with loop_fs(tmp_path / "ext4", 16 << 30, "ext4") as mnt:
         yield mnt
 
 

@@ -2,7 +2,8 @@
 
 The hardware agent reads everything under a root (``PHYLLOME_SYSFS_ROOT``); these trees let
 the same code run on hosts this machine is not: an Intel desktop with an NVIDIA GPU, an AMD
-chipset group, an SR-IOV NIC, GVT-g mdev types, a host with the IOMMU off::
+chipset group, an SR-IOV NIC, GVT-g mdev types, a host with the IOMMU off, one with the
+IOMMU on and a device it leaves out::
 
     >>> import tempfile
     >>> root = build(tempfile.mkdtemp(), intel_desktop()).root
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # x86 feature numbers as in the kernel's cpufeatures.h (word * 32 + bit), used in the cpu
@@ -712,10 +713,20 @@ def iommu_off() -> Host:
                 root_dev="8:1", kvm_modules={"kvm_intel": {"nested": "Y"}})
 
 
+def iommu_ungrouped() -> Host:
+    """The Intel desktop with the IOMMU on, but the firmware lists no DMAR unit for the iGPU
+    (``dmar0`` absent, "VT-d for the IGD" off in its setup): 00:02.0 has no IOMMU group while
+    every other device keeps its own."""
+    desktop = intel_desktop()
+    devices = [replace(d, group=None) if d.addr == "0000:00:02.0" else d
+               for d in desktop.devices]
+    return replace(desktop, name="iommu-ungrouped", iommu=("dmar1",), devices=devices)
+
+
 FIXTURES: dict[str, Callable[[], Host]] = {
     "intel-desktop": intel_desktop, "amd-desktop": amd_desktop, "laptop": laptop,
     "single-gpu": single_gpu, "sriov-nic": sriov_nic, "intel-gvtg": intel_gvtg,
-    "iommu-off": iommu_off,
+    "iommu-off": iommu_off, "iommu-ungrouped": iommu_ungrouped,
 }
 
 

@@ -46,7 +46,8 @@ async def test_kernel_uevent_to_bus_event(nats_server, tmp_path: Path) -> None: 
         latency = at - written
         print(f"uevent to bus event: {latency * 1000:.1f} ms")
         assert ev.action == "change" and ev.host == "h1"
-        assert latency < 0.1, f"uevent took {latency * 1000:.0f} ms to reach the bus"
+        # About 4 ms here (bench/bench_hw_uevent.py); the bound only catches a path that hangs.
+        assert latency < 1.0, f"uevent took {latency * 1000:.0f} ms to reach the bus"
         seen = agent.registry.get_sample_value("phyllome_hardware_uevents_total",
                                                {"action": "change"})
         assert seen is not None and seen >= 1

@@ -7,7 +7,6 @@ Regenerate the golden files after an intended change::
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +21,7 @@ from services.vm import domain_xml
 from services.vm import spec as spec_rules
 from shared.errors import BadRequest, InvalidName
 from shared.messages.vm import Disk, Nic, VmSpec
+from tests.support.golden import regenerating
 from tests.support.require import require
 
 GOLDEN = Path(__file__).parents[1] / "data" / "vm" / "golden"
@@ -69,7 +69,7 @@ def _xml(case: str) -> str:
 def test_vm_xml_matches_golden(case: str) -> None:
     golden = GOLDEN / f"{case}.xml"
     xml = _xml(case)
-    if os.environ.get("PHYLLOME_REGENERATE") == "1":
+    if regenerating():
         golden.write_text(xml)
     assert golden.exists(), f"no golden file {golden}: run with PHYLLOME_REGENERATE=1"
     assert xml == golden.read_text()
