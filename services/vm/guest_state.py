@@ -78,12 +78,14 @@ def write_nvram(path: str, data: bytes) -> None:
         raise
 
 
-def unpack_tpm(data: bytes, dest: str) -> None:
+def unpack_tpm(data: bytes, dest: str, owner: tuple[int, int] | None = None) -> None:
     """Replace the directory ``dest`` with the gzipped tar ``data`` (see the module docstring).
 
     Refused: not a gzipped tar; more than MAX_TPM_BYTES unpacked or MAX_TPM_MEMBERS members;
     a member that is not a plain file or directory (links, devices, fifos, sparse files);
-    an absolute name or one with ``..``.
+    an absolute name or one with ``..``. ``owner`` (uid, gid) is given every unpacked entry:
+    swtpm runs as its own user and must be able to write its state (the archive's owners are
+    not trusted).
     """
     tar_bytes = _gunzip(data)
     try:
@@ -94,9 +96,14 @@ def unpack_tpm(data: bytes, dest: str) -> None:
             tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.import-")
             try:
                 tar.extractall(tmp, members=members, filter="data")
-                for root, dirs, _files in os.walk(tmp):
+                for root, dirs, files in os.walk(tmp):
                     for d in dirs:
                         os.chmod(os.path.join(root, d), 0o700)
+                    if owner is not None:
+                        for name in (*dirs, *files):
+                            os.lchown(os.path.join(root, name), *owner)
+                if owner is not None:
+                    os.chown(tmp, *owner)
                 _swap_dir(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,8 @@ QEMU_CONF = "/etc/libvirt/qemu.conf"
 QEMU_USER = "libvirt-qemu"  # Debian's build default, for user and group alike
 REPROBE_S = 2.0
 
-_SETTING = re.compile(r'^\s*(user|group)\s*=\s*"([^"]*)"')
+_SETTING = re.compile(r'^\s*(user|group|swtpm_user|swtpm_group)\s*=\s*"([^"]*)"')
+SWTPM_USER = "tss"  # libvirt's default swtpm_user/swtpm_group on Debian
 
 
 def kvm_fix(kvm: str) -> str:
@@ -71,6 +72,23 @@ def qemu_identity(conf: str) -> tuple[str, int, set[int]] | None:
     with contextlib.suppress(KeyError):
         gids.add(_group(settings["group"]))
     return user.pw_name, user.pw_uid, gids
+
+
+def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
+    """(uid, gid) swtpm runs as under ``conf`` (``swtpm_user``/``swtpm_group``), whose files a
+    migrated TPM state must belong to; None when that user does not exist here."""
+    settings = {"swtpm_user": SWTPM_USER, "swtpm_group": SWTPM_USER}
+    try:
+        with open(conf) as f:
+            for line in f:
+                if m := _SETTING.match(line):
+                    settings[m.group(1)] = m.group(2)
+    except FileNotFoundError:
+        pass
+    try:
+        return _user(settings["swtpm_user"]).pw_uid, _group(settings["swtpm_group"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _user(name: str) -> pwd.struct_passwd:

@@ -413,7 +413,8 @@ class LibvirtHypervisor:
         if nvram:
             await asyncio.to_thread(guest_state.write_nvram, await self._nvram_path(uuid), nvram)
         if tpm:
-            await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid))
+            await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid),
+                                    health.swtpm_owner())
 
     async def _nvram_path(self, uuid: str) -> str:
         """Where libvirt keeps (or will keep) a UEFI domain's variables: its ``<nvram>``, else

@@ -334,7 +334,9 @@ class Cluster:
     def script(host: str, code: str) -> str:
         """A program running ``async def main(bus)`` of ``code``, printing its JSON result."""
         return (
-            "import asyncio, json, time\nfrom shared.bus import Bus\n" + code +
+            "import asyncio, json, time\nfrom shared.bus import Bus\n"
+            "from shared.messages import catalogue as catalogue_api, hardware as hardware_api\n"
+            "from shared.messages import storage as storage_api, vm as vm_api\n" + code +
             "\nasync def _go():\n"
             f"    bus = await Bus.connect('nats://127.0.0.1:4222', name='t', host='{host}',"
             " give_up_after=10)\n"

@@ -59,3 +59,14 @@ def test_vm_nvram_is_replaced_whole_and_capped(tmp_path: Path) -> None:
     assert path.read_bytes() == b"second"
     assert sorted(p.name for p in path.parent.iterdir()) == ["demo_VARS.fd"]
 
+
+
+def test_vm_tpm_state_belongs_to_swtpms_user_not_the_archives(tmp_path: Path) -> None:
+    """swtpm runs as its own user: a migrated state it cannot write fails the VM's start
+    ("TPM result for CMD_INIT: 0x9"), so every unpacked entry gets the owner asked for."""
+    owner = (65534, 65534)  # nobody: not root, not the test's user
+    target = tmp_path / "swtpm" / UUID
+    guest_state.unpack_tpm(tpm_state({"tpm2/tpm2-00.permall": b"state"}), str(target), owner)
+    for path in (target, target / "tpm2", target / "tpm2" / "tpm2-00.permall"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == owner, path
