@@ -4,7 +4,7 @@ sources and refresh; the index lives in KV ``images`` so every host sees one cat
 KV ``images`` keys: ``entry.<id>`` (CatalogueEntry), ``source.<name>`` (SourceSpec, the
 sources added over the bus), ``local.<host>.<id>`` (LocalImage: pulled on that host).
 
-    handlers = Catalogue(agent, settings, store, metrics)
+    handlers = Handlers(agent, settings, store, metrics)
     await handlers.begin()      # sources read, KV written, watcher and link prober running
     await handlers.list(ListRequest(family="linux", downloadable=True))
 """
@@ -115,7 +115,7 @@ def choose(entry: CatalogueEntry, arch: str) -> Download:
     return min(usable, key=lambda d: (FORMAT_ORDER.index(d.format), not d.cloud_init))
 
 
-class Catalogue:
+class Handlers:
     """Handlers of the catalogue endpoints (one per EndpointSpec verb)."""
 
     def __init__(self, agent: Agent, settings: Settings, store: ImageAdapter,

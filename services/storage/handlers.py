@@ -5,7 +5,7 @@ and sends are jobs whose blocking file work runs in a thread that a cancel stops
 copy step. A volume that a running VM on this host has as a disk (KV ``vms``) is not
 resized, cloned, sent or deleted.
 
-    handlers = Handlers(agent, pools, settings)
+    handlers = Handlers(agent, pools, settings, StorageMetrics(agent.registry, pools))
     await handlers.create(CreateVolume(pool="default", name="disk0", size_bytes=1 << 30))
 """
 
@@ -61,11 +61,12 @@ BUSY_STATES = frozenset({"running", "blocked", "paused", "shutting-down", "pmsus
 
 
 class Handlers:
-    def __init__(self, agent: Agent, pools: Pools, settings: Settings) -> None:
+    def __init__(self, agent: Agent, pools: Pools, settings: Settings,
+                 metrics: StorageMetrics) -> None:
         self.agent = agent
         self.store: VolumeStore = pools
         self.settings = settings
-        self.metrics = StorageMetrics(agent.registry, pools)
+        self.metrics = metrics
         self.receiver = Receiver(
             pools, host=agent.host, max_chunk_bytes=max(settings.chunk_bytes, 8 << 20),
             commit_every=settings.commit_every, commit_interval_s=settings.commit_interval_s,

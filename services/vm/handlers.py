@@ -2,7 +2,7 @@
 hardware) and the VM records (``state.VmStates``, which also bridges hypervisor events to
 the bus and reconciles)::
 
-    handlers = Handlers(agent, LibvirtHypervisor(uri), settings, decision)
+    handlers = Handlers(agent, LibvirtHypervisor(uri), settings, decision, metrics)
     await handlers.begin()
     info = await handlers.start(VmRef(vm="demo"))
 """
@@ -91,13 +91,13 @@ class Handlers:
     """One vm agent's endpoints over one hypervisor; see the module docstring."""
 
     def __init__(self, agent: Agent, hypervisor: Hypervisor, settings: Settings,
-                 decision: AcceleratorDecision) -> None:
+                 decision: AcceleratorDecision, metrics: VmMetrics) -> None:
         self.agent = agent
         self.host = agent.host
         self.hv = hypervisor
         self.settings = settings
         self.decision = decision
-        self.metrics = VmMetrics(agent.registry, hypervisor, lambda: self.states.started_at())
+        self.metrics = metrics
         self.states = VmStates(agent, hypervisor, self.metrics)
 
     # -- life of the agent ----------------------------------------------------------------

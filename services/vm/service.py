@@ -10,6 +10,7 @@ from services.vm import accel
 from services.vm.config import Settings
 from services.vm.handlers import Handlers
 from services.vm.libvirt_backend import LibvirtHypervisor
+from services.vm.metrics import VmMetrics
 from shared.agent import Agent
 from shared.messages.vm import ENDPOINTS
 
@@ -25,6 +26,7 @@ async def setup(agent: Agent) -> Handlers:
     hypervisor = LibvirtHypervisor(agent.cfg.libvirt_uri, state_dir=settings.libvirt_dir,
                                    kvm_device=settings.kvm_device)
     await hypervisor.connect()
-    handlers = Handlers(agent, hypervisor, settings, decision)
+    metrics = VmMetrics(agent.registry, hypervisor, lambda: handlers.states.started_at())
+    handlers = Handlers(agent, hypervisor, settings, decision, metrics)
     await handlers.begin()
     return handlers

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
+from services.storage.metrics import StorageMetrics
 from services.storage.volumes import CloneResult, Pool, Progress
 from shared import subjects
 from shared.errors import (
@@ -165,7 +166,8 @@ def _handlers(vms: list[VmRecord] | Exception) -> tuple[Handlers, FakeStore, Fak
                                  virtual_bytes=1 << 30, allocated_bytes=4096))
     agent = FakeAgent(vms)
     settings = Settings(pools={}, import_dirs=[])
-    return Handlers(agent, store, settings), store, agent  # type: ignore[arg-type]
+    metrics = StorageMetrics(CollectorRegistry(), store)  # type: ignore[arg-type]
+    return Handlers(agent, store, settings, metrics), store, agent  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("state", ["running", "paused", "unknown"])
