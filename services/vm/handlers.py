@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 import uuid as uuidlib
-from typing import Any
 
 import msgspec
 
@@ -37,6 +36,7 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
+from shared.jobs import Job
 from shared.messages import Ack, Empty
 from shared.messages import catalogue as catalogue_api
 from shared.messages import hardware as hardware_api
@@ -514,7 +514,7 @@ class Handlers:
         """Cold migration to ``req.to``, a job run here (see ``shared.migration``)."""
         dom = await self.hv.domain(req.vm)
 
-        async def work(job: Any) -> dict[str, object]:
+        async def work(job: Job) -> dict[str, object]:
             with self.metrics.operation("migrate"):
                 return await migration.migrate(self.agent.bus, self.host, req, job)
 
@@ -534,13 +534,13 @@ class Handlers:
             autostart=False)
         await self._refuse_duplicate(spec)
 
-        async def work(job: Any) -> dict[str, object]:
+        async def work(job: Job) -> dict[str, object]:
             with self.metrics.operation("clone"):
                 return await self._clone(job, src, spec)
 
         return self.agent.jobs.start("clone", work, key=f"clone:{src.uuid}:{req.name}")
 
-    async def _clone(self, job: Any, src: Domain, spec: VmSpec) -> dict[str, object]:
+    async def _clone(self, job: Job, src: Domain, spec: VmSpec) -> dict[str, object]:
         made: list[Disk] = []
         defined = ""
         steps = len(spec.disks) + 2
