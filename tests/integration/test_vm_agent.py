@@ -302,7 +302,13 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
             agent_in_process("storage", nats_server.url, tmp_path / "storage", host=HOST,
                              extra={"import_dirs": [str(pool_dir)]}), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
-        info = await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=256),
+        # osinfo's minimum of the image (384 MiB for phyllome-tiny), before any disk is made
+        with pytest.raises(BadRequest, match="needs at least 384 MiB of memory and VM demo "
+                                             "has 256 MiB"):
+            await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=256),
+                                                 image="phyllome-tiny"), timeout=60)
+        assert not (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=384),
                                                     image="phyllome-tiny"), timeout=60)
         disk = info.spec.disks[0]
         assert (disk.pool, disk.volume, disk.owned) == ("default", "demo-disk0", True)
