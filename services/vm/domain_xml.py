@@ -71,16 +71,25 @@ def build(
     return ET.tostring(dom, encoding="unicode") + "\n"
 
 
+def _stored(spec: VmSpec) -> str:
+    """The spec as the metadata keeps it: without the console password, since anyone who
+    may read the domain (``virsh dumpxml``) reads its metadata."""
+    return msgspec.json.encode(msgspec.structs.replace(spec, password="")).decode()
+
+
 def _metadata(spec: VmSpec) -> ET.Element:
     meta = ET.Element(f"{{{METADATA_NS}}}vm")
-    stored = msgspec.structs.replace(spec, password="")  # dumpxml shows metadata to anyone
-    _text(meta, f"{{{METADATA_NS}}}spec", msgspec.json.encode(stored).decode())
+    _text(meta, f"{{{METADATA_NS}}}spec", _stored(spec))
     return meta
 
 
 def metadata(spec: VmSpec) -> str:
-    """The ``<metadata>`` element that carries ``spec``, for a live ``setMetadata``."""
-    return ET.tostring(_metadata(spec), encoding="unicode")
+    """The metadata element carrying ``spec``, for libvirt's ``setMetadata``, which puts the
+    root element into our namespace itself (and refuses one already there): the child
+    declares it on its own, so that it reads back as ``build`` writes it."""
+    root = ET.Element("vm")
+    _text(root, "spec", _stored(spec), xmlns=METADATA_NS)
+    return ET.tostring(root, encoding="unicode")
 
 
 def _cpu(dom: ET.Element, spec: VmSpec, accelerator: Literal["kvm", "tcg"]) -> None:
