@@ -419,6 +419,8 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "cpu time": f"{info.cpu_time_s:.1f} s",
             "firmware": info.spec.firmware + (" + Secure Boot" if info.spec.secure_boot else ""),
             "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
+            "addresses": [f"{a.address}/{a.prefix} ({a.nic})" for a in info.addresses]
+            + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,
             "spice": info.spice.uri if info.spice else None}
     common.print_table([{"k": k, "v": v} for k, v in rows.items()],

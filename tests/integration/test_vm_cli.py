@@ -139,6 +139,11 @@ async def test_vm_cli_networks_nics_cpu_and_devices(
         assert rc == 0, err
         web = json.loads(out)
         assert [n["source"] for n in web["spec"]["nics"]] == ["phyllome"]  # the default NIC
+        for verb in ("start", "info", "destroy"):  # the test driver's guest agent answers
+            rc, out, err = await phyllome(agent, verb, "web")
+            assert rc == 0, err
+            if verb == "info":
+                assert "/24 (testnet0)" in out and "from the agent" in out, out
         rc, out, err = await phyllome(agent, "create", "quiet", "--nic", "none", "--cpu",
                                       "Nehalem", "--json")
         assert rc == 0, err
