@@ -466,10 +466,19 @@ class LibvirtHypervisor:
         return await self._run(f"defining network {spec.name}", work)
 
     async def start_network(self, name: str) -> None:
+        """A network that cannot start is the host's fault (no dnsmasq, a bridge in use),
+        not a lost connection, whatever libvirt's error code says."""
         def work() -> None:
             net = self._c().networkLookupByName(name)
-            if not net.isActive():
+            if net.isActive():
+                return
+            try:
                 net.create()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR:
+                    raise
+                raise BackendError(f"starting network {name}: {e.get_error_message()}") \
+                    from None
 
         await self._run(f"starting network {name}", work)
 

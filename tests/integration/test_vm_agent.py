@@ -79,6 +79,18 @@ async def vm_agent(nats: NatsServer, state: Path, uri: str,
         yield agent, events
 
 
+@contextlib.asynccontextmanager
+async def hardware_agent(nats: NatsServer, tmp_path: Path, fixture: str) -> AsyncIterator[Agent]:
+    """A hardware agent of this host reading the recorded sysfs tree ``fixture``."""
+    host = FIXTURES[fixture]()
+    tree = build(tmp_path / "sys", host)
+    (tmp_path / "proc").mkdir()
+    async with agent_in_process(
+            "hardware", nats.url, tmp_path / "hw", host=HOST, sysfs_root=str(tree.root),
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}) as agent:
+        yield agent
+
+
 async def call(agent: Agent, verb: str, req: Any, timeout: float = 10.0) -> Any:
     return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
 
@@ -299,13 +311,8 @@ async def test_vm_networks_phyllome_is_kept_and_colliding_subnets_are_refused(
 
 async def test_vm_devices_attach_and_detach_on_a_stopped_vm(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
-    host = FIXTURES["intel-desktop"]()  # a Logitech keyboard 046d:c31c on its USB
-    tree = build(tmp_path / "sys", host)
-    (tmp_path / "proc").mkdir()
-    async with agent_in_process(
-            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
-            sysfs_root=str(tree.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+    # intel-desktop has a Logitech keyboard 046d:c31c on its USB
+    async with hardware_agent(nats_server, tmp_path, "intel-desktop"), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _), \
             agent_events(agent, "device") as events:
         vm = await call(agent, "create", VmCreate(spec=VmSpec(name="box", memory_mib=64,
@@ -446,14 +453,8 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
 async def test_vm_hostdevs_need_the_hardware_agents_word(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
     """Passthrough is refused unless the hardware agent calls the device bound or bindable."""
-    host = FIXTURES["intel-desktop"]()
-    tree = build(tmp_path / "sys", host)
-    (tmp_path / "proc").mkdir()
     gpu = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
-    async with agent_in_process(
-            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
-            sysfs_root=str(tree.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+    async with hardware_agent(nats_server, tmp_path, "intel-desktop"), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
         with pytest.raises(Conflict, match="must be passed together with 0000:01:00.1"):
             await call(agent, "create", VmCreate(spec=VmSpec(
@@ -474,13 +475,8 @@ async def test_vm_hostdevs_need_the_hardware_agents_word(
 
 async def test_vm_nested_is_refused_where_the_kvm_module_has_it_off(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
-    host = FIXTURES["laptop"]()  # kvm_intel nested=N
-    tree = build(tmp_path / "sys", host)
-    (tmp_path / "proc").mkdir()
-    async with agent_in_process(
-            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
-            sysfs_root=str(tree.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+    # the laptop's kvm_intel has nested=N
+    async with hardware_agent(nats_server, tmp_path, "laptop"), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
         with pytest.raises(BadRequest, match="does not allow nested virtualization.*nested=1"):
             await call(agent, "create", VmCreate(spec=VmSpec(
