@@ -20,6 +20,7 @@ from typing import Literal
 import msgspec
 
 from services.vm.spec import DISK_TARGETS
+from shared.errors import Conflict
 from shared.messages.net import Network, NetworkMode, NetworkSpec
 from shared.messages.vm import ConsoleEndpoint, Disk, Nic, UsbHostdev, VmSpec
 from shared.validate import PCI_ADDRESS
@@ -264,7 +265,7 @@ def _disk_target(disk: Disk, live_xml: str) -> str:
         used.add(dev)
     free = [_prefix(disk) + t for t in DISK_TARGETS if _prefix(disk) + t not in used]
     if not free:
-        raise ValueError(f"no free {disk.bus} disk target left")
+        raise Conflict(f"no free {disk.bus} disk target left: detach a disk first")
     return free[0]
 
 

@@ -26,7 +26,7 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Device, Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.networks import Networks
-from services.vm.spec import check_name, check_spec, check_usb, is_pci_address
+from services.vm.spec import check_disk, check_name, check_spec, check_usb, is_pci_address
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared import contracts, migration
 from shared.agent import Agent
@@ -696,7 +696,7 @@ class Handlers:
             return await self._info(dom.uuid)
 
     async def attach_disk(self, req: VmAttachDisk) -> VmInfo:
-        disk = await self._resolve(msgspec.structs.replace(req.disk, owned=False))
+        disk = await self._resolve(check_disk(msgspec.structs.replace(req.disk, owned=False)))
 
         def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
             if any(d.path == disk.path for d in spec.disks):

@@ -16,7 +16,7 @@ import re
 
 from shared.errors import BadRequest, InvalidName
 from shared.messages.net import NetworkSpec
-from shared.messages.vm import UsbHostdev, VmSpec
+from shared.messages.vm import Disk, UsbHostdev, VmSpec
 from shared.validate import PCI_ADDRESS
 
 MIN_MEMORY_MIB = 16
@@ -94,12 +94,9 @@ def check_spec(spec: VmSpec) -> None:
     if len(spec.disks) > len(DISK_TARGETS):
         raise BadRequest(f"{len(spec.disks)} disks: at most {len(DISK_TARGETS)}")
     for disk in spec.disks:
-        if not disk.path and not disk.volume:
-            raise BadRequest("a disk needs a path or a storage volume")
-    paths = [d.path for d in spec.disks if d.path or not d.volume]
-    for path in paths + [p for p in (spec.kernel, spec.initrd) if p]:
-        if not path.startswith("/") or "\x00" in path:
-            raise BadRequest(f"path {path!r} must be absolute")
+        check_disk(disk)
+    for path in (p for p in (spec.kernel, spec.initrd) if p):
+        _check_path(path)
     for nic in spec.nics:
         if nic.mac and not _MAC.match(nic.mac):
             raise BadRequest(f"MAC address {nic.mac!r} is not six hex pairs (52:54:00:12:34:56)")
@@ -119,6 +116,19 @@ def check_spec(spec: VmSpec) -> None:
         check_usb(usb)
     if spec.usb_hostdevs and not spec.usb:
         raise BadRequest("USB passthrough needs the VM's USB controller (usb: true)")
+
+
+def check_disk(disk: Disk) -> Disk:
+    if not disk.path and not disk.volume:
+        raise BadRequest("a disk needs a path or a storage volume")
+    if disk.path or not disk.volume:
+        _check_path(disk.path)
+    return disk
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/") or "\x00" in path:
+        raise BadRequest(f"path {path!r} must be absolute")
 
 
 def check_usb(usb: UsbHostdev) -> UsbHostdev:
