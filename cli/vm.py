@@ -8,6 +8,9 @@
     phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
     phyllome vm create web --host auto --memory 2G   # placed on a host that fits, says why
     phyllome vm migrate demo --to b --shutdown       # cold migration, with a progress bar
+    phyllome vm attach-disk demo data --bus virtio   # live too when running; detach-disk
+    phyllome vm attach-nic demo network:lab          # or bridge:br0, user; detach-nic MAC
+    phyllome vm attach-usb demo 046d:c52b            # or bus.device; detach-usb
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, NoReturn
+
+import msgspec
 
 from cli import common
 from shared import contracts
@@ -28,12 +33,20 @@ from shared.messages import catalogue as catalogue_api
 from shared.messages import new_id
 from shared.messages import vm as vm_api
 from shared.messages.catalogue import ImageInfo, ImageRef
+from shared.messages.net import DEFAULT_NETWORK
 from shared.messages.vm import (
     Disk,
     Nic,
+    UsbHostdev,
+    VmAttachDisk,
+    VmAttachNic,
+    VmAttachUsb,
     VmClone,
     VmCreate,
     VmDelete,
+    VmDetachDisk,
+    VmDetachNic,
+    VmDetachUsb,
     VmInfo,
     VmList,
     VmListRequest,
@@ -72,7 +85,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--listen", default="127.0.0.1", help="console listen address")
     p.add_argument("--password", default="", help="console password (VNC: at most 8)")
     p.add_argument("--nic", action="append", default=[], metavar="KIND[:SOURCE]",
-                   help="network:NAME, bridge:NAME or user; repeatable (default: none)")
+                   help=f"network:NAME, bridge:NAME, user or none; repeatable (default: one "
+                        f"NIC on network {DEFAULT_NETWORK})")
+    p.add_argument("--cpu", default="", metavar="MODEL",
+                   help="CPU model: host-passthrough, maximum, host-model or a name such as "
+                        "Nehalem (default: the host's under KVM, QEMU's maximum under TCG)")
     p.add_argument("--hostdev", action="append", default=[], metavar="ADDR",
                    help="PCI address or mdev UUID to pass through; repeatable")
     p.add_argument("--nested", action="store_true", help="let the guest run its own VMs")
@@ -150,6 +167,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="print the URI even when remote-viewer is installed")
     p.set_defaults(func=cmd_console)
 
+    _register_devices(cmds)
+
+
+def _register_devices(cmds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """attach-/detach- disk, nic, usb: on a stopped VM its definition; on a running one
+    live as well."""
+    verbs = (
+        ("attach-disk", "disk", "VOL", "a RAW volume (POOL/NAME or NAME) or a path"),
+        ("detach-disk", "disk", "DISK", "the disk's path, POOL/NAME or volume name"),
+        ("attach-nic", "nic", "KIND[:SOURCE]", "network:NAME, bridge:NAME or user"),
+        ("detach-nic", "mac", "MAC", "the NIC's MAC address (`vm info --json`)"),
+        ("attach-usb", "usb", "ID", "vendor:product (046d:c52b) or bus.device (1.4)"),
+        ("detach-usb", "usb", "ID", "as it was attached"),
+    )
+    for verb, dest, metavar, doc in verbs:
+        p = cmds.add_parser(verb, help=f"{verb.replace('-', ' ')} ({doc})")
+        common.add_common(p)
+        p.add_argument("vm")
+        p.add_argument(dest, metavar=metavar, help=doc)
+        if verb == "attach-disk":
+            p.add_argument("--bus", choices=("virtio", "sata"), default="virtio")
+            p.add_argument("--readonly", action="store_true")
+        if verb == "attach-nic":
+            p.add_argument("--mac", default="", help="default: a new one in 52:54:00")
+        p.set_defaults(func=cmd_device, verb=verb)
+
 
 
 def _disk(text: str) -> Disk:
@@ -159,15 +202,29 @@ def _disk(text: str) -> Disk:
     return Disk(pool=pool or "default", volume=name)
 
 
-def _nic(text: str) -> Nic:
+def _nic(text: str, mac: str = "") -> Nic:
     kind, _, source = text.partition(":")
     if kind == "user":
-        return Nic(kind="user")
+        return Nic(kind="user", mac=mac)
     if kind not in ("network", "bridge") or not source:
-        common.err_console.print(f"[red]error:[/red] --nic {text!r}: use network:NAME, "
-                                 "bridge:NAME or user", highlight=False)
-        sys.exit(common.EXIT_USAGE)
-    return Nic(kind=kind, source=source)  # type: ignore[arg-type]
+        _usage(f"{text!r}: use network:NAME, bridge:NAME or user")
+    return Nic(kind=kind, source=source, mac=mac)  # type: ignore[arg-type]
+
+
+def _nics(given: list[str]) -> list[Nic]:
+    """One NIC on the default network unless ``--nic`` says otherwise (``none``: no NIC)."""
+    if not given:
+        return [Nic(kind="network", source=DEFAULT_NETWORK)]
+    if "none" in given:
+        if len(given) > 1:
+            _usage("--nic none means no NIC at all: give it alone")
+        return []
+    return [_nic(n) for n in given]
+
+
+def _usage(message: str) -> NoReturn:
+    common.err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(common.EXIT_USAGE)
 
 
 def _template(info: ImageInfo) -> dict[str, Any]:
@@ -182,7 +239,7 @@ def cmd_create(args: argparse.Namespace) -> None:
     """Image defaults, placement and the create itself over one connection."""
     from shared.placement import choose
 
-    disks, nics = [_disk(d) for d in args.disk], [_nic(n) for n in args.nic]  # usage first
+    disks, nics = [_disk(d) for d in args.disk], _nics(args.nic)  # usage first
 
     async def go(bus: Bus) -> VmInfo:
         values: dict[str, Any] = {"memory_mib": 1024, "vcpus": 2, "firmware": "uefi",
@@ -201,7 +258,7 @@ def cmd_create(args: argparse.Namespace) -> None:
             name=args.name, disks=disks, nics=nics, display=args.display, listen=args.listen,
             password=args.password, hostdevs=args.hostdev, nested=args.nested,
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-            accelerator=args.accelerator, autostart=args.autostart, **values)
+            accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu, **values)
         host = args.host
         if host == "auto":
             choice = await choose(bus, spec)
@@ -268,6 +325,37 @@ def cmd_migrate(args: argparse.Namespace) -> None:
         bytes_progress=False)
 
 
+def _usb(text: str) -> UsbHostdev:
+    """``vendor:product`` or ``bus.device``; the agent checks the digits."""
+    if ":" in text:
+        vendor, _, product = text.lower().partition(":")
+        return UsbHostdev(vendor=vendor, product=product)
+    bus, dot, device = text.partition(".")
+    if not (dot and bus.isdigit() and device.isdigit()):
+        _usage(f"USB device {text!r}: give vendor:product (046d:c52b) or bus.device (1.4, as "
+               "lsusb shows them)")
+    return UsbHostdev(bus=int(bus), device=int(device))
+
+
+def cmd_device(args: argparse.Namespace) -> None:
+    verb = args.verb
+    req: Any
+    if verb == "attach-disk":
+        disk = msgspec.structs.replace(_disk(args.disk), bus=args.bus, readonly=args.readonly)
+        req = VmAttachDisk(vm=args.vm, disk=disk)
+    elif verb == "detach-disk":
+        req = VmDetachDisk(vm=args.vm, disk=args.disk)
+    elif verb == "attach-nic":
+        req = VmAttachNic(vm=args.vm, nic=_nic(args.nic, args.mac))
+    elif verb == "detach-nic":
+        req = VmDetachNic(vm=args.vm, mac=args.mac)
+    elif verb == "attach-usb":
+        req = VmAttachUsb(vm=args.vm, device=_usb(args.usb))
+    else:
+        req = VmDetachUsb(vm=args.vm, device=_usb(args.usb))
+    _show_info(args, common.request(args, contracts.spec("vm", verb.replace("-", "_")), req))
+
+
 def cmd_console(args: argparse.Namespace) -> None:
     info: VmInfo = common.request(args, vm_api.INFO, VmRef(vm=args.vm))
     uris = [c.uri for c in (info.spice, info.vnc) if c is not None]
@@ -331,6 +419,8 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "cpu time": f"{info.cpu_time_s:.1f} s",
             "firmware": info.spec.firmware + (" + Secure Boot" if info.spec.secure_boot else ""),
             "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
+            "addresses": [f"{a.address}/{a.prefix} ({a.nic})" for a in info.addresses]
+            + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,
             "spice": info.spice.uri if info.spice else None}
     common.print_table([{"k": k, "v": v} for k, v in rows.items()],

@@ -13,7 +13,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-dev pkg-config gcc python3-venv python3-dev
   qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools osinfo-db hwdata pciutils
   prometheus xfsprogs cpio busybox-static mtools gdisk dosfstools libxml2-utils
-  socat rsync curl iproute2 kmod gzip openssl gpgv gnupg
+  socat rsync curl iproute2 kmod gzip openssl gpgv gnupg dnsmasq-base
 )
 
 packages() {

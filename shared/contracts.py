@@ -78,7 +78,7 @@ def _type_name(tp: Any) -> str:
     text = getattr(tp, "__name__", None) if isinstance(tp, type) else None
     text = text or repr(tp)
     for noise in ("typing.", "shared.messages.", "hardware.", "vm.", "storage.", "catalogue.",
-                  "jobs.", "<class '", "'>"):
+                  "jobs.", "net.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text
 

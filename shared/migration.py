@@ -48,6 +48,8 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
+from shared.messages import Empty
+from shared.messages import net as net_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobProgress, JobRef, JobStatus
@@ -258,6 +260,7 @@ async def _preflight(bus: Any, source: str, target: str,
         why = refusal(view, needs(spec, disk_bytes=size, pool=pool), committed)
         if why is not None:
             raise InsufficientResources(f"{target} cannot take {spec.name}: {why}")
+    await check_networks(bus, target, spec)
     for ref in (spec.name, spec.uuid):
         if await _exists(bus.call(target, vm_api.INFO, VmRef(vm=ref), timeout=CALL_TIMEOUT_S)):
             raise Conflict(f"{target} has a VM {ref} already; rename or delete one of them")
@@ -269,6 +272,22 @@ async def _preflight(bus: Any, source: str, target: str,
                            f"delete {disk.pool}/{disk.volume} --host {target}` if it is not "
                            "in use")
     return digests
+
+
+async def check_networks(bus: Any, target: str, spec: VmSpec) -> None:
+    """Refuse a move to a host that lacks a network or a bridge the VM's NICs are on (the VM
+    would be defined there but could not start)."""
+    networks = {n.source for n in spec.nics if n.kind == "network"}
+    bridges = {n.source for n in spec.nics if n.kind == "bridge"}
+    if not networks and not bridges:
+        return
+    have = await bus.call(target, net_api.NET_LIST, Empty(), timeout=CALL_TIMEOUT_S)
+    missing = [f"network {n}" for n in sorted(networks - {x.name for x in have.networks})]
+    missing += [f"bridge {b}" for b in sorted(bridges - set(have.bridges))]
+    if missing:
+        raise Conflict(f"{target} has no {', '.join(missing)}, which the NICs of {spec.name} "
+                       f"are on: create them there first (`phyllome net create ... --host "
+                       f"{target}`), or detach those NICs")
 
 
 async def _carry_state(bus: Any, source: str, target: str, spec: VmSpec) -> None:

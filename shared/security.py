@@ -34,6 +34,7 @@ from shared.errors import BackendError
 from shared.messages import EndpointSpec
 from shared.messages import catalogue as catalogue_api
 from shared.messages import hardware as hardware_api
+from shared.messages import net as net_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 
@@ -62,9 +63,11 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
         "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
                 hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
                 catalogue_api.INFO),
-        # cold migration: the VM, its disks and its NVRAM/TPM state on source and target
+        # cold migration: the VM, its disks and its NVRAM/TPM state on source and target,
+        # the target's networks
         "any": (vm_api.INFO, vm_api.SHUTDOWN, vm_api.CREATE, vm_api.DELETE,
-                vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, storage_api.INFO, storage_api.SEND,
+                vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, net_api.NET_LIST,
+                storage_api.INFO, storage_api.SEND,
                 storage_api.DELETE, storage_api.JOB, storage_api.CANCEL),
     },
     # a disk transfer, sender to receiver

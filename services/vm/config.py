@@ -9,6 +9,9 @@
     libvirt_dir = "/var/lib/libvirt"  # libvirt's NVRAM (qemu/nvram) and TPM state (swtpm);
                                       # default: that one, none for the test driver
     kvm_device = "/dev/kvm"         # whose access by QEMU's user the health check looks at
+    nat_subnet = ""                 # of the NAT network phyllome when first defined;
+                                    # default: the first free 10.89.x.0/24
+    address_poll_s = 5              # how often running guests' addresses are read
     replicas = 1                    # read by shared.agent for the KV buckets
 
 The accelerator policy (auto|kvm|tcg) is the common ``accelerator`` setting
@@ -38,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     reconcile_s: float = 30.0
     libvirt_dir: str = ""
     kvm_device: str = "/dev/kvm"
+    nat_subnet: str = ""
+    address_poll_s: float = 5.0
     replicas: int = 1
 
     @classmethod

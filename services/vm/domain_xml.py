@@ -12,19 +12,27 @@ that ``spec.check_spec`` let through into the XML the backend defines::
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import xml.etree.ElementTree as ET
 from typing import Literal
 
 import msgspec
 
 from services.vm.spec import DISK_TARGETS
-from shared.messages.vm import ConsoleEndpoint, VmSpec
+from shared.errors import Conflict
+from shared.messages.net import Network, NetworkMode, NetworkSpec
+from shared.messages.vm import ConsoleEndpoint, Disk, Nic, UsbHostdev, VmSpec
 from shared.validate import PCI_ADDRESS
 
 METADATA_NS = "https://phyllome.dev/xmlns/vm/1"
 ET.register_namespace("phyllome", METADATA_NS)
 
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# Free PCIe root ports a VM gets for disks and NICs attached while it runs (q35 hot-plugs
+# only into a root port, and libvirt leaves at most one free).
+HOTPLUG_PORTS = 4
+BUILTIN_PCI = 5  # at most: video, virtio-serial, rng, balloon, USB controller
 
 
 def build(
@@ -38,9 +46,7 @@ def build(
     _text(dom, "name", spec.name)
     if spec.uuid:
         _text(dom, "uuid", spec.uuid)
-    meta = ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{METADATA_NS}}}vm")
-    stored = msgspec.structs.replace(spec, password="")  # dumpxml shows metadata to anyone
-    _text(meta, f"{{{METADATA_NS}}}spec", msgspec.json.encode(stored).decode())
+    ET.SubElement(dom, "metadata").append(_metadata(spec))
     _text(dom, "memory", str(spec.memory_mib), unit="MiB")
     _text(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
     _text(dom, "vcpu", str(spec.vcpus), placement="static")
@@ -50,8 +56,7 @@ def build(
     ET.SubElement(features, "apic")
     if spec.secure_boot:
         ET.SubElement(features, "smm", state="on")
-    if spec.nested:
-        ET.SubElement(dom, "cpu", mode="host-passthrough", check="none", migratable="on")
+    _cpu(dom, spec, accelerator)
     clock = ET.SubElement(dom, "clock", offset="utc")
     ET.SubElement(clock, "timer", name="rtc", tickpolicy="catchup")
     ET.SubElement(clock, "timer", name="pit", tickpolicy="delay")
@@ -65,6 +70,41 @@ def build(
     _devices(ET.SubElement(dom, "devices"), spec, serial_log)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _stored(spec: VmSpec) -> str:
+    """The spec as the metadata keeps it: without the console password, since anyone who
+    may read the domain (``virsh dumpxml``) reads its metadata."""
+    return msgspec.json.encode(msgspec.structs.replace(spec, password="")).decode()
+
+
+def _metadata(spec: VmSpec) -> ET.Element:
+    meta = ET.Element(f"{{{METADATA_NS}}}vm")
+    _text(meta, f"{{{METADATA_NS}}}spec", _stored(spec))
+    return meta
+
+
+def metadata(spec: VmSpec) -> str:
+    """The metadata element carrying ``spec``, for libvirt's ``setMetadata``, which puts the
+    root element into our namespace itself (and refuses one already there): the child
+    declares it on its own, so that it reads back as ``build`` writes it."""
+    root = ET.Element("vm")
+    _text(root, "spec", _stored(spec), xmlns=METADATA_NS)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _cpu(dom: ET.Element, spec: VmSpec, accelerator: Literal["kvm", "tcg"]) -> None:
+    """The host's CPU under KVM (or when nested); QEMU's ``max`` model under TCG, which
+    has every feature TCG emulates (x86-64-v2 and more), unless the spec names a model."""
+    mode = spec.cpu or ("host-passthrough" if accelerator == "kvm" or spec.nested
+                        else "maximum")
+    if mode in ("host-passthrough", "maximum"):
+        ET.SubElement(dom, "cpu", mode=mode, check="none", migratable="on")
+    elif mode == "host-model":
+        ET.SubElement(dom, "cpu", mode=mode, check="partial")
+    else:
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact", check="partial")
+        _text(cpu, "model", mode, fallback="forbid")
 
 
 def _os(dom: ET.Element, spec: VmSpec) -> None:
@@ -88,26 +128,55 @@ def _os(dom: ET.Element, spec: VmSpec) -> None:
         ET.SubElement(os_el, "boot", dev="hd")
 
 
+def _prefix(disk: Disk) -> str:
+    return "vd" if disk.bus == "virtio" else "sd"
+
+
+def _disk(disk: Disk, target: str) -> ET.Element:
+    d = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(d, "driver", name="qemu", type="raw", discard="unmap")
+    ET.SubElement(d, "source", file=disk.path)
+    ET.SubElement(d, "target", dev=target, bus=disk.bus)
+    if disk.readonly:
+        ET.SubElement(d, "readonly")
+    return d
+
+
+def _nic(nic: Nic) -> ET.Element:
+    n = ET.Element("interface", type=nic.kind)
+    if nic.mac:
+        ET.SubElement(n, "mac", address=nic.mac)
+    if nic.kind == "network":
+        ET.SubElement(n, "source", network=nic.source)
+    elif nic.kind == "bridge":
+        ET.SubElement(n, "source", bridge=nic.source)
+    ET.SubElement(n, "model", type="virtio")
+    return n
+
+
+def _usb(usb: UsbHostdev) -> ET.Element:
+    h = ET.Element("hostdev", mode="subsystem", type="usb", managed="yes")
+    source = ET.SubElement(h, "source")
+    if usb.vendor:
+        ET.SubElement(source, "vendor", id=f"0x{usb.vendor}")
+        ET.SubElement(source, "product", id=f"0x{usb.product}")
+    else:
+        ET.SubElement(source, "address", bus=str(usb.bus), device=str(usb.device))
+    return h
+
+
 def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
+    ET.SubElement(dev, "controller", type="pci", index="0", model="pcie-root")
+    ports = (sum(d.bus == "virtio" for d in spec.disks) + len(spec.nics) + len(spec.hostdevs)
+             + BUILTIN_PCI + HOTPLUG_PORTS)
+    for index in range(1, ports + 1):
+        ET.SubElement(dev, "controller", type="pci", index=str(index), model="pcie-root-port")
     used = {"virtio": 0, "sata": 0}
     for disk in spec.disks:
-        d = ET.SubElement(dev, "disk", type="file", device="disk")
-        ET.SubElement(d, "driver", name="qemu", type="raw", discard="unmap")
-        ET.SubElement(d, "source", file=disk.path)
-        prefix = "vd" if disk.bus == "virtio" else "sd"
-        ET.SubElement(d, "target", dev=prefix + DISK_TARGETS[used[disk.bus]], bus=disk.bus)
+        dev.append(_disk(disk, _prefix(disk) + DISK_TARGETS[used[disk.bus]]))
         used[disk.bus] += 1
-        if disk.readonly:
-            ET.SubElement(d, "readonly")
     for nic in spec.nics:
-        n = ET.SubElement(dev, "interface", type=nic.kind)
-        if nic.mac:
-            ET.SubElement(n, "mac", address=nic.mac)
-        if nic.kind == "network":
-            ET.SubElement(n, "source", network=nic.source)
-        elif nic.kind == "bridge":
-            ET.SubElement(n, "source", bridge=nic.source)
-        ET.SubElement(n, "model", type="virtio")
+        dev.append(_nic(nic))
     serial = ET.SubElement(dev, "serial", type="pty")
     ET.SubElement(serial, "log", file=serial_log, append="off")
     target = ET.SubElement(serial, "target", type="isa-serial", port="0")
@@ -147,6 +216,8 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
         ET.SubElement(tpm, "backend", type="emulator", version="2.0")
     for hd in spec.hostdevs:
         _hostdev(dev, hd)
+    for usb in spec.usb_hostdevs:
+        dev.append(_usb(usb))
     ET.SubElement(dev, "memballoon", model="virtio" if spec.balloon else "none")
 
 
@@ -166,6 +237,82 @@ def _text(parent: ET.Element, tag: str, text: str, **attrs: str) -> ET.Element:
     el = ET.SubElement(parent, tag, attrs)
     el.text = text
     return el
+
+
+# -- one device, for a live attach or detach ------------------------------------------------
+
+
+def device(item: Disk | Nic | UsbHostdev, *, live_xml: str = "") -> str:
+    """The device element of ``item`` alone. A disk takes the target its path has in
+    ``live_xml`` (a detach), else the first one free there (an attach)."""
+    if isinstance(item, Nic):
+        el = _nic(item)
+    elif isinstance(item, UsbHostdev):
+        el = _usb(item)
+    else:
+        el = _disk(item, _disk_target(item, live_xml))
+    ET.indent(el)
+    return ET.tostring(el, encoding="unicode")
+
+
+def _disk_target(disk: Disk, live_xml: str) -> str:
+    used = set()
+    for d in ET.fromstring(live_xml).iterfind("devices/disk"):
+        source, target = d.find("source"), d.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if source is not None and source.get("file") == disk.path:
+            return dev
+        used.add(dev)
+    free = [_prefix(disk) + t for t in DISK_TARGETS if _prefix(disk) + t not in used]
+    if not free:
+        raise Conflict(f"no free {disk.bus} disk target left: detach a disk first")
+    return free[0]
+
+
+# -- networks -------------------------------------------------------------------------------
+
+
+def bridge_name(name: str) -> str:
+    """The host bridge of a NAT or isolated network (``spec.check_network`` keeps it short)."""
+    return f"phy-{name}"
+
+
+def network(spec: NetworkSpec) -> str:
+    """The libvirt network XML of a checked network spec: DHCP over the subnet but the
+    host's (first) address; DNS from the same dnsmasq; NAT out for ``nat`` only."""
+    net = ET.Element("network")
+    _text(net, "name", spec.name)
+    if spec.mode == "bridge":
+        ET.SubElement(net, "forward", mode="bridge")
+        ET.SubElement(net, "bridge", name=spec.bridge)
+    else:
+        if spec.mode == "nat":
+            ET.SubElement(net, "forward", mode="nat")
+        ET.SubElement(net, "bridge", name=bridge_name(spec.name), stp="on", delay="0")
+        subnet = ipaddress.IPv4Network(spec.subnet)
+        hosts = list(itertools.islice(subnet.hosts(), 2))
+        ip = ET.SubElement(net, "ip", address=str(hosts[0]), prefix=str(subnet.prefixlen))
+        ET.SubElement(ET.SubElement(ip, "dhcp"), "range", start=str(hosts[1]),
+                      end=str(subnet.broadcast_address - 1))
+    ET.indent(net)
+    return ET.tostring(net, encoding="unicode") + "\n"
+
+
+def network_of(xml: str, *, active: bool, autostart: bool) -> Network:
+    """A libvirt network as Phyllome shows it (any network of the host, ours or not)."""
+    root = ET.fromstring(xml)
+    forward = root.find("forward")
+    fwd = forward.get("mode", "nat") if forward is not None else ""
+    bridge = root.find("bridge")
+    subnet = ""
+    ip = root.find("ip")
+    if ip is not None and ip.get("address"):
+        mask = ip.get("prefix") or ip.get("netmask") or "24"
+        subnet = str(ipaddress.ip_interface(f"{ip.get('address')}/{mask}").network)
+    mode: NetworkMode = "isolated" if not fwd else "bridge" if fwd == "bridge" else "nat"
+    return Network(name=root.findtext("name", ""), mode=mode, subnet=subnet,
+                   bridge=bridge.get("name", "") if bridge is not None else "",
+                   active=active, autostart=autostart)
 
 
 # -- reading back what libvirt filled in ---------------------------------------------------

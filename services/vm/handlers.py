@@ -14,15 +14,19 @@ import logging
 import secrets
 import time
 import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import msgspec
 
 from services.vm import hostfs
 from services.vm.accel import Accel
+from services.vm.addresses import AddressWatch
 from services.vm.config import Settings
-from services.vm.hypervisor import Domain, Hypervisor
+from services.vm.hypervisor import Device, Domain, Hypervisor
 from services.vm.metrics import VmMetrics
-from services.vm.spec import check_name, check_spec, is_pci_address
+from services.vm.networks import Networks
+from services.vm.spec import check_disk, check_name, check_spec, check_usb, is_pci_address
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared import contracts, migration
 from shared.agent import Agent
@@ -50,15 +54,26 @@ from shared.messages.hardware import (
     HostCaps,
     PciDevice,
 )
+from shared.messages.hosts import Problem
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.net import NetCreate, NetList, NetRef, Network
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
     Disk,
+    Nic,
+    UsbHostdev,
+    VmAttachDisk,
+    VmAttachNic,
+    VmAttachUsb,
     VmClone,
     VmCreate,
     VmDelete,
+    VmDetachDisk,
+    VmDetachNic,
+    VmDetachUsb,
+    VmDeviceChanged,
     VmGuestState,
     VmInfo,
     VmList,
@@ -73,6 +88,8 @@ from shared.messages.vm import (
 
 log = logging.getLogger("phyllome.vm")
 
+# A VM's spec with one device more or less, that device, and how events name it.
+Change = Callable[[VmSpec], tuple[VmSpec, Device, str]]
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
 HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
@@ -99,6 +116,9 @@ class Handlers:
         self.decision = decision
         self.metrics = metrics
         self.states = VmStates(agent, hypervisor, self.metrics)
+        self.networks = Networks(hypervisor, nat_subnet=settings.nat_subnet)
+        self.addresses = AddressWatch(agent, hypervisor)
+        self._network_problem: Problem | None = None
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -108,23 +128,28 @@ class Handlers:
             await self.agent.publish("accelerator", AcceleratorFallback(
                 host=self.host, reason=self.decision.note))
         self.agent.spawn(self._report_probe(), "report-probe")
+        if self.hv.connected:
+            self._network_problem = await self.networks.ensure_default()
         await self.states.reconcile()
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
         self.agent.spawn(self._watch_health(), "health")
+        self.agent.spawn(self.addresses.run(self.settings.address_poll_s), "addresses")
 
     async def close(self) -> None:
         await self.hv.close()
 
     async def _watch_health(self) -> None:
         """Keep the agent's problems (its heartbeat, ``phyllome status``) true to the
-        hypervisor's; a change is logged and beaten at once."""
+        hypervisor's and the default network's; a change is logged and beaten at once."""
         while True:
             try:
                 found = await self.hv.problems()
             except PhyError as e:
                 log.debug("host problems not checked: %s", e.message)
             else:
+                if self._network_problem is not None:
+                    found.append(self._network_problem)
                 if found != self.agent.problems:
                     for p in found:
                         if p not in self.agent.problems:
@@ -177,7 +202,31 @@ class Handlers:
         if spec.nested and accel != "kvm":
             raise BadRequest(f"nested virtualization needs KVM, and VM {spec.name} would run "
                              f"under TCG ({self.decision.note})")
+        if spec.cpu == "host-passthrough" and accel != "kvm":
+            raise BadRequest(f"--cpu host-passthrough needs KVM, and VM {spec.name} would run "
+                             "under TCG: use --cpu maximum, a named model, or leave it out")
         return accel
+
+    async def _check_nics(self, nics: list[Nic]) -> None:
+        """Refuse a NIC on a network this host does not have (it would not start)."""
+        wanted = {n.source for n in nics if n.kind == "network"}
+        if not wanted:
+            return
+        have = {n.name for n in await self.hv.networks()}
+        for name in sorted(wanted - have):
+            raise NotFound(f"no network {name!r} on {self.host}: `phyllome net list` shows "
+                           "them, `phyllome net create` makes one")
+
+    @staticmethod
+    def _check_minimum(spec: VmSpec, image: ImageInfo) -> None:
+        """What the image's OS needs at least (osinfo's minimum), before any disk is made."""
+        low = image.entry.requirements.minimum
+        if low.ram and spec.memory_mib * (1 << 20) < low.ram:
+            raise BadRequest(f"{image.entry.name} needs at least {low.ram >> 20} MiB of "
+                             f"memory and VM {spec.name} has {spec.memory_mib} MiB: give more")
+        if low.cpus and spec.vcpus < low.cpus:
+            raise BadRequest(f"{image.entry.name} needs at least {low.cpus} vCPUs and VM "
+                             f"{spec.name} has {spec.vcpus}: give more with --cpus")
 
     async def _check_nested(self, spec: VmSpec) -> None:
         """Refuse ``nested`` when the hardware agent says the KVM module has it off."""
@@ -237,17 +286,17 @@ class Handlers:
 
     async def _resolve_disks(self, spec: VmSpec) -> VmSpec:
         """Fill in the paths of volume disks, and check that every disk is RAW."""
-        disks = []
-        for disk in spec.disks:
-            if not disk.path:
-                vol: VolumeInfo = await self.agent.bus.call(
-                    self.host, storage_api.INFO,
-                    VolumeQuery(pool=disk.pool or "default", name=disk.volume),
-                    timeout=PEER_TIMEOUT_S)
-                disk = msgspec.structs.replace(disk, path=vol.path, pool=vol.pool)
-            await asyncio.to_thread(hostfs.check_raw, disk.path)
-            disks.append(disk)
-        return msgspec.structs.replace(spec, disks=disks)
+        return msgspec.structs.replace(spec, disks=[await self._resolve(d) for d in spec.disks])
+
+    async def _resolve(self, disk: Disk) -> Disk:
+        if not disk.path:
+            vol: VolumeInfo = await self.agent.bus.call(
+                self.host, storage_api.INFO,
+                VolumeQuery(pool=disk.pool or "default", name=disk.volume),
+                timeout=PEER_TIMEOUT_S)
+            disk = msgspec.structs.replace(disk, path=vol.path, pool=vol.pool)
+        await asyncio.to_thread(hostfs.check_raw, disk.path)
+        return disk
 
     async def _wait_job(self, svc: str, accepted: JobAccepted) -> JobStatus:
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -279,18 +328,22 @@ class Handlers:
         await hostfs.copy_disk(src.path, path)
         return Disk(path=path, bus=src.bus, owned=True)
 
-    async def _disk_from_image(self, image: str, vm_name: str) -> Disk:
-        """The image's RAW file (from the catalogue) cloned into a new disk of the VM."""
-        bus = self.agent.bus
+    async def _image(self, image: str) -> ImageInfo:
         try:
-            info: ImageInfo = await bus.call(self.host, catalogue_api.INFO,
-                                             ImageRef(id=image), timeout=PEER_TIMEOUT_S)
+            info: ImageInfo = await self.agent.bus.call(
+                self.host, catalogue_api.INFO, ImageRef(id=image), timeout=PEER_TIMEOUT_S)
         except Unavailable as e:
             raise Unavailable(f"--image needs the catalogue agent ({e.message}); "
                               "or give a disk with --disk") from None
         if not info.path:
             raise Conflict(f"image {image} is not on {self.host} yet: run "
                            f"`phyllome images pull {image}` first")
+        return info
+
+    async def _disk_from_image(self, info: ImageInfo, vm_name: str) -> Disk:
+        """The image's RAW file (from the catalogue) cloned into a new disk of the VM."""
+        bus = self.agent.bus
+        image = info.entry.id
         name = f"{vm_name}-disk0"
         try:
             accepted = await bus.call(self.host, storage_api.IMPORT_FILE, ImportVolume(
@@ -333,6 +386,8 @@ class Handlers:
         spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
         stats = await self.hv.stats(dom.uuid)
         consoles = await self.hv.consoles(dom.uuid) if dom.state in RUNNING else {}
+        source, addresses = await self.hv.addresses(dom.uuid) if dom.state in RUNNING \
+            and spec.nics else ("", [])
         started = record.started_at if record and dom.state in RUNNING else 0.0
         note = ""
         if dom.accelerator == "tcg":
@@ -344,7 +399,8 @@ class Handlers:
             uptime_s=round(time.time() - started, 3) if started else 0.0,
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, cpu_time_s=stats.cpu_time_s,
             memory_rss_bytes=stats.memory_rss_bytes, autostart=dom.autostart,
-            vnc=consoles.get("vnc"), spice=consoles.get("spice"), spec=redacted(spec))
+            vnc=consoles.get("vnc"), spice=consoles.get("spice"), addresses=addresses,
+            address_source=source, spec=redacted(spec))
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -359,13 +415,18 @@ class Handlers:
             await self._refuse_duplicate(spec)
             await self._check_memory(spec)
             await self._check_hostdevs(spec.hostdevs)
+            await self._check_usb(spec.usb_hostdevs)
+            await self._check_nics(spec.nics)
+            image = await self._image(req.image) if req.image else None
+            if image is not None:
+                self._check_minimum(spec, image)
             spec = await self._resolve_disks(spec)
             spec = msgspec.structs.replace(spec, nics=[
                 n if n.mac else msgspec.structs.replace(n, mac=random_mac()) for n in spec.nics])
             made: Disk | None = None
             try:
-                if req.image:
-                    made = await self._disk_from_image(req.image, spec.name)
+                if image is not None:
+                    made = await self._disk_from_image(image, spec.name)
                     spec = msgspec.structs.replace(spec, disks=[made, *spec.disks])
                 dom = await self._define(spec)
                 try:
@@ -570,3 +631,135 @@ class Handlers:
             for disk in made:
                 await self._delete_disk(disk)
             raise
+
+    # -- networks ---------------------------------------------------------------------------
+
+    async def net_list(self, req: Empty) -> NetList:
+        return await self.networks.net_list(req)
+
+    async def net_create(self, req: NetCreate) -> Network:
+        with self.metrics.operation("net_create"):
+            return await self.networks.net_create(req)
+
+    async def net_delete(self, req: NetRef) -> Ack:
+        with self.metrics.operation("net_delete"):
+            users = [d.name for d in await self.hv.domains() if d.spec is not None and any(
+                n.kind == "network" and n.source == req.name for n in d.spec.nics)]
+            return await self.networks.net_delete(req, users)
+
+    # -- devices after create ---------------------------------------------------------------
+
+    async def _check_usb(self, devices: Sequence[UsbHostdev]) -> None:
+        """Refuse a vendor:product the hardware agent's inventory does not list (a
+        bus.device is libvirt's to check: the inventory names ports, not numbers)."""
+        wanted = {(u.vendor, u.product) for u in devices if u.vendor}
+        if not wanted:
+            return
+        try:
+            found: DeviceList = await self.agent.bus.call(self.host, hardware_api.LIST,
+                                                          DeviceQuery(), timeout=PEER_TIMEOUT_S)
+        except Unavailable as e:
+            raise Unavailable(f"USB passthrough needs the hardware agent's inventory, and it "
+                              f"does not answer ({e.message})") from None
+        listed = {(u.vendor_id.lower(), u.product_id.lower())
+                  for d in found.devices for u in d.usb}
+        for vendor, product in sorted(wanted - listed):
+            raise NotFound(f"no USB device {vendor}:{product} on {self.host}; `phyllome hw "
+                           "list` shows the host's USB devices")
+
+    async def _change_devices(self, ref: str, action: Literal["attached", "detached"],
+                              kind: Literal["disk", "nic", "usb"], change: Change) -> VmInfo:
+        """Give a VM its spec with one device more or less (``change`` makes it from the
+        current one and names the device): a stopped VM is redefined, a running one gets the
+        device live and in its definition (the hypervisor leaves the definition alone when
+        the live change fails). Then the record in KV and the event."""
+        verb = "attach" if action == "attached" else "detach"
+        with self.metrics.operation(f"{verb}_{kind}"):
+            dom = await self.hv.domain(ref)
+            record, _ = await self.states.load(dom.uuid)
+            old = await self._spec_with_secrets(record, dom)
+            if old is None:
+                raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
+            spec, device, label = change(old)
+            check_spec(spec)
+            live = dom.state not in STOPPED
+            if not live:
+                dom = await self._define(spec)
+            elif action == "attached":
+                await self.hv.attach(dom.uuid, spec, device)
+            else:
+                await self.hv.detach(dom.uuid, spec, device)
+            await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
+            log.info("VM %s: %s %s %s%s", dom.name, action, kind, label, " (live)" * live)
+            await self.agent.publish("device", VmDeviceChanged(
+                host=self.host, uuid=dom.uuid, name=dom.name, action=action, kind=kind,
+                device=label, live=live), dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def attach_disk(self, req: VmAttachDisk) -> VmInfo:
+        disk = await self._resolve(check_disk(msgspec.structs.replace(req.disk, owned=False)))
+
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            if any(d.path == disk.path for d in spec.disks):
+                raise Conflict(f"VM {spec.name} has disk {disk.path} already")
+            return msgspec.structs.replace(spec, disks=[*spec.disks, disk]), disk, disk.path
+
+        return await self._change_devices(req.vm, "attached", "disk", change)
+
+    async def detach_disk(self, req: VmDetachDisk) -> VmInfo:
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            for disk in spec.disks:
+                if req.disk in (disk.path, disk.volume, f"{disk.pool}/{disk.volume}"):
+                    rest = [d for d in spec.disks if d is not disk]
+                    return msgspec.structs.replace(spec, disks=rest), disk, disk.path
+            listed = ", ".join(d.path for d in spec.disks) or "none"
+            raise NotFound(f"VM {spec.name} has no disk {req.disk!r} (its disks: {listed})")
+
+        return await self._change_devices(req.vm, "detached", "disk", change)
+
+    async def attach_nic(self, req: VmAttachNic) -> VmInfo:
+        nic = req.nic if req.nic.mac else msgspec.structs.replace(req.nic, mac=random_mac())
+        await self._check_nics([nic])
+
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            if any(n.mac.lower() == nic.mac.lower() for n in spec.nics):
+                raise Conflict(f"VM {spec.name} has a NIC with MAC {nic.mac} already")
+            return msgspec.structs.replace(spec, nics=[*spec.nics, nic]), nic, nic.mac
+
+        return await self._change_devices(req.vm, "attached", "nic", change)
+
+    async def detach_nic(self, req: VmDetachNic) -> VmInfo:
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            for nic in spec.nics:
+                if nic.mac.lower() == req.mac.lower():
+                    rest = [n for n in spec.nics if n is not nic]
+                    return msgspec.structs.replace(spec, nics=rest), nic, nic.mac
+            listed = ", ".join(n.mac for n in spec.nics) or "none"
+            raise NotFound(f"VM {spec.name} has no NIC with MAC {req.mac} (its NICs: {listed})")
+
+        return await self._change_devices(req.vm, "detached", "nic", change)
+
+    async def attach_usb(self, req: VmAttachUsb) -> VmInfo:
+        usb = check_usb(req.device)
+        await self._check_usb([usb])
+
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            if usb in spec.usb_hostdevs:
+                raise Conflict(f"VM {spec.name} has USB device {usb.label()} already")
+            return (msgspec.structs.replace(spec, usb_hostdevs=[*spec.usb_hostdevs, usb]), usb,
+                    usb.label())
+
+        return await self._change_devices(req.vm, "attached", "usb", change)
+
+    async def detach_usb(self, req: VmDetachUsb) -> VmInfo:
+        usb = req.device
+
+        def change(spec: VmSpec) -> tuple[VmSpec, Device, str]:
+            if usb not in spec.usb_hostdevs:
+                listed = ", ".join(u.label() for u in spec.usb_hostdevs) or "none"
+                raise NotFound(f"VM {spec.name} has no USB device {usb.label()} (its USB "
+                               f"devices: {listed})")
+            rest = [u for u in spec.usb_hostdevs if u != usb]
+            return msgspec.structs.replace(spec, usb_hostdevs=rest), usb, usb.label()
+
+        return await self._change_devices(req.vm, "detached", "usb", change)

@@ -1,4 +1,5 @@
-"""The host files the vm agent touches itself: disk headers, local disk copies, log dirs.
+"""The host files the vm agent touches itself: disk headers, local disk copies, log dirs,
+and what the host's network has (routes, bridges) before a virtual network joins it.
 
 Disk volumes normally come from the storage agent; ``copy_disk`` is the local fallback
 when none answers (a reflink where the filesystem can, else a sparse copy)::
@@ -10,6 +11,8 @@ when none answers (a reflink where the filesystem can, else a sparse copy)::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import os
 import stat
 from pathlib import Path
@@ -73,3 +76,29 @@ def remove(path: str) -> None:
 def ensure_dir(path: str) -> None:
     """A directory that virtlogd and QEMU can reach (0755)."""
     Path(path).mkdir(parents=True, exist_ok=True, mode=0o755)
+
+
+async def host_routes() -> list[tuple[ipaddress.IPv4Network, str]]:
+    """The host's IPv4 routes as (destination, device), from ``ip -j route``; the default
+    route is left out (every subnet is inside it)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "-j", "route", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise BackendError(f"reading the host's routes (ip -j route): "
+                           f"{err.decode(errors='replace').strip()}")
+    routes = []
+    for r in json.loads(out or b"[]"):
+        dst = r.get("dst", "")
+        if dst and dst != "default":
+            routes.append((ipaddress.IPv4Network(dst, strict=False), str(r.get("dev", ""))))
+    return routes
+
+
+def host_bridges(class_net: str = "/sys/class/net") -> list[str]:
+    """Names of the host's bridges (interfaces with a ``bridge`` directory)."""
+    try:
+        names = os.listdir(class_net)
+    except OSError:
+        return []
+    return sorted(n for n in names if os.path.isdir(os.path.join(class_net, n, "bridge")))

@@ -20,7 +20,19 @@ import msgspec
 
 from services.vm.accel import Accel
 from shared.messages.hosts import Problem
-from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
+from shared.messages.net import Network, NetworkSpec
+from shared.messages.vm import (
+    AddressSource,
+    ConsoleEndpoint,
+    Disk,
+    GuestAddress,
+    Nic,
+    UsbHostdev,
+    VmSpec,
+    VmState,
+)
+
+Device = Disk | Nic | UsbHostdev
 
 
 class Domain(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +62,8 @@ class DomainStats(msgspec.Struct, frozen=True, kw_only=True):
     block_write_ops: int = 0
     net_rx_bytes: int = 0
     net_tx_bytes: int = 0
+    net_rx_packets: int = 0
+    net_tx_packets: int = 0
 
 
 class DomainEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +113,25 @@ class Hypervisor(Protocol):
         """The VNC and SPICE endpoints of a running domain, by kind (ports exist once it runs)."""
         ...
     async def stats(self, uuid: str) -> DomainStats: ...
+    async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
+        """A running guest's IP addresses: from its guest agent when it answers, else from
+        the DHCP leases of its networks; ("", []) when neither knows any."""
+        ...
+    async def attach(self, uuid: str, spec: VmSpec, device: Device) -> None:
+        """Add ``device`` to a running domain, live and to its definition, whose spec becomes
+        ``spec``; when the live attach fails, the definition is left as it was."""
+        ...
+    async def detach(self, uuid: str, spec: VmSpec, device: Device) -> None:
+        """Remove ``device`` from a running domain, live and from its definition."""
+        ...
+    async def networks(self) -> list[Network]: ...
+    async def define_network(self, spec: NetworkSpec) -> Network:
+        """Define a checked network, set to start with the host (not started)."""
+        ...
+    async def start_network(self, name: str) -> None: ...
+    async def delete_network(self, name: str) -> None:
+        """Stop (if active) and undefine a network."""
+        ...
     async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
         """Give ``dst`` a copy of ``src``'s NVRAM (UEFI variables) and TPM state."""
         ...

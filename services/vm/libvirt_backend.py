@@ -28,18 +28,26 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import libvirt
 import libvirtaio
 
 from services.vm import domain_xml, guest_state, health
 from services.vm.accel import Accel
-from services.vm.hypervisor import Domain, DomainEvent, DomainStats, HypervisorNews, Reconnected
+from services.vm.hypervisor import (
+    Device,
+    Domain,
+    DomainEvent,
+    DomainStats,
+    HypervisorNews,
+    Reconnected,
+)
 from services.vm.spec import check_name, check_ref, check_uuid
 from shared.errors import BackendError, Conflict, Forbidden, NotFound, PhyError, Unavailable
 from shared.messages.hosts import Problem
-from shared.messages.vm import ConsoleEndpoint, VmSpec, VmState
+from shared.messages.net import Network, NetworkSpec
+from shared.messages.vm import AddressSource, ConsoleEndpoint, GuestAddress, VmSpec, VmState
 
 log = logging.getLogger("phyllome.vm.libvirt")
 T = TypeVar("T")
@@ -85,6 +93,12 @@ _GONE_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt
 _BULK_STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
                | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_BLOCK
                | libvirt.VIR_DOMAIN_STATS_INTERFACE)
+_NOT_FOUND_CODES = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_NETWORK}
+_LIVE_AND_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+_ADDRESS_SOURCES: tuple[tuple[int, AddressSource], ...] = (
+    (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"),
+    (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"),
+)
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
 LIBVIRT_DIR = "/var/lib/libvirt"  # NVRAM files in qemu/nvram, swtpm state in swtpm/<uuid>
@@ -150,7 +164,7 @@ def translated(what: str) -> Iterator[None]:
     except libvirt.libvirtError as e:
         code = e.get_error_code()
         text = e.get_error_message() or str(e)
-        if code == libvirt.VIR_ERR_NO_DOMAIN:
+        if code in _NOT_FOUND_CODES:
             raise NotFound(f"{what}: {text}") from None
         if code in _CONFLICT_CODES:
             raise Conflict(f"{what}: {text}") from None
@@ -385,6 +399,98 @@ class LibvirtHypervisor:
 
         return await self._run(f"reading the statistics of {uuid}", work)
 
+    async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
+        def work() -> tuple[AddressSource, list[GuestAddress]]:
+            dom = self._lookup(uuid)
+            if not dom.isActive():
+                return "", []
+            for source, word in _ADDRESS_SOURCES:
+                try:
+                    found = _addresses(dom.interfaceAddresses(source))
+                except libvirt.libvirtError as e:  # no agent in the guest, no lease driver
+                    log.debug("%s addresses of %s: %s", word, uuid, e.get_error_message())
+                    continue
+                if found:
+                    return word, found
+            return "", []
+
+        return await self._run(f"reading the addresses of {uuid}", work)
+
+    async def attach(self, uuid: str, spec: VmSpec, device: Device) -> None:
+        """libvirt attaches live first and saves the definition only when that worked; the
+        spec in the metadata follows, and a failure there takes the device out again."""
+        def work() -> None:
+            dom = self._lookup(uuid)
+            xml = domain_xml.device(device, live_xml=dom.XMLDesc(0))
+            dom.attachDeviceFlags(xml, _LIVE_AND_CONFIG)
+            try:
+                self._set_spec(dom, spec)
+            except libvirt.libvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.detachDeviceFlags(xml, _LIVE_AND_CONFIG)
+                raise
+
+        await self._run(f"attaching a device to {uuid}", work)
+
+    async def detach(self, uuid: str, spec: VmSpec, device: Device) -> None:
+        def work() -> None:
+            dom = self._lookup(uuid)
+            dom.detachDeviceFlags(domain_xml.device(device, live_xml=dom.XMLDesc(0)),
+                                  _LIVE_AND_CONFIG)
+            self._set_spec(dom, spec)
+
+        await self._run(f"detaching a device from {uuid}", work)
+
+    @staticmethod
+    def _set_spec(dom: libvirt.virDomain, spec: VmSpec) -> None:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain_xml.metadata(spec),
+                        "phyllome", domain_xml.METADATA_NS, _LIVE_AND_CONFIG)
+
+    # -- networks -----------------------------------------------------------------------
+
+    @staticmethod
+    def _network(net: libvirt.virNetwork) -> Network:
+        return domain_xml.network_of(net.XMLDesc(0), active=bool(net.isActive()),
+                                     autostart=bool(net.autostart()))
+
+    async def networks(self) -> list[Network]:
+        return await self._run("listing networks", lambda: [
+            self._network(n) for n in self._c().listAllNetworks(0)])
+
+    async def define_network(self, spec: NetworkSpec) -> Network:
+        def work() -> Network:
+            net = self._c().networkDefineXML(domain_xml.network(spec))
+            net.setAutostart(1)
+            return self._network(net)
+
+        return await self._run(f"defining network {spec.name}", work)
+
+    async def start_network(self, name: str) -> None:
+        """A network that cannot start is the host's fault (no dnsmasq, a bridge in use),
+        not a lost connection, whatever libvirt's error code says."""
+        def work() -> None:
+            net = self._c().networkLookupByName(name)
+            if net.isActive():
+                return
+            try:
+                net.create()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR:
+                    raise
+                raise BackendError(f"starting network {name}: {e.get_error_message()}") \
+                    from None
+
+        await self._run(f"starting network {name}", work)
+
+    async def delete_network(self, name: str) -> None:
+        def work() -> None:
+            net = self._c().networkLookupByName(name)
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+
+        await self._run(f"deleting network {name}", work)
+
     async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
         """Copy the NVRAM file and the swtpm state directory."""
         if not self.state_dir:
@@ -495,4 +601,21 @@ def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:
         block_write_ops=total("block", "block.count", "wr.reqs"),
         net_rx_bytes=total("net", "net.count", "rx.bytes"),
         net_tx_bytes=total("net", "net.count", "tx.bytes"),
+        net_rx_packets=total("net", "net.count", "rx.pkts"),
+        net_tx_packets=total("net", "net.count", "tx.pkts"),
     )
+
+
+def _addresses(found: dict[str, Any]) -> list[GuestAddress]:
+    """``interfaceAddresses``' answer, loopback left out, sorted by NIC then address."""
+    out = []
+    for nic, facts in found.items():
+        for a in facts.get("addrs") or []:
+            family: Literal["ipv4", "ipv6"] = (
+                "ipv4" if a.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 else "ipv6")
+            address = str(a.get("addr", ""))
+            if nic == "lo" or address in ("127.0.0.1", "::1"):
+                continue
+            out.append(GuestAddress(nic=nic, mac=str(facts.get("hwaddr") or ""), family=family,
+                                    address=address, prefix=int(a.get("prefix", 0))))
+    return sorted(out, key=lambda a: (a.nic, a.family, a.address))

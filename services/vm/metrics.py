@@ -60,6 +60,8 @@ class DomainCollector(Collector):
             ("disk_writes", "Write requests of the VM's disks.", "block_write_ops"),
             ("network_receive_bytes", "Bytes the VM's NICs received.", "net_rx_bytes"),
             ("network_transmit_bytes", "Bytes the VM's NICs sent.", "net_tx_bytes"),
+            ("network_receive_packets", "Packets the VM's NICs received.", "net_rx_packets"),
+            ("network_transmit_packets", "Packets the VM's NICs sent.", "net_tx_packets"),
         ]
         for name, doc, attr in series:
             family = CounterMetricFamily(f"{p}_{name}", doc, labels=["vm", "uuid"])

@@ -15,7 +15,8 @@ import ipaddress
 import re
 
 from shared.errors import BadRequest, InvalidName
-from shared.messages.vm import VmSpec
+from shared.messages.net import NetworkSpec
+from shared.messages.vm import Disk, UsbHostdev, VmSpec
 from shared.validate import PCI_ADDRESS
 
 MIN_MEMORY_MIB = 16
@@ -27,6 +28,13 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _IFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")  # libvirt's deviceName, no '/'
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 DISK_TARGETS = "abcdefghijklmnopqrstuvwxyz"
+CPU_MODES = ("host-passthrough", "maximum", "host-model")  # else a named model
+_CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_USB_ID = re.compile(r"^[0-9a-f]{4}$")
+# Network names become host bridge names (``phy-<name>``, at most 15 characters).
+_NETWORK = re.compile(r"^[a-z][a-z0-9-]{0,10}$")
+_BRIDGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+MIN_PREFIX, MAX_PREFIX = 8, 29  # a /30 leaves no address for DHCP beside the host's
 
 
 def check_name(name: str) -> str:
@@ -86,12 +94,9 @@ def check_spec(spec: VmSpec) -> None:
     if len(spec.disks) > len(DISK_TARGETS):
         raise BadRequest(f"{len(spec.disks)} disks: at most {len(DISK_TARGETS)}")
     for disk in spec.disks:
-        if not disk.path and not disk.volume:
-            raise BadRequest("a disk needs a path or a storage volume")
-    paths = [d.path for d in spec.disks if d.path or not d.volume]
-    for path in paths + [p for p in (spec.kernel, spec.initrd) if p]:
-        if not path.startswith("/") or "\x00" in path:
-            raise BadRequest(f"path {path!r} must be absolute")
+        check_disk(disk)
+    for path in (p for p in (spec.kernel, spec.initrd) if p):
+        _check_path(path)
     for nic in spec.nics:
         if nic.mac and not _MAC.match(nic.mac):
             raise BadRequest(f"MAC address {nic.mac!r} is not six hex pairs (52:54:00:12:34:56)")
@@ -102,3 +107,71 @@ def check_spec(spec: VmSpec) -> None:
             raise BadRequest(
                 f"host device {dev!r} is neither a PCI address (0000:01:00.0) nor an mdev UUID"
             )
+    if spec.cpu and not _CPU_MODEL.match(spec.cpu):
+        raise BadRequest(f"CPU model {spec.cpu!r} is not valid: use one of "
+                         f"{', '.join(CPU_MODES)} or a model name such as Nehalem")
+    if spec.nested and spec.cpu not in ("", "host-passthrough"):
+        raise BadRequest(f"--nested gives the guest the host's CPU: drop --cpu {spec.cpu}")
+    for usb in spec.usb_hostdevs:
+        check_usb(usb)
+    if spec.usb_hostdevs and not spec.usb:
+        raise BadRequest("USB passthrough needs the VM's USB controller (usb: true)")
+
+
+def check_disk(disk: Disk) -> Disk:
+    if not disk.path and not disk.volume:
+        raise BadRequest("a disk needs a path or a storage volume")
+    if disk.path or not disk.volume:
+        _check_path(disk.path)
+    return disk
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/") or "\x00" in path:
+        raise BadRequest(f"path {path!r} must be absolute")
+
+
+def check_usb(usb: UsbHostdev) -> UsbHostdev:
+    if usb.vendor or usb.product:
+        if not (_USB_ID.match(usb.vendor) and _USB_ID.match(usb.product)) or usb.bus \
+                or usb.device:
+            raise BadRequest(f"USB device {usb.vendor}:{usb.product}: vendor and product are "
+                             "4 lower-case hex digits each (046d:c52b), without bus.device")
+    elif not (1 <= usb.bus <= 255 and 1 <= usb.device <= 127):
+        raise BadRequest(f"USB device {usb.bus}.{usb.device}: bus is 1-255 and device 1-127")
+    return usb
+
+
+def check_network(spec: NetworkSpec) -> ipaddress.IPv4Network | None:
+    """The subnet of a network spec that could exist on some host (collisions come later)."""
+    if not isinstance(spec.name, str) or not _NETWORK.match(spec.name):
+        raise InvalidName(f"network name {spec.name!r} is not valid: use 1-11 lower-case "
+                          "letters, digits or '-', starting with a letter")
+    if spec.mode == "bridge":
+        if not _BRIDGE.match(spec.bridge):
+            raise BadRequest(f"bridge {spec.bridge!r} is not a host interface name: give the "
+                             "host bridge with --bridge (br0)")
+        if spec.subnet:
+            raise BadRequest("a bridged network takes its addresses from the LAN: drop the "
+                             "subnet")
+        return None
+    if spec.bridge:
+        raise BadRequest(f"a {spec.mode} network makes its own bridge: drop --bridge")
+    try:
+        net = ipaddress.ip_network(spec.subnet, strict=False)
+    except ValueError:
+        raise BadRequest(f"subnet {spec.subnet!r} is not an IPv4 network: give one such as "
+                         "10.77.0.0/24") from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise BadRequest(f"subnet {spec.subnet}: only IPv4 subnets, such as 10.77.0.0/24")
+    if "/" not in spec.subnet:
+        raise BadRequest(f"subnet {spec.subnet} has no prefix length: give one such as "
+                         f"{spec.subnet}/24")
+    if str(net) != spec.subnet.strip():
+        raise BadRequest(f"subnet {spec.subnet} has host bits set: give {net}")
+    if not MIN_PREFIX <= net.prefixlen <= MAX_PREFIX:
+        raise BadRequest(f"subnet {net}: give a prefix between /{MIN_PREFIX} and /{MAX_PREFIX}")
+    if not net.is_private:
+        raise BadRequest(f"subnet {net} is not a private range: use 10.0.0.0/8, "
+                         "172.16.0.0/12 or 192.168.0.0/16")
+    return net

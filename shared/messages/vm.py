@@ -17,7 +17,9 @@ from typing import Literal
 import msgspec
 
 from shared.messages import Ack, EndpointSpec, Event
+from shared.messages import net as net_api
 from shared.messages.jobs import JobAccepted, job_endpoints
+from shared.messages.net import DEFAULT_NETWORK
 
 Arch = Literal["x86_64"]
 Firmware = Literal["uefi", "bios"]
@@ -53,8 +55,22 @@ class Nic(msgspec.Struct, frozen=True, kw_only=True):
     """A virtio-net NIC on a libvirt network, a host bridge, or user-mode networking."""
 
     kind: NicKind = "network"
-    source: str = "default"  # network or bridge name; ignored for "user"
-    mac: str = ""  # chosen at create when empty
+    source: str = DEFAULT_NETWORK  # network or bridge name; ignored for "user"
+    mac: str = ""  # chosen at create (and attach) when empty; kept across restarts
+
+
+class UsbHostdev(msgspec.Struct, frozen=True, kw_only=True):
+    """A host USB device passed through: by ``vendor`` + ``product`` id (4 hex digits each,
+    survives replugging) or by ``bus`` + ``device`` number (as ``lsusb`` shows them; they
+    change when the device is replugged)."""
+
+    vendor: str = ""
+    product: str = ""
+    bus: int = 0
+    device: int = 0
+
+    def label(self) -> str:
+        return f"{self.vendor}:{self.product}" if self.vendor else f"{self.bus}.{self.device}"
 
 
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +97,11 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     balloon: bool = True
     guest_agent: bool = True  # the org.qemu.guest_agent.0 virtio-serial channel
     hostdevs: list[str] = []  # PCI addresses (0000:01:00.0) or mdev UUIDs
+    usb_hostdevs: list[UsbHostdev] = []  # host USB devices (needs ``usb``)
     nested: bool = False  # host-passthrough CPU, so the guest can run its own VMs
+    # "": the host's CPU under KVM, QEMU's most capable model under TCG (x86-64-v2 and up);
+    # else "host-passthrough", "maximum" or a named model such as "Nehalem"
+    cpu: str = ""
     kernel: str = ""  # direct kernel boot when set
     initrd: str = ""
     cmdline: str = ""
@@ -123,6 +143,20 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, tag="vm.record.v1"):
     updated: float = 0.0
 
 
+AddressSource = Literal["agent", "lease", ""]
+
+
+class GuestAddress(msgspec.Struct, frozen=True, kw_only=True):
+    """One IP address of a running guest: ``nic`` is the interface's name as the source
+    reports it (the guest's ``eth0`` from the agent, the host's ``vnet0`` from a lease)."""
+
+    nic: str
+    mac: str
+    family: Literal["ipv4", "ipv6"]
+    address: str
+    prefix: int
+
+
 class VmInfo(msgspec.Struct, frozen=True, kw_only=True, tag="vm.info.v1"):
     """A VM as its host sees it now."""
 
@@ -141,6 +175,8 @@ class VmInfo(msgspec.Struct, frozen=True, kw_only=True, tag="vm.info.v1"):
     autostart: bool = False
     vnc: ConsoleEndpoint | None = None
     spice: ConsoleEndpoint | None = None
+    addresses: list[GuestAddress] = []
+    address_source: AddressSource = ""  # the QEMU guest agent, else DHCP leases
     spec: VmSpec
 
 
@@ -214,6 +250,48 @@ class VmMigrate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.migrate.v1"):
     bwlimit_bytes_s: int = 0  # per disk stream; 0: as fast as it goes
 
 
+class VmAttachDisk(msgspec.Struct, frozen=True, kw_only=True, tag="vm.attach_disk.v1"):
+    """Add a RAW disk (a pool volume or a path) to a stopped VM, or live to a running one."""
+
+    vm: str
+    disk: Disk
+
+
+class VmDetachDisk(msgspec.Struct, frozen=True, kw_only=True, tag="vm.detach_disk.v1"):
+    """Remove a disk, named by its path, ``POOL/VOLUME`` or volume name; the file stays."""
+
+    vm: str
+    disk: str
+
+
+class VmAttachNic(msgspec.Struct, frozen=True, kw_only=True, tag="vm.attach_nic.v1"):
+    """Add a NIC (a MAC is chosen when none is given)."""
+
+    vm: str
+    nic: Nic
+
+
+class VmDetachNic(msgspec.Struct, frozen=True, kw_only=True, tag="vm.detach_nic.v1"):
+    """Remove the NIC with this MAC."""
+
+    vm: str
+    mac: str
+
+
+class VmAttachUsb(msgspec.Struct, frozen=True, kw_only=True, tag="vm.attach_usb.v1"):
+    """Pass a host USB device through."""
+
+    vm: str
+    device: UsbHostdev
+
+
+class VmDetachUsb(msgspec.Struct, frozen=True, kw_only=True, tag="vm.detach_usb.v1"):
+    """Give a passed-through USB device back to the host."""
+
+    vm: str
+    device: UsbHostdev
+
+
 class VmGuestState(msgspec.Struct, frozen=True, kw_only=True, tag="vm.guest_state.v1"):
     """A stopped VM's UEFI variables and TPM state, carried from one host to another."""
 
@@ -231,6 +309,27 @@ class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"
     event: str = ""
     reason: str = ""
     missed: bool = False  # found by reconciliation rather than reported live
+
+
+class VmDeviceChanged(Event, frozen=True, kw_only=True, tag="vm.device_changed.v1"):
+    """A disk, NIC or USB device was attached or detached; ``live``: the running guest got
+    the change at once (else at its next start)."""
+
+    uuid: str
+    name: str
+    action: Literal["attached", "detached"]
+    kind: Literal["disk", "nic", "usb"]
+    device: str  # the disk's path, the NIC's MAC, the USB device's vendor:product or bus.device
+    live: bool = False
+
+
+class VmAddressesChanged(Event, frozen=True, kw_only=True, tag="vm.addresses_changed.v1"):
+    """A running guest's IP addresses changed (empty when it stopped or lost them)."""
+
+    uuid: str
+    name: str
+    addresses: list[GuestAddress] = []
+    source: AddressSource = ""
 
 
 class AcceleratorFallback(Event, frozen=True, kw_only=True, tag="vm.accelerator_fallback.v1"):
@@ -269,8 +368,21 @@ IMPORT_STATE = EndpointSpec(
     "vm", "import_state", VmGuestState, Ack,
     "Give a stopped VM the NVRAM and TPM state of its source (a migration).",
     max_payload=16 << 20)
+ATTACH_DISK = EndpointSpec(
+    "vm", "attach_disk", VmAttachDisk, VmInfo,
+    "Add a disk: to the definition of a stopped VM, live and persistent to a running one.")
+DETACH_DISK = EndpointSpec("vm", "detach_disk", VmDetachDisk, VmInfo,
+                           "Remove a disk (its file stays).")
+ATTACH_NIC = EndpointSpec("vm", "attach_nic", VmAttachNic, VmInfo,
+                          "Add a NIC (live and persistent when running).")
+DETACH_NIC = EndpointSpec("vm", "detach_nic", VmDetachNic, VmInfo, "Remove a NIC by MAC.")
+ATTACH_USB = EndpointSpec("vm", "attach_usb", VmAttachUsb, VmInfo,
+                          "Pass a host USB device through (vendor:product or bus.device).")
+DETACH_USB = EndpointSpec("vm", "detach_usb", VmDetachUsb, VmInfo,
+                          "Give a passed-through USB device back.")
 JOBS, JOB, CANCEL = job_endpoints("vm")
 
 # What the vm agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
-    CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE)
+    CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE, ATTACH_DISK, DETACH_DISK, ATTACH_NIC, DETACH_NIC,
+    ATTACH_USB, DETACH_USB, *net_api.ENDPOINTS)

@@ -361,7 +361,7 @@ async def test_vm_agent_does_its_work_through_peers_as_itself(
                              **as_identity(d, "h1-vm")) as vm_agent:
         op = await connect_bus(server, d, "operator")
         info = await op.call("h1", vm_api.CREATE, VmCreate(
-            spec=VmSpec(name="demo", memory_mib=256), image="phyllome-tiny"), timeout=60)
+            spec=VmSpec(name="demo", memory_mib=384), image="phyllome-tiny"), timeout=60)
         disk = info.spec.disks[0]
         assert (disk.volume, disk.owned) == ("demo-disk0", True)
         assert hashlib.sha256(Path(disk.path).read_bytes()).hexdigest() == digest

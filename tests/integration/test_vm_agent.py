@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from shared import contracts, subjects
 from shared.agent import Agent
 from shared.codec import encode
 from shared.errors import (
+    BackendError,
     BadRequest,
     Conflict,
     Forbidden,
@@ -24,16 +28,25 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
+from shared.messages import Empty
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished
+from shared.messages.net import NetCreate, NetRef, NetworkSpec
 from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
     Disk,
     Nic,
+    UsbHostdev,
+    VmAttachDisk,
+    VmAttachNic,
+    VmAttachUsb,
     VmClone,
     VmCreate,
     VmDelete,
+    VmDetachDisk,
+    VmDetachNic,
+    VmDetachUsb,
     VmGuestState,
     VmInfo,
     VmListRequest,
@@ -64,6 +77,18 @@ async def vm_agent(nats: NatsServer, state: Path, uri: str,
         extra={"reconcile_s": 3600, "disk_dir": str(state / "disks"), **extra},
     ) as agent, vm_events(agent) as events:
         yield agent, events
+
+
+@contextlib.asynccontextmanager
+async def hardware_agent(nats: NatsServer, tmp_path: Path, fixture: str) -> AsyncIterator[Agent]:
+    """A hardware agent of this host reading the recorded sysfs tree ``fixture``."""
+    host = FIXTURES[fixture]()
+    tree = build(tmp_path / "sys", host)
+    (tmp_path / "proc").mkdir()
+    async with agent_in_process(
+            "hardware", nats.url, tmp_path / "hw", host=HOST, sysfs_root=str(tree.root),
+            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}) as agent:
+        yield agent
 
 
 async def call(agent: Agent, verb: str, req: Any, timeout: float = 10.0) -> Any:
@@ -208,6 +233,194 @@ async def test_vm_clone_copies_disks_and_gets_new_identity(
         assert not new_disk.exists() and disk.exists()
 
 
+@contextlib.asynccontextmanager
+async def agent_events(agent: Agent, kind: str) -> AsyncIterator[asyncio.Queue[Any]]:
+    """The vm agent's events of ``kind`` (``device``, ``addresses``) as they arrive."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def got(msg: Any) -> None:
+        queue.put_nowait(contracts.event_decoder().decode(msg.data))
+
+    sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", kind) + ".*", cb=got)
+    try:
+        yield queue
+    finally:
+        await sub.unsubscribe()
+
+
+def host_route() -> str:
+    """A subnet the host routes to (not the default route), or "" when it has none."""
+    done = subprocess.run(["ip", "-j", "route"], capture_output=True, text=True)
+    routes = [r["dst"] for r in json.loads(done.stdout or "[]") if r.get("dst") != "default"]
+    return next((r for r in routes if "/" in r and ipaddress.ip_network(r).version == 4), "")
+
+
+async def test_vm_networks_phyllome_is_kept_and_colliding_subnets_are_refused(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        listed = await call(agent, "net_list", Empty())
+        assert [(n.name, n.mode, n.active, n.autostart) for n in listed.networks] == [
+            ("phyllome", "nat", True, True)]
+        phyllome = listed.networks[0]
+        assert phyllome.subnet.startswith("10.89.") and phyllome.bridge == "phy-phyllome"
+        assert await agent.handlers.networks.ensure_default() is None  # again: no change
+        assert (await call(agent, "net_list", Empty())).networks == [phyllome]
+
+        lab = await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+            name="lab", subnet="10.77.0.0/24")))
+        assert (lab.mode, lab.subnet, lab.active, lab.autostart) == (
+            "nat", "10.77.0.0/24", True, True)
+        with pytest.raises(Conflict, match="overlaps network lab"):
+            await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                name="lab2", mode="isolated", subnet="10.77.0.0/16")))
+        with pytest.raises(Conflict, match="overlaps network phyllome"):
+            await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                name="lab2", subnet=phyllome.subnet)))
+        if route := host_route():
+            with pytest.raises(Conflict, match=f"overlaps the host's route to {route}"):
+                await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                    name="lab2", subnet=route)))
+        with pytest.raises(Conflict, match="exists already"):
+            await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                name="lab", subnet="10.78.0.0/24")))
+        with pytest.raises(NotFound, match="no bridge nobr0 on this host"):
+            await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                name="lan", mode="bridge", bridge="nobr0")))
+        with pytest.raises(BadRequest, match="host bits set"):
+            await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+                name="lab2", subnet="10.79.0.1/24")))
+        iso = await call(agent, "net_create", NetCreate(spec=NetworkSpec(
+            name="lab2", mode="isolated", subnet="10.79.0.0/24")))
+        assert iso.mode == "isolated"
+
+        with pytest.raises(NotFound, match="no network 'nowhere' on h1"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="lost", memory_mib=64, nics=[Nic(source="nowhere")])))
+        await call(agent, "create", VmCreate(spec=VmSpec(
+            name="web", memory_mib=64, nics=[Nic(source="lab")])))
+        with pytest.raises(Conflict, match="network lab is used by web"):
+            await call(agent, "net_delete", NetRef(name="lab"))
+        await call(agent, "delete", VmDelete(vm="web"))
+        ack = await call(agent, "net_delete", NetRef(name="lab"))
+        assert ack.message == "deleted network lab"
+        with pytest.raises(NotFound, match="no network 'lab'"):
+            await call(agent, "net_delete", NetRef(name="lab"))
+        names = [n.name for n in (await call(agent, "net_list", Empty())).networks]
+        assert names == ["lab2", "phyllome"]
+
+
+async def test_vm_devices_attach_and_detach_on_a_stopped_vm(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    # intel-desktop has a Logitech keyboard 046d:c31c on its USB
+    async with hardware_agent(nats_server, tmp_path, "intel-desktop"), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _), \
+            agent_events(agent, "device") as events:
+        vm = await call(agent, "create", VmCreate(spec=VmSpec(name="box", memory_mib=64,
+                                                              nics=[Nic()])))
+        mac = vm.spec.nics[0].mac
+        data = raw_disk(tmp_path / "data.raw")
+
+        info = await call(agent, "attach_disk", VmAttachDisk(vm="box", disk=Disk(
+            path=str(data), owned=True)))
+        assert [(d.path, d.owned) for d in info.spec.disks] == [(str(data), False)]
+        ev = await asyncio.wait_for(events.get(), 5)
+        assert (ev.action, ev.kind, ev.device, ev.live) == ("attached", "disk", str(data),
+                                                             False)
+        with pytest.raises(Conflict, match="has disk .* already"):
+            await call(agent, "attach_disk", VmAttachDisk(vm="box", disk=Disk(path=str(data))))
+        qcow = tmp_path / "q.qcow2"
+        qcow.write_bytes(b"QFI\xfb" + bytes(508))
+        with pytest.raises(BadRequest):
+            await call(agent, "attach_disk", VmAttachDisk(vm="box", disk=Disk(path=str(qcow))))
+
+        info = await call(agent, "attach_nic", VmAttachNic(vm="box", nic=Nic(kind="user")))
+        second = info.spec.nics[1].mac
+        assert second.startswith("52:54:00:") and second != mac
+        with pytest.raises(Conflict, match=f"MAC {mac} already"):
+            await call(agent, "attach_nic", VmAttachNic(vm="box", nic=Nic(mac=mac)))
+        with pytest.raises(NotFound, match="no network 'nowhere'"):
+            await call(agent, "attach_nic", VmAttachNic(vm="box", nic=Nic(source="nowhere")))
+
+        info = await call(agent, "attach_usb", VmAttachUsb(vm="box", device=UsbHostdev(
+            vendor="046d", product="c31c")))
+        assert info.spec.usb_hostdevs == [UsbHostdev(vendor="046d", product="c31c")]
+        with pytest.raises(NotFound, match="no USB device 1234:beef on h1"):
+            await call(agent, "attach_usb", VmAttachUsb(vm="box", device=UsbHostdev(
+                vendor="1234", product="beef")))
+        with pytest.raises(BadRequest, match="bus is 1-255"):
+            await call(agent, "attach_usb", VmAttachUsb(vm="box", device=UsbHostdev(bus=0)))
+        xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        assert "<vendor id='0x046d'/>" in xml and "<product id='0xc31c'/>" in xml
+        assert f"<source file='{data}'/>" in xml and xml.count("<interface ") == 2
+
+        # the MACs stay what the spec says across starts
+        await call(agent, "start", VmRef(vm="box"))
+        live = await agent.handlers.hv.xml(vm.uuid)
+        assert f"<mac address='{mac}'/>" in live and f"<mac address='{second}'/>" in live
+        await call(agent, "destroy", VmRef(vm="box"))
+
+        await call(agent, "detach_usb", VmDetachUsb(vm="box", device=UsbHostdev(
+            vendor="046d", product="c31c")))
+        await call(agent, "detach_nic", VmDetachNic(vm="box", mac=second.upper()))
+        info = await call(agent, "detach_disk", VmDetachDisk(vm="box", disk=str(data)))
+        assert (info.spec.disks, info.spec.usb_hostdevs) == ([], [])
+        assert [n.mac for n in info.spec.nics] == [mac]
+        with pytest.raises(NotFound, match="has no disk '/nope'"):
+            await call(agent, "detach_disk", VmDetachDisk(vm="box", disk="/nope"))
+        with pytest.raises(NotFound, match="has no NIC with MAC"):
+            await call(agent, "detach_nic", VmDetachNic(vm="box", mac=second))
+        record, _ = await agent.handlers.states.load(vm.uuid)
+        assert record is not None and record.revision == 7 and record.spec == info.spec
+        xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        devices = xml.split("</metadata>")[1]
+        assert "<hostdev" not in devices and str(data) not in devices
+        kinds = []
+        while not events.empty():
+            ev = events.get_nowait()
+            kinds.append((ev.action, ev.kind))
+        assert kinds == [("attached", "nic"), ("attached", "usb"), ("detached", "usb"),
+                         ("detached", "nic"), ("detached", "disk")]
+        assert data.exists()  # detached, not deleted
+
+
+async def test_vm_a_failed_live_attach_leaves_the_definition_unchanged(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """The test driver cannot attach live: what the VM had stays, in libvirt and in KV."""
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        vm = await call(agent, "create", VmCreate(spec=VmSpec(name="run", memory_mib=64)))
+        await call(agent, "start", VmRef(vm="run"))
+        before = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        with pytest.raises(BackendError, match="attaching a device"):
+            await call(agent, "attach_disk", VmAttachDisk(vm="run", disk=Disk(
+                path=str(raw_disk(tmp_path / "hot.raw")))))
+        assert await agent.handlers.hv.xml(vm.uuid, inactive=True) == before
+        record, _ = await agent.handlers.states.load(vm.uuid)
+        assert record is not None and record.revision == 1 and record.spec.disks == []
+
+
+async def test_vm_addresses_are_in_info_and_their_changes_are_events(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """The test driver's guest agent answers with an address on the NIC's network."""
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri, address_poll_s=0.1) as (
+            agent, _), agent_events(agent, "addresses") as events:
+        vm = await call(agent, "create", VmCreate(spec=VmSpec(name="ip", memory_mib=64,
+                                                              nics=[Nic()])))
+        assert (vm.addresses, vm.address_source) == ([], "")
+        await call(agent, "start", VmRef(vm="ip"))
+        ev = await asyncio.wait_for(events.get(), 10)
+        assert (ev.uuid, ev.name, ev.source) == (vm.uuid, "ip", "agent")
+        subnet = (await call(agent, "net_list", Empty())).networks[0].subnet
+        [address] = ev.addresses
+        assert address.family == "ipv4" and address.mac == vm.spec.nics[0].mac
+        assert ipaddress.ip_address(address.address) in ipaddress.ip_network(subnet)
+        info = await call(agent, "info", VmRef(vm="ip"))
+        assert (info.addresses, info.address_source) == (ev.addresses, "agent")
+        await call(agent, "destroy", VmRef(vm="ip"))
+        ev = await asyncio.wait_for(events.get(), 10)
+        assert (ev.uuid, ev.addresses, ev.source) == (vm.uuid, [], "")
+        assert events.empty()
+
+
 async def _job(agent: Agent, job_id: str) -> JobFinished:
     return await job_finished(agent.bus, agent.host, "vm", job_id, timeout=20)
 
@@ -240,14 +453,8 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
 async def test_vm_hostdevs_need_the_hardware_agents_word(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
     """Passthrough is refused unless the hardware agent calls the device bound or bindable."""
-    host = FIXTURES["intel-desktop"]()
-    tree = build(tmp_path / "sys", host)
-    (tmp_path / "proc").mkdir()
     gpu = ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
-    async with agent_in_process(
-            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
-            sysfs_root=str(tree.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+    async with hardware_agent(nats_server, tmp_path, "intel-desktop"), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
         with pytest.raises(Conflict, match="must be passed together with 0000:01:00.1"):
             await call(agent, "create", VmCreate(spec=VmSpec(
@@ -268,13 +475,8 @@ async def test_vm_hostdevs_need_the_hardware_agents_word(
 
 async def test_vm_nested_is_refused_where_the_kvm_module_has_it_off(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
-    host = FIXTURES["laptop"]()  # kvm_intel nested=N
-    tree = build(tmp_path / "sys", host)
-    (tmp_path / "proc").mkdir()
-    async with agent_in_process(
-            "hardware", nats_server.url, tmp_path / "hw", host=HOST,
-            sysfs_root=str(tree.root),
-            extra={"root_dev": host.root_dev, "proc_root": str(tmp_path / "proc")}), \
+    # the laptop's kvm_intel has nested=N
+    async with hardware_agent(nats_server, tmp_path, "laptop"), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
         with pytest.raises(BadRequest, match="does not allow nested virtualization.*nested=1"):
             await call(agent, "create", VmCreate(spec=VmSpec(
@@ -302,7 +504,13 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
             agent_in_process("storage", nats_server.url, tmp_path / "storage", host=HOST,
                              extra={"import_dirs": [str(pool_dir)]}), \
             vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
-        info = await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=256),
+        # osinfo's minimum of the image (384 MiB for phyllome-tiny), before any disk is made
+        with pytest.raises(BadRequest, match="needs at least 384 MiB of memory and VM demo "
+                                             "has 256 MiB"):
+            await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=256),
+                                                 image="phyllome-tiny"), timeout=60)
+        assert not (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="demo", memory_mib=384),
                                                     image="phyllome-tiny"), timeout=60)
         disk = info.spec.disks[0]
         assert (disk.pool, disk.volume, disk.owned) == ("default", "demo-disk0", True)

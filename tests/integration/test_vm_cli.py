@@ -23,10 +23,15 @@ __all__ = ["libvirt_test_uri", "nats_server"]
 
 
 async def phyllome(agent: Agent, *argv: str) -> tuple[int, str, str]:
+    """``phyllome vm ARGV...``"""
+    return await command(agent, "vm", *argv)
+
+
+async def command(agent: Agent, *argv: str) -> tuple[int, str, str]:
     env = {**os.environ, "PHYLLOME_HOST": "h1", "PHYLLOME_NATS_URL": agent.cfg.nats_url,
            "COLUMNS": "200"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "vm", *argv, cwd=REPO, env=env,
+        sys.executable, "-m", "cli.main", *argv, cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -112,3 +117,62 @@ async def test_vm_demo_is_made_once_on_a_host_without_vms(
             ("running", True, "both")
         assert info["memory_mib"] >= 384
         assert await ensure_demo(agent.bus, "h1") == []  # the host has a VM now
+
+
+async def test_vm_cli_networks_nics_cpu_and_devices(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    disk, data = tmp_path / "web.raw", tmp_path / "data.raw"
+    disk.write_bytes(bytes(4096))
+    data.write_bytes(bytes(4096))
+    async with agent_in_process("vm", nats_server.url, tmp_path, libvirt_uri=libvirt_test_uri,
+                                accelerator="tcg", extra={"reconcile_s": 3600}) as agent:
+        rc, out, err = await command(agent, "net", "create", "lab", "--nat", "10.77.0.0/24")
+        assert rc == 0, err
+        rc, _, err = await command(agent, "net", "create", "lab2", "--isolated", "10.77.0.0/16")
+        assert rc == 1 and "overlaps network lab (10.77.0.0/24)" in err
+        rc, _, err = await command(agent, "net", "create", "lab2")
+        assert rc == 2 and "one of the arguments --nat --isolated --bridge" in err
+        rc, out, err = await command(agent, "net", "list")
+        assert rc == 0 and "lab" in out and "10.77.0.0/24" in out and "phyllome" in out
+
+        rc, out, err = await phyllome(agent, "create", "web", "--disk", str(disk), "--json")
+        assert rc == 0, err
+        web = json.loads(out)
+        assert [n["source"] for n in web["spec"]["nics"]] == ["phyllome"]  # the default NIC
+        for verb in ("start", "info", "destroy"):  # the test driver's guest agent answers
+            rc, out, err = await phyllome(agent, verb, "web")
+            assert rc == 0, err
+            if verb == "info":
+                assert "/24 (testnet0)" in out and "from the agent" in out, out
+        rc, out, err = await phyllome(agent, "create", "quiet", "--nic", "none", "--cpu",
+                                      "Nehalem", "--json")
+        assert rc == 0, err
+        quiet = json.loads(out)["spec"]
+        assert (quiet["nics"], quiet["cpu"]) == ([], "Nehalem")
+        rc, _, err = await phyllome(agent, "create", "odd", "--nic", "none", "--nic", "user")
+        assert rc == 2 and "give it alone" in err
+        rc, _, err = await phyllome(agent, "create", "odd", "--cpu", "host-passthrough")
+        assert rc == 1 and "needs KVM" in err
+
+        rc, out, err = await phyllome(agent, "attach-disk", "web", str(data), "--json")
+        assert rc == 0, err
+        assert [d["path"] for d in json.loads(out)["spec"]["disks"]] == [str(disk), str(data)]
+        rc, out, err = await phyllome(agent, "attach-nic", "web", "network:lab", "--mac",
+                                      "52:54:00:00:00:77", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["spec"]["nics"][1] == {
+            "kind": "network", "source": "lab", "mac": "52:54:00:00:00:77"}
+        rc, _, err = await command(agent, "net", "delete", "lab")
+        assert rc == 1 and "used by web" in err
+        rc, _, err = await phyllome(agent, "attach-usb", "web", "logitech")
+        assert rc == 2 and "give vendor:product" in err
+        rc, out, err = await phyllome(agent, "attach-usb", "web", "3.7", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["spec"]["usb_hostdevs"] == [
+            {"vendor": "", "product": "", "bus": 3, "device": 7}]
+        for argv in (("detach-usb", "web", "3.7"), ("detach-nic", "web", "52:54:00:00:00:77"),
+                     ("detach-disk", "web", str(data))):
+            rc, _, err = await phyllome(agent, *argv)
+            assert rc == 0, err
+        rc, out, err = await command(agent, "net", "delete", "lab", "--json")
+        assert rc == 0 and json.loads(out)["message"] == "deleted network lab", err

@@ -279,8 +279,8 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
         assert decision.accelerator == ("kvm" if decision.kvm_usable else "tcg")
         info = await g.call("create", VmCreate(spec=g.direct(unique("auto"), firmware="bios")))
         assert info.accelerator == decision.accelerator
-        if not decision["kvm_usable"]:  # this kind of machine (FACTS.md)
-            assert "KVM unusable" in decision["note"] and "KVM unusable" in info.accelerator_note
+        if not decision.kvm_usable:  # this kind of machine (FACTS.md)
+            assert "KVM unusable" in decision.note and "KVM unusable" in info.accelerator_note
         await g.call("delete", VmDelete(vm=info.uuid))
     cached = (tmp_path / "vm" / "accelerator.json").read_text()
-    assert f'"kvm_usable":{str(decision["kvm_usable"]).lower()}' in cached
+    assert f'"kvm_usable":{str(decision.kvm_usable).lower()}' in cached

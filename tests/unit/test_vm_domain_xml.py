@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from services.vm import domain_xml
 from services.vm import spec as spec_rules
 from shared.errors import BadRequest, InvalidName
-from shared.messages.vm import Disk, Nic, VmSpec
+from shared.messages.net import NetworkSpec
+from shared.messages.vm import Disk, Nic, UsbHostdev, VmSpec
 from tests.support.golden import regenerating
 from tests.support.require import require
 
@@ -55,6 +56,13 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
             nics=[Nic(kind="bridge", source="br0")],
         ),
         "kvm",
+    ),
+    "usb-passthrough-named-cpu": (
+        VmSpec(
+            name="usb-box", uuid=UUID, cpu="Nehalem", display="none",
+            usb_hostdevs=[UsbHostdev(vendor="046d", product="c52b"), UsbHostdev(bus=1, device=4)],
+        ),
+        "tcg",
     ),
 }
 
@@ -124,12 +132,93 @@ def test_vm_bad_names_are_refused(name: str) -> None:
         ({"hostdevs": ["01:00"]}, "neither a PCI address"),
         ({"nics": [Nic(mac="zz")]}, "not six hex pairs"),
         ({"uuid": "nope"}, "not a UUID"),
+        ({"cpu": "two words"}, "CPU model 'two words' is not valid"),
+        ({"cpu": "Nehalem", "nested": True}, "drop --cpu Nehalem"),
+        ({"usb_hostdevs": [UsbHostdev(vendor="46d", product="c52b")]}, "4 lower-case hex"),
+        ({"usb_hostdevs": [UsbHostdev(vendor="046d", product="c52b", bus=1)]}, "without bus"),
+        ({"usb_hostdevs": [UsbHostdev(bus=0, device=4)]}, "bus is 1-255"),
+        ({"usb_hostdevs": [UsbHostdev(bus=1, device=4)], "usb": False}, "USB controller"),
     ],
 )
 def test_vm_bad_specs_are_refused(changes: dict[str, object], match: str) -> None:
     spec = VmSpec(name="ok", **changes)  # type: ignore[arg-type]
     with pytest.raises(BadRequest, match=match):
         spec_rules.check_spec(spec)
+
+
+@pytest.mark.unit
+def test_vm_cpu_is_the_hosts_under_kvm_and_qemus_maximum_under_tcg() -> None:
+    """TCG's default qemu64 lacks x86-64-v2 (RHEL 9 and recent Fedora refuse to boot)."""
+    plain = VmSpec(name="c", uuid=UUID)
+    for accel, want in (("tcg", '<cpu mode="maximum"'), ("kvm", '<cpu mode="host-passthrough"')):
+        assert want in domain_xml.build(plain, accelerator=accel, serial_log="/l")  # type: ignore[arg-type]
+    named = domain_xml.build(msgspec.structs.replace(plain, cpu="Nehalem"), accelerator="kvm",
+                             serial_log="/l")
+    assert '<model fallback="forbid">Nehalem</model>' in named
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("usb", "match"), [
+    (UsbHostdev(vendor="046D", product="c52b"), "4 lower-case hex"),
+    (UsbHostdev(vendor="046d"), "4 lower-case hex"),
+    (UsbHostdev(bus=1), "device 1-127"), (UsbHostdev(bus=256, device=1), "bus is 1-255"),
+])
+def test_vm_bad_usb_devices_are_refused(usb: UsbHostdev, match: str) -> None:
+    with pytest.raises(BadRequest, match=match):
+        spec_rules.check_usb(usb)
+
+
+@pytest.mark.unit
+def test_vm_a_live_disk_takes_the_first_free_target_and_a_detach_its_own() -> None:
+    live = _xml("kvm-nested-passthrough")  # vda (virtio) and sda (sata)
+    new = domain_xml.device(Disk(path="/pool/c.raw"), live_xml=live)
+    assert '<target dev="vdb" bus="virtio" />' in new
+    old = domain_xml.device(Disk(path="/pool/b.raw", bus="sata"), live_xml=live)
+    assert '<target dev="sda" bus="sata" />' in old
+    nic = domain_xml.device(Nic(source="lab", mac="52:54:00:00:00:09"))
+    assert nic.startswith('<interface type="network">') and 'network="lab"' in nic
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("spec", "error", "match"), [
+    (NetworkSpec(name="Lab", subnet="10.1.0.0/24"), InvalidName, "network name 'Lab'"),
+    (NetworkSpec(name="a-very-long-name", subnet="10.1.0.0/24"), InvalidName, "1-11"),
+    (NetworkSpec(name="lab", subnet="10.1.0.0"), BadRequest, "no prefix length"),
+    (NetworkSpec(name="lab", subnet="10.1.0.0/30"), BadRequest, "between /8 and /29"),
+    (NetworkSpec(name="lab", subnet="10.1.0.5/24"), BadRequest, "host bits set: give 10.1.0.0/24"),
+    (NetworkSpec(name="lab", subnet="fd00::/64"), BadRequest, "only IPv4"),
+    (NetworkSpec(name="lab", subnet="lan"), BadRequest, "not an IPv4 network"),
+    (NetworkSpec(name="lab", subnet="8.8.8.0/24"), BadRequest, "not a private range"),
+    (NetworkSpec(name="lab", subnet="10.1.0.0/24", bridge="br0"), BadRequest, "drop --bridge"),
+    (NetworkSpec(name="lab", mode="bridge"), BadRequest, "give the host bridge"),
+    (NetworkSpec(name="lab", mode="bridge", bridge="br0", subnet="10.1.0.0/24"), BadRequest,
+     "drop the subnet"),
+])
+def test_vm_bad_networks_are_refused(spec: NetworkSpec, error: type[Exception],
+                                     match: str) -> None:
+    with pytest.raises(error, match=match):
+        spec_rules.check_network(spec)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("spec", [
+    NetworkSpec(name="phyllome", subnet="10.89.0.0/24"),
+    NetworkSpec(name="lab", mode="isolated", subnet="172.20.0.0/16"),
+    NetworkSpec(name="lan", mode="bridge", bridge="br0"),
+])
+def test_vm_network_xml_passes_virt_xml_validate_and_reads_back(spec: NetworkSpec,
+                                                                tmp_path: Path) -> None:
+    tool = shutil.which("virt-xml-validate")
+    require(tool is not None, "virt-xml-validate (package libvirt-clients)")
+    spec_rules.check_network(spec)
+    xml = domain_xml.network(spec)
+    path = tmp_path / "network.xml"
+    path.write_text(xml)
+    done = subprocess.run([str(tool), str(path), "network"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    net = domain_xml.network_of(xml, active=True, autostart=True)
+    assert (net.name, net.mode, net.subnet) == (spec.name, spec.mode, spec.subnet)
+    assert net.bridge == (spec.bridge or f"phy-{spec.name}")
 
 
 @pytest.mark.unit
@@ -156,6 +245,11 @@ _hostdevs = st.one_of(
     st.from_regex(r"0000:0[0-9]:[01][0-9a-f]\.[0-7]", fullmatch=True),
     st.uuids().map(str),
 )
+_usb = st.one_of(
+    st.builds(UsbHostdev, vendor=st.from_regex(r"[0-9a-f]{4}", fullmatch=True),
+              product=st.from_regex(r"[0-9a-f]{4}", fullmatch=True)),
+    st.builds(UsbHostdev, bus=st.integers(1, 255), device=st.integers(1, 127)),
+)
 
 
 @st.composite
@@ -175,6 +269,8 @@ def _specs(draw: st.DrawFn) -> tuple[VmSpec, str]:
         sound=draw(st.sampled_from(["ich9", "none"])), usb=draw(st.booleans()),
         rng=draw(st.booleans()), balloon=draw(st.booleans()),
         guest_agent=draw(st.booleans()), hostdevs=draw(st.lists(_hostdevs, max_size=2)),
+        usb_hostdevs=draw(st.lists(_usb, max_size=2)),
+        cpu=draw(st.sampled_from(["", "maximum", "host-passthrough", "host-model", "Nehalem"])),
         nested=draw(st.booleans()), kernel=kernel,
         initrd=draw(_paths) if kernel and draw(st.booleans()) else "",
         cmdline=draw(st.text(max_size=40)) if kernel else "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import grp
+import ipaddress
 import os
 import pwd
 import shutil
@@ -14,13 +15,14 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services.vm import accel, health, hostfs
+from services.vm import accel, health, hostfs, networks
 from services.vm.handlers import Handlers, random_mac, redacted
 from services.vm.hypervisor import DomainStats
 from services.vm.libvirt_backend import event_words, state_words
 from services.vm.metrics import VmMetrics
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.messages.hardware import Passthrough, PciDevice
+from shared.messages.net import Network
 from shared.messages.vm import AcceleratorDecision, VmSpec
 from tests.support.require import require
 
@@ -64,7 +66,8 @@ class FakeHypervisor:
     def bulk_stats(self) -> list[DomainStats]:
         return [
             DomainStats(uuid="u1", name="web", state="running", cpu_time_s=1.5,
-                        memory_bytes=256 << 20, block_read_bytes=4096, net_rx_bytes=10),
+                        memory_bytes=256 << 20, block_read_bytes=4096, net_rx_bytes=10,
+                        net_rx_packets=3, net_tx_packets=2),
             DomainStats(uuid="u2", name="db", state="shutoff"),
         ]
 
@@ -81,6 +84,8 @@ def test_vm_metrics_come_from_one_bulk_call_and_pass_promtool() -> None:
     assert 'phyllome_vm_vms{state="shutoff"} 1.0' in text
     assert 'phyllome_vm_cpu_seconds_total{uuid="u1",vm="web"} 1.5' in text
     assert 'phyllome_vm_disk_read_bytes_total{uuid="u1",vm="web"} 4096.0' in text
+    assert 'phyllome_vm_network_receive_packets_total{uuid="u1",vm="web"} 3.0' in text
+    assert 'phyllome_vm_network_transmit_packets_total{uuid="u1",vm="web"} 2.0' in text
     assert 'phyllome_vm_boot_time_seconds{uuid="u1",vm="web"} 1.7e+09' in text
     assert 'operation="start",outcome="conflict"} 1.0' in text
     promtool = shutil.which("promtool")
@@ -151,8 +156,40 @@ def test_a_shut_off_domain_has_no_cpu_time() -> None:
     off = _stats(_Dom(), {"state.state": 5, "state.reason": 0, "cpu.time": 6_560_000_000,
                           "balloon.current": 65536})
     assert (off.state, off.cpu_time_s, off.memory_bytes) == ("shutoff", 0.0, 0)
-    on = _stats(_Dom(), {"state.state": 1, "state.reason": 1, "cpu.time": 2_000_000_000})
+    on = _stats(_Dom(), {"state.state": 1, "state.reason": 1, "cpu.time": 2_000_000_000,
+                         "net.count": 2, "net.0.rx.pkts": 5, "net.1.rx.pkts": 7,
+                         "net.0.tx.pkts": 1, "net.1.tx.bytes": 900})
     assert on.cpu_time_s == 2.0
+    assert (on.net_rx_packets, on.net_tx_packets, on.net_tx_bytes) == (12, 1, 900)
+
+
+def test_vm_guest_addresses_leave_loopback_out() -> None:
+    from services.vm.libvirt_backend import _addresses
+
+    found = _addresses({
+        "lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": 0, "addr": "127.0.0.1",
+                                                          "prefix": 8}]},
+        "eth0": {"hwaddr": "52:54:00:aa:bb:cc", "addrs": [
+            {"type": 1, "addr": "fe80::1", "prefix": 64},
+            {"type": 0, "addr": "10.89.0.17", "prefix": 24}]},
+    })
+    assert [(a.nic, a.family, a.address, a.prefix) for a in found] == [
+        ("eth0", "ipv4", "10.89.0.17", 24), ("eth0", "ipv6", "fe80::1", 64)]
+    assert {a.mac for a in found} == {"52:54:00:aa:bb:cc"}
+
+
+def test_vm_a_subnet_that_overlaps_a_route_or_a_network_is_refused() -> None:
+    lan = [(ipaddress.IPv4Network("192.168.1.0/24"), "eth0")]
+    nets = [Network(name="phyllome", mode="nat", subnet="10.89.0.0/24")]
+    assert "overlaps network phyllome (10.89.0.0/24)" in networks.collision(
+        ipaddress.IPv4Network("10.89.0.0/16"), lan, nets)
+    assert "route to 192.168.1.0/24 (dev eth0)" in networks.collision(
+        ipaddress.IPv4Network("192.168.1.128/25"), lan, nets)
+    assert networks.collision(ipaddress.IPv4Network("10.90.0.0/24"), lan, nets) == ""
+    assert str(networks.free_subnet(lan, nets)) == "10.89.1.0/24"
+    full = [(ipaddress.IPv4Network("10.89.0.0/16"), "vpn0")]
+    with pytest.raises(Conflict, match="set \\[vm\\] nat_subnet"):
+        networks.free_subnet(full, [])
 
 
 def test_vm_only_the_libvirt_backend_speaks_libvirt() -> None:
