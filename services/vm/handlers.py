@@ -18,13 +18,13 @@ from typing import Any
 
 import msgspec
 
-from services.vm import domain_xml, hostfs
+from services.vm import domain_xml, hostfs, migration
 from services.vm.accel import Decision
 from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
-from shared import contracts, migration
+from shared import contracts
 from shared.agent import Agent
 from shared.errors import (
     BackendError,
@@ -492,7 +492,7 @@ class Handlers:
                            f"{len(req.tpm)} bytes installed")
 
     async def migrate(self, req: VmMigrate) -> JobAccepted:
-        """Cold migration to ``req.to``, a job run here (see ``shared.migration``)."""
+        """Cold migration to ``req.to``, a job run here (see ``services.vm.migration``)."""
         dom = await self.hv.domain(req.vm)
 
         async def work(job: Any) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """Cold migration of a stopped VM to another host: a job of the source host's vm agent.
 
-Everything goes through the agents' bus contracts, so the job is the same whoever runs it
-(the vm agent wires it as its ``migrate`` endpoint)::
+Run only by the vm agent (its ``migrate`` endpoint); everything else goes through the
+agents' bus contracts::
 
     accepted = agent.jobs.start("migrate", lambda job: migrate(agent.bus, agent.host, req, job),
                                 key=f"migrate:{req.vm}")
@@ -34,8 +34,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
+import nats.errors
+import nats.js.errors
 
 from shared import contracts, subjects
+from shared.bus import Bus
 from shared.cluster import cluster_vms, host_views_on
 from shared.errors import (
     BackendError,
@@ -76,7 +79,7 @@ class _Step:
     """Progress in steps of the whole migration: preflight, one per disk, define, verify,
     clean up. Each step is published at once (``job.progress`` alone throttles events)."""
 
-    def __init__(self, bus: Any, source: str, job: Job, disks: int) -> None:
+    def __init__(self, bus: Bus, source: str, job: Job, disks: int) -> None:
         self.bus, self.source, self.job = bus, source, job
         self.total = disks + 4
         self.done = 0
@@ -100,7 +103,7 @@ def _has_endpoint(verb: str) -> bool:
     return True
 
 
-async def _wait_job(bus: Any, host: str, svc: str, accepted: JobAccepted,
+async def _wait_job(bus: Bus, host: str, svc: str, accepted: JobAccepted,
                     on_progress: Callable[[JobStatus], Awaitable[None]] | None = None,
                     timeout: float = 24 * 3600) -> JobStatus:
     deadline = time.monotonic() + timeout
@@ -127,7 +130,7 @@ async def _exists(call: Awaitable[Any]) -> bool:
     return True
 
 
-async def migrate(bus: Any, source: str, req: VmMigrate, job: Job) -> dict[str, object]:
+async def migrate(bus: Bus, source: str, req: VmMigrate, job: Job) -> dict[str, object]:
     """The migration job (see the module doc); returns what moved where."""
     target = subjects.token(req.to, "target host")
     if target == source:
@@ -226,7 +229,7 @@ def _needs_state(spec: VmSpec) -> bool:
     return spec.firmware == "uefi" or spec.tpm != "none"
 
 
-async def _preflight(bus: Any, source: str, target: str,
+async def _preflight(bus: Bus, source: str, target: str,
                      spec: VmSpec) -> dict[tuple[str, str], str]:
     """Refuse what cannot work before touching anything; returns the source disks' sha256."""
     views = {v.host: v for v in await host_views_on(bus)}
@@ -275,23 +278,23 @@ async def _preflight(bus: Any, source: str, target: str,
     return digests
 
 
-async def _carry_state(bus: Any, source: str, target: str, spec: VmSpec) -> None:
+async def _carry_state(bus: Bus, source: str, target: str, spec: VmSpec) -> None:
     """NVRAM and TPM state from the source's vm agent to the target's."""
     state = await bus.call(source, vm_api.EXPORT_STATE, VmRef(vm=spec.uuid),
                            timeout=CALL_TIMEOUT_S)
     await bus.call(target, vm_api.IMPORT_STATE, state, timeout=CALL_TIMEOUT_S)
 
 
-async def _record_bytes(bus: Any, uuid: str) -> bytes | None:
+async def _record_bytes(bus: Bus, uuid: str) -> bytes | None:
     kv = await bus.kv(subjects.KV_VMS)
     try:
         entry = await kv.get(uuid)
-    except Exception:  # no record (yet): nothing to restore
+    except nats.js.errors.KeyNotFoundError:  # no record (yet): nothing to restore
         return None
     return bytes(entry.value) if entry.value else None
 
 
-async def _roll_back(bus: Any, target: str, spec: VmSpec, volumes: list[VolumeRef],
+async def _roll_back(bus: Bus, target: str, spec: VmSpec, volumes: list[VolumeRef],
                      defined: bool, record: bytes | None) -> str:
     """Undo what the target got; returns a note naming anything that could not be undone."""
     left: list[str] = []
@@ -313,7 +316,7 @@ async def _roll_back(bus: Any, target: str, spec: VmSpec, volumes: list[VolumeRe
     if record is not None:  # the target's create and delete rewrote the VM's record
         try:
             await (await bus.kv(subjects.KV_VMS)).put(spec.uuid, record)
-        except Exception as e:
+        except (nats.errors.Error, TimeoutError) as e:
             log.warning("could not restore the record of %s: %r", spec.name, e)
     if not left:
         return ""
