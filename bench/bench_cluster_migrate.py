@@ -23,9 +23,9 @@ from bench.common import Result
 from shared.agent import Agent
 from shared.cluster import host_resources
 from shared.config import load
+from shared.jobs import wait_job
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
-from shared.messages.jobs import JobRef, JobStatus
 from shared.messages.storage import CreateVolume
 from shared.messages.vm import Disk, VmCreate, VmMigrate, VmSpec
 from shared.natsserver import NatsServer
@@ -87,11 +87,7 @@ async def ours(root: Path, url: str, virtual: int, data: int) -> float:
 
         t = time.perf_counter()
         accepted = await vm.bus.call("a", vm_api.MIGRATE, VmMigrate(vm="m", to="b"))
-        while True:
-            st: JobStatus = await vm.bus.call("a", vm_api.JOB, JobRef(job_id=accepted.job_id))
-            if st.state != "running":
-                break
-            await asyncio.sleep(0.05)
+        st = await wait_job(vm.bus, "a", "vm", accepted, timeout=600)
         elapsed = time.perf_counter() - t
         assert st.state == "succeeded", st.message
         return elapsed

@@ -24,10 +24,8 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
-from shared import contracts
 from shared.agent import Agent
 from shared.errors import (
-    BackendError,
     BadRequest,
     Conflict,
     InsufficientResources,
@@ -36,6 +34,7 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
+from shared.jobs import succeeded, wait_job
 from shared.messages import Ack, Empty
 from shared.messages import catalogue as catalogue_api
 from shared.messages import hardware as hardware_api
@@ -49,7 +48,7 @@ from shared.messages.hardware import (
     HostCaps,
     PciDevice,
 )
-from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.jobs import JobAccepted
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
     AcceleratorFallback,
@@ -228,19 +227,10 @@ class Handlers:
             disks.append(disk)
         return msgspec.structs.replace(spec, disks=disks)
 
-    async def _wait_job(self, svc: str, accepted: JobAccepted) -> JobStatus:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while True:
-            status: JobStatus = await self.agent.bus.call(
-                self.host, contracts.spec(svc, "job"), JobRef(job_id=accepted.job_id),
-                timeout=PEER_TIMEOUT_S)
-            if status.state != "running":
-                if status.state != "succeeded":
-                    raise BackendError(f"{svc} {accepted.kind} {status.state}: {status.message}")
-                return status
-            if time.monotonic() > deadline:
-                raise Timeout(f"{svc} {accepted.kind} did not finish in {JOB_TIMEOUT_S:g} s")
-            await asyncio.sleep(0.2)
+    async def _wait_job(self, accepted: JobAccepted) -> None:
+        """A storage job this agent's work needs: its outcome, or the error it ended with."""
+        succeeded(await wait_job(self.agent.bus, self.host, "storage", accepted,
+                                 timeout=JOB_TIMEOUT_S))
 
     async def _copy_disk(self, src: Disk, dst_name: str) -> Disk:
         """A new owned disk with ``src``'s content: via the storage agent for volumes, else
@@ -250,7 +240,7 @@ class Handlers:
             pool = src.pool or "default"
             accepted = await bus.call(self.host, storage_api.CLONE, CloneVolume(
                 pool=pool, name=src.volume, dst_name=dst_name), timeout=PEER_TIMEOUT_S)
-            await self._wait_job("storage", accepted)
+            await self._wait_job(accepted)
             vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
                 pool=pool, name=dst_name), timeout=PEER_TIMEOUT_S)
             return Disk(path=vol.path, pool=pool, volume=dst_name, bus=src.bus, owned=True)
@@ -277,7 +267,7 @@ class Handlers:
         except Unavailable:
             log.info("no storage agent; copying image %s locally", image)
             return await self._copy_disk(Disk(path=info.path), name)
-        await self._wait_job("storage", accepted)
+        await self._wait_job(accepted)
         vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
             pool="default", name=name), timeout=PEER_TIMEOUT_S)
         return Disk(path=vol.path, pool="default", volume=name, owned=True)

@@ -26,11 +26,9 @@ job fails with a message that says at which step and why, and can be run again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import msgspec
@@ -48,12 +46,12 @@ from shared.errors import (
     InvalidName,
     NotFound,
     PhyError,
-    Timeout,
     Unavailable,
 )
+from shared.jobs import succeeded, wait_job
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
-from shared.messages.jobs import JobAccepted, JobProgress, JobRef, JobStatus
+from shared.messages.jobs import JobAccepted, JobProgress, JobRef
 from shared.messages.storage import SendVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import VmCreate, VmDelete, VmInfo, VmMigrate, VmRef, VmShutdown, VmSpec
 from shared.placement import committed_mib, needs, refusal
@@ -63,7 +61,7 @@ log = logging.getLogger("phyllome.migration")
 CALL_TIMEOUT_S = 15.0
 SHA_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 120.0
-JOB_POLL_S = 0.2
+TRANSFER_TIMEOUT_S = 24 * 3600.0
 
 
 class Job(Protocol):
@@ -72,25 +70,22 @@ class Job(Protocol):
     id: str
     kind: str
 
-    async def progress(self, done: int, total: int, message: str = "") -> None: ...
+    async def progress(self, done: int, total: int, message: str = "", *,
+                       now: bool = False) -> None: ...
 
 
 class _Step:
     """Progress in steps of the whole migration: preflight, one per disk, define, verify,
-    clean up. Each step is published at once (``job.progress`` alone throttles events)."""
+    clean up. Each step is one job progress event, published at once (not throttled)."""
 
-    def __init__(self, bus: Bus, source: str, job: Job, disks: int) -> None:
-        self.bus, self.source, self.job = bus, source, job
+    def __init__(self, job: Job, disks: int) -> None:
+        self.job = job
         self.total = disks + 4
         self.done = 0
 
     async def __call__(self, message: str, advance: bool = True) -> None:
         log.info("migration: %s", message)
-        await self.job.progress(self.done, self.total, message)
-        await self.bus.publish_event(
-            subjects.event(self.source, "vm", "job", self.job.id), JobProgress(
-                host=self.source, job_id=self.job.id, kind=self.job.kind, done=self.done,
-                total=self.total, message=message))
+        await self.job.progress(self.done, self.total, message, now=True)
         if advance:
             self.done += 1
 
@@ -101,25 +96,6 @@ def _has_endpoint(verb: str) -> bool:
     except InvalidName:
         return False
     return True
-
-
-async def _wait_job(bus: Bus, host: str, svc: str, accepted: JobAccepted,
-                    on_progress: Callable[[JobStatus], Awaitable[None]] | None = None,
-                    timeout: float = 24 * 3600) -> JobStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status: JobStatus = await bus.call(host, contracts.spec(svc, "job"),
-                                           JobRef(job_id=accepted.job_id), timeout=CALL_TIMEOUT_S)
-        if status.state != "running":
-            if status.state != "succeeded":
-                raise BackendError(f"{svc} {accepted.kind} on {host} {status.state}: "
-                                   f"{status.message}")
-            return status
-        if on_progress is not None:
-            await on_progress(status)
-        if time.monotonic() > deadline:
-            raise Timeout(f"{svc} {accepted.kind} on {host} did not finish")
-        await asyncio.sleep(JOB_POLL_S)
 
 
 async def _exists(call: Awaitable[Any]) -> bool:
@@ -137,7 +113,7 @@ async def migrate(bus: Bus, source: str, req: VmMigrate, job: Job) -> dict[str, 
         raise BadRequest(f"VM {req.vm} is on {source} already; give another host with --to")
     info: VmInfo = await bus.call(source, vm_api.INFO, VmRef(vm=req.vm), timeout=CALL_TIMEOUT_S)
     spec = info.spec
-    step = _Step(bus, source, job, len(spec.disks))
+    step = _Step(job, len(spec.disks))
 
     # 1. shut off
     if info.state not in ("shutoff", "crashed"):
@@ -170,11 +146,12 @@ async def migrate(bus: Bus, source: str, req: VmMigrate, job: Job) -> dict[str, 
             made_volumes.append(VolumeRef(pool=disk.pool, name=disk.volume))
             sending[:] = [accepted]
 
-            async def forward(status: JobStatus, label: str = label) -> None:
-                pct = f" {100 * status.done // status.total}%" if status.total else ""
+            async def forward(sent: JobProgress, label: str = label) -> None:
+                pct = f" {100 * sent.done // sent.total}%" if sent.total else ""
                 await job.progress(step.done, step.total, f"sending {label}{pct}")
 
-            await _wait_job(bus, source, "storage", accepted, forward)
+            succeeded(await wait_job(bus, source, "storage", accepted, timeout=TRANSFER_TIMEOUT_S,
+                                     on_progress=forward))
             sending.clear()
             step.done += 1
 

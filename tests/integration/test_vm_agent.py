@@ -23,6 +23,7 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
+from shared.jobs import wait_job
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.jobs import JobFinished
@@ -44,7 +45,6 @@ from tests.support.agents import agent_in_process
 from tests.support.libvirt import VmEvents, libvirt_test_uri, vm_events
 from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
-from tests.support.wait import job_finished
 
 __all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
@@ -205,7 +205,7 @@ async def test_vm_clone_copies_disks_and_gets_new_identity(
 
 
 async def _job(agent: Agent, job_id: str) -> JobFinished:
-    return await job_finished(agent.bus, agent.host, "vm", job_id, timeout=20)
+    return await wait_job(agent.bus, agent.host, "vm", job_id, timeout=20)
 
 
 async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
