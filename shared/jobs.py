@@ -217,7 +217,9 @@ async def wait_job(bus: Bus, host: str, service: str, job: str | JobAccepted, *,
     then asks the job's status once, so a job that ended before the subscription, or whose
     last events were not stored, is seen to end too. After ``RECHECK_S`` without an event the
     status is asked again, so a job whose agent died ends the wait with that agent's error
-    (``Unavailable``, or ``NotFound`` from a restarted agent) instead of at the deadline.
+    instead of at the deadline: ``Unavailable``, or ``NotFound`` when a restarted agent does
+    not know the job and no outcome event came within ``RECHECK_S`` (an agent that settles
+    its crashed jobs at start publishes their outcomes).
     Raises ``Timeout`` when the job has not ended within ``timeout`` seconds.
 
     The subscription is read with timeouts in this task, never from a task that is cancelled:
@@ -230,15 +232,21 @@ async def wait_job(bus: Bus, host: str, service: str, job: str | JobAccepted, *,
         subjects.event(host, service, "job", job_id), stream=subjects.STREAM,
         ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
     try:
-        ask = True
+        ask, unknown = True, False
         while True:
             if ask:
-                status = await bus.call(host, status_spec, JobRef(job_id=job_id),
-                                        timeout=STATUS_TIMEOUT_S)
-                if status.state != "running":
-                    return JobFinished(host=host, job_id=job_id, kind=status.kind,
-                                       state=status.state, message=status.message,
-                                       error_kind=status.error_kind, result=status.result)
+                try:
+                    status = await bus.call(host, status_spec, JobRef(job_id=job_id),
+                                            timeout=STATUS_TIMEOUT_S)
+                except NotFound:
+                    if unknown:
+                        raise
+                    unknown = True  # a restarted agent may still publish the outcome
+                else:
+                    if status.state != "running":
+                        return JobFinished(host=host, job_id=job_id, kind=status.kind,
+                                           state=status.state, message=status.message,
+                                           error_kind=status.error_kind, result=status.result)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Timeout(f"{service} job {job_id} on {host} did not finish within "

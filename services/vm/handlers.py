@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 import uuid as uuidlib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -95,6 +96,8 @@ class Handlers:
         self.decision = decision
         self.metrics = VmMetrics(agent.registry, hypervisor, lambda: self.states.started_at())
         self.states = VmStates(agent, hypervisor, self.metrics)
+        self.migrations = migration.Migrations(agent, self.states,
+                                               Path(settings.migration_dir))
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -105,6 +108,7 @@ class Handlers:
                 host=self.host, reason=self.decision.note))
         self.agent.spawn(self._report_probe(), "report-probe")
         await self.states.reconcile()
+        await self.migrations.recover()
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
 
@@ -300,6 +304,8 @@ class Handlers:
     async def _info(self, ref: str) -> VmInfo:
         dom = await self.hv.domain(ref)
         record, _ = await self.states.load(dom.uuid)
+        if record is not None and record.host != self.host:  # a copy: it has its own disks
+            record = None
         spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
         stats = await self.hv.stats(dom.uuid)
         consoles = domain_xml.consoles_of(await self.hv.xml(dom.uuid)) \
@@ -328,6 +334,7 @@ class Handlers:
             self._accelerator(spec)
             await self._check_nested(spec)
             await self._refuse_duplicate(spec)
+            await self.states.refuse_foreign(spec.uuid, spec.name)
             await self._check_memory(spec)
             await self._check_hostdevs(spec.hostdevs)
             spec = await self._resolve_disks(spec)
@@ -359,7 +366,8 @@ class Handlers:
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state} already")
             hostfs.ensure_dir(self.settings.console_dir)
-            await self.hv.start(dom.uuid)
+            async with self.states.owned(dom.uuid, dom.name, "start"):
+                await self.hv.start(dom.uuid)
             return await self._info(dom.uuid)
 
     async def shutdown(self, req: VmShutdown) -> VmInfo:
@@ -414,25 +422,29 @@ class Handlers:
     async def delete(self, req: VmDelete) -> Ack:
         with self.metrics.operation("delete"):
             dom = await self.hv.domain(req.vm)
-            if dom.state not in STOPPED:
-                if not req.force:
-                    raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
-                                   "with --force")
-                await self.hv.destroy(dom.uuid)
-            record, _ = await self.states.load(dom.uuid)
-            spec = record.spec if record else dom.spec
-            await self.hv.undefine(dom.uuid)
-            await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
-            await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
-            removed = []
-            if req.delete_disks and spec is not None:
-                for disk in spec.disks:
-                    if disk.owned:
-                        await self._delete_disk(disk)
-                        removed.append(disk.volume or disk.path)
-            log.info("deleted VM %s (%s)", dom.name, dom.uuid)
-            disks = f" and its disks {', '.join(removed)}" if removed else ""
-            return Ack(message=f"deleted VM {dom.name}{disks}")
+            async with self.states.owned(dom.uuid, dom.name, "delete", stray_ok=True):
+                return await self._delete(dom, req)
+
+    async def _delete(self, dom: Domain, req: VmDelete) -> Ack:
+        if dom.state not in STOPPED:
+            if not req.force:
+                raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
+                               "with --force")
+            await self.hv.destroy(dom.uuid)
+        record, _ = await self.states.load(dom.uuid)
+        spec = record.spec if record and record.host == self.host else dom.spec
+        await self.hv.undefine(dom.uuid)
+        await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
+        await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
+        removed = []
+        if req.delete_disks and spec is not None:
+            for disk in spec.disks:
+                if disk.owned:
+                    await self._delete_disk(disk)
+                    removed.append(disk.volume or disk.path)
+        log.info("deleted VM %s (%s)", dom.name, dom.uuid)
+        disks = f" and its disks {', '.join(removed)}" if removed else ""
+        return Ack(message=f"deleted VM {dom.name}{disks}")
 
     async def list(self, req: VmListRequest) -> VmList:
         records = await self.states.records()
@@ -449,22 +461,26 @@ class Handlers:
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state}: update changes a stopped VM; "
                                "stop it first")
-            record, _ = await self.states.load(dom.uuid)
-            old = await self._spec_with_secrets(record, dom)
-            if old is None:
-                raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
-            changes = {f: getattr(req, f) for f in req.__struct_fields__
-                       if f != "vm" and getattr(req, f) is not None}
-            spec = msgspec.structs.replace(old, **changes)
-            domain_xml.check_spec(spec)
-            await self._check_memory(spec)
-            await self._check_nested(spec)
-            await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
-            dom = await self._define(spec)
-            if spec.autostart != old.autostart:
-                await self.hv.set_autostart(dom.uuid, spec.autostart)
-            await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
-            return await self._info(dom.uuid)
+            async with self.states.owned(dom.uuid, dom.name, "update"):
+                return await self._update(dom, req)
+
+    async def _update(self, dom: Domain, req: VmUpdate) -> VmInfo:
+        record, _ = await self.states.load(dom.uuid)
+        old = await self._spec_with_secrets(record, dom)
+        if old is None:
+            raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
+        changes = {f: getattr(req, f) for f in req.__struct_fields__
+                   if f != "vm" and getattr(req, f) is not None}
+        spec = msgspec.structs.replace(old, **changes)
+        domain_xml.check_spec(spec)
+        await self._check_memory(spec)
+        await self._check_nested(spec)
+        await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
+        dom = await self._define(spec)
+        if spec.autostart != old.autostart:
+            await self.hv.set_autostart(dom.uuid, spec.autostart)
+        await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
+        return await self._info(dom.uuid)
 
     async def export_state(self, req: VmRef) -> VmGuestState:
         dom = await self.hv.domain(req.vm)
@@ -487,7 +503,7 @@ class Handlers:
 
         async def work(job: Any) -> dict[str, object]:
             with self.metrics.operation("migrate"):
-                return await migration.migrate(self.agent.bus, self.host, req, job)
+                return await self.migrations.migrate(req, job)
 
         return self.agent.jobs.start("migrate", work, key=f"migrate:{dom.uuid}:{req.to}")
 

@@ -1,4 +1,5 @@
-"""The host files the vm agent touches itself: disk headers, local disk copies, log dirs.
+"""The host files the vm agent touches itself: disk headers, local disk copies, log dirs,
+the migration journal.
 
 Disk volumes normally come from the storage agent; ``copy_disk`` is the local fallback
 when none answers (a reflink where the filesystem can, else a sparse copy)::
@@ -73,3 +74,27 @@ def remove(path: str) -> None:
 def ensure_dir(path: str) -> None:
     """A directory that virtlogd and QEMU can reach (0755)."""
     Path(path).mkdir(parents=True, exist_ok=True, mode=0o755)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole
+    (a temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        remove(str(tmp))
+        raise BackendError(f"writing {path}: {e.strerror}") from None
+
+
+def read_all(directory: Path, suffix: str) -> list[bytes]:
+    """The content of every ``*<suffix>`` file of ``directory`` (none if it is missing)."""
+    try:
+        return [p.read_bytes() for p in sorted(directory.glob(f"*{suffix}"))]
+    except OSError as e:
+        raise BackendError(f"reading {directory}: {e.strerror}") from None

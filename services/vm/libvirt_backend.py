@@ -160,6 +160,9 @@ class LibvirtHypervisor:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        # libvirt's test driver, in process (test:///file) or in a daemon (test+unix:///...):
+        # no NVRAM, no TPM state
+        self._test_driver = uri.split(":", 1)[0].split("+", 1)[0] == "test"
         self.news: asyncio.Queue[HypervisorNews] = asyncio.Queue()
         self.connected = False
         self._conn: libvirt.virConnect | None = None
@@ -321,7 +324,7 @@ class LibvirtHypervisor:
         """Undefine with NVRAM and TPM state (the test driver has neither)."""
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        if not self.uri.startswith("test:"):
+        if not self._test_driver:
             flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
         await self._run(f"undefining {uuid}", lambda: self._lookup(uuid).undefineFlags(flags))
 
@@ -364,7 +367,7 @@ class LibvirtHypervisor:
 
     async def copy_state(self, src_uuid: str, dst_uuid: str) -> None:
         """Copy the NVRAM file and the swtpm state directory (the test driver has neither)."""
-        if self.uri.startswith("test:"):
+        if self._test_driver:
             return
         src, dst = await self.domain(src_uuid), await self.domain(dst_uuid)
         copies = [(_nvram_path(await self.xml(src.uuid, inactive=True), src.name),
@@ -380,14 +383,14 @@ class LibvirtHypervisor:
                 raise BackendError(f"copying {a} to {b}: {err.decode(errors='replace')}")
 
     async def export_state(self, uuid: str) -> tuple[bytes, bytes]:
-        if self.uri.startswith("test:"):
+        if self._test_driver:
             return b"", b""
         dom = await self.domain(uuid)
         nvram = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
         return await asyncio.to_thread(_read_state, nvram, f"{SWTPM_DIR}/{uuid}")
 
     async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
-        if self.uri.startswith("test:"):
+        if self._test_driver:
             return
         dom = await self.domain(uuid)
         path = _nvram_path(await self.xml(uuid, inactive=True), dom.name)
