@@ -26,6 +26,8 @@ pytestmark = pytest.mark.cluster
 SENT = re.compile(r"sending disk 1/1 \S+ (\d+)%")
 
 BOOT = """
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.storage import CreateVolume, VolumeQuery
 from shared.messages.vm import Disk, VmCreate, VmRef, VmSpec
 async def boot(bus, host, name):
@@ -56,6 +58,7 @@ async def main(bus):
 
 MIGRATE = """
 from shared.jobs import wait_job
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmMigrate
 async def main(bus):
     accepted = await bus.call("a", vm_api.MIGRATE, VmMigrate(vm="g1", to="b",
