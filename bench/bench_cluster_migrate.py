@@ -1,7 +1,7 @@
 """Cold migration of a stopped VM (one 1 GiB disk, 256 MiB of data) between two hosts on one
-machine: ``shared.migration.migrate`` (preflight, storage stream, define, sha256 on both
-sides, source cleanup) vs what an operator does by hand: ``rsync --sparse`` of the disk and
-``sha256sum`` of both copies — same file, same run.
+machine: the vm agent's ``migrate`` job (``services/vm/migration.py``: preflight, storage
+stream, define, sha256 on both sides, source cleanup) vs what an operator does by hand:
+``rsync --sparse`` of the disk and ``sha256sum`` of both copies — same file, same run.
 
     python -m bench.bench_cluster_migrate [--quick]
 """
@@ -22,12 +22,11 @@ from typing import Any
 from bench.common import Result
 from shared.agent import Agent
 from shared.config import load
+from shared.jobs import wait_job
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
-from shared.messages.jobs import JobRef, JobStatus
 from shared.messages.storage import CreateVolume
 from shared.messages.vm import Disk, VmCreate, VmMigrate, VmSpec
-from shared.migration import migrate
 from shared.natsserver import NatsServer
 
 MiB = 1 << 20
@@ -83,16 +82,9 @@ async def ours(root: Path, url: str, virtual: int, data: int) -> float:
             name="m", memory_mib=64, vcpus=1, firmware="bios", display="none",
             disks=[Disk(pool="default", volume="m-disk0", owned=True)])))
 
-        async def work(job: Any) -> dict[str, object]:
-            return await migrate(vm.bus, "a", VmMigrate(vm="m", to="b"), job)
-
         t = time.perf_counter()
-        accepted = vm.jobs.start("migrate", work)
-        while True:
-            st: JobStatus = await vm.bus.call("a", vm_api.JOB, JobRef(job_id=accepted.job_id))
-            if st.state != "running":
-                break
-            await asyncio.sleep(0.05)
+        accepted = await vm.bus.call("a", vm_api.MIGRATE, VmMigrate(vm="m", to="b"))
+        st = await wait_job(vm.bus, "a", "vm", accepted, timeout=600)
         elapsed = time.perf_counter() - t
         assert st.state == "succeeded", st.message
         return elapsed

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import Result  # noqa: E402
 from shared.bus import Bus  # noqa: E402
+from shared.jobs import wait_job  # noqa: E402
 from shared.messages import storage as storage_api  # noqa: E402
-from shared.messages.jobs import JobRef  # noqa: E402
 from shared.messages.storage import SendVolume, VolumeRef  # noqa: E402
 from shared.natsserver import NatsServer  # noqa: E402
 
@@ -89,11 +89,7 @@ async def ours(work: Path, src: Path, repeat: int, chunk: int,
                 started = time.perf_counter()
                 acc = await bus.call("b1", storage_api.SEND, SendVolume(name="vol",
                                                                          to_host="b2"))
-                while True:
-                    st = await bus.call("b1", storage_api.JOB, JobRef(job_id=acc.job_id))
-                    if st.state != "running":
-                        break
-                    await asyncio.sleep(0.01)
+                st = await wait_job(bus, "b1", "storage", acc, timeout=600)
                 took = time.perf_counter() - started
                 if st.state != "succeeded":
                     raise SystemExit(f"send {st.state}: {st.message}")

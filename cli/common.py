@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypedDict, TypeVar
 
-import msgspec
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,12 +30,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from shared import subjects
 from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host
 from shared.errors import PhyError, Unavailable
 from shared.fileops import human_bytes as human_bytes  # the CLI's tables use common.human_bytes
+from shared.jobs import wait_job
 from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 
@@ -47,6 +44,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+FOLLOW_S = 7 * 24 * 3600.0  # a followed job may run long; Ctrl-C stops following, not the job
 
 console = Console()
 err_console = Console(stderr=True)
@@ -167,32 +165,18 @@ def parse_size(text: str) -> int:
 
 async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
                      quiet: bool = False, bytes_progress: bool = True) -> JobFinished:
-    """Show a job's progress (bytes, rate, ETA) until it finishes; returns its outcome.
-
-    Reads the job's events from JetStream from the beginning, so a job that finished before
-    we subscribed is still seen.
-    """
-    from shared.contracts import event_decoder
-
-    subject = subjects.event(host, svc, "job", accepted.job_id)
+    """Show a job's progress (bytes, rate, ETA) until it finishes; returns its outcome."""
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
     if bytes_progress:
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, disable=quiet, transient=True) as progress:
         task = progress.add_task(accepted.kind, total=None)
-        stream = bus.events(subject, since=time.time() - 3600, follow=True)
-        async with contextlib.aclosing(stream):
-            async for _subject, _ts, data in stream:
-                try:
-                    event = event_decoder().decode(data)
-                except msgspec.MsgspecError:
-                    continue
-                if isinstance(event, JobProgress):
-                    progress.update(task, completed=event.done, total=event.total or None,
-                                    description=f"{accepted.kind} {event.message}".strip())
-                elif isinstance(event, JobFinished):
-                    return event
-    raise Unavailable(f"lost the events of job {accepted.job_id}")
+
+        async def draw(event: JobProgress) -> None:
+            progress.update(task, completed=event.done, total=event.total or None,
+                            description=f"{accepted.kind} {event.message}".strip())
+
+        return await wait_job(bus, host, svc, accepted, timeout=FOLLOW_S, on_progress=draw)
 
 
 def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:

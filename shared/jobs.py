@@ -10,18 +10,29 @@ cancelled, and never reports success for half-done work.
 
 Cancellation is asyncio cancellation of the work task: the work cleans up in ``finally``.
 ``key`` makes two starts of the same work share one job (two pulls of one image).
+
+Whoever waits for a job — another agent, the CLI, a test — follows its events with
+``wait_job``, on any host::
+
+    outcome = await wait_job(bus, "h1", "storage", accepted, timeout=3600)  # JobFinished
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import msgspec
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
 from shared import subjects
-from shared.errors import Cancelled, NotFound, PhyError
+from shared.bus import Bus
+from shared.errors import BackendError, Cancelled, NotFound, PhyError, Timeout
 from shared.messages import Empty, Event, new_id
 from shared.messages.jobs import (
     JobAccepted,
@@ -31,6 +42,7 @@ from shared.messages.jobs import (
     JobRef,
     JobState,
     JobStatus,
+    job_endpoints,
 )
 from shared.metrics import AgentMetrics
 
@@ -39,6 +51,9 @@ log = logging.getLogger("phyllome.jobs")
 Work = Callable[["Job"], Awaitable[dict[str, object]]]
 PROGRESS_INTERVAL_S = 0.25
 KEEP_FINISHED = 500
+STATUS_TIMEOUT_S = 10.0
+RECHECK_S = 5.0  # wait_job asks the job's status again after this long without an event
+_JOB_EVENT = msgspec.json.Decoder(JobProgress | JobFinished)
 
 
 class Publisher(Protocol):
@@ -82,17 +97,19 @@ class Job:
     def subject(self) -> str:
         return self.runner.subject(self.id)
 
-    async def progress(self, done: int, total: int, message: str = "") -> None:
-        """Record progress; publishes an event at most every 0.25 s (and at the end)."""
+    async def progress(self, done: int, total: int, message: str = "", *,
+                       now: bool = False) -> None:
+        """Record progress; publishes an event at most every 0.25 s (and at the end), or at
+        once with ``now`` (a step that whoever follows the job must see)."""
         self.done, self.total = done, total
         if message:
             self.message = message
         elapsed = time.monotonic() - self._started_mono
         self.rate = done / elapsed if elapsed > 0 else 0.0
-        now = time.monotonic()
-        if now - self._last_report < PROGRESS_INTERVAL_S and done < total:
+        clock = time.monotonic()
+        if not now and clock - self._last_report < PROGRESS_INTERVAL_S and done < total:
             return
-        self._last_report = now
+        self._last_report = clock
         eta = (total - done) / self.rate if self.rate > 0 and total >= done else None
         await self.runner.agent.publish("job", JobProgress(
             host=self.runner.agent.host, job_id=self.id, kind=self.kind, done=done, total=total,
@@ -201,3 +218,77 @@ class JobRunner:
         job = self.get(req.job_id)
         await self._stop(job)
         return job.status()
+
+
+async def wait_job(bus: Bus, host: str, service: str, job: str | JobAccepted, *,
+                   timeout: float,
+                   on_progress: Callable[[JobProgress], Awaitable[None]] | None = None,
+                   ) -> JobFinished:
+    """Follow a job of ``service`` on ``host`` until it ends; returns its outcome, whatever
+    it is (the caller decides what a failure means to it).
+
+    Subscribes to the job's events first (replayed from JetStream from the job's first one),
+    then asks the job's status once, so a job that ended before the subscription, or whose
+    last events were not stored, is seen to end too. After ``RECHECK_S`` without an event the
+    status is asked again, so a job whose agent died ends the wait with that agent's error
+    instead of at the deadline: ``Unavailable``, or ``NotFound`` when a restarted agent does
+    not know the job and no outcome event came within ``RECHECK_S`` (an agent that settles
+    its crashed jobs at start publishes their outcomes).
+    Raises ``Timeout`` when the job has not ended within ``timeout`` seconds.
+
+    The subscription is read with timeouts in this task, never from a task that is cancelled:
+    nats-py can swallow a cancellation that lands while a subscription is being made.
+    """
+    job_id = job.job_id if isinstance(job, JobAccepted) else job
+    _jobs, status_spec, _cancel = job_endpoints(service)
+    deadline = time.monotonic() + timeout
+    sub = await bus.js.subscribe(
+        subjects.event(host, service, "job", job_id), stream=subjects.STREAM,
+        ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    try:
+        ask, unknown = True, False
+        while True:
+            if ask:
+                try:
+                    status = await bus.call(host, status_spec, JobRef(job_id=job_id),
+                                            timeout=STATUS_TIMEOUT_S)
+                except NotFound:
+                    if unknown:
+                        raise
+                    unknown = True  # a restarted agent may still publish the outcome
+                else:
+                    if status.state != "running":
+                        return JobFinished(host=host, job_id=job_id, kind=status.kind,
+                                           state=status.state, message=status.message,
+                                           error_kind=status.error_kind, result=status.result)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"{service} job {job_id} on {host} did not finish within "
+                              f"{timeout:g} s (it may still be running there; cancel it if "
+                              "it is stuck)")
+            try:
+                msg = await sub.next_msg(timeout=min(remaining, RECHECK_S))
+            except nats.errors.TimeoutError:
+                ask = True
+                continue
+            ask = False
+            try:
+                event = _JOB_EVENT.decode(msg.data)
+            except msgspec.MsgspecError:  # an event kind newer than this code
+                continue
+            if isinstance(event, JobFinished):
+                return event
+            if on_progress is not None:
+                await on_progress(event)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+def succeeded(outcome: JobFinished) -> JobFinished:
+    """The outcome of a job that the caller's own work needs; ``BackendError`` unless it
+    succeeded (a failed clone under a VM create fails the create)."""
+    if outcome.state != "succeeded":
+        raise BackendError(f"{outcome.kind} job {outcome.job_id} on {outcome.host} "
+                           f"{outcome.state}: {outcome.message}")
+    return outcome

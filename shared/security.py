@@ -62,13 +62,15 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
         # create and start: devices, nested, the boot probe, disks from volumes and images
         "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
                 hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
-                catalogue_api.INFO),
+                catalogue_api.INFO,
+                # a migration that stops its own disk stream
+                storage_api.CANCEL),
         # cold migration: the VM, its disks and its NVRAM/TPM state on source and target,
         # the target's networks
         "any": (vm_api.INFO, vm_api.SHUTDOWN, vm_api.CREATE, vm_api.DELETE,
                 vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, net_api.NET_LIST,
                 storage_api.INFO, storage_api.SEND,
-                storage_api.DELETE, storage_api.JOB, storage_api.CANCEL),
+                storage_api.DELETE, storage_api.JOB),
     },
     # a disk transfer, sender to receiver
     "storage": {"any": (storage_api.RECEIVE, storage_api.RECEIVE_COMMIT,

@@ -15,11 +15,12 @@ import secrets
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
-from services.vm import hostfs
+from services.vm import hostfs, migration
 from services.vm.accel import Accel
 from services.vm.addresses import AddressWatch
 from services.vm.config import Settings
@@ -28,10 +29,8 @@ from services.vm.metrics import VmMetrics
 from services.vm.networks import Networks
 from services.vm.spec import check_disk, check_name, check_spec, check_usb, is_pci_address
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
-from shared import contracts, migration
 from shared.agent import Agent
 from shared.errors import (
-    BackendError,
     BadRequest,
     Conflict,
     InsufficientResources,
@@ -40,7 +39,7 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
-from shared.jobs import Job
+from shared.jobs import Job, succeeded, wait_job
 from shared.messages import Ack, Empty
 from shared.messages import catalogue as catalogue_api
 from shared.messages import hardware as hardware_api
@@ -55,7 +54,7 @@ from shared.messages.hardware import (
     PciDevice,
 )
 from shared.messages.hosts import Problem
-from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.jobs import JobAccepted
 from shared.messages.net import NetCreate, NetList, NetRef, Network
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
@@ -119,6 +118,8 @@ class Handlers:
         self.networks = Networks(hypervisor, nat_subnet=settings.nat_subnet)
         self.addresses = AddressWatch(agent, hypervisor)
         self._network_problem: Problem | None = None
+        self.migrations = migration.Migrations(agent, self.states,
+                                               Path(settings.migration_dir))
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -131,6 +132,7 @@ class Handlers:
         if self.hv.connected:
             self._network_problem = await self.networks.ensure_default()
         await self.states.reconcile()
+        await self.migrations.recover()
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
         self.agent.spawn(self._watch_health(), "health")
@@ -298,19 +300,10 @@ class Handlers:
         await asyncio.to_thread(hostfs.check_raw, disk.path)
         return disk
 
-    async def _wait_job(self, svc: str, accepted: JobAccepted) -> JobStatus:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while True:
-            status: JobStatus = await self.agent.bus.call(
-                self.host, contracts.spec(svc, "job"), JobRef(job_id=accepted.job_id),
-                timeout=PEER_TIMEOUT_S)
-            if status.state != "running":
-                if status.state != "succeeded":
-                    raise BackendError(f"{svc} {accepted.kind} {status.state}: {status.message}")
-                return status
-            if time.monotonic() > deadline:
-                raise Timeout(f"{svc} {accepted.kind} did not finish in {JOB_TIMEOUT_S:g} s")
-            await asyncio.sleep(0.2)
+    async def _wait_job(self, accepted: JobAccepted) -> None:
+        """A storage job this agent's work needs: its outcome, or the error it ended with."""
+        succeeded(await wait_job(self.agent.bus, self.host, "storage", accepted,
+                                 timeout=JOB_TIMEOUT_S))
 
     async def _copy_disk(self, src: Disk, dst_name: str) -> Disk:
         """A new owned disk with ``src``'s content: via the storage agent for volumes, else
@@ -320,7 +313,7 @@ class Handlers:
             pool = src.pool or "default"
             accepted = await bus.call(self.host, storage_api.CLONE, CloneVolume(
                 pool=pool, name=src.volume, dst_name=dst_name), timeout=PEER_TIMEOUT_S)
-            await self._wait_job("storage", accepted)
+            await self._wait_job(accepted)
             vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
                 pool=pool, name=dst_name), timeout=PEER_TIMEOUT_S)
             return Disk(path=vol.path, pool=pool, volume=dst_name, bus=src.bus, owned=True)
@@ -351,7 +344,7 @@ class Handlers:
         except Unavailable:
             log.info("no storage agent; copying image %s locally", image)
             return await self._copy_disk(Disk(path=info.path), name)
-        await self._wait_job("storage", accepted)
+        await self._wait_job(accepted)
         vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
             pool="default", name=name), timeout=PEER_TIMEOUT_S)
         return Disk(path=vol.path, pool="default", volume=name, owned=True)
@@ -383,6 +376,8 @@ class Handlers:
     async def _info(self, ref: str) -> VmInfo:
         dom = await self.hv.domain(ref)
         record, _ = await self.states.load(dom.uuid)
+        if record is not None and record.host != self.host:  # a copy: it has its own disks
+            record = None
         spec = record.spec if record else dom.spec or VmSpec(name=dom.name, uuid=dom.uuid)
         stats = await self.hv.stats(dom.uuid)
         consoles = await self.hv.consoles(dom.uuid) if dom.state in RUNNING else {}
@@ -413,6 +408,7 @@ class Handlers:
             self._accelerator(spec)
             await self._check_nested(spec)
             await self._refuse_duplicate(spec)
+            await self.states.refuse_foreign(spec.uuid, spec.name)
             await self._check_memory(spec)
             await self._check_hostdevs(spec.hostdevs)
             await self._check_usb(spec.usb_hostdevs)
@@ -449,7 +445,8 @@ class Handlers:
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state} already")
             hostfs.ensure_dir(self.settings.console_dir)
-            await self.hv.start(dom.uuid)
+            async with self.states.owned(dom.uuid, dom.name, "start"):
+                await self.hv.start(dom.uuid)
             return await self._info(dom.uuid)
 
     async def shutdown(self, req: VmShutdown) -> VmInfo:
@@ -504,25 +501,29 @@ class Handlers:
     async def delete(self, req: VmDelete) -> Ack:
         with self.metrics.operation("delete"):
             dom = await self.hv.domain(req.vm)
-            if dom.state not in STOPPED:
-                if not req.force:
-                    raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
-                                   "with --force")
-                await self.hv.destroy(dom.uuid)
-            record, _ = await self.states.load(dom.uuid)
-            spec = record.spec if record else dom.spec
-            await self.hv.undefine(dom.uuid)
-            await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
-            await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
-            removed = []
-            if req.delete_disks and spec is not None:
-                for disk in spec.disks:
-                    if disk.owned:
-                        await self._delete_disk(disk)
-                        removed.append(disk.volume or disk.path)
-            log.info("deleted VM %s (%s)", dom.name, dom.uuid)
-            disks = f" and its disks {', '.join(removed)}" if removed else ""
-            return Ack(message=f"deleted VM {dom.name}{disks}")
+            async with self.states.owned(dom.uuid, dom.name, "delete", stray_ok=True):
+                return await self._delete(dom, req)
+
+    async def _delete(self, dom: Domain, req: VmDelete) -> Ack:
+        if dom.state not in STOPPED:
+            if not req.force:
+                raise Conflict(f"VM {dom.name} is {dom.state}: stop it first, or delete "
+                               "with --force")
+            await self.hv.destroy(dom.uuid)
+        record, _ = await self.states.load(dom.uuid)
+        spec = record.spec if record and record.host == self.host else dom.spec
+        await self.hv.undefine(dom.uuid)
+        await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
+        await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
+        removed = []
+        if req.delete_disks and spec is not None:
+            for disk in spec.disks:
+                if disk.owned:
+                    await self._delete_disk(disk)
+                    removed.append(disk.volume or disk.path)
+        log.info("deleted VM %s (%s)", dom.name, dom.uuid)
+        disks = f" and its disks {', '.join(removed)}" if removed else ""
+        return Ack(message=f"deleted VM {dom.name}{disks}")
 
     async def list(self, req: VmListRequest) -> VmList:
         records = await self.states.records()
@@ -539,22 +540,26 @@ class Handlers:
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state}: update changes a stopped VM; "
                                "stop it first")
-            record, _ = await self.states.load(dom.uuid)
-            old = await self._spec_with_secrets(record, dom)
-            if old is None:
-                raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
-            changes = {f: getattr(req, f) for f in req.__struct_fields__
-                       if f != "vm" and getattr(req, f) is not None}
-            spec = msgspec.structs.replace(old, **changes)
-            check_spec(spec)
-            await self._check_memory(spec)
-            await self._check_nested(spec)
-            await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
-            dom = await self._define(spec)
-            if spec.autostart != old.autostart:
-                await self.hv.set_autostart(dom.uuid, spec.autostart)
-            await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
-            return await self._info(dom.uuid)
+            async with self.states.owned(dom.uuid, dom.name, "update"):
+                return await self._update(dom, req)
+
+    async def _update(self, dom: Domain, req: VmUpdate) -> VmInfo:
+        record, _ = await self.states.load(dom.uuid)
+        old = await self._spec_with_secrets(record, dom)
+        if old is None:
+            raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
+        changes = {f: getattr(req, f) for f in req.__struct_fields__
+                   if f != "vm" and getattr(req, f) is not None}
+        spec = msgspec.structs.replace(old, **changes)
+        check_spec(spec)
+        await self._check_memory(spec)
+        await self._check_nested(spec)
+        await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
+        dom = await self._define(spec)
+        if spec.autostart != old.autostart:
+            await self.hv.set_autostart(dom.uuid, spec.autostart)
+        await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
+        return await self._info(dom.uuid)
 
     async def export_state(self, req: VmRef) -> VmGuestState:
         dom = await self.hv.domain(req.vm)
@@ -572,12 +577,12 @@ class Handlers:
                            f"{len(req.tpm)} bytes installed")
 
     async def migrate(self, req: VmMigrate) -> JobAccepted:
-        """Cold migration to ``req.to``, a job run here (see ``shared.migration``)."""
+        """Cold migration to ``req.to``, a job run here (see ``services.vm.migration``)."""
         dom = await self.hv.domain(req.vm)
 
         async def work(job: Job) -> dict[str, object]:
             with self.metrics.operation("migrate"):
-                return await migration.migrate(self.agent.bus, self.host, req, job)
+                return await self.migrations.migrate(req, job)
 
         return self.agent.jobs.start("migrate", work, key=f"migrate:{dom.uuid}:{req.to}")
 

@@ -1,5 +1,6 @@
 """The host files the vm agent touches itself: disk headers, local disk copies, log dirs,
-and what the host's network has (routes, bridges) before a virtual network joins it.
+and what the host's network has (routes, bridges) before a virtual network joins it, and
+the migration journal.
 
 Disk volumes normally come from the storage agent; ``copy_disk`` is the local fallback
 when none answers (a reflink where the filesystem can, else a sparse copy)::
@@ -17,6 +18,7 @@ import os
 import stat
 from pathlib import Path
 
+from shared import fileops
 from shared.errors import BackendError, BadRequest, Conflict, NotFound
 from shared.validate import read_format
 
@@ -102,3 +104,21 @@ def host_bridges(class_net: str = "/sys/class/net") -> list[str]:
     except OSError:
         return []
     return sorted(n for n in names if os.path.isdir(os.path.join(class_net, n, "bridge")))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole
+    (``shared.fileops.write_atomic``), making its folder first."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fileops.write_atomic(path, data)
+    except OSError as e:
+        raise BackendError(f"writing {path}: {e.strerror}") from None
+
+
+def read_all(directory: Path, suffix: str) -> list[bytes]:
+    """The content of every ``*<suffix>`` file of ``directory`` (none if it is missing)."""
+    try:
+        return [p.read_bytes() for p in sorted(directory.glob(f"*{suffix}"))]
+    except OSError as e:
+        raise BackendError(f"reading {directory}: {e.strerror}") from None

@@ -183,7 +183,10 @@ class LibvirtHypervisor:
 
     def __init__(self, uri: str, *, state_dir: str = "", kvm_device: str = "/dev/kvm") -> None:
         self.uri = uri
-        self.state_dir = state_dir or ("" if uri.startswith("test:") else LIBVIRT_DIR)
+        # libvirt's test driver, in process (test:///file) or in a daemon (test+unix:///...):
+        # no NVRAM, no TPM state unless a state_dir is given
+        self._test_driver = uri.split(":", 1)[0].split("+", 1)[0] == "test"
+        self.state_dir = state_dir or ("" if self._test_driver else LIBVIRT_DIR)
         self.kvm_device = kvm_device
         self._connections = 0
         self._timed: tuple[int, bool] | None = None  # (connection, KVM usable) of the timing
@@ -351,7 +354,7 @@ class LibvirtHypervisor:
         """Undefine with NVRAM and TPM state (the test driver has neither)."""
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-        if not self.uri.startswith("test:"):
+        if not self._test_driver:
             flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
         await self._run(f"undefining {uuid}", lambda: self._lookup(uuid).undefineFlags(flags))
 

@@ -5,7 +5,12 @@ The hypervisor is the truth about a VM's state; KV ``vms`` (key: uuid) mirrors i
 spec. Live events update the record and are published on ``phy.evt.<host>.vm.state.<uuid>``;
 a reconciliation pass (at start, after a hypervisor reconnect, and periodically) lists the
 domains, corrects KV and publishes what events missed (``missed=True``). All record writes
-go through one lock, so the two never race::
+go through one lock, so the two never race.
+
+The record names the VM's owner host. A host writes only the records it owns (a domain
+of another owner, e.g. a migration's copy on its target, is left alone), starts only the
+VMs it owns, and never one a migration has locked; ownership moves only by the migration's
+compare-and-set (``lock``, ``hand_over``, ``unlock``)::
 
     states = VmStates(agent, hypervisor, metrics)
     await states.reconcile()
@@ -15,9 +20,11 @@ go through one lock, so the two never race::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
@@ -29,7 +36,7 @@ from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode, encode
 from shared.errors import Conflict, NotFound, PhyError, Timeout
-from shared.messages.vm import VmRecord, VmSpec, VmState, VmStateChanged
+from shared.messages.vm import Disk, MigrationLock, VmRecord, VmSpec, VmState, VmStateChanged
 
 log = logging.getLogger("phyllome.vm")
 
@@ -51,6 +58,24 @@ def without_secrets(spec: VmSpec) -> VmSpec:
     return msgspec.structs.replace(spec, password="") if spec.password else spec
 
 
+def refuse_unless_owned(record: VmRecord | None, host: str, name: str, action: str, *,
+                        stray_ok: bool = False) -> None:
+    """Conflict unless ``host`` owns the VM and no migration holds it. A VM with no record
+    yet is this host's. ``stray_ok``: a copy of another owner's VM may be acted on (delete
+    removes what a migration left behind)."""
+    if record is None:
+        return
+    if record.host != host:
+        if stray_ok:
+            return
+        raise Conflict(f"VM {name} belongs to host {record.host}, not {host} (this is a copy "
+                       f"a migration left or is making): {action} it with --host {record.host}")
+    if (m := record.migration) is not None:
+        raise Conflict(f"VM {name} is being migrated from {m.source} to {m.target} (job "
+                       f"{m.job_id} of the vm agent of {m.source}): {action} it once the "
+                       "migration has ended, or cancel that job")
+
+
 def with_secrets(stored: VmSpec, dom_spec: VmSpec | None) -> VmSpec:
     """A spec from KV with the password libvirt keeps put back (for update and clone)."""
     if dom_spec is None or not dom_spec.password:
@@ -67,6 +92,7 @@ class VmStates:
         self.hv = hypervisor
         self.metrics = metrics
         self._lock = asyncio.Lock()
+        self._claims = asyncio.Lock()  # an action that needs ownership vs a migration's lock
         self._changed = asyncio.Event()
         self._started: dict[str, float] = {}
 
@@ -156,16 +182,79 @@ class VmStates:
             raise Conflict(f"the record of VM {record.spec.name} changed under us; "
                            "retry") from None
 
-    async def write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> VmRecord:
-        """Store a VM's record after create, update or clone."""
+    async def write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> None:
+        """Store a VM's record after create, update or clone. A VM migrating in keeps the
+        source's record until the migration hands it over; another host's VM is refused."""
         async with self._lock:
             old, rev = await self.load(spec.uuid)
+            if self._migrating_in(old):
+                return
+            refuse_unless_owned(old, self.host, spec.name, "define")
             record = VmRecord(spec=without_secrets(spec), host=self.host, state=dom.state,
-                              reason=dom.reason,
+                              reason=dom.reason, migration=old.migration if old else None,
                               accelerator=dom.accelerator, revision=revision,
                               started_at=old.started_at if old else 0.0, updated=time.time())
             await self._store(record, rev)
+
+    def _migrating_in(self, record: VmRecord | None) -> bool:
+        return (record is not None and record.migration is not None
+                and record.migration.target == self.host)
+
+    async def refuse_foreign(self, uuid: str, name: str) -> None:
+        """Before a create: Conflict when another host owns a VM of this uuid (unless it is
+        migrating here)."""
+        old, _ = await self.load(uuid)
+        if not self._migrating_in(old):
+            refuse_unless_owned(old, self.host, name, "define")
+
+    @contextlib.asynccontextmanager
+    async def owned(self, uuid: str, name: str, action: str, *,
+                    stray_ok: bool = False) -> AsyncIterator[None]:
+        """Run ``action`` (start, update, delete) only while this host owns the VM and no
+        migration holds it; a migration cannot lock the VM until the action is done."""
+        async with self._claims:
+            record, _ = await self.load(uuid)
+            refuse_unless_owned(record, self.host, name, action, stray_ok=stray_ok)
+            yield
+
+    async def lock(self, uuid: str, lock: MigrationLock) -> VmRecord:
+        """Lock a stopped VM of this host for a migration (compare-and-set); returns the
+        record as it was. Refused while it runs, is locked, or is not ours."""
+        async with self._claims, self._lock:
+            record, rev = await self.load(uuid)
+            dom = await self.hv.domain(uuid)
+            if record is None:
+                raise Conflict(f"VM {dom.name} has no record in KV {subjects.KV_VMS} yet; "
+                               "wait for the next reconciliation and migrate again")
+            refuse_unless_owned(record, self.host, dom.name, "migrate")
+            if dom.state not in STOPPED:
+                raise Conflict(f"VM {dom.name} is {dom.state}: cold migration needs it shut "
+                               "off; stop it first, or migrate with --shutdown")
+            await self._store(msgspec.structs.replace(record, migration=lock), rev)
             return record
+
+    async def unlock(self, uuid: str, job_id: str) -> None:
+        """Release a migration's lock (after a roll back); a no-op once it is not held."""
+        async with self._lock:
+            record, rev = await self.load(uuid)
+            if record is not None and record.migration and record.migration.job_id == job_id:
+                await self._store(msgspec.structs.replace(record, migration=None,
+                                                          updated=time.time()), rev)
+
+    async def hand_over(self, uuid: str, job_id: str, target: str, disks: list[Disk],
+                        accelerator: Literal["kvm", "tcg"]) -> None:
+        """The commit of a migration: one compare-and-set makes ``target`` the owner (with
+        its disk paths) and releases the lock."""
+        async with self._lock:
+            record, rev = await self.load(uuid)
+            if (record is None or record.host != self.host or record.migration is None
+                    or record.migration.job_id != job_id):
+                raise Conflict(f"the record of VM {uuid} is no longer locked by migration "
+                               f"{job_id}; nothing was handed over")
+            await self._store(msgspec.structs.replace(
+                record, host=target, migration=None, state="shutoff", reason="migrated",
+                accelerator=accelerator, started_at=0.0, updated=time.time(),
+                spec=msgspec.structs.replace(record.spec, disks=disks)), rev)
 
     async def sync(self, dom: Domain, event: str, reason: str, *, missed: bool = False) -> None:
         """Record what the hypervisor says about one of our domains; publish the change."""
@@ -173,6 +262,11 @@ class VmStates:
             return
         async with self._lock:
             old, rev = await self.load(dom.uuid)
+            if old is not None and old.host != self.host:  # a copy: its owner reports
+                if dom.state in RUNNING:
+                    log.warning("VM %s runs here but belongs to host %s: stop it here",
+                                dom.name, old.host)
+                return
             was = old.state if old else None
             started_at = old.started_at if old else 0.0
             if dom.state in RUNNING and (was not in RUNNING or event == "started"):
@@ -181,7 +275,7 @@ class VmStates:
                 started_at = 0.0
             record = VmRecord(
                 spec=old.spec if old else without_secrets(dom.spec), host=self.host,
-                state=dom.state,
+                state=dom.state, migration=old.migration if old else None,
                 reason=reason or dom.reason, accelerator=dom.accelerator,
                 revision=old.revision if old else 1, started_at=started_at,
                 updated=time.time())

@@ -130,11 +130,25 @@ class AcceleratorDecision(msgspec.Struct, frozen=True, kw_only=True, tag="vm.acc
     probe_s: float = 0.0
 
 
+class MigrationLock(msgspec.Struct, frozen=True, kw_only=True):
+    """A VM being migrated: no host starts, changes or deletes it until the job lets go."""
+
+    job_id: str  # the migrate job of the source's vm agent
+    source: str
+    target: str
+    since: float = 0.0  # unix time the lock was taken
+
+
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, tag="vm.record.v1"):
-    """A VM in KV ``vms`` (key: uuid): its spec, where it lives and what it was last seen doing."""
+    """A VM in KV ``vms`` (key: uuid): its spec, where it lives and what it was last seen doing.
+
+    ``host`` owns the VM: only that host's vm agent starts it, and the record changes only by
+    compare-and-set on its KV revision; a migration hands ownership over in one such write.
+    """
 
     spec: VmSpec
     host: str
+    migration: MigrationLock | None = None
     state: VmState = "shutoff"
     reason: str = ""
     accelerator: Literal["kvm", "tcg"] = "tcg"  # what the domain runs under

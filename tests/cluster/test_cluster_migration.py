@@ -26,6 +26,8 @@ pytestmark = pytest.mark.cluster
 SENT = re.compile(r"sending disk 1/1 \S+ (\d+)%")
 
 BOOT = """
+from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.storage import CreateVolume, VolumeQuery
 from shared.messages.vm import Disk, VmCreate, VmRef, VmSpec
 async def boot(bus, host, name):
@@ -55,17 +57,16 @@ async def main(bus):
 """
 
 MIGRATE = """
-from shared.messages.jobs import JobRef
+from shared.jobs import wait_job
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmMigrate
 async def main(bus):
     accepted = await bus.call("a", vm_api.MIGRATE, VmMigrate(vm="g1", to="b",
                                                               bwlimit_bytes_s=1 << 20))
-    while True:
-        st = await bus.call("a", vm_api.JOB, JobRef(job_id=accepted.job_id))
-        print("progress", st.done, st.total, st.message, flush=True)
-        if st.state != "running":
-            return st.result if st.state == "succeeded" else {"error": st.message}
-        await asyncio.sleep(0.2)
+    async def show(p):
+        print("progress", p.done, p.total, p.message, flush=True)
+    st = await wait_job(bus, "a", "vm", accepted, timeout=280, on_progress=show)
+    return st.result if st.state == "succeeded" else {"error": st.message}
 """
 
 AFTER = BOOT + """

@@ -6,6 +6,7 @@ The migration job runs in host a's vm agent, as the agent's ``migrate`` endpoint
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -17,20 +18,34 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.vm.migration import PAUSE_ENV
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, PhyError
+from shared.jobs import wait_job
 from shared.messages import Empty, EndpointSpec
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
-from shared.messages.jobs import JobAccepted, JobRef, JobStatus
+from shared.messages.jobs import JobAccepted, JobFinished, JobProgress, JobRef
 from shared.messages.storage import CreateVolume, IncomingList, VolumeQuery
-from shared.messages.vm import Disk, VmCreate, VmInfo, VmMigrate, VmRecord, VmRef, VmSpec
+from shared.messages.vm import (
+    Disk,
+    MigrationLock,
+    VmCreate,
+    VmDelete,
+    VmInfo,
+    VmMigrate,
+    VmRecord,
+    VmRef,
+    VmSpec,
+    VmUpdate,
+)
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess, agent_in_process
-from tests.support.libvirt import TEST_HOST_XML
+from tests.support.libvirt import TEST_HOST_XML, libvirtd_with_test_driver
 from tests.support.nats import nats_server
+from tests.support.wait import until
 
 __all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
@@ -47,7 +62,7 @@ class Pair:
 
     @property
     def bus(self) -> Any:
-        return self.agents[("a", "vm")].bus
+        return next(iter(self.agents.values())).bus
 
     def state(self, host: str) -> Path:
         return self.root / host
@@ -77,17 +92,52 @@ class Pair:
         accepted: JobAccepted = await self.call("a", vm_api.MIGRATE, req)
         return accepted
 
-    async def migrate(self, req: VmMigrate, timeout: float = 90) -> JobStatus:
-        return await _wait(self, (await self.start(req)).job_id, timeout)
+    async def migrate(self, req: VmMigrate, timeout: float = 90) -> JobFinished:
+        return await self.wait(await self.start(req), timeout)
+
+    async def wait(self, accepted: JobAccepted, timeout: float) -> JobFinished:
+        return await wait_job(self.bus, "a", "vm", accepted, timeout=timeout)
 
     async def record(self, uuid: str) -> VmRecord:
         entry = await (await self.bus.kv(subjects.KV_VMS)).get(uuid)
         return decode(entry.value, VmRecord)
 
+    def paused(self, uuid: str) -> Path:
+        """The marker a migration paused by ``PAUSE_ENV`` waits on (remove it to go on)."""
+        return self.state("a") / "vm" / "migrations" / f"{uuid}.paused"
+
+    async def start_everywhere(self, uuid: str) -> dict[str, str]:
+        """``vm start`` on both hosts at once: host -> "started" or the refusal's kind."""
+        async def one(host: str) -> str:
+            try:
+                await self.call(host, vm_api.START, VmRef(vm=uuid))
+            except PhyError as e:
+                return e.kind
+            return "started"
+
+        a, b = await asyncio.gather(one("a"), one("b"))
+        return {"a": a, "b": b}
+
+    async def running_on(self, uuid: str) -> list[str]:
+        out = []
+        for host in ("a", "b"):
+            with contextlib.suppress(NotFound):
+                if (await self.call(host, vm_api.INFO, VmRef(vm=uuid))).state == "running":
+                    out.append(host)
+        return out
+
+    async def assert_whole(self, uuid: str, owner: str) -> None:
+        """Exactly one owner (``owner``, not locked, the VM defined there); it runs on one
+        host at most, the owner, also when both are asked to start it."""
+        rec = await self.record(uuid)
+        assert (rec.host, rec.migration) == (owner, None), rec
+        await self.call(owner, vm_api.INFO, VmRef(vm=uuid))
+        tried = await self.start_everywhere(uuid)
+        running = await self.running_on(uuid)
+        assert running == [owner], (tried, running)
+
 
 async def _tick() -> None:
-    import asyncio
-
     await asyncio.sleep(0.05)
 
 
@@ -136,20 +186,32 @@ async def test_stopped_vm_moves_with_its_disk_and_identity(nats_server: NatsServ
             await p.call("a", storage_api.INFO, VolumeQuery(name="m1-disk0"))
         rec = await p.record(before.uuid)
         assert rec.host == "b" and rec.spec.name == "m1"
-        steps = [m for m in await _job_messages(p, st.job_id)]
+        steps = await _job_messages(p, st.job_id)
         assert steps[0].startswith("preflight on b") and steps[-1] == "done"
         assert any(s.startswith("verifying the sha256") for s in steps)
 
 
-async def _job_messages(p: Pair, job_id: str) -> list[str]:
-    from shared.contracts import event_decoder
-    from shared.messages.jobs import JobProgress
+async def test_each_step_of_a_migration_is_one_progress_event(nats_server: NatsServer,
+                                                              tmp_path: Path) -> None:
+    """Every step is published once (it was twice, with two event ids, so a follower saw
+    each step twice); the transfer's own progress in between is throttled, not counted."""
+    async with pair(nats_server, tmp_path) as p:
+        await p.vm("a", "m3")
+        st = await p.migrate(VmMigrate(vm="m3", to="b"))
+        assert st.state == "succeeded", st.message
+        steps = [m for m in await _job_messages(p, st.job_id)
+                 if not m.startswith("sending") or m.endswith(" to b")]
+        assert steps == ["preflight on b", "sending disk 1/1 (default/m3-disk0) to b",
+                         "defining m3 on b", "verifying the sha256 of 1 disk(s) on b",
+                         "removing m3 from a", "done"]
 
+
+async def _job_messages(p: Pair, job_id: str) -> list[str]:
+    """The message of every progress event of a migration job, in order."""
     out = []
     async for _s, _t, data in p.bus.events(subjects.event("a", "vm", "job", job_id)):
-        ev = event_decoder().decode(data)
-        if isinstance(ev, JobProgress) and (not out or out[-1] != ev.message):
-            out.append(ev.message)
+        if b'"job.progress.v1"' in data:
+            out.append(msgspec.json.decode(data, type=JobProgress).message)
     return out
 
 
@@ -186,7 +248,7 @@ async def test_target_storage_killed_mid_transfer_vm_stays_whole(
             accepted = await p.start(VmMigrate(vm="m4", to="b", bwlimit_bytes_s=2 << 20))
             await _until_receiving(p, accepted.job_id)
             receiver.kill()
-            st = await _wait(p, accepted.job_id, 90)
+            st = await p.wait(accepted, 90)
             assert st.state == "failed", st
             assert "failed at step 1/5" in st.message and "the VM is whole on a" in st.message
             info = await p.call("a", vm_api.INFO, VmRef(vm="m4"))
@@ -210,7 +272,7 @@ async def test_cancelled_mid_transfer_rolls_back(nats_server: NatsServer,
         accepted = await p.start(VmMigrate(vm="m5", to="b", bwlimit_bytes_s=1 << 20))
         await _until_receiving(p, accepted.job_id)
         await p.call("a", vm_api.CANCEL, JobRef(job_id=accepted.job_id))
-        st = await _wait(p, accepted.job_id, 60)
+        st = await p.wait(accepted, 60)
         assert st.state == "cancelled", st
         assert (await p.call("a", vm_api.INFO, VmRef(vm="m5"))).uuid == vm.uuid
         assert (await p.record(vm.uuid)).host == "a"
@@ -239,14 +301,143 @@ async def _receiving(p: Pair) -> bool:
     return any(t.committed_bytes > 0 for t in inc.transfers)
 
 
-async def _wait(p: Pair, job_id: str, timeout: float) -> JobStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        st: JobStatus = await p.call("a", vm_api.JOB, JobRef(job_id=job_id))
-        if st.state != "running":
-            return st
-        assert time.monotonic() < deadline, st
-        await _tick()
+async def test_mid_migration_no_host_starts_changes_or_claims_the_vm(
+        nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paused once the target has defined its copy: the source refuses start, update and
+    delete (the migration holds the VM), the target refuses start (it does not own the VM)
+    and its reconciliation leaves the record alone even when it finds its copy running (it
+    used to rewrite the owner); the commit hands the VM over in one write."""
+    monkeypatch.setenv(PAUSE_ENV, "defined")
+    async with pair(nats_server, tmp_path) as p:
+        vm = await p.vm("a", "m8")
+        accepted = await p.start(VmMigrate(vm="m8", to="b"))
+        await until("the migration to pause", p.paused(vm.uuid).exists)
+        assert await p.start_everywhere(vm.uuid) == {"a": "conflict", "b": "conflict"}
+        with pytest.raises(Conflict, match=f"VM m8 is being migrated from a to b \\(job "
+                                           f"{accepted.job_id} of the vm agent of a\\)"):
+            await p.call("a", vm_api.START, VmRef(vm="m8"))
+        with pytest.raises(Conflict, match="VM m8 belongs to host a, not b .*--host a"):
+            await p.call("b", vm_api.START, VmRef(vm="m8"))
+        with pytest.raises(Conflict, match="delete it once the migration has ended"):
+            await p.call("a", vm_api.DELETE, VmDelete(vm="m8"))
+        with pytest.raises(Conflict, match="update it once the migration has ended"):
+            await p.call("a", vm_api.UPDATE, VmUpdate(vm="m8", vcpus=2))
+        target = p.agents[("b", "vm")].handlers
+        await target.hv.start(vm.uuid)  # behind the agent's back, as `virsh start` would
+        await target.states.reconcile()  # sees it running: not a reason to own it
+        await target.hv.destroy(vm.uuid)
+        rec = await p.record(vm.uuid)
+        assert rec.host == "a" and rec.migration == MigrationLock(
+            job_id=accepted.job_id, source="a", target="b", since=rec.migration.since)
+        p.paused(vm.uuid).unlink()
+        st = await p.wait(accepted, 60)
+        assert st.state == "succeeded", st.message
+        moved = await p.call("b", storage_api.INFO, VolumeQuery(name="m8-disk0"))
+        assert (await p.record(vm.uuid)).spec.disks[0].path == moved.path
+        await p.assert_whole(vm.uuid, "b")
+
+
+async def test_every_disk_moves_and_the_source_keeps_only_what_another_vm_uses(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """A disk the VM made, a volume it was given and a read-only volume another VM of the
+    source also uses all move and are verified; the first two leave the source, the third
+    stays there, and the reply says which."""
+    async with pair(nats_server, tmp_path) as p:
+        digests = {name: (await p.volume("a", name))[1]
+                   for name in ("m9-disk0", "data", "media")}
+        media = Disk(pool="default", volume="media", readonly=True, bus="sata")
+        vm = await p.call("a", vm_api.CREATE, VmCreate(spec=VmSpec(
+            name="m9", memory_mib=64, vcpus=1, firmware="bios", display="none",
+            disks=[Disk(pool="default", volume="m9-disk0", owned=True),
+                   Disk(pool="default", volume="data"), media])))
+        await p.call("a", vm_api.CREATE, VmCreate(spec=VmSpec(
+            name="other", memory_mib=64, vcpus=1, firmware="bios", display="none",
+            disks=[media])))
+        st = await p.migrate(VmMigrate(vm="m9", to="b"))
+        assert st.state == "succeeded", st.message
+        assert st.result["disks"] == ["default/m9-disk0", "default/data", "default/media"]
+        assert st.result["removed_from_source"] == ["default/m9-disk0", "default/data"]
+        assert st.result["kept_on_source"] == ["default/media (VM other uses it too)"]
+        for name, digest in digests.items():
+            there = await p.call("b", storage_api.INFO, VolumeQuery(name=name, sha256=True))
+            assert there.sha256 == digest, name
+        for name in ("m9-disk0", "data"):
+            with pytest.raises(NotFound):
+                await p.call("a", storage_api.INFO, VolumeQuery(name=name))
+        assert (await p.call("a", storage_api.INFO, VolumeQuery(
+            name="media", sha256=True))).sha256 == digests["media"]
+        assert (await p.call("b", vm_api.INFO, VmRef(vm="m9"))).uuid == vm.uuid
+
+
+@contextlib.asynccontextmanager
+async def pair_of_vm_processes(nats: NatsServer, root: Path,
+                               pause: str) -> AsyncIterator[tuple[Pair, dict[str, AgentProcess]]]:
+    """Hosts a and b whose vm agents run as child processes (to be killed with SIGKILL),
+    each on a libvirtd of its own that keeps its domains across the agent's restarts;
+    their hardware and storage agents run in this process. a's migrations pause at
+    ``pause``."""
+    with libvirtd_with_test_driver() as uri_a, libvirtd_with_test_driver() as uri_b:
+        async with pair(nats, root, skip=(("a", "vm"), ("b", "vm"))) as p:
+            procs = {}
+            for host, uri in (("a", uri_a), ("b", uri_b)):
+                config = p.state(host) / "vm.toml"
+                config.write_text(f'[vm]\nreconcile_s = 3600\n'
+                                  f'disk_dir = "{p.state(host) / "disks"}"\n')
+                env = {"PHYLLOME_LIBVIRT_URI": uri, "PHYLLOME_ACCELERATOR": "tcg",
+                       "PHYLLOME_CONFIG": str(config)}
+                if host == "a":
+                    env[PAUSE_ENV] = pause
+                procs[host] = AgentProcess("vm", nats.url, p.state(host), host=host, **env)
+            try:
+                for proc in procs.values():
+                    await proc.start()
+                yield p, procs
+            finally:
+                for proc in procs.values():
+                    await proc.stop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("victim", ["source", "target"])
+@pytest.mark.parametrize("step", ["sent", "defined", "committed"])
+async def test_a_vm_agent_killed_mid_migration_leaves_one_owner(
+        step: str, victim: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """kill -9 of the source's or the target's vm agent at a step of a migration: both
+    hosts are asked to start the VM at that point, and again once it has settled (the
+    restarted source rolls back before the commit and finishes after it; the source carries
+    on without the killed target): at most one host runs it, and exactly one owns it."""
+    committed = step == "committed"
+    owner = "b" if committed else "a"
+    async with pair_of_vm_processes(nats_server, tmp_path, step) as (p, vm_agents):
+        vm = await p.vm("a", "k1")
+        accepted = await p.start(VmMigrate(vm="k1", to="b"))
+        await until(f"the migration to pause at {step}", p.paused(vm.uuid).exists, timeout=60)
+        on_b = {"sent": "not_found", "defined": "conflict", "committed": "started"}[step]
+        assert await p.start_everywhere(vm.uuid) == {"a": "conflict", "b": on_b}
+        assert await p.running_on(vm.uuid) == (["b"] if committed else [])
+        assert (await p.record(vm.uuid)).host == owner
+
+        killed = vm_agents["a" if victim == "source" else "b"]
+        killed.kill()
+        if victim == "source":
+            killed.env.pop(PAUSE_ENV)
+            await killed.start()
+            journal = p.state("a") / "vm" / "migrations"
+            await until("the restarted source to settle the migration",
+                        lambda: not list(journal.glob("*.json")), timeout=90)
+        else:
+            p.paused(vm.uuid).unlink()  # the source carries on while the target is down
+        outcome = await p.wait(accepted, 90)
+        assert outcome.state == ("succeeded" if committed else "failed"), outcome
+        if victim == "target":
+            await killed.start()
+        await p.assert_whole(vm.uuid, owner)
+        if owner == "a" and not (victim == "target" and step == "defined"):
+            with pytest.raises(NotFound):  # rolled back: nothing left on b
+                await p.call("b", vm_api.INFO, VmRef(vm="k1"))
+        with pytest.raises(NotFound):  # the disk is in one place only
+            await p.call("b" if owner == "a" else "a", storage_api.INFO,
+                         VolumeQuery(name="k1-disk0"))
 
 
 def test_migrate_request_is_a_tagged_message() -> None:

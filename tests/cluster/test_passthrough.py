@@ -15,6 +15,7 @@ import pytest
 
 from shared.agent import Agent
 from shared.errors import InsufficientResources
+from shared.jobs import wait_job
 from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmMigrate, VmRef, VmSpec
 from shared.natsserver import NatsServer
@@ -23,7 +24,6 @@ from tests.support.agents import agent_in_process
 from tests.support.libvirt import TEST_HOST_XML
 from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
-from tests.support.wait import job_finished
 
 __all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
@@ -82,11 +82,11 @@ async def test_a_vm_with_a_gpu_and_its_functions_migrates(nats_server: NatsServe
     async with cluster(nats_server, tmp_path) as vm:
         created = await vm.bus.call("a", vm_api.CREATE, VmCreate(spec=spec("g", CARD)))
         accepted = await vm.bus.call("a", vm_api.MIGRATE, VmMigrate(vm="g", to="c"))
-        refused = await job_finished(vm.bus, "a", "vm", accepted.job_id)
+        refused = await wait_job(vm.bus, "a", "vm", accepted.job_id, timeout=120)
         assert (refused.state, refused.error_kind) == ("failed", InsufficientResources.kind)
         assert "c cannot take g: no passable device 0000:01:00.0" in refused.message
         accepted = await vm.bus.call("a", vm_api.MIGRATE, VmMigrate(vm="g", to="b"))
-        moved = await job_finished(vm.bus, "a", "vm", accepted.job_id)
+        moved = await wait_job(vm.bus, "a", "vm", accepted.job_id, timeout=120)
         assert moved.state == "succeeded", moved.message
         there = await vm.bus.call("b", vm_api.INFO, VmRef(vm="g"))
         assert there.uuid == created.uuid and there.spec.hostdevs == CARD

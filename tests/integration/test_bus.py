@@ -16,6 +16,7 @@ from shared.agent import Agent
 from shared.bus import Bus
 from shared.codec import encode
 from shared.errors import (
+    BackendError,
     Cancelled,
     Conflict,
     Internal,
@@ -27,15 +28,16 @@ from shared.errors import (
     Timeout,
     Unavailable,
 )
+from shared.jobs import succeeded, wait_job
 from shared.messages import Ack, Empty, EndpointSpec
 from shared.messages import vm as vm_api
 from shared.messages.hosts import Heartbeat
-from shared.messages.jobs import JobFinished, JobList, JobRef, JobStatus
+from shared.messages.jobs import JobFinished, JobList, JobProgress, JobRef, JobStatus
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
 from tests.support.errors import error_classes
 from tests.support.nats import nats_server
-from tests.support.wait import job_finished, until
+from tests.support.wait import until
 
 __all__ = ["nats_server"]
 
@@ -493,5 +495,63 @@ async def test_a_job_cancelled_before_its_work_began_is_cancelled(agent: Agent,
     accepted = agent.jobs.start("never", work)  # no await in between: the task has not run
     status = await agent.jobs.cancel(JobRef(job_id=accepted.job_id))
     assert status.state == "cancelled" and not started
-    finished = await job_finished(client, "h1", "catalogue", accepted.job_id, timeout=10)
-    assert finished.state == "cancelled"
+    outcomes = [msgspec.json.decode(data, type=JobFinished) async for _s, _t, data in
+                client.events(accepted.subject) if b'"job.finished.v1"' in data]
+    assert [o.state for o in outcomes] == ["cancelled"]  # the outcome event went out, once
+
+
+async def test_wait_job_follows_the_progress_events_to_the_outcome(agent: Agent,
+                                                                   client: Bus) -> None:
+    seen: list[str] = []
+    all_seen = asyncio.Event()
+
+    async def work(job) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        for i in range(3):
+            await job.progress(i + 1, 4, f"step {i + 1}", now=True)
+        await all_seen.wait()  # ends only once the waiter has seen every step's event
+        return {"steps": 3}
+
+    async def on_progress(event: JobProgress) -> None:
+        seen.append(event.message)
+        if len(seen) == 3:
+            all_seen.set()
+
+    accepted = agent.jobs.start("steps", work)
+    outcome = await wait_job(client, "h1", "catalogue", accepted, timeout=10,
+                             on_progress=on_progress)
+    assert outcome.state == "succeeded" and outcome.result == {"steps": 3}
+    assert seen == ["step 1", "step 2", "step 3"]
+
+
+async def test_wait_job_sees_a_job_that_ended_before_the_call(agent: Agent,
+                                                              client: Bus) -> None:
+    async def work(job) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        raise Conflict("the disk is busy; stop the VM first")
+
+    accepted = agent.jobs.start("early", work)
+    await agent.jobs.wait(accepted.job_id)
+    outcome = await wait_job(client, "h1", "catalogue", accepted.job_id, timeout=10)
+    assert (outcome.state, outcome.error_kind) == ("failed", Conflict.kind)
+    assert outcome.message == "the disk is busy; stop the VM first"
+    with pytest.raises(BackendError, match=r"early job \w+ on h1 failed: the disk is busy"):
+        succeeded(outcome)
+
+
+async def test_wait_job_times_out_naming_the_job(agent: Agent, client: Bus) -> None:
+    async def work(job) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        await asyncio.Event().wait()
+        return {}
+
+    accepted = agent.jobs.start("forever", work)
+    with pytest.raises(Timeout, match=f"catalogue job {accepted.job_id} on h1 did not finish "
+                                      r"within 0.5 s"):
+        await wait_job(client, "h1", "catalogue", accepted, timeout=0.5)
+    await agent.jobs.cancel(JobRef(job_id=accepted.job_id))
+
+
+async def test_wait_job_for_an_agent_that_is_gone_fails_at_once(agent: Agent,
+                                                                client: Bus) -> None:
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="no storage agent for host 'h1' answers"):
+        await wait_job(client, "h1", "storage", "0123abcd", timeout=60)
+    assert time.monotonic() - started < 30  # not at the deadline

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from shared.agent import Agent
+from shared.jobs import wait_job
 from shared.messages import catalogue as catalogue_api
 from shared.messages import storage as storage_api
 from shared.messages.catalogue import PullRequest, SourceAdd
@@ -25,7 +26,7 @@ from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
 from tests.support.httpserver import FileServer, make_sparse_raw, srv
 from tests.support.nats import nats_server
-from tests.support.wait import job_finished, until
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 __all__ = ["nats_server", "srv"]
@@ -93,7 +94,7 @@ async def test_jobs_list_show_cancel_watch(stack: Stack) -> None:
                                     CreateVolume(name="base", size_bytes=4 * MiB))
     clone = await stack.h2_storage.bus.call("h2", storage_api.CLONE,
                                             CloneVolume(name="base", dst_name="copy"))
-    assert (await job_finished(stack.h2_storage.bus, "h2", "storage", clone.job_id)
+    assert (await wait_job(stack.h2_storage.bus, "h2", "storage", clone.job_id, timeout=120)
             ).state == "succeeded"
     stack.srv.rate = MiB // 4
     slow = await stack.pull("slow")

@@ -24,6 +24,7 @@ from shared.errors import (
     InsufficientResources,
     InvalidName,
 )
+from shared.jobs import wait_job
 from shared.messages import Empty
 from shared.messages import storage as storage_api
 from shared.messages.jobs import JobFinished, JobRef
@@ -42,13 +43,12 @@ from tests.support.agents import REPO, agent_in_process
 from tests.support.loopfs import make_sparse, same_sparse_content, scatter, small_ext4  # noqa: F401
 from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require
-from tests.support.wait import job_finished
 
 pytestmark = pytest.mark.integration
 
 
 async def finished(bus: Bus, host: str, job_id: str, timeout: float = 60) -> JobFinished:
-    return await job_finished(bus, host, "storage", job_id, timeout)
+    return await wait_job(bus, host, "storage", job_id, timeout=timeout)
 
 
 def sha256_file(path: Path) -> str:

@@ -28,6 +28,7 @@ from shared.errors import (
     NotFound,
     Unavailable,
 )
+from shared.jobs import wait_job
 from shared.messages import Empty
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
@@ -60,7 +61,6 @@ from tests.support.libvirt import TEST_HOST_XML, VmEvents, libvirt_test_uri, vm_
 from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.tarballs import hostile_tpm_states, tpm_state, tree
-from tests.support.wait import job_finished
 
 __all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
@@ -422,7 +422,7 @@ async def test_vm_addresses_are_in_info_and_their_changes_are_events(
 
 
 async def _job(agent: Agent, job_id: str) -> JobFinished:
-    return await job_finished(agent.bus, agent.host, "vm", job_id, timeout=20)
+    return await wait_job(agent.bus, agent.host, "vm", job_id, timeout=20)
 
 
 async def test_vm_reconcile_corrects_kv_and_emits_missed_events(

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from shared.bus import Bus
+from shared.jobs import wait_job
 from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import ImageRef, PullRequest, SourceAdd
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
 from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.nats import nats_server
-from tests.support.wait import job_finished, until
+from tests.support.wait import until
 
 pytestmark = pytest.mark.reliability
 __all__ = ["nats_server"]
@@ -52,7 +53,7 @@ async def test_killed_mid_pull_then_resumed(nats_server: NatsServer, tmp_path: P
             srv.rate = None
             await agent.start()
             accepted = await bus.call("h1", catalogue_api.PULL, PullRequest(id="big"))
-            status = await job_finished(bus, "h1", "catalogue", accepted.job_id, timeout=60)
+            status = await wait_job(bus, "h1", "catalogue", accepted, timeout=60)
             assert status.state == "succeeded", status.message + agent.log()
             resumed = srv.gets("big.raw")[-1]
             assert resumed.startswith("bytes=") and int(resumed[6:-1]) >= kept

@@ -17,13 +17,13 @@ import nats
 
 from shared import subjects
 from shared.bus import Bus
+from shared.jobs import wait_job
 from shared.messages import storage as storage_api
 from shared.messages.jobs import JobAccepted
 from shared.messages.storage import CloneVolume, CreateVolume, ListVolumes, VolumeList
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
 from tests.support.nats import nats_server
-from tests.support.wait import job_finished
 
 __all__ = ["nats_server"]
 
@@ -70,7 +70,7 @@ async def test_storage_killed_mid_clone_leaves_no_volume(nats_server: NatsServer
         again: JobAccepted = await bus.call(
             "k9", storage_api.CLONE, CloneVolume(name="big", dst_name="copy"))
         assert again.job_id != accepted.job_id
-        outcome = await job_finished(bus, "k9", "storage", again.job_id, timeout=120)
+        outcome = await wait_job(bus, "k9", "storage", again, timeout=120)
         assert outcome.state == "succeeded", outcome.message
     finally:
         await bus.close()

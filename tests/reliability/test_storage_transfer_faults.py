@@ -28,6 +28,7 @@ from services.storage.transfer import (
 from shared import subjects
 from shared.bus import Bus
 from shared.contracts import event_decoder
+from shared.jobs import wait_job
 from shared.messages import Empty
 from shared.messages import storage as storage_api
 from shared.messages.jobs import JobFinished, JobRef
@@ -48,7 +49,7 @@ from tests.support.loopfs import (  # noqa: F401
     small_ext4,
 )
 from tests.support.nats import nats_server  # noqa: F401
-from tests.support.wait import job_finished, until
+from tests.support.wait import until
 
 SIZE = 2 << 30
 DATA = scatter(SIZE, 96, 1 << 20)  # 96 MiB of data in 2 GiB
@@ -70,7 +71,7 @@ async def source(bus: Bus) -> tuple[Path, os.stat_result]:
 
 
 async def job_done(bus: Bus, job_id: str, timeout: float = 90.0) -> JobFinished:
-    return await job_finished(bus, "h1", "storage", job_id, timeout)
+    return await wait_job(bus, "h1", "storage", job_id, timeout=timeout)
 
 
 async def transfer_events(bus: Bus) -> list[Any]:

@@ -3,6 +3,9 @@
     def test_fast(libvirt_test_uri):          # "test:///tmp/.../host.xml", empty, per test
         ...
 
+    with libvirtd_with_test_driver() as uri:  # "test+unix:///default?socket=...": it
+        ...                                   # outlives the agent using it (kill -9 tests)
+
     def test_real(libvirtd, guest_dir):       # qemu:///system answering; a dir QEMU can read
         ...
         await wait_for_marker(guest_dir / "serial.log", "ready", timeout=60)
@@ -75,6 +78,58 @@ def ensure_libvirtd(timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"libvirtd did not answer on {SYSTEM_URI} in {timeout} s")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def libvirtd_with_test_driver(timeout: float = 30.0) -> Iterator[str]:
+    """A libvirtd of this test alone, serving libvirt's test driver; yields its URI.
+
+    The domains a vm agent defines there outlive the agent, as they do on a real host, so
+    an agent can be killed and restarted. The daemon runs as user nobody, so it is an
+    unprivileged (session) daemon with its own sockets and directories in a fresh directory
+    (pytest's tmp_path is mode 700, closed to nobody); this process holds a connection
+    for the whole test, which keeps the test driver's host alive between agents.
+    """
+    import libvirt
+
+    require(os.geteuid() == 0, "root, to run a libvirtd as user nobody")
+    require(shutil.which("libvirtd") is not None and shutil.which("setpriv") is not None,
+            "libvirtd and setpriv")
+    home = Path(tempfile.mkdtemp(prefix="phyllome-libvirtd-"))
+    run = home / "run"
+    run.mkdir(mode=0o700)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(home)], check=True)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
+           "XDG_RUNTIME_DIR": str(run), "XDG_CONFIG_HOME": str(home / "config"),
+           "XDG_CACHE_HOME": str(home / "cache"), "XDG_DATA_HOME": str(home / "data")}
+    with open(home / "libvirtd.log", "wb") as log:
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "libvirtd"],
+            env=env, stdout=log, stderr=log, start_new_session=True)
+    uri = f"test+unix:///default?socket={run / 'libvirt' / 'libvirt-sock'}"
+    conn = None
+    try:
+        deadline = time.monotonic() + timeout
+        while conn is None:
+            try:
+                conn = libvirt.open(uri)
+            except libvirt.libvirtError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the test's libvirtd did not answer: "
+                                       + (home / "libvirtd.log").read_text()[-2000:]) from None
+                time.sleep(0.05)
+        yield uri
+    finally:
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 
 from shared import contracts
 from shared.agent import Agent
+from shared.jobs import wait_job
 from shared.messages import Empty
 from shared.messages import hardware as hardware_api
 from shared.messages.jobs import JobFinished
@@ -49,7 +50,7 @@ from tests.support.libvirt import (
 )
 from tests.support.nats import nats_server
 from tests.support.tiny import TinyImage, tiny_image
-from tests.support.wait import job_finished, until
+from tests.support.wait import until
 
 __all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
@@ -218,7 +219,7 @@ async def test_vm_boots_the_raw_disk_under_secure_boot_and_its_clone_boots(
 
 
 async def _job(g: Guests, job_id: str) -> JobFinished:
-    return await job_finished(g.agent.bus, HOST, "vm", job_id, timeout=120)
+    return await wait_job(g.agent.bus, HOST, "vm", job_id, timeout=120)
 
 
 async def test_vm_bios_guest_powers_itself_off(
