@@ -3,8 +3,9 @@
     phyllome vm create demo --image phyllome-tiny --secure-boot --tpm --display both
     phyllome vm start demo
     phyllome vm info demo --json        # state, accelerator, VNC/SPICE host and port
-    phyllome vm console demo            # spice:// or vnc:// URI (remote-viewer if installed)
-    phyllome vm stop demo --wait 60 --force
+    phyllome vm console demo            # its serial console (Ctrl-] leaves)
+    phyllome vm console demo --graphics # vnc:// and spice:// URIs, the viewer command
+    phyllome vm stop demo --wait 120 --force   # waits for the power-off (default 60 s)
     phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
     phyllome vm create web --host auto --memory 2G   # placed on a host that fits, says why
     phyllome vm migrate demo --to b --shutdown       # cold migration, with a progress bar
@@ -13,17 +14,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 from cli import common
-from shared import contracts
+from shared import contracts, subjects
 from shared.bus import Bus
 from shared.cluster import cluster_vms
-from shared.config import default_host
-from shared.errors import PhyError
+from shared.codec import decode, to_builtins
+from shared.config import default_host, load
+from shared.errors import PhyError, Timeout
 from shared.messages import catalogue as catalogue_api
 from shared.messages import new_id
 from shared.messages import vm as vm_api
@@ -41,6 +46,7 @@ from shared.messages.vm import (
     VmRef,
     VmShutdown,
     VmSpec,
+    VmStateChanged,
     VmUpdate,
 )
 
@@ -49,11 +55,12 @@ LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus"
 MiB = 1 << 20
 DEMO_IMAGE = "phyllome-tiny"
 DEMO_MIN_MEMORY_MIB = 384  # the tiny disk's UEFI boot resets with less (deploy/images)
+STOP_WAIT_S = 60.0  # how long `vm stop` waits for the guest to act on the power button
+STOPPED = frozenset({"shutoff", "crashed", "deleted"})
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vm = sub.add_parser("vm", help="VMs: create, start, stop, info, console, clone, delete")
-    cmds = vm.add_subparsers(dest="vm_command", metavar="COMMAND")
+    cmds = common.group(sub, "vm", "VMs: create, start, stop, info, console, clone, delete")
 
     p = cmds.add_parser("create", help="define a VM (it stays stopped until `vm start`)")
     common.add_common(p)
@@ -92,11 +99,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("vm", help="name or uuid")
         p.set_defaults(func=cmd_simple, verb=verb)
 
-    p = cmds.add_parser("stop", help="ACPI shutdown (optionally wait, then force)")
+    p = cmds.add_parser("stop", help="press the ACPI power button and wait for the power-off")
     common.add_common(p)
     p.add_argument("vm")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for the guest to power off")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--wait", type=float, default=STOP_WAIT_S, metavar="SECONDS",
+                      help="how long to wait for the guest to power off (default %(default)g); "
+                           "a guest that ignores the button makes the command fail")
+    wait.add_argument("--no-wait", action="store_true",
+                      help="press the button and return at once")
     p.add_argument("--force", action="store_true",
                    help="power off hard when the guest did not within --wait")
     p.set_defaults(func=cmd_stop)
@@ -129,7 +140,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_common(p)
     p.add_argument("vm")
     p.add_argument("name", help="name of the copy")
-    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_clone)
 
     p = cmds.add_parser("migrate", help="move a stopped VM to another host (cold)")
@@ -140,16 +151,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="shut a running VM down first (else it is refused)")
     p.add_argument("--keep-source", action="store_true",
                    help="keep the source host's copy of the disks")
-    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = cmds.add_parser("console", help="the VM's spice:// or vnc:// URI (or open it)")
+    p = cmds.add_parser("console", help="attach to the VM's serial console (Ctrl-] leaves)")
     common.add_common(p)
     p.add_argument("vm")
-    p.add_argument("--print", action="store_true", dest="print_only",
-                   help="print the URI even when remote-viewer is installed")
+    p.add_argument("--graphics", action="store_true",
+                   help="print the VM's VNC and SPICE URIs and the viewer command instead")
     p.set_defaults(func=cmd_console)
-
 
 
 def _disk(text: str) -> Disk:
@@ -164,9 +174,8 @@ def _nic(text: str) -> Nic:
     if kind == "user":
         return Nic(kind="user")
     if kind not in ("network", "bridge") or not source:
-        common.err_console.print(f"[red]error:[/red] --nic {text!r}: use network:NAME, "
-                                 "bridge:NAME or user", highlight=False)
-        sys.exit(common.EXIT_USAGE)
+        common.error(None, "bad_request", f"--nic {text!r}: use network:NAME, bridge:NAME or "
+                     "user", common.EXIT_USAGE)
     return Nic(kind=kind, source=source)  # type: ignore[arg-type]
 
 
@@ -202,6 +211,10 @@ def cmd_create(args: argparse.Namespace) -> None:
             password=args.password, hostdevs=args.hostdev, nested=args.nested,
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
             accelerator=args.accelerator, autostart=args.autostart, **values)
+        if not (args.image or spec.disks or spec.kernel or spec.nics):
+            common.warn(f"VM {spec.name} has nothing to boot (no --image, --disk, --kernel or "
+                        "--nic): it will stop in its firmware; give it one of those, or "
+                        f"`phyllome vm delete {spec.name}` and create it again")
         host = args.host
         if host == "auto":
             choice = await choose(bus, spec)
@@ -219,17 +232,81 @@ def cmd_simple(args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
-    req = VmShutdown(vm=args.vm, timeout_s=args.wait, force=args.force)
-    _show_info(args, common.request(args, vm_api.SHUTDOWN, req, timeout=args.timeout + args.wait))
+    """Press the power button, then follow the VM's state events until it is off, up to
+    ``--wait``: a guest still in its firmware or boot loader ignores the button, and saying
+    "running" with exit 0 would hide that."""
+    if args.no_wait and args.force:
+        common.error(args, "bad_request", "--force powers off after --wait; it cannot go with "
+                     "--no-wait (`phyllome vm destroy` powers off at once)", common.EXIT_USAGE)
+
+    async def go(bus: Bus) -> tuple[VmInfo, bool]:
+        asked = time.time()
+        info = await bus.call(args.host, vm_api.SHUTDOWN, VmShutdown(vm=args.vm),
+                              timeout=args.timeout)
+        if args.no_wait or info.state in STOPPED or await _stopped(bus, info, asked, args.wait):
+            return await bus.call(args.host, vm_api.INFO, VmRef(vm=info.uuid),
+                                  timeout=args.timeout), False
+        if not args.force:
+            return info, True
+        return await bus.call(args.host, vm_api.DESTROY, VmRef(vm=info.uuid),
+                              timeout=args.timeout), False
+
+    info, ignored = common.call(args, go)
+    if ignored:
+        common.error(args, Timeout.kind,
+                     f"VM {info.name} is still {info.state} after {args.wait:g} s: the guest "
+                     "ignored the ACPI power button (a guest in its firmware or boot loader, "
+                     "or without ACPI, does not act on it); "
+                     f"`phyllome vm stop {info.name} --force` powers it off",
+                     common.EXIT_FAILED)
+    _show_info(args, info)
+
+
+async def _stopped(bus: Bus, info: VmInfo, since: float, wait: float) -> bool:
+    """Whether the VM's state events say it stopped within ``wait`` seconds (replayed from
+    ``since``, so a power-off before we subscribed counts)."""
+    subject = subjects.event(info.host, "vm", "state", info.uuid)
+
+    async def off() -> bool:
+        stream = bus.events(subject, since=since - 1, follow=True)
+        async with contextlib.aclosing(stream):
+            async for _subject, _ts, data in stream:
+                if decode(data, VmStateChanged).state in STOPPED:
+                    return True
+        return False
+
+    try:
+        return await asyncio.wait_for(off(), wait)
+    except TimeoutError:
+        return False
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    ack = common.request(args, vm_api.DELETE, VmDelete(vm=args.vm, force=args.force,
-                                                       delete_disks=args.delete_disks))
+    """Delete, then name the disks left behind (all of them without ``--delete-disks``; with
+    it, those not made for the VM) and how to remove each."""
+
+    async def go(bus: Bus) -> tuple[VmInfo, Any]:
+        info = await bus.call(args.host, vm_api.INFO, VmRef(vm=args.vm), timeout=args.timeout)
+        ack = await bus.call(args.host, vm_api.DELETE, VmDelete(
+            vm=info.uuid, force=args.force, delete_disks=args.delete_disks),
+            timeout=args.timeout)
+        return info, ack
+
+    info, ack = common.call(args, go)
+    kept = [d for d in info.spec.disks if not (args.delete_disks and d.owned)]
     if args.json:
-        common.print_json(ack)
-    else:
-        common.console.print(ack.message, highlight=False)
+        common.print_json({**to_builtins(ack), "kept_disks": kept})
+        return
+    common.console.print(ack.message, highlight=False, markup=False)
+    for disk in kept:
+        if disk.volume:
+            name = f"{disk.pool}/{disk.volume}"
+            where = "" if args.host == common.this_host() else f" --host {args.host}"
+            print(f"kept disk {name}: `phyllome storage delete {name}{where}` removes it")
+        else:
+            print(f"kept disk {disk.path}: a file, not a volume; remove it yourself")
+    if any(d.owned for d in kept):
+        print("(`vm delete --delete-disks` also deletes the disks made for a VM)")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -269,21 +346,46 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> None:
+    """The serial console, through ``virsh console`` on the VM's own host (libvirt opens the
+    pty; Ctrl-] leaves, as virt-manager users know it); ``--graphics`` prints the VNC/SPICE
+    URIs with the viewer command. A VM on another host is reached on that host (the CLI
+    does not carry a console over NATS)."""
     info: VmInfo = common.request(args, vm_api.INFO, VmRef(vm=args.vm))
-    uris = [c.uri for c in (info.spice, info.vnc) if c is not None]
     if args.json:
-        common.print_json({"name": info.name, "spice": info.spice, "vnc": info.vnc})
+        common.print_json({"name": info.name, "host": info.host, "spice": info.spice,
+                           "vnc": info.vnc})
         return
-    if not uris:
-        common.err_console.print(f"[red]error:[/red] VM {info.name} is {info.state} and has no "
-                                 "console open (start it; --display must not be none)",
-                                 highlight=False)
-        sys.exit(common.EXIT_FAILED)
-    viewer = shutil.which("remote-viewer")
-    if viewer and not args.print_only and sys.stdout.isatty():
-        os.execv(viewer, [viewer, uris[0]])
-    for uri in uris:
-        print(uri)
+    if args.graphics:
+        _graphics(args, info)
+        return
+    if info.state in STOPPED or info.state == "unknown":
+        common.error(args, "conflict", f"VM {info.name} is {info.state}: start it first "
+                     f"(`phyllome vm start {info.name}`)", common.EXIT_FAILED)
+    if info.host != common.this_host():
+        common.error(args, "bad_request", f"VM {info.name} runs on host {info.host}: its serial "
+                     f"console opens there (`ssh {info.host} phyllome vm console {info.name}`), "
+                     f"or use --graphics", common.EXIT_FAILED)
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        common.error(args, "unavailable", "the serial console needs virsh (Debian package "
+                     "libvirt-clients); or use --graphics", common.EXIT_FAILED)
+    if not sys.stdin.isatty():
+        common.error(args, "bad_request", "the serial console needs a terminal (stdin is not "
+                     "one); or use --graphics", common.EXIT_FAILED)
+    sys.stdout.flush()
+    os.execv(virsh, [virsh, "-c", load("vm").libvirt_uri, "console", info.uuid])
+
+
+def _graphics(args: argparse.Namespace, info: VmInfo) -> None:
+    consoles = [c for c in (info.vnc, info.spice) if c is not None]
+    if not consoles:
+        fix = (f"start it: `phyllome vm start {info.name}`" if info.state in STOPPED else
+               "its display is none; `phyllome vm update --display vnc` changes that while it "
+               "is stopped" if info.spec.display == "none" else "its hypervisor gave it no port")
+        common.error(args, "conflict", f"VM {info.name} is {info.state} and has no VNC or SPICE "
+                     f"console open ({fix})", common.EXIT_FAILED)
+    for c in consoles:
+        print(f"{c.uri}    remote-viewer {c.uri}")
 
 
 async def ensure_demo(bus: Bus, host: str) -> list[str]:
@@ -311,7 +413,8 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
         f"under {info.accelerator.upper()}" + (f" ({info.accelerator_note})"
                                                 if info.accelerator_note else ""),
         "  phyllome vm info demo --json     state, uptime, console endpoints",
-        f"  phyllome vm console demo         {consoles or '(no console yet)'}",
+        "  phyllome vm console demo         its serial console (Ctrl-] leaves)",
+        f"  phyllome vm console demo --graphics  {consoles or '(no console yet)'}",
         f"  phyllome events --follow --subject 'phy.evt.{host}.vm.>'",
         "  the vm agent's /metrics (above): phyllome_vm_vms, phyllome_vm_cpu_seconds_total, ...",
     ]
@@ -333,5 +436,4 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
             "vnc": info.vnc.uri if info.vnc else None,
             "spice": info.spice.uri if info.spice else None}
-    common.print_table([{"k": k, "v": v} for k, v in rows.items()],
-                       [("k", "FIELD"), ("v", "VALUE")])
+    common.print_fields(rows.items())
