@@ -166,10 +166,14 @@ def error(args: argparse.Namespace | None, kind: str, message: str, code: int) -
     sys.exit(code)
 
 
-def warn(message: str) -> None:
-    """Something the user should know that does not stop the command (stderr)."""
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False,
-                      soft_wrap=True)
+def warn(args: argparse.Namespace, message: str) -> None:
+    """Something the user should know that does not stop the command, on stderr (with
+    ``--json`` as ``{"warning": {"message"}}``)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"warning": {"message": message}}), file=sys.stderr)
+    else:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False,
+                          soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:

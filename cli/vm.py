@@ -212,9 +212,9 @@ def cmd_create(args: argparse.Namespace) -> None:
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
             accelerator=args.accelerator, autostart=args.autostart, **values)
         if not (args.image or spec.disks or spec.kernel or spec.nics):
-            common.warn(f"VM {spec.name} has nothing to boot (no --image, --disk, --kernel or "
-                        "--nic): it will stop in its firmware; give it one of those, or "
-                        f"`phyllome vm delete {spec.name}` and create it again")
+            common.warn(args, f"VM {spec.name} has nothing to boot (no --image, --disk, "
+                        "--kernel or --nic): it will stop in its firmware; give it one of "
+                        f"those, or `phyllome vm delete {spec.name}` and create it again")
         host = args.host
         if host == "auto":
             choice = await choose(bus, spec)
@@ -239,20 +239,26 @@ def cmd_stop(args: argparse.Namespace) -> None:
         common.error(args, "bad_request", "--force powers off after --wait; it cannot go with "
                      "--no-wait (`phyllome vm destroy` powers off at once)", common.EXIT_USAGE)
 
-    async def go(bus: Bus) -> tuple[VmInfo, bool]:
+    async def go(bus: Bus) -> tuple[VmInfo, str]:
         asked = time.time()
         info = await bus.call(args.host, vm_api.SHUTDOWN, VmShutdown(vm=args.vm),
                               timeout=args.timeout)
-        if args.no_wait or info.state in STOPPED or await _stopped(bus, info, asked, args.wait):
-            return await bus.call(args.host, vm_api.INFO, VmRef(vm=info.uuid),
-                                  timeout=args.timeout), False
+        if not (args.no_wait or info.state in STOPPED):
+            await _until_stopped(bus, info, asked, args.wait)
+        # The agent says last: an event missed (our clock ahead of the server's) changes nothing.
+        info = await bus.call(args.host, vm_api.INFO, VmRef(vm=info.uuid), timeout=args.timeout)
+        if args.no_wait or info.state in STOPPED:
+            return info, "done"
         if not args.force:
-            return info, True
+            return info, "ignored"
         return await bus.call(args.host, vm_api.DESTROY, VmRef(vm=info.uuid),
-                              timeout=args.timeout), False
+                              timeout=args.timeout), "forced"
 
-    info, ignored = common.call(args, go)
-    if ignored:
+    info, outcome = common.call(args, go)
+    if outcome == "forced":
+        common.warn(args, f"the guest ignored the ACPI power button for {args.wait:g} s; "
+                    "powered off hard (--force)")
+    if outcome == "ignored":
         common.error(args, Timeout.kind,
                      f"VM {info.name} is still {info.state} after {args.wait:g} s: the guest "
                      "ignored the ACPI power button (a guest in its firmware or boot loader, "
@@ -262,23 +268,20 @@ def cmd_stop(args: argparse.Namespace) -> None:
     _show_info(args, info)
 
 
-async def _stopped(bus: Bus, info: VmInfo, since: float, wait: float) -> bool:
-    """Whether the VM's state events say it stopped within ``wait`` seconds (replayed from
-    ``since``, so a power-off before we subscribed counts)."""
+async def _until_stopped(bus: Bus, info: VmInfo, since: float, wait: float) -> None:
+    """Return when the VM's state events say it stopped, or after ``wait`` seconds; replayed
+    from ``since``, so a power-off before we subscribed counts. Waits on events, never polls."""
     subject = subjects.event(info.host, "vm", "state", info.uuid)
 
-    async def off() -> bool:
+    async def off() -> None:
         stream = bus.events(subject, since=since - 1, follow=True)
         async with contextlib.aclosing(stream):
             async for _subject, _ts, data in stream:
                 if decode(data, VmStateChanged).state in STOPPED:
-                    return True
-        return False
+                    return
 
-    try:
-        return await asyncio.wait_for(off(), wait)
-    except TimeoutError:
-        return False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(off(), wait)
 
 
 def cmd_delete(args: argparse.Namespace) -> None:

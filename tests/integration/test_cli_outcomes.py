@@ -110,6 +110,10 @@ async def test_vm_create_with_nothing_to_boot_warns(stack: Stack) -> None:
     assert done.rc == 0, done.err
     assert "warning: VM empty has nothing to boot" in done.err and "--image" in done.err
     assert (await phyllome(stack.env, "vm", "delete", "empty")).rc == 0
+    done = await phyllome(stack.env, "vm", "create", "empty", "--json")
+    assert done.rc == 0 and json.loads(done.out)["name"] == "empty"
+    assert json.loads(done.err)["warning"]["message"].startswith("VM empty has nothing to boot")
+    assert (await phyllome(stack.env, "vm", "delete", "empty")).rc == 0
     assert (await phyllome(stack.env, "storage", "create", "boot-disk", "16M")).rc == 0
     done = await phyllome(stack.env, "vm", "create", "booter", "--disk", "boot-disk")
     assert done.rc == 0 and "nothing to boot" not in done.err

@@ -349,6 +349,8 @@ async def test_cli_on_a_guest_that_ignores_acpi_stop_says_so_and_its_serial_cons
             cwd=REPO, env=env, capture_output=True, text=True)
         assert forced.returncode == 0, forced.stderr
         assert json.loads(forced.stdout)["state"] == "shutoff"
+        assert "the guest ignored the ACPI power button for 2 s; powered off hard" in \
+            forced.stderr
     if os.environ.get("PHYLLOME_REGENERATE") == "1":
         doc = CONSOLE_DOC.read_text()
         head, rest = doc.split(SCREEN_START)
