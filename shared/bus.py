@@ -202,8 +202,7 @@ class Bus:
                                return_when=asyncio.FIRST_COMPLETED)
             if not connecting.done():
                 connecting.cancel()
-                with contextlib.suppress(BaseException):
-                    await connecting
+                await asyncio.wait({connecting})  # ended, without raising its cancellation
                 if refused.done():
                     raise NotAuthorized(
                         f"cannot connect to NATS at {url}: "
