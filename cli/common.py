@@ -1,7 +1,9 @@
 """What every ``phyllome`` subcommand shares: connecting, output, exit codes, job progress.
 
 Exit codes: 0 ok, 1 the request was refused or failed, 2 bad usage, 3 NATS or the agent
-could not be reached.
+could not be reached, 130 interrupted (Ctrl-C). With ``--json`` a result is JSON on stdout
+and an error is JSON on stderr, ``{"error": {"kind": ..., "message": ...}}``, with the same
+exit codes; without it, sizes, rates and times are written for people.
 
     def cmd_pools(args):
         async def go(bus):
@@ -14,12 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import shutil
+import signal
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn, TypedDict, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -28,23 +38,25 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from shared.bus import Bus
 from shared.codec import to_builtins
-from shared.config import DEFAULT_NATS_URL, default_host
-from shared.errors import PhyError, Unavailable
+from shared.config import DEFAULT_NATS_URL, default_host, default_state_dir
+from shared.errors import NotAuthorized, PhyError, Unavailable
 from shared.fileops import human_bytes as human_bytes  # the CLI's tables use common.human_bytes
 from shared.jobs import wait_job
 from shared.messages import EndpointSpec
-from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
+from shared.messages.jobs import JobAccepted, JobFinished, JobProgress, JobRef, job_endpoints
 
 T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 FOLLOW_S = 7 * 24 * 3600.0  # a followed job may run long; Ctrl-C stops following, not the job
+CANCEL_WAIT_S = 30.0  # how long --cancel-on-interrupt waits for the job to say it ended
+# Fields holding a unix time, shown as a date in text mode (besides any ``*_at``).
+TIME_FIELDS = frozenset({"time", "modified", "created", "started", "finished"})
 
 console = Console()
 err_console = Console(stderr=True)
@@ -53,12 +65,39 @@ err_console = Console(stderr=True)
 def add_common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
     """Options every subcommand takes."""
     if json_flag:
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--host", default=os.environ.get("PHYLLOME_HOST") or default_host(),
+        parser.add_argument("--json", action="store_true",
+                            help="machine-readable output: JSON on stdout, errors as JSON on "
+                                 "stderr (same exit codes)")
+    parser.add_argument("--host", default=this_host(),
                         help="the host whose agent to ask (default: this host)")
     parser.add_argument("--nats", default=os.environ.get("PHYLLOME_NATS_URL", DEFAULT_NATS_URL),
                         help="NATS URL (default: $PHYLLOME_NATS_URL or %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+
+
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a command that starts a job and follows it (``run_job``)."""
+    parser.add_argument("--detach", action="store_true", help="print the job and return at once")
+    parser.add_argument("--cancel-on-interrupt", action="store_true",
+                        help="Ctrl-C cancels the job (without it, the job goes on)")
+
+
+def group(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+          help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command made of subcommands (``phyllome vm``); given alone, it lists them."""
+    parser = sub.add_parser(name, help=help)
+    parser.set_defaults(func=lambda args: _list_subcommands(parser))
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
+
+
+def _list_subcommands(parser: argparse.ArgumentParser) -> NoReturn:
+    parser.print_help()
+    sys.exit(EXIT_USAGE)
+
+
+def this_host() -> str:
+    """The host this CLI runs on, as the agents name it."""
+    return os.environ.get("PHYLLOME_HOST") or default_host()
 
 
 class Credentials(TypedDict):
@@ -77,9 +116,16 @@ def credentials() -> Credentials:
 
 
 async def connect(args: argparse.Namespace) -> Bus:
-    return await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
-                             give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")),
-                             **credentials())
+    """The CLI's connection; turned away, it says where the CLI's identity is."""
+    try:
+        return await Bus.connect(
+            args.nats, name="phyllome-cli", host=args.host,
+            give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")), **credentials())
+    except NotAuthorized as e:
+        env = Path(os.environ.get("PHYLLOME_STATE_DIR") or default_state_dir()) / "secure" / \
+            "operator.env"
+        raise NotAuthorized(f"{e.message}; the CLI's identity is in {env}: "
+                            f"`set -a; . {env}; set +a`") from None
 
 
 def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
@@ -92,36 +138,103 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
         finally:
             await bus.close()
 
+    if getattr(args, "json", False):
+        logging.disable(logging.WARNING)  # stderr carries only the JSON error
     try:
         return asyncio.run(go())
     except PhyError as e:
-        fail(e)
+        fail(e, args)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
-def fail(e: PhyError) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {e}", highlight=False)
-    sys.exit(EXIT_UNREACHABLE if isinstance(e, Unavailable) else EXIT_FAILED)
+def fail(e: PhyError, args: argparse.Namespace | None = None) -> NoReturn:
+    """Report ``e`` (as JSON with ``--json``) and exit: 3 when something was unreachable,
+    else 1."""
+    error(args, e.kind, str(e), EXIT_UNREACHABLE if isinstance(e, Unavailable) else EXIT_FAILED)
+
+
+def error(args: argparse.Namespace | None, kind: str, message: str, code: int) -> NoReturn:
+    """The one way a command ends in error: a line for people, or with ``--json`` the object
+    ``{"error": {"kind", "message"}}``, on stderr; then exit ``code``."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"kind": kind, "message": message}}), file=sys.stderr)
+    else:
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def warn(args: argparse.Namespace, message: str) -> None:
+    """Something the user should know that does not stop the command, on stderr (with
+    ``--json`` as ``{"warning": {"message"}}``)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"warning": {"message": message}}), file=sys.stderr)
+    else:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False,
+                          soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
     print(json.dumps(to_builtins(obj), indent=2, sort_keys=False, default=str))
 
 
-def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
-    """An aligned table: ``columns`` are (key, header) pairs."""
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for _, header in columns:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
-    console.print(table, highlight=False)
+def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]], *,
+                wrap: bool = False) -> None:
+    """An aligned table: ``columns`` are (key, header) pairs.
+
+    The first column (what a user types next: an id, a name) is never cut. When the terminal
+    is narrower than the table, the widest other columns give way first, down to their
+    header's width, and their values are cut short with "…" (or wrapped onto more lines
+    with ``wrap``: a FIELD/VALUE table). Output to a pipe or file is never cut.
+    """
+    cells = [[humanize(key, row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    widths = [max([len(header), *(len(c[i]) for c in cells)]) for i, header in enumerate(headers)]
+    room = _terminal_width()
+    if room is not None:
+        floors = [widths[0]] + [min(w, max(len(h), 4)) for w, h in zip(widths[1:], headers[1:],
+                                                                      strict=True)]
+        while sum(widths) + 2 * (len(widths) - 1) > room:
+            i = max(range(len(widths)), key=lambda i: widths[i] - floors[i])
+            if widths[i] <= floors[i]:
+                break
+            widths[i] -= 1
+    out = [_line(headers, widths)]
+    for row_cells in cells:
+        if wrap:
+            parts = [textwrap.wrap(c, w, break_on_hyphens=False) or [""]
+                     for c, w in zip(row_cells, widths, strict=True)]
+            for n in range(max(len(p) for p in parts)):
+                out.append(_line([p[n] if n < len(p) else "" for p in parts], widths))
+        else:
+            out.append(_line([c if len(c) <= w else c[:w - 1] + "…"
+                              for c, w in zip(row_cells, widths, strict=True)], widths))
+    print("\n".join(out))
+
+
+def print_fields(fields: Iterable[tuple[str, Any]]) -> None:
+    """One object as a FIELD/VALUE table, long values wrapped, never cut."""
+    print_table([{"k": k, "v": humanize(k, v)} for k, v in fields],
+                [("k", "FIELD"), ("v", "VALUE")], wrap=True)
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _terminal_width() -> int | None:
+    """The terminal's columns (``COLUMNS`` first), or None for a pipe or file."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 def show(args: argparse.Namespace, obj: Any, columns: Sequence[tuple[str, str]] | None = None,
          rows_key: str | None = None) -> None:
-    """``--json`` prints the object; otherwise a table of its rows (or its fields)."""
+    """``--json`` prints the object as it is; otherwise a table of its rows (or its fields),
+    sizes, rates and times written for people."""
     if getattr(args, "json", False):
         print_json(obj)
         return
@@ -131,24 +244,48 @@ def show(args: argparse.Namespace, obj: Any, columns: Sequence[tuple[str, str]] 
     if isinstance(data, list) and columns:
         print_table(data, columns)
     elif isinstance(data, dict):
-        print_table([{"k": k, "v": v} for k, v in data.items() if k != "type"],
-                    [("k", "FIELD"), ("v", "VALUE")])
+        print_fields((k, v) for k, v in data.items() if k != "type")
     else:
         print(data)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
+def humanize(key: str, value: Any) -> str:
+    """One value of field ``key`` for people: sizes in KiB..TiB, rates per second, unix
+    times as dates, seconds with their unit, nested objects in a few words."""
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    if isinstance(value, list | tuple):
-        return ", ".join(_cell(v) for v in value) or "-"
+    if isinstance(value, int | float):
+        if key == "rate" or key.endswith("_bytes_s"):
+            return f"{human_bytes(value)}/s"
+        if key.endswith("_bytes") or key in ("bytes", "size"):
+            return human_bytes(value)
+        if (key in TIME_FIELDS or key.endswith("_at")) and value > 1e9:
+            return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+        if key.endswith("_s") or key == "seconds":
+            return f"{value * 1000:.0f} ms" if 0 < value < 0.1 else f"{value:.1f} s"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
     if isinstance(value, dict):
-        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
+        return summarize(value)
+    if isinstance(value, list | tuple):
+        return ", ".join(humanize(key, v) for v in value) or "-"
     return str(value)
+
+
+def summarize(obj: dict[str, Any]) -> str:
+    """A nested object in a few words: a volume as ``pool/name (size)``, a thing with a name
+    or id as that, else its plain fields as ``key=value``."""
+    if "pool" in obj and "name" in obj:
+        size = obj.get("virtual_bytes")
+        return f"{obj['pool']}/{obj['name']}" + (f" ({human_bytes(size)})" if size else "")
+    for key in ("name", "id", "job_id"):
+        if isinstance(obj.get(key), str) and obj[key]:
+            return str(obj[key])
+    nested = [summarize(v) for v in obj.values() if isinstance(v, dict)]  # what was made
+    return " ".join([*nested, *(f"{k}={humanize(k, v)}" for k, v in obj.items()
+                                if k != "type" and not isinstance(v, dict)
+                                and v not in (None, "", [], {}))])
 
 
 def parse_size(text: str) -> int:
@@ -184,14 +321,12 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
     if getattr(args, "json", False):
         print_json(outcome)
     elif outcome.state == "succeeded":
-        console.print(f"{outcome.kind}: done", highlight=False)
+        console.print(f"{outcome.kind}: done", highlight=False, markup=False)
         if outcome.result:
             show(args, outcome.result)
-    else:
-        err_console.print(f"[red]{outcome.kind} {outcome.state}:[/red] {outcome.message}",
-                          highlight=False)
     if outcome.state != "succeeded":
-        sys.exit(EXIT_FAILED)
+        error(args, outcome.error_kind or outcome.state,
+              f"{outcome.kind} {outcome.state}: {outcome.message}", EXIT_FAILED)
 
 
 def request(args: argparse.Namespace, spec: EndpointSpec[Req, Resp], req: Req, *,
@@ -201,21 +336,83 @@ def request(args: argparse.Namespace, spec: EndpointSpec[Req, Resp], req: Req, *
                                            idempotency_key=key))
 
 
+@dataclass(frozen=True)
+class Interrupted:
+    """Ctrl-C during a job command: the job (None when its agent had not answered yet), and
+    how it ended when we cancelled it."""
+
+    accepted: JobAccepted | None
+    outcome: JobFinished | None = None
+
+
 def run_job(args: argparse.Namespace, spec: EndpointSpec[Req, JobAccepted], req: Req, *,
             bytes_progress: bool = True) -> None:
     """Start a job endpoint, then follow it with a progress bar until it ends (exit status
-    from its outcome), or with ``--detach`` print the job id and return at once."""
+    from its outcome), or with ``--detach`` print the job id and return at once.
+
+    Ctrl-C stops following, not the job (it runs in its agent): we say so and how to cancel
+    it, or with ``--cancel-on-interrupt`` cancel it and wait for it to say it ended.
+    """
     detach = getattr(args, "detach", False)
 
-    async def go(bus: Bus) -> JobAccepted | JobFinished:
-        accepted = await bus.call(args.host, spec, req, timeout=args.timeout)
-        if detach:
-            return accepted
-        return await follow_job(bus, args.host, spec.service, accepted, quiet=args.json,
-                                bytes_progress=bytes_progress)
+    async def go(bus: Bus) -> JobAccepted | JobFinished | Interrupted:
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        try:
+            accepted = await _unless(interrupted, bus.call(args.host, spec, req,
+                                                           timeout=args.timeout))
+            if accepted is None or detach:
+                return accepted or Interrupted(None)
+            outcome = await _unless(interrupted, follow_job(
+                bus, args.host, spec.service, accepted, quiet=args.json,
+                bytes_progress=bytes_progress))
+            if outcome is not None:
+                return outcome
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C ends us at once
+        if not getattr(args, "cancel_on_interrupt", False):
+            return Interrupted(accepted)
+        _jobs, _status, cancel = job_endpoints(spec.service)
+        await bus.call(args.host, cancel, JobRef(job_id=accepted.job_id), timeout=args.timeout)
+        ended = await asyncio.wait_for(follow_job(bus, args.host, spec.service, accepted,
+                                                  quiet=True), CANCEL_WAIT_S)
+        return Interrupted(accepted, ended)
 
     outcome = call(args, go)
     if isinstance(outcome, JobAccepted):
         show(args, outcome)
+    elif isinstance(outcome, Interrupted):
+        _say_interrupted(args, outcome)
     else:
         finish_job(args, outcome)
+
+
+async def _unless(interrupted: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None when ``interrupted`` is set first (``work`` is cancelled)."""
+    doing = asyncio.ensure_future(work)
+    waiting = asyncio.ensure_future(interrupted.wait())
+    try:
+        either: set[asyncio.Future[Any]] = {doing, waiting}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        if not doing.done():
+            doing.cancel()
+    return doing.result() if doing.done() and not doing.cancelled() else None
+
+
+def _say_interrupted(args: argparse.Namespace, stop: Interrupted) -> NoReturn:
+    where = "" if args.host == this_host() else f" --host {args.host}"
+    if stop.accepted is None:
+        error(args, "interrupted", "interrupted before the agent answered; "
+              f"`phyllome jobs list{where}` shows whether the job started", EXIT_INTERRUPTED)
+    job = f"{stop.accepted.kind} job {stop.accepted.job_id}"
+    if stop.outcome is not None:
+        error(args, "interrupted", f"interrupted: {job} {stop.outcome.state}"
+              + (f" ({stop.outcome.message})" if stop.outcome.message else ""), EXIT_INTERRUPTED)
+    error(args, "interrupted",
+          f"interrupted: the job goes on ({job} on {args.host}); "
+          f"`phyllome jobs cancel {stop.accepted.job_id}{where}` stops it, "
+          f"`phyllome jobs watch {stop.accepted.job_id}{where}` follows it again",
+          EXIT_INTERRUPTED)

@@ -2,6 +2,10 @@
 
     phyllome events --since 1h
     phyllome events --follow --subject 'phy.evt.h1.vm.>' --json
+
+One line per event for people (sizes and rates humanized, nested results in a few words);
+progress events only with ``--progress``. ``--json`` writes JSON Lines: one object per event
+with every field, progress included.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import re
 import time
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -21,6 +26,9 @@ from shared.codec import to_builtins
 from shared.contracts import event_decoder
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+# Fields every event has, said by the line's own columns (or of no use to a reader).
+_COMMON = frozenset({"type", "host", "event_id", "time"})
+VALUE_WIDTH = 60  # a longer value is cut short: one event, one line
 
 
 def parse_since(text: str) -> float:
@@ -34,13 +42,37 @@ def parse_since(text: str) -> float:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("events", help="replay and follow the cluster's events")
-    common.add_common(p)
+    common.add_common(p, json_flag=False)
+    p.add_argument("--json", action="store_true",
+                   help="JSON Lines: one JSON object per event, every field, progress included")
     p.add_argument("--since", type=parse_since, default=None,
                    help="only events newer than this (30s, 10m, 1h, 7d); default: all")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--progress", action="store_true",
+                   help="also the progress events of jobs and transfers (many per job)")
     p.add_argument("--subject", default=subjects.EVENTS_ALL,
                    help="subject filter (default %(default)s)")
     p.set_defaults(func=cmd_events)
+
+
+def is_progress(kind: str) -> bool:
+    """``job.progress.v1``, ``storage.transfer_progress.v1``, ...: the many-per-job kind."""
+    return "progress" in kind
+
+
+def event_line(ts: float, body: dict[str, Any]) -> str:
+    """``2026-05-01 12:00:03  h1  vm.state_changed  name=demo state=running ...``"""
+    stamp = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    kind = str(body.get("type", "?")).rsplit(".v", 1)[0]
+    fields = []
+    for key, value in body.items():
+        if key in _COMMON or value in (None, "", [], {}, False):
+            continue
+        text = common.humanize(key, value)
+        if len(text) > VALUE_WIDTH:
+            text = text[:VALUE_WIDTH - 1] + "…"
+        fields.append(f"{key}={text}")
+    return f"{stamp}  {body.get('host', '-')}  {kind}  {' '.join(fields)}".rstrip()
 
 
 def cmd_events(args: argparse.Namespace) -> None:
@@ -48,19 +80,17 @@ def cmd_events(args: argparse.Namespace) -> None:
         count = 0
         async for subject, ts, data in bus.events(args.subject, since=args.since,
                                                   follow=args.follow):
-            count += 1
             try:
                 body = to_builtins(event_decoder().decode(data))
             except msgspec.MsgspecError:
-                body = {"raw": data.decode(errors="replace")}
+                body = {"type": "unknown", "raw": data.decode(errors="replace")}
             if args.json:
                 print(json.dumps({"subject": subject, "time": ts, "event": body}), flush=True)
+            elif args.progress or not is_progress(str(body.get("type", ""))):
+                print(event_line(ts, body), flush=True)
             else:
-                stamp = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-                kind = body.pop("type", "?") if isinstance(body, dict) else "?"
-                rest = " ".join(f"{k}={v}" for k, v in body.items()
-                                if k not in ("host", "event_id", "time"))
-                print(f"{stamp}  {subject:<44} {kind:<24} {rest}", flush=True)
+                continue
+            count += 1
         return count
 
     count = common.call(args, go)

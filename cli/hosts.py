@@ -4,9 +4,12 @@ Read from the replicated KV buckets (heartbeats in ``hosts``, VM records in ``vm
 host events, not by asking each host, so a host that died is still listed, as ``down``::
 
     phyllome hosts
-    HOST  STATE  AGENTS                           VMS  CPUS  MEM FREE   POOL FREE  CAPS
-    a     up     catalogue hardware storage vm    12   8     21.4 GiB   310.2 GiB  uefi tpm
-    c     down   -                                4    -     -          -          -
+    HOST  STATE  AGENTS  VMS  CPUS  MEM FREE  POOL FREE  CAPS         BEAT   WHY DOWN
+    a     up     all     12   8     21.4 GiB  310.2 GiB  kvm uefi +3  0.3 s  -
+    c     down   -       4    -     -         -          -            -      no heartbeat
+
+``AGENTS`` is ``all`` when the four run, else those that do; ``CAPS`` shows the first two
+capabilities and how many more (``--json`` has them all); ``WHY DOWN`` only when a host is.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from typing import Any
 
 from cli import common
+from shared import subjects
 from shared.bus import Bus
 from shared.cluster import HostView, host_views_on
 
@@ -43,15 +47,22 @@ def caps_words(view: HostView) -> list[str]:
     return words
 
 
+CAPS_SHOWN = 2
+
+
 def row(view: HostView) -> dict[str, Any]:
     res = view.resources
     pools_free = [p.free_bytes for p in view.pools.values()]
+    caps = caps_words(view)
+    more = f" +{len(caps) - CAPS_SHOWN}" if len(caps) > CAPS_SHOWN else ""
     return {
-        "host": view.host, "state": view.state, "agents": " ".join(view.agents) or None,
+        "host": view.host, "state": view.state,
+        "agents": "all" if set(view.agents) >= set(subjects.SERVICES) else
+        " ".join(view.agents) or None,
         "vms": view.vms, "cpus": res.cpus if res else None,
         "memory_free": common.human_bytes(res.memory_available_bytes) if res else None,
         "pool_free": common.human_bytes(max(pools_free)) if pools_free else None,
-        "caps": " ".join(caps_words(view)) or None,
+        "caps": " ".join(caps[:CAPS_SHOWN]) + more or None,
         "last_beat_s": view.age_s, "reason": view.reason or None,
     }
 
@@ -66,9 +77,10 @@ def cmd_hosts(args: argparse.Namespace) -> None:
     elif not views:
         print("no hosts: no agent has written a heartbeat; start them with `phyllome up`")
     else:
+        down = any(v.state == "down" for v in views)
         common.print_table([row(v) for v in views], [
             ("host", "HOST"), ("state", "STATE"), ("agents", "AGENTS"), ("vms", "VMS"),
             ("cpus", "CPUS"), ("memory_free", "MEM FREE"), ("pool_free", "POOL FREE"),
-            ("caps", "CAPS"), ("last_beat_s", "BEAT AGO S"), ("reason", "WHY DOWN")])
+            ("caps", "CAPS"), ("last_beat_s", "BEAT"), *([("reason", "WHY DOWN")] if down else [])])
     if any(v.state == "down" for v in views):
         sys.exit(common.EXIT_FAILED)

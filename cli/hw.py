@@ -1,6 +1,7 @@
 """``phyllome hw``: PCI/IOMMU inventory, passthrough readiness, VFIO, mdev, SR-IOV.
 
-    phyllome hw report --json            # locally, no agent or NATS needed
+    phyllome hw report --json            # locally, no agent or NATS needed (the vm agent's
+                                         # KVM boot probe verdict is read when NATS answers)
     phyllome hw report --sysfs-root DIR  # the same on a recorded or constructed tree
     phyllome hw list --class gpu
     phyllome hw bind 0000:01:00.0        # the device and its group companions -> vfio-pci
@@ -9,10 +10,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from typing import Any
 
+import msgspec
+import nats.errors
+
 from cli import common
+from shared import subjects
+from shared.bus import Bus
 from shared.errors import BadRequest, PhyError
 from shared.messages import Empty
 from shared.messages import hardware as hardware_api
@@ -20,12 +27,14 @@ from shared.messages.hardware import (
     BindRequest,
     DeviceQuery,
     DeviceRef,
+    HostCaps,
     HwReport,
     MdevCreate,
     MdevRef,
     PciDevice,
     SriovSet,
 )
+from shared.messages.hosts import Heartbeat
 
 DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
                   ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
@@ -34,13 +43,12 @@ KINDS = ("gpu", "audio", "usb", "net", "storage")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    hw = sub.add_parser("hw", help="PCI devices, IOMMU groups, passthrough, host capabilities")
-    cmds = hw.add_subparsers(dest="hw_command", metavar="COMMAND")
+    cmds = common.group(sub, "hw", "PCI devices, IOMMU groups, passthrough, host capabilities")
 
     p = cmds.add_parser("report", help="the passthrough readiness report, run locally")
+    common.add_common(p)
     p.add_argument("--sysfs-root", default=os.environ.get("PHYLLOME_SYSFS_ROOT", "/sys"),
                    help="read this sysfs tree instead of /sys")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_report)
 
     p = cmds.add_parser("list", help="PCI devices with their readiness")
@@ -63,15 +71,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="pass a shared IOMMU group whole (the unrelated devices go too)")
     p.add_argument("--single-gpu", action="store_true",
                    help="allow the boot GPU (the host loses its display)")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_bind)
 
     p = cmds.add_parser("release", help="give a bound group back to its original drivers")
     common.add_common(p)
     p.add_argument("address")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_release)
 
-    mdev = cmds.add_parser("mdev", help="mediated devices (vGPU, GVT-g)")
-    mcmds = mdev.add_subparsers(dest="mdev_command", metavar="COMMAND")
+    mcmds = common.group(cmds, "mdev", "mediated devices (vGPU, GVT-g)")
     p = mcmds.add_parser("types", help="mdev types each parent offers")
     common.add_common(p)
     p.set_defaults(func=cmd_mdev_types)
@@ -114,14 +123,44 @@ def cmd_report(args: argparse.Namespace) -> None:
     try:
         report = local_report(args.sysfs_root)
     except PhyError as e:
-        common.fail(e)
+        common.fail(e, args)
+    if report.host.kvm_device:
+        host, note = asyncio.run(with_boot_probe(args, report.host))
+        report = msgspec.structs.replace(report, host=host)
+    else:
+        note = ""
     if args.json:
         common.print_json(report)
         return
-    print_report(report)
+    print_report(report, note)
 
 
-def print_report(report: HwReport) -> None:
+async def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps, str]:
+    """``caps`` with the vm agent's KVM boot probe verdict (the ioctl check passing proves
+    little: some hosts hang a guest under KVM), read from its heartbeat when NATS answers;
+    and a line saying where the verdict came from."""
+    try:
+        bus = await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
+                                       give_up_after=0.5, **common.credentials())
+    except PhyError as e:
+        return caps, f"boot probe: not known here ({e.message})"
+    try:
+        kv = await bus.kv(subjects.KV_HOSTS)
+        entry = await kv.get(subjects.heartbeat_key(args.host, "vm"))
+        decision = msgspec.json.decode(entry.value or b"", type=Heartbeat).details.accelerator
+    except (PhyError, nats.errors.Error, TimeoutError, msgspec.MsgspecError):
+        decision = None
+    finally:
+        await bus.close()
+    if decision is None or decision.kvm_usable is None:
+        why = decision.note if decision else f"no vm agent of {args.host} has reported"
+        return caps, f"boot probe: not run ({why})"
+    verdict = "passed" if decision.kvm_usable else "failed"
+    return (msgspec.structs.replace(caps, kvm_boot_probe=verdict, kvm_usable=decision.kvm_usable),
+            f"boot probe (vm agent of {args.host}): {decision.note}")
+
+
+def print_report(report: HwReport, probe_note: str = "") -> None:
     h = report.host
     con = common.console
     kvm = ("usable (boot probe passed)" if h.kvm_usable else
@@ -130,6 +169,8 @@ def print_report(report: HwReport) -> None:
     con.print(f"[bold]host[/bold]  {h.arch} {h.cpu_vendor} {h.cpu_model}  "
               f"virt={h.virt_extension or '-'}  kvm: {kvm}  nested={_yn(h.nested)}  "
               f"iommu={_yn(h.iommu)}", highlight=False)
+    if probe_note:
+        con.print(probe_note, highlight=False, markup=False)
     if h.iommu_hint:
         con.print(f"[yellow]{h.iommu_hint}[/yellow]", highlight=False)
     common.print_table(_device_rows(report.devices), DEVICE_COLUMNS)

@@ -1,8 +1,9 @@
 """``phyllome images``: the OS image catalogue (osinfo-db, image servers, built-in images).
 
-    phyllome images list --downloadable --family linux
+    phyllome images list --downloadable --family linux   # this machine's arch (--all-arches)
     phyllome images info debian11 --json        # VM template; RAW path and sha256 once pulled
     phyllome images pull phyllome-tiny          # progress bar; non-zero exit when refused
+    phyllome images sources list
     phyllome images sources add lab http://mirror.lan/images.json --type manifest
     phyllome images sources add ubuntu https://cloud-images.ubuntu.com/releases/ \
         --type simplestreams --keyring /usr/share/keyrings/ubuntu-cloudimage-keyring.gpg
@@ -11,7 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import platform
 from typing import Any
+
+import msgspec
 
 from cli import common
 from shared.codec import to_builtins
@@ -28,21 +32,23 @@ from shared.messages.catalogue import (
 )
 
 LIST_COLUMNS = [("id", "ID"), ("name", "NAME"), ("family", "FAMILY"), ("version", "VERSION"),
-                ("archs", "ARCH"), ("source", "SOURCE"), ("downloadable", "DOWNLOAD"),
-                ("local", "LOCAL")]
+                ("source", "SOURCE"), ("downloadable", "DOWNLOAD"), ("local", "LOCAL")]
+ARCH_COLUMN = ("archs", "ARCH")
 SOURCE_COLUMNS = [("name", "NAME"), ("kind", "TYPE"), ("url", "URL"), ("signature", "SIGNATURE"),
                   ("builtin", "CONFIGURED")]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    images = sub.add_parser("images", help="the OS image catalogue: list, info, pull, sources")
-    cmds = images.add_subparsers(dest="images_command", metavar="COMMAND")
+    cmds = common.group(sub, "images", "the OS image catalogue: list, info, pull, sources")
 
     p = cmds.add_parser("list", help="catalogue entries")
     common.add_common(p)
     p.add_argument("--search", default="", metavar="TEXT", help="words in id, name, vendor")
     p.add_argument("--family", default="", help="OS family or distro (linux, winnt, debian)")
-    p.add_argument("--arch", default="", help="architecture (x86_64, aarch64, amd64, ...)")
+    p.add_argument("--arch", default="", help="architecture (x86_64, aarch64, amd64, ...); "
+                   f"default: this machine's ({platform.machine()})")
+    p.add_argument("--all-arches", action="store_true",
+                   help="entries of every architecture, with an ARCH column")
     p.add_argument("--source", default="", help="only entries of this source")
     p.add_argument("--downloadable", action="store_true",
                    help="only entries with a downloadable disk image")
@@ -59,7 +65,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--arch", default="", help="architecture (default: the host's)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="pull an image that has no published sha256 (marked unverified)")
-    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_pull)
 
     p = cmds.add_parser("remove", help="delete a pulled image from the host's pool")
@@ -75,6 +81,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_common(src)
     src.set_defaults(func=cmd_sources)
     scmds = src.add_subparsers(dest="sources_command", metavar="COMMAND")
+    p = scmds.add_parser("list", help="the configured sources and how each is trusted")
+    common.add_common(p)
+    p.set_defaults(func=cmd_sources)
     p = scmds.add_parser("add", help="add a manifest or simplestreams source")
     common.add_common(p)
     p.add_argument("name")
@@ -93,13 +102,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    """Entries for this machine's architecture (or ``--arch``), and those that name none;
+    every one with ``--all-arches``."""
     result = common.request(args, catalogue_api.LIST, ListRequest(
         search=args.search, family=args.family, arch=args.arch,
         downloadable=args.downloadable, source=args.source))
-    common.show(args, result, LIST_COLUMNS, rows_key="images")
+    if not (args.arch or args.all_arches):
+        here = platform.machine()
+        result = msgspec.structs.replace(result, images=[
+            i for i in result.images if not i.archs or here in i.archs])
+    columns = [*LIST_COLUMNS, ARCH_COLUMN] if args.all_arches else LIST_COLUMNS
+    common.show(args, result, columns, rows_key="images")
 
 
-def info_rows(info: ImageInfo) -> list[dict[str, Any]]:
+def info_rows(info: ImageInfo) -> list[tuple[str, Any]]:
     """The fields a person reads first, in a fixed order."""
     e, t, req = info.entry, info.template, info.entry.requirements
     rows: list[tuple[str, Any]] = [
@@ -119,7 +135,7 @@ def info_rows(info: ImageInfo) -> list[dict[str, Any]]:
     rows += [(f"media {m.arch}", m.url) for m in e.media if m.url][:4]
     if info.local is not None:
         rows += [("path", info.path), ("sha256", info.sha256), ("state", info.local.state)]
-    return [{"k": k, "v": v} for k, v in rows if v not in ("", [], None)]
+    return [(k, v) for k, v in rows if v not in ("", [], None)]
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -127,7 +143,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         common.print_json(info)
     else:
-        common.print_table(info_rows(info), [("k", "FIELD"), ("v", "VALUE")])
+        common.print_fields(info_rows(info))
 
 
 def cmd_pull(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The ``phyllome`` command.
+"""The phyllome command.
 
     phyllome up --detach        # start NATS and the agents of this host
     phyllome status --json      # every agent of every host

@@ -100,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         print("no agents answer; start them with `phyllome up`")
     else:
         common.print_table(rows, [("host", "HOST"), ("agent", "AGENT"), ("version", "VERSION"),
-                                  ("uptime_s", "UPTIME S"), ("healthy", "HEALTHY"),
+                                  ("uptime_s", "UPTIME"), ("healthy", "HEALTHY"),
                                   ("metrics_url", "METRICS")])
         for r in rows:
             for p in r["problems"]:

@@ -2,13 +2,14 @@
 
     phyllome storage pools
     phyllome storage volumes [POOL]
-    phyllome storage create default disk0 20G [--preallocate]
-    phyllome storage clone default/disk0 disk1 [--pool fast]
+    phyllome storage create disk0 20G [--preallocate]
+    phyllome storage clone default/disk0 fast/disk1
     phyllome storage info disk1 --sha256 --json
     phyllome storage send disk1 --to h2 [--bwlimit 100M]
     phyllome storage delete disk1
 
-A volume is ``POOL/NAME`` or just ``NAME`` (pool ``default``).
+Every volume argument is ``[POOL/]NAME``: ``POOL/NAME``, or just ``NAME`` in pool
+``default`` (a clone's new volume: in the source's pool).
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ VOLUME_COLUMNS = [("pool", "POOL"), ("name", "NAME"), ("virtual", "SIZE"),
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    st = sub.add_parser("storage", help="storage pools, RAW volumes, clones, transfers")
-    cmds = st.add_subparsers(dest="storage_command", metavar="COMMAND")
+    cmds = common.group(sub, "storage", "storage pools, RAW volumes, clones, transfers")
 
     p = cmds.add_parser("pools", help="pools with their size and free space")
     common.add_common(p)
@@ -52,8 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = cmds.add_parser("create", help="create a RAW volume (sparse unless --preallocate)")
     common.add_common(p)
-    p.add_argument("pool")
-    p.add_argument("name")
+    p.add_argument("volume", help="[POOL/]NAME")
     p.add_argument("size", type=common.parse_size, help="e.g. 20G, 512M")
     p.add_argument("--preallocate", action="store_true", help="reserve every block now")
     p.set_defaults(func=cmd_create)
@@ -68,8 +67,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cmds.add_parser("clone", help="reflink or sparse copy of a volume")
     common.add_common(p)
     p.add_argument("src", help="[POOL/]NAME")
-    p.add_argument("dst", help="the new volume's name")
-    p.add_argument("--pool", default="", help="the new volume's pool (default: the source's)")
+    p.add_argument("dst", help="[POOL/]NAME of the new volume (default pool: the source's)")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_clone)
 
     p = cmds.add_parser("import", help="adopt a RAW file from an import directory")
@@ -77,6 +76,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("source", help="absolute path of the file")
     p.add_argument("volume", help="[POOL/]NAME of the new volume")
     p.add_argument("--move", action="store_true", help="rename instead of copying")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_import)
 
     p = cmds.add_parser("delete", help="delete a volume (no running VM may use it)")
@@ -98,24 +98,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--to-name", default="", help="the name there (default: the same)")
     p.add_argument("--bwlimit", type=common.parse_size, default=0,
                    help="bytes per second, e.g. 100M (default: no limit)")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_send)
 
 
-def split_volume(text: str) -> tuple[str, str]:
-    """``pool/name`` or ``name`` -> (pool, name)."""
-    pool, sep, name = text.partition("/")
+def split_volume(text: str, pool: str = "default") -> tuple[str, str]:
+    """``pool/name`` or ``name`` -> (pool, name); a bare name is in ``pool``."""
+    given, sep, name = text.partition("/")
     if not sep:
-        return "default", text
-    if "/" in name:
+        return pool, text
+    if "/" in name or not given or not name:
         raise InvalidName(f"{text!r}: give POOL/NAME or NAME, a volume name has no '/'")
-    return pool, name
+    return given, name
 
 
-def _volume(args: argparse.Namespace, text: str) -> tuple[str, str]:
+def _volume(args: argparse.Namespace, text: str, pool: str = "default") -> tuple[str, str]:
     try:
-        return split_volume(text)
+        return split_volume(text, pool)
     except InvalidName as e:
-        common.fail(e)
+        common.fail(e, args)
 
 
 def cmd_pools(args: argparse.Namespace) -> None:
@@ -146,8 +147,8 @@ def _volume_row(v: Any) -> dict[str, Any]:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    req = CreateVolume(pool=args.pool, name=args.name, size_bytes=args.size,
-                       preallocate=args.preallocate)
+    pool, name = _volume(args, args.volume)
+    req = CreateVolume(pool=pool, name=name, size_bytes=args.size, preallocate=args.preallocate)
     info = common.request(args, storage_api.CREATE, req, timeout=max(args.timeout, 300))
     common.show(args, info)
 
@@ -176,8 +177,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_clone(args: argparse.Namespace) -> None:
     pool, name = _volume(args, args.src)
-    common.run_job(args, storage_api.CLONE, CloneVolume(pool=pool, name=name, dst_name=args.dst,
-                                    dst_pool=args.pool))
+    dst_pool, dst_name = _volume(args, args.dst, pool)
+    common.run_job(args, storage_api.CLONE, CloneVolume(
+        pool=pool, name=name, dst_name=dst_name, dst_pool=dst_pool))
 
 
 def cmd_import(args: argparse.Namespace) -> None:

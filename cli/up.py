@@ -84,6 +84,11 @@ def pid_file(state_dir: Path) -> Path:
     return state_dir / "run" / "up.pid"
 
 
+def secure_marker(state_dir: Path) -> Path:
+    """Holds the pid of a running ``phyllome up --secure`` (a plain one writes none)."""
+    return state_dir / "run" / "secure"
+
+
 def running_pid(state_dir: Path) -> int | None:
     try:
         pid = int(pid_file(state_dir).read_text().strip())
@@ -96,7 +101,16 @@ def running_pid(state_dir: Path) -> int | None:
 def cmd_up(args: argparse.Namespace) -> None:
     state_dir = Path(args.state_dir)
     if (pid := running_pid(state_dir)) is not None:
-        print(f"phyllome is already running (pid {pid}); `phyllome status` shows it")
+        marker = secure_marker(state_dir)
+        secure = marker.exists() and marker.read_text().strip() == str(pid)
+        if args.secure and not secure:
+            at = "" if args.state_dir == default_state_dir() else f" --state-dir {state_dir}"
+            common.error(None, "conflict", f"phyllome is running without --secure (pid {pid}): "
+                         "anyone who reaches its NATS port may use it; restart it secure: "
+                         f"`phyllome down{at} && phyllome up{at} --secure --detach`",
+                         common.EXIT_FAILED)
+        print(f"phyllome is already running (pid {pid}{', secure' if secure else ''}); "
+              "`phyllome status` shows it")
         return
     try:
         parse_urls(args.cluster_routes, "--cluster-routes")  # refuse before detaching
@@ -198,6 +212,7 @@ class Supervisor:
             (self.state_dir / d).mkdir(parents=True, exist_ok=True)
         pid_file(self.state_dir).write_text(str(os.getpid()))
         if self.args.secure:
+            secure_marker(self.state_dir).write_text(str(os.getpid()))
             # This process (set-up, readiness checks) acts as admin; each agent as itself.
             security.generate(self.secure_dir, [self.args.host])
             os.environ.update(security.read_env(self.secure_dir / "admin.env"))
@@ -223,7 +238,7 @@ class Supervisor:
                 child.stop()
             if self.nats is not None:
                 self.nats.stop()
-            for f in ("up.pid", "ready", "summary", "nats_url"):
+            for f in ("up.pid", "ready", "summary", "nats_url", "secure"):
                 (self.state_dir / "run" / f).unlink(missing_ok=True)
 
     @property

@@ -3,8 +3,9 @@
     phyllome vm create demo --image phyllome-tiny --secure-boot --tpm --display both
     phyllome vm start demo
     phyllome vm info demo --json        # state, accelerator, VNC/SPICE host and port
-    phyllome vm console demo            # spice:// or vnc:// URI (remote-viewer if installed)
-    phyllome vm stop demo --wait 60 --force
+    phyllome vm console demo            # its serial console (Ctrl-] leaves)
+    phyllome vm console demo --graphics # vnc:// and spice:// URIs, the viewer command
+    phyllome vm stop demo --wait 120 --force   # waits for the power-off (default 60 s)
     phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
     phyllome vm create web --host auto --memory 2G   # placed on a host that fits, says why
     phyllome vm migrate demo --to b --shutdown       # cold migration, with a progress bar
@@ -16,19 +17,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import shutil
 import sys
+import time
 from typing import Any, NoReturn
 
 import msgspec
 
 from cli import common
-from shared import contracts
+from shared import contracts, subjects
 from shared.bus import Bus
 from shared.cluster import cluster_vms
-from shared.config import default_host
-from shared.errors import PhyError
+from shared.codec import decode, to_builtins
+from shared.config import default_host, load
+from shared.errors import PhyError, Timeout
 from shared.messages import catalogue as catalogue_api
 from shared.messages import new_id
 from shared.messages import vm as vm_api
@@ -54,6 +59,7 @@ from shared.messages.vm import (
     VmRef,
     VmShutdown,
     VmSpec,
+    VmStateChanged,
     VmUpdate,
 )
 
@@ -62,11 +68,12 @@ LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus"
 MiB = 1 << 20
 DEMO_IMAGE = "phyllome-tiny"
 DEMO_MIN_MEMORY_MIB = 384  # the tiny disk's UEFI boot resets with less (deploy/images)
+STOP_WAIT_S = 60.0  # how long `vm stop` waits for the guest to act on the power button
+STOPPED = frozenset({"shutoff", "crashed", "deleted"})
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vm = sub.add_parser("vm", help="VMs: create, start, stop, info, console, clone, delete")
-    cmds = vm.add_subparsers(dest="vm_command", metavar="COMMAND")
+    cmds = common.group(sub, "vm", "VMs: create, start, stop, info, console, clone, delete")
 
     p = cmds.add_parser("create", help="define a VM (it stays stopped until `vm start`)")
     common.add_common(p)
@@ -109,11 +116,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("vm", help="name or uuid")
         p.set_defaults(func=cmd_simple, verb=verb)
 
-    p = cmds.add_parser("stop", help="ACPI shutdown (optionally wait, then force)")
+    p = cmds.add_parser("stop", help="press the ACPI power button and wait for the power-off")
     common.add_common(p)
     p.add_argument("vm")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for the guest to power off")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--wait", type=float, default=STOP_WAIT_S, metavar="SECONDS",
+                      help="how long to wait for the guest to power off (default %(default)g); "
+                           "a guest that ignores the button makes the command fail")
+    wait.add_argument("--no-wait", action="store_true",
+                      help="press the button and return at once")
     p.add_argument("--force", action="store_true",
                    help="power off hard when the guest did not within --wait")
     p.set_defaults(func=cmd_stop)
@@ -146,7 +157,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_common(p)
     p.add_argument("vm")
     p.add_argument("name", help="name of the copy")
-    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_clone)
 
     p = cmds.add_parser("migrate", help="move a stopped VM to another host (cold)")
@@ -157,14 +168,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="shut a running VM down first (else it is refused)")
     p.add_argument("--keep-source", action="store_true",
                    help="keep the source host's copy of the disks")
-    p.add_argument("--detach", action="store_true", help="print the job and return at once")
+    common.add_job_options(p)
     p.set_defaults(func=cmd_migrate)
 
-    p = cmds.add_parser("console", help="the VM's spice:// or vnc:// URI (or open it)")
+    p = cmds.add_parser("console", help="attach to the VM's serial console (Ctrl-] leaves)")
     common.add_common(p)
     p.add_argument("vm")
-    p.add_argument("--print", action="store_true", dest="print_only",
-                   help="print the URI even when remote-viewer is installed")
+    p.add_argument("--graphics", action="store_true",
+                   help="print the VM's VNC and SPICE URIs and the viewer command instead")
     p.set_defaults(func=cmd_console)
 
     _register_devices(cmds)
@@ -192,7 +203,6 @@ def _register_devices(cmds: argparse._SubParsersAction[argparse.ArgumentParser])
         if verb == "attach-nic":
             p.add_argument("--mac", default="", help="default: a new one in 52:54:00")
         p.set_defaults(func=cmd_device, verb=verb)
-
 
 
 def _disk(text: str) -> Disk:
@@ -223,8 +233,7 @@ def _nics(given: list[str]) -> list[Nic]:
 
 
 def _usage(message: str) -> NoReturn:
-    common.err_console.print(f"[red]error:[/red] {message}", highlight=False)
-    sys.exit(common.EXIT_USAGE)
+    common.error(None, "bad_request", message, common.EXIT_USAGE)
 
 
 def _template(info: ImageInfo) -> dict[str, Any]:
@@ -259,6 +268,11 @@ def cmd_create(args: argparse.Namespace) -> None:
             password=args.password, hostdevs=args.hostdev, nested=args.nested,
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
             accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu, **values)
+        if not (args.image or spec.disks or spec.kernel):
+            pxe = "can only try a network boot (PXE)" if spec.nics else "will stop in its firmware"
+            common.warn(args, f"VM {spec.name} has nothing to boot (no --image, --disk or "
+                        f"--kernel): it {pxe}; give it one of those, or "
+                        f"`phyllome vm delete {spec.name}` and create it again")
         host = args.host
         if host == "auto":
             choice = await choose(bus, spec)
@@ -276,17 +290,84 @@ def cmd_simple(args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
-    req = VmShutdown(vm=args.vm, timeout_s=args.wait, force=args.force)
-    _show_info(args, common.request(args, vm_api.SHUTDOWN, req, timeout=args.timeout + args.wait))
+    """Press the power button, then follow the VM's state events until it is off, up to
+    ``--wait``: a guest still in its firmware or boot loader ignores the button, and saying
+    "running" with exit 0 would hide that."""
+    if args.no_wait and args.force:
+        common.error(args, "bad_request", "--force powers off after --wait; it cannot go with "
+                     "--no-wait (`phyllome vm destroy` powers off at once)", common.EXIT_USAGE)
+
+    async def go(bus: Bus) -> tuple[VmInfo, str]:
+        asked = time.time()
+        info = await bus.call(args.host, vm_api.SHUTDOWN, VmShutdown(vm=args.vm),
+                              timeout=args.timeout)
+        if not (args.no_wait or info.state in STOPPED):
+            await _until_stopped(bus, info, asked, args.wait)
+        # The agent says last: an event missed (our clock ahead of the server's) changes nothing.
+        info = await bus.call(args.host, vm_api.INFO, VmRef(vm=info.uuid), timeout=args.timeout)
+        if args.no_wait or info.state in STOPPED:
+            return info, "done"
+        if not args.force:
+            return info, "ignored"
+        return await bus.call(args.host, vm_api.DESTROY, VmRef(vm=info.uuid),
+                              timeout=args.timeout), "forced"
+
+    info, outcome = common.call(args, go)
+    if outcome == "forced":
+        common.warn(args, f"the guest ignored the ACPI power button for {args.wait:g} s; "
+                    "powered off hard (--force)")
+    if outcome == "ignored":
+        common.error(args, Timeout.kind,
+                     f"VM {info.name} is still {info.state} after {args.wait:g} s: the guest "
+                     "ignored the ACPI power button (a guest in its firmware or boot loader, "
+                     "or without ACPI, does not act on it); "
+                     f"`phyllome vm stop {info.name} --force` powers it off",
+                     common.EXIT_FAILED)
+    _show_info(args, info)
+
+
+async def _until_stopped(bus: Bus, info: VmInfo, since: float, wait: float) -> None:
+    """Return when the VM's state events say it stopped, or after ``wait`` seconds; replayed
+    from ``since``, so a power-off before we subscribed counts. Waits on events, never polls."""
+    subject = subjects.event(info.host, "vm", "state", info.uuid)
+
+    async def off() -> None:
+        stream = bus.events(subject, since=since - 1, follow=True)
+        async with contextlib.aclosing(stream):
+            async for _subject, _ts, data in stream:
+                if decode(data, VmStateChanged).state in STOPPED:
+                    return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(off(), wait)
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    ack = common.request(args, vm_api.DELETE, VmDelete(vm=args.vm, force=args.force,
-                                                       delete_disks=args.delete_disks))
+    """Delete, then name the disks left behind (all of them without ``--delete-disks``; with
+    it, those not made for the VM) and how to remove each."""
+
+    async def go(bus: Bus) -> tuple[VmInfo, Any]:
+        info = await bus.call(args.host, vm_api.INFO, VmRef(vm=args.vm), timeout=args.timeout)
+        ack = await bus.call(args.host, vm_api.DELETE, VmDelete(
+            vm=info.uuid, force=args.force, delete_disks=args.delete_disks),
+            timeout=args.timeout)
+        return info, ack
+
+    info, ack = common.call(args, go)
+    kept = [d for d in info.spec.disks if not (args.delete_disks and d.owned)]
     if args.json:
-        common.print_json(ack)
-    else:
-        common.console.print(ack.message, highlight=False)
+        common.print_json({**to_builtins(ack), "kept_disks": kept})
+        return
+    common.console.print(ack.message, highlight=False, markup=False)
+    for disk in kept:
+        if disk.volume:
+            name = f"{disk.pool}/{disk.volume}"
+            where = "" if args.host == common.this_host() else f" --host {args.host}"
+            print(f"kept disk {name}: `phyllome storage delete {name}{where}` removes it")
+        else:
+            print(f"kept disk {disk.path}: a file, not a volume; remove it yourself")
+    if any(d.owned for d in kept):
+        print("(`vm delete --delete-disks` also deletes the disks made for a VM)")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -357,21 +438,46 @@ def cmd_device(args: argparse.Namespace) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> None:
+    """The serial console, through ``virsh console`` on the VM's own host (libvirt opens the
+    pty; Ctrl-] leaves, as virt-manager users know it); ``--graphics`` prints the VNC/SPICE
+    URIs with the viewer command. A VM on another host is reached on that host (the CLI
+    does not carry a console over NATS)."""
     info: VmInfo = common.request(args, vm_api.INFO, VmRef(vm=args.vm))
-    uris = [c.uri for c in (info.spice, info.vnc) if c is not None]
     if args.json:
-        common.print_json({"name": info.name, "spice": info.spice, "vnc": info.vnc})
+        common.print_json({"name": info.name, "host": info.host, "spice": info.spice,
+                           "vnc": info.vnc})
         return
-    if not uris:
-        common.err_console.print(f"[red]error:[/red] VM {info.name} is {info.state} and has no "
-                                 "console open (start it; --display must not be none)",
-                                 highlight=False)
-        sys.exit(common.EXIT_FAILED)
-    viewer = shutil.which("remote-viewer")
-    if viewer and not args.print_only and sys.stdout.isatty():
-        os.execv(viewer, [viewer, uris[0]])
-    for uri in uris:
-        print(uri)
+    if args.graphics:
+        _graphics(args, info)
+        return
+    if info.state in STOPPED or info.state == "unknown":
+        common.error(args, "conflict", f"VM {info.name} is {info.state}: start it first "
+                     f"(`phyllome vm start {info.name}`)", common.EXIT_FAILED)
+    if info.host != common.this_host():
+        common.error(args, "bad_request", f"VM {info.name} runs on host {info.host}: its serial "
+                     f"console opens there (`ssh {info.host} phyllome vm console {info.name}`), "
+                     f"or use --graphics", common.EXIT_FAILED)
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        common.error(args, "unavailable", "the serial console needs virsh (Debian package "
+                     "libvirt-clients); or use --graphics", common.EXIT_FAILED)
+    if not sys.stdin.isatty():
+        common.error(args, "bad_request", "the serial console needs a terminal (stdin is not "
+                     "one); or use --graphics", common.EXIT_FAILED)
+    sys.stdout.flush()
+    os.execv(virsh, [virsh, "-c", load("vm").libvirt_uri, "console", info.uuid])
+
+
+def _graphics(args: argparse.Namespace, info: VmInfo) -> None:
+    consoles = [c for c in (info.vnc, info.spice) if c is not None]
+    if not consoles:
+        fix = (f"start it: `phyllome vm start {info.name}`" if info.state in STOPPED else
+               "its display is none; `phyllome vm update --display vnc` changes that while it "
+               "is stopped" if info.spec.display == "none" else "its hypervisor gave it no port")
+        common.error(args, "conflict", f"VM {info.name} is {info.state} and has no VNC or SPICE "
+                     f"console open ({fix})", common.EXIT_FAILED)
+    for c in consoles:
+        print(f"{c.uri}    remote-viewer {c.uri}")
 
 
 async def ensure_demo(bus: Bus, host: str) -> list[str]:
@@ -399,7 +505,8 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
         f"under {info.accelerator.upper()}" + (f" ({info.accelerator_note})"
                                                 if info.accelerator_note else ""),
         "  phyllome vm info demo --json     state, uptime, console endpoints",
-        f"  phyllome vm console demo         {consoles or '(no console yet)'}",
+        "  phyllome vm console demo         its serial console (Ctrl-] leaves)",
+        f"  phyllome vm console demo --graphics  {consoles or '(no console yet)'}",
         f"  phyllome events --follow --subject 'phy.evt.{host}.vm.>'",
         "  the vm agent's /metrics (above): phyllome_vm_vms, phyllome_vm_cpu_seconds_total, ...",
     ]
@@ -423,5 +530,4 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,
             "spice": info.spice.uri if info.spice else None}
-    common.print_table([{"k": k, "v": v} for k, v in rows.items()],
-                       [("k", "FIELD"), ("v", "VALUE")])
+    common.print_fields(rows.items())

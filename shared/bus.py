@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -36,7 +38,9 @@ from shared.codec import decode, encode
 from shared.errors import (
     Cancelled,
     Conflict,
+    Forbidden,
     Internal,
+    NotAuthorized,
     PhyError,
     Timeout,
     Unavailable,
@@ -61,6 +65,20 @@ Reply = tuple[dict[str, str] | None, bytes]
 KV_HISTORY = {subjects.KV_HOSTS: 1, subjects.KV_VMS: 5, subjects.KV_IMAGES: 5}
 # Outcomes of a keyed request that are not kept: nothing was done, so a retry must act.
 NOT_KEPT = frozenset({Cancelled.kind, Unavailable.kind, Timeout.kind})
+# What nats-py hands the error callback (lower-cased) when the server refuses a publish.
+_PUBLISH_REFUSED = re.compile(r'permissions violation for publish to "([^"]+)"')
+
+
+class _QuietTlsEof(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each
+    time a TLS server closes a nats-py connection (its protocol keeps the transport open on
+    EOF, which TLS cannot): noise on every command of a secure cluster, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 
 class KeptReply(msgspec.Struct, frozen=True, kw_only=True, tag="bus.kept_reply.v1"):
@@ -70,6 +88,14 @@ class KeptReply(msgspec.Struct, frozen=True, kw_only=True, tag="bus.kept_reply.v
     request_sha256: str
     headers: dict[str, str] | None = None
     body: bytes = b""
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A request in flight, ended by ``Bus._refused`` when the server refuses its publish."""
+
+    task: asyncio.Task[Any] | None
+    refused: bool = False
 
 
 @dataclass
@@ -85,8 +111,9 @@ class Bus:
     """One NATS connection with JetStream, shared by an agent's handlers or by the CLI."""
 
     def __init__(self, nc: Client, *, host: str, metrics: AgentMetrics | None = None,
-                 replicas: int = 1, kv_ttl_s: float = 20.0) -> None:
+                 replicas: int = 1, kv_ttl_s: float = 20.0, identity: str = "") -> None:
         self.nc = nc
+        self.identity = identity or "anonymous"  # the NATS user, named in refusals
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.host = host
         self.metrics = metrics
@@ -99,6 +126,8 @@ class Bus:
         self._read_locks: dict[str, asyncio.Lock] = {}
         self._reads_begun: dict[str, int] = {}
         self._last_reads: dict[str, tuple[int, list[tuple[str, int, bytes]]]] = {}
+        # Requests in flight by subject (lower-cased, as the server's refusal names it).
+        self._waiting: dict[str, list[_Waiting]] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -125,11 +154,14 @@ class Bus:
         if creds:
             opts["user_credentials"] = creds
         if ca:
-            import ssl
-
             opts["tls"] = ssl.create_default_context(cafile=ca)
+        identity = user or (creds.rsplit("/", 1)[-1].removesuffix(".creds") if creds else "")
 
         closing: list[Client] = []
+        buses: list[Bus] = []
+        # Set when the server turns this client away while it connects: nats-py would retry
+        # (and the caller wait) until the deadline, for an answer that will not change.
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         async def disconnected() -> None:
             if metrics:
@@ -144,6 +176,10 @@ class Bus:
             log.info("reconnected to NATS at %s", url)
 
         async def error(e: Exception) -> None:
+            if not closing and not refused.done() and _turned_away(e):
+                refused.set_result(e)
+            for bus in buses:
+                bus._refused(e)
             log.debug("NATS client error: %r", e)
 
         delay, started = 0.1, time.monotonic()
@@ -155,19 +191,34 @@ class Bus:
             log.warning("NATS not reachable at %s; retrying in %.1f s", url, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        # Reachable now; from here on nats-py reconnects by itself, forever.
+        connecting = asyncio.ensure_future(nats.connect(
+            url, name=name, connect_timeout=2, allow_reconnect=True,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error, **opts))
         try:
-            # Reachable now; from here on nats-py reconnects by itself, forever.
-            nc = await asyncio.wait_for(nats.connect(
-                url, name=name, connect_timeout=2, allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
-                **opts), timeout=give_up_after or 30.0)
+            either: set[asyncio.Future[Any]] = {connecting, refused}
+            await asyncio.wait(either, timeout=give_up_after or 30.0,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.wait({connecting})  # ended, without raising its cancellation
+                if refused.done():
+                    raise NotAuthorized(
+                        f"cannot connect to NATS at {url}: "
+                        + _turned_away_because(refused.result(), identity, ca))
+                raise Unavailable(f"cannot connect to NATS at {url}: no answer to the "
+                                  f"handshake in {give_up_after or 30.0:g} s")
+            nc = connecting.result()
         except (TimeoutError, OSError, nats.errors.Error) as e:
             raise Unavailable(f"cannot connect to NATS at {url}: {e!r}") from None
         closing.append(nc)
         if metrics:
             metrics.bus_connected.set(1)
-        return cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s)
+        bus = cls(nc, host=host, metrics=metrics, replicas=replicas, kv_ttl_s=kv_ttl_s,
+                  identity=identity)
+        buses.append(bus)
+        return bus
 
     async def stop_serving(self) -> None:
         """Take no new requests (the micro services leave NATS); those in flight go on."""
@@ -191,10 +242,21 @@ class Bus:
 
     async def request(self, subject: str, req: Any, resp_type: type, *, timeout: float = 10.0,
                       idempotency_key: str | None = None) -> Any:
+        """One request-reply; a subject this identity may not publish to fails at once with
+        ``Forbidden`` (the server says so on the connection, not in a reply)."""
         headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
         payload = b"" if req is None else encode(req)
+        waiting = _Waiting(asyncio.current_task())
+        key = subject.lower()
+        self._waiting.setdefault(key, []).append(waiting)
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+        except asyncio.CancelledError:
+            task = waiting.task
+            if waiting.refused and task is not None and task.uncancel() == 0:
+                raise Forbidden(f"{subject} is not allowed for identity {self.identity} "
+                                "(its NATS permissions refuse it)") from None
+            raise
         except nats.errors.NoRespondersError:
             host, svc = subject.split(".")[1:3]
             raise Unavailable(f"no {svc} agent for host {host!r} answers ({subject}); "
@@ -203,8 +265,23 @@ class Bus:
             raise Timeout(f"no reply on {subject} within {timeout} s") from None
         except nats.errors.ConnectionClosedError:
             raise Unavailable("not connected to NATS") from None
+        finally:
+            pending = self._waiting.get(key, [])
+            if waiting in pending:
+                pending.remove(waiting)
+            if not pending:
+                self._waiting.pop(key, None)
         raise_for_reply(msg.headers, msg.data)
         return decode(msg.data, resp_type)
+
+    def _refused(self, e: Exception) -> None:
+        """The server refused a publish of ours: end the requests waiting on that subject
+        (cancelled here, turned into ``Forbidden`` in ``request``)."""
+        m = _PUBLISH_REFUSED.search(str(e).lower())
+        for waiting in self._waiting.get(m.group(1), []) if m else []:
+            if not waiting.refused and waiting.task is not None:
+                waiting.refused = True
+                waiting.task.cancel()
 
     async def call(self, host: str, spec: EndpointSpec[Req, Resp], req: Req, *,
                    timeout: float = 10.0, idempotency_key: str | None = None) -> Resp:
@@ -511,6 +588,21 @@ class Bus:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
             raise Unavailable(f"cannot read KV {bucket}: {e!r}") from None
         return [(key, rev, value) for key, (rev, value) in live.items()]
+
+
+def _turned_away(e: Exception) -> bool:
+    """Whether a connect-time error means the server will not take this client as it is."""
+    return (isinstance(e, nats.errors.AuthorizationError | ssl.SSLCertVerificationError)
+            or "authorization violation" in str(e).lower())
+
+
+def _turned_away_because(e: Exception, identity: str, ca: str) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return ("its TLS certificate is not trusted" + ("" if ca else
+                " (no CA given: the server wants TLS and credentials, and this client has "
+                "none)"))
+    who = f"user {identity!r}" if identity else "a client without credentials"
+    return f"authorization failed for {who} (no credentials, or wrong ones)"
 
 
 def _tag(tp: type) -> str:

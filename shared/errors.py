@@ -140,6 +140,13 @@ class Timeout(Unavailable):
     kind = "timeout"
 
 
+class NotAuthorized(Unavailable):
+    """NATS turned this client away: no credentials, wrong ones, or an untrusted certificate."""
+
+    code = 401
+    kind = "not_authorized"
+
+
 class BackendError(PhyError):
     """A lower layer (libvirt, the kernel, qemu-img, HTTP) reported an error."""
 

@@ -72,8 +72,8 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
                 storage_api.INFO, storage_api.SEND,
                 storage_api.DELETE, storage_api.JOB),
     },
-    # a disk transfer, sender to receiver
-    "storage": {"any": (storage_api.RECEIVE, storage_api.RECEIVE_COMMIT,
+    # a disk transfer, sender to receiver (its pools first: is it there, has it the pool)
+    "storage": {"any": (storage_api.POOLS, storage_api.RECEIVE, storage_api.RECEIVE_COMMIT,
                         storage_api.RECEIVE_ABORT)},
     "catalogue": {},
 }

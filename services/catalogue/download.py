@@ -22,6 +22,7 @@ import logging
 import lzma
 import os
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -80,6 +81,26 @@ class ImageAdapter(Protocol):
 
 class _Cut(Exception):
     """The body ended before its announced end; resume with Range."""
+
+
+def broken(url: str, e: Exception, timeout_s: float) -> tuple[str, bool]:
+    """What broke the connection to ``url``, in words, and whether trying again at once may
+    help: a name that does not resolve (offline?) or a port nobody listens on will not mend
+    in the next seconds; a timeout or a cut may."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    where = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return (f"the host name {host} does not resolve (name resolution failed: offline, "
+                    "or a wrong name?)", False)
+        if isinstance(cause, ConnectionRefusedError):
+            return f"{where} refused the connection (nothing listens there)", False
+        if isinstance(cause, httpx.TimeoutException):
+            return f"{where} did not answer within {timeout_s:g} s (timeout)", True
+        cause = cause.__cause__ or cause.__context__
+    return f"the connection broke ({e})", True
 
 
 class ImageStore:
@@ -193,7 +214,8 @@ class ImageStore:
                         raise BadRequest(f"{url} is over {limit} bytes")
                 return bytes(body)
         except httpx.HTTPError as e:
-            raise Unavailable(f"cannot fetch {url}: {e!r}") from None
+            raise Unavailable(f"cannot fetch {url}: "
+                              f"{broken(url, e, self.settings.timeout_s)[0]}") from None
 
     async def probe(self, url: str) -> tuple[bool, int, str]:
         """Whether an image URL still answers (HEAD): (ok, status, reason)."""
@@ -371,11 +393,15 @@ class ImageStore:
                 except (httpx.TransportError, _Cut) as e:
                     have = f.tell()  # every byte received was written and hashed
                     cuts += 1
-                    if cuts > self.settings.retries:
-                        raise Unavailable(
-                            f"{url}: the connection broke {cuts} times (last at "
-                            f"byte {have}: {e!r}); pull again to resume") from None
-                    log.info("%s: cut at byte %d (%r); resuming", url, have, e)
+                    cause, again = (broken(url, e, self.settings.timeout_s)
+                                    if isinstance(e, httpx.TransportError)
+                                    else (f"the body ended early ({e})", True))
+                    if not again or cuts > self.settings.retries:
+                        tries = f" ({cuts} tries)" if cuts > 1 else ""
+                        then = (f"pull again to resume from byte {have}" if have else
+                                "pull again once that is fixed")
+                        raise Unavailable(f"cannot pull {url}: {cause}{tries}; {then}") from None
+                    log.info("%s: %s at byte %d; resuming", url, cause, have)
                     await asyncio.sleep(min(0.1 * 2 ** cuts, 5.0))  # back off before retrying
         return h.hexdigest(), have
 

@@ -244,11 +244,11 @@ class Handlers:
     async def send(self, req: SendVolume) -> JobAccepted:
         await self._not_in_use(req.pool, req.name, "send")
         dst_name = req.dst_name or req.name
-        subjects.token(req.to_host, "destination host")
         check_name(dst_name, "destination name")
         if req.bwlimit_bytes_s < 0:
             raise BadRequest(
                 f"bandwidth limit {req.bwlimit_bytes_s} is negative; 0 means no limit")
+        await self.sender.check_destination(req.to_host, req.dst_pool)
 
         async def work(job: Job) -> dict[str, object]:
             stats = SendStats()

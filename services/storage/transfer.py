@@ -90,7 +90,7 @@ from shared.errors import (
     to_reply,
 )
 from shared.fileops import human_bytes
-from shared.messages import Event
+from shared.messages import Empty, Event
 from shared.messages import storage as storage_api
 from shared.messages.storage import (
     Extent,
@@ -329,6 +329,23 @@ class Sender:
         self.emit = emit
         self.channel: ChunkChannel = channel or bus.nc
         self.observe = observe
+
+    async def check_destination(self, to_host: str, dst_pool: str, *,
+                                timeout: float = 10.0) -> None:
+        """Before a send job starts: the destination's storage agent answers and has the
+        pool. A mistyped or down host is refused here, before any job or transfer event."""
+        subjects.token(to_host, "destination host")
+        if to_host == self.host:
+            raise BadRequest("the destination host is this host; use clone instead")
+        try:
+            pools = await self.bus.call(to_host, storage_api.POOLS, Empty(), timeout=timeout)
+        except Unavailable:  # no responders, or no reply in time
+            raise Unavailable(f"no storage agent of host {to_host!r} answers: is the name right "
+                              "(`phyllome hosts` lists the hosts) and the host up?") from None
+        names = sorted(p.name for p in pools.pools)
+        if dst_pool not in names:
+            raise NotFound(f"host {to_host} has no pool {dst_pool!r} (it has "
+                           f"{', '.join(names) or 'none'})")
 
     async def send(self, pool: str, name: str, *, to_host: str, dst_pool: str, dst_name: str,
                    bwlimit: int = 0,

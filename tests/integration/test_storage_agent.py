@@ -23,6 +23,8 @@ from shared.errors import (
     Forbidden,
     InsufficientResources,
     InvalidName,
+    NotFound,
+    Unavailable,
 )
 from shared.jobs import wait_job
 from shared.messages import Empty
@@ -197,9 +199,11 @@ async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_p
         assert "exists already" in st.message
         assert os.stat(there.path).st_size == 1 << 20  # untouched
         assert sorted(p.name for p in Path(there.path).parent.iterdir()) == ["v"]
-        gone = await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h9"))
-        st = await finished(a.bus, "h1", gone.job_id)
-        assert (st.state, st.error_kind) == ("failed", "unavailable"), st
+        with pytest.raises(Unavailable, match="no storage agent of host 'h9' answers"):
+            await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h9"))
+        with pytest.raises(NotFound, match="host h2 has no pool 'fast' \\(it has default\\)"):
+            await a.bus.call("h1", storage_api.SEND, SendVolume(name="v", to_host="h2",
+                                                                 dst_pool="fast"))
 
 
 async def test_offer_too_big_for_the_filesystem_leaves_nothing_held(
@@ -233,7 +237,7 @@ async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
             out, err = await proc.communicate()
             return proc.returncode or 0, out.decode(), err.decode()
 
-        rc, out, err = await cli("create", "default", "disk0", "1G", "--json")
+        rc, out, err = await cli("create", "default/disk0", "1G", "--json")
         assert rc == 0, err
         path = Path(json.loads(out)["path"])
         make_sparse(path, 1 << 30, scatter(1 << 30, 4, 1 << 20))
@@ -249,8 +253,8 @@ async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
         assert [v["name"] for v in json.loads(out)["volumes"]] == ["disk0", "disk1"]
         rc, out, err = await cli("pools")
         assert rc == 0 and "default" in out
-        rc, out, err = await cli("create", "default", "bad/name", "1G")
-        assert rc == 1 and "contains '/'" in err
+        rc, out, err = await cli("create", "default/bad/name", "1G")
+        assert rc == 1 and "give POOL/NAME or NAME, a volume name has no '/'" in err
         rc, out, err = await cli("send", "disk1", "--to", "h2", "--bwlimit", "1G", "--json")
         assert rc == 0, err
         sent = json.loads(out)

@@ -66,8 +66,9 @@ async def test_vm_demo_from_the_tiny_image_with_secure_boot_tpm_and_both_console
                 ("phy-demo", "h1", "running", "tcg")
             for kind in ("vnc", "spice"):
                 assert info[kind]["host"] == "127.0.0.1" and info[kind]["port"] > 0
-            rc, out, _ = await phyllome(url, "console", "phy-demo", "--print")
-            assert rc == 0 and out.startswith("spice://127.0.0.1:")
+            rc, out, _ = await phyllome(url, "console", "phy-demo", "--graphics")
+            assert rc == 0 and out.startswith("vnc://127.0.0.1:")
+            assert "remote-viewer spice://127.0.0.1:" in out
 
             xml = subprocess.run(["virsh", "-c", libvirtd, "dumpxml", "phy-demo"],
                                  check=True, capture_output=True, text=True).stdout

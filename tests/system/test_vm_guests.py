@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from shared import contracts
@@ -38,7 +41,7 @@ from shared.messages.vm import (
     VmSpec,
 )
 from shared.natsserver import NatsServer
-from tests.support.agents import agent_in_process
+from tests.support.agents import REPO, agent_in_process
 from tests.support.libvirt import (
     VmEvents,
     guest_dir,
@@ -49,6 +52,7 @@ from tests.support.libvirt import (
     wait_for_marker,
 )
 from tests.support.nats import nats_server
+from tests.support.require import require_binary
 from tests.support.tiny import TinyImage, tiny_image
 from tests.support.wait import until
 
@@ -285,3 +289,77 @@ async def test_vm_accelerator_auto_probes_kvm_and_falls_back_to_tcg(
         await g.call("delete", VmDelete(vm=info.uuid))
     cached = (tmp_path / "vm" / "accelerator.json").read_text()
     assert f'"kvm_usable":{str(decision.kvm_usable).lower()}' in cached
+
+
+CONSOLE_DOC = REPO / "docs" / "console.md"
+SCREEN_START, SCREEN_END = "<!-- screen: begin -->\n```text\n", "```\n<!-- screen: end -->"
+
+
+def tmux(socket_name: str, *argv: str) -> str:
+    return subprocess.run(["tmux", "-L", socket_name, *argv], check=True, capture_output=True,
+                          text=True, timeout=30).stdout
+
+
+async def test_cli_on_a_guest_that_ignores_acpi_stop_says_so_and_its_serial_console_attaches(
+        nats_server: NatsServer, tmp_path: Path, guest_dir: Path, libvirtd: str,
+        tiny_image: TinyImage) -> None:
+    """Issue 19 with one booted guest that never hears the power button (``acpi=off``, like a
+    guest still in its firmware): ``vm console`` in a real terminal (tmux) attaches to the
+    serial console and Ctrl-] leaves it; ``vm stop`` says the guest ignored the request and
+    exits 1, ``--force`` powers it off. ``PHYLLOME_REGENERATE=1`` writes the screen into
+    docs/console.md."""
+    require_binary("tmux")
+    env = {**os.environ, "PHYLLOME_HOST": HOST, "PHYLLOME_NATS_URL": nats_server.url,
+           "PHYLLOME_LIBVIRT_URI": libvirtd}
+    async with guests(nats_server, tmp_path, guest_dir, tiny_image) as g:
+        spec = g.direct(unique("acpi"))
+        spec = msgspec.structs.replace(spec, cmdline=f"{spec.cmdline} acpi=off")
+        info = await g.call("create", VmCreate(spec=spec))
+        sock = f"phyllome-{info.uuid[:8]}"
+        script = (f"cd {REPO} && {sys.executable} -m cli.main vm start {spec.name} >/dev/null "
+                  f"&& {sys.executable} -m cli.main vm console {spec.name}; "
+                  "echo \"[phyllome vm console exited with $?]\"; sleep 600")
+        tmux(sock, "-f", "/dev/null", "new-session", "-d", "-s", "console", "-x", "100",
+             "-y", "32", "env", *(f"{k}={v}" for k, v in env.items()
+                                  if k.startswith(("PHYLLOME_", "PATH", "PYTHON"))),
+             "sh", "-c", script)
+        try:
+            await until("the guest's markers on the attached console",
+                        lambda: "PHYLLOME-TINY: ready" in tmux(sock, "capture-pane", "-p"),
+                        timeout=BOOT_S, interval=0.5)
+            assert "Escape character is ^]" in tmux(sock, "capture-pane", "-p", "-S", "-")
+            assert "PHYLLOME-TINY: mode=stay" in tmux(sock, "capture-pane", "-p")
+            tmux(sock, "send-keys", "-t", "console", "C-]")
+            await until("Ctrl-] to leave the console",
+                        lambda: "[phyllome vm console exited with 0]" in tmux(
+                            sock, "capture-pane", "-p"), timeout=30, interval=0.2)
+            left = tmux(sock, "capture-pane", "-p", "-S", "-")
+        finally:
+            subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+
+        cli = [sys.executable, "-m", "cli.main", "vm"]
+        stop = await asyncio.to_thread(subprocess.run, [*cli, "stop", spec.name, "--wait", "5"],
+                                       cwd=REPO, env=env, capture_output=True, text=True)
+        assert stop.returncode == 1, stop.stdout + stop.stderr
+        assert f"VM {spec.name} is still running after 5 s: the guest ignored the ACPI " \
+               "power button" in stop.stderr
+        assert f"`phyllome vm stop {spec.name} --force` powers it off" in stop.stderr
+        assert (await g.call("info", VmRef(vm=info.uuid))).state == "running"
+        forced = await asyncio.to_thread(
+            subprocess.run, [*cli, "stop", spec.name, "--wait", "2", "--force", "--json"],
+            cwd=REPO, env=env, capture_output=True, text=True)
+        assert forced.returncode == 0, forced.stderr
+        assert json.loads(forced.stdout)["state"] == "shutoff"
+        assert "the guest ignored the ACPI power button for 2 s; powered off hard" in \
+            forced.stderr
+    if os.environ.get("PHYLLOME_REGENERATE") == "1":
+        doc = CONSOLE_DOC.read_text()
+        head, rest = doc.split(SCREEN_START)
+        _old, tail = rest.split(SCREEN_END)
+        screen = [line.rstrip() for line in left.rstrip().splitlines()]
+        top = next(i for i, line in enumerate(screen) if "Escape character" in line) + 1
+        cut = len(screen) - 20  # the kernel's boot messages between, elided
+        shown = "\n".join([*screen[:top], f"[... {cut - top} lines of the guest's boot ...]",
+                           *screen[cut:]]).replace(spec.name, "demo")
+        CONSOLE_DOC.write_text(f"{head}{SCREEN_START}$ phyllome vm console demo\n{shown}\n"
+                               f"{SCREEN_END}{tail}")

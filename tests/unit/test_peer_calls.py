@@ -250,8 +250,8 @@ def test_permissions_follow_the_table() -> None:
     assert not [s for s in vm if s.startswith("phy.") and ".bind" in s]
     storage = publish("storage", "h2")
     assert [s for s in storage if s.startswith("phy.") and not s.startswith("phy.evt.")] == [
-        "phy.*.storage.chunk", "phy.*.storage.receive", "phy.*.storage.receive_abort",
-        "phy.*.storage.receive_commit"]
+        "phy.*.storage.chunk", "phy.*.storage.pools", "phy.*.storage.receive",
+        "phy.*.storage.receive_abort", "phy.*.storage.receive_commit"]
     for role in ("hardware", "catalogue"):
         assert [s for s in publish(role, "h1") if s.startswith("phy.")] == [
             f"phy.evt.h1.{role}.>"]
