@@ -11,6 +11,7 @@ import msgspec
 
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
+from services.storage.snapshots import Snapshots
 from services.storage.volumes import Pools
 from shared.agent import Agent
 from shared.messages.storage import ENDPOINTS
@@ -21,7 +22,7 @@ __all__ = ["ENDPOINTS", "setup"]
 async def setup(agent: Agent) -> Handlers:
     settings = Settings.from_config(agent.cfg)
     pools = Pools(settings.pools, settings.import_dirs)
-    handlers = Handlers(agent, pools, settings)
+    handlers = Handlers(agent, pools, settings, Snapshots(pools))
     await handlers.begin()
 
     async def measure() -> None:

@@ -53,6 +53,13 @@ def read_state(nvram_path: str, tpm_dir: str) -> tuple[bytes, bytes]:
     return nvram, tpm
 
 
+def drop_state(nvram_path: str, tpm_dir: str) -> None:
+    """Remove the NVRAM file and the swtpm state directory, where they exist."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(nvram_path)
+    shutil.rmtree(tpm_dir, ignore_errors=True)
+
+
 def write_nvram(path: str, data: bytes) -> None:
     """Replace the NVRAM file at ``path`` with ``data`` (mode and owner of the old one kept)."""
     if len(data) > MAX_NVRAM_BYTES:

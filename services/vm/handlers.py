@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -23,7 +23,8 @@ from services.vm.accel import Accel
 from services.vm.config import Settings
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
-from services.vm.spec import check_name, check_spec, is_pci_address
+from services.vm.snapshots import Snapshots
+from services.vm.spec import check_name, check_spec, is_pci_address, random_mac
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared import contracts, migration
 from shared.agent import Agent
@@ -55,7 +56,10 @@ from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, Volum
 from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
+    BackupScheduleList,
     Disk,
+    VmBackup,
+    VmBackupSchedule,
     VmClone,
     VmCreate,
     VmDelete,
@@ -66,7 +70,13 @@ from shared.messages.vm import (
     VmMigrate,
     VmRecord,
     VmRef,
+    VmRestore,
     VmShutdown,
+    VmSnapshot,
+    VmSnapshotCreate,
+    VmSnapshotList,
+    VmSnapshotRef,
+    VmSnapshotRevert,
     VmSpec,
     VmUpdate,
 )
@@ -76,11 +86,6 @@ log = logging.getLogger("phyllome.vm")
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
 HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
-
-
-def random_mac() -> str:
-    """A MAC in QEMU's locally administered range 52:54:00."""
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
 def redacted(spec: VmSpec) -> VmSpec:
@@ -99,6 +104,7 @@ class Handlers:
         self.decision = decision
         self.metrics = VmMetrics(agent.registry, hypervisor, lambda: self.states.started_at())
         self.states = VmStates(agent, hypervisor, self.metrics)
+        self.snapshots = Snapshots(self)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -112,6 +118,7 @@ class Handlers:
         self.agent.spawn(self.states.bridge(), "events")
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
         self.agent.spawn(self._watch_health(), "health")
+        await self.snapshots.begin()
 
     async def close(self) -> None:
         await self.hv.close()
@@ -249,7 +256,9 @@ class Handlers:
             disks.append(disk)
         return msgspec.structs.replace(spec, disks=disks)
 
-    async def _wait_job(self, svc: str, accepted: JobAccepted) -> JobStatus:
+    async def _wait_job(self, svc: str, accepted: JobAccepted,
+                        on_progress: Callable[[JobStatus], Awaitable[None]] | None = None
+                        ) -> JobStatus:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while True:
             status: JobStatus = await self.agent.bus.call(
@@ -259,6 +268,8 @@ class Handlers:
                 if status.state != "succeeded":
                     raise BackendError(f"{svc} {accepted.kind} {status.state}: {status.message}")
                 return status
+            if on_progress is not None:
+                await on_progress(status)
             if time.monotonic() > deadline:
                 raise Timeout(f"{svc} {accepted.kind} did not finish in {JOB_TIMEOUT_S:g} s")
             await asyncio.sleep(0.2)
@@ -387,6 +398,10 @@ class Handlers:
             dom = await self.hv.domain(req.vm)
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state} already")
+            if snapshot := self.snapshots.unfinished(dom.uuid):
+                raise Conflict(f"VM {dom.name} is being reverted to snapshot {snapshot} (the "
+                               "agent stopped during the revert and finishes it once the "
+                               "storage agent answers); start it after that")
             hostfs.ensure_dir(self.settings.console_dir)
             await self.hv.start(dom.uuid)
             return await self._info(dom.uuid)
@@ -450,6 +465,7 @@ class Handlers:
                 await self.hv.destroy(dom.uuid)
             record, _ = await self.states.load(dom.uuid)
             spec = record.spec if record else dom.spec
+            await self.snapshots.forget(dom, spec)
             await self.hv.undefine(dom.uuid)
             await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
             await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
@@ -513,9 +529,10 @@ class Handlers:
     async def migrate(self, req: VmMigrate) -> JobAccepted:
         """Cold migration to ``req.to``, a job run here (see ``shared.migration``)."""
         dom = await self.hv.domain(req.vm)
+        await self.snapshots.refuse_migration(dom)
 
         async def work(job: Any) -> dict[str, object]:
-            with self.metrics.operation("migrate"):
+            with self.metrics.operation("migrate"), self.snapshots.migrating(dom.uuid):
                 return await migration.migrate(self.agent.bus, self.host, req, job)
 
         return self.agent.jobs.start("migrate", work, key=f"migrate:{dom.uuid}:{req.to}")
@@ -570,3 +587,31 @@ class Handlers:
             for disk in made:
                 await self._delete_disk(disk)
             raise
+
+    # -- snapshots, backups, restores (services/vm/snapshots.py) ---------------------------
+
+    async def snapshot_create(self, req: VmSnapshotCreate) -> VmSnapshot:
+        with self.metrics.operation("snapshot"):
+            return await self.snapshots.create(req)
+
+    async def snapshot_list(self, req: VmSnapshotRef) -> VmSnapshotList:
+        return await self.snapshots.listing(req)
+
+    async def snapshot_revert(self, req: VmSnapshotRevert) -> VmInfo:
+        with self.metrics.operation("revert"):
+            return await self.snapshots.revert(req)
+
+    async def snapshot_delete(self, req: VmSnapshotRef) -> Ack:
+        return await self.snapshots.delete(req)
+
+    async def backup(self, req: VmBackup) -> JobAccepted:
+        return await self.snapshots.backup(req)
+
+    async def restore(self, req: VmRestore) -> JobAccepted:
+        return await self.snapshots.restore(req)
+
+    async def schedule_backup(self, req: VmBackupSchedule) -> BackupScheduleList:
+        return await self.snapshots.schedule(req)
+
+    async def backup_schedules(self, req: Empty) -> BackupScheduleList:
+        return await self.snapshots.schedules()

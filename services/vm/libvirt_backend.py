@@ -415,6 +415,27 @@ class LibvirtHypervisor:
         if tpm:
             await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid))
 
+    async def drop_state(self, uuid: str) -> None:
+        if not self.state_dir:
+            return
+        await asyncio.to_thread(guest_state.drop_state, await self._nvram_path(uuid),
+                                self._tpm_dir(uuid))
+
+    async def freeze(self, uuid: str) -> bool:
+        """``virDomainFSFreeze``; a guest without a connected agent answers an error at once."""
+        try:
+            frozen = await self._run(f"freezing the filesystems of {uuid}",
+                                     lambda: int(self._lookup(uuid).fsFreeze()))
+        except PhyError as e:
+            log.info("guest agent of %s did not freeze its filesystems (%s); pausing instead",
+                     uuid, e.message)
+            return False
+        return frozen >= 0
+
+    async def thaw(self, uuid: str) -> None:
+        await self._run(f"thawing the filesystems of {uuid}",
+                        lambda: self._lookup(uuid).fsThaw())
+
     async def _nvram_path(self, uuid: str) -> str:
         """Where libvirt keeps (or will keep) a UEFI domain's variables: its ``<nvram>``, else
         ``<name>_VARS.fd`` in its NVRAM folder. A path outside that folder is refused, so that

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
-from services.storage.volumes import CloneResult, Pool, Progress
+from services.storage.snapshots import Snapshots
+from services.storage.volumes import CloneResult, Pool, Pools, Progress
 from shared import subjects
 from shared.errors import (
     BadRequest,
@@ -165,7 +166,7 @@ def _handlers(vms: list[VmRecord] | Exception) -> tuple[Handlers, FakeStore, Fak
                                  virtual_bytes=1 << 30, allocated_bytes=4096))
     agent = FakeAgent(vms)
     settings = Settings(pools={}, import_dirs=[])
-    return Handlers(agent, store, settings), store, agent  # type: ignore[arg-type]
+    return Handlers(agent, store, settings, Snapshots(Pools({}))), store, agent  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("state", ["running", "paused", "unknown"])
