@@ -8,6 +8,7 @@
     phyllome vm clone demo demo2 && phyllome vm delete demo2 --delete-disks
     phyllome vm create web --host auto --memory 2G   # placed on a host that fits, says why
     phyllome vm migrate demo --to b --shutdown       # cold migration, with a progress bar
+    phyllome vm snapshot create demo before-upgrade  # and backup/restore: cli/snapshot.py
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import sys
 from typing import Any
 
-from cli import common
+from cli import common, snapshot
 from shared import contracts
 from shared.bus import Bus
 from shared.cluster import cluster_vms
@@ -150,6 +151,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="print the URI even when remote-viewer is installed")
     p.set_defaults(func=cmd_console)
 
+    snapshot.register(cmds)
 
 
 def _disk(text: str) -> Disk:

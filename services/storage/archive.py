@@ -223,8 +223,9 @@ class _Reading:
         head, raw = self.header()
         try:
             version = msgspec.json.decode(raw, type=_Version)
-        except msgspec.ValidationError:
-            raise BadRequest("the archive's first member is not a start header") from None
+        except msgspec.DecodeError:
+            raise BadRequest("the archive's first member is not a valid start header (is the "
+                             "archive damaged?)") from None
         if version.type != "start":
             raise BadRequest("the archive's first member is not a start header")
         if version.format > FORMAT:

@@ -64,7 +64,7 @@ META = "snapshot.json"
 JOURNAL = ".restore.json"
 TEMPORARY = "temporary"  # the label of snapshots that sweep removes
 MAX_FILES = 16
-_STAMP = re.compile(r"^\d{8}T\d{6}Z$")
+_STAMP = re.compile(r"^\d{8}T\d{6}\.\d{3}Z$")  # archives: <prefix><UTC time, ms>.phybak
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -522,7 +522,7 @@ class Snapshots:
         info = msgspec.structs.replace(info, labels={
             k: v for k, v in info.labels.items() if k != TEMPORARY})
         stamp = datetime.datetime.fromtimestamp(time.time(), datetime.UTC)
-        final = f"{prefix}{stamp:%Y%m%dT%H%M%SZ}{archive.SUFFIX}"
+        final = f"{prefix}{stamp:%Y%m%dT%H%M%S}.{stamp.microsecond // 1000:03d}Z{archive.SUFFIX}"
         dfd = _backup_dir(directory)
         temp = f".{final}.part-{secrets.token_hex(6)}"
         folders = _Folders()

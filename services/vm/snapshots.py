@@ -475,8 +475,10 @@ class Snapshots:
         if not req.archive.startswith("/"):
             raise BadRequest(f"archive {req.archive!r} must be an absolute path on {self.host}")
         if req.name:
-            check_name(req.name)
-            await self.h._refuse_duplicate(VmSpec(name=req.name))
+            with contextlib.suppress(NotFound):
+                dom = await self.hv.domain(check_name(req.name))
+                raise Conflict(f"a VM named {req.name} exists already on {self.host} "
+                               f"({dom.state}); choose another name")
         staging = str(uuidlib.uuid4())
 
         async def work(job: Any) -> dict[str, object]:

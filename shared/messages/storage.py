@@ -234,7 +234,7 @@ class ExportSnapshot(msgspec.Struct, frozen=True, kw_only=True, tag="storage.exp
     owner: str
     name: str
     dir: str
-    prefix: str = ""  # the archive is <dir>/<prefix><UTC time: 20260101T000000Z>.phybak
+    prefix: str = ""  # the archive: <dir>/<prefix><UTC time: 20260101T000000.000Z>.phybak
     keep: int = 0
 
 
