@@ -213,8 +213,8 @@ class _Reading:
         head = self.exact(4, "a member's header")
         n = int.from_bytes(head, "big")
         if n > MAX_HEADER_BYTES:
-            raise PayloadTooLarge(f"a member header of {n} bytes (at most {MAX_HEADER_BYTES}): "
-                                  "this is not an archive Phyllome wrote")
+            raise PayloadTooLarge(f"the archive is damaged, or not one Phyllome wrote: a member "
+                                  f"header of {n} bytes (at most {MAX_HEADER_BYTES})")
         return head, self.exact(n, "a member's header")
 
     def run(self) -> Start:
@@ -265,7 +265,8 @@ class _Reading:
         try:
             return _decode.decode(raw)
         except msgspec.DecodeError as e:
-            raise BadRequest(f"a member header of the archive is not valid ({e})") from None
+            raise BadRequest(f"the archive is damaged: a member header is not valid ({e})") \
+                from None
 
     def copy(self, disk: Disk, h: hashlib._Hash, done: int, total: int) -> int:
         fd = self.sink.disk(disk)

@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -88,6 +90,7 @@ _BULK_STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOT
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
 LIBVIRT_DIR = "/var/lib/libvirt"  # NVRAM files in qemu/nvram, swtpm state in swtpm/<uuid>
+QEMU_CONF = "/etc/libvirt/qemu.conf"
 
 
 def event_words(event: int, detail: int) -> tuple[str, str]:
@@ -413,7 +416,8 @@ class LibvirtHypervisor:
         if nvram:
             await asyncio.to_thread(guest_state.write_nvram, await self._nvram_path(uuid), nvram)
         if tpm:
-            await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid))
+            await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid),
+                                    swtpm_owner())
 
     async def drop_state(self, uuid: str) -> None:
         if not self.state_dir:
@@ -494,6 +498,24 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
+
+
+def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
+    """The user and group libvirt runs swtpm as (qemu.conf ``swtpm_user``/``swtpm_group``,
+    "tss" by default), as ids; None where this host has no such user."""
+    names = {"swtpm_user": "tss", "swtpm_group": "tss"}
+    with contextlib.suppress(OSError), open(conf) as f:
+        for line in f:
+            key, _, value = line.partition("=")
+            if key.strip() in names and value.strip().startswith('"'):
+                names[key.strip()] = value.strip().strip('"')
+    try:
+        user, group = names["swtpm_user"], names["swtpm_group"]
+        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        return None
+    return uid, gid
 
 
 def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:
