@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench.bench_storage_clone import best, make_volume
-from bench.common import Result
+from bench.common import Result, loop_xfs
 from services.storage.snapshots import Snapshots
 from services.storage.volumes import Pools
 from shared.messages import vm as vm_api
@@ -90,14 +90,8 @@ def cp_reflink(pool: Path, virtual: int, rounds: int) -> float:
 
 
 async def snapshots_on_xfs(work: Path, rounds: int) -> list[Result]:
-    image, mnt = work / "xfs.img", work / "xfs"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(4 * GiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     rows = []
-    try:
+    with loop_xfs(work) as mnt:
         for virtual in (20 * GiB, 200 * GiB):
             root = work / f"agents-{virtual // GiB}"
             root.mkdir()
@@ -111,8 +105,6 @@ async def snapshots_on_xfs(work: Path, rounds: int) -> list[Result]:
                 "< 50 ms, flat 20 -> 200 GiB",
                 note=f"p90 {sorted(times)[int(0.9 * (len(times) - 1))] * 1000:.1f} ms; ours: "
                      "pause, NVRAM + TPM read, reflink, fsyncs, resume"))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
     return rows
 
 

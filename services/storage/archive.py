@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import IO, Protocol
@@ -55,6 +56,7 @@ MAX_HEADER_BYTES = 4 << 20  # a disk's extent list: 250,000 extents fit
 MAX_FILE_BYTES = 8 << 20  # UEFI variables and TPM state are a few MiB at most
 MAX_MEMBERS = 256
 STEP = 8 << 20  # bytes per read and write of disk data
+BUFFERS = 3  # disk data in flight while restoring: one filling, one hashed, one spare
 
 Progress = Callable[[int, int], None]
 
@@ -197,7 +199,7 @@ class _Reading:
                                                             read_across_frames=True)
         self.sink, self.progress, self.cancel = sink, progress, cancel
         self.sums: dict[str, str] = {}
-        self.buf = bytearray(STEP)
+        self.bufs = [bytearray(STEP) for _ in range(BUFFERS)]
 
     def exact(self, n: int, what: str) -> bytes:
         out = bytearray()
@@ -269,24 +271,62 @@ class _Reading:
                 from None
 
     def copy(self, disk: Disk, h: hashlib._Hash, done: int, total: int) -> int:
+        """The disk's data into the sink's file at its extents' offsets. A thread
+        decompresses into a few buffers while this one hashes and writes the filled ones
+        (zstd and hashlib let go of the GIL), so the two cores share the work."""
         fd = self.sink.disk(disk)
-        view = memoryview(self.buf)
-        for off, length in disk.extents:
-            end = off + length
-            while off < end:
+        free: queue.Queue[memoryview] = queue.Queue()
+        for buf in self.bufs:
+            free.put(memoryview(buf))
+        filled: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+
+        def decompress() -> None:
+            try:
+                left = disk.data_bytes
+                while left and not stop.is_set():
+                    view = free.get()
+                    if stop.is_set():
+                        break
+                    n = self.z.readinto(view[: min(STEP, left)])
+                    if n == 0:
+                        raise BadRequest(f"the archive is cut short (in disk {disk.index}); "
+                                         "use another copy")
+                    filled.put((view, n))
+                    left -= n
+                filled.put(None)
+            except BaseException as e:  # handed to the writing side, which raises it
+                filled.put(e)
+
+        worker = threading.Thread(target=decompress, name="archive-read", daemon=True)
+        worker.start()
+        extents = iter(disk.extents)
+        off = end = 0
+        try:
+            while (item := filled.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
                 if self.cancel is not None and self.cancel.is_set():
                     raise Cancelled("restore cancelled; nothing was kept")
-                n = self.z.readinto(view[: min(STEP, end - off)])
-                if n == 0:
-                    raise BadRequest(f"the archive is cut short (in disk {disk.index}); use "
-                                     "another copy")
-                chunk = view[:n]
-                h.update(chunk)
-                write_at(fd, chunk, off)
-                off += n
+                view, n = item
+                h.update(view[:n])
+                pos = 0
+                while pos < n:  # the stream's bytes, laid out over the extents in order
+                    if off == end:
+                        off, length = next(extents)
+                        end = off + length
+                    step = min(n - pos, end - off)
+                    write_at(fd, view[pos:pos + step], off)
+                    pos += step
+                    off += step
+                free.put(view)
                 done += n
                 if self.progress:
                     self.progress(done, total)
+        finally:
+            stop.set()
+            free.put(memoryview(bytearray(0)))  # wakes a decompressor waiting for a buffer
+            worker.join()
         return done
 
     def verify(self, end: End) -> None:
