@@ -359,6 +359,7 @@ class Snapshots:
                                    "stop it first, or revert with --force")
                 await self.hv.destroy(dom.uuid)
                 dom = await self.h.states.wait_state(dom.uuid, STOPPED, STOP_WAIT_S)
+                await self._recorded_stopped(dom)
             note = _Revert(uuid=dom.uuid, pool=info.pool, name=info.name)
             path = self._note(dom.uuid)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -367,6 +368,19 @@ class Snapshots:
             path.unlink()
         await self._event(dom, info.name, "reverted")
         return await self.h.info(VmRef(vm=dom.uuid))
+
+    async def _recorded_stopped(self, dom: Domain) -> None:
+        """Wait until KV ``vms`` says the VM stopped: the storage agent reads it there, and
+        refuses to put disks back under a VM it thinks runs."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while True:
+            record, _ = await self.h.states.load(dom.uuid)
+            if record is None or record.state in STOPPED:
+                return
+            if time.monotonic() > deadline:
+                raise Conflict(f"VM {dom.name} stopped, and its record still says "
+                               f"{record.state}; try the revert again")
+            await asyncio.sleep(0.05)
 
     async def _apply(self, note: _Revert) -> None:
         """Disks, NVRAM, TPM state and spec from the snapshot; each step can run again."""
