@@ -52,6 +52,7 @@ from shared.errors import (
 )
 from shared.fileops import human_bytes
 from shared.messages.storage import (
+    TEMPORARY,
     SnapshotDisk,
     SnapshotInfo,
     SnapshotMethod,
@@ -62,7 +63,6 @@ from shared.messages.storage import (
 TOP = ".snapshots"
 META = "snapshot.json"
 JOURNAL = ".restore.json"
-TEMPORARY = "temporary"  # the label of snapshots that sweep removes
 MAX_FILES = 16
 _STAMP = re.compile(r"^\d{8}T\d{6}\.\d{3}Z$")  # archives: <prefix><UTC time, ms>.phybak
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

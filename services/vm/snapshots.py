@@ -58,6 +58,7 @@ from shared.messages import Ack
 from shared.messages import storage as storage_api
 from shared.messages.jobs import JobAccepted, JobStatus
 from shared.messages.storage import (
+    TEMPORARY,
     ExportSnapshot,
     ImportSnapshot,
     RestoredVolumes,
@@ -101,7 +102,6 @@ STOP_WAIT_S = 60.0
 MIN_EVERY_S = 60.0
 RETRY_S = 5.0
 SPEC_FILE, NVRAM_FILE, TPM_FILE = "vm.json", "nvram.fd", "tpm.tar.gz"
-TEMPORARY = {"temporary": "yes"}  # storage removes such snapshots when it starts
 STAGED = "restore"  # the temporary snapshot a restore reads an archive into
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _STATES = frozenset(typing.get_args(VmState))
@@ -182,14 +182,18 @@ class Snapshots:
 
     # -- who may touch a VM's snapshots now --------------------------------------------------
 
-    @contextlib.contextmanager
-    def _claim(self, dom: Domain, doing: str) -> Iterator[None]:
+    def _refuse_busy(self, dom: Domain, doing: str) -> None:
         if dom.uuid in self.moving:
-            raise Conflict(f"VM {dom.name} is being migrated; {doing} where it lands, once "
-                           "the migration is done")
+            raise Conflict(f"VM {dom.name} is being migrated (wanted: {doing}); do it where "
+                           "it lands, once the migration is done")
         if dom.uuid in self.busy:
             raise Conflict(f"VM {dom.name} is busy ({self.busy[dom.uuid]}); try again when "
                            "that is done")
+
+    @contextlib.contextmanager
+    def _claim(self, dom: Domain, doing: str) -> Iterator[None]:
+        """Mark the VM's snapshots as being changed by ``doing``; a second change is refused."""
+        self._refuse_busy(dom, doing)
         self.busy[dom.uuid] = doing
         try:
             yield
@@ -418,7 +422,7 @@ class Snapshots:
                     self.host, storage_api.SNAPSHOTS, SnapshotQuery(), timeout=CALL_TIMEOUT_S)
                 mine = {d.uuid for d in await self.hv.domains()}
                 for info in found.snapshots:
-                    if info.owner in mine and info.labels.get("temporary") == "yes" and \
+                    if info.owner in mine and info.labels.get(TEMPORARY) == "yes" and \
                             info.owner not in self.busy:
                         await self.agent.bus.call(self.host, storage_api.SNAPSHOT_DELETE,
                                                   SnapshotRef(pool=info.pool, owner=info.owner,
@@ -445,9 +449,7 @@ class Snapshots:
         spec = await self._spec(dom)
         copied_disks(spec)
         _check_dir(req.to)
-        if dom.uuid in self.busy or dom.uuid in self.moving:
-            with self._claim(dom, "a backup"):
-                pass
+        self._refuse_busy(dom, "back it up")
         return self._start_backup(dom, req.to, 0, quiesce=req.quiesce)
 
     def _start_backup(self, dom: Domain, to: str, keep: int, *, quiesce: bool) -> JobAccepted:
@@ -465,7 +467,7 @@ class Snapshots:
         name = f"backup-{stamp}-{secrets.token_hex(2)}"
         with self._claim(dom, "a backup"):
             await job.progress(0, 1, "taking a snapshot")
-            snap = await self._take(dom, spec, name, quiesce=quiesce, labels=TEMPORARY)
+            snap = await self._take(dom, spec, name, quiesce=quiesce, labels={TEMPORARY: "yes"})
             try:
                 accepted = await self.agent.bus.call(
                     self.host, storage_api.SNAPSHOT_EXPORT, ExportSnapshot(
@@ -505,8 +507,8 @@ class Snapshots:
         bus = self.agent.bus
         await job.progress(0, 1, "reading and checking the archive")
         accepted = await bus.call(self.host, storage_api.SNAPSHOT_IMPORT, ImportSnapshot(
-            archive=req.archive, pool=req.pool, owner=staging, name=STAGED, labels=TEMPORARY),
-            timeout=CALL_TIMEOUT_S)
+            archive=req.archive, pool=req.pool, owner=staging, name=STAGED,
+            labels={TEMPORARY: "yes"}), timeout=CALL_TIMEOUT_S)
 
         async def relay(status: JobStatus) -> None:
             await job.progress(status.done, status.total, "reading and checking the archive")

@@ -139,6 +139,9 @@ class SendVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.send.v1
 # -- snapshots: frozen copies of an owner's volumes, and their archives ------------------------
 
 SnapshotMethod = Literal["reflink", "copy"]
+# The label of a snapshot its taker keeps only while it works (a backup's, a restore's): the
+# storage agent removes such snapshots when it starts, and an archive does not carry it.
+TEMPORARY = "temporary"
 
 
 class SnapshotDisk(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshot_disk.v1"):
