@@ -4,7 +4,8 @@ booted by the vm agent through the real libvirtd and QEMU (TCG), its disk a stor
 The guest counts its boots on a disk that starts with ``PHYLLOME-COUNTER <n>`` and prints
 the TPM's resetCount (one more each boot, kept in the TPM state); both markers show which
 disk and which TPM state a boot found. One guest serves the whole story, since each boot
-takes tens of seconds under TCG.
+takes tens of seconds under TCG. Its name does not start with ``phy-``: other system tests
+remove such leftovers from the shared libvirtd.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ async def guest(nats: NatsServer, state: Path, files: Path,
             yield g
         finally:
             for dom in await vm.handlers.hv.domains():
-                if dom.spec is not None and dom.spec.name.startswith("phy-snap-"):
+                if dom.spec is not None and dom.spec.name.startswith("phs-snap-"):
                     with contextlib.suppress(Exception):
                         await g.call("delete", VmDelete(vm=dom.uuid, force=True,
                                                         delete_disks=True))
@@ -92,7 +93,7 @@ async def test_snapshot_revert_and_backup_restore_bring_back_disk_nvram_and_tpm(
         nats_server: NatsServer, tmp_path: Path, guest_dir: Path, libvirtd: str,
         tiny_image: TinyImage) -> None:
     async with guest(nats_server, tmp_path, guest_dir, tiny_image) as g:
-        name = f"phy-snap-{uuid.uuid4().hex[:6]}"
+        name = f"phs-snap-{uuid.uuid4().hex[:6]}"
         vol = await g.vm.bus.call(HOST, storage_api.CREATE, CreateVolume(
             name=f"{name}-disk0", size_bytes=16 << 20))
         with open(vol.path, "r+b") as f:
