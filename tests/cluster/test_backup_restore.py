@@ -96,6 +96,14 @@ async def test_a_running_vm_backed_up_on_a_comes_back_whole_on_b(
         assert made.returncode == 0, made.stdout + made.stderr
         archive = json.loads(made.stdout)["result"]["archive"]
         assert (await bus.call("a", vm_api.INFO, VmRef(vm="web"))).state == "running"
+        snap = await asyncio.to_thread(phyllome, nats_server, "snapshot", "create", "web", "s1",
+                                       "--host", "a")
+        assert snap.returncode == 0 and "snapshot s1 of VM web: copy (not instant" in snap.stdout
+        listed = await asyncio.to_thread(phyllome, nats_server, "snapshot", "list", "web",
+                                         "--host", "a", "--json")
+        assert [s["name"] for s in json.loads(listed.stdout)["snapshots"]] == ["s1"]
+        bad = await asyncio.to_thread(phyllome, nats_server, "backup", "web", "--every", "soon")
+        assert bad.returncode == 2 and "not a period" in bad.stderr
 
         # While web lives on a, b restores it only as a copy.
         same = await asyncio.to_thread(phyllome, nats_server, "restore", archive, "--host", "b")
