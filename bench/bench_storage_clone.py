@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Result  # noqa: E402
+from bench.common import Result, loop_xfs  # noqa: E402
 from services.storage.volumes import Pools  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -104,14 +104,8 @@ def ext4(work: Path, virtual: int, data: int, repeat: int) -> list[Result]:
 
 
 def xfs(work: Path, repeat: int) -> list[Result]:
-    image, mnt = work / "xfs.img", work / "xfs"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(4 * GiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     rows = []
-    try:
+    with loop_xfs(work) as mnt:
         pools = Pools({"x": str(mnt / "pool")})
         for virtual in (20 * GiB, 200 * GiB):
             src = mnt / "pool" / "src"
@@ -124,8 +118,6 @@ def xfs(work: Path, repeat: int) -> list[Result]:
                                mine * 1000, cp * 1000, "cp --reflink=always", "ms",
                                "< 50 ms"))
         pools.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
     return rows
 
 

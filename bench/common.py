@@ -7,10 +7,13 @@ them all and writes docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -67,3 +70,18 @@ def machine() -> str:
         fstype = "?"
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Linux {kernel}, "
             f"/var/tmp on {fstype}")
+
+
+@contextlib.contextmanager
+def loop_xfs(work: Path, size: int = 4 << 30) -> Iterator[Path]:
+    """A fresh XFS with reflink on a loop file under ``work``, mounted while in use (root)."""
+    image, mnt = work / "xfs.img", work / "xfs"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

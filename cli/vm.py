@@ -12,6 +12,7 @@
     phyllome vm attach-disk demo data --bus virtio   # live too when running; detach-disk
     phyllome vm attach-nic demo network:lab          # or bridge:br0, user; detach-nic MAC
     phyllome vm attach-usb demo 046d:c52b            # or bus.device; detach-usb
+    phyllome vm snapshot create demo before-upgrade  # and backup/restore: cli/snapshot.py
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from cli import common
+from cli import common, snapshot
 from shared import contracts, subjects
 from shared.bus import Bus
 from shared.cluster import cluster_vms
@@ -179,6 +180,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_console)
 
     _register_devices(cmds)
+    snapshot.register(cmds)
 
 
 def _register_devices(cmds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -59,10 +59,14 @@ Reach = Literal["own", "any"]
 PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
     "hardware": {},
     "vm": {
-        # create and start: devices, nested, the boot probe, disks from volumes and images
+        # create and start: devices, nested, the boot probe, disks from volumes and images;
+        # snapshots, backups and restores: the pools' copies and archives
         "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
                 hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
-                catalogue_api.INFO,
+                catalogue_api.INFO, storage_api.SNAPSHOT, storage_api.SNAPSHOTS,
+                storage_api.SNAPSHOT_READ, storage_api.SNAPSHOT_RESTORE,
+                storage_api.SNAPSHOT_DELETE, storage_api.SNAPSHOT_EXPORT,
+                storage_api.SNAPSHOT_IMPORT,
                 # a migration that stops its own disk stream
                 storage_api.CANCEL),
         # cold migration: the VM, its disks and its NVRAM/TPM state on source and target,
@@ -82,10 +86,13 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
 PEER_SUBJECTS: dict[str, tuple[tuple[str, str], ...]] = {"storage": (("storage", "chunk"),)}
 # Endpoints only agents call; the operator is refused them: the boot probe marks KVM usable,
 # export_state/import_state read and write a VM's NVRAM and TPM state, receive* publish a
-# transferred disk.
+# transferred disk, the storage snapshot endpoints hold and write VMs' TPM state and disks
+# (the operator goes through the vm agent's snapshot, backup and restore).
 AGENT_ONLY: tuple[EndpointSpec[Any, Any], ...] = (
     hardware_api.BOOT_PROBE, vm_api.EXPORT_STATE, vm_api.IMPORT_STATE, storage_api.RECEIVE,
-    storage_api.RECEIVE_COMMIT, storage_api.RECEIVE_ABORT)
+    storage_api.RECEIVE_COMMIT, storage_api.RECEIVE_ABORT, storage_api.SNAPSHOT,
+    storage_api.SNAPSHOT_READ, storage_api.SNAPSHOT_RESTORE, storage_api.SNAPSHOT_DELETE,
+    storage_api.SNAPSHOT_EXPORT, storage_api.SNAPSHOT_IMPORT)
 
 
 def peer_subjects(role: str, host: str) -> list[str]:

@@ -23,24 +23,35 @@ import msgspec
 
 from services.storage.config import Settings
 from services.storage.metrics import StorageMetrics
+from services.storage.snapshots import Snapshots
 from services.storage.transfer import Receiver, Sender, SendStats
 from services.storage.volumes import CloneResult, Pools, Progress, VolumeStore, check_name
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import to_builtins
-from shared.errors import BadRequest, Conflict, PhyError, Unavailable
+from shared.errors import BadRequest, Conflict, NotFound, PhyError, Unavailable
 from shared.jobs import Job
 from shared.messages import Ack, Empty, Event
 from shared.messages.jobs import JobAccepted
 from shared.messages.storage import (
     CloneVolume,
     CreateVolume,
+    ExportSnapshot,
+    ImportSnapshot,
     ImportVolume,
     IncomingList,
     ListVolumes,
     PoolList,
     ResizeVolume,
+    RestoredVolumes,
+    RestoreSnapshot,
     SendVolume,
+    SnapshotContent,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotQuery,
+    SnapshotRef,
+    TakeSnapshot,
     TransferAbort,
     TransferAccepted,
     TransferCommit,
@@ -62,9 +73,10 @@ BUSY_STATES = frozenset({"running", "blocked", "paused", "shutting-down", "pmsus
 
 class Handlers:
     def __init__(self, agent: Agent, pools: Pools, settings: Settings,
-                 metrics: StorageMetrics) -> None:
+                 metrics: StorageMetrics, snapshots: Snapshots) -> None:
         self.agent = agent
         self.store: VolumeStore = pools
+        self.snaps = snapshots
         self.settings = settings
         self.metrics = metrics
         self.receiver = Receiver(
@@ -153,7 +165,9 @@ class Handlers:
 
     async def pools(self, req: Empty) -> PoolList:
         infos = await asyncio.to_thread(
-            lambda: [self.store.pool_info(n) for n in sorted(self.store.pools)])
+            lambda: [msgspec.structs.replace(self.store.pool_info(n),
+                                             snapshot_bytes=self.snaps.used_bytes(n))
+                     for n in sorted(self.store.pools)])
         return PoolList(pools=infos)
 
     async def volumes(self, req: ListVolumes) -> VolumeList:
@@ -291,6 +305,60 @@ class Handlers:
 
     async def incoming(self, req: Empty) -> IncomingList:
         return IncomingList(transfers=self.receiver.transfers())
+
+    # -- snapshots and their archives (services/storage/snapshots.py) ------------------------
+
+    async def snapshot(self, req: TakeSnapshot) -> SnapshotInfo:
+        """Request-reply, not a job: a reflink snapshot takes milliseconds, and the vm agent
+        keeps a running guest paused until this answers."""
+        return await asyncio.to_thread(self.snaps.take, req.pool, req.owner, req.name,
+                                       req.disks, req.files, req.labels)
+
+    async def snapshots(self, req: SnapshotQuery) -> SnapshotList:
+        return SnapshotList(snapshots=await asyncio.to_thread(self.snaps.find, req.pool,
+                                                              req.owner))
+
+    async def snapshot_read(self, req: SnapshotRef) -> SnapshotContent:
+        info, files = await asyncio.to_thread(self.snaps.read, req.pool, req.owner, req.name)
+        return SnapshotContent(info=info, files=files)
+
+    async def snapshot_restore(self, req: RestoreSnapshot) -> RestoredVolumes:
+        started = time.monotonic()
+        if not req.targets:
+            info = await asyncio.to_thread(self.snaps.get, req.pool, req.owner, req.name)
+            for disk in info.disks:
+                with suppress(NotFound):  # deleted since: the restore makes it again
+                    await self._not_in_use(disk.pool, disk.volume, "revert")
+        vols = await asyncio.to_thread(self.snaps.restore, req.pool, req.owner, req.name,
+                                       req.targets, move=req.move)
+        for vol in vols:
+            await self._changed(vol, "restored")
+        return RestoredVolumes(volumes=vols, seconds=round(time.monotonic() - started, 6))
+
+    async def snapshot_delete(self, req: SnapshotRef) -> Ack:
+        gone = await asyncio.to_thread(self.snaps.delete, req.pool, req.owner, req.name)
+        return Ack(message=f"deleted {len(gone)} snapshot(s) of {req.owner}: "
+                           f"{', '.join(gone) or '-'}")
+
+    async def snapshot_export(self, req: ExportSnapshot) -> JobAccepted:
+        info = await asyncio.to_thread(self.snaps.get, req.pool, req.owner, req.name)
+        total = sum(d.allocated_bytes for d in info.disks)
+
+        async def work(job: Job) -> dict[str, object]:
+            return await self._blocking(job, lambda progress, cancel: self.snaps.export(
+                req.pool, req.owner, req.name, req.dir, req.prefix, host=self.agent.host,
+                keep=req.keep, progress=progress, cancel=cancel), total)
+
+        return self.agent.jobs.start("backup", work)
+
+    async def snapshot_import(self, req: ImportSnapshot) -> JobAccepted:
+        async def work(job: Job) -> dict[str, object]:
+            info = await self._blocking(job, lambda progress, cancel: self.snaps.import_(
+                req.archive, req.pool, req.owner, req.name, req.labels, progress=progress,
+                cancel=cancel), 0)
+            return {"snapshot": to_builtins(info)}
+
+        return self.agent.jobs.start("restore", work)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import msgspec
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
 from services.storage.metrics import StorageMetrics
+from services.storage.snapshots import Snapshots
 from services.storage.volumes import Pools
 from shared.agent import Agent
 from shared.messages.storage import ENDPOINTS
@@ -22,7 +23,8 @@ __all__ = ["ENDPOINTS", "setup"]
 async def setup(agent: Agent) -> Handlers:
     settings = Settings.from_config(agent.cfg)
     pools = Pools(settings.pools, settings.import_dirs)
-    handlers = Handlers(agent, pools, settings, StorageMetrics(agent.registry, pools))
+    handlers = Handlers(agent, pools, settings, StorageMetrics(agent.registry, pools),
+                        Snapshots(pools))
     await handlers.begin()
 
     async def measure() -> None:

@@ -454,7 +454,8 @@ class Pools:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _need(self, pool: Pool, needed: int, what: str) -> None:
+    def need(self, pool: Pool, needed: int, what: str) -> None:
+        """Refuse work that would write more than the pool has free."""
         capacity, free = pool.space()
         if needed > free:
             raise InsufficientResources(
@@ -473,7 +474,7 @@ class Pools:
                 f"filesystem holds {human_bytes(capacity)} in all; use a smaller size or a "
                 "bigger pool")
         if preallocate:
-            self._need(pool, size, f"preallocating {name}")
+            self.need(pool, size, f"preallocating {name}")
         with self.reserve(pool, name):
             temp = pool.temp_name("create")
             fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
@@ -506,7 +507,7 @@ class Pools:
                 f"{human_bytes(size)} is beyond pool {pool.name!r}, whose filesystem "
                 f"holds {human_bytes(capacity)} in all")
         if preallocate:
-            self._need(pool, size - st.st_size, f"preallocating the growth of {name}")
+            self.need(pool, size - st.st_size, f"preallocating the growth of {name}")
         fd = pool.open(name, os.O_RDWR)
         try:
             if size > st.st_size:
@@ -620,7 +621,7 @@ class Pools:
                         progress(st.st_size, st.st_size)
                 else:
                     method = "copy"
-                    self._need(pool, st.st_blocks * 512, f"cloning {src_label}")
+                    self.need(pool, st.st_blocks * 512, f"cloning {src_label}")
                     copied, holes = fileops.copy_sparse(src_fd, fd, progress=progress,
                                                         cancel=cancel)
                 os.fsync(fd)

@@ -5,6 +5,7 @@
     disk_dir = "/var/lib/phyllome/vm/disks"   # VM disks copied here when no storage agent
     console_dir = "/var/lib/phyllome/vm/consoles"   # serial console logs, <uuid>.log
     migration_dir = "/var/lib/phyllome/vm/migrations"   # the migrations' journal, <uuid>.json
+    snapshot_dir = "/var/lib/phyllome/vm/snapshots"  # backup schedules, unfinished reverts
     kvm_probe_deadline_s = 10       # the KVM boot probe's wait for the guest's marker
     reconcile_s = 30                # periodic reconciliation against libvirt
     libvirt_dir = "/var/lib/libvirt"  # libvirt's NVRAM (qemu/nvram) and TPM state (swtpm);
@@ -38,6 +39,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     disk_dir: str
     console_dir: str
     migration_dir: str
+    snapshot_dir: str
     probe_dir: str
     kvm_probe_deadline_s: float = 10.0
     reconcile_s: float = 30.0
@@ -55,6 +57,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "disk_dir": str(state / "vm" / "disks"),
             "console_dir": str(state / "vm" / "consoles"),
             "migration_dir": str(state / "vm" / "migrations"),
+            "snapshot_dir": str(state / "vm" / "snapshots"),
             "probe_dir": str(state / "vm"),
             **cfg.extra,
         }

@@ -13,8 +13,10 @@ unpacks them into a temporary directory beside the target and renames it into pl
     write_nvram(f"{nvram_dir}/demo_VARS.fd", nvram)      # on the target host
     unpack_tpm(tpm, f"{swtpm_dir}/{uuid}")
 
-Owners are not carried: what is written belongs to root, and libvirt hands the swtpm state
-to its swtpm user (and the NVRAM file to QEMU's) when the VM starts.
+Owners are not carried: the NVRAM file keeps the owner of the one it replaces (libvirt hands
+it to QEMU's user at start), and the TPM state the owners of the tree it replaces, or, in a
+new one, libvirt's swtpm user's below its root-owned top (libvirt hands that folder over only
+when it makes it). swtpm's lock file is not carried (it is a running swtpm's).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from shared.errors import BackendError, BadRequest, PayloadTooLarge
 MAX_NVRAM_BYTES = 4 << 20
 MAX_TPM_BYTES = 4 << 20  # the unpacked tar stream: headers and contents
 MAX_TPM_MEMBERS = 64
+SWTPM_LOCK = ".lock"
 
 
 def read_state(nvram_path: str, tpm_dir: str) -> tuple[bytes, bytes]:
@@ -48,9 +51,16 @@ def read_state(nvram_path: str, tpm_dir: str) -> tuple[bytes, bytes]:
     if os.path.isdir(tpm_dir):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(tpm_dir, arcname=".")
+            tar.add(tpm_dir, arcname=".", filter=_state_only)
         tpm = buf.getvalue()
     return nvram, tpm
+
+
+def drop_state(nvram_path: str, tpm_dir: str) -> None:
+    """Remove the NVRAM file and the swtpm state directory, where they exist."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(nvram_path)
+    shutil.rmtree(tpm_dir, ignore_errors=True)
 
 
 def write_nvram(path: str, data: bytes) -> None:
@@ -79,7 +89,9 @@ def write_nvram(path: str, data: bytes) -> None:
 
 
 def unpack_tpm(data: bytes, dest: str, owner: tuple[int, int] | None = None) -> None:
-    """Replace the directory ``dest`` with the gzipped tar ``data`` (see the module docstring).
+    """Replace the directory ``dest`` with the gzipped tar ``data`` (see the module docstring);
+    owners and folder modes as ``_hand_over`` says (``owner``: libvirt's swtpm user and group,
+    for a tree that replaces none).
 
     Refused: not a gzipped tar; more than MAX_TPM_BYTES unpacked or MAX_TPM_MEMBERS members;
     a member that is not a plain file or directory (links, devices, fifos, sparse files);
@@ -96,14 +108,7 @@ def unpack_tpm(data: bytes, dest: str, owner: tuple[int, int] | None = None) -> 
             tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.import-")
             try:
                 tar.extractall(tmp, members=members, filter="data")
-                for root, dirs, files in os.walk(tmp):
-                    for d in dirs:
-                        os.chmod(os.path.join(root, d), 0o700)
-                    if owner is not None:
-                        for name in (*dirs, *files):
-                            os.lchown(os.path.join(root, name), *owner)
-                if owner is not None:
-                    os.chown(tmp, *owner)
+                _hand_over(tmp, dest, owner)
                 _swap_dir(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -113,6 +118,39 @@ def unpack_tpm(data: bytes, dest: str, owner: tuple[int, int] | None = None) -> 
                          "vm.export_state gave") from None
     except OSError as e:
         raise BackendError(f"unpacking the TPM state into {dest}: {e.strerror}") from None
+
+
+def _hand_over(new: str, old: str, owner: tuple[int, int] | None) -> None:
+    """Owners and folder modes of the unpacked tree ``new``, as libvirt left ``old``.
+
+    libvirt makes ``swtpm/<uuid>`` root's (0711) and hands what is below to its swtpm user once,
+    when it makes the state; it does not again at start, and a swtpm that cannot write its
+    folder does not start ("Could not open lockfile"). So the top keeps the old top's owner and
+    mode, and each entry below takes the owner of the old entry at the same place, or, new
+    there, its folder's; with no old tree, the top is root's (0711) and what is below goes to
+    ``owner`` when given. Folders below the top are 0700.
+    """
+    def was(rel: str) -> os.stat_result | None:
+        try:
+            return os.lstat(os.path.join(old, rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    top = was(".")
+    ids = {".": (top.st_uid, top.st_gid) if top else (0, 0)}
+    os.chmod(new, stat.S_IMODE(top.st_mode) if top else 0o711)
+    os.chown(new, *ids["."])
+    for root, dirs, files in os.walk(new):
+        here = os.path.normpath(os.path.relpath(root, new))
+        for name in [*dirs, *files]:
+            rel = os.path.normpath(os.path.join(here, name))
+            path = os.path.join(root, name)
+            st = was(rel) if top else None
+            ids[rel] = (st.st_uid, st.st_gid) if st else (
+                owner if top is None and owner else ids[here])
+            if name in dirs:
+                os.chmod(path, 0o700)
+            os.lchown(path, *ids[rel])
 
 
 def _gunzip(data: bytes) -> bytes:
@@ -151,7 +189,14 @@ def _checked(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
         if total > MAX_TPM_BYTES:
             raise PayloadTooLarge(f"the TPM state's files add up to more than {MAX_TPM_BYTES} "
                                   "bytes; swtpm's state is a few KiB")
-    return members
+    return [m for m in members if _state_only(m)]
+
+
+def _state_only(m: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Drop swtpm's lock file: it belongs to a running swtpm, and one written by root here
+    keeps the next swtpm (libvirt runs it as its swtpm user) from starting ("Could not open
+    lockfile: Permission denied"); swtpm makes a new one."""
+    return None if posixpath.basename(m.name) == SWTPM_LOCK else m
 
 
 def _kind(m: tarfile.TarInfo) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +26,15 @@ from services.vm.config import Settings
 from services.vm.hypervisor import Device, Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.networks import Networks
-from services.vm.spec import check_disk, check_name, check_spec, check_usb, is_pci_address
+from services.vm.snapshots import Snapshots
+from services.vm.spec import (
+    check_disk,
+    check_name,
+    check_spec,
+    check_usb,
+    is_pci_address,
+    random_mac,
+)
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
 from shared.agent import Agent
 from shared.errors import (
@@ -54,18 +61,21 @@ from shared.messages.hardware import (
     PciDevice,
 )
 from shared.messages.hosts import Problem
-from shared.messages.jobs import JobAccepted
+from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 from shared.messages.net import NetCreate, NetList, NetRef, Network
 from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
 from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
+    BackupScheduleList,
     Disk,
     Nic,
     UsbHostdev,
     VmAttachDisk,
     VmAttachNic,
     VmAttachUsb,
+    VmBackup,
+    VmBackupSchedule,
     VmClone,
     VmCreate,
     VmDelete,
@@ -80,7 +90,13 @@ from shared.messages.vm import (
     VmMigrate,
     VmRecord,
     VmRef,
+    VmRestore,
     VmShutdown,
+    VmSnapshot,
+    VmSnapshotCreate,
+    VmSnapshotList,
+    VmSnapshotRef,
+    VmSnapshotRevert,
     VmSpec,
     VmUpdate,
 )
@@ -92,11 +108,6 @@ Change = Callable[[VmSpec], tuple[VmSpec, Device, str]]
 PEER_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 3600.0
 HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
-
-
-def random_mac() -> str:
-    """A MAC in QEMU's locally administered range 52:54:00."""
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
 def redacted(spec: VmSpec) -> VmSpec:
@@ -120,6 +131,7 @@ class Handlers:
         self._network_problem: Problem | None = None
         self.migrations = migration.Migrations(agent, self.states,
                                                Path(settings.migration_dir))
+        self.snapshots = Snapshots(self)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -137,6 +149,7 @@ class Handlers:
         self.agent.spawn(self.states.periodic(self.settings.reconcile_s), "reconcile")
         self.agent.spawn(self._watch_health(), "health")
         self.agent.spawn(self.addresses.run(self.settings.address_poll_s), "addresses")
+        await self.snapshots.begin()
 
     async def close(self) -> None:
         await self.hv.close()
@@ -300,10 +313,12 @@ class Handlers:
         await asyncio.to_thread(hostfs.check_raw, disk.path)
         return disk
 
-    async def _wait_job(self, accepted: JobAccepted) -> None:
+    async def _wait_job(self, accepted: JobAccepted,
+                        on_progress: Callable[[JobProgress], Awaitable[None]] | None = None,
+                        ) -> JobFinished:
         """A storage job this agent's work needs: its outcome, or the error it ended with."""
-        succeeded(await wait_job(self.agent.bus, self.host, "storage", accepted,
-                                 timeout=JOB_TIMEOUT_S))
+        return succeeded(await wait_job(self.agent.bus, self.host, "storage", accepted,
+                                        timeout=JOB_TIMEOUT_S, on_progress=on_progress))
 
     async def _copy_disk(self, src: Disk, dst_name: str) -> Disk:
         """A new owned disk with ``src``'s content: via the storage agent for volumes, else
@@ -444,6 +459,10 @@ class Handlers:
             dom = await self.hv.domain(req.vm)
             if dom.state not in STOPPED:
                 raise Conflict(f"VM {dom.name} is {dom.state} already")
+            if snapshot := self.snapshots.unfinished(dom.uuid):
+                raise Conflict(f"VM {dom.name} is being reverted to snapshot {snapshot} (the "
+                               "agent stopped during the revert and finishes it once the "
+                               "storage agent answers); start it after that")
             hostfs.ensure_dir(self.settings.console_dir)
             async with self.states.owned(dom.uuid, dom.name, "start"):
                 await self.hv.start(dom.uuid)
@@ -512,6 +531,7 @@ class Handlers:
             await self.hv.destroy(dom.uuid)
         record, _ = await self.states.load(dom.uuid)
         spec = record.spec if record and record.host == self.host else dom.spec
+        await self.snapshots.forget(dom, spec)
         await self.hv.undefine(dom.uuid)
         await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
         await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
@@ -579,9 +599,10 @@ class Handlers:
     async def migrate(self, req: VmMigrate) -> JobAccepted:
         """Cold migration to ``req.to``, a job run here (see ``services.vm.migration``)."""
         dom = await self.hv.domain(req.vm)
+        await self.snapshots.refuse_migration(dom)
 
         async def work(job: Job) -> dict[str, object]:
-            with self.metrics.operation("migrate"):
+            with self.metrics.operation("migrate"), self.snapshots.migrating(dom.uuid):
                 return await self.migrations.migrate(req, job)
 
         return self.agent.jobs.start("migrate", work, key=f"migrate:{dom.uuid}:{req.to}")
@@ -768,3 +789,31 @@ class Handlers:
             return msgspec.structs.replace(spec, usb_hostdevs=rest), usb, usb.label()
 
         return await self._change_devices(req.vm, "detached", "usb", change)
+
+    # -- snapshots, backups, restores (services/vm/snapshots.py) ---------------------------
+
+    async def snapshot_create(self, req: VmSnapshotCreate) -> VmSnapshot:
+        with self.metrics.operation("snapshot"):
+            return await self.snapshots.create(req)
+
+    async def snapshot_list(self, req: VmSnapshotRef) -> VmSnapshotList:
+        return await self.snapshots.listing(req)
+
+    async def snapshot_revert(self, req: VmSnapshotRevert) -> VmInfo:
+        with self.metrics.operation("revert"):
+            return await self.snapshots.revert(req)
+
+    async def snapshot_delete(self, req: VmSnapshotRef) -> Ack:
+        return await self.snapshots.delete(req)
+
+    async def backup(self, req: VmBackup) -> JobAccepted:
+        return await self.snapshots.backup(req)
+
+    async def restore(self, req: VmRestore) -> JobAccepted:
+        return await self.snapshots.restore(req)
+
+    async def schedule_backup(self, req: VmBackupSchedule) -> BackupScheduleList:
+        return await self.snapshots.schedule(req)
+
+    async def backup_schedules(self, req: Empty) -> BackupScheduleList:
+        return await self.snapshots.schedules()

@@ -141,6 +141,15 @@ class Hypervisor(Protocol):
     async def import_state(self, uuid: str, nvram: bytes, tpm: bytes) -> None:
         """Install what ``export_state`` gave, for the domain of the same uuid here."""
         ...
+    async def drop_state(self, uuid: str) -> None:
+        """Remove a stopped domain's NVRAM file and TPM state: its next start makes fresh
+        ones (a revert to a snapshot taken before the VM ever ran)."""
+        ...
+    async def freeze(self, uuid: str) -> bool:
+        """Freeze the guest's filesystems through its guest agent; False (and nothing
+        frozen) when no agent answers."""
+        ...
+    async def thaw(self, uuid: str) -> None: ...
     async def problems(self) -> list[Problem]:
         """What an operator should fix on this host for the hypervisor to work well (each with
         the fix); called now and then, so it must be cheap when all is well."""

@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -102,6 +104,7 @@ _ADDRESS_SOURCES: tuple[tuple[int, AddressSource], ...] = (
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
 LIBVIRT_DIR = "/var/lib/libvirt"  # NVRAM files in qemu/nvram, swtpm state in swtpm/<uuid>
+QEMU_CONF = "/etc/libvirt/qemu.conf"
 
 
 def event_words(event: int, detail: int) -> tuple[str, str]:
@@ -525,6 +528,27 @@ class LibvirtHypervisor:
             await asyncio.to_thread(guest_state.unpack_tpm, tpm, self._tpm_dir(uuid),
                                     health.swtpm_owner())
 
+    async def drop_state(self, uuid: str) -> None:
+        if not self.state_dir:
+            return
+        await asyncio.to_thread(guest_state.drop_state, await self._nvram_path(uuid),
+                                self._tpm_dir(uuid))
+
+    async def freeze(self, uuid: str) -> bool:
+        """``virDomainFSFreeze``; a guest without a connected agent answers an error at once."""
+        try:
+            frozen = await self._run(f"freezing the filesystems of {uuid}",
+                                     lambda: int(self._lookup(uuid).fsFreeze()))
+        except PhyError as e:
+            log.info("guest agent of %s did not freeze its filesystems (%s); pausing instead",
+                     uuid, e.message)
+            return False
+        return frozen >= 0
+
+    async def thaw(self, uuid: str) -> None:
+        await self._run(f"thawing the filesystems of {uuid}",
+                        lambda: self._lookup(uuid).fsThaw())
+
     async def _nvram_path(self, uuid: str) -> str:
         """Where libvirt keeps (or will keep) a UEFI domain's variables: its ``<nvram>``, else
         ``<name>_VARS.fd`` in its NVRAM folder. A path outside that folder is refused, so that
@@ -583,6 +607,24 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
+
+
+def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
+    """The user and group libvirt runs swtpm as (qemu.conf ``swtpm_user``/``swtpm_group``,
+    "tss" by default), as ids; None where this host has no such user."""
+    names = {"swtpm_user": "tss", "swtpm_group": "tss"}
+    with contextlib.suppress(OSError), open(conf) as f:
+        for line in f:
+            key, _, value = line.partition("=")
+            if key.strip() in names and value.strip().startswith('"'):
+                names[key.strip()] = value.strip().strip('"')
+    try:
+        user, group = names["swtpm_user"], names["swtpm_group"]
+        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        return None
+    return uid, gid
 
 
 def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:

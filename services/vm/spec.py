@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 
 from shared.errors import BadRequest, InvalidName
 from shared.messages.net import NetworkSpec
@@ -59,6 +60,11 @@ def check_ref(ref: str) -> str:
     if isinstance(ref, str) and _UUID.match(ref):
         return ref
     return check_name(ref)
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered range 52:54:00."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
 def is_pci_address(dev: str) -> bool:

@@ -20,7 +20,8 @@ from shared.messages import Ack, Empty, EndpointSpec, Event
 from shared.messages.jobs import JobAccepted, job_endpoints
 
 Extent = tuple[int, int]  # (offset, length) in bytes
-VolumeChange = Literal["created", "resized", "deleted", "imported", "cloned", "received"]
+VolumeChange = Literal["created", "resized", "deleted", "imported", "cloned", "received",
+                       "restored"]
 
 
 class PoolInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool.v1"):
@@ -34,6 +35,7 @@ class PoolInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool.v1")
     virtual_bytes: int  # sum over the pool's volumes
     volumes: int
     reflink: bool = False  # the filesystem answered a FICLONE probe
+    snapshot_bytes: int = 0  # what the snapshots' copies hold on disk (see SnapshotInfo)
 
 
 class PoolRoom(msgspec.Struct, frozen=True, kw_only=True, tag="storage.pool_room.v1"):
@@ -132,6 +134,122 @@ class SendVolume(msgspec.Struct, frozen=True, kw_only=True, tag="storage.send.v1
     dst_pool: str = "default"
     dst_name: str = ""  # empty: the same name
     bwlimit_bytes_s: int = 0  # 0: as fast as it goes
+
+
+# -- snapshots: frozen copies of an owner's volumes, and their archives ------------------------
+
+SnapshotMethod = Literal["reflink", "copy"]
+# The label of a snapshot its taker keeps only while it works (a backup's, a restore's): the
+# storage agent removes such snapshots when it starts, and an archive does not carry it.
+TEMPORARY = "temporary"
+
+
+class SnapshotDisk(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshot_disk.v1"):
+    """One volume's copy in a snapshot: taken from (and reverted to) ``pool``/``volume``."""
+
+    pool: str
+    volume: str
+    virtual_bytes: int = 0
+    allocated_bytes: int = 0
+    method: SnapshotMethod = "reflink"  # "copy": the pool cannot share blocks, not instant
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshot.v1"):
+    """A snapshot: copies of some volumes of one ``owner`` (a VM's uuid) and small files,
+    kept in ``<pool>/.snapshots/<owner>/<name>/`` (each copy in its own volume's pool).
+
+    ``allocated_bytes`` is what the copies hold on disk; while reflinked, blocks are shared
+    with the volumes until either side writes them.
+    """
+
+    pool: str
+    owner: str
+    name: str
+    created: float
+    disks: list[SnapshotDisk] = []
+    files: dict[str, int] = {}  # file name -> size in bytes
+    labels: dict[str, str] = {}  # what the owner said about it (the VM's state, ...)
+    allocated_bytes: int = 0
+    seconds: float = 0.0  # how long taking the copies took
+
+
+class TakeSnapshot(msgspec.Struct, frozen=True, kw_only=True, tag="storage.take_snapshot.v1"):
+    """Copy ``disks`` (reflink, else sparse copy) and write ``files``, all or nothing."""
+
+    pool: str = "default"  # where the snapshot's record and files live
+    owner: str
+    name: str
+    disks: list[VolumeRef] = []
+    files: dict[str, bytes] = {}  # small files kept with it (UEFI variables, TPM state)
+    labels: dict[str, str] = {}
+
+
+class SnapshotRef(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshot_ref.v1"):
+    """One snapshot; for ``snapshot_delete`` an empty ``name`` means every one of the owner."""
+
+    pool: str = "default"
+    owner: str
+    name: str = ""
+
+
+class SnapshotQuery(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshot_query.v1"):
+    pool: str = ""  # empty: every pool
+    owner: str = ""  # empty: every owner
+
+
+class SnapshotList(msgspec.Struct, frozen=True, kw_only=True, tag="storage.snapshots.v1"):
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotContent(msgspec.Struct, frozen=True, kw_only=True,
+                      tag="storage.snapshot_content.v1"):
+    """A snapshot with its small files."""
+
+    info: SnapshotInfo
+    files: dict[str, bytes] = {}
+
+
+class RestoreSnapshot(msgspec.Struct, frozen=True, kw_only=True,
+                      tag="storage.restore_snapshot.v1"):
+    """Put a snapshot's copies back over the volumes they came from (a revert), or, with
+    ``targets``, into new volumes (one per disk, in order); ``move`` hands the copies over
+    instead of copying them and deletes the snapshot (a restore from an archive)."""
+
+    pool: str = "default"
+    owner: str
+    name: str
+    targets: list[VolumeRef] = []
+    move: bool = False
+
+
+class RestoredVolumes(msgspec.Struct, frozen=True, kw_only=True,
+                      tag="storage.restored_volumes.v1"):
+    volumes: list[VolumeInfo]
+    seconds: float = 0.0
+
+
+class ExportSnapshot(msgspec.Struct, frozen=True, kw_only=True, tag="storage.export_snapshot.v1"):
+    """Write a snapshot as one backup archive in ``dir`` (a job; format in
+    ``services/storage/archive.py``); ``keep`` > 0 then removes the oldest archives of the
+    same ``prefix`` there beyond that many."""
+
+    pool: str = "default"
+    owner: str
+    name: str
+    dir: str
+    prefix: str = ""  # the archive: <dir>/<prefix><UTC time: 20260101T000000.000Z>.phybak
+    keep: int = 0
+
+
+class ImportSnapshot(msgspec.Struct, frozen=True, kw_only=True, tag="storage.import_snapshot.v1"):
+    """Read a backup archive into snapshot ``name`` of ``owner`` in ``pool`` (a job): every
+    disk lands in that pool, every sha256 is checked before the snapshot appears."""
+
+    archive: str
+    pool: str = "default"
+    owner: str
+    name: str
+    labels: dict[str, str] = {}  # over the archived snapshot's own
 
 
 # -- the receiving side of a transfer (called by the sending agent) ----------------------------
@@ -290,8 +408,31 @@ RECEIVE_ABORT = EndpointSpec(
 INCOMING = EndpointSpec(
     "storage", "incoming", Empty, IncomingList,
     "Incoming transfers not finished yet.")
+SNAPSHOT = EndpointSpec(
+    "storage", "snapshot", TakeSnapshot, SnapshotInfo,
+    "Copy volumes (reflink, else sparse copy) and small files into a snapshot, all or "
+    "nothing.", max_payload=16 << 20)
+SNAPSHOTS = EndpointSpec(
+    "storage", "snapshots", SnapshotQuery, SnapshotList,
+    "Snapshots of one owner, one pool, or all.")
+SNAPSHOT_READ = EndpointSpec(
+    "storage", "snapshot_read", SnapshotRef, SnapshotContent,
+    "A snapshot with its small files (UEFI variables, TPM state).")
+SNAPSHOT_RESTORE = EndpointSpec(
+    "storage", "snapshot_restore", RestoreSnapshot, RestoredVolumes,
+    "Put a snapshot's copies back over its volumes, or into new ones; crash-safe.")
+SNAPSHOT_DELETE = EndpointSpec(
+    "storage", "snapshot_delete", SnapshotRef, Ack,
+    "Delete a snapshot, or every snapshot of an owner.")
+SNAPSHOT_EXPORT = EndpointSpec(
+    "storage", "snapshot_export", ExportSnapshot, JobAccepted,
+    "Write a snapshot as a zstd backup archive with sha256 sums (job).")
+SNAPSHOT_IMPORT = EndpointSpec(
+    "storage", "snapshot_import", ImportSnapshot, JobAccepted,
+    "Read a backup archive into a snapshot, every sum checked first (job).")
 JOBS, JOB, CANCEL = job_endpoints("storage")
 
 # What the storage agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (POOLS, VOLUMES, CREATE, RESIZE, DELETE, INFO, IMPORT_FILE, CLONE, SEND, RECEIVE,
-    RECEIVE_COMMIT, RECEIVE_ABORT, INCOMING)
+    RECEIVE_COMMIT, RECEIVE_ABORT, INCOMING, SNAPSHOT, SNAPSHOTS, SNAPSHOT_READ, SNAPSHOT_RESTORE,
+    SNAPSHOT_DELETE, SNAPSHOT_EXPORT, SNAPSHOT_IMPORT)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.messages import Ack, EndpointSpec, Event
+from shared.messages import Ack, Empty, EndpointSpec, Event
 from shared.messages import net as net_api
 from shared.messages.jobs import JobAccepted, job_endpoints
 from shared.messages.net import DEFAULT_NETWORK
@@ -314,6 +314,102 @@ class VmGuestState(msgspec.Struct, frozen=True, kw_only=True, tag="vm.guest_stat
     tpm: bytes = b""  # the swtpm state directory as a gzipped tar; empty: none
 
 
+class VmSnapshotCreate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.snapshot_create.v1"):
+    """Snapshot every disk, the NVRAM and the TPM state of a VM; a running one is frozen
+    through its guest agent when ``quiesce`` and the agent answers, else paused, for as long
+    as the copies take."""
+
+    vm: str
+    name: str
+    quiesce: bool = False
+
+
+class VmSnapshotRef(msgspec.Struct, frozen=True, kw_only=True, tag="vm.snapshot_ref.v1"):
+    """One snapshot of one VM; ``name`` empty: every snapshot of it (list)."""
+
+    vm: str
+    name: str = ""
+
+
+class VmSnapshotRevert(msgspec.Struct, frozen=True, kw_only=True, tag="vm.snapshot_revert.v1"):
+    """Give a stopped VM back its disks, NVRAM, TPM state and spec as they were in the
+    snapshot; ``force`` powers a running VM off first."""
+
+    vm: str
+    name: str
+    force: bool = False
+
+
+class VmSnapshot(msgspec.Struct, frozen=True, kw_only=True, tag="vm.snapshot.v1"):
+    """A snapshot of a VM, kept in the pool of its first disk."""
+
+    vm: str
+    uuid: str
+    name: str
+    created: float
+    pool: str
+    state: VmState = "shutoff"  # the VM's state when it was taken
+    disks: list[str] = []  # pool/volume of every disk copied
+    method: Literal["reflink", "copy", "mixed", "none"] = "reflink"  # copy: it was not instant
+    allocated_bytes: int = 0
+    nvram: bool = False
+    tpm: bool = False
+    quiesced: bool = False  # the guest agent froze the guest's filesystems
+    paused_s: float = 0.0  # how long the guest was frozen or paused for the copies
+    seconds: float = 0.0
+
+
+class VmSnapshotList(msgspec.Struct, frozen=True, kw_only=True, tag="vm.snapshot_list.v1"):
+    snapshots: list[VmSnapshot]
+
+
+class VmBackup(msgspec.Struct, frozen=True, kw_only=True, tag="vm.backup.v1"):
+    """Write one backup archive of a VM into the directory ``to`` of its host (a job), from
+    a snapshot taken for it, so a running VM keeps running."""
+
+    vm: str
+    to: str
+    quiesce: bool = False
+
+
+class VmRestore(msgspec.Struct, frozen=True, kw_only=True, tag="vm.restore.v1"):
+    """Define a VM from a backup archive readable on this host (a job). Without ``name`` it
+    comes back with its name and uuid; with one, as a copy (new uuid and MACs)."""
+
+    archive: str
+    name: str = ""
+    pool: str = "default"  # where its disks go
+
+
+class VmBackupSchedule(msgspec.Struct, frozen=True, kw_only=True,
+                       tag="vm.backup_schedule_request.v1"):
+    """Back a VM up into ``to`` every ``every_s`` seconds, keeping the newest ``keep``
+    archives (0: all); ``every_s`` 0 removes its schedule."""
+
+    vm: str
+    to: str = ""
+    every_s: float = 0.0
+    keep: int = 0
+
+
+class BackupSchedule(msgspec.Struct, frozen=True, kw_only=True, tag="vm.backup_schedule.v1"):
+    """A VM's scheduled backups, run by the vm agent of its host as ``backup`` jobs."""
+
+    uuid: str
+    vm: str
+    to: str
+    every_s: float
+    keep: int = 0
+    next_run: float = 0.0  # unix time; a run missed while the agent was down runs once
+    last_run: float = 0.0
+    last_job: str = ""
+
+
+class BackupScheduleList(msgspec.Struct, frozen=True, kw_only=True,
+                         tag="vm.backup_schedules.v1"):
+    schedules: list[BackupSchedule]
+
+
 class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"):
     """A VM's state changed; ``event`` is the hypervisor's word (started, stopped, ...)."""
 
@@ -344,6 +440,18 @@ class VmAddressesChanged(Event, frozen=True, kw_only=True, tag="vm.addresses_cha
     name: str
     addresses: list[GuestAddress] = []
     source: AddressSource = ""
+
+
+class VmSnapshotChanged(Event, frozen=True, kw_only=True, tag="vm.snapshot_changed.v1"):
+    """``phy.evt.<host>.vm.snapshot.<uuid>``: a snapshot of the VM was taken, reverted to or
+    deleted."""
+
+    uuid: str
+    vm: str
+    snapshot: str
+    change: Literal["created", "reverted", "deleted"]
+    method: str = ""
+    paused_s: float = 0.0
 
 
 class AcceleratorFallback(Event, frozen=True, kw_only=True, tag="vm.accelerator_fallback.v1"):
@@ -394,9 +502,31 @@ ATTACH_USB = EndpointSpec("vm", "attach_usb", VmAttachUsb, VmInfo,
                           "Pass a host USB device through (vendor:product or bus.device).")
 DETACH_USB = EndpointSpec("vm", "detach_usb", VmDetachUsb, VmInfo,
                           "Give a passed-through USB device back.")
+SNAPSHOT_CREATE = EndpointSpec(
+    "vm", "snapshot_create", VmSnapshotCreate, VmSnapshot,
+    "Snapshot a VM: disks (reflink, else sparse copy), NVRAM, TPM state, spec.")
+SNAPSHOT_LIST = EndpointSpec(
+    "vm", "snapshot_list", VmSnapshotRef, VmSnapshotList, "A VM's snapshots.")
+SNAPSHOT_REVERT = EndpointSpec(
+    "vm", "snapshot_revert", VmSnapshotRevert, VmInfo,
+    "Give a stopped VM back all of a snapshot; crash-safe.")
+SNAPSHOT_DELETE = EndpointSpec(
+    "vm", "snapshot_delete", VmSnapshotRef, Ack, "Delete one snapshot of a VM.")
+BACKUP = EndpointSpec(
+    "vm", "backup", VmBackup, JobAccepted,
+    "Write a backup archive of a VM, running or not (a job).")
+RESTORE = EndpointSpec(
+    "vm", "restore", VmRestore, JobAccepted,
+    "Define a VM from a backup archive, every sum checked first (a job).")
+SCHEDULE_BACKUP = EndpointSpec(
+    "vm", "schedule_backup", VmBackupSchedule, BackupScheduleList,
+    "Set or remove a VM's backup schedule; answers every schedule of this host.")
+BACKUP_SCHEDULES = EndpointSpec(
+    "vm", "backup_schedules", Empty, BackupScheduleList, "The backup schedules of this host.")
 JOBS, JOB, CANCEL = job_endpoints("vm")
 
 # What the vm agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
     CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE, ATTACH_DISK, DETACH_DISK, ATTACH_NIC, DETACH_NIC,
-    ATTACH_USB, DETACH_USB, *net_api.ENDPOINTS)
+    ATTACH_USB, DETACH_USB, *net_api.ENDPOINTS, SNAPSHOT_CREATE, SNAPSHOT_LIST, SNAPSHOT_REVERT,
+    SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES)

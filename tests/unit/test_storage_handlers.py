@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 from services.storage.config import Settings
 from services.storage.handlers import Handlers
 from services.storage.metrics import StorageMetrics
-from services.storage.volumes import CloneResult, Pool, Progress
+from services.storage.snapshots import Snapshots
+from services.storage.volumes import CloneResult, Pool, Pools, Progress
 from shared import subjects
 from shared.errors import (
     BadRequest,
@@ -167,7 +168,8 @@ def _handlers(vms: list[VmRecord] | Exception) -> tuple[Handlers, FakeStore, Fak
     agent = FakeAgent(vms)
     settings = Settings(pools={}, import_dirs=[])
     metrics = StorageMetrics(CollectorRegistry(), store)  # type: ignore[arg-type]
-    return Handlers(agent, store, settings, metrics), store, agent  # type: ignore[arg-type]
+    return (Handlers(agent, store, settings, metrics, Snapshots(Pools({}))),  # type: ignore[arg-type]
+            store, agent)
 
 
 @pytest.mark.parametrize("state", ["running", "paused", "unknown"])

@@ -61,12 +61,56 @@ def test_vm_nvram_is_replaced_whole_and_capped(tmp_path: Path) -> None:
 
 
 
-def test_vm_tpm_state_belongs_to_swtpms_user_not_the_archives(tmp_path: Path) -> None:
-    """swtpm runs as its own user: a migrated state it cannot write fails the VM's start
-    ("TPM result for CMD_INIT: 0x9"), so every unpacked entry gets the owner asked for."""
-    owner = (65534, 65534)  # nobody: not root, not the test's user
+def test_vm_tpm_state_leaves_swtpm_lock_file_behind(tmp_path: Path) -> None:
+    """A root-owned copy of a running swtpm's lock file kept the next swtpm from starting
+    ("Could not open lockfile: Permission denied"): it is neither exported nor installed."""
+    running = tmp_path / "running"
+    (running / "tpm2").mkdir(parents=True)
+    (running / "tpm2" / "tpm2-00.permall").write_bytes(b"state")
+    (running / "tpm2" / ".lock").write_bytes(b"")
+    _nvram, exported = guest_state.read_state(str(tmp_path / "none.fd"), str(running))
+    target = tmp_path / "target"
+    guest_state.unpack_tpm(exported, str(target))
+    assert sorted(tree(target)) == ["tpm2", "tpm2/tpm2-00.permall"]
+    old = tmp_path / "old"
+    guest_state.unpack_tpm(tpm_state({"tpm2/tpm2-00.permall": b"s", "tpm2/.lock": b""}),
+                           str(old))
+    assert sorted(tree(old)) == ["tpm2", "tpm2/tpm2-00.permall"]
+
+
+def test_vm_tpm_state_keeps_the_owners_libvirt_gave(tmp_path: Path) -> None:
+    """libvirt hands swtpm/<uuid>/tpm2 to its swtpm user once, when it makes it; a root-owned
+    replacement kept swtpm from starting, so owners and folder modes are kept (a new tree:
+    the top root's, 0711, below it the swtpm user's)."""
     target = tmp_path / "swtpm" / UUID
-    guest_state.unpack_tpm(tpm_state({"tpm2/tpm2-00.permall": b"state"}), str(target), owner)
-    for path in (target, target / "tpm2", target / "tpm2" / "tpm2-00.permall"):
-        st = path.stat()
-        assert (st.st_uid, st.st_gid) == owner, path
+    (target / "tpm2").mkdir(parents=True)
+    (target / "tpm2" / "tpm2-00.permall").write_bytes(b"old")
+    os.chmod(target, 0o711)
+    for path in (target / "tpm2", target / "tpm2" / "tpm2-00.permall"):
+        os.chown(path, 4242, 4343)
+    state = tpm_state({"tpm2/tpm2-00.permall": b"new", "tpm2/extra": b"x"})
+    guest_state.unpack_tpm(state, str(target), owner=(1, 1))
+
+    def owners(root: Path) -> dict[str, tuple[int, int, int]]:
+        return {str(p.relative_to(root)): (p.stat().st_uid, p.stat().st_gid,
+                                           p.stat().st_mode & 0o777)
+                for p in [root, *sorted(root.rglob("*"))]}
+
+    assert owners(target) == {".": (0, 0, 0o711), "tpm2": (4242, 4343, 0o700),
+                              "tpm2/tpm2-00.permall": (4242, 4343, 0o600),
+                              "tpm2/extra": (4242, 4343, 0o600)}
+    fresh = tmp_path / "swtpm" / "fresh"
+    guest_state.unpack_tpm(state, str(fresh), owner=(4242, 4343))
+    assert owners(fresh) == {".": (0, 0, 0o711), "tpm2": (4242, 4343, 0o700),
+                             "tpm2/tpm2-00.permall": (4242, 4343, 0o600),
+                             "tpm2/extra": (4242, 4343, 0o600)}
+
+
+def test_vm_swtpm_owner_comes_from_qemu_conf(tmp_path: Path) -> None:
+    from services.vm.libvirt_backend import swtpm_owner
+
+    conf = tmp_path / "qemu.conf"
+    conf.write_text('# swtpm_user = "nobody"\nswtpm_user = "+4242"\nswtpm_group = "+4343"\n')
+    assert swtpm_owner(str(conf)) == (4242, 4343)
+    conf.write_text('swtpm_user = "no-such-user-here"\n')
+    assert swtpm_owner(str(conf)) is None
