@@ -48,6 +48,7 @@ from shared.placement import choose
 Method = Literal["GET", "POST"]
 CREATE_TIMEOUT_S = 600.0  # a create from an image clones the image's disk first
 JOBS_TIMEOUT_S = 5.0
+SSE_MARGIN_S = 2.0  # a new event stream starts this far back
 
 
 # -- the HTTP API's own messages (the rest are the bus's) ------------------------------------
@@ -395,7 +396,9 @@ async def stream_events(call: Call) -> Answer:
         after = int(header)
     since = time.time() - query.since if query.since is not None else None
     if after is None and since is None:
-        since = time.time()  # from now on
+        # From now on, as the stream's clock may see it: a replayed second or two is harmless
+        # (states arrive in order), a missed event is not.
+        since = time.time() - SSE_MARGIN_S
     subject = event_stream.check_filter(query.subject)
     return Answer(stream=await event_stream.sse(call.gw.bus, subject, since=since, after=after,
                                                 stopping=call.gw.stopping,

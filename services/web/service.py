@@ -59,6 +59,12 @@ from shared.runtime import setup_logging
 log = logging.getLogger("phyllome.web")
 STATIC = Path(__file__).resolve().parent / "static"
 SHUTDOWN_GRACE_S = 5
+# The UI's page: its own scripts and styles only, not framed by another site.
+PAGE_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff", "referrer-policy": "same-origin"}
 
 
 # -- one request -----------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def build_app(gw: Gateway, registry: CollectorRegistry) -> Starlette:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def index(_request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     routes: list[BaseRoute] = [HttpRoute(r.path, Dispatch(gw, r).serve, methods=[r.method])
                                for r in ROUTES]

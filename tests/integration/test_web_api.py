@@ -321,3 +321,6 @@ async def test_the_served_openapi_document_is_the_generated_one(
         assert r.json()["nats"] is True and r.json()["host"] == HOST
         page = await http.get("/")
         assert page.status_code == 200 and "<title>Phyllome</title>" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert (await http.get("/static/app.js")).headers["content-type"].startswith(
+            "text/javascript")
