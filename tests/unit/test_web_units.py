@@ -129,3 +129,10 @@ def test_listen_addresses() -> None:
     assert load({"PHYLLOME_HOST": "h1", "PHYLLOME_WEB_CERT": "/c", "PHYLLOME_WEB_KEY": "/k"}
                 ).scheme == "https"
     assert json.loads(DOC.read_text())["openapi"] == "3.1.0"
+
+
+def test_docs_web_md_lists_every_route_with_its_role() -> None:
+    doc = (DOC.parent / "web.md").read_text()
+    missing = [f"{r.method} {r.path}" for r in ROUTES
+               if f"| `{r.method} {r.path}` | {r.role or 'none'} | {r.status} |" not in doc]
+    assert missing == []
