@@ -131,9 +131,13 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
             *_reads(KV_READ[role], stream_reads=True),
             "$SRV.>",
         ]
+        subscribe = [f"phy.{own}.*", "$SRV.>", inbox]
+        if role == "vm":  # its consoles' sessions (shared/console.py): the VM's end
+            publish.append(f"phy.con.{host}.*.client")
+            subscribe.append(f"phy.con.{host}.*.vm")
         return {
             "publish": {"allow": publish, "deny": ["phy.evt.*.*"]},
-            "subscribe": {"allow": [f"phy.{own}.*", "$SRV.>", inbox]},
+            "subscribe": {"allow": subscribe},
             "allow_responses": True,
         }
     not_agents = [*(f"phy.*.{s.service}.{s.verb}" for s in AGENT_ONLY),
@@ -155,9 +159,9 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
         subjects.token(host, "host")
         return {
             "publish": {"allow": ["phy.*.*.*", f"phy.evt.{host}.{subjects.WEB}.>", "$SRV.>",
-                                  *_reads(KV_READ[role], True)],
+                                  "phy.con.*.*.vm", *_reads(KV_READ[role], True)],
                         "deny": ["$KV.>", *not_agents]},
-            "subscribe": {"allow": [inbox]},
+            "subscribe": {"allow": [inbox, "phy.con.*.*.client"]},  # the browser's end
         }
     if role == "monitor":
         return {

@@ -62,6 +62,14 @@ def web_event(host: str, kind: str) -> str:
     return f"phy.evt.{token(host, 'host')}.{WEB}.{token(kind, 'event kind')}"
 
 
+def console(host: str, session: str, towards: str) -> str:
+    """Subject of one direction of a console session (``shared/console.py``):
+    ``phy.con.<host>.<session>.vm`` carries bytes to the VM, ``...client`` to the client."""
+    if towards not in ("vm", "client"):
+        raise InvalidName(f"console direction {towards!r}: vm or client")
+    return f"phy.con.{token(host, 'host')}.{token(session, 'session')}.{towards}"
+
+
 def events_filter(host: str = "*", svc: str = "*", kind: str = ">") -> str:
     """A subscription filter over events; ``*`` / ``>`` wildcards allowed here only."""
     h = host if host == "*" else token(host, "host")

@@ -21,6 +21,7 @@ import msgspec
 from services.vm import hostfs
 from services.vm.accel import Accel
 from services.vm.config import Settings
+from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
 from services.vm.hypervisor import Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.spec import check_name, check_spec, is_pci_address
@@ -55,6 +56,8 @@ from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, Volum
 from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
+    ConsoleOpen,
+    ConsoleSession,
     Disk,
     VmClone,
     VmCreate,
@@ -99,6 +102,7 @@ class Handlers:
         self.decision = decision
         self.metrics = VmMetrics(agent.registry, hypervisor, lambda: self.states.started_at())
         self.states = VmStates(agent, hypervisor, self.metrics)
+        self.consoles = ConsoleBridge(agent.bus.nc, agent.host)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class Handlers:
         self.agent.spawn(self._watch_health(), "health")
 
     async def close(self) -> None:
+        await self.consoles.close()
         await self.hv.close()
 
     async def _watch_health(self) -> None:
@@ -494,6 +499,22 @@ class Handlers:
                 await self.hv.set_autostart(dom.uuid, spec.autostart)
             await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
             return await self._info(dom.uuid)
+
+    async def console(self, req: ConsoleOpen) -> ConsoleSession:
+        """Bridge the VM's VNC display or serial port to a session (``console_bridge``)."""
+        dom = await self.hv.domain(req.vm)
+        if dom.state not in RUNNING:
+            raise Conflict(f"VM {dom.name} is {dom.state}: start it to use its console")
+        if req.kind == "vnc":
+            vnc = (await self.hv.consoles(dom.uuid)).get("vnc")
+            if vnc is None:
+                raise Conflict(f"VM {dom.name} has no VNC display; give it one with "
+                               "`phyllome vm update --display vnc` while it is stopped")
+            target = await tcp_target(vnc.host, vnc.port)
+        else:
+            target = await pty_target(await self.hv.serial_pty(dom.uuid))
+        return await self.consoles.open(uuid=dom.uuid, name=dom.name, kind=req.kind,
+                                        target=target)
 
     async def export_state(self, req: VmRef) -> VmGuestState:
         dom = await self.hv.domain(req.vm)

@@ -42,7 +42,7 @@ from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus, job_endpoints
 from shared.messages.vm import VmCreate, VmInfo, VmRecord, VmSpec, VmState
-from shared.messages.web import Role, TokenRecord
+from shared.messages.web import Role, TokenRecord, WebAudit
 from shared.placement import choose
 
 Method = Literal["GET", "POST"]
@@ -155,6 +155,14 @@ class Gateway:
     def host(self) -> str:
         return self.cfg.host
 
+    async def audit(self, who: TokenRecord, method: str, path: str, status: int, remote: str,
+                    message: str = "") -> None:
+        """Publish who did what (a mutating call, a console opened) and how it ended."""
+        event = WebAudit(host=self.host, token=who.name, role=who.role, method=method,
+                         path=path, status=status, remote=remote, message=message)
+        if not await self.bus.publish_event(subjects.web_event(self.host, "audit"), event):
+            self.metrics.audit_failed.inc()
+
 
 @dataclass
 class Call:
@@ -240,11 +248,11 @@ def _tag(tp: Any) -> str:
     return str(getattr(cfg, "tag", None) or getattr(tp, "__name__", tp))
 
 
-async def vm_host(call: Call, vm: str) -> str:
-    """The host of VM ``vm`` (a name or uuid) as KV ``vms`` says, or ``?host=``."""
-    if call.host:
-        return call.host
-    records = [r for r in await cluster_vms(call.gw.bus) if vm in (r.spec.name, r.spec.uuid)]
+async def vm_host(bus: Bus, vm: str, host: str = "") -> str:
+    """The host of VM ``vm`` (a name or uuid) as KV ``vms`` says, or ``host`` when given."""
+    if host:
+        return host
+    records = [r for r in await cluster_vms(bus) if vm in (r.spec.name, r.spec.uuid)]
     hosts = sorted({r.host for r in records})
     if not hosts:
         raise NotFound(f"no VM named {vm!r} in the cluster; GET /api/v1/vms lists them")
@@ -268,8 +276,8 @@ async def forward(call: Call) -> Any:
     route, spec = call.route, call.route.spec
     assert spec is not None
     req = convert({**call.fields, **call.params}, spec.request, text=route.method == "GET")
-    host = await vm_host(call, call.params["vm"]) if route.where == "vm" else (
-        call.host or call.gw.host)
+    host = await vm_host(call.gw.bus, call.params["vm"], call.host) if route.where == "vm" \
+        else (call.host or call.gw.host)
     reply = await call.gw.bus.call(
         host, spec, req, timeout=route.timeout + float(getattr(req, "timeout_s", 0.0)),
         idempotency_key=call.idempotency_key)

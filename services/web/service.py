@@ -33,12 +33,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, WebSocketRoute
 from starlette.routing import Route as HttpRoute
 from starlette.staticfiles import StaticFiles
 
 from services.web.auth import Auth
 from services.web.config import WebConfig, load
+from services.web.console import Consoles
 from services.web.handlers import ROUTES, Answer, Call, Gateway, Route, forward
 from services.web.metrics import UNMATCHED, WebMetrics
 from shared import __version__, subjects
@@ -53,7 +54,7 @@ from shared.errors import (
     TooManyRequests,
     to_reply,
 )
-from shared.messages.web import TokenRecord, WebAudit
+from shared.messages.web import TokenRecord
 from shared.runtime import setup_logging
 
 log = logging.getLogger("phyllome.web")
@@ -158,16 +159,9 @@ class Dispatch:
         gw.metrics.request_duration.labels(route=route.path).observe(
             time.perf_counter() - started)
         if route.mutating and who is not None:
-            await self.audit(who, request.url.path, response.status_code, remote, message)
+            await gw.audit(who, route.method, request.url.path, response.status_code, remote,
+                           message)
         return response
-
-    async def audit(self, who: TokenRecord, path: str, status: int, remote: str,
-                    message: str) -> None:
-        event = WebAudit(host=self.gw.host, token=who.name, role=who.role,
-                         method=self.route.method, path=path, status=status, remote=remote,
-                         message=message)
-        if not await self.gw.bus.publish_event(subjects.web_event(self.gw.host, "audit"), event):
-            self.gw.metrics.audit_failed.inc()
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -193,8 +187,11 @@ def build_app(gw: Gateway, registry: CollectorRegistry) -> Starlette:
     async def index(_request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
+    consoles = Consoles(gw)
     routes: list[BaseRoute] = [HttpRoute(r.path, Dispatch(gw, r).serve, methods=[r.method])
                                for r in ROUTES]
+    routes += [WebSocketRoute("/api/v1/vms/{vm}/console/vnc", consoles.vnc),
+               WebSocketRoute("/api/v1/vms/{vm}/console/serial", consoles.serial)]
     routes += [HttpRoute("/metrics", metrics, methods=["GET"]),
                HttpRoute("/", index, methods=["GET"]),
                Mount("/static", StaticFiles(directory=STATIC))]
