@@ -5,7 +5,6 @@
     PHYLLOME_WEB_CERT       serve HTTPS with this certificate (PEM) and ...
     PHYLLOME_WEB_KEY        ... this key (``phyllome up --secure`` passes the host's own)
     PHYLLOME_NOVNC_DIR      noVNC's files (default /usr/share/novnc, Debian's ``novnc``)
-    PHYLLOME_XTERM_DIR      xterm.js (default /usr/share/nodejs/xterm, Debian's ``libjs-xterm``)
     PHYLLOME_HOST, PHYLLOME_NATS_URL, PHYLLOME_NATS_USER / _PASSWORD / _CREDS / _CA,
     PHYLLOME_LOG_LEVEL      as for the agents (shared/config.py)
 
@@ -40,7 +39,6 @@ class WebConfig(msgspec.Struct, frozen=True, kw_only=True):
     nats_ca: str = ""
     log_level: str = "INFO"
     novnc_dir: str = "/usr/share/novnc"
-    xterm_dir: str = "/usr/share/nodejs/xterm"
     token_cache_s: float = 2.0  # how long a looked-up token is trusted before KV is asked again
     backoff_free: int = 3  # bad tokens an address may send before it has to wait
     backoff_base_s: float = 1.0  # the first wait; it doubles with each further bad token
@@ -74,7 +72,6 @@ def load(env: Mapping[str, str] | None = None) -> WebConfig:
         nats_password=env.get("PHYLLOME_NATS_PASSWORD", ""),
         nats_creds=env.get("PHYLLOME_NATS_CREDS", ""), nats_ca=env.get("PHYLLOME_NATS_CA", ""),
         log_level=env.get("PHYLLOME_LOG_LEVEL", "INFO"),
-        novnc_dir=env.get("PHYLLOME_NOVNC_DIR", "/usr/share/novnc"),
-        xterm_dir=env.get("PHYLLOME_XTERM_DIR", "/usr/share/nodejs/xterm"))
+        novnc_dir=env.get("PHYLLOME_NOVNC_DIR", "/usr/share/novnc"))
     subjects.token(cfg.host, "PHYLLOME_HOST")
     return cfg

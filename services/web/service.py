@@ -195,9 +195,9 @@ def build_app(gw: Gateway, registry: CollectorRegistry) -> Starlette:
     routes += [HttpRoute("/metrics", metrics, methods=["GET"]),
                HttpRoute("/", index, methods=["GET"]),
                Mount("/static", StaticFiles(directory=STATIC))]
-    for prefix, directory in (("/novnc", gw.cfg.novnc_dir), ("/xterm", gw.cfg.xterm_dir)):
-        if Path(directory).is_dir():
-            routes.append(Mount(prefix, StaticFiles(directory=directory, follow_symlink=True)))
+    if Path(gw.cfg.novnc_dir).is_dir():  # the VNC console's client, served from this host
+        routes.append(Mount("/novnc", StaticFiles(directory=gw.cfg.novnc_dir,
+                                                  follow_symlink=True)))
     return Starlette(routes=routes, exception_handlers={404: unmatched, 405: unmatched})
 
 

@@ -6,7 +6,8 @@
 
 const ROLES = ["viewer", "operator", "admin"];
 const MiB = 1024 * 1024;
-const state = { me: null, vms: new Map(), events: [], source: null, jobsTimer: null };
+const state = { me: null, vms: new Map(), events: [], source: null, jobsTimer: null,
+                console: null };
 
 // -- helpers ---------------------------------------------------------------------------------
 
@@ -69,6 +70,7 @@ async function attempt(what, fn) {
 // -- login -----------------------------------------------------------------------------------
 
 function showLogin() {
+  closeConsole();
   state.me = null;
   if (state.source) state.source.close();
   state.vms.clear(); // what the last token could see is not for the next one
@@ -185,6 +187,7 @@ const ACTIONS = [
   ["Shut down", "stop", ["running"]],
   ["Force off", "destroy", ["running", "paused", "shutting-down", "blocked"]],
   ["Resume", "resume", ["paused"]],
+  ["Console", "console", ["running", "paused"]],
   ["Clone", "clone", ["shutoff"]],
   ["Delete", "delete", ["shutoff", "crashed"]],
 ];
@@ -224,6 +227,10 @@ function card(vm) {
 }
 
 async function act(vm, verb) {
+  if (verb === "console") {
+    location.hash = `#/console/${encodeURIComponent(vm.name)}/vnc`;
+    return;
+  }
   let body;
   if (verb === "clone") {
     const name = prompt(`Name of the copy of ${vm.name}`, `${vm.name}-copy`);
@@ -393,15 +400,113 @@ function renderEvents() {
   if (!state.events.length) list.append(h("li", {}, "Events appear here as they happen."));
 }
 
+// -- consoles --------------------------------------------------------------------------------
+// The screen is noVNC (Debian's novnc, served by the gateway under /novnc), the serial port a
+// small terminal of our own: both are WebSockets to the gateway, which relays them over NATS
+// to the VM's host.
+
+function closeConsole() {
+  if (state.console) state.console.close();
+  state.console = null;
+}
+
+function consoleUrl(name, kind, host) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const query = host ? `?host=${encodeURIComponent(host)}` : "";
+  return `${scheme}//${location.host}/api/v1/vms/${encodeURIComponent(name)}/console/${kind}${query}`;
+}
+
+function loadConsole(name, kind) {
+  closeConsole();
+  kind = kind === "serial" ? "serial" : "vnc";
+  const vm = [...state.vms.values()].find((v) => v.name === name);
+  const status = document.getElementById("console-status");
+  const say = (text) => { status.textContent = text; };
+  document.getElementById("console-title").textContent = `Console of ${name}`;
+  for (const [k, id] of [["vnc", "console-vnc-link"], ["serial", "console-serial-link"]]) {
+    const a = document.getElementById(id);
+    a.href = `#/console/${encodeURIComponent(name)}/${k}`;
+    if (k === kind) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
+  }
+  const screen = document.getElementById("console-screen");
+  const serial = document.getElementById("console-serial");
+  screen.hidden = kind !== "vnc";
+  serial.hidden = kind !== "serial";
+  const url = consoleUrl(name, kind, vm && vm.host);
+  say(`connecting to the ${kind === "vnc" ? "screen" : "serial port"} of ${name}…`);
+  if (kind === "vnc") openScreen(url, screen, say);
+  else openSerial(url, serial, say);
+}
+
+async function openScreen(url, box, say) {
+  let RFB;
+  try {
+    ({ default: RFB } = await import("/novnc/core/rfb.js"));
+  } catch (e) {
+    say("noVNC is not installed on the gateway's host (Debian package novnc)");
+    return;
+  }
+  box.replaceChildren();
+  const rfb = new RFB(box, url, { wsProtocols: ["binary"] });
+  rfb.scaleViewport = true;
+  rfb.addEventListener("connect", () => say("connected: the guest's screen"));
+  rfb.addEventListener("disconnect", (e) => say(e.detail.clean ? "the console closed" :
+    "the console closed: is the VM running, and is your token an operator's?"));
+  rfb.addEventListener("credentialsrequired", () => {
+    const password = prompt("The VM's console password");
+    if (password !== null) rfb.sendCredentials({ password });
+  });
+  state.console = { close: () => rfb.disconnect() };
+}
+
+// Keys a terminal sends for what a keyboard event names.
+const KEYS = { Enter: "\r", Backspace: "\x7f", Tab: "\t", Escape: "\x1b", ArrowUp: "\x1b[A",
+               ArrowDown: "\x1b[B", ArrowRight: "\x1b[C", ArrowLeft: "\x1b[D", Delete: "\x1b[3~",
+               Home: "\x1b[H", End: "\x1b[F" };
+
+function openSerial(url, out, say) {
+  out.replaceChildren();
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  const decoder = new TextDecoder();
+  const encoder = new TextEncoder();
+  let text = "";
+  const show = (chunk) => {
+    // Control sequences (colours, cursor moves) are dropped; backspace and CR are honoured.
+    for (const ch of chunk.replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]/g, "")) {
+      if (ch === "\b") text = text.slice(0, -1);
+      else if (ch === "\r") continue;
+      else if (ch >= " " || ch === "\n" || ch === "\t") text += ch;
+    }
+    if (text.length > 200000) text = text.slice(-100000);
+    out.textContent = text;
+    out.scrollTop = out.scrollHeight;
+  };
+  ws.onopen = () => { say("connected: the serial port (click it and type)"); out.focus(); };
+  ws.onmessage = (m) => show(decoder.decode(m.data, { stream: true }));
+  ws.onclose = (e) => say(`the console closed (${e.code})${e.reason ? ": " + e.reason : ""}`);
+  const send = (s) => { if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(s)); };
+  out.onkeydown = (e) => {
+    let s = KEYS[e.key];
+    if (!s && e.ctrlKey && e.key.length === 1) s = String.fromCharCode(e.key.toUpperCase().charCodeAt(0) - 64);
+    if (!s && e.key.length === 1 && !e.metaKey && !e.altKey) s = e.key;
+    if (s) { send(s); e.preventDefault(); }
+  };
+  out.onpaste = (e) => { send(e.clipboardData.getData("text")); e.preventDefault(); };
+  state.console = { close: () => ws.close() };
+}
+
 // -- routing ---------------------------------------------------------------------------------
 
 const VIEWS = { vms: loadVms, new: loadNew, hosts: loadHosts, hardware: loadHardware,
-                jobs: loadJobs, events: renderEvents };
+                jobs: loadJobs, events: renderEvents, console: loadConsole };
 
 function route() {
   if (!state.me) return;
-  const name = (location.hash.match(/^#\/(\w+)/) || [])[1] || "vms";
-  const view = VIEWS[name] ? name : "vms";
+  const [, name = "vms", arg = "", kind = ""] =
+    location.hash.match(/^#\/(\w+)(?:\/([^/]+))?(?:\/(\w+))?/) || [];
+  const view = VIEWS[name] && (name !== "console" || arg) ? name : "vms";
+  if (view !== "console") closeConsole();
   for (const [key] of Object.entries(VIEWS)) {
     document.getElementById(`view-${key}`).hidden = key !== view;
   }
@@ -409,7 +514,7 @@ function route() {
     if (a.getAttribute("href") === `#/${view}`) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
-  VIEWS[view]();
+  VIEWS[view](decodeURIComponent(arg), kind);
 }
 
 async function boot() {
