@@ -38,8 +38,8 @@ from nats.aio.subscription import Subscription
 
 log = logging.getLogger("phyllome.console")
 
-WINDOW = 1 << 20  # bytes a sender may have unacknowledged
-CHUNK = 64 << 10  # largest data message
+WINDOW = 4 << 20  # bytes a sender may have unacknowledged
+CHUNK = 256 << 10  # largest data message (NATS takes 1 MiB)
 PING_S = 10.0
 IDLE_S = 30.0
 CONTROL, SEQ, ACK, REASON = "Phy-Console", "Phy-Seq", "Phy-Ack", "Phy-Reason"
@@ -84,8 +84,9 @@ class ConsoleLink:
 
     async def send(self, data: bytes) -> None:
         """Send ``data``, waiting for credit when the peer is ``window`` bytes behind."""
-        for at in range(0, len(data), CHUNK):
-            chunk = data[at:at + CHUNK]
+        size = min(CHUNK, self.window)  # a chunk over the window would wait forever
+        for at in range(0, len(data), size):
+            chunk = data[at:at + size]
             while self._sent + len(chunk) - self._acked > self.window and not self.closed.is_set():
                 self._credit.clear()
                 await self._wait(self._credit)

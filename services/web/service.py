@@ -252,7 +252,9 @@ class WebGateway:
             build_app(self._gw, self.registry), log_config=None, access_log=False,
             lifespan="off", ws="websockets-sansio", ssl_certfile=cfg.cert or None,
             ssl_keyfile=cfg.key or None, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-            server_header=False))
+            # console frames are framebuffer updates and keystrokes: deflating them costs
+            # more CPU than it saves on a LAN, and VNC's encodings compress already
+            ws_per_message_deflate=False, ws_max_size=1 << 20, server_header=False))
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="web-http")
         while not self._server.started:
             if self._task.done():
