@@ -168,10 +168,20 @@ async def test_tokens_roles_and_the_login_cookie(nats_server: NatsServer, tmp_pa
         await http.post("/api/v1/logout")
         assert (await http.get("/api/v1/whoami")).status_code == 401
 
-        done = subprocess.run(
-            [sys.executable, "-m", "cli.main", "web", "token", "revoke", "ci", "--nats",
-             nats_server.url], cwd=REPO, capture_output=True, text=True, timeout=60)
+        def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "cli.main", "web", "token", *argv,
+                                   "--nats", nats_server.url], cwd=REPO, capture_output=True,
+                                  text=True, timeout=60)
+
+        listed = json.loads(cli("list", "--json").stdout)["tokens"]
+        assert sorted((t["name"], t["role"]) for t in listed) == [
+            ("bob", "operator"), ("ci", "viewer")]
+        assert not any(viewer in json.dumps(t) or op in json.dumps(t) for t in listed)
+        done = cli("revoke", "ci")
         assert done.returncode == 0 and "token 'ci' (viewer) revoked" in done.stdout, done
+        assert "no token named 'ci'" in cli("revoke", "ci").stderr
+        assert "token name 'a b': use 1-64 letters" in cli("create", "a b").stderr
+        assert "a token named 'bob' exists" in cli("create", "bob").stderr
         error(await http.get("/api/v1/vms", headers=bearer(viewer)), 401, "unauthorized")
         refused = [a for a in await audits(gw) if a.status == 403]
         assert [(a.token, a.path) for a in refused] == [

@@ -1,7 +1,7 @@
 """Consoles over NATS with a real nats-server: the session protocol (``shared/console.py``),
 the vm agent's bridge to a real TCP socket and a real pty, and the gateway's WebSocket
-refusals (libvirt's test driver runs no VNC server; tests/system/test_web_console.py opens a
-real guest's)."""
+refusals (libvirt's test driver runs no VNC server;
+tests/system/test_web_guest_console.py opens a real guest's)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ and Chromium showing both."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 
@@ -143,7 +144,9 @@ async def test_a_real_guests_consoles_open_through_the_gateway(
             colours = {pixels[i:i + bpp] for i in range(0, len(pixels), bpp)}
             assert len(colours) > 1, "the guest's screen is one colour"
 
-        if Path(CHROMIUM).exists():  # the same through noVNC and the page's terminal
+        # the same through noVNC and the page's terminal (with CI set, a missing Chromium
+        # fails this test; elsewhere only this part is left out)
+        if Path(CHROMIUM).exists() or os.environ.get("CI"):
             await asyncio.to_thread(in_the_browser, gw.url, token, spec.name)
 
         async with connect(f"{base}/serial", additional_headers=bearer(token)) as serial:
