@@ -17,7 +17,7 @@ import sys
 # command asked for is imported, so `phyllome hw report` starts as fast as it can.
 COMMANDS = {"up": "up", "down": "up", "status": "status", "events": "events",
             "hosts": "hosts", "hw": "hw", "vm": "vm", "storage": "storage", "images": "images",
-            "secure": "secure", "jobs": "jobs", "net": "net"}
+            "secure": "secure", "jobs": "jobs", "net": "net", "web": "web"}
 EXIT_USAGE = 2
 
 

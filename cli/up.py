@@ -1,7 +1,9 @@
-"""``phyllome up`` / ``phyllome down``: the embedded NATS server and the four agents of a host.
+"""``phyllome up`` / ``phyllome down``: the embedded NATS server, the four agents of a host and
+its web gateway.
 
 ``up`` starts ``nats-server`` (JetStream, data in ``<state dir>/nats``) unless
-``PHYLLOME_NATS_URL`` points at a server that answers, then runs each agent as a child
+``PHYLLOME_NATS_URL`` points at a server that answers, then runs each agent and the web
+gateway (``--web-listen``, default 127.0.0.1:9700; HTTPS with ``--secure``) as a child
 process, restarting one that dies (with backoff), logging to ``<state dir>/logs/``, until
 SIGINT/SIGTERM stops them all. ``--detach`` runs the same in the background and returns
 once every agent answers; ``down`` stops it.
@@ -38,6 +40,9 @@ from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
 from shared.natsserver import LEAF_URL, NatsServer, parse_urls
 
+# The web gateway's defaults, spelled here so that `phyllome up --help` needs no web import.
+DEFAULT_LISTEN = "127.0.0.1:9700"
+
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 
@@ -71,6 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "<state dir>/secure; `phyllome secure init` makes them for a cluster)")
     p.add_argument("--agents", default=",".join(subjects.SERVICES),
                    help="which agents to run (default: all four)")
+    p.add_argument("--web-listen", default=os.environ.get("PHYLLOME_WEB_LISTEN", DEFAULT_LISTEN),
+                   help="where the web UI and HTTP API listen (default %(default)s)")
+    p.add_argument("--no-web", action="store_true", help="do not run the web gateway")
     p.add_argument("--no-demo", action="store_true",
                    help="do not create the demo VM on a host that has none")
     p.set_defaults(func=cmd_up)
@@ -202,7 +210,29 @@ class Supervisor:
         self.state_dir = state_dir
         self.stop = asyncio.Event()
         self.nats: NatsServer | None = None
-        self.children: list[Child] = []
+        self.children: list[Child] = []  # the agents
+        self.web: Child | None = None
+
+    @property
+    def processes(self) -> list[Child]:
+        return self.children + ([self.web] if self.web is not None else [])
+
+    @property
+    def web_url(self) -> str:
+        """Where this host's gateway answers (on loopback when it listens on every address)."""
+        host, _, port = self.args.web_listen.rpartition(":")
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        return f"{'https' if self.args.secure else 'http'}://{host}:{port}"
+
+    def web_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The gateway's environment: its listen address; with --secure its own NATS
+        identity and the host's certificate for HTTPS."""
+        own = {**env, "PHYLLOME_WEB_LISTEN": self.args.web_listen}
+        if self.args.secure:
+            own.update(security.read_env(self.secure_dir / f"{self.args.host}-{subjects.WEB}.env"))
+            own.update(PHYLLOME_WEB_CERT=str(self.secure_dir / "server.pem"),
+                       PHYLLOME_WEB_KEY=str(self.secure_dir / "server-key.pem"))
+        return own
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,10 +261,14 @@ class Supervisor:
                               self.state_dir / "logs" / f"{name}.log")
                 child.start()
                 self.children.append(child)
+            if not self.args.no_web:
+                self.web = Child(subjects.WEB, self.web_env(env),
+                                 self.state_dir / "logs" / f"{subjects.WEB}.log")
+                self.web.start()
             await self.wait_ready(url)
             await self.supervise()
         finally:
-            for child in self.children:
+            for child in self.processes:
                 child.stop()
             if self.nats is not None:
                 self.nats.stop()
@@ -319,7 +353,7 @@ class Supervisor:
                 continue
             if {r["agent"] for r in rows if r["healthy"]} >= {c.name for c in self.children}:
                 break
-            for child in self.children:
+            for child in self.processes:
                 if child.proc is not None and child.proc.poll() is not None:
                     raise Unavailable(f"the {child.name} agent exited at start; see "
                                       f"{child.log_path}")
@@ -330,6 +364,10 @@ class Supervisor:
         lines = [f"phyllome is up on host {self.args.host} (NATS {url})"]
         for r in sorted(rows, key=lambda r: str(r["agent"])):
             lines.append(f"  {r['agent']:<10} {r['version']:<8} metrics {r['metrics_url']}")
+        if self.web is not None:
+            await self.wait_web(deadline)
+            lines.append(f"  {subjects.WEB:<10} {'':<8} UI and API {self.web_url}/ (a token: "
+                         "phyllome web token create me --role admin)")
         lines += [
             "next:",
             "  phyllome status            the agents of every host",
@@ -346,6 +384,29 @@ class Supervisor:
         (self.state_dir / "run" / "nats_url").write_text(url)
         (self.state_dir / "run" / "ready").write_text(str(os.getpid()))
         print(summary, end="", flush=True)
+
+    async def wait_web(self, deadline: float) -> None:
+        """Until the gateway answers its health check (it connects to NATS first)."""
+        import ssl
+
+        import httpx
+
+        verify: ssl.SSLContext | bool = ssl.create_default_context(
+            cafile=str(self.secure_dir / "ca.pem")) if self.args.secure else True
+        async with httpx.AsyncClient(verify=verify, timeout=2) as http:
+            while time.monotonic() < deadline and not self.stop.is_set():
+                try:
+                    if (await http.get(f"{self.web_url}/api/v1/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                assert self.web is not None and self.web.proc is not None
+                if self.web.proc.poll() is not None:
+                    raise Unavailable(f"the web gateway exited at start; see {self.web.log_path}")
+                await asyncio.sleep(0.2)
+        if not self.stop.is_set():
+            raise Unavailable(f"the web gateway did not answer on {self.web_url} within 90 s; "
+                              f"see {self.state_dir}/logs/{subjects.WEB}.log")
 
     async def demo(self, url: str) -> list[str]:
         """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""
@@ -366,7 +427,7 @@ class Supervisor:
                 await asyncio.wait_for(self.stop.wait(), 0.5)
             except TimeoutError:
                 pass
-            for child in self.children:
+            for child in self.processes:
                 if self.stop.is_set() or child.proc is None or child.proc.poll() is None:
                     continue
                 if time.monotonic() - child.started > STABLE_AFTER_S:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -79,6 +79,15 @@ class _QuietTlsEof(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_QuietTlsEof())
+
+
+class StreamEvent(NamedTuple):
+    """An event as ``Bus.stream`` reads it from PHY_EVENTS."""
+
+    subject: str
+    time: float
+    data: bytes
+    seq: int  # its sequence in the stream: where a reader resumes
 
 
 class KeptReply(msgspec.Struct, frozen=True, kw_only=True, tag="bus.kept_reply.v1"):
@@ -481,17 +490,31 @@ class Bus:
                      since: float | None = None, follow: bool = False,
                      ) -> AsyncGenerator[tuple[str, float, bytes], None]:
         """Replay events (all, or those newer than the unix time ``since``), then follow."""
-        if since is None:
+        stream = self.stream(subject_filter, since=since, follow=follow)
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                yield event.subject, event.time, event.data
+
+    async def stream(self, subject_filter: str = subjects.EVENTS_ALL, *,
+                     since: float | None = None, after: int | None = None,
+                     follow: bool = False) -> AsyncGenerator[StreamEvent, None]:
+        """``events`` with each event's stream sequence, for a reader that resumes where it
+        stopped (the web gateway's ``Last-Event-ID``): ``after`` replays from the event after
+        that sequence, ``since`` from a unix time, neither from the first event."""
+        if after is not None:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                 opt_start_seq=after + 1)
+        elif since is None:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
                                  opt_start_time=datetime.fromtimestamp(since, UTC))
         info = await self.js.stream_info(subjects.STREAM)
-        if not follow and info.state.messages == 0:
+        last = info.state.last_seq
+        if not follow and (info.state.messages == 0 or (after is not None and after >= last)):
             return
         sub = await self.js.subscribe(subject_filter, ordered_consumer=True, config=cfg,
                                       stream=subjects.STREAM)
-        last = info.state.last_seq
         try:
             while True:
                 try:
@@ -501,7 +524,8 @@ class Bus:
                         continue
                     return
                 md = msg.metadata
-                yield msg.subject, md.timestamp.timestamp(), msg.data
+                yield StreamEvent(msg.subject, md.timestamp.timestamp(), msg.data,
+                                  md.sequence.stream)
                 if not follow and (md.sequence.stream >= last or md.num_pending == 0):
                     return
         finally:

@@ -18,6 +18,7 @@ from shared.errors import InvalidName
 from shared.messages import EndpointSpec, Event
 from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import job_endpoints
+from shared.messages.web import TokenRecord
 
 
 def endpoints(svc: str) -> tuple[EndpointSpec[Any, Any], ...]:
@@ -38,8 +39,10 @@ def spec(svc: str, verb: str) -> EndpointSpec[Any, Any]:
 
 def event_types() -> list[type[Event]]:
     """Every tagged Event subclass of every domain, in definition order."""
-    for svc in subjects.SERVICES:
-        importlib.import_module(f"shared.messages.{svc}")
+    modules = ["shared.messages", "shared.messages.jobs",
+               *(f"shared.messages.{svc}" for svc in (*subjects.SERVICES, subjects.WEB))]
+    for module in modules[2:]:
+        importlib.import_module(module)
     found: list[type[Event]] = []
 
     def walk(cls: type[Event]) -> None:
@@ -49,9 +52,7 @@ def event_types() -> list[type[Event]]:
             walk(sub)
 
     walk(Event)
-    # Stable whatever the import order: the base module, jobs, then the agents in order.
-    modules = ["shared.messages", "shared.messages.jobs",
-               *(f"shared.messages.{svc}" for svc in subjects.SERVICES)]
+    # Stable whatever the import order: the base module, jobs, the agents in order, the web.
 
     def rank(cls: type[Event]) -> tuple[int, str]:
         module = modules.index(cls.__module__) if cls.__module__ in modules else len(modules)
@@ -78,7 +79,7 @@ def _type_name(tp: Any) -> str:
     text = getattr(tp, "__name__", None) if isinstance(tp, type) else None
     text = text or repr(tp)
     for noise in ("typing.", "shared.messages.", "hardware.", "vm.", "storage.", "catalogue.",
-                  "jobs.", "net.", "<class '", "'>"):
+                  "jobs.", "net.", "web.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text
 
@@ -135,7 +136,8 @@ def markdown() -> str:
         "`Nats-Msg-Id` = event id |",
         f"| KV buckets | `{subjects.KV_HOSTS}` (heartbeats, key `<host>.<agent>`, TTL), "
         f"`{subjects.KV_VMS}`, `{subjects.KV_IMAGES}`, `{subjects.KV_IDEMPOTENCY}` (replies to "
-        "keyed requests, key `<host>.<service>.<verb>.<sha256 of the key>`, TTL 24 h) |",
+        "keyed requests, key `<host>.<service>.<verb>.<sha256 of the key>`, TTL 24 h), "
+        f"`{subjects.KV_WEB_TOKENS}` (the web gateway's tokens, key: the token's sha256) |",
         "| micro services | `phyllome-<service>` (`$SRV.PING/INFO/STATS`) |",
         "| idempotency | request header `Phy-Idempotency-Key`: acted on once per host, "
         "service and verb; a repeat gets the first reply, another body with the key a "
@@ -170,6 +172,10 @@ def markdown() -> str:
             "| type | fields |", "|---|---|"]
     for tp in _structs(Heartbeat):
         out.append(f"| `{_tag(tp)}` | {_fields(tp)} |")
+    out += ["", f"## KV `{subjects.KV_WEB_TOKENS}` records", "",
+            "A web API token (key: the sha256 of the token, hex); the token itself is never",
+            "stored.", "", "| type | fields |", "|---|---|",
+            f"| `{_tag(TokenRecord)}` | {_fields(TokenRecord)} |"]
     return "\n".join(out) + "\n"
 
 

@@ -85,6 +85,24 @@ class PayloadTooLarge(BadRequest):
     kind = "payload_too_large"
 
 
+class Unauthorized(PhyError):
+    """No credentials, or credentials that name no one (the web gateway's tokens)."""
+
+    code = 401
+    kind = "unauthorized"
+
+
+class TooManyRequests(PhyError):
+    """Refused for a while after repeated failures (bad tokens); retry after the delay."""
+
+    code = 429
+    kind = "too_many_requests"
+
+    def __init__(self, message: str, *, origin: str = "", retry_after: float = 0.0) -> None:
+        super().__init__(message, origin=origin)
+        self.retry_after = retry_after
+
+
 class Forbidden(PhyError):
     """Refused by policy (a safety rule, a permission)."""
 

@@ -1,7 +1,8 @@
 """Least-privilege NATS identities and TLS for a Phyllome host or cluster.
 
 ``generate(dir, hosts)`` writes a CA and a server certificate (openssl), one user per agent
-of each host, an ``operator`` (the CLI) and a ``monitor`` (read-only), and ``admin`` (used
+and one for the web gateway of each host, an ``operator`` (the CLI) and a ``monitor``
+(read-only), and ``admin`` (used
 only by ``phyllome up --secure`` to create the stream and buckets); ``server_conf(dir)`` is
 the nats-server ``authorization`` + ``tls`` block; each identity gets an env file::
 
@@ -13,7 +14,8 @@ calls only the peer endpoints ``PEER_CALLS`` names for it, publishes only its ow
 ``phy.evt.<host>.<agent>.>``, its own heartbeat key and its own kept replies
 (``idempotency`` keys ``<host>.<agent>.>``), and reads only the KV buckets it needs; the
 operator may request any endpoint but the ``AGENT_ONLY`` ones, and may not publish events or
-write KV; the monitor may only read.
+write KV but the web tokens; the web gateway may request what the operator may, publish only
+its audit events and read the tokens; the monitor may only read.
 
 The permission layer is the only guard on who calls what: a NATS request carries no identity
 its receiver can trust (headers are whatever the publisher wrote), so a handler cannot tell
@@ -38,14 +40,15 @@ from shared.messages import net as net_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 
-ROLES = (*subjects.SERVICES, "operator", "monitor", "admin")
+ROLES = (*subjects.SERVICES, subjects.WEB, "operator", "monitor", "admin")
 # KV buckets each role may read (watch/get) and write (put).
 KV_READ = {
     "hardware": [subjects.KV_HOSTS, subjects.KV_IDEMPOTENCY],
     "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
     "storage": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IDEMPOTENCY],
     "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
-    "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
+    subjects.WEB: [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_WEB_TOKENS],
+    "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_WEB_TOKENS],
     "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
 }
 KV_WRITE = {"vm": [subjects.KV_VMS], "catalogue": [subjects.KV_IMAGES]}
@@ -140,19 +143,37 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
             *_reads(KV_READ[role], stream_reads=True),
             "$SRV.>",
         ]
+        subscribe = [f"phy.{own}.*", "$SRV.>", inbox]
+        if role == "vm":  # its consoles' sessions (shared/console.py): the VM's end
+            publish.append(f"phy.con.{host}.*.client")
+            subscribe.append(f"phy.con.{host}.*.vm")
         return {
             "publish": {"allow": publish, "deny": ["phy.evt.*.*"]},
-            "subscribe": {"allow": [f"phy.{own}.*", "$SRV.>", inbox]},
+            "subscribe": {"allow": subscribe},
             "allow_responses": True,
         }
+    not_agents = [*(f"phy.*.{s.service}.{s.verb}" for s in AGENT_ONLY),
+                  *(f"phy.*.{svc}.{verb}" for r in PEER_SUBJECTS.values() for svc, verb in r)]
     if role == "operator":
+        # ``phyllome web token create`` writes the tokens' bucket; no other KV.
+        tokens = subjects.KV_WEB_TOKENS
         return {
-            "publish": {"allow": ["phy.*.*.*", "$SRV.>", *_reads(KV_READ[role], True)],
-                        "deny": ["phy.evt.>", "$KV.>",
-                                 *(f"phy.*.{s.service}.{s.verb}" for s in AGENT_ONLY),
-                                 *(f"phy.*.{svc}.{verb}" for r in PEER_SUBJECTS.values()
-                                   for svc, verb in r)]},
+            "publish": {"allow": ["phy.*.*.*", "$SRV.>", f"$KV.{tokens}.>",
+                                  *_reads(KV_READ[role], True)],
+                        "deny": ["phy.evt.>", *(f"$KV.{b}.>" for b in subjects.KV_BUCKETS
+                                                if b != tokens), *not_agents]},
             "subscribe": {"allow": [inbox]},
+        }
+    if role == subjects.WEB:
+        # The gateway calls what the operator may (its tokens' roles narrow it further) and
+        # publishes its own audit events; events have five tokens or more, so ``phy.*.*.*``
+        # publishes none.
+        subjects.token(host, "host")
+        return {
+            "publish": {"allow": ["phy.*.*.*", f"phy.evt.{host}.{subjects.WEB}.>", "$SRV.>",
+                                  "phy.con.*.*.vm", *_reads(KV_READ[role], True)],
+                        "deny": ["$KV.>", *not_agents]},
+            "subscribe": {"allow": [inbox, "phy.con.*.*.client"]},  # the browser's end
         }
     if role == "monitor":
         return {
@@ -165,7 +186,7 @@ def permissions(role: str, host: str = "") -> dict[str, Any]:
 
 def identities(hosts: list[str]) -> list[tuple[str, str, str]]:
     """(user, role, host) of every identity of these hosts."""
-    out = [(f"{h}-{a}", a, h) for h in hosts for a in subjects.SERVICES]
+    out = [(f"{h}-{a}", a, h) for h in hosts for a in (*subjects.SERVICES, subjects.WEB)]
     return out + [("operator", "operator", ""), ("monitor", "monitor", ""), ("admin", "admin", "")]
 
 

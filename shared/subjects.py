@@ -20,7 +20,11 @@ KV_HOSTS = "hosts"
 KV_VMS = "vms"
 KV_IMAGES = "images"
 KV_IDEMPOTENCY = "idempotency"
-KV_BUCKETS = (KV_HOSTS, KV_VMS, KV_IMAGES, KV_IDEMPOTENCY)
+KV_WEB_TOKENS = "web_tokens"
+KV_BUCKETS = (KV_HOSTS, KV_VMS, KV_IMAGES, KV_IDEMPOTENCY, KV_WEB_TOKENS)
+# The web gateway: an edge beside the agents (it serves no endpoint), whose events are its
+# audit trail ``phy.evt.<host>.web.audit``.
+WEB = "web"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-:]{1,128}$")
 
@@ -51,6 +55,19 @@ def event(host: str, svc: str, kind: str, ident: str | None = None) -> str:
     parts = [token(p, "event kind") for p in kind.split(".")]
     subject = f"phy.evt.{token(host, 'host')}.{service(svc)}.{'.'.join(parts)}"
     return f"{subject}.{token(ident, 'id')}" if ident is not None else subject
+
+
+def web_event(host: str, kind: str) -> str:
+    """Subject of an event of a host's web gateway: ``phy.evt.<host>.web.<kind>``."""
+    return f"phy.evt.{token(host, 'host')}.{WEB}.{token(kind, 'event kind')}"
+
+
+def console(host: str, session: str, towards: str) -> str:
+    """Subject of one direction of a console session (``shared/console.py``):
+    ``phy.con.<host>.<session>.vm`` carries bytes to the VM, ``...client`` to the client."""
+    if towards not in ("vm", "client"):
+        raise InvalidName(f"console direction {towards!r}: vm or client")
+    return f"phy.con.{token(host, 'host')}.{token(session, 'session')}.{towards}"
 
 
 def events_filter(host: str = "*", svc: str = "*", kind: str = ">") -> str:

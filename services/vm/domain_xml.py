@@ -362,3 +362,9 @@ def consoles_of(xml: str) -> dict[str, ConsoleEndpoint]:
         shown = f"[{host}]" if ":" in host else host
         out[kind] = ConsoleEndpoint(host=host, port=port, uri=f"{kind}://{shown}:{port}")
     return out
+
+
+def serial_pty_of(xml: str) -> str:
+    """The pty of a running domain's first serial port ('' when it has none yet)."""
+    source = ET.fromstring(xml).find("devices/serial[@type='pty']/source")
+    return source.get("path", "") if source is not None else ""

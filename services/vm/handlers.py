@@ -23,6 +23,7 @@ from services.vm import hostfs, migration
 from services.vm.accel import Accel
 from services.vm.addresses import AddressWatch
 from services.vm.config import Settings
+from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
 from services.vm.hypervisor import Device, Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.networks import Networks
@@ -68,6 +69,8 @@ from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
     BackupScheduleList,
+    ConsoleOpen,
+    ConsoleSession,
     Disk,
     Nic,
     UsbHostdev,
@@ -132,6 +135,7 @@ class Handlers:
         self.migrations = migration.Migrations(agent, self.states,
                                                Path(settings.migration_dir))
         self.snapshots = Snapshots(self)
+        self.consoles = ConsoleBridge(agent.bus.nc, agent.host)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -152,6 +156,7 @@ class Handlers:
         await self.snapshots.begin()
 
     async def close(self) -> None:
+        await self.consoles.close()
         await self.hv.close()
 
     async def _watch_health(self) -> None:
@@ -580,6 +585,22 @@ class Handlers:
             await self.hv.set_autostart(dom.uuid, spec.autostart)
         await self.states.write(spec, dom, revision=(record.revision if record else 1) + 1)
         return await self._info(dom.uuid)
+
+    async def console(self, req: ConsoleOpen) -> ConsoleSession:
+        """Bridge the VM's VNC display or serial port to a session (``console_bridge``)."""
+        dom = await self.hv.domain(req.vm)
+        if dom.state not in RUNNING:
+            raise Conflict(f"VM {dom.name} is {dom.state}: start it to use its console")
+        if req.kind == "vnc":
+            vnc = (await self.hv.consoles(dom.uuid)).get("vnc")
+            if vnc is None:
+                raise Conflict(f"VM {dom.name} has no VNC display; give it one with "
+                               "`phyllome vm update --display vnc` while it is stopped")
+            target = await tcp_target(vnc.host, vnc.port)
+        else:
+            target = await pty_target(await self.hv.serial_pty(dom.uuid))
+        return await self.consoles.open(uuid=dom.uuid, name=dom.name, kind=req.kind,
+                                        target=target)
 
     async def export_state(self, req: VmRef) -> VmGuestState:
         dom = await self.hv.domain(req.vm)

@@ -112,6 +112,9 @@ class Hypervisor(Protocol):
     async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
         """The VNC and SPICE endpoints of a running domain, by kind (ports exist once it runs)."""
         ...
+    async def serial_pty(self, uuid: str) -> str:
+        """The host's end of a running domain's serial port (a pty path); Conflict if none."""
+        ...
     async def stats(self, uuid: str) -> DomainStats: ...
     async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
         """A running guest's IP addresses: from its guest agent when it answers, else from

@@ -397,6 +397,12 @@ class LibvirtHypervisor:
     async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
         return domain_xml.consoles_of(await self.xml(uuid))
 
+    async def serial_pty(self, uuid: str) -> str:
+        path = domain_xml.serial_pty_of(await self.xml(uuid))
+        if not path:
+            raise Conflict(f"domain {uuid} has no serial pty to open (is it running?)")
+        return path
+
     async def stats(self, uuid: str) -> DomainStats:
         def work() -> DomainStats:
             dom = self._lookup(uuid)

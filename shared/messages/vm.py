@@ -29,6 +29,7 @@ Sound = Literal["ich9", "none"]
 Accelerator = Literal["auto", "kvm", "tcg"]
 DiskBus = Literal["virtio", "sata"]
 NicKind = Literal["network", "bridge", "user"]
+ConsoleKind = Literal["vnc", "serial"]
 # Observed states, libvirt's virDomainState in words; "deleted" only in events.
 VmState = Literal[
     "running", "blocked", "paused", "shutting-down", "shutoff", "crashed", "pmsuspended",
@@ -410,6 +411,28 @@ class BackupScheduleList(msgspec.Struct, frozen=True, kw_only=True,
     schedules: list[BackupSchedule]
 
 
+class ConsoleOpen(msgspec.Struct, frozen=True, kw_only=True, tag="vm.console_open.v1"):
+    """Bridge a running VM's VNC display or serial port to a console session over NATS
+    (``shared/console.py``), so that a client of any host can use it."""
+
+    vm: str
+    kind: ConsoleKind = "vnc"
+
+
+class ConsoleSession(msgspec.Struct, frozen=True, kw_only=True, tag="vm.console_session.v1"):
+    """An open console: bytes to the VM go to ``to_vm``, the VM's come on ``to_client``; the
+    client sends first (an ack of 0 bytes), the agent waits for it."""
+
+    session: str
+    host: str
+    kind: ConsoleKind
+    uuid: str
+    name: str
+    to_vm: str
+    to_client: str
+    window: int  # bytes either side may send ahead of the other's acknowledgement
+
+
 class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"):
     """A VM's state changed; ``event`` is the hypervisor's word (started, stopped, ...)."""
 
@@ -523,10 +546,13 @@ SCHEDULE_BACKUP = EndpointSpec(
     "Set or remove a VM's backup schedule; answers every schedule of this host.")
 BACKUP_SCHEDULES = EndpointSpec(
     "vm", "backup_schedules", Empty, BackupScheduleList, "The backup schedules of this host.")
+CONSOLE = EndpointSpec(
+    "vm", "console", ConsoleOpen, ConsoleSession,
+    "Bridge a running VM's VNC or serial console to a session over NATS.")
 JOBS, JOB, CANCEL = job_endpoints("vm")
 
 # What the vm agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
     CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE, ATTACH_DISK, DETACH_DISK, ATTACH_NIC, DETACH_NIC,
     ATTACH_USB, DETACH_USB, *net_api.ENDPOINTS, SNAPSHOT_CREATE, SNAPSHOT_LIST, SNAPSHOT_REVERT,
-    SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES)
+    SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES, CONSOLE)

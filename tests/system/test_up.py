@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -12,6 +14,12 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def phyllome(*args: str, env: dict[str, str],
@@ -25,12 +33,15 @@ def test_up_status_events_metrics_down(tmp_path: Path) -> None:
     env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "uphost",
            **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
                                                            "CATALOGUE")},
-           "PHYLLOME_ACCELERATOR": "tcg"}
+           "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
     env.pop("PHYLLOME_NATS_URL", None)
     up = phyllome("up", "--detach", "--no-demo", "--listen", "127.0.0.1:-1", env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         assert "phyllome is up on host uphost" in up.stdout
+        web = f"http://{env['PHYLLOME_WEB_LISTEN']}"
+        assert f"UI and API {web}/" in up.stdout
+        assert httpx.get(f"{web}/api/v1/health").json()["host"] == "uphost"
         env["PHYLLOME_NATS_URL"] = (state / "run" / "nats_url").read_text()
         again = phyllome("up", "--detach", env=env)
         assert again.returncode == 0 and "already running" in again.stdout
@@ -73,7 +84,7 @@ def test_up_secure_agents_run_as_themselves_and_anonymous_is_refused(tmp_path: P
     env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "sechost",
            **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
                                                            "CATALOGUE")},
-           "PHYLLOME_ACCELERATOR": "tcg"}
+           "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
     env.pop("PHYLLOME_NATS_URL", None)
     up = phyllome("up", "--detach", "--secure", "--no-demo", "--listen", "127.0.0.1:-1",
                   env=env)
@@ -94,6 +105,18 @@ def test_up_secure_agents_run_as_themselves_and_anonymous_is_refused(tmp_path: P
         events = phyllome("events", "--json", env=operator)
         assert events.stdout.count("agent.started.v1") == 4
         assert "PHYLLOME_NATS_PASSWORD" not in (state / "logs" / "vm.log").read_text()
+        # the web gateway: HTTPS with the host's certificate, as its own NATS identity; the
+        # operator identity writes the tokens
+        made = phyllome("web", "token", "create", "ops", "--role", "viewer", "--json",
+                        env=operator)
+        assert made.returncode == 0, made.stdout + made.stderr
+        token = json.loads(made.stdout)["token"]
+        web = f"https://{env['PHYLLOME_WEB_LISTEN']}"
+        tls = ssl.create_default_context(cafile=str(state / "secure" / "ca.pem"))
+        hosts = httpx.get(f"{web}/api/v1/hosts", verify=tls,
+                          headers={"authorization": f"Bearer {token}"})
+        assert [h["host"] for h in hosts.json()["hosts"]] == ["sechost"], hosts.text
+        assert "PHYLLOME_NATS_PASSWORD" not in (state / "logs" / "web.log").read_text()
     finally:
         down = phyllome("down", env=env)
         assert down.returncode == 0

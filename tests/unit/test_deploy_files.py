@@ -73,7 +73,7 @@ def test_compose_schema_catches_a_broken_file(change: Any, error: str) -> None:
 
 def test_compose_runs_nats_the_agents_and_monitoring_with_their_privileges() -> None:
     services = load_yaml(REPO / "compose.yaml")["services"]
-    assert set(services) == {"nats", *AGENTS, "prometheus", "grafana"}
+    assert set(services) == {"nats", *AGENTS, "web", "prometheus", "grafana"}
     for name in AGENTS:
         assert services[name]["command"] == ["python", "-m", f"services.{name}"]
         assert services[name]["network_mode"] == "host"
@@ -83,6 +83,10 @@ def test_compose_runs_nats_the_agents_and_monitoring_with_their_privileges() -> 
     assert vm["devices"] == ["/dev/kvm:/dev/kvm"] and "/run/libvirt:/run/libvirt" in vm["volumes"]
     assert cat["cap_drop"] == ["ALL"] and "cap_add" not in cat and "devices" not in cat
     assert not any(s.get("privileged") for n, s in services.items() if n != "hardware")
+    web = services["web"]
+    assert web["command"] == ["python", "-m", "services.web"]
+    assert web["cap_drop"] == ["ALL"] and web["read_only"] is True and web["volumes"] == []
+    assert web["environment"]["PHYLLOME_WEB_LISTEN"] == "127.0.0.1:9700"
     mounts = services["prometheus"]["volumes"] + services["grafana"]["volumes"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in mounts
     provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "phyllome.yml")
@@ -126,7 +130,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
             (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/phyllome",
                                                                         str(REPO)))
             units.append(str(tmp_path / unit.name))
-    assert len(units) == 6
+    assert len(units) == 7
     done = subprocess.run([analyze, "verify", "--man=no", *units], capture_output=True,
                           text=True, cwd=tmp_path, timeout=60)
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
@@ -160,9 +164,15 @@ def test_each_agent_unit_runs_its_agent_with_the_hardening_that_fits() -> None:
         assert unit_value(unit, "PrivateDevices") == ["yes"]
         assert unit_value(unit, "ProtectKernelTunables") == ["yes"]
     assert unit_value(SYSTEMD / "phyllome-catalogue.service", "CapabilityBoundingSet") == [""]
+    web = SYSTEMD / "phyllome-web.service"
+    assert unit_value(web, "ExecStart") == ["/opt/phyllome/.venv/bin/python -m services.web"]
+    assert unit_value(web, "DynamicUser") == ["yes"] and unit_value(
+        web, "CapabilityBoundingSet") == [""]
+    assert "phyllome-web.service" in " ".join(unit_value(SYSTEMD / "phyllome.target", "Wants"))
     env = dict(line.split("=", 1) for line in (SYSTEMD / "phyllome.env").read_text().splitlines()
                if line and not line.startswith("#"))
     assert {f"PHYLLOME_{a.upper()}_METRICS_PORT" for a in AGENTS} <= set(env)
+    assert env["PHYLLOME_WEB_LISTEN"] == "127.0.0.1:9700"
 
 
 # -- Prometheus ------------------------------------------------------------------------------
@@ -189,9 +199,10 @@ def test_one_host_config_scrapes_the_agents_default_ports_like_the_cluster_one()
     [job] = one["scrape_configs"]
     assert job["job_name"] == cluster["scrape_configs"][0]["job_name"] == "phyllome"
     scraped = {g["labels"]["agent"]: g["targets"] for g in job["static_configs"]}
-    assert scraped == {a: [f"127.0.0.1:{DEFAULT_METRICS_PORTS[a]}"] for a in AGENTS}
+    assert scraped == {**{a: [f"127.0.0.1:{DEFAULT_METRICS_PORTS[a]}"] for a in AGENTS},
+                       "web": ["127.0.0.1:9700"]}
     sample = json.loads((PROM / "targets" / "example.json.sample").read_text())
-    assert sorted(g["labels"]["agent"] for g in sample) == sorted(AGENTS)
+    assert sorted(g["labels"]["agent"] for g in sample) == sorted([*AGENTS, "web"])
 
 
 def test_alerts_fire_on_the_series_that_should_fire_them() -> None:

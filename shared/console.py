@@ -1,0 +1,184 @@
+"""A console's bytes over NATS: one session, two subjects, sequence numbers, credit.
+
+A web gateway asks the vm agent of a VM's host for a console (``vm.console``); the agent
+connects to the VM's VNC socket or serial pty on its own host and answers a session id.
+From then on bytes travel on ``phy.con.<host>.<session>.vm`` (towards the VM: the
+gateway publishes, the agent reads) and ``phy.con.<host>.<session>.client`` (towards the
+browser), so a console opens through any gateway of the cluster and no console port
+leaves 127.0.0.1. Both ends run a ``ConsoleLink``:
+
+- data: the body is raw bytes, header ``Phy-Seq`` numbers each message from 1; a gap
+  (core NATS dropped one) closes the session rather than corrupt the stream;
+- flow control: a sender keeps at most ``window`` bytes unacknowledged and waits for
+  credit; the reader acknowledges what it has passed on (header ``Phy-Console: ack`` with
+  ``Phy-Ack: <bytes>``) every quarter window. The opener's first ack (0 bytes) also says
+  it listens: the agent sends nothing before, or the VNC server's greeting would be lost;
+- liveness: ``Phy-Console: ping`` every ``PING_S``; a link that heard nothing from its
+  peer for ``IDLE_S`` closes;
+- the end: ``Phy-Console: close`` with ``Phy-Reason``; either side may send it.
+
+    link = ConsoleLink(bus.nc, send=subjects.console(h, s, "vm"),
+                       recv=subjects.console(h, s, "client"))
+    await link.start(opener=True)
+    await link.send(b"keys")
+    data = await link.recv()        # None once the session closed; link.reason says why
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("phyllome.console")
+
+WINDOW = 4 << 20  # bytes a sender may have unacknowledged
+CHUNK = 256 << 10  # largest data message (NATS takes 1 MiB)
+PING_S = 10.0
+IDLE_S = 30.0
+CONTROL, SEQ, ACK, REASON = "Phy-Console", "Phy-Seq", "Phy-Ack", "Phy-Reason"
+
+
+class ConsoleLink:
+    """One end of a console session."""
+
+    def __init__(self, nc: Client, *, send: str, recv: str, window: int = WINDOW,
+                 ping_s: float = PING_S, idle_s: float = IDLE_S) -> None:
+        self.nc, self.send_subject, self.recv_subject = nc, send, recv
+        self.window, self.ping_s, self.idle_s = window, ping_s, idle_s
+        self.peer_listens = asyncio.Event()  # the peer sent something: it is subscribed
+        self.closed = asyncio.Event()
+        self.reason = ""
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued = 0
+        self._sent = self._acked = 0  # bytes, this side's sending
+        self._seq_out = self._seq_in = 0
+        self._taken = self._ack_sent = 0  # bytes, this side's receiving
+        self._credit = asyncio.Event()
+        self._last_heard = time.monotonic()
+        self._sub: Subscription | None = None
+        self._pinger: asyncio.Task[None] | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not taken by ``recv`` yet."""
+        return self._queued
+
+    @property
+    def unacked(self) -> int:
+        """Bytes sent that the peer has not acknowledged yet (at most ``window``)."""
+        return self._sent - self._acked
+
+    async def start(self, *, opener: bool = False) -> None:
+        """Listen; the opener then tells the peer so (the peer waits for it to send)."""
+        self._sub = await self.nc.subscribe(self.recv_subject, cb=self._on_msg)
+        self._pinger = asyncio.create_task(self._ping(), name="console-ping")
+        if opener:
+            await self._control("ack", {ACK: "0"})
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data``, waiting for credit when the peer is ``window`` bytes behind."""
+        size = min(CHUNK, self.window)  # a chunk over the window would wait forever
+        for at in range(0, len(data), size):
+            chunk = data[at:at + size]
+            while self._sent + len(chunk) - self._acked > self.window and not self.closed.is_set():
+                self._credit.clear()
+                await self._wait(self._credit)
+            if self.closed.is_set():
+                return
+            self._seq_out += 1
+            self._sent += len(chunk)
+            await self._publish(chunk, {SEQ: str(self._seq_out)})
+
+    async def recv(self) -> bytes | None:
+        """The next bytes from the peer, or None once the session closed. Calling it again
+        says the last bytes were passed on: that is when they are acknowledged."""
+        if self._taken - self._ack_sent >= self.window // 4:
+            self._ack_sent = self._taken
+            await self._control("ack", {ACK: str(self._taken)})
+        data = await self._queue.get()
+        if data is not None:
+            self._queued -= len(data)
+            self._taken += len(data)
+        return data
+
+    async def close(self, reason: str, *, tell: bool = True) -> None:
+        """End the session (once); ``tell`` the peer unless it is the one that ended it."""
+        if self.closed.is_set():
+            return
+        self._end(reason)
+        if tell:
+            await self._control("close", {REASON: reason[:200]})
+        if self._pinger is not None and self._pinger is not asyncio.current_task():
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _end(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.reason = reason
+            self.closed.set()
+            self._credit.set()
+            self._queue.put_nowait(None)
+
+    async def _wait(self, event: asyncio.Event) -> None:
+        closed = asyncio.ensure_future(self.closed.wait())
+        got = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({closed, got}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            got.cancel()
+
+    async def _publish(self, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.nc.publish(self.send_subject, body, headers=headers)
+        except nats.errors.Error as e:
+            self._end(f"the bus failed: {e!r}")
+
+    async def _control(self, what: str, headers: dict[str, str]) -> None:
+        await self._publish(b"", {CONTROL: what, **headers})
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if self.closed.is_set():
+            return
+        self._last_heard = time.monotonic()
+        self.peer_listens.set()
+        headers = msg.headers or {}
+        control = headers.get(CONTROL)
+        if control == "ack":
+            self._acked = max(self._acked, int(headers.get(ACK, "0") or 0))
+            self._credit.set()
+        elif control == "close":
+            self._end(headers.get(REASON, "closed by the other end"))
+        elif control is None:
+            seq = int(headers.get(SEQ, "0") or 0)
+            if seq != self._seq_in + 1:
+                await self.close(f"console data lost on the way (message {seq} after "
+                                 f"{self._seq_in}); open the console again")
+                return
+            self._seq_in = seq
+            self._queued += len(msg.data)
+            if self._queued > 2 * self.window:
+                await self.close("the other end ignored flow control")
+                return
+            self._queue.put_nowait(msg.data)
+
+    async def _ping(self) -> None:
+        while not self.closed.is_set():
+            await asyncio.sleep(self.ping_s)
+            if time.monotonic() - self._last_heard > self.idle_s:
+                await self.close(f"nothing heard from the other end for {self.idle_s:.0f} s")
+                return
+            await self._control("ping", {})

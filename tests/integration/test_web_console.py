@@ -1,0 +1,183 @@
+"""Consoles over NATS with a real nats-server: the session protocol (``shared/console.py``),
+the vm agent's bridge to a real TCP socket and a real pty, and the gateway's WebSocket
+refusals (libvirt's test driver runs no VNC server;
+tests/system/test_web_guest_console.py opens a real guest's)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
+from shared import subjects
+from shared.bus import Bus
+from shared.console import ConsoleLink
+from shared.natsserver import NatsServer
+from tests.support.agents import agent_in_process
+from tests.support.libvirt import libvirt_test_uri
+from tests.support.nats import nats_server
+from tests.support.wait import until
+from tests.support.web import bearer, gateway_in_process, make_token
+
+__all__ = ["libvirt_test_uri", "nats_server"]
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def bus_of(nats: NatsServer) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(nats.url, name="test", host="h1", give_up_after=5)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def pair(bus: Bus, window: int = 64 << 10, **kw: float) -> tuple[ConsoleLink, ConsoleLink]:
+    """(client, vm) ends of one session."""
+    to_vm, to_client = subjects.console("h1", "s1", "vm"), subjects.console("h1", "s1", "client")
+    vm = ConsoleLink(bus.nc, send=to_client, recv=to_vm, window=window, **kw)
+    client = ConsoleLink(bus.nc, send=to_vm, recv=to_client, window=window, **kw)
+    await vm.start()
+    await client.start(opener=True)
+    await asyncio.wait_for(vm.peer_listens.wait(), 5)
+    return client, vm
+
+
+async def test_a_session_carries_bytes_both_ways_within_its_window(
+        nats_server: NatsServer) -> None:
+    async with bus_of(nats_server) as bus:
+        client, vm = await pair(bus)
+        data = os.urandom(300 << 10)
+        sending = asyncio.create_task(vm.send(data))
+        # the client reads nothing: the VM's end stops at the window, and waits
+        await until("the window to fill", lambda: client.buffered == 64 << 10, timeout=10)
+        assert not sending.done() and vm.unacked == 64 << 10
+        got = b""
+        while len(got) < len(data):
+            chunk = await client.recv()
+            assert chunk is not None
+            got += chunk
+        await asyncio.wait_for(sending, 10)
+        assert got == data
+        await client.send(b"keys")
+        assert await vm.recv() == b"keys"
+        await client.close("the browser closed the console")
+        assert await vm.recv() is None
+        assert vm.reason == "the browser closed the console"
+
+
+async def test_a_lost_message_or_a_silent_peer_ends_the_session(
+        nats_server: NatsServer) -> None:
+    async with bus_of(nats_server) as bus:
+        client, vm = await pair(bus)
+        await vm.send(b"one")
+        assert await client.recv() == b"one"
+        await bus.nc.publish(vm.send_subject, b"three", headers={"Phy-Seq": "3"})
+        assert await client.recv() is None
+        assert "console data lost on the way (message 3 after 1)" in client.reason
+        await asyncio.wait_for(vm.closed.wait(), 5)  # told
+        lonely = ConsoleLink(bus.nc, send=subjects.console("h1", "s2", "vm"),
+                             recv=subjects.console("h1", "s2", "client"), ping_s=0.1, idle_s=0.3)
+        await lonely.start(opener=True)
+        await asyncio.wait_for(lonely.closed.wait(), 5)
+        assert lonely.reason == "nothing heard from the other end for 0 s"
+
+
+async def test_the_bridge_relays_a_vnc_socket_and_a_serial_pty(nats_server: NatsServer) -> None:
+    async def vnc_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"RFB 003.008\n")  # greets at once, as QEMU's does
+        while data := await reader.read(100):
+            writer.write(data.upper())
+        writer.close()
+
+    server = await asyncio.start_server(vnc_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    master, slave = os.openpty()
+    async with bus_of(nats_server) as bus:
+        bridge = ConsoleBridge(bus.nc, "h1", window=1 << 16)
+        try:
+            vnc = await bridge.open(uuid="u1", name="demo", kind="vnc",
+                                    target=await tcp_target("0.0.0.0", port))
+            client = ConsoleLink(bus.nc, send=vnc.to_vm, recv=vnc.to_client)
+            await client.start(opener=True)
+            assert await client.recv() == b"RFB 003.008\n"  # sent before we listened: kept
+            await client.send(b"hello")
+            assert await client.recv() == b"HELLO"
+
+            serial = await bridge.open(uuid="u1", name="demo", kind="serial",
+                                       target=await pty_target(os.ttyname(slave)))
+            assert bridge.open_sessions == 2
+            term = ConsoleLink(bus.nc, send=serial.to_vm, recv=serial.to_client)
+            await term.start(opener=True)
+            os.write(master, b"login: ")
+            assert await term.recv() == b"login: "
+            await term.send(b"root\r")
+            os.set_blocking(master, False)
+            typed = bytearray()
+
+            def guest_read() -> bool:
+                with contextlib.suppress(BlockingIOError):
+                    typed.extend(os.read(master, 100))
+                return bytes(typed) == b"root\r"
+
+            await until("the guest to read the line", guest_read, timeout=5)
+            os.close(master)  # the VM stops: QEMU closes its end
+            assert await asyncio.wait_for(term.recv(), 10) is None
+            assert term.reason.startswith("the VM's console")
+        finally:
+            await bridge.close()
+            server.close()
+            os.close(slave)
+        assert await asyncio.wait_for(client.recv(), 5) is None
+        assert client.reason == "the vm agent stopped"
+        assert bridge.open_sessions == 0
+
+
+async def test_the_console_websocket_closes_with_a_code_that_says_why(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    async with agent_in_process(
+        "vm", nats_server.url, tmp_path, host="h1", libvirt_uri=libvirt_test_uri,
+        accelerator="tcg", extra={"reconcile_s": 3600},
+    ) as _agent, gateway_in_process(nats_server.url, "h1") as gw, httpx.AsyncClient(
+            base_url=gw.url) as http:
+        op = await make_token(gw.bus, "op", "operator")
+        viewer = await make_token(gw.bus, "view", "viewer")
+        for name in ("off", "on"):
+            r = await http.post("/api/v1/vms", headers=bearer(op),
+                                json={"spec": {"name": name, "memory_mib": 64}})
+            assert r.status_code == 201, r.text
+        await http.post("/api/v1/vms/on/start", headers=bearer(op))
+        ws_url = gw.url.replace("http://", "ws://")
+
+        async def closed(path: str, token: str | None) -> tuple[int, str]:
+            headers = bearer(token) if token else {}
+            async with connect(ws_url + path, additional_headers=headers) as ws:
+                with pytest.raises(ConnectionClosed) as e:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert e.value.rcvd is not None
+            return e.value.rcvd.code, e.value.rcvd.reason
+
+        cases = [
+            ("/api/v1/vms/on/console/vnc", None, 4401, "no token"),
+            ("/api/v1/vms/on/console/vnc", "phy_nonsense", 4401, "unknown or revoked token"),
+            ("/api/v1/vms/on/console/vnc", viewer, 4403,
+             "token 'view' is a viewer; the vnc console needs operator"),
+            ("/api/v1/vms/ghost/console/serial", op, 4404, "no VM named 'ghost'"),
+            ("/api/v1/vms/off/console/vnc", op, 4409, "VM off is shutoff: start it"),
+            ("/api/v1/vms/on/console/vnc", op, 4409, "VM on has no VNC display"),
+            ("/api/v1/vms/on/console/serial", op, 4409, "has no serial pty to open"),
+            ("/api/v1/vms/on/console/vnc?host=h9", op, 4503, "no vm agent for host 'h9'"),
+        ]
+        for path, token, code, reason in cases:
+            got = await closed(path, token)
+            assert got[0] == code and reason in got[1], (path, got)
+        r = await http.get("/metrics")
+        assert 'phyllome_web_consoles_open{kind="vnc"} 0.0' not in r.text  # none was opened
