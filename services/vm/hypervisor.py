@@ -112,6 +112,9 @@ class Hypervisor(Protocol):
     async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
         """The VNC and SPICE endpoints of a running domain, by kind (ports exist once it runs)."""
         ...
+    async def vsock_cid(self, uuid: str) -> int:
+        """The guest CID of a running domain's vsock device (0 without one)."""
+        ...
     async def stats(self, uuid: str) -> DomainStats: ...
     async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
         """A running guest's IP addresses: from its guest agent when it answers, else from

@@ -394,6 +394,9 @@ class LibvirtHypervisor:
     async def consoles(self, uuid: str) -> dict[str, ConsoleEndpoint]:
         return domain_xml.consoles_of(await self.xml(uuid))
 
+    async def vsock_cid(self, uuid: str) -> int:
+        return domain_xml.vsock_cid_of(await self.xml(uuid))
+
     async def stats(self, uuid: str) -> DomainStats:
         def work() -> DomainStats:
             dom = self._lookup(uuid)
