@@ -79,7 +79,7 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
     ) for mode in ("sev", "sev-es", "sev-snp", "tdx")},
 }
 # libvirt 9.0's schema (Debian 12) predates these launchSecurity types: validated without.
-NEWER_LAUNCH_SECURITY = {"confidential-sev-snp": "10.5", "confidential-tdx": "11.2"}
+NEWER_LAUNCH_SECURITY = {"confidential-sev-snp", "confidential-tdx"}
 
 
 def _xml(case: str) -> str:
