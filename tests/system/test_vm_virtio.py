@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from shared import contracts
@@ -52,9 +50,7 @@ async def call(agent: Agent, verb: str, req: Any, timeout: float = 30.0) -> Any:
 async def test_vm_guest_mounts_a_share_reads_what_the_host_wrote_and_writes_back(
         nats_server: NatsServer, tmp_path: Path, guest_dir: Path, libvirtd: str,
         tiny_image: TinyImage) -> None:
-    for src in (tiny_image.kernel, tiny_image.initrd):
-        shutil.copy(src, guest_dir / src.name)
-        (guest_dir / src.name).chmod(0o644)
+    kernel, initrd = tiny_image.boot_files_in(guest_dir)
     share = guest_dir / "share"
     share.mkdir()
     (share / "hello.txt").write_text("hello from the host\n")
@@ -62,8 +58,8 @@ async def test_vm_guest_mounts_a_share_reads_what_the_host_wrote_and_writes_back
     async with vm_agent(nats_server, tmp_path, guest_dir) as agent:
         info = await call(agent, "create", VmCreate(spec=VmSpec(
             name=name, firmware="bios", memory_mib=256, vcpus=1, display="none",
-            video="none", kernel=str(guest_dir / "vmlinuz"),
-            initrd=str(guest_dir / "initrd.gz"), cmdline="console=ttyS0 phyllome.share=data")))
+            video="none", kernel=str(kernel), initrd=str(initrd),
+            cmdline="console=ttyS0 phyllome.stay=1 phyllome.share=data")))
         try:
             info = await call(agent, "update", VmUpdate(vm=name, shares=[
                 Share(source=str(share), tag="data")]))
@@ -83,19 +79,15 @@ async def test_vm_vsock_gets_a_guest_cid_or_is_refused_without_vhost_vsock(
         nats_server: NatsServer, tmp_path: Path, guest_dir: Path, libvirtd: str,
         tiny_image: TinyImage) -> None:
     name = f"phy-vsock-{os.getpid()}"
+    kernel, initrd = tiny_image.boot_files_in(guest_dir)
     spec = VmSpec(name=name, firmware="bios", memory_mib=256, vcpus=1, display="none",
-                  video="none", vsock=True, kernel=str(tiny_image.kernel),
-                  initrd=str(tiny_image.initrd), cmdline="console=ttyS0 phyllome.stay=1")
+                  video="none", vsock=True, kernel=str(kernel), initrd=str(initrd),
+                  cmdline="console=ttyS0 phyllome.stay=1")
     async with vm_agent(nats_server, tmp_path, guest_dir) as agent:
         if not Path("/dev/vhost-vsock").exists():
             with pytest.raises(BadRequest, match="no /dev/vhost-vsock: load the vhost_vsock"):
                 await call(agent, "create", VmCreate(spec=spec))
             return
-        for src in (tiny_image.kernel, tiny_image.initrd):
-            shutil.copy(src, guest_dir / src.name)
-            (guest_dir / src.name).chmod(0o644)
-        spec = msgspec.structs.replace(spec, kernel=str(guest_dir / "vmlinuz"),
-                                       initrd=str(guest_dir / "initrd.gz"))
         info = await call(agent, "create", VmCreate(spec=spec))
         try:
             assert info.vsock_cid == 0  # chosen at start
