@@ -13,6 +13,8 @@
     phyllome vm attach-nic demo network:lab          # or bridge:br0, user; detach-nic MAC
     phyllome vm attach-usb demo 046d:c52b            # or bus.device; detach-usb
     phyllome vm snapshot create demo before-upgrade  # and backup/restore: cli/snapshot.py
+    phyllome vm share demo /srv/data data            # virtio-fs (stopped VM); unshare TAG
+    phyllome vm create cc --confidential sev-snp --vsock --input virtio
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from shared.bus import Bus
 from shared.cluster import cluster_vms
 from shared.codec import decode, to_builtins
 from shared.config import default_host, load
-from shared.errors import PhyError, Timeout
+from shared.errors import Conflict, NotFound, PhyError, Timeout
 from shared.messages import catalogue as catalogue_api
 from shared.messages import new_id
 from shared.messages import vm as vm_api
@@ -43,6 +45,7 @@ from shared.messages.net import DEFAULT_NETWORK
 from shared.messages.vm import (
     Disk,
     Nic,
+    Share,
     UsbHostdev,
     VmAttachDisk,
     VmAttachNic,
@@ -107,6 +110,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cmdline", default="")
     p.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--autostart", action="store_true")
+    p.add_argument("--vsock", action="store_true", help="a virtio vsock device (guest CID)")
+    p.add_argument("--input", choices=("usb", "virtio"), default="usb",
+                   help="tablet (and keyboard) on USB or virtio-input")
+    p.add_argument("--confidential", choices=("none", "sev", "sev-es", "sev-snp", "tdx"),
+                   default="none", help="memory-encrypted guest (needs the CPU, KVM, OVMF)")
     p.set_defaults(func=cmd_create)
 
     for verb, doc in (("start", "start a stopped VM"), ("destroy", "power off at once"),
@@ -153,6 +161,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--autostart", choices=("on", "off"), default=None)
     p.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default=None)
     p.set_defaults(func=cmd_update)
+
+    p = cmds.add_parser("share", help="share a host directory with a stopped VM (virtio-fs)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("hostdir", help="an absolute directory on the VM's host")
+    p.add_argument("tag", help="the guest mounts it with `mount -t virtiofs TAG DIR`")
+    p.add_argument("--readonly", action="store_true",
+                   help="refused while hosts run QEMU 7.2's virtiofsd (docs/guests.md)")
+    p.set_defaults(func=cmd_share)
+
+    p = cmds.add_parser("unshare", help="remove a stopped VM's virtio-fs share")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("tag")
+    p.set_defaults(func=cmd_share, hostdir=None, readonly=False)
 
     p = cmds.add_parser("clone", help="copy a stopped VM (new uuid, MACs; disks cloned)")
     common.add_common(p)
@@ -269,7 +292,8 @@ def cmd_create(args: argparse.Namespace) -> None:
             name=args.name, disks=disks, nics=nics, display=args.display, listen=args.listen,
             password=args.password, hostdevs=args.hostdev, nested=args.nested,
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-            accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu, **values)
+            accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu,
+            vsock=args.vsock, input=args.input, confidential=args.confidential, **values)
         if not (args.image or spec.disks or spec.kernel):
             pxe = "can only try a network boot (PXE)" if spec.nics else "will stop in its firmware"
             common.warn(args, f"VM {spec.name} has nothing to boot (no --image, --disk or "
@@ -394,6 +418,28 @@ def cmd_update(args: argparse.Namespace) -> None:
                    autostart=None if args.autostart is None else args.autostart == "on",
                    accelerator=args.accelerator)
     _show_info(args, common.request(args, vm_api.UPDATE, req))
+
+
+def cmd_share(args: argparse.Namespace) -> None:
+    """``share`` adds a share, ``unshare`` removes one: an update of the stopped VM's list."""
+
+    async def go(bus: Bus) -> VmInfo:
+        info: VmInfo = await bus.call(args.host, vm_api.INFO, VmRef(vm=args.vm),
+                                      timeout=args.timeout)
+        shares = [s for s in info.spec.shares if s.tag != args.tag]
+        if args.hostdir is None and len(shares) == len(info.spec.shares):
+            raise NotFound(f"VM {info.name} has no share tagged {args.tag!r}: `phyllome vm "
+                           f"info {info.name}` lists its shares")
+        if args.hostdir is not None:
+            if len(shares) < len(info.spec.shares):
+                raise Conflict(f"VM {info.name} already has a share tagged {args.tag!r}: "
+                               f"pick another tag, or `phyllome vm unshare {info.name} "
+                               f"{args.tag}` first")
+            shares.append(Share(source=args.hostdir, tag=args.tag, readonly=args.readonly))
+        return await bus.call(args.host, vm_api.UPDATE, VmUpdate(vm=args.vm, shares=shares),
+                              timeout=args.timeout)
+
+    _show_info(args, common.call(args, go))
 
 
 def cmd_clone(args: argparse.Namespace) -> None:
@@ -531,5 +577,9 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "addresses": [f"{a.address}/{a.prefix} ({a.nic})" for a in info.addresses]
             + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,
-            "spice": info.spice.uri if info.spice else None}
+            "spice": info.spice.uri if info.spice else None,
+            "shares": [f"{s.source} as {s.tag}" for s in info.spec.shares] or None,
+            "vsock cid": info.vsock_cid or ("at start" if info.spec.vsock else None),
+            "confidential": None if info.spec.confidential == "none"
+            else info.spec.confidential}
     common.print_fields(rows.items())

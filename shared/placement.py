@@ -2,7 +2,8 @@
 
 A host qualifies when it is up, runs a vm and a storage agent, and has what the spec needs:
 memory (free now, and not promised to the VMs already defined there), room in the pool,
-UEFI / Secure Boot firmware, swtpm for a TPM, nested virtualization, and every host device
+UEFI / Secure Boot firmware, swtpm for a TPM, nested virtualization, the memory encryption
+of a confidential guest (SEV, SEV-ES, SEV-SNP or TDX under a usable KVM), and every host device
 the spec names: a GPU with the other functions of its card, an SR-IOV VF, a mediated device,
 each one the host's hardware agent publishes as passable (``HostResources``). Among those,
 the one with the most memory left after the VM wins (ties: the name), so VMs spread.
@@ -22,8 +23,8 @@ import msgspec
 
 from shared.cluster import HostView, cluster_vms, host_views_on
 from shared.errors import InsufficientResources
-from shared.messages.hardware import HostResources
-from shared.messages.vm import VmRecord, VmSpec
+from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.vm import Confidential, VmRecord, VmSpec
 
 if TYPE_CHECKING:
     from shared.bus import Bus
@@ -42,6 +43,7 @@ class Needs(msgspec.Struct, frozen=True, kw_only=True):
     tpm: bool = False
     nested: bool = False
     hostdevs: list[str] = []  # PCI addresses and mdev UUIDs, as the spec names them
+    confidential: Confidential = "none"
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="cluster.placement.v1"):
@@ -56,7 +58,8 @@ def needs(spec: VmSpec, *, disk_bytes: int = 0, pool: str = "default") -> Needs:
     """The needs of ``spec``; ``disk_bytes``: room its new disks take (an image's size)."""
     return Needs(memory_mib=spec.memory_mib, disk_bytes=disk_bytes, pool=pool,
                  uefi=spec.firmware == "uefi", secure_boot=spec.secure_boot,
-                 tpm=spec.tpm != "none", nested=spec.nested, hostdevs=spec.hostdevs)
+                 tpm=spec.tpm != "none", nested=spec.nested, hostdevs=spec.hostdevs,
+                 confidential=spec.confidential)
 
 
 class DeviceFit(msgspec.Struct, frozen=True, kw_only=True):
@@ -167,7 +170,17 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
                                 "no nested virtualization under a usable KVM")):
         if wanted and not have:
             return what
+    if need.confidential != "none" and not confidential(caps, need.confidential):
+        return f"no {need.confidential.upper()} under a usable KVM"
     return device_fit(need.hostdevs, res).refusal if need.hostdevs else None
+
+
+def confidential(caps: HostCaps | None, mode: Confidential) -> bool:
+    """Whether the host's hardware agent found ``mode`` on (CPU flag, KVM module parameter)."""
+    if caps is None or not caps.kvm_usable:
+        return False
+    return {"none": True, "sev": caps.sev, "sev-es": caps.sev_es, "sev-snp": caps.sev_snp,
+            "tdx": caps.tdx}[mode]
 
 
 def memory_left(view: HostView, committed: int) -> int:
@@ -206,6 +219,7 @@ def place(need: Needs, views: Iterable[HostView],
     devices = device_fit(need.hostdevs, res).summary() if need.hostdevs and res else ""
     extras = [w for w, on in (("UEFI", need.uefi), ("Secure Boot", need.secure_boot),
                               ("TPM", need.tpm), ("nested", need.nested),
+                              (need.confidential.upper(), need.confidential != "none"),
                               (devices, devices)) if on]
     reason = (f"{host}: up, {_gib(left)} memory left after this VM (most of {len(fit)} "
               f"host(s) that fit)" + (f", has {', '.join(extras)}" if extras else ""))

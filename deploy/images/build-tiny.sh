@@ -27,7 +27,7 @@ esp_mib=64
 # Drivers the guest loads itself (the cloud kernel has TPM CRB/TIS and the 8250 UART built
 # in, virtio and the rest as modules); modprobe adds their dependencies.
 modules="virtio_pci virtio_blk virtio_net virtio_console virtio_rng virtio_balloon
-         virtio_input efivarfs button evdev"
+         virtio_input virtiofs efivarfs button evdev"
 
 for tool in apt-get apt-cache dpkg-deb depmod modprobe cpio gzip sgdisk mkfs.vfat mmd mcopy \
     sha256sum; do

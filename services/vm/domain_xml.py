@@ -50,6 +50,7 @@ def build(
     _text(dom, "memory", str(spec.memory_mib), unit="MiB")
     _text(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
     _text(dom, "vcpu", str(spec.vcpus), placement="static")
+    _memory_backing(dom, spec)
     _os(dom, spec)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
@@ -67,7 +68,10 @@ def build(
     pm = ET.SubElement(dom, "pm")
     ET.SubElement(pm, "suspend-to-mem", enabled="no")
     ET.SubElement(pm, "suspend-to-disk", enabled="no")
-    _devices(ET.SubElement(dom, "devices"), spec, serial_log)
+    devices = ET.SubElement(dom, "devices")
+    _devices(devices, spec, serial_log)
+    _virtio_devices(devices, spec)
+    _launch_security(dom, devices, spec)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -168,7 +172,7 @@ def _usb(usb: UsbHostdev) -> ET.Element:
 def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
     ET.SubElement(dev, "controller", type="pci", index="0", model="pcie-root")
     ports = (sum(d.bus == "virtio" for d in spec.disks) + len(spec.nics) + len(spec.hostdevs)
-             + BUILTIN_PCI + HOTPLUG_PORTS)
+             + BUILTIN_PCI + HOTPLUG_PORTS + _virtio_pci(spec))
     for index in range(1, ports + 1):
         ET.SubElement(dev, "controller", type="pci", index=str(index), model="pcie-root-port")
     used = {"virtio": 0, "sata": 0}
@@ -191,7 +195,8 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
         ET.SubElement(ch, "target", type="virtio", name="com.redhat.spice.0")
     if spec.usb:
         ET.SubElement(dev, "controller", type="usb", model="qemu-xhci", ports="15")
-        ET.SubElement(dev, "input", type="tablet", bus="usb")
+        if spec.input == "usb":
+            ET.SubElement(dev, "input", type="tablet", bus="usb")
     if spec.display in ("vnc", "both"):
         g = ET.SubElement(dev, "graphics", type="vnc", port="-1", autoport="yes")
         if spec.password:
@@ -219,6 +224,65 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
     for usb in spec.usb_hostdevs:
         dev.append(_usb(usb))
     ET.SubElement(dev, "memballoon", model="virtio" if spec.balloon else "none")
+
+
+# -- VIRTIO 1.2 devices and confidential computing ----------------------------------------
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # Debian's qemu-system-common (QEMU 7.2, C)
+# Guest policies: SEV's bits NODBG|NOKS|DOMAIN|SEV (+ ES), SNP's reserved bit 17 + SMT,
+# TDX's SEPT_VE_DISABLE; debugging stays off in each.
+POLICY = {"sev": "0x0033", "sev-es": "0x0037", "sev-snp": "0x00030000", "tdx": "0x10000000"}
+
+
+def _virtio_pci(spec: VmSpec) -> int:
+    """PCI functions the devices below take (each wants its own root port)."""
+    return len(spec.shares) + spec.vsock + (2 if spec.input == "virtio" else 0)
+
+
+def _memory_backing(dom: ET.Element, spec: VmSpec) -> None:
+    """virtiofsd maps the guest's memory, so a VM with shares has it in a shared memfd."""
+    if spec.shares:
+        backing = ET.SubElement(dom, "memoryBacking")
+        ET.SubElement(backing, "source", type="memfd")
+        ET.SubElement(backing, "access", mode="shared")
+
+
+def _virtio_devices(dev: ET.Element, spec: VmSpec) -> None:
+    for share in spec.shares:
+        fs = ET.SubElement(dev, "filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(fs, "driver", type="virtiofs")
+        ET.SubElement(fs, "binary", path=VIRTIOFSD)
+        ET.SubElement(fs, "source", dir=share.source)
+        ET.SubElement(fs, "target", dir=share.tag)
+    if spec.vsock:
+        ET.SubElement(ET.SubElement(dev, "vsock", model="virtio"), "cid", auto="yes")
+    if spec.input == "virtio":
+        ET.SubElement(dev, "input", type="tablet", bus="virtio")
+        ET.SubElement(dev, "input", type="keyboard", bus="virtio")
+
+
+def _launch_security(dom: ET.Element, dev: ET.Element, spec: VmSpec) -> None:
+    """A confidential guest: ``<launchSecurity>`` with its policy (libvirt picks OVMF by
+    the descriptor feature ``amd-sev``/``amd-sev-es``/``amd-sev-snp``/``intel-tdx``), and
+    every virtio device behind the IOMMU (``iommu_platform``), since the host can only
+    reach the pages the guest shares through it."""
+    if spec.confidential == "none":
+        return
+    launch = ET.SubElement(dom, "launchSecurity",
+                           type="sev" if spec.confidential == "sev-es" else spec.confidential)
+    _text(launch, "policy", POLICY[spec.confidential])
+    if spec.guest_agent or spec.display in ("spice", "both"):
+        ET.SubElement(dev, "controller", type="virtio-serial", index="0")
+    for el in dev:
+        if el.tag in ("disk", "filesystem"):
+            driver = el.find("driver")
+            if driver is not None:
+                driver.set("iommu", "on")
+        elif el.tag in ("interface", "rng", "memballoon", "vsock", "video") \
+                and el.get("model", "virtio") == "virtio" \
+                or el.tag == "controller" and el.get("type") == "virtio-serial" \
+                or el.tag == "input" and el.get("bus") == "virtio":
+            ET.SubElement(el, "driver", iommu="on")
 
 
 def _hostdev(dev: ET.Element, address: str) -> None:
@@ -346,6 +410,12 @@ def nvram_of(xml: str) -> str:
     """The NVRAM file libvirt chose for a UEFI domain ('' for BIOS)."""
     el = ET.fromstring(xml).find("os/nvram")
     return el.text or "" if el is not None else ""
+
+
+def vsock_cid_of(xml: str) -> int:
+    """The guest CID libvirt chose for the vsock device of a running domain (0: none)."""
+    cid = ET.fromstring(xml).find("devices/vsock/cid")
+    return int(cid.get("address", "0")) if cid is not None else 0
 
 
 def consoles_of(xml: str) -> dict[str, ConsoleEndpoint]:

@@ -37,6 +37,7 @@ from services.vm.spec import (
     random_mac,
 )
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
+from shared import placement
 from shared.agent import Agent
 from shared.errors import (
     BadRequest,
@@ -109,6 +110,11 @@ log = logging.getLogger("phyllome.vm")
 # A VM's spec with one device more or less, that device, and how events name it.
 Change = Callable[[VmSpec], tuple[VmSpec, Device, str]]
 PEER_TIMEOUT_S = 10.0
+# The firmware descriptor feature libvirt looks for, and the OVMF build that has it.
+FIRMWARE_FEATURE = {"sev": "amd-sev", "sev-es": "amd-sev-es", "sev-snp": "amd-sev-snp",
+                    "tdx": "intel-tdx"}
+FIRMWARE_BUILD = {"sev": "OvmfX64", "sev-es": "OvmfX64", "sev-snp": "AmdSev",
+                  "tdx": "IntelTdx"}
 JOB_TIMEOUT_S = 3600.0
 HEALTH_S = 60.0  # how often the host's problems (hypervisor.problems) are checked again
 
@@ -222,6 +228,9 @@ class Handlers:
         if spec.nested and accel != "kvm":
             raise BadRequest(f"nested virtualization needs KVM, and VM {spec.name} would run "
                              f"under TCG ({self.decision.note})")
+        if spec.confidential != "none" and accel != "kvm":
+            raise BadRequest(f"--confidential {spec.confidential} needs KVM, and VM {spec.name} "
+                             f"would run under TCG ({self.decision.note})")
         if spec.cpu == "host-passthrough" and accel != "kvm":
             raise BadRequest(f"--cpu host-passthrough needs KVM, and VM {spec.name} would run "
                              "under TCG: use --cpu maximum, a named model, or leave it out")
@@ -262,6 +271,27 @@ class Handlers:
             modules = ", ".join(caps.kvm_modules) or "kvm_intel/kvm_amd"
             raise BadRequest(f"host {self.host} does not allow nested virtualization: load "
                              f"{modules} with nested=1, or drop --nested")
+
+    async def _check_devices(self, spec: VmSpec) -> None:
+        """Refuse shares, vsock or a confidential mode this host cannot give the VM."""
+        for share in spec.shares:
+            await asyncio.to_thread(hostfs.check_share_dir, share.source)
+        if spec.vsock:
+            hostfs.check_vsock()
+        mode = spec.confidential
+        if mode == "none":
+            return
+        caps: HostCaps = await self.agent.bus.call(self.host, hardware_api.CAPS, Empty(),
+                                                   timeout=PEER_TIMEOUT_S)
+        if not placement.confidential(caps, mode):
+            raise BadRequest(f"host {self.host} has no {mode.upper()} under a usable KVM (the "
+                             "hardware agent's caps: CPU flag, KVM module parameter): "
+                             "place the VM on a host that has it, or drop --confidential")
+        feature = FIRMWARE_FEATURE[mode]
+        if feature not in await asyncio.to_thread(hostfs.firmware_features):
+            raise BadRequest(f"host {self.host} has no OVMF build for {mode} (no firmware "
+                             f"descriptor with {feature!r} in {', '.join(hostfs.FIRMWARE_DIRS)})"
+                             f": install one (OVMF's {FIRMWARE_BUILD[mode]} build)")
 
     async def _check_hostdevs(self, devs: list[str]) -> None:
         """Refuse devices the hardware agent does not call bound to vfio-pci or bindable."""
@@ -415,7 +445,9 @@ class Handlers:
             vcpus=spec.vcpus, memory_mib=spec.memory_mib, cpu_time_s=stats.cpu_time_s,
             memory_rss_bytes=stats.memory_rss_bytes, autostart=dom.autostart,
             vnc=consoles.get("vnc"), spice=consoles.get("spice"), addresses=addresses,
-            address_source=source, spec=redacted(spec))
+            address_source=source, spec=redacted(spec),
+            vsock_cid=await self.hv.vsock_cid(dom.uuid) if spec.vsock and dom.state in RUNNING
+            else 0)
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -427,6 +459,7 @@ class Handlers:
             check_spec(spec)
             self._accelerator(spec)
             await self._check_nested(spec)
+            await self._check_devices(spec)
             await self._refuse_duplicate(spec)
             await self.states.refuse_foreign(spec.uuid, spec.name)
             await self._check_memory(spec)
@@ -579,6 +612,7 @@ class Handlers:
         check_spec(spec)
         await self._check_memory(spec)
         await self._check_nested(spec)
+        await self._check_devices(spec)
         await self._check_hostdevs([d for d in spec.hostdevs if d not in old.hostdevs])
         dom = await self._define(spec)
         if spec.autostart != old.autostart:
@@ -621,6 +655,10 @@ class Handlers:
         """Cold migration to ``req.to``, a job run here (see ``services.vm.migration``)."""
         dom = await self.hv.domain(req.vm)
         await self.snapshots.refuse_migration(dom)
+        record, _ = await self.states.load(dom.uuid)
+        if record is not None and record.spec.confidential != "none":
+            raise BadRequest(f"VM {dom.name} is a {record.spec.confidential} guest, bound to "
+                             "this host's secure processor: it cannot migrate")
 
         async def work(job: Job) -> dict[str, object]:
             with self.metrics.operation("migrate"), self.snapshots.migrating(dom.uuid):

@@ -122,3 +122,42 @@ def read_all(directory: Path, suffix: str) -> list[bytes]:
         return [p.read_bytes() for p in sorted(directory.glob(f"*{suffix}"))]
     except OSError as e:
         raise BackendError(f"reading {directory}: {e.strerror}") from None
+
+
+def check_share_dir(path: str) -> None:
+    """Refuse a virtio-fs share whose host directory is missing or not a directory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"share directory {path} does not exist on this host: create it "
+                       "first") from None
+    except OSError as e:
+        raise BadRequest(f"share directory {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadRequest(f"share {path} is not a directory: share a directory")
+
+
+VHOST_VSOCK = "/dev/vhost-vsock"
+
+
+def check_vsock(device: str = VHOST_VSOCK) -> None:
+    """Refuse a vsock device on a host whose kernel cannot back it (no vhost_vsock)."""
+    if not os.path.exists(device):
+        raise BadRequest(f"this host has no {device}: load the vhost_vsock kernel module "
+                         "(modprobe vhost_vsock), or drop --vsock")
+
+
+FIRMWARE_DIRS = ("/etc/qemu/firmware", "/usr/share/qemu/firmware")
+
+
+def firmware_features(dirs: tuple[str, ...] = FIRMWARE_DIRS) -> set[str]:
+    """Every feature the host's QEMU firmware descriptors offer (``amd-sev``,
+    ``intel-tdx``, ...): libvirt picks a confidential guest's OVMF among them."""
+    features: set[str] = set()
+    for directory in dirs:
+        for desc in sorted(Path(directory).glob("*.json")):
+            try:
+                features.update(json.loads(desc.read_text()).get("features", []))
+            except (OSError, ValueError, AttributeError):
+                continue
+    return features

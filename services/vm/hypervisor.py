@@ -115,6 +115,10 @@ class Hypervisor(Protocol):
     async def serial_pty(self, uuid: str) -> str:
         """The host's end of a running domain's serial port (a pty path); Conflict if none."""
         ...
+
+    async def vsock_cid(self, uuid: str) -> int:
+        """The guest CID of a running domain's vsock device (0 without one)."""
+        ...
     async def stats(self, uuid: str) -> DomainStats: ...
     async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
         """A running guest's IP addresses: from its guest agent when it answers, else from

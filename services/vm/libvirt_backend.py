@@ -403,6 +403,9 @@ class LibvirtHypervisor:
             raise Conflict(f"domain {uuid} has no serial pty to open (is it running?)")
         return path
 
+    async def vsock_cid(self, uuid: str) -> int:
+        return domain_xml.vsock_cid_of(await self.xml(uuid))
+
     async def stats(self, uuid: str) -> DomainStats:
         def work() -> DomainStats:
             dom = self._lookup(uuid)

@@ -15,9 +15,9 @@ import ipaddress
 import re
 import secrets
 
-from shared.errors import BadRequest, InvalidName
+from shared.errors import BadRequest, Conflict, InvalidName
 from shared.messages.net import NetworkSpec
-from shared.messages.vm import Disk, UsbHostdev, VmSpec
+from shared.messages.vm import Disk, Share, UsbHostdev, VmSpec
 from shared.validate import PCI_ADDRESS
 
 MIN_MEMORY_MIB = 16
@@ -33,6 +33,8 @@ CPU_MODES = ("host-passthrough", "maximum", "host-model")  # else a named model
 _CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _USB_ID = re.compile(r"^[0-9a-f]{4}$")
 # Network names become host bridge names (``phy-<name>``, at most 15 characters).
+# A virtio-fs tag: the guest's ``mount -t virtiofs TAG`` (QEMU allows 36 bytes).
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,35}$")
 _NETWORK = re.compile(r"^[a-z][a-z0-9-]{0,10}$")
 _BRIDGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 MIN_PREFIX, MAX_PREFIX = 8, 29  # a /30 leaves no address for DHCP beside the host's
@@ -122,6 +124,47 @@ def check_spec(spec: VmSpec) -> None:
         check_usb(usb)
     if spec.usb_hostdevs and not spec.usb:
         raise BadRequest("USB passthrough needs the VM's USB controller (usb: true)")
+    check_shares(spec.shares)
+    check_confidential(spec)
+
+
+def check_shares(shares: list[Share]) -> list[Share]:
+    """Shares with sane tags, each tag once; whether the directory exists is the host's."""
+    seen: set[str] = set()
+    for share in shares:
+        _check_path(share.source)
+        if not _TAG.match(share.tag):
+            raise BadRequest(f"share tag {share.tag!r} is not valid: use 1-36 letters, digits, "
+                             "'-', '_' or '.', starting with a letter or digit")
+        if share.tag in seen:
+            raise Conflict(f"VM already has a share tagged {share.tag!r}: pick another tag")
+        seen.add(share.tag)
+        if share.readonly:
+            raise BadRequest(
+                f"share {share.tag}: QEMU 7.2's virtiofsd cannot export read-only; drop "
+                "--readonly and share a read-only bind mount (mount --bind -o ro) instead")
+    return shares
+
+
+def check_confidential(spec: VmSpec) -> None:
+    """What a confidential guest cannot have, whatever the host (the host's part comes at
+    create: its CPU, KVM module and firmware)."""
+    mode = spec.confidential
+    if mode == "none":
+        return
+    if spec.firmware != "uefi":
+        raise BadRequest(f"--confidential {mode} boots OVMF: use --firmware uefi")
+    if spec.secure_boot and mode != "sev":
+        raise BadRequest(f"--confidential {mode} needs firmware without SMM, which cannot "
+                         "keep Secure Boot's variables safe: drop --secure-boot")
+    if spec.accelerator == "tcg":
+        raise BadRequest(f"--confidential {mode} needs the CPU's memory encryption under "
+                         "KVM: use --accelerator kvm or auto")
+    if spec.hostdevs or spec.usb_hostdevs:
+        raise BadRequest(f"--confidential {mode}: a passed-through device could read the "
+                         "guest's memory by DMA; drop --hostdev and USB passthrough")
+    if spec.nested:
+        raise BadRequest(f"--confidential {mode} guests cannot run nested VMs: drop --nested")
 
 
 def check_disk(disk: Disk) -> Disk:

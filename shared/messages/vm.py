@@ -30,6 +30,8 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 DiskBus = Literal["virtio", "sata"]
 NicKind = Literal["network", "bridge", "user"]
 ConsoleKind = Literal["vnc", "serial"]
+InputBus = Literal["usb", "virtio"]
+Confidential = Literal["none", "sev", "sev-es", "sev-snp", "tdx"]
 # Observed states, libvirt's virDomainState in words; "deleted" only in events.
 VmState = Literal[
     "running", "blocked", "paused", "shutting-down", "shutoff", "crashed", "pmsuspended",
@@ -74,6 +76,17 @@ class UsbHostdev(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.vendor}:{self.product}" if self.vendor else f"{self.bus}.{self.device}"
 
 
+class Share(msgspec.Struct, frozen=True, kw_only=True):
+    """A host directory the guest mounts with virtio-fs: ``mount -t virtiofs TAG /mnt``.
+
+    ``readonly`` is refused while hosts run QEMU 7.2's C virtiofsd, which cannot export
+    read-only (share a read-only bind mount instead)."""
+
+    source: str  # an absolute directory on the VM's host
+    tag: str  # what the guest mounts it by
+    readonly: bool = False
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What a VM should be; the agent owns the libvirt XML it becomes."""
 
@@ -108,6 +121,11 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     cmdline: str = ""
     autostart: bool = False
     accelerator: Accelerator = "auto"
+    # VIRTIO 1.2 devices and confidential computing (docs/guests.md)
+    shares: list[Share] = []  # virtio-fs; memory is then shared (memfd) for virtiofsd
+    vsock: bool = False  # a virtio vsock device; its guest CID is chosen at start
+    input: InputBus = "usb"  # tablet (+ keyboard for virtio) on USB or virtio-input
+    confidential: Confidential = "none"  # AMD SEV / SEV-ES / SEV-SNP or Intel TDX (KVM)
 
 
 class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -192,6 +210,7 @@ class VmInfo(msgspec.Struct, frozen=True, kw_only=True, tag="vm.info.v1"):
     spice: ConsoleEndpoint | None = None
     addresses: list[GuestAddress] = []
     address_source: AddressSource = ""  # the QEMU guest agent, else DHCP leases
+    vsock_cid: int = 0  # the guest's vsock address while it runs (0: no vsock, or stopped)
     spec: VmSpec
 
 
@@ -246,6 +265,7 @@ class VmUpdate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.update.v1"):
     autostart: bool | None = None
     accelerator: Accelerator | None = None
     hostdevs: list[str] | None = None
+    shares: list[Share] | None = None
 
 
 class VmClone(msgspec.Struct, frozen=True, kw_only=True, tag="vm.clone.v1"):

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from services.hardware.hostwatch import HostWatch
-from services.hardware.inventory import Inventory
+from services.hardware.inventory import Inventory, host_caps
 from services.hardware.resources import mdev_rooms, memory_bytes, passable
 from services.hardware.sysfs import Sysfs
 from shared.cluster import HostView, host_views
@@ -220,3 +220,29 @@ def test_a_card_bound_to_vfio_gives_each_function_alone(tmp_path: Path) -> None:
     bound = view("desk", devices=passable(devices), mdevs=mdev_rooms(devices))
     choice = place(needs(VmSpec(name="x", hostdevs=NVIDIA_CARD[:1])), [bound])
     assert choice.reason.endswith("has UEFI, 1 GPU(s)")
+
+
+def caps_view(host: str, fixture: str, tmp_path: Path, *, kvm_usable: bool = True) -> HostView:
+    """A host whose hardware agent read its caps from fixture tree ``fixture``."""
+    tree = FIXTURES[fixture]()
+    fs = Sysfs(str(build(tmp_path / host, tree).root), root_dev=tree.root_dev)
+    caps = msgspec.structs.replace(host_caps(fs, None), kvm_usable=kvm_usable)
+    return msgspec.structs.replace(view(host), caps=caps)
+
+
+@pytest.mark.parametrize(("mode", "host"), [("sev-snp", "epyc"), ("sev-es", "epyc"),
+                                             ("sev", "epyc"), ("tdx", "spr")])
+def test_a_confidential_vm_goes_where_its_technology_is(tmp_path: Path, mode: str,
+                                                        host: str) -> None:
+    views = [caps_view("epyc", "epyc-snp", tmp_path),
+             caps_view("spr", "sapphire-rapids-tdx", tmp_path),
+             caps_view("amd", "amd-desktop", tmp_path)]
+    choice = place(needs(VmSpec(name="x", confidential=mode)), views)  # type: ignore[arg-type]
+    assert choice.host == host and mode.upper() in choice.reason
+    assert choice.passed_over["amd"] == f"no {mode.upper()} under a usable KVM"
+
+
+def test_a_confidential_vm_needs_a_usable_kvm(tmp_path: Path) -> None:
+    with pytest.raises(InsufficientResources, match="epyc: no SEV-SNP under a usable KVM"):
+        place(needs(VmSpec(name="x", confidential="sev-snp")),
+              [caps_view("epyc", "epyc-snp", tmp_path, kvm_usable=False)])

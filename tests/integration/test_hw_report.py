@@ -42,7 +42,8 @@ def summary(report: HwReport) -> dict[str, Any]:
         "host": {"cpu_vendor": h.cpu_vendor, "virt_extension": h.virt_extension,
                  "nested": h.nested, "iommu": h.iommu, "iommu_hint": h.iommu_hint,
                  "kvm_usable": h.kvm_usable,
-                 "sev": h.sev, "sgx": h.sgx},
+                 "sev": h.sev, "sev_es": h.sev_es, "sev_snp": h.sev_snp, "tdx": h.tdx,
+                 "sgx": h.sgx},
         "devices": {d.address: {"kind": d.kind, "verdict": d.passthrough.verdict,
                                 "companions": d.passthrough.companions,
                                 "shares_with": d.passthrough.shares_with,
@@ -68,6 +69,17 @@ def test_fixture_verdicts(name: str, tmp_path: Path) -> None:
     if regenerating():
         path.write_text(json.dumps(got, indent=1) + "\n")
     assert got == json.loads(path.read_text())
+
+
+def test_confidential_hosts_have_their_caps(tmp_path: Path) -> None:
+    """The EPYC reports SEV, SEV-ES and SEV-SNP, the Sapphire Rapids TDX; the AMD desktop's
+    CPU flag alone (kvm_amd sev=N) is no SEV."""
+    caps = {name: report_of(name, tmp_path).host
+            for name in ("epyc-snp", "sapphire-rapids-tdx", "amd-desktop")}
+    got = {name: (h.sev, h.sev_es, h.sev_snp, h.tdx) for name, h in caps.items()}
+    assert got == {"epyc-snp": (True, True, True, False),
+                   "sapphire-rapids-tdx": (False, False, False, True),
+                   "amd-desktop": (False, False, False, False)}
 
 
 def test_expert_verdicts_spelled_out(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
     Disk,
     Nic,
+    Share,
     UsbHostdev,
     VmAttachDisk,
     VmAttachNic,
@@ -51,6 +52,7 @@ from shared.messages.vm import (
     VmGuestState,
     VmInfo,
     VmListRequest,
+    VmMigrate,
     VmRef,
     VmSpec,
     VmUpdate,
@@ -585,3 +587,47 @@ async def test_vm_import_state_never_writes_where_a_domain_points(
         with pytest.raises(Forbidden, match="outside libvirt's folder"):
             await call(agent, "import_state", VmGuestState(uuid=FOREIGN, nvram=b"x"))
     assert list(outside.iterdir()) == []
+
+
+async def test_vm_shares_are_checked_on_the_host_and_kept_in_the_definition(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "file").write_text("x")
+    async with vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="fs", memory_mib=64)))
+        with pytest.raises(NotFound, match="does not exist on this host: create it"):
+            await call(agent, "update", VmUpdate(vm="fs", shares=[
+                Share(source=str(tmp_path / "missing"), tag="m")]))
+        with pytest.raises(BadRequest, match="is not a directory"):
+            await call(agent, "update", VmUpdate(vm="fs", shares=[
+                Share(source=str(tmp_path / "file"), tag="f")]))
+        info = await call(agent, "update", VmUpdate(vm="fs", shares=[
+            Share(source=str(data), tag="data")]))
+        assert info.spec.shares == [Share(source=str(data), tag="data")]
+        xml = await agent.handlers.hv.xml(info.uuid)
+        assert f"<source dir='{data}'/>" in xml and "<access mode='shared'/>" in xml
+        info = await call(agent, "update", VmUpdate(vm="fs", shares=[]))
+        assert "virtiofs" not in await agent.handlers.hv.xml(info.uuid)
+        assert info.vsock_cid == 0
+
+
+async def test_vm_confidential_needs_the_hosts_technology(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """The EPYC's hardware agent reports SEV-SNP but no boot probe passed (no usable KVM);
+    the Sapphire Rapids has no SEV at all; a TCG host refuses before asking."""
+    async with hardware_agent(nats_server, tmp_path, "epyc-snp"), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        with pytest.raises(BadRequest, match="needs KVM, and VM cc would run under TCG"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="cc", memory_mib=64, confidential="sev-snp")))
+        with pytest.raises(BadRequest, match="host h1 has no SEV-SNP under a usable KVM"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="cc", memory_mib=64, confidential="sev-snp", accelerator="kvm")))
+        assert await agent.handlers.hv.domains() == []
+        # one defined as on a host with SEV (libvirt 9 knows no sev-snp) stays where it is
+        spec = VmSpec(name="cc", uuid=FOREIGN, memory_mib=64, confidential="sev")
+        dom = await agent.handlers.hv.define(spec, accelerator="kvm", console_log="/dev/null")
+        await agent.handlers.states.write(spec, dom)
+        with pytest.raises(BadRequest, match="sev guest.*cannot migrate"):
+            await call(agent, "migrate", VmMigrate(vm="cc", to="h2"))

@@ -723,10 +723,49 @@ def iommu_ungrouped() -> Host:
     return replace(desktop, name="iommu-ungrouped", iommu=("dmar1",), devices=devices)
 
 
+def epyc_snp() -> Host:
+    """EPYC 9654 (Genoa) server with SEV, SEV-ES and SEV-SNP enabled in kvm_amd."""
+    return Host(
+        name="epyc-snp", cpu_vendor="amd", cpu_flags=AMD_CPU + ("sev", "sev_es", "sev_snp"),
+        iommu=("ivhd0",), root_dev="259:1",
+        kvm_modules={"kvm_amd": {"nested": "1", "sev": "Y", "sev_es": "Y", "sev_snp": "Y"}},
+        devices=[
+            Pci(addr="0000:00:00.0", vendor=0x1022, device=0x14A4, cls=0x060000, group=0),
+            Pci(addr="0000:00:01.1", vendor=0x1022, device=0x14AB, cls=0x060400,
+                driver="pcieport", group=1),
+            Pci(addr="0000:01:00.0", vendor=0x144D, device=0xA824, cls=0x010802,
+                driver="nvme", group=2, parent="0000:00:01.1",
+                block=(("nvme0n1", "259:0"),), subsys=(0x144D, 0xA801)),
+            Pci(addr="0000:00:03.1", vendor=0x1022, device=0x14AB, cls=0x060400,
+                driver="pcieport", group=3),
+            Pci(addr="0000:41:00.0", vendor=0x15B3, device=0x101D, cls=0x020000,
+                driver="mlx5_core", group=4, parent="0000:00:03.1", net=("ens1f0np0",)),
+        ])
+
+
+def sapphire_rapids_tdx() -> Host:
+    """Xeon Platinum 8480+ (Sapphire Rapids) server with TDX on in kvm_intel."""
+    return Host(
+        name="sapphire-rapids-tdx", cpu_vendor="intel", cpu_flags=INTEL_CPU,
+        iommu=("dmar0",), root_dev="259:1",
+        kvm_modules={"kvm_intel": {"nested": "Y", "tdx": "Y"}},
+        devices=[
+            Pci(addr="0000:00:00.0", vendor=0x8086, device=0x09A2, cls=0x080000, group=0),
+            Pci(addr="0000:00:01.0", vendor=0x8086, device=0x352A, cls=0x060400,
+                driver="pcieport", group=1),
+            Pci(addr="0000:01:00.0", vendor=0x8086, device=0x0B60, cls=0x010802,
+                driver="nvme", group=2, parent="0000:00:01.0",
+                block=(("nvme0n1", "259:0"),), subsys=(0x8086, 0x8008)),
+            Pci(addr="0000:00:1f.6", vendor=0x8086, device=0x1593, cls=0x020000,
+                driver="ice", group=3, net=("eno1",)),
+        ])
+
+
 FIXTURES: dict[str, Callable[[], Host]] = {
     "intel-desktop": intel_desktop, "amd-desktop": amd_desktop, "laptop": laptop,
     "single-gpu": single_gpu, "sriov-nic": sriov_nic, "intel-gvtg": intel_gvtg,
     "iommu-off": iommu_off, "iommu-ungrouped": iommu_ungrouped,
+    "epyc-snp": epyc_snp, "sapphire-rapids-tdx": sapphire_rapids_tdx,
 }
 
 

@@ -57,6 +57,15 @@ class TinyImage:
     manifest: Path
     kernel_version: str
 
+    def boot_files_in(self, folder: Path) -> tuple[Path, Path]:
+        """Copies of the kernel and initrd in ``folder`` (one QEMU can read), readable by all."""
+        copies = []
+        for src in (self.kernel, self.initrd):
+            shutil.copy(src, folder / src.name)
+            (folder / src.name).chmod(0o644)
+            copies.append(folder / src.name)
+        return copies[0], copies[1]
+
 
 def missing_tools() -> list[str]:
     """Host tools the build needs that are not on PATH (apt packages: see the README)."""
