@@ -40,11 +40,9 @@ from shared.natsserver import NatsServer
 from tests.cluster.test_migration import pair
 from tests.support.agents import REPO, agent_in_process
 from tests.support.libvirt import TEST_HOST_XML
-from tests.support.nats import nats_server
 from tests.support.tarballs import tpm_state
 from tests.support.wait import until
 
-__all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import Cluster, Hosts
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.tiny import TinyImage
 
-__all__ = ["tiny_image"]
 pytestmark = pytest.mark.cluster
 SENT = re.compile(r"sending disk 1/1 \S+ (\d+)%")
 

@@ -44,10 +44,8 @@ from shared.messages.vm import (
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess, agent_in_process
 from tests.support.libvirt import TEST_HOST_XML, libvirtd_with_test_driver
-from tests.support.nats import nats_server
 from tests.support.wait import until
 
-__all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
 
 SIZE = 32 << 20

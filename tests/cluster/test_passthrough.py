@@ -22,10 +22,8 @@ from shared.natsserver import NatsServer
 from shared.placement import choose
 from tests.support.agents import agent_in_process
 from tests.support.libvirt import TEST_HOST_XML
-from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, build
 
-__all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
 
 HOSTS = {"a": "intel-desktop", "b": "intel-desktop", "c": "sriov-nic", "d": "intel-gvtg"}

@@ -36,10 +36,7 @@ from shared.messages.jobs import JobFinished, JobList, JobProgress, JobRef, JobS
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config
 from tests.support.errors import error_classes
-from tests.support.nats import nats_server
 from tests.support.wait import until
-
-__all__ = ["nats_server"]
 
 
 class Echo(msgspec.Struct, frozen=True, kw_only=True, tag="test.echo.v1"):

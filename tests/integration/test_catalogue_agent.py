@@ -37,13 +37,11 @@ from shared.messages.jobs import JobRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.gpg import Signer
-from tests.support.httpserver import FileServer, make_sparse_raw, srv
-from tests.support.nats import nats_server
+from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.require import require
 from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 

@@ -15,11 +15,9 @@ import pytest
 from shared.agent import Agent
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.httpserver import FileServer, make_sparse_raw, srv
-from tests.support.nats import nats_server
+from tests.support.httpserver import FileServer, make_sparse_raw
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 

@@ -18,11 +18,9 @@ from services.catalogue.config import Settings
 from services.catalogue.download import ImageStore
 from shared.errors import Forbidden, InsufficientResources, NotFound
 from shared.messages.catalogue import CatalogueEntry, Download
-from tests.support.httpserver import FileServer, make_sparse_raw, srv
-from tests.support.loopfs import small_ext4  # noqa: F401
+from tests.support.httpserver import FileServer, make_sparse_raw
 
 pytestmark = pytest.mark.integration
-__all__ = ["srv"]
 MiB = 1 << 20
 
 
@@ -274,7 +272,7 @@ async def test_image_bigger_than_free_space_refused_before_download(
 
 
 async def test_pool_filling_up_mid_download_is_insufficient_resources(
-        srv: FileServer, small_ext4: Path) -> None:  # noqa: F811
+        srv: FileServer, small_ext4: Path) -> None:
     raw = make_sparse_raw(srv.root / "disk.raw", 32 * MiB)
     s = ImageStore(Settings(pool_dir=str(small_ext4 / "pool"), builtin_dir=str(srv.root),
                             retries=0), host="h1")

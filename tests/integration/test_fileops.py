@@ -15,12 +15,10 @@ import pytest
 
 from shared import fileops
 from shared.errors import BackendError, BadRequest, Cancelled, InsufficientResources
-from tests.support.loopfs import (  # noqa: F401
+from tests.support.loopfs import (
     make_sparse,
     same_sparse_content,
     scatter,
-    small_ext4,
-    xfs_reflink,
 )
 
 MiB = 1 << 20
@@ -69,7 +67,7 @@ def test_an_error_other_than_enxio_is_raised_not_taken_for_the_end() -> None:
         os.close(w)
 
 
-def test_clone_on_ext4_is_a_sparse_copy(small_ext4: Path) -> None:  # noqa: F811
+def test_clone_on_ext4_is_a_sparse_copy(small_ext4: Path) -> None:
     src, dst = small_ext4 / "src", small_ext4 / "dst"
     data = scatter(GiB, 8, MiB)
     make_sparse(src, GiB, data)
@@ -79,7 +77,7 @@ def test_clone_on_ext4_is_a_sparse_copy(small_ext4: Path) -> None:  # noqa: F811
     assert allocated(dst) < 9 * MiB  # the holes stayed holes: 8 MiB of data in 1 GiB
 
 
-def test_clone_on_xfs_is_a_reflink(xfs_reflink: Path) -> None:  # noqa: F811
+def test_clone_on_xfs_is_a_reflink(xfs_reflink: Path) -> None:
     src, dst = xfs_reflink / "src", xfs_reflink / "dst"
     make_sparse(src, 20 * GiB, scatter(20 * GiB, 16, MiB))
     with opened(src) as s, opened(dst, os.O_RDWR | os.O_CREAT) as d:
@@ -88,7 +86,7 @@ def test_clone_on_xfs_is_a_reflink(xfs_reflink: Path) -> None:  # noqa: F811
 
 
 def test_reflink_across_filesystems_says_copy_instead(tmp_path: Path,
-                                                       xfs_reflink: Path) -> None:  # noqa: F811
+                                                       xfs_reflink: Path) -> None:
     make_sparse(xfs_reflink / "src", 4 * MiB, [(0, MiB)])
     with opened(xfs_reflink / "src") as s, opened(tmp_path / "dst", os.O_RDWR | os.O_CREAT) as d:
         assert not fileops.reflink(s, d)  # EXDEV
@@ -151,7 +149,7 @@ def test_write_atomic_replaces_and_never_follows_a_link(tmp_path: Path) -> None:
     assert outside.read_bytes() == b"keep" and target.read_bytes() == b"two"
 
 
-def test_a_full_filesystem_is_insufficient_resources(small_ext4: Path) -> None:  # noqa: F811
+def test_a_full_filesystem_is_insufficient_resources(small_ext4: Path) -> None:
     filler = small_ext4 / "filler"
     free = os.statvfs(small_ext4).f_bavail * os.statvfs(small_ext4).f_frsize
     subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)

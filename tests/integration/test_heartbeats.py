@@ -31,11 +31,9 @@ from shared.messages.hosts import Heartbeat, HeartbeatDetails
 from shared.messages.vm import AcceleratorDecision
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config, agent_in_process
-from tests.support.nats import nats_server
 from tests.support.sysfs_tree import FIXTURES, TreeKernel, build
 from tests.support.wait import until
 
-__all__ = ["nats_server"]
 pytestmark = pytest.mark.integration
 
 

@@ -37,7 +37,6 @@ from shared.messages.hardware import (
 from shared.messages.hosts import Heartbeat
 from shared.messages.jobs import JobStatus
 from tests.support.agents import REPO, agent_in_process
-from tests.support.nats import nats_server  # noqa: F401
 from tests.support.sysfs_tree import FIXTURES, Pci, TreeBuilder, TreeKernel, build
 from tests.support.wait import until
 
@@ -78,7 +77,7 @@ async def job_done(agent: Agent, job_id: str) -> JobStatus:
     return await asyncio.wait_for(agent.jobs.wait(job_id), 30)
 
 
-async def test_reads_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_reads_over_the_bus(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
         bus = agent.bus
         gpus = await bus.call("h1", hardware_api.LIST, DeviceQuery(kind="gpu"))
@@ -102,7 +101,7 @@ async def test_reads_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa:
 
 
 async def test_caps_in_the_heartbeat_and_the_boot_probe_decides(
-        nats_server, tmp_path: Path) -> None:  # noqa: F811
+        nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
         kv = await agent.bus.kv(subjects.KV_HOSTS)
 
@@ -122,7 +121,7 @@ async def test_caps_in_the_heartbeat_and_the_boot_probe_decides(
         assert caps.kvm_usable is False
 
 
-async def test_bind_and_release_jobs_with_events(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_bind_and_release_jobs_with_events(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b), \
             events(agent, "device.changed") as changed:
         bus = agent.bus
@@ -146,7 +145,7 @@ async def test_bind_and_release_jobs_with_events(nats_server, tmp_path: Path) ->
             await bus.call("h1", hardware_api.RELEASE, DeviceRef(address="0000:01:00.0"))
 
 
-async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, _b):
         gate = asyncio.Event()
         bind = handlers.ops.bind
@@ -173,7 +172,7 @@ async def test_two_binds_of_one_group_at_once(nats_server, tmp_path: Path) -> No
         assert (await job_done(agent, again.job_id)).state == "succeeded"
 
 
-async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder):
         handlers.fs.after_write = TreeKernel(builder, {"bus/pci/drivers_probe": 2})
         accepted = await agent.bus.call("h1", hardware_api.BIND,
@@ -186,7 +185,7 @@ async def test_failed_bind_job_reports_the_rollback(nats_server, tmp_path: Path)
 
 
 async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
-        nats_server, tmp_path: Path) -> None:  # noqa: F811
+        nats_server, tmp_path: Path) -> None:
     """An unbind that never returns (a FIFO with no reader) must not stop the agent."""
     async with hw_agent(nats_server.url, tmp_path, sysfs_write_timeout_s=6) as (
             agent, handlers, builder):
@@ -223,7 +222,7 @@ async def test_a_bind_the_driver_blocks_fails_and_the_agent_keeps_serving(
         await until("the stuck write to return", lambda: not handlers.fs.stuck, timeout=30)
 
 
-async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
         accepted = await agent.bus.call("h1", hardware_api.BIND,
                                         BindRequest(address="0000:01:00.0"))
@@ -236,7 +235,7 @@ async def test_bind_refused_while_a_vm_holds_the_group(nats_server, tmp_path: Pa
             await agent.bus.call("h1", hardware_api.RELEASE, DeviceRef(address="0000:01:00.3"))
 
 
-async def test_mdev_and_sriov_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_mdev_and_sriov_over_the_bus(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
         info = await agent.bus.call("h1", hardware_api.MDEV_CREATE, MdevCreate(
             address="0000:00:02.0", mdev_type="i915-GVTg_V5_8"))
@@ -252,7 +251,7 @@ async def test_mdev_and_sriov_over_the_bus(nats_server, tmp_path: Path) -> None:
         assert sum(isinstance(e, DeviceAdded) for e in got) == 3
 
 
-async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_uevents_update_one_device_and_publish(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, handlers, builder), \
             events(agent, "device.*") as seen:
         builder.unbind("0000:01:00.1")
@@ -286,7 +285,7 @@ async def phyllome(agent: Agent, *argv: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_cli_through_the_agent(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_cli_through_the_agent(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path) as (agent, _h, _b):
         rc, out, err = await phyllome(agent, "list", "--class", "gpu", "--json")
         assert rc == 0, err
@@ -310,7 +309,7 @@ async def test_cli_through_the_agent(nats_server, tmp_path: Path) -> None:  # no
     assert rc == 3  # the agent (and its NATS connection) is gone
 
 
-async def test_cli_mdev_and_sriov(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_cli_mdev_and_sriov(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
         rc, out, err = await phyllome(agent, "mdev", "types", "--json")
         assert rc == 0, err

@@ -9,11 +9,8 @@ import httpx
 
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.nats import nats_server
 from tests.support.require import require_binary
 from tests.support.sysfs_tree import build, intel_desktop
-
-__all__ = ["nats_server"]
 
 
 async def test_passthrough_series_match_the_inventory(nats_server: NatsServer,

@@ -24,12 +24,10 @@ from shared.messages.jobs import JobRef
 from shared.messages.storage import CloneVolume, CreateVolume
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.httpserver import FileServer, make_sparse_raw, srv
-from tests.support.nats import nats_server
+from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
-__all__ = ["nats_server", "srv"]
 MiB = 1 << 20
 
 

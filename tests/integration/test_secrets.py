@@ -16,10 +16,6 @@ from shared.messages import vm as vm_api
 from shared.messages.vm import VmCreate, VmInfo, VmListRequest, VmRef, VmSpec, VmUpdate
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import libvirt_test_uri
-from tests.support.nats import nats_server
-
-__all__ = ["libvirt_test_uri", "nats_server"]
 
 SECRET = "s3cr3tpw"
 

@@ -33,11 +33,8 @@ from shared.messages.jobs import JobRef
 from shared.messages.vm import VmClone, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.libvirt import libvirt_test_uri
 from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.wait import until
-
-__all__ = ["libvirt_test_uri"]
 
 
 @pytest.fixture

@@ -42,8 +42,7 @@ from shared.messages.storage import (
     VolumeRef,
 )
 from tests.support.agents import REPO, agent_in_process
-from tests.support.loopfs import make_sparse, same_sparse_content, scatter, small_ext4  # noqa: F401
-from tests.support.nats import nats_server  # noqa: F401
+from tests.support.loopfs import make_sparse, same_sparse_content, scatter
 from tests.support.require import require
 
 pytestmark = pytest.mark.integration
@@ -61,7 +60,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
         pools = await bus.call("h1", storage_api.POOLS, Empty())
@@ -106,7 +105,7 @@ async def test_create_clone_info_delete(nats_server, tmp_path: Path) -> None:  #
         assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src = await a.bus.call("h1", storage_api.CREATE,
@@ -122,7 +121,7 @@ async def test_send_between_two_agents(nats_server, tmp_path: Path) -> None:  # 
         assert st.result["wire_bytes"] <= 1.05 * got.allocated_bytes
 
 
-async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
         for name in ("a/b", "..", "x\x00y", "-x", "x" * 300):
@@ -143,7 +142,7 @@ async def test_bad_requests_over_the_bus(nats_server, tmp_path: Path) -> None:  
         assert os.listdir(pool) == ["evil"]
 
 
-async def test_two_clones_to_one_destination_and_cancel(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_two_clones_to_one_destination_and_cancel(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a:
         bus = a.bus
         src = await bus.call("h1", storage_api.CREATE, CreateVolume(name="src",
@@ -160,7 +159,7 @@ async def test_two_clones_to_one_destination_and_cancel(nats_server, tmp_path: P
         assert (await finished(bus, "h1", again.job_id)).state == "succeeded"
 
 
-async def test_volume_of_a_running_vm_is_not_touched(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_volume_of_a_running_vm_is_not_touched(nats_server, tmp_path: Path) -> None:
     from shared import subjects
     from shared.codec import encode
     from shared.messages.vm import Disk, VmRecord, VmSpec
@@ -185,7 +184,7 @@ async def test_volume_of_a_running_vm_is_not_touched(nats_server, tmp_path: Path
         await bus.call("h1", storage_api.DELETE, VolumeRef(name="web-disk"))
 
 
-async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src = await a.bus.call("h1", storage_api.CREATE, CreateVolume(name="v",
@@ -207,7 +206,7 @@ async def test_offer_for_a_volume_that_exists_on_the_receiver(nats_server, tmp_p
 
 
 async def test_offer_too_big_for_the_filesystem_leaves_nothing_held(
-        nats_server, tmp_path: Path, small_ext4: Path) -> None:  # noqa: F811
+        nats_server, tmp_path: Path, small_ext4: Path) -> None:
     pool = small_ext4 / "pool"
     async with agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
                                 extra={"pools": {"default": str(pool)}}) as b:
@@ -226,7 +225,7 @@ async def test_offer_too_big_for_the_filesystem_leaves_nothing_held(
         assert len(bytes.fromhex(accepted.chunk_key)) == 32
 
 
-async def test_cli(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_cli(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1"), \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         async def cli(*args: str) -> tuple[int, str, str]:

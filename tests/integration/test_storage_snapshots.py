@@ -15,9 +15,8 @@ from services.storage.snapshots import Snapshots
 from services.storage.volumes import Pools
 from shared.errors import BadRequest, Conflict, InsufficientResources, InvalidName, NotFound
 from shared.messages.storage import VolumeRef
-from tests.support.loopfs import make_sparse, same_sparse_content, small_ext4, xfs_reflink
+from tests.support.loopfs import make_sparse, same_sparse_content
 
-__all__ = ["small_ext4", "xfs_reflink"]
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20

@@ -25,13 +25,10 @@ from shared.errors import (
     InvalidName,
     NotFound,
 )
-from tests.support.loopfs import (  # noqa: F401
-    ext4,
+from tests.support.loopfs import (
     make_sparse,
     same_sparse_content,
     scatter,
-    small_ext4,
-    xfs_reflink,
 )
 from tests.support.require import require
 
@@ -48,7 +45,7 @@ def pools(tmp_path: Path) -> Iterator[Pools]:
 
 
 @pytest.fixture
-def ext4_pools(ext4: Path) -> Iterator[Pools]:  # noqa: F811
+def ext4_pools(ext4: Path) -> Iterator[Pools]:
     """Pools on a loop-mounted ext4, so the sparse-copy path is the one taken."""
     p = Pools({"default": str(ext4 / "pool")})
     assert not p.pool("default").reflink
@@ -232,7 +229,7 @@ def test_cancel_mid_clone_leaves_nothing(pools: Pools) -> None:
     assert [v.name for v in pools.volumes("default")] == ["src"]
 
 
-def test_enospc_mid_clone_is_clean(tmp_path: Path, small_ext4: Path) -> None:  # noqa: F811
+def test_enospc_mid_clone_is_clean(tmp_path: Path, small_ext4: Path) -> None:
     pools = Pools({"default": str(tmp_path / "pool"), "small": str(small_ext4 / "pool")})
     try:
         src = Path(pools.path_of("default", "src"))
@@ -261,7 +258,7 @@ def test_enospc_mid_clone_is_clean(tmp_path: Path, small_ext4: Path) -> None:  #
         pools.close()
 
 
-def test_reflink_clone_on_xfs(xfs_reflink: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_reflink_clone_on_xfs(xfs_reflink: Path, tmp_path: Path) -> None:
     pools = Pools({"xfs": str(xfs_reflink / "pool"), "ext4": str(tmp_path / "pool")})
     try:
         assert pools.pool("xfs").reflink and not pools.pool("ext4").reflink

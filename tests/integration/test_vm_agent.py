@@ -59,12 +59,10 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import TEST_HOST_XML, VmEvents, libvirt_test_uri, vm_events
-from tests.support.nats import nats_server
+from tests.support.libvirt import TEST_HOST_XML, VmEvents, vm_events
 from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.tarballs import hostile_tpm_states, tpm_state, tree
 
-__all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
 
 HOST = "h1"

@@ -15,11 +15,8 @@ from cli.vm import ensure_demo
 from shared.agent import Agent
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.libvirt import libvirt_test_uri
-from tests.support.nats import nats_server
 
 pytestmark = pytest.mark.integration
-__all__ = ["libvirt_test_uri", "nats_server"]
 
 
 async def phyllome(agent: Agent, *argv: str) -> tuple[int, str, str]:

@@ -23,12 +23,9 @@ from services.vm import health
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
 from tests.support.kvm import KVM, closed_kvm, require_qemu_in_kvm
-from tests.support.libvirt import libvirt_test_uri
-from tests.support.nats import nats_server
 from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
-__all__ = ["libvirt_test_uri", "nats_server"]
 
 def test_vm_health_sees_a_kvm_node_closed_to_qemu() -> None:
     with closed_kvm():

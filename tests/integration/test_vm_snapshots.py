@@ -46,13 +46,9 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import libvirt_test_uri
-from tests.support.loopfs import small_ext4
-from tests.support.nats import nats_server
 from tests.support.tarballs import tpm_state
 from tests.support.wait import until
 
-__all__ = ["libvirt_test_uri", "nats_server", "small_ext4"]
 pytestmark = pytest.mark.integration
 
 HOST = "h1"

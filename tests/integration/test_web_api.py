@@ -22,12 +22,9 @@ from shared.agent import Agent
 from shared.messages.web import WebAudit
 from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
-from tests.support.libvirt import libvirt_test_uri
-from tests.support.nats import nats_server
 from tests.support.wait import until
 from tests.support.web import bearer, gateway_in_process, make_token
 
-__all__ = ["libvirt_test_uri", "nats_server"]
 pytestmark = pytest.mark.integration
 
 HOST = "h1"

@@ -15,11 +15,9 @@ from shared.messages.catalogue import ImageRef, PullRequest, SourceAdd
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
 from tests.support.httpserver import FileServer, make_sparse_raw
-from tests.support.nats import nats_server
 from tests.support.wait import until
 
 pytestmark = pytest.mark.reliability
-__all__ = ["nats_server"]
 MiB = 1 << 20
 
 

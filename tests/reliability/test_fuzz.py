@@ -77,13 +77,10 @@ from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.figures import figure
 from tests.support.fuzz import Tally, fuzz_payloads, send
-from tests.support.httpserver import FileServer, make_sparse_raw, srv
+from tests.support.httpserver import FileServer, make_sparse_raw
 from tests.support.libvirt import TEST_HOST_XML
-from tests.support.nats import nats_server
 from tests.support.sentinel import Sentinel
 from tests.support.sysfs_tree import Host, Pci, TreeKernel, build, intel_gvtg
-
-__all__ = ["nats_server", "srv"]
 
 FUZZ_PER_AGENT = int(os.environ.get("PHYLLOME_FUZZ_PER_AGENT", "10000"))
 CONCURRENCY = 64

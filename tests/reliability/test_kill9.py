@@ -23,9 +23,6 @@ from shared.messages.jobs import JobAccepted
 from shared.messages.storage import CloneVolume, CreateVolume, ListVolumes, VolumeList
 from shared.natsserver import NatsServer
 from tests.support.agents import AgentProcess
-from tests.support.nats import nats_server
-
-__all__ = ["nats_server"]
 
 MiB = 1 << 20
 

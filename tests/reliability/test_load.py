@@ -27,9 +27,6 @@ from shared.natsserver import NatsServer
 from tests.reliability.test_fuzz import overrides
 from tests.support.agents import agent_in_process
 from tests.support.figures import FULL, figure
-from tests.support.nats import nats_server
-
-__all__ = ["nats_server"]
 
 CHEAP = {"hardware": "list", "vm": "list", "storage": "pools", "catalogue": "sources"}
 

@@ -42,13 +42,11 @@ from shared.messages.storage import (
     VolumeQuery,
 )
 from tests.support.agents import AgentProcess, agent_in_process
-from tests.support.loopfs import (  # noqa: F401
+from tests.support.loopfs import (
     make_sparse,
     same_sparse_content,
     scatter,
-    small_ext4,
 )
-from tests.support.nats import nats_server  # noqa: F401
 from tests.support.wait import until
 
 SIZE = 2 << 30
@@ -136,7 +134,7 @@ async def rollbacks(bus: Bus, host: str) -> list[TransferFailed]:
     return [e async for e in _events(bus, host) if e.error_kind == "rolled_back"]
 
 
-async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src, st = await source(a.bus)
@@ -156,7 +154,7 @@ async def test_corrupted_chunk_is_detected_and_sent_again(nats_server, tmp_path:
 
 
 async def test_chunk_with_a_damaged_signature_is_dropped_and_sent_again(
-        nats_server, tmp_path: Path) -> None:  # noqa: F811
+        nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1",
                                 extra={"chunk_timeout_s": 1.0}) as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
@@ -175,7 +173,7 @@ async def test_chunk_with_a_damaged_signature_is_dropped_and_sent_again(
 
 
 async def test_forged_chunks_are_dropped_and_the_transfer_succeeds(
-        nats_server, tmp_path: Path) -> None:  # noqa: F811
+        nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src, st = await source(a.bus)
@@ -223,7 +221,7 @@ def _scrape(url: str) -> str:
     return httpx.get(url, timeout=5).text
 
 
-async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path) -> None:
     receiver = AgentProcess("storage", nats_server.url, tmp_path / "h2", "h2")
     await receiver.start()
     try:
@@ -254,7 +252,7 @@ async def test_receiver_killed_and_restarted_resumes(nats_server, tmp_path: Path
         await receiver.stop()
 
 
-async def test_nats_restarted_mid_transfer(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_nats_restarted_mid_transfer(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2") as b:
         src, st = await source(a.bus)
@@ -274,7 +272,7 @@ def hidden(pool: Path) -> list[str]:
     return sorted(p.name for p in pool.iterdir() if p.name.startswith("."))
 
 
-async def test_cancelled_send_is_rolled_back_on_the_receiver(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_cancelled_send_is_rolled_back_on_the_receiver(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         src, st = await source(a.bus)
@@ -289,7 +287,7 @@ async def test_cancelled_send_is_rolled_back_on_the_receiver(nats_server, tmp_pa
         assert src.stat().st_mtime_ns == st.st_mtime_ns
 
 
-async def test_sender_killed_receiver_rolls_back_when_idle(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_sender_killed_receiver_rolls_back_when_idle(nats_server, tmp_path: Path) -> None:
     sender = AgentProcess("storage", nats_server.url, tmp_path / "h1", "h1")
     await sender.start()
     try:
@@ -318,7 +316,7 @@ async def _events(bus: Bus, host: str) -> Any:
         yield event_decoder().decode(data)
 
 
-async def test_receiver_pool_too_small(nats_server, tmp_path: Path, small_ext4: Path) -> None:  # noqa: F811
+async def test_receiver_pool_too_small(nats_server, tmp_path: Path, small_ext4: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2",
                              extra={"pools": {"default": str(small_ext4 / "pool")}}):
@@ -330,7 +328,7 @@ async def test_receiver_pool_too_small(nats_server, tmp_path: Path, small_ext4: 
         assert list((small_ext4 / "pool").iterdir()) == []
 
 
-async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:
     async with agent_in_process("storage", nats_server.url, tmp_path / "h1", "h1") as a, \
             agent_in_process("storage", nats_server.url, tmp_path / "h2", "h2"):
         await source(a.bus)
@@ -345,7 +343,7 @@ async def test_bandwidth_limit(nats_server, tmp_path: Path) -> None:  # noqa: F8
         assert completed.rate_bytes_s <= 1.1 * (64 << 20)
 
 
-async def test_sender_killed_and_send_again_resumes(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_sender_killed_and_send_again_resumes(nats_server, tmp_path: Path) -> None:
     sender = AgentProcess("storage", nats_server.url, tmp_path / "h1", "h1")
     await sender.start()
     try:

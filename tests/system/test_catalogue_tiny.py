@@ -13,11 +13,9 @@ from shared.messages import catalogue as catalogue_api
 from shared.messages.catalogue import ImageRef
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.nats import nats_server
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.tiny import TinyImage
 
 pytestmark = pytest.mark.system
-__all__ = ["nats_server", "tiny_image"]
 MiB = 1 << 20
 
 

@@ -13,7 +13,6 @@ from shared.messages import Empty
 from shared.messages import hardware as hardware_api
 from shared.messages.hardware import DeviceQuery
 from tests.support.agents import AgentProcess
-from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +56,7 @@ def test_report_on_this_machine() -> None:
         assert any("root filesystem" in x for x in holder[-1]["passthrough"]["host_loses"])
 
 
-async def test_agent_process_on_this_machine(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_agent_process_on_this_machine(nats_server, tmp_path: Path) -> None:
     """`python -m services.hardware` as a real process: caps carry the ioctl check only."""
     require(os.path.isdir("/sys/bus/pci/devices"), "a real /sys with PCI devices")
     proc = AgentProcess("hardware", nats_server.url, tmp_path, host="h1")

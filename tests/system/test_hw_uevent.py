@@ -14,13 +14,12 @@ from shared import subjects
 from shared.contracts import event_decoder
 from shared.messages.hardware import DeviceChanged
 from tests.support.agents import agent_in_process
-from tests.support.nats import nats_server  # noqa: F401
 from tests.support.require import require, require_root
 
 pytestmark = pytest.mark.system
 
 
-async def test_kernel_uevent_to_bus_event(nats_server, tmp_path: Path) -> None:  # noqa: F811
+async def test_kernel_uevent_to_bus_event(nats_server, tmp_path: Path) -> None:
     require_root()
     devices = sorted(os.listdir("/sys/bus/pci/devices")) if os.path.isdir("/sys/bus/pci") else []
     require(bool(devices), "PCI devices in /sys")

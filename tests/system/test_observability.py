@@ -47,12 +47,9 @@ from shared.messages.hardware import BindRequest, DeviceList, DeviceQuery
 from shared.messages.storage import CloneVolume, ImportVolume, ListVolumes, SendVolume
 from shared.messages.vm import Disk, VmCreate, VmListRequest, VmRef, VmSpec
 from tests.support.httpserver import FileServer
-from tests.support.libvirt import guest_dir, libvirtd
 from tests.support.prometheus import Prometheus, panel_queries, running_prometheus
 from tests.support.require import require, require_binary
-from tests.support.tiny import TinyImage, tiny_image
-
-__all__ = ["guest_dir", "libvirtd", "tiny_image"]
+from tests.support.tiny import TinyImage
 
 pytestmark = pytest.mark.system
 

@@ -24,9 +24,8 @@ import pytest
 
 from tests.support.libvirt import markers
 from tests.support.require import require, require_binary
-from tests.support.tiny import BUILD_SCRIPT, REPO, TinyImage, tiny_image
+from tests.support.tiny import BUILD_SCRIPT, REPO, TinyImage
 
-__all__ = ["tiny_image"]
 pytestmark = [pytest.mark.system]
 
 OVMF = Path("/usr/share/OVMF")

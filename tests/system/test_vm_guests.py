@@ -44,19 +44,15 @@ from shared.natsserver import NatsServer
 from tests.support.agents import REPO, agent_in_process
 from tests.support.libvirt import (
     VmEvents,
-    guest_dir,
     kill_libvirtd,
-    libvirtd,
     markers,
     vm_events,
     wait_for_marker,
 )
-from tests.support.nats import nats_server
 from tests.support.require import require_binary
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.tiny import TinyImage
 from tests.support.wait import until
 
-__all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
 
 HOST = "h1"

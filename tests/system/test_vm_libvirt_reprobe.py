@@ -7,10 +7,8 @@ import pytest
 
 from services.vm.libvirt_backend import LibvirtHypervisor
 from tests.support.kvm import closed_kvm
-from tests.support.libvirt import libvirtd
 
 pytestmark = pytest.mark.system
-__all__ = ["libvirtd"]
 
 
 async def test_vm_health_times_a_libvirt_that_reprobes_qemu(libvirtd: str) -> None:

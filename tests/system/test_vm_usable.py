@@ -33,13 +33,11 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import guest_dir, libvirtd, markers, wait_for_marker
-from tests.support.nats import nats_server
+from tests.support.libvirt import markers, wait_for_marker
 from tests.support.require import require
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.tiny import TinyImage
 from tests.support.wait import until
 
-__all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
 
 HOST = "h1"

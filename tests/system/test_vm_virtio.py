@@ -22,12 +22,10 @@ from shared.errors import BadRequest
 from shared.messages.vm import Share, VmCreate, VmDelete, VmRef, VmSpec, VmUpdate
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import guest_dir, libvirtd, wait_for_marker
-from tests.support.nats import nats_server
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.libvirt import wait_for_marker
+from tests.support.tiny import TinyImage
 from tests.support.wait import until
 
-__all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
 
 HOST = "h1"

@@ -17,14 +17,12 @@ from websockets.exceptions import ConnectionClosed
 from shared import tokens
 from shared.messages.vm import VmCreate, VmRef
 from shared.natsserver import NatsServer
-from tests.support.libvirt import guest_dir, libvirtd, wait_for_marker
-from tests.support.nats import nats_server
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.libvirt import wait_for_marker
+from tests.support.tiny import TinyImage
 from tests.support.web import bearer, gateway_in_process, make_token
 from tests.system.test_vm_guests import BOOT_S, guests, unique
 from tests.system.test_web_browser import CHROMIUM, DESK, DRIVER, shoot, size, wait
 
-__all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
 
 
