@@ -63,6 +63,8 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
         "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
                 hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
                 catalogue_api.INFO,
+                # a blank disk to install onto (--disk-size)
+                storage_api.CREATE,
                 # a migration that stops its own disk stream
                 storage_api.CANCEL),
         # cold migration: the VM, its disks and its NVRAM/TPM state on source and target,

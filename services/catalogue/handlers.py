@@ -78,13 +78,17 @@ FAMILY_ALIASES = {"windows": "winnt", "macos": "darwin"}
 
 def template(entry: CatalogueEntry, local: LocalImage | None = None) -> VmTemplate:
     """VM defaults from an entry's requirements: recommended over minimum over safe defaults;
-    the disk is at least the pulled image's size."""
+    the disk is at least the pulled image's size. Windows gets UEFI with Secure Boot and a
+    TPM 2.0 by default (Windows 11 requires both, older versions use them)."""
     req = entry.requirements
     rec, low = req.recommended, req.minimum
     disk = max(rec.storage or low.storage, local.size if local else 0) or 10 * GiB
+    windows = entry.family.lower() == "winnt"
     return VmTemplate(
-        firmware=req.firmware or "uefi", secure_boot=req.secure_boot, tpm=req.tpm,
-        memory=rec.ram or low.ram or GiB, vcpus=max(rec.cpus, low.cpus, 1), disk=disk)
+        firmware="uefi" if windows else req.firmware or "uefi",
+        secure_boot=req.secure_boot or windows, tpm=req.tpm or ("2.0" if windows else ""),
+        memory=rec.ram or low.ram or GiB, vcpus=max(rec.cpus, low.cpus, 1), disk=disk,
+        profile="windows" if windows else "generic")
 
 
 def matches(entry: CatalogueEntry, req: ListRequest) -> bool:

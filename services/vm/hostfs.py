@@ -44,6 +44,31 @@ def check_raw(path: str) -> None:
         )
 
 
+ISO_DESCRIPTORS = 0x8000  # sector 16: where ISO9660 and UDF volume descriptors start
+ISO_MAGICS = (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01")
+
+
+def check_iso(path: str) -> None:
+    """Refuse install media that is missing or not an ISO9660 or UDF image (a disk image
+    given to --cdrom boots nothing and says nothing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(ISO_DESCRIPTORS)
+            head = f.read(2048 * 4)
+    except FileNotFoundError:
+        raise NotFound(f"ISO {path} does not exist") from None
+    except OSError as e:
+        raise BadRequest(f"ISO {path}: {e.strerror}") from None
+    if not any(head[i + 1:i + 6] in ISO_MAGICS for i in range(0, len(head), 2048)):
+        raise BadRequest(f"{path} is not an ISO9660 or UDF image (no CD001/BEA01 volume "
+                         "descriptor at 32 KiB): give an installer .iso; disks go to --disk")
+
+
+def write_seed(path: str, data: bytes) -> None:
+    """A cloud-init seed ISO, written whole (temp then rename), readable by QEMU (0644)."""
+    write_atomically(Path(path), data, mode=0o644)
+
+
 async def copy_disk(src: str, dst: str) -> None:
     """Reflink or sparse copy of ``src`` to a new file ``dst`` (mode 0644)."""
     if os.path.exists(dst):
@@ -106,12 +131,12 @@ def host_bridges(class_net: str = "/sys/class/net") -> list[str]:
     return sorted(n for n in names if os.path.isdir(os.path.join(class_net, n, "bridge")))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole
     (``shared.fileops.write_atomic``), making its folder first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fileops.write_atomic(path, data)
+        fileops.write_atomic(path, data, mode=mode)
     except OSError as e:
         raise BackendError(f"writing {path}: {e.strerror}") from None
 
