@@ -109,8 +109,12 @@ def matches(entry: CatalogueEntry, req: ListRequest) -> bool:
 
 
 def choose(entry: CatalogueEntry, arch: str) -> Download:
-    """The download a pull of ``entry`` for ``arch`` uses: RAW first, cloud-init first."""
+    """The download a pull of ``entry`` for ``arch`` uses: RAW first, cloud-init first; an
+    entry with install media only gives its first ISO (kept as it is, for ``--cdrom``)."""
     usable = [d for d in entry.downloads if d.arch == arch and d.format in FORMAT_ORDER]
+    media = [m for m in entry.media if m.arch == arch and m.url]
+    if not usable and media:
+        return Download(arch=arch, url=media[0].url, format="iso", variant=media[0].variant)
     if not usable:
         have = sorted({f"{d.arch}/{d.format}" for d in entry.downloads})
         raise NotFound(f"{entry.id} has no disk image for {arch}"

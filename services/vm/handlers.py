@@ -470,6 +470,9 @@ class Handlers:
                 raise BadRequest("--disk-size must be positive, such as 20G")
             image = await self._image(req.image) if req.image else None
             if image is not None:
+                if image.local is not None and image.local.source_format == "iso":
+                    raise BadRequest(f"{req.image} is install media: boot it with --cdrom "
+                                     f"{req.image} --disk-size 20G")
                 self._check_minimum(spec, image)
             media = await self._image(req.cdrom_image, "--cdrom IMAGE") \
                 if req.cdrom_image else None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared import fileops
 from shared.errors import BackendError, BadRequest, Conflict, NotFound
-from shared.validate import read_format
+from shared.validate import is_iso, read_format
 
 
 def check_raw(path: str) -> None:
@@ -44,22 +44,16 @@ def check_raw(path: str) -> None:
         )
 
 
-ISO_DESCRIPTORS = 0x8000  # sector 16: where ISO9660 and UDF volume descriptors start
-ISO_MAGICS = (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01")
-
-
 def check_iso(path: str) -> None:
     """Refuse install media that is missing or not an ISO9660 or UDF image (a disk image
     given to --cdrom boots nothing and says nothing)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(ISO_DESCRIPTORS)
-            head = f.read(2048 * 4)
+        iso = is_iso(path)
     except FileNotFoundError:
         raise NotFound(f"ISO {path} does not exist") from None
     except OSError as e:
         raise BadRequest(f"ISO {path}: {e.strerror}") from None
-    if not any(head[i + 1:i + 6] in ISO_MAGICS for i in range(0, len(head), 2048)):
+    if not iso:
         raise BadRequest(f"{path} is not an ISO9660 or UDF image (no CD001/BEA01 volume "
                          "descriptor at 32 KiB): give an installer .iso; disks go to --disk")
 
