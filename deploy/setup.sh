@@ -14,6 +14,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools osinfo-db hwdata pciutils
   prometheus xfsprogs cpio busybox-static mtools gdisk dosfstools libxml2-utils
   socat rsync curl iproute2 kmod gzip openssl gpgv gnupg dnsmasq-base
+  grub-common grub-efi-amd64-bin xorriso
 )
 
 packages() {
