@@ -75,6 +75,11 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
         "tcg",
     ),
     "empty-cdrom-drive": (VmSpec(name="ejected", uuid=UUID, cdrom=Cdrom()), "tcg"),
+    "windows-profile-kvm": (
+        VmSpec(name="win-kvm", uuid=UUID, secure_boot=True, tpm="emulated-2.0",
+               profile="windows", display="none"),
+        "kvm",
+    ),
     "windows-profile": (
         VmSpec(
             name="win11", uuid=UUID, memory_mib=4096, secure_boot=True, tpm="emulated-2.0",
