@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="install media: an ISO path or a pulled catalogue ISO; booted first")
     p.add_argument("--disk-size", type=common.parse_size, default=0, metavar="SIZE",
                    help="a blank RAW disk to install onto, e.g. 20G")
+    p.add_argument("--profile", choices=("generic", "windows"), default=None,
+                   help="guest OS profile (default: from the image's OS); windows: Hyper-V "
+                        "enlightenments, local-time clock, Secure Boot and TPM 2.0")
     p.set_defaults(func=cmd_create)
 
     p = cmds.add_parser("eject", help="empty the CD-ROM drive (live too when running)")
@@ -324,7 +327,11 @@ def cmd_create(args: argparse.Namespace) -> None:
         given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
                  "vcpus": args.cpus, "firmware": args.firmware,
                  "secure_boot": args.secure_boot, "tpm": "emulated-2.0" if args.tpm else None}
+        if args.profile == "windows":
+            values.update(firmware="uefi", secure_boot=True, tpm="emulated-2.0")
         values.update({k: v for k, v in given.items() if v is not None})
+        if args.profile:
+            values["profile"] = args.profile
         spec = VmSpec(
             name=args.name, disks=disks, nics=nics, display=args.display, listen=args.listen,
             password=args.password, hostdevs=args.hostdev, nested=args.nested,

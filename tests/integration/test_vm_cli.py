@@ -213,3 +213,9 @@ async def test_vm_cli_cloud_init_and_install_media(
         assert rc == 2 and "--user-data" in err and "No such file" in err
         rc, _, err = await phyllome(agent, "create", "bad", "--cdrom", str(key))
         assert rc == 1 and "not an ISO9660 or UDF image" in err
+        rc, out, err = await phyllome(agent, "create", "win", "--nic", "none", "--profile",
+                                      "windows", "--json")
+        assert rc == 0, err
+        spec = json.loads(out)["spec"]
+        assert (spec["profile"], spec["secure_boot"], spec["tpm"]) == (
+            "windows", True, "emulated-2.0")
