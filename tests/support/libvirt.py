@@ -31,7 +31,7 @@ import pytest
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode
-from shared.messages.vm import VmStateChanged
+from shared.messages.vm import VmDeviceChanged, VmStateChanged
 from tests.support.require import require
 
 SYSTEM_URI = "qemu:///system"
@@ -209,5 +209,20 @@ async def vm_events(agent: Agent) -> AsyncIterator[VmEvents]:
     sub = await agent.bus.nc.subscribe(subjects.event(agent.host, "vm", "state") + ".*", cb=got)
     try:
         yield events
+    finally:
+        await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def device_events(agent: Agent) -> AsyncIterator[asyncio.Queue[VmDeviceChanged]]:
+    """``VmDeviceChanged`` events (attach, detach, eject, insert) of one host's vm agent."""
+    queue: asyncio.Queue[VmDeviceChanged] = asyncio.Queue()
+
+    async def got(msg: Any) -> None:
+        queue.put_nowait(decode(msg.data, VmDeviceChanged))
+
+    sub = await agent.bus.nc.subscribe(subjects.event(agent.host, "vm", "device") + ".*", cb=got)
+    try:
+        yield queue
     finally:
         await sub.unsubscribe()

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from shared import contracts, subjects
-from shared.codec import decode
-from shared.messages.vm import Cdrom, VmCreate, VmDelete, VmDeviceChanged, VmRef, VmSpec
+from shared import contracts
+from shared.messages.vm import Cdrom, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import guest_dir, libvirtd, wait_for_marker
+from tests.support.libvirt import device_events, guest_dir, libvirtd, wait_for_marker
 from tests.support.nats import nats_server
 from tests.support.require import require
 from tests.support.tiny import TinyImage, tiny_image
@@ -68,13 +67,8 @@ async def test_vm_boots_an_iso_from_its_cdrom_under_uefi_and_ejects_it_live(
     async with agent_in_process(
             "vm", nats_server.url, tmp_path, host=HOST, libvirt_uri=libvirtd,
             accelerator="tcg", extra={"reconcile_s": 3600, "console_dir": str(consoles),
-                                      "disk_dir": str(guest_dir / "disks")}) as agent:
-        events: asyncio.Queue[VmDeviceChanged] = asyncio.Queue()
-
-        async def got(msg: Any) -> None:
-            events.put_nowait(decode(msg.data, VmDeviceChanged))
-
-        sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", "device") + ".*", cb=got)
+                                      "disk_dir": str(guest_dir / "disks")}) as agent, \
+            device_events(agent) as events:
 
         async def call(verb: str, req: Any, timeout: float = 60.0) -> Any:
             return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
@@ -100,5 +94,4 @@ async def test_vm_boots_an_iso_from_its_cdrom_under_uefi_and_ejects_it_live(
                 devices = xml.split("</metadata>")[1]
                 assert "device='cdrom'" in devices and str(iso) not in devices
         finally:
-            await sub.unsubscribe()
             await call("delete", VmDelete(vm=vm.uuid, force=True))
