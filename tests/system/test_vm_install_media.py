@@ -16,11 +16,16 @@ from typing import Any
 
 import pytest
 
-from shared import contracts
 from shared.messages.vm import Cdrom, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
-from tests.support.agents import agent_in_process
-from tests.support.libvirt import device_events, guest_dir, libvirtd, wait_for_marker
+from tests.support.libvirt import (
+    device_events,
+    guest_dir,
+    guest_vm_agent,
+    libvirtd,
+    vm_call,
+    wait_for_marker,
+)
 from tests.support.nats import nats_server
 from tests.support.require import require
 from tests.support.tiny import TinyImage, tiny_image
@@ -28,7 +33,6 @@ from tests.support.tiny import TinyImage, tiny_image
 __all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(400)]
 
-HOST = "h1"
 BOOT_S = 240.0  # OVMF under TCG, then GRUB reading the CD: slower than a direct kernel boot
 GRUB_CFG = """\
 set timeout=0
@@ -64,14 +68,11 @@ async def test_vm_boots_an_iso_from_its_cdrom_under_uefi_and_ejects_it_live(
         tiny_image: TinyImage) -> None:
     iso = make_iso(tiny_image, guest_dir / "tiny.iso")
     consoles = guest_dir / "consoles"
-    async with agent_in_process(
-            "vm", nats_server.url, tmp_path, host=HOST, libvirt_uri=libvirtd,
-            accelerator="tcg", extra={"reconcile_s": 3600, "console_dir": str(consoles),
-                                      "disk_dir": str(guest_dir / "disks")}) as agent, \
+    async with guest_vm_agent(nats_server.url, tmp_path, libvirtd, guest_dir) as agent, \
             device_events(agent) as events:
 
-        async def call(verb: str, req: Any, timeout: float = 60.0) -> Any:
-            return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
+        async def call(verb: str, req: Any) -> Any:
+            return await vm_call(agent, verb, req)
 
         spec = VmSpec(name=f"phy-cdrom-{tmp_path.name[-6:]}", firmware="uefi", vcpus=1,
                       memory_mib=512, display="none", cdrom=Cdrom(path=str(iso)))

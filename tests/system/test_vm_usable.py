@@ -31,7 +31,15 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import device_events, guest_dir, libvirtd, markers, wait_for_marker
+from tests.support.libvirt import (
+    device_events,
+    guest_dir,
+    guest_vm_agent,
+    libvirtd,
+    markers,
+    vm_call,
+    wait_for_marker,
+)
 from tests.support.nats import nats_server
 from tests.support.require import require
 from tests.support.tiny import TinyImage, tiny_image
@@ -57,14 +65,11 @@ async def test_vm_tiny_guest_has_x86_64_v2_and_sees_disks_and_nics_plugged_live(
         f.truncate(16 << 20)
     data.chmod(0o644)
     consoles = guest_dir / "consoles"
-    async with agent_in_process(
-            "vm", nats_server.url, tmp_path, host=HOST, libvirt_uri=libvirtd,
-            accelerator="tcg", extra={"reconcile_s": 3600, "console_dir": str(consoles),
-                                      "disk_dir": str(guest_dir / "disks")}) as agent, \
+    async with guest_vm_agent(nats_server.url, tmp_path, libvirtd, guest_dir) as agent, \
             device_events(agent) as events:
 
-        async def call(verb: str, req: Any, timeout: float = 60.0) -> Any:
-            return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
+        async def call(verb: str, req: Any) -> Any:
+            return await vm_call(agent, verb, req)
 
         spec = VmSpec(name=f"phy-usable-{tmp_path.name[-6:]}", firmware="bios", vcpus=1,
                       memory_mib=256, display="none", kernel=str(guest_dir / "vmlinuz"),
