@@ -540,6 +540,22 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
         volumes = (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
         assert [v.name for v in volumes] == ["data"]
 
+        # install media: a blank volume to install onto, and the ISO first in the boot order
+        from services.vm.cloudinit import seed_iso
+
+        iso = tmp_path / "installer.iso"
+        iso.write_bytes(seed_iso(CloudInit(instance_id="any")))
+        with pytest.raises(BadRequest, match="drop --disk-size"):
+            await call(agent, "create", VmCreate(spec=VmSpec(name="inst", memory_mib=384),
+                                                 image="phyllome-tiny", disk_size_bytes=1 << 30))
+        info = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="inst", memory_mib=64, cdrom=Cdrom(path=str(iso))), disk_size_bytes=1 << 30))
+        blank = info.spec.disks[0]
+        assert (blank.volume, blank.owned, Path(blank.path).stat().st_size) == (
+            "inst-disk0", True, 1 << 30)
+        await call(agent, "delete", VmDelete(vm="inst", delete_disks=True))
+        assert not Path(blank.path).exists() and iso.exists()
+
 
 async def test_vm_import_state_takes_a_good_state_and_refuses_hostile_ones(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
