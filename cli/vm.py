@@ -595,6 +595,16 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
     return lines
 
 
+def _cloud_init_line(ci: CloudInit | None) -> str | None:
+    if ci is None:
+        return None
+    said = [f"hostname {ci.hostname}" if ci.hostname else "",
+            f"user {ci.user}" if ci.user else "",
+            f"{len(ci.ssh_keys)} SSH key(s)" if ci.ssh_keys else "",
+            "user-data" if ci.user_data else "", "network-config" if ci.network_config else ""]
+    return ", ".join([s for s in said if s] + [ci.instance_id])
+
+
 def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
     if args.json:
         common.print_json(info)
@@ -608,6 +618,9 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "cpu time": f"{info.cpu_time_s:.1f} s",
             "firmware": info.spec.firmware + (" + Secure Boot" if info.spec.secure_boot else ""),
             "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
+            "cdrom": (info.spec.cdrom.path or "(empty)") if info.spec.cdrom else None,
+            "cloud-init": _cloud_init_line(info.spec.cloud_init),
+            "profile": info.spec.profile if info.spec.profile != "generic" else None,
             "addresses": [f"{a.address}/{a.prefix} ({a.nic})" for a in info.addresses]
             + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,

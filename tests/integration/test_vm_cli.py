@@ -202,6 +202,10 @@ async def test_vm_cli_cloud_init_and_install_media(
             "ana", "web", [key.read_text().strip()])
         assert ci["instance_id"].startswith("iid-") and Path(spec["seed"]).is_file()
         assert spec["cdrom"] == {"path": str(iso)}
+        rc, out, err = await phyllome(agent, "info", "web")
+        assert rc == 0, err
+        assert f"hostname web, user ana, 1 SSH key(s), user-data, {ci['instance_id']}" in out
+        assert str(iso) in out, out
         rc, out, err = await phyllome(agent, "eject", "web", "--json")
         assert rc == 0 and json.loads(out)["spec"]["cdrom"] == {"path": ""}, err
         rc, out, err = await phyllome(agent, "insert", "web", str(iso), "--json")
