@@ -1,5 +1,7 @@
 """Install media on the real libvirtd and QEMU (TCG): a VM with no disk boots an EFI ISO from
-its CD-ROM under OVMF (Secure Boot off), and the medium is ejected while it runs.
+its CD-ROM under OVMF (Secure Boot off), and the medium is ejected while it runs. The VM has
+the Windows profile, so the same boot shows that QEMU takes its TCG Hyper-V enlightenments
+and clock.
 
 The ISO is made here with ``grub-mkrescue`` (packages grub-common, grub-efi-amd64-bin,
 xorriso, mtools) from the phyllome-tiny kernel and initramfs; its GRUB passes
@@ -75,7 +77,8 @@ async def test_vm_boots_an_iso_from_its_cdrom_under_uefi_and_ejects_it_live(
             return await vm_call(agent, verb, req)
 
         spec = VmSpec(name=f"phy-cdrom-{tmp_path.name[-6:]}", firmware="uefi", vcpus=1,
-                      memory_mib=512, display="none", cdrom=Cdrom(path=str(iso)))
+                      memory_mib=512, display="none", cdrom=Cdrom(path=str(iso)),
+                      profile="windows")
         vm = await call("create", VmCreate(spec=spec))
         console = consoles / f"{vm.uuid}.log"
         try:
@@ -83,6 +86,9 @@ async def test_vm_boots_an_iso_from_its_cdrom_under_uefi_and_ejects_it_live(
             seen = await wait_for_marker(console, "ready", BOOT_S)
             assert (seen.get("boot"), seen["firmware"], seen["secureboot"]) == (
                 "cdrom", "uefi", "disabled"), seen
+
+            running = await agent.handlers.hv.xml(vm.uuid)
+            assert "<hyperv mode='custom'>" in running and "hypervclock" in running
 
             info = await call("eject", VmRef(vm=vm.uuid))
             assert info.spec.cdrom == Cdrom()
