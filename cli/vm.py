@@ -15,6 +15,10 @@
     phyllome vm snapshot create demo before-upgrade  # and backup/restore: cli/snapshot.py
     phyllome vm share demo /srv/data data            # virtio-fs (stopped VM); unshare TAG
     phyllome vm create cc --confidential sev-snp --vsock --input virtio
+    phyllome vm create web --image debian11 --user ana --ssh-key ~/.ssh/id_ed25519.pub \
+        --hostname web                                # a cloud-init (NoCloud) seed
+    phyllome vm create inst --cdrom /srv/iso/debian.iso --disk-size 20G   # install media
+    phyllome vm eject inst; phyllome vm insert inst /srv/iso/other.iso    # live too
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from shared.messages import vm as vm_api
 from shared.messages.catalogue import ImageInfo, ImageRef
 from shared.messages.net import DEFAULT_NETWORK
 from shared.messages.vm import (
+    Cdrom,
+    CloudInit,
     Disk,
     Nic,
     Share,
@@ -57,6 +63,7 @@ from shared.messages.vm import (
     VmDetachNic,
     VmDetachUsb,
     VmInfo,
+    VmInsert,
     VmList,
     VmListRequest,
     VmMigrate,
@@ -115,7 +122,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="tablet (and keyboard) on USB or virtio-input")
     p.add_argument("--confidential", choices=("none", "sev", "sev-es", "sev-snp", "tdx"),
                    default="none", help="memory-encrypted guest (needs the CPU, KVM, OVMF)")
+    ci = p.add_argument_group("cloud-init (a NoCloud seed on a CD-ROM)")
+    ci.add_argument("--user", default="", help="a user to create, with the --ssh-key keys")
+    ci.add_argument("--ssh-key", action="append", default=[], metavar="FILE|KEY",
+                    help="an OpenSSH public key or a .pub file (repeatable)")
+    ci.add_argument("--hostname", default="", help="the guest's host name (RFC 1123)")
+    ci.add_argument("--user-data", default="", metavar="FILE",
+                    help="#cloud-config YAML or a script (#!), at most 64 KiB")
+    ci.add_argument("--network-config", default="", metavar="FILE",
+                    help="cloud-init network config (version 2 YAML)")
+    p.add_argument("--cdrom", default="", metavar="PATH|IMAGE",
+                   help="install media: an ISO path or a pulled catalogue ISO; booted first")
+    p.add_argument("--disk-size", type=common.parse_size, default=0, metavar="SIZE",
+                   help="a blank RAW disk to install onto, e.g. 20G")
+    p.add_argument("--profile", choices=("generic", "windows"), default=None,
+                   help="guest OS profile (default: from the image's OS); windows: Hyper-V "
+                        "enlightenments, local-time clock, Secure Boot and TPM 2.0")
     p.set_defaults(func=cmd_create)
+
+    p = cmds.add_parser("eject", help="empty the CD-ROM drive (live too when running)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.set_defaults(func=cmd_media)
+    p = cmds.add_parser("insert", help="put an ISO in the CD-ROM drive (live too)")
+    common.add_common(p)
+    p.add_argument("vm")
+    p.add_argument("iso", metavar="PATH|IMAGE", help="an ISO path or a pulled catalogue ISO")
+    p.set_defaults(func=cmd_media)
 
     for verb, doc in (("start", "start a stopped VM"), ("destroy", "power off at once"),
                       ("reboot", "ACPI reboot"), ("suspend", "pause the vCPUs"),
@@ -266,7 +299,37 @@ def _template(info: ImageInfo) -> dict[str, Any]:
     t = info.template
     return {"memory_mib": max(t.memory // MiB, 16), "vcpus": t.vcpus,
             "firmware": t.firmware or "uefi", "secure_boot": t.secure_boot,
-            "tpm": "emulated-2.0" if t.tpm else "none"}
+            "tpm": "emulated-2.0" if t.tpm else "none", "profile": t.profile}
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return open(os.path.expanduser(path), encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        _usage(f"{what} {path}: {getattr(e, 'strerror', None) or e}")
+
+
+def _cloud_init(args: argparse.Namespace) -> CloudInit | None:
+    """The seed the options ask for (None: none); files are read here, checked by the agent.
+    An ``--ssh-key`` that names no file is the key itself."""
+    keys = [_read(k, "--ssh-key").strip() if os.path.isfile(os.path.expanduser(k)) else k
+            for k in args.ssh_key]
+    if not (args.user or keys or args.hostname or args.user_data or args.network_config):
+        return None
+    return CloudInit(
+        hostname=args.hostname, user=args.user, ssh_keys=keys,
+        user_data=_read(args.user_data, "--user-data") if args.user_data else "",
+        network_config=_read(args.network_config, "--network-config")
+        if args.network_config else "")
+
+
+def _cdrom(given: str) -> tuple[Cdrom | None, str]:
+    """``--cdrom``: a path (absolute, or relative to here) or a catalogue image id."""
+    if not given:
+        return None, ""
+    if "/" in given or os.path.exists(given):
+        return Cdrom(path=os.path.abspath(given)), ""
+    return Cdrom(), given
 
 
 def cmd_create(args: argparse.Namespace) -> None:
@@ -274,27 +337,34 @@ def cmd_create(args: argparse.Namespace) -> None:
     from shared.placement import choose
 
     disks, nics = [_disk(d) for d in args.disk], _nics(args.nic)  # usage first
+    cloud_init, (cdrom, cdrom_image) = _cloud_init(args), _cdrom(args.cdrom)
 
     async def go(bus: Bus) -> VmInfo:
         values: dict[str, Any] = {"memory_mib": 1024, "vcpus": 2, "firmware": "uefi",
                                   "secure_boot": False, "tpm": "none"}
-        if args.image:
+        if args.image or cdrom_image:
             # any catalogue agent has the cluster's index
             near = args.host if args.host != "auto" else (
                 os.environ.get("PHYLLOME_HOST") or default_host())
             values.update(_template(await bus.call(
-                near, catalogue_api.INFO, ImageRef(id=args.image), timeout=args.timeout)))
+                near, catalogue_api.INFO, ImageRef(id=args.image or cdrom_image),
+                timeout=args.timeout)))
         given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
                  "vcpus": args.cpus, "firmware": args.firmware,
                  "secure_boot": args.secure_boot, "tpm": "emulated-2.0" if args.tpm else None}
+        if args.profile == "windows":
+            values.update(firmware="uefi", secure_boot=True, tpm="emulated-2.0")
         values.update({k: v for k, v in given.items() if v is not None})
+        if args.profile:
+            values["profile"] = args.profile
         spec = VmSpec(
             name=args.name, disks=disks, nics=nics, display=args.display, listen=args.listen,
             password=args.password, hostdevs=args.hostdev, nested=args.nested,
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
             accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu,
-            vsock=args.vsock, input=args.input, confidential=args.confidential, **values)
-        if not (args.image or spec.disks or spec.kernel):
+            vsock=args.vsock, input=args.input, confidential=args.confidential,
+            cloud_init=cloud_init, cdrom=cdrom, **values)
+        if not (args.image or spec.disks or spec.kernel or args.disk_size or cdrom):
             pxe = "can only try a network boot (PXE)" if spec.nics else "will stop in its firmware"
             common.warn(args, f"VM {spec.name} has nothing to boot (no --image, --disk or "
                         f"--kernel): it {pxe}; give it one of those, or "
@@ -304,7 +374,9 @@ def cmd_create(args: argparse.Namespace) -> None:
             choice = await choose(bus, spec)
             common.err_console.print(f"placed on {choice.reason}", highlight=False)
             host = choice.host
-        return await bus.call(host, vm_api.CREATE, VmCreate(spec=spec, image=args.image),
+        create = VmCreate(spec=spec, image=args.image, cdrom_image=cdrom_image,
+                          disk_size_bytes=args.disk_size)
+        return await bus.call(host, vm_api.CREATE, create,
                               timeout=max(args.timeout, 600.0) if args.image else args.timeout,
                               idempotency_key=new_id())
 
@@ -485,6 +557,16 @@ def cmd_device(args: argparse.Namespace) -> None:
     _show_info(args, common.request(args, contracts.spec("vm", verb.replace("-", "_")), req))
 
 
+def cmd_media(args: argparse.Namespace) -> None:
+    """``eject`` / ``insert``: the CD-ROM drive of a VM made with ``--cdrom``."""
+    if not hasattr(args, "iso"):
+        _show_info(args, common.request(args, vm_api.EJECT, VmRef(vm=args.vm)))
+        return
+    cdrom, image = _cdrom(args.iso)
+    req = VmInsert(vm=args.vm, path=cdrom.path if cdrom else "", image=image)
+    _show_info(args, common.request(args, vm_api.INSERT, req))
+
+
 def cmd_console(args: argparse.Namespace) -> None:
     """The serial console, through ``virsh console`` on the VM's own host (libvirt opens the
     pty; Ctrl-] leaves, as virt-manager users know it); ``--graphics`` prints the VNC/SPICE
@@ -561,6 +643,16 @@ async def ensure_demo(bus: Bus, host: str) -> list[str]:
     return lines
 
 
+def _cloud_init_line(ci: CloudInit | None) -> str | None:
+    if ci is None:
+        return None
+    said = [f"hostname {ci.hostname}" if ci.hostname else "",
+            f"user {ci.user}" if ci.user else "",
+            f"{len(ci.ssh_keys)} SSH key(s)" if ci.ssh_keys else "",
+            "user-data" if ci.user_data else "", "network-config" if ci.network_config else ""]
+    return ", ".join([s for s in said if s] + [ci.instance_id])
+
+
 def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
     if args.json:
         common.print_json(info)
@@ -574,6 +666,9 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "cpu time": f"{info.cpu_time_s:.1f} s",
             "firmware": info.spec.firmware + (" + Secure Boot" if info.spec.secure_boot else ""),
             "tpm": info.spec.tpm, "disks": [d.path for d in info.spec.disks],
+            "cdrom": (info.spec.cdrom.path or "(empty)") if info.spec.cdrom else None,
+            "cloud-init": _cloud_init_line(info.spec.cloud_init),
+            "profile": info.spec.profile if info.spec.profile != "generic" else None,
             "addresses": [f"{a.address}/{a.prefix} ({a.nic})" for a in info.addresses]
             + ([f"from the {info.address_source}"] if info.address_source else []) or None,
             "vnc": info.vnc.uri if info.vnc else None,

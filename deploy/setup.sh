@@ -15,6 +15,7 @@ PACKAGES=(
   prometheus xfsprogs cpio busybox-static mtools gdisk dosfstools libxml2-utils
   socat rsync curl iproute2 kmod gzip openssl gpgv gnupg dnsmasq-base
   novnc chromium chromium-driver
+  grub-common grub-efi-amd64-bin xorriso
 )
 
 packages() {

@@ -70,6 +70,8 @@ PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
                 storage_api.SNAPSHOT_READ, storage_api.SNAPSHOT_RESTORE,
                 storage_api.SNAPSHOT_DELETE, storage_api.SNAPSHOT_EXPORT,
                 storage_api.SNAPSHOT_IMPORT,
+                # a blank disk to install onto (--disk-size)
+                storage_api.CREATE,
                 # a migration that stops its own disk stream
                 storage_api.CANCEL),
         # cold migration: the VM, its disks and its NVRAM/TPM state on source and target,

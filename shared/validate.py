@@ -40,6 +40,19 @@ FORMAT_NAMES = {"qcow2": "qcow2", "qed": "QED", "vmdk": "VMDK", "vhdx": "VHDX", 
                 "vdi": "VDI"}
 
 
+ISO_DESCRIPTORS = 0x8000  # sector 16: where ISO9660 and UDF volume descriptors start
+ISO_MAGICS = (b"CD001", b"BEA01", b"NSR02", b"NSR03", b"TEA01")
+
+
+def is_iso(path: str | Path) -> bool:
+    """Whether a file is an ISO9660 or UDF image (a volume descriptor in the first four
+    sectors from 32 KiB on); OSError passes through for the caller's words."""
+    with open(path, "rb") as f:
+        f.seek(ISO_DESCRIPTORS)
+        head = f.read(2048 * 4)
+    return any(head[i + 1:i + 6] in ISO_MAGICS for i in range(0, len(head), 2048))
+
+
 def disk_format(head: bytes, tail: bytes = b"") -> str | None:
     """The image format a file's first 4 KiB (and last 512 bytes) show, or None for RAW.
     Names are qemu-img's (``vpc`` is VHD)."""

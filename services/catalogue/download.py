@@ -46,7 +46,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.messages.catalogue import CatalogueEntry, Download, LocalImage
-from shared.validate import HEAD_BYTES, disk_format
+from shared.validate import HEAD_BYTES, disk_format, is_iso
 
 log = logging.getLogger("phyllome.catalogue.download")
 
@@ -281,7 +281,7 @@ class ImageStore:
         if not dl.sha256 and not allow_unverified:
             raise Forbidden(f"{entry.id} has no published sha256 ({url}); refused. "
                             "Pass --allow-unverified to pull it anyway (marked unverified)")
-        if dl.format not in ("raw", "qcow2", "vmdk", "vhdx", "vpc"):
+        if dl.format not in ("raw", "qcow2", "vmdk", "vhdx", "vpc", "iso"):
             raise BadRequest(f"{entry.id} is a {dl.format!r} image, which cannot "
                              "become a RAW disk")
         free = self.free()
@@ -444,7 +444,14 @@ class ImageStore:
 
     async def _to_raw(self, image_id: str, dl: Download, payload: Path, work: Path,
                       payload_sha: str, progress: Progress) -> tuple[str, str]:
-        """Make ``work`` the RAW disk; returns its sha256 and the format it came in."""
+        """Make ``work`` the RAW disk (an ISO stays as it is); returns its sha256 and the
+        format it came in."""
+        if dl.format == "iso":
+            if not await asyncio.to_thread(is_iso, payload):
+                raise Forbidden(f"{image_id}: the payload is not an ISO9660 or UDF image, "
+                                "the source says iso; refused (format confusion)")
+            os.replace(payload, work)
+            return payload_sha, "iso"
         head = _head(payload)
         compression = next((c for m, c in MAGIC.items() if head.startswith(m)), "")
         raw_sha = payload_sha

@@ -78,13 +78,17 @@ FAMILY_ALIASES = {"windows": "winnt", "macos": "darwin"}
 
 def template(entry: CatalogueEntry, local: LocalImage | None = None) -> VmTemplate:
     """VM defaults from an entry's requirements: recommended over minimum over safe defaults;
-    the disk is at least the pulled image's size."""
+    the disk is at least the pulled image's size. Windows gets UEFI with Secure Boot and a
+    TPM 2.0 by default (Windows 11 requires both, older versions use them)."""
     req = entry.requirements
     rec, low = req.recommended, req.minimum
     disk = max(rec.storage or low.storage, local.size if local else 0) or 10 * GiB
+    windows = entry.family.lower() == "winnt"
     return VmTemplate(
-        firmware=req.firmware or "uefi", secure_boot=req.secure_boot, tpm=req.tpm,
-        memory=rec.ram or low.ram or GiB, vcpus=max(rec.cpus, low.cpus, 1), disk=disk)
+        firmware="uefi" if windows else req.firmware or "uefi",
+        secure_boot=req.secure_boot or windows, tpm=req.tpm or ("2.0" if windows else ""),
+        memory=rec.ram or low.ram or GiB, vcpus=max(rec.cpus, low.cpus, 1), disk=disk,
+        profile="windows" if windows else "generic")
 
 
 def matches(entry: CatalogueEntry, req: ListRequest) -> bool:
@@ -105,8 +109,12 @@ def matches(entry: CatalogueEntry, req: ListRequest) -> bool:
 
 
 def choose(entry: CatalogueEntry, arch: str) -> Download:
-    """The download a pull of ``entry`` for ``arch`` uses: RAW first, cloud-init first."""
+    """The download a pull of ``entry`` for ``arch`` uses: RAW first, cloud-init first; an
+    entry with install media only gives its first ISO (kept as it is, for ``--cdrom``)."""
     usable = [d for d in entry.downloads if d.arch == arch and d.format in FORMAT_ORDER]
+    media = [m for m in entry.media if m.arch == arch and m.url]
+    if not usable and media:
+        return Download(arch=arch, url=media[0].url, format="iso", variant=media[0].variant)
     if not usable:
         have = sorted({f"{d.arch}/{d.format}" for d in entry.downloads})
         raise NotFound(f"{entry.id} has no disk image for {arch}"

@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from services.vm import hostfs, migration
+from services.vm import cloudinit, hostfs, migration
 from services.vm.accel import Accel
 from services.vm.addresses import AddressWatch
 from services.vm.config import Settings
@@ -65,11 +65,19 @@ from shared.messages.hardware import (
 from shared.messages.hosts import Problem
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 from shared.messages.net import NetCreate, NetList, NetRef, Network
-from shared.messages.storage import CloneVolume, ImportVolume, VolumeInfo, VolumeQuery, VolumeRef
+from shared.messages.storage import (
+    CloneVolume,
+    CreateVolume,
+    ImportVolume,
+    VolumeInfo,
+    VolumeQuery,
+    VolumeRef,
+)
 from shared.messages.vm import (
     AcceleratorDecision,
     AcceleratorFallback,
     BackupScheduleList,
+    Cdrom,
     ConsoleOpen,
     ConsoleSession,
     Disk,
@@ -89,6 +97,7 @@ from shared.messages.vm import (
     VmDeviceChanged,
     VmGuestState,
     VmInfo,
+    VmInsert,
     VmList,
     VmListRequest,
     VmMigrate,
@@ -371,13 +380,13 @@ class Handlers:
         await hostfs.copy_disk(src.path, path)
         return Disk(path=path, bus=src.bus, owned=True)
 
-    async def _image(self, image: str) -> ImageInfo:
+    async def _image(self, image: str, what: str = "--image") -> ImageInfo:
         try:
             info: ImageInfo = await self.agent.bus.call(
                 self.host, catalogue_api.INFO, ImageRef(id=image), timeout=PEER_TIMEOUT_S)
         except Unavailable as e:
-            raise Unavailable(f"--image needs the catalogue agent ({e.message}); "
-                              "or give a disk with --disk") from None
+            raise Unavailable(f"{what} needs the catalogue agent ({e.message}); "
+                              "or give a path") from None
         if not info.path:
             raise Conflict(f"image {image} is not on {self.host} yet: run "
                            f"`phyllome images pull {image}` first")
@@ -398,6 +407,48 @@ class Handlers:
         vol: VolumeInfo = await bus.call(self.host, storage_api.INFO, VolumeQuery(
             pool="default", name=name), timeout=PEER_TIMEOUT_S)
         return Disk(path=vol.path, pool="default", volume=name, owned=True)
+
+    async def _blank_disk(self, vm_name: str, size_bytes: int) -> Disk:
+        """A new sparse RAW volume to install an OS onto (``--disk-size``)."""
+        name = f"{vm_name}-disk0"
+        try:
+            vol: VolumeInfo = await self.agent.bus.call(self.host, storage_api.CREATE, CreateVolume(
+                pool="default", name=name, size_bytes=size_bytes), timeout=PEER_TIMEOUT_S)
+        except Unavailable as e:
+            raise Unavailable(f"--disk-size needs the storage agent ({e.message}); or give a "
+                              "disk with --disk") from None
+        return Disk(path=vol.path, pool=vol.pool, volume=name, owned=True)
+
+    # -- CD-ROMs: install media and the cloud-init seed ---------------------------------
+
+    async def _media(self, path: str, image: str) -> str:
+        """The checked ISO of ``--cdrom``: a path, or a pulled catalogue image."""
+        if image:
+            path = (await self._image(image, "--cdrom IMAGE")).path
+        await asyncio.to_thread(hostfs.check_iso, path)
+        return path
+
+    def _seed_path(self, uuid: str) -> str:
+        """Beside the VM's local disks, named by host too: a migration's source and target
+        may share a directory, and each removes only its own."""
+        return f"{self.settings.disk_dir}/{uuid}-{self.host}-cidata.iso"
+
+    async def _make_seed(self, spec: VmSpec) -> VmSpec:
+        """Write the VM's cloud-init seed (a fresh instance-id unless it has one: a migration
+        keeps it) and point the spec at it; nothing without ``cloud_init``."""
+        if spec.cloud_init is None:
+            return msgspec.structs.replace(spec, seed="")
+        ci = spec.cloud_init
+        if not ci.instance_id:
+            ci = cloudinit.replace_id(ci)
+        path = self._seed_path(spec.uuid)
+        data = cloudinit.seed_iso(ci)
+        await asyncio.to_thread(hostfs.write_seed, path, data)
+        return msgspec.structs.replace(spec, cloud_init=ci, seed=path)
+
+    async def _remove_seed(self, spec: VmSpec | None) -> None:
+        if spec is not None and spec.seed:
+            await asyncio.to_thread(hostfs.remove, spec.seed)
 
     async def _delete_disk(self, disk: Disk) -> None:
         if disk.volume:
@@ -453,7 +504,7 @@ class Handlers:
 
     async def create(self, req: VmCreate) -> VmInfo:
         with self.metrics.operation("create"):
-            spec = req.spec
+            spec = msgspec.structs.replace(req.spec, seed="")  # the agent makes its own
             if not spec.uuid:
                 spec = msgspec.structs.replace(spec, uuid=str(uuidlib.uuid4()))
             check_spec(spec)
@@ -466,17 +517,36 @@ class Handlers:
             await self._check_hostdevs(spec.hostdevs)
             await self._check_usb(spec.usb_hostdevs)
             await self._check_nics(spec.nics)
+            if req.image and req.disk_size_bytes:
+                raise BadRequest("--image gives the VM its disk already: drop --disk-size")
+            if req.disk_size_bytes < 0:
+                raise BadRequest("--disk-size must be positive, such as 20G")
             image = await self._image(req.image) if req.image else None
             if image is not None:
+                if image.local is not None and image.local.source_format == "iso":
+                    raise BadRequest(f"{req.image} is install media: boot it with --cdrom "
+                                     f"{req.image} --disk-size 20G")
                 self._check_minimum(spec, image)
+            media = await self._image(req.cdrom_image, "--cdrom IMAGE") \
+                if req.cdrom_image else None
+            if media is not None:
+                spec = msgspec.structs.replace(spec, cdrom=Cdrom(path=media.path))
+            for info in (image, media):
+                if info is not None and info.template.profile != "generic":
+                    spec = msgspec.structs.replace(spec, profile=info.template.profile)
+            if spec.cdrom is not None and spec.cdrom.path:
+                await asyncio.to_thread(hostfs.check_iso, spec.cdrom.path)
             spec = await self._resolve_disks(spec)
             spec = msgspec.structs.replace(spec, nics=[
                 n if n.mac else msgspec.structs.replace(n, mac=random_mac()) for n in spec.nics])
-            made: Disk | None = None
+            made: list[Disk] = []
             try:
                 if image is not None:
-                    made = await self._disk_from_image(image, spec.name)
-                    spec = msgspec.structs.replace(spec, disks=[made, *spec.disks])
+                    made.append(await self._disk_from_image(image, spec.name))
+                elif req.disk_size_bytes:
+                    made.append(await self._blank_disk(spec.name, req.disk_size_bytes))
+                spec = msgspec.structs.replace(spec, disks=[*made, *spec.disks])
+                spec = await self._make_seed(spec)
                 dom = await self._define(spec)
                 try:
                     if spec.autostart:
@@ -486,8 +556,9 @@ class Handlers:
                     await self.hv.undefine(dom.uuid)
                     raise
             except BaseException:
-                if made is not None:
-                    await self._delete_disk(made)
+                for disk in made:
+                    await self._delete_disk(disk)
+                await self._remove_seed(spec)
                 raise
             log.info("defined VM %s (%s)", spec.name, spec.uuid)
             return await self._info(dom.uuid)
@@ -573,6 +644,7 @@ class Handlers:
         await self.hv.undefine(dom.uuid)
         await self.states.gone(dom.uuid, dom.name, "undefined", "removed")
         await asyncio.to_thread(hostfs.remove, self._console_log(dom.uuid))
+        await self._remove_seed(dom.spec)
         removed = []
         if req.delete_disks and spec is not None:
             for disk in spec.disks:
@@ -677,6 +749,7 @@ class Handlers:
         spec = msgspec.structs.replace(
             base, name=check_name(req.name), uuid=str(uuidlib.uuid4()),
             nics=[msgspec.structs.replace(n, mac=random_mac()) for n in base.nics],
+            cloud_init=base.cloud_init and cloudinit.replace_id(base.cloud_init), seed="",
             autostart=False)
         await self._refuse_duplicate(spec)
 
@@ -700,7 +773,7 @@ class Handlers:
                 new = await self._copy_disk(disk, f"{spec.name}-disk{i}")
                 made.append(new)
                 disks.append(new)
-            spec = msgspec.structs.replace(spec, disks=disks)
+            spec = await self._make_seed(msgspec.structs.replace(spec, disks=disks))
             await job.progress(steps - 2, steps, "defining")
             dom = await self._define(spec)
             defined = dom.uuid
@@ -715,6 +788,7 @@ class Handlers:
                 await self.states.gone(defined, spec.name, "undefined", "clone-failed")
             for disk in made:
                 await self._delete_disk(disk)
+            await self._remove_seed(spec)
             raise
 
     # -- networks ---------------------------------------------------------------------------
@@ -876,3 +950,47 @@ class Handlers:
 
     async def backup_schedules(self, req: Empty) -> BackupScheduleList:
         return await self.snapshots.schedules()
+
+    # -- install media ----------------------------------------------------------------------
+
+    async def _change_media(self, ref: str, path: str) -> VmInfo:
+        """The CD-ROM drive with ``path`` in it ('' empties it): a stopped VM is redefined, a
+        running one gets the change live and in its definition."""
+        with self.metrics.operation("insert" if path else "eject"):
+            dom = await self.hv.domain(ref)
+            async with self.states.owned(dom.uuid, dom.name, "insert" if path else "eject"):
+                record, _ = await self.states.load(dom.uuid)
+                old = await self._spec_with_secrets(record, dom)
+                if old is None:
+                    raise NotFound(f"VM {dom.name} was not made by Phyllome; it has no spec")
+                if old.cdrom is None:
+                    raise Conflict(f"VM {dom.name} has no CD-ROM drive: create it with --cdrom")
+                if old.cdrom.path == path:
+                    return await self._info(dom.uuid)
+                spec = msgspec.structs.replace(old, cdrom=Cdrom(path=path))
+                check_spec(spec)
+                live = dom.state not in STOPPED
+                if live:
+                    await self.hv.change_media(dom.uuid, spec)
+                else:
+                    dom = await self._define(spec)
+                await self.states.write(spec, dom,
+                                        revision=(record.revision if record else 1) + 1)
+            action: Literal["attached", "detached"] = "attached" if path else "detached"
+            label = path or old.cdrom.path
+            log.info("VM %s: %s %s%s", dom.name, "inserted" if path else "ejected", label,
+                     " (live)" * live)
+            await self.agent.publish("device", VmDeviceChanged(
+                host=self.host, uuid=dom.uuid, name=dom.name, action=action, kind="cdrom",
+                device=label, live=live), dom.uuid)
+            return await self._info(dom.uuid)
+
+    async def eject(self, req: VmRef) -> VmInfo:
+        return await self._change_media(req.vm, "")
+
+    async def insert(self, req: VmInsert) -> VmInfo:
+        if bool(req.path) == bool(req.image):
+            raise BadRequest("give the ISO as a path or as a catalogue image, one of them")
+        if req.path and not req.path.startswith("/"):
+            raise BadRequest(f"ISO path {req.path!r} must be absolute")
+        return await self._change_media(req.vm, await self._media(req.path, req.image))

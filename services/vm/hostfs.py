@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared import fileops
 from shared.errors import BackendError, BadRequest, Conflict, NotFound
-from shared.validate import read_format
+from shared.validate import is_iso, read_format
 
 
 def check_raw(path: str) -> None:
@@ -42,6 +42,25 @@ def check_raw(path: str) -> None:
             f"disk {path} is {fmt}, not RAW: only RAW disks are supported; convert it with "
             f"`qemu-img convert -O raw {path} NEW.raw`"
         )
+
+
+def check_iso(path: str) -> None:
+    """Refuse install media that is missing or not an ISO9660 or UDF image (a disk image
+    given to --cdrom boots nothing and says nothing)."""
+    try:
+        iso = is_iso(path)
+    except FileNotFoundError:
+        raise NotFound(f"ISO {path} does not exist") from None
+    except OSError as e:
+        raise BadRequest(f"ISO {path}: {e.strerror}") from None
+    if not iso:
+        raise BadRequest(f"{path} is not an ISO9660 or UDF image (no CD001/BEA01 volume "
+                         "descriptor at 32 KiB): give an installer .iso; disks go to --disk")
+
+
+def write_seed(path: str, data: bytes) -> None:
+    """A cloud-init seed ISO, written whole (temp then rename), readable by QEMU (0644)."""
+    write_atomically(Path(path), data, mode=0o644)
 
 
 async def copy_disk(src: str, dst: str) -> None:
@@ -106,12 +125,12 @@ def host_bridges(class_net: str = "/sys/class/net") -> list[str]:
     return sorted(n for n in names if os.path.isdir(os.path.join(class_net, n, "bridge")))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole
     (``shared.fileops.write_atomic``), making its folder first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fileops.write_atomic(path, data)
+        fileops.write_atomic(path, data, mode=mode)
     except OSError as e:
         raise BackendError(f"writing {path}: {e.strerror}") from None
 

@@ -131,6 +131,10 @@ class Hypervisor(Protocol):
     async def detach(self, uuid: str, spec: VmSpec, device: Device) -> None:
         """Remove ``device`` from a running domain, live and from its definition."""
         ...
+    async def change_media(self, uuid: str, spec: VmSpec) -> None:
+        """Give a running domain's CD-ROM drive the medium of ``spec.cdrom`` (none: eject),
+        live and in its definition, whose spec becomes ``spec``."""
+        ...
     async def networks(self) -> list[Network]: ...
     async def define_network(self, spec: NetworkSpec) -> Network:
         """Define a checked network, set to start with the host (not started)."""

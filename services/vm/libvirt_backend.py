@@ -456,6 +456,14 @@ class LibvirtHypervisor:
 
         await self._run(f"detaching a device from {uuid}", work)
 
+    async def change_media(self, uuid: str, spec: VmSpec) -> None:
+        def work() -> None:
+            dom = self._lookup(uuid)
+            dom.updateDeviceFlags(domain_xml.cdrom_device(spec), _LIVE_AND_CONFIG)
+            self._set_spec(dom, spec)
+
+        await self._run(f"changing the CD-ROM of {uuid}", work)
+
     @staticmethod
     def _set_spec(dom: libvirt.virDomain, spec: VmSpec) -> None:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain_xml.metadata(spec),

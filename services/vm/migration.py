@@ -264,7 +264,7 @@ class Migrations:
                                                               remove=remove))
             await self.states.hand_over(spec.uuid, job.id, target, [
                 msgspec.structs.replace(d, path=paths[(d.pool, d.volume)])
-                for d in record.spec.disks], there.accelerator)
+                for d in record.spec.disks], there.accelerator, there.spec.seed)
         except BaseException as e:
             if entry.step == "committing" and await self._owner(spec.uuid) == target:
                 pass  # the commit went through though its reply was lost: finish below

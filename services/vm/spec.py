@@ -15,6 +15,7 @@ import ipaddress
 import re
 import secrets
 
+from services.vm import cloudinit
 from shared.errors import BadRequest, Conflict, InvalidName
 from shared.messages.net import NetworkSpec
 from shared.messages.vm import Disk, Share, UsbHostdev, VmSpec
@@ -122,6 +123,7 @@ def check_spec(spec: VmSpec) -> None:
         raise BadRequest(f"--nested gives the guest the host's CPU: drop --cpu {spec.cpu}")
     for usb in spec.usb_hostdevs:
         check_usb(usb)
+    _check_media(spec)
     if spec.usb_hostdevs and not spec.usb:
         raise BadRequest("USB passthrough needs the VM's USB controller (usb: true)")
     check_shares(spec.shares)
@@ -165,6 +167,17 @@ def check_confidential(spec: VmSpec) -> None:
                          "guest's memory by DMA; drop --hostdev and USB passthrough")
     if spec.nested:
         raise BadRequest(f"--confidential {mode} guests cannot run nested VMs: drop --nested")
+
+
+def _check_media(spec: VmSpec) -> None:
+    """CD-ROMs (install media, cloud-init seed) and what the seed holds."""
+    for path in (p for p in (spec.cdrom.path if spec.cdrom else "", spec.seed) if p):
+        _check_path(path)
+    drives = sum(d.bus == "sata" for d in spec.disks) + (spec.cdrom is not None) + bool(spec.seed)
+    if drives > len(DISK_TARGETS):
+        raise BadRequest(f"{drives} SATA disks and CD-ROMs: at most {len(DISK_TARGETS)}")
+    if spec.cloud_init is not None:
+        cloudinit.check(spec.cloud_init)
 
 
 def check_disk(disk: Disk) -> Disk:

@@ -242,9 +242,9 @@ class VmStates:
                                                           updated=time.time()), rev)
 
     async def hand_over(self, uuid: str, job_id: str, target: str, disks: list[Disk],
-                        accelerator: Literal["kvm", "tcg"]) -> None:
+                        accelerator: Literal["kvm", "tcg"], seed: str = "") -> None:
         """The commit of a migration: one compare-and-set makes ``target`` the owner (with
-        its disk paths) and releases the lock."""
+        its disk paths and the cloud-init seed it wrote) and releases the lock."""
         async with self._lock:
             record, rev = await self.load(uuid)
             if (record is None or record.host != self.host or record.migration is None
@@ -254,7 +254,7 @@ class VmStates:
             await self._store(msgspec.structs.replace(
                 record, host=target, migration=None, state="shutoff", reason="migrated",
                 accelerator=accelerator, started_at=0.0, updated=time.time(),
-                spec=msgspec.structs.replace(record.spec, disks=disks)), rev)
+                spec=msgspec.structs.replace(record.spec, disks=disks, seed=seed)), rev)
 
     async def sync(self, dom: Domain, event: str, reason: str, *, missed: bool = False) -> None:
         """Record what the hypervisor says about one of our domains; publish the change."""

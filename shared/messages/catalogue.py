@@ -122,6 +122,8 @@ class VmTemplate(msgspec.Struct, frozen=True, kw_only=True):
     vcpus: int
     disk: int
     machine: str = "q35"
+    # "windows": Hyper-V enlightenments and a local-time clock (osinfo family winnt)
+    profile: Literal["generic", "windows"] = "generic"
 
 
 class SourceSpec(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.source.v1"):

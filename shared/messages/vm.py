@@ -87,6 +87,32 @@ class Share(msgspec.Struct, frozen=True, kw_only=True):
     readonly: bool = False
 
 
+class CloudInit(msgspec.Struct, frozen=True, kw_only=True):
+    """A NoCloud seed for cloud-init: the agent builds it as an ISO9660 volume labelled
+    ``cidata`` beside the VM's disks and attaches it read-only as a CD-ROM.
+
+    ``user`` gets ``ssh_keys`` (else they go to the image's default user); ``user_data`` is
+    ``#cloud-config`` YAML (merged with the user and hostname) or a script (``#!``).
+    ``instance_id`` is chosen at create (a clone gets a new one, a migration keeps it).
+    """
+
+    instance_id: str = ""
+    hostname: str = ""
+    user: str = ""
+    ssh_keys: list[str] = []
+    user_data: str = ""
+    network_config: str = ""
+
+
+class Cdrom(msgspec.Struct, frozen=True, kw_only=True):
+    """A SATA CD-ROM drive holding an ISO9660/UDF image (``path``), or empty (``""``)."""
+
+    path: str = ""
+
+
+GuestProfile = Literal["generic", "windows"]
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What a VM should be; the agent owns the libvirt XML it becomes."""
 
@@ -126,6 +152,10 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     vsock: bool = False  # a virtio vsock device; its guest CID is chosen at start
     input: InputBus = "usb"  # tablet (+ keyboard for virtio) on USB or virtio-input
     confidential: Confidential = "none"  # AMD SEV / SEV-ES / SEV-SNP or Intel TDX (KVM)
+    cloud_init: CloudInit | None = None
+    seed: str = ""  # the cloud-init seed ISO, made by the agent from ``cloud_init``
+    cdrom: Cdrom | None = None  # install media; booted before the disks
+    profile: GuestProfile = "generic"  # "windows": Hyper-V enlightenments, local clock
 
 
 class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -215,10 +245,14 @@ class VmInfo(msgspec.Struct, frozen=True, kw_only=True, tag="vm.info.v1"):
 
 
 class VmCreate(msgspec.Struct, frozen=True, kw_only=True, tag="vm.create.v1"):
-    """Define a VM; ``image`` asks the catalogue and storage agents for a disk cloned from it."""
+    """Define a VM; ``image`` asks the catalogue and storage agents for a disk cloned from it,
+    ``cdrom_image`` for a pulled ISO put in the CD-ROM drive (``spec.cdrom``), and
+    ``disk_size_bytes`` for a blank RAW disk to install onto."""
 
     spec: VmSpec
     image: str = ""
+    cdrom_image: str = ""
+    disk_size_bytes: int = 0
 
 
 class VmRef(msgspec.Struct, frozen=True, kw_only=True, tag="vm.ref.v1"):
@@ -325,6 +359,15 @@ class VmDetachUsb(msgspec.Struct, frozen=True, kw_only=True, tag="vm.detach_usb.
 
     vm: str
     device: UsbHostdev
+
+
+class VmInsert(msgspec.Struct, frozen=True, kw_only=True, tag="vm.insert.v1"):
+    """Put an ISO (a path, or a pulled catalogue ``image`` of kind iso) in the CD-ROM drive,
+    replacing what is there; live on a running VM."""
+
+    vm: str
+    path: str = ""
+    image: str = ""
 
 
 class VmGuestState(msgspec.Struct, frozen=True, kw_only=True, tag="vm.guest_state.v1"):
@@ -471,8 +514,9 @@ class VmDeviceChanged(Event, frozen=True, kw_only=True, tag="vm.device_changed.v
     uuid: str
     name: str
     action: Literal["attached", "detached"]
-    kind: Literal["disk", "nic", "usb"]
-    device: str  # the disk's path, the NIC's MAC, the USB device's vendor:product or bus.device
+    kind: Literal["disk", "nic", "usb", "cdrom"]
+    # the disk's or ISO's path, the NIC's MAC, the USB device's vendor:product or bus.device
+    device: str
     live: bool = False
 
 
@@ -569,10 +613,14 @@ BACKUP_SCHEDULES = EndpointSpec(
 CONSOLE = EndpointSpec(
     "vm", "console", ConsoleOpen, ConsoleSession,
     "Bridge a running VM's VNC or serial console to a session over NATS.")
+EJECT = EndpointSpec("vm", "eject", VmRef, VmInfo,
+                     "Empty the CD-ROM drive (live and persistent when running).")
+INSERT = EndpointSpec("vm", "insert", VmInsert, VmInfo,
+                      "Put an ISO in the CD-ROM drive (live and persistent when running).")
 JOBS, JOB, CANCEL = job_endpoints("vm")
 
 # What the vm agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
     CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE, ATTACH_DISK, DETACH_DISK, ATTACH_NIC, DETACH_NIC,
-    ATTACH_USB, DETACH_USB, *net_api.ENDPOINTS, SNAPSHOT_CREATE, SNAPSHOT_LIST, SNAPSHOT_REVERT,
-    SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES, CONSOLE)
+    ATTACH_USB, DETACH_USB, EJECT, INSERT, *net_api.ENDPOINTS, SNAPSHOT_CREATE, SNAPSHOT_LIST,
+    SNAPSHOT_REVERT, SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES, CONSOLE)

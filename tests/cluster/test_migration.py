@@ -30,6 +30,7 @@ from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress, JobRef
 from shared.messages.storage import CreateVolume, IncomingList, VolumeQuery
 from shared.messages.vm import (
+    CloudInit,
     Disk,
     MigrationLock,
     VmCreate,
@@ -187,6 +188,20 @@ async def test_stopped_vm_moves_with_its_disk_and_identity(nats_server: NatsServ
         steps = await _job_messages(p, st.job_id)
         assert steps[0].startswith("preflight on b") and steps[-1] == "done"
         assert any(s.startswith("verifying the sha256") for s in steps)
+
+
+async def test_the_cloud_init_seed_is_written_on_the_target_with_the_same_instance_id(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    async with pair(nats_server, tmp_path) as p:
+        before = await p.vm("a", "ci", cloud_init=CloudInit(hostname="ci"))
+        assert before.spec.cloud_init is not None and Path(before.spec.seed).is_file()
+        st = await p.migrate(VmMigrate(vm="ci", to="b"))
+        assert st.state == "succeeded", st.message
+        after: VmInfo = await p.call("b", vm_api.INFO, VmRef(vm="ci"))
+        assert after.spec.cloud_init == before.spec.cloud_init  # cloud-init: same machine
+        assert after.spec.seed.startswith(str(p.state("b"))) and Path(after.spec.seed).is_file()
+        assert (await p.record(before.uuid)).spec.seed == after.spec.seed
+        assert not Path(before.spec.seed).exists()
 
 
 async def test_each_step_of_a_migration_is_one_progress_event(nats_server: NatsServer,

@@ -347,3 +347,22 @@ async def test_slow_download_cancelled_leaves_nothing(srv: FileServer,
     with pytest.raises(asyncio.CancelledError):
         await task
     assert pool_files(store) == []
+
+
+async def test_install_media_stays_an_iso_and_a_disk_posing_as_one_is_refused(
+        srv: FileServer, store: ImageStore) -> None:
+    from services.vm.cloudinit import seed_iso
+    from shared.messages.vm import CloudInit
+
+    iso = srv.root / "install.iso"
+    iso.write_bytes(seed_iso(CloudInit(instance_id="x")))  # a small ISO9660 volume
+    e, dl = entry("inst", srv.url("install.iso"), iso, fmt="iso", sha256="")
+    with pytest.raises(Forbidden, match="--allow-unverified"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)
+    local = await store.pull(e, dl, allow_unverified=True, progress=no_progress)
+    assert (local.source_format, local.state) == ("iso", "unverified")
+    assert Path(local.path).read_bytes() == iso.read_bytes()
+    raw = make_sparse_raw(srv.root / "disk.raw", 2 * MiB)
+    e, dl = entry("fake", srv.url("disk.raw"), raw, fmt="iso")
+    with pytest.raises(Forbidden, match="not an ISO9660 or UDF image"):
+        await store.pull(e, dl, allow_unverified=False, progress=no_progress)

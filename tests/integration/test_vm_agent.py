@@ -36,6 +36,8 @@ from shared.messages.jobs import JobFinished
 from shared.messages.net import NetCreate, NetRef, NetworkSpec
 from shared.messages.storage import CreateVolume, ListVolumes
 from shared.messages.vm import (
+    Cdrom,
+    CloudInit,
     Disk,
     Nic,
     Share,
@@ -51,6 +53,7 @@ from shared.messages.vm import (
     VmDetachUsb,
     VmGuestState,
     VmInfo,
+    VmInsert,
     VmListRequest,
     VmMigrate,
     VmRef,
@@ -537,6 +540,22 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
         volumes = (await agent.bus.call(HOST, storage_api.VOLUMES, ListVolumes())).volumes
         assert [v.name for v in volumes] == ["data"]
 
+        # install media: a blank volume to install onto, and the ISO first in the boot order
+        from services.vm.cloudinit import seed_iso
+
+        iso = tmp_path / "installer.iso"
+        iso.write_bytes(seed_iso(CloudInit(instance_id="any")))
+        with pytest.raises(BadRequest, match="drop --disk-size"):
+            await call(agent, "create", VmCreate(spec=VmSpec(name="inst", memory_mib=384),
+                                                 image="phyllome-tiny", disk_size_bytes=1 << 30))
+        info = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="inst", memory_mib=64, cdrom=Cdrom(path=str(iso))), disk_size_bytes=1 << 30))
+        blank = info.spec.disks[0]
+        assert (blank.volume, blank.owned, Path(blank.path).stat().st_size) == (
+            "inst-disk0", True, 1 << 30)
+        await call(agent, "delete", VmDelete(vm="inst", delete_disks=True))
+        assert not Path(blank.path).exists() and iso.exists()
+
 
 async def test_vm_import_state_takes_a_good_state_and_refuses_hostile_ones(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
@@ -629,3 +648,100 @@ async def test_vm_confidential_needs_the_hosts_technology(
         await agent.handlers.states.write(spec, dom)
         with pytest.raises(BadRequest, match="sev guest.*cannot migrate"):
             await call(agent, "migrate", VmMigrate(vm="cc", to="h2"))
+
+
+def _seed_of(path: str) -> dict[str, Any]:
+    """The meta-data of a seed ISO on disk, read back with pycdlib; checks its label."""
+    import io
+
+    import pycdlib
+    import yaml
+
+    iso = pycdlib.PyCdlib()
+    iso.open(path)
+    try:
+        assert iso.pvd.volume_identifier.decode().strip() == "cidata"
+        out = io.BytesIO()
+        iso.get_file_from_iso_fp(out, rr_path="/meta-data")
+        meta: dict[str, Any] = yaml.safe_load(out.getvalue())
+        return meta
+    finally:
+        iso.close()
+
+
+async def test_vm_cloud_init_seed_is_made_cloned_carried_and_deleted(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    ci = CloudInit(hostname="web", user="ana")
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        with pytest.raises(BadRequest, match="RFC 1123"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="bad", memory_mib=64, cloud_init=CloudInit(hostname="no_underscore"))))
+        assert not list((tmp_path / "disks").glob("*.iso"))
+        vm = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="web", memory_mib=64, cloud_init=ci, seed="/elsewhere/x.iso")))
+        seed = vm.spec.seed
+        assert seed == f"{tmp_path}/disks/{vm.uuid}-{HOST}-cidata.iso"
+        iid = vm.spec.cloud_init.instance_id
+        assert iid.startswith("iid-")
+        assert _seed_of(seed) == {"instance-id": iid, "local-hostname": "web"}
+        xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        assert (f"<disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n"
+                f"      <source file='{seed}'/>\n      <target dev='sda' bus='sata'/>\n"
+                "      <readonly/>") in xml
+
+        accepted = await call(agent, "clone", VmClone(vm="web", name="web2"))
+        assert (await _job(agent, accepted.job_id)).state == "succeeded"
+        copy = await call(agent, "info", VmRef(vm="web2"))
+        assert copy.spec.seed not in ("", seed)
+        assert copy.spec.cloud_init.instance_id not in ("", iid)
+        assert _seed_of(copy.spec.seed)["instance-id"] == copy.spec.cloud_init.instance_id
+
+        # what a migration's target gets: the spec with its instance-id, the seed rebuilt
+        await call(agent, "delete", VmDelete(vm="web"))
+        assert not Path(seed).exists()
+        moved = await call(agent, "create", VmCreate(spec=vm.spec))
+        assert moved.spec.cloud_init.instance_id == iid and Path(moved.spec.seed).exists()
+        await call(agent, "delete", VmDelete(vm="web2"))
+        assert not Path(copy.spec.seed).exists()
+
+
+async def test_vm_install_media_boots_first_and_is_ejected_and_inserted(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    from services.vm import cloudinit
+
+    iso = tmp_path / "installer.iso"
+    iso.write_bytes(cloudinit.seed_iso(CloudInit(instance_id="any")))  # an ISO9660 volume
+    other = tmp_path / "other.iso"
+    other.write_bytes(iso.read_bytes())
+    async with vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _), \
+            agent_events(agent, "device") as events:
+        not_iso = raw_disk(tmp_path / "disk.raw")
+        with pytest.raises(BadRequest, match="not an ISO9660 or UDF image"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="inst", memory_mib=64, cdrom=Cdrom(path=str(not_iso)))))
+        with pytest.raises(Unavailable, match="--disk-size needs the storage agent"):
+            await call(agent, "create", VmCreate(spec=VmSpec(
+                name="inst", memory_mib=64, cdrom=Cdrom(path=str(iso))),
+                disk_size_bytes=1 << 30))
+        vm = await call(agent, "create", VmCreate(spec=VmSpec(
+            name="inst", memory_mib=64, cdrom=Cdrom(path=str(iso)),
+            disks=[Disk(path=str(not_iso))])))
+        xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        assert "<boot dev='cdrom'/>\n    <boot dev='hd'/>" in xml
+        assert f"<source file='{iso}'/>" in xml
+
+        info = await call(agent, "eject", VmRef(vm="inst"))
+        assert info.spec.cdrom == Cdrom()
+        xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
+        assert str(iso) not in xml.split("</metadata>")[1] and "device='cdrom'" in xml
+        assert "<boot dev='cdrom'/>" not in xml
+        with pytest.raises(BadRequest, match="not an ISO9660"):
+            await call(agent, "insert", VmInsert(vm="inst", path=str(not_iso)))
+        info = await call(agent, "insert", VmInsert(vm="inst", path=str(other)))
+        assert info.spec.cdrom == Cdrom(path=str(other))
+        got = [await asyncio.wait_for(events.get(), 5) for _ in range(2)]
+        assert [(e.action, e.kind, e.device, e.live) for e in got] == [
+            ("detached", "cdrom", str(iso), False), ("attached", "cdrom", str(other), False)]
+        plain = await call(agent, "create", VmCreate(spec=VmSpec(name="plain", memory_mib=64)))
+        with pytest.raises(Conflict, match="no CD-ROM drive"):
+            await call(agent, "eject", VmRef(vm=plain.uuid))

@@ -173,3 +173,50 @@ async def test_vm_cli_networks_nics_cpu_and_devices(
             assert rc == 0, err
         rc, out, err = await command(agent, "net", "delete", "lab", "--json")
         assert rc == 0 and json.loads(out)["message"] == "deleted network lab", err
+
+
+async def test_vm_cli_cloud_init_and_install_media(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    from services.vm.cloudinit import seed_iso
+    from shared.messages.vm import CloudInit
+
+    iso = tmp_path / "installer.iso"
+    iso.write_bytes(seed_iso(CloudInit(instance_id="any")))
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEOGl4aBk3sYxwlVUu7a8Eb4iG1c0VTgTxWV7k"
+                   "qzW4yP ana@lap\n")
+    user_data = tmp_path / "user-data"
+    user_data.write_text("#cloud-config\npackages: [htop]\n")
+    async with agent_in_process("vm", nats_server.url, tmp_path, libvirt_uri=libvirt_test_uri,
+                                accelerator="tcg", extra={"reconcile_s": 3600}) as agent:
+        rc, out, err = await phyllome(
+            agent, "create", "web", "--nic", "none", "--user", "ana", "--ssh-key", str(key),
+            "--hostname", "web", "--user-data", str(user_data), "--cdrom", str(iso), "--json")
+        assert rc == 0, err
+        spec = json.loads(out)["spec"]
+        ci = spec["cloud_init"]
+        assert (ci["user"], ci["hostname"], ci["ssh_keys"]) == (
+            "ana", "web", [key.read_text().strip()])
+        assert ci["instance_id"].startswith("iid-") and Path(spec["seed"]).is_file()
+        assert spec["cdrom"] == {"path": str(iso)}
+        rc, out, err = await phyllome(agent, "info", "web")
+        assert rc == 0, err
+        assert f"hostname web, user ana, 1 SSH key(s), user-data, {ci['instance_id']}" in out
+        assert str(iso) in out, out
+        rc, out, err = await phyllome(agent, "eject", "web", "--json")
+        assert rc == 0 and json.loads(out)["spec"]["cdrom"] == {"path": ""}, err
+        rc, out, err = await phyllome(agent, "insert", "web", str(iso), "--json")
+        assert rc == 0 and json.loads(out)["spec"]["cdrom"] == {"path": str(iso)}, err
+
+        rc, _, err = await phyllome(agent, "create", "bad", "--ssh-key", "ssh-rsa AAAA x")
+        assert rc == 1 and "does not decode to a ssh-rsa key" in err
+        rc, _, err = await phyllome(agent, "create", "bad", "--user-data", str(tmp_path / "no"))
+        assert rc == 2 and "--user-data" in err and "No such file" in err
+        rc, _, err = await phyllome(agent, "create", "bad", "--cdrom", str(key))
+        assert rc == 1 and "not an ISO9660 or UDF image" in err
+        rc, out, err = await phyllome(agent, "create", "win", "--nic", "none", "--profile",
+                                      "windows", "--json")
+        assert rc == 0, err
+        spec = json.loads(out)["spec"]
+        assert (spec["profile"], spec["secure_boot"], spec["tpm"]) == (
+            "windows", True, "emulated-2.0")

@@ -31,7 +31,7 @@ import pytest
 from shared import subjects
 from shared.agent import Agent
 from shared.codec import decode
-from shared.messages.vm import VmStateChanged
+from shared.messages.vm import VmDeviceChanged, VmStateChanged
 from tests.support.require import require
 
 SYSTEM_URI = "qemu:///system"
@@ -200,14 +200,50 @@ class VmEvents:
 
 
 @contextlib.asynccontextmanager
-async def vm_events(agent: Agent) -> AsyncIterator[VmEvents]:
-    events = VmEvents()
-
+async def _fed(agent: Agent, kind: str, cls: type[Any],
+               queue: asyncio.Queue[Any]) -> AsyncIterator[None]:
+    """While inside: the vm agent's events of ``kind``, decoded as ``cls``, into ``queue``."""
     async def got(msg: Any) -> None:
-        events.queue.put_nowait(decode(msg.data, VmStateChanged))
+        queue.put_nowait(decode(msg.data, cls))
 
-    sub = await agent.bus.nc.subscribe(subjects.event(agent.host, "vm", "state") + ".*", cb=got)
+    sub = await agent.bus.nc.subscribe(subjects.event(agent.host, "vm", kind) + ".*", cb=got)
     try:
-        yield events
+        yield
     finally:
         await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def vm_events(agent: Agent) -> AsyncIterator[VmEvents]:
+    events = VmEvents()
+    async with _fed(agent, "state", VmStateChanged, events.queue):
+        yield events
+
+
+@contextlib.asynccontextmanager
+async def device_events(agent: Agent) -> AsyncIterator[asyncio.Queue[VmDeviceChanged]]:
+    """``VmDeviceChanged`` events (attach, detach, eject, insert) of one host's vm agent."""
+    queue: asyncio.Queue[VmDeviceChanged] = asyncio.Queue()
+    async with _fed(agent, "device", VmDeviceChanged, queue):
+        yield queue
+
+
+@contextlib.asynccontextmanager
+async def guest_vm_agent(nats_url: str, state: Path, uri: str, guest_dir: Path,
+                         host: str = "h1") -> AsyncIterator[Agent]:
+    """A vm agent (TCG) on the real libvirtd ``uri`` whose console logs
+    (``guest_dir/consoles/<uuid>.log``) and disks live where QEMU can read them."""
+    from tests.support.agents import agent_in_process
+
+    async with agent_in_process(
+            "vm", nats_url, state, host=host, libvirt_uri=uri, accelerator="tcg",
+            extra={"reconcile_s": 3600, "console_dir": str(guest_dir / "consoles"),
+                   "disk_dir": str(guest_dir / "disks")}) as agent:
+        yield agent
+
+
+async def vm_call(agent: Agent, verb: str, req: Any, timeout: float = 60.0) -> Any:
+    """``verb`` of the agent's own vm endpoints."""
+    from shared import contracts
+
+    return await agent.bus.call(agent.host, contracts.spec("vm", verb), req, timeout=timeout)

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared import contracts, subjects
-from shared.codec import decode
+from shared import contracts
 from shared.messages import Empty
 from shared.messages.net import DEFAULT_NETWORK
 from shared.messages.vm import (
@@ -27,13 +26,18 @@ from shared.messages.vm import (
     VmCreate,
     VmDelete,
     VmDetachDisk,
-    VmDeviceChanged,
     VmRef,
     VmSpec,
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
-from tests.support.libvirt import markers, wait_for_marker
+from tests.support.libvirt import (
+    device_events,
+    guest_vm_agent,
+    markers,
+    vm_call,
+    wait_for_marker,
+)
 from tests.support.require import require
 from tests.support.tiny import TinyImage
 from tests.support.wait import until
@@ -57,19 +61,11 @@ async def test_vm_tiny_guest_has_x86_64_v2_and_sees_disks_and_nics_plugged_live(
         f.truncate(16 << 20)
     data.chmod(0o644)
     consoles = guest_dir / "consoles"
-    async with agent_in_process(
-            "vm", nats_server.url, tmp_path, host=HOST, libvirt_uri=libvirtd,
-            accelerator="tcg", extra={"reconcile_s": 3600, "console_dir": str(consoles),
-                                      "disk_dir": str(guest_dir / "disks")}) as agent:
-        events: asyncio.Queue[VmDeviceChanged] = asyncio.Queue()
+    async with guest_vm_agent(nats_server.url, tmp_path, libvirtd, guest_dir) as agent, \
+            device_events(agent) as events:
 
-        async def got(msg: Any) -> None:
-            events.put_nowait(decode(msg.data, VmDeviceChanged))
-
-        sub = await agent.bus.nc.subscribe(subjects.event(HOST, "vm", "device") + ".*", cb=got)
-
-        async def call(verb: str, req: Any, timeout: float = 60.0) -> Any:
-            return await agent.bus.call(HOST, contracts.spec("vm", verb), req, timeout=timeout)
+        async def call(verb: str, req: Any) -> Any:
+            return await vm_call(agent, verb, req)
 
         spec = VmSpec(name=f"phy-usable-{tmp_path.name[-6:]}", firmware="bios", vcpus=1,
                       memory_mib=256, display="none", kernel=str(guest_dir / "vmlinuz"),
@@ -107,7 +103,6 @@ async def test_vm_tiny_guest_has_x86_64_v2_and_sees_disks_and_nics_plugged_live(
             assert str(data) not in (await agent.handlers.hv.xml(
                 vm.uuid, inactive=True)).split("</metadata>")[1]
         finally:
-            await sub.unsubscribe()
             await call("delete", VmDelete(vm=vm.uuid, force=True))
         assert data.exists()
 

@@ -23,6 +23,7 @@ from shared.messages.catalogue import (
     Download,
     ListRequest,
     LocalImage,
+    Media,
     Requirements,
     Resources,
     SourceList,
@@ -196,6 +197,22 @@ def test_choose_prefers_raw_then_cloud_init_and_says_what_exists() -> None:
     assert choose(entry(downloads=[v, q, a]), "x86_64") == q
     with pytest.raises(NotFound, match="no disk image for s390x .it has aarch64/qcow2"):
         choose(entry(downloads=[a]), "s390x")
+
+
+def test_choose_gives_install_media_as_an_iso_when_there_is_no_disk_image() -> None:
+    media = [Media(arch="aarch64", url="http://h/arm.iso"), Media(arch="x86_64", url=""),
+             Media(arch="x86_64", url="http://h/x86.iso", variant="netinst")]
+    assert choose(entry(media=media), "x86_64") == Download(
+        arch="x86_64", url="http://h/x86.iso", format="iso", variant="netinst")
+    r = Download(arch="x86_64", url="http://h/a.raw", format="raw")
+    assert choose(entry(downloads=[r], media=media), "x86_64") == r
+
+
+def test_windows_gets_its_profile_secure_boot_and_a_tpm_by_default() -> None:
+    t = template(entry(family="winnt", distro="win"))
+    assert (t.profile, t.firmware, t.secure_boot, t.tpm) == ("windows", "uefi", True, "2.0")
+    t = template(entry(family="linux"))
+    assert (t.profile, t.secure_boot, t.tpm) == ("generic", False, "")
 
 
 def test_template_from_requirements() -> None:

@@ -22,7 +22,7 @@ from services.vm import domain_xml
 from services.vm import spec as spec_rules
 from shared.errors import BadRequest, InvalidName
 from shared.messages.net import NetworkSpec
-from shared.messages.vm import Disk, Nic, Share, UsbHostdev, VmSpec
+from shared.messages.vm import Cdrom, CloudInit, Disk, Nic, Share, UsbHostdev, VmSpec
 from tests.support.golden import regenerating
 from tests.support.require import require
 
@@ -77,6 +77,30 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
                shares=[Share(source="/srv/data", tag="data")]),
         "kvm",
     ) for mode in ("sev", "sev-es", "sev-snp", "tdx")},
+    "install-media-and-cloud-init": (
+        VmSpec(
+            name="inst", uuid=UUID, display="none",
+            disks=[Disk(path="/pool/inst.raw"), Disk(path="/pool/data.raw", bus="sata")],
+            cdrom=Cdrom(path="/srv/iso/installer.iso"),
+            cloud_init=CloudInit(instance_id="iid-1", hostname="inst"),
+            seed=f"/var/lib/phyllome/vm/disks/{UUID}-h1-cidata.iso",
+        ),
+        "tcg",
+    ),
+    "empty-cdrom-drive": (VmSpec(name="ejected", uuid=UUID, cdrom=Cdrom()), "tcg"),
+    "windows-profile-kvm": (
+        VmSpec(name="win-kvm", uuid=UUID, secure_boot=True, tpm="emulated-2.0",
+               profile="windows", display="none"),
+        "kvm",
+    ),
+    "windows-profile": (
+        VmSpec(
+            name="win11", uuid=UUID, memory_mib=4096, secure_boot=True, tpm="emulated-2.0",
+            profile="windows", disks=[Disk(path="/pool/win11.raw")],
+            cdrom=Cdrom(path="/srv/iso/win11.iso"),
+        ),
+        "tcg",
+    ),
 }
 # libvirt 9.0's schema (Debian 12) predates these launchSecurity types: validated without.
 NEWER_LAUNCH_SECURITY = {"confidential-sev-snp", "confidential-tdx"}
@@ -297,7 +321,10 @@ def _specs(draw: st.DrawFn) -> tuple[VmSpec, str]:
         nested=draw(st.booleans()), kernel=kernel,
         initrd=draw(_paths) if kernel and draw(st.booleans()) else "",
         cmdline=draw(st.text(max_size=40)) if kernel else "",
-        autostart=draw(st.booleans()))
+        autostart=draw(st.booleans()),
+        cdrom=draw(st.one_of(st.none(), st.builds(Cdrom, path=st.one_of(st.just(""), _paths)))),
+        seed=draw(st.one_of(st.just(""), _paths)),
+        profile=draw(st.sampled_from(["generic", "windows"])))
     return spec, draw(st.sampled_from(["kvm", "tcg"]))
 
 
