@@ -3,9 +3,9 @@ dashboard panel and rule evaluated, an alert when an agent dies.
 
 The stack is `phyllome up` as a user runs it (the vm agent on libvirt's test driver), with a
 loopback HTTP image source. The test makes the stack do what fills the dashboards -- a VM
-created and started, a volume imported, cloned and sent to a host that does not exist (a
-transfer failure), an image pulled, a source that is down, a refused device bind, a kernel
-uevent -- and then asks Prometheus's HTTP API:
+created and started, a volume imported, cloned and sent to a host whose storage agent stops
+mid-transfer (a transfer failure), an image pulled, a source that is down, a refused device
+bind, a kernel uevent -- and then asks Prometheus's HTTP API:
 
 - every agent's /metrics passes ``promtool check metrics``;
 - every Grafana panel query returns at least one series (a panel showing "No data" fails);
@@ -37,6 +37,7 @@ import pytest
 from shared import contracts
 from shared.bus import Bus
 from shared.errors import NotFound
+from shared.jobs import wait_job
 from shared.messages import Empty
 from shared.messages import catalogue as catalogue_api
 from shared.messages import hardware as hardware_api
@@ -46,10 +47,12 @@ from shared.messages.catalogue import ListRequest, PullRequest
 from shared.messages.hardware import BindRequest, DeviceList, DeviceQuery
 from shared.messages.storage import CloneVolume, ImportVolume, ListVolumes, SendVolume
 from shared.messages.vm import Disk, VmCreate, VmListRequest, VmRef, VmSpec
+from tests.support.agents import agent_in_process
 from tests.support.httpserver import FileServer
 from tests.support.prometheus import Prometheus, panel_queries, running_prometheus
 from tests.support.require import require, require_binary
 from tests.support.tiny import TinyImage
+from tests.support.wait import until
 
 pytestmark = pytest.mark.system
 
@@ -125,7 +128,17 @@ async def exercise(nats_url: str, state: Path, guest: Path) -> None:
         await _until(bus, "storage", "volumes", ListVolumes(), lambda r: any(
             v.name == "seed" for v in r.volumes))
         await bus.call(HOST, storage_api.CLONE, CloneVolume(name="seed", dst_name="copy"))
-        await bus.call(HOST, storage_api.SEND, SendVolume(name="seed", to_host="ghost"))
+        # a transfer that fails: the receiving host's storage agent goes away mid-transfer
+        # (the send is slowed down so that it still runs then), and the sender gives up
+        # after resume_timeout_s
+        async with agent_in_process("storage", nats_url, state.parent / "ghost",
+                                    "ghost") as ghost:
+            sent = await bus.call(HOST, storage_api.SEND, SendVolume(
+                name="seed", to_host="ghost", bwlimit_bytes_s=256 * 1024))
+            await until("the transfer to ghost under way",
+                        lambda: ghost.handlers.receiver.incoming, timeout=20)
+        outcome = await wait_job(bus, HOST, "storage", sent, timeout=60)
+        assert (outcome.state, outcome.error_kind) == ("failed", "unavailable"), outcome
 
         await bus.call(HOST, catalogue_api.PULL, PullRequest(id="lab-tiny"))
 
@@ -268,8 +281,8 @@ def check_panels_and_rules(prom: Prometheus) -> None:
 
 
 def check_alerts(prom: Prometheus, state: Path) -> None:
-    # conditions the stack really has: a transfer to a host that does not exist, a source
-    # whose index is missing
+    # conditions the stack really has: a transfer whose receiver went away, a source whose
+    # index is missing
     prom.wait_for(lambda: firing(prom, "PhyllomeTransferFailures", host=HOST,
                                  direction="send"), "PhyllomeTransferFailures firing")
     prom.wait_for(lambda: firing(prom, "PhyllomeImageSourceDown", host=HOST, source="gone"),

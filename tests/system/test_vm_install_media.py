@@ -22,17 +22,13 @@ from shared.messages.vm import Cdrom, VmCreate, VmDelete, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.libvirt import (
     device_events,
-    guest_dir,
     guest_vm_agent,
-    libvirtd,
     vm_call,
     wait_for_marker,
 )
-from tests.support.nats import nats_server
 from tests.support.require import require
-from tests.support.tiny import TinyImage, tiny_image
+from tests.support.tiny import TinyImage
 
-__all__ = ["guest_dir", "libvirtd", "nats_server", "tiny_image"]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(400)]
 
 BOOT_S = 240.0  # OVMF under TCG, then GRUB reading the CD: slower than a direct kernel boot
