@@ -7,34 +7,27 @@ could not be reached.
         async def go(bus):
             return await bus.call(args.host, storage_api.POOLS, Empty())
         show(args, call(args, go), columns=[("name", "POOL"), ("free_bytes", "FREE")])
+
+Rich, nats-py and the bus are imported when a command first needs them, not when this
+module is: ``phyllome --help`` and building every parser stay as cheap as argparse
+(tests/unit/test_cli_imports.py keeps it so).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NoReturn, TypedDict, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar
 
 import msgspec
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from shared import subjects
-from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host
 from shared.errors import PhyError, Unavailable
@@ -42,14 +35,32 @@ from shared.fileops import human_bytes as human_bytes  # the CLI's tables use co
 from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shared.bus import Bus
+
 T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+@cache
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def __getattr__(name: str) -> Console:
+    """``common.console`` and ``common.err_console``: made on first use (rich costs tens of
+    milliseconds to import, more than a whole ``phyllome vm list`` should)."""
+    if name in ("console", "err_console"):
+        return _console(name == "err_console")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -79,6 +90,8 @@ def credentials() -> Credentials:
 
 
 async def connect(args: argparse.Namespace) -> Bus:
+    from shared.bus import Bus
+
     return await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
                              give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")),
                              **credentials())
@@ -94,6 +107,8 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
         finally:
             await bus.close()
 
+    import asyncio
+
     try:
         return asyncio.run(go())
     except PhyError as e:
@@ -103,7 +118,7 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
 
 
 def fail(e: PhyError) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {e}", highlight=False)
+    _console(True).print(f"[red]error:[/red] {e}", highlight=False)
     sys.exit(EXIT_UNREACHABLE if isinstance(e, Unavailable) else EXIT_FAILED)
 
 
@@ -113,12 +128,14 @@ def print_json(obj: Any) -> None:
 
 def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
     """An aligned table: ``columns`` are (key, header) pairs."""
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     for _, header in columns:
         table.add_column(header)
     for row in rows:
         table.add_row(*(_cell(row.get(key)) for key, _ in columns))
-    console.print(table, highlight=False)
+    _console(False).print(table, highlight=False)
 
 
 def show(args: argparse.Namespace, obj: Any, columns: Sequence[tuple[str, str]] | None = None,
@@ -172,13 +189,22 @@ async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
     Reads the job's events from JetStream from the beginning, so a job that finished before
     we subscribed is still seen.
     """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     from shared.contracts import event_decoder
 
     subject = subjects.event(host, svc, "job", accepted.job_id)
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
     if bytes_progress:
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, disable=quiet, transient=True) as progress:
+    with Progress(*columns, console=_console(True), disable=quiet, transient=True) as progress:
         task = progress.add_task(accepted.kind, total=None)
         stream = bus.events(subject, since=time.time() - 3600, follow=True)
         async with contextlib.aclosing(stream):
@@ -200,11 +226,11 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
     if getattr(args, "json", False):
         print_json(outcome)
     elif outcome.state == "succeeded":
-        console.print(f"{outcome.kind}: done", highlight=False)
+        _console(False).print(f"{outcome.kind}: done", highlight=False)
         if outcome.result:
             show(args, outcome.result)
     else:
-        err_console.print(f"[red]{outcome.kind} {outcome.state}:[/red] {outcome.message}",
+        _console(True).print(f"[red]{outcome.kind} {outcome.state}:[/red] {outcome.message}",
                           highlight=False)
     if outcome.state != "succeeded":
         sys.exit(EXIT_FAILED)

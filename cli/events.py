@@ -11,14 +11,16 @@ import json
 import re
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from cli import common
 from shared import subjects
-from shared.bus import Bus
 from shared.codec import to_builtins
-from shared.contracts import event_decoder
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
@@ -44,6 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_events(args: argparse.Namespace) -> None:
+    from shared.contracts import event_decoder
+
     async def go(bus: Bus) -> int:
         count = 0
         async for subject, ts, data in bus.events(args.subject, since=args.since,

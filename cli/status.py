@@ -12,64 +12,69 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
-
-import nats
-from nats.aio.client import Client
+from typing import TYPE_CHECKING, Any
 
 from cli import common
 from shared import subjects
-from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.messages.hosts import Heartbeat
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="the agents of every host and their health")
     common.add_common(p)
     p.add_argument("--window", type=float, default=0.5,
-                   help="seconds to collect ping replies (default %(default)s)")
+                   help="at most this many seconds to wait for the agents known in KV to "
+                        "answer their ping (default %(default)s)")
     p.set_defaults(func=cmd_status)
 
 
-async def ping_all(nc: Client, window: float) -> list[dict[str, Any]]:
-    """Every ``$SRV.PING`` reply that arrives within ``window`` seconds."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[dict[str, Any]] = []
+async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
+    """One row per agent: its heartbeat in KV and its answer to ``$SRV.PING``.
+
+    The ping goes out first and the heartbeats are read while the answers arrive; once every
+    agent with a heartbeat has answered there is nothing left to wait for, so ``window`` is
+    waited out only when one of them is silent (down or slow) or when KV knows no agent.
+    """
+    import nats.errors
+
+    now = time.time()
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    pings: list[dict[str, Any]] = []
     try:
-        await nc.publish("$SRV.PING", b"", reply=inbox)
+        await bus.nc.publish("$SRV.PING", b"", reply=inbox)
         deadline = time.monotonic() + window
-        while (left := deadline - time.monotonic()) > 0:
+        beats = await bus.kv_values(subjects.KV_HOSTS, Heartbeat)
+        silent = {(hb.host, hb.agent) for hb in beats}
+        while silent or not beats:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
                 msg = await sub.next_msg(timeout=left)
             except nats.errors.TimeoutError:
                 break
-            try:
-                replies.append(json.loads(msg.data))
-            except ValueError:
-                continue
+            ping = _agent_ping(msg.data)
+            if ping is not None:
+                pings.append(ping)
+                silent.discard((ping["metadata"]["host"], ping["name"].removeprefix("phyllome-")))
     finally:
         await sub.unsubscribe()
-    return replies
-
-
-async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
-    now = time.time()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for hb in await bus.kv_values(subjects.KV_HOSTS, Heartbeat):
+    for hb in beats:
         rows[(hb.host, hb.agent)] = {
             "host": hb.host, "agent": hb.agent, "version": hb.version,
             "uptime_s": round(now - hb.started, 1), "healthy": False,
             "metrics_url": hb.metrics_url, "heartbeat_age_s": round(now - hb.time, 1),
             "problems": to_builtins(hb.problems),
         }
-    for ping in await ping_all(bus.nc, window):
-        name = str(ping.get("name", ""))
-        meta = ping.get("metadata") or {}
-        if not name.startswith("phyllome-") or "host" not in meta:
-            continue
-        agent = name.removeprefix("phyllome-")
+    for ping in pings:
+        meta = ping["metadata"]
+        agent = ping["name"].removeprefix("phyllome-")
         row = rows.setdefault((meta["host"], agent), {
             "host": meta["host"], "agent": agent, "heartbeat_age_s": None, "problems": []})
         started = float(meta.get("started", now))
@@ -83,7 +88,25 @@ async def collect_on(bus: Bus, window: float) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (r["host"], r["agent"]))
 
 
+def _agent_ping(data: bytes) -> dict[str, Any] | None:
+    """A ``$SRV.PING`` reply of a Phyllome agent (name ``phyllome-<agent>``, metadata with
+    its host), else None."""
+    try:
+        ping = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(ping, dict):
+        return None
+    meta = ping.get("metadata")
+    if not str(ping.get("name", "")).startswith("phyllome-") or not isinstance(meta, dict) \
+            or "host" not in meta:
+        return None
+    return ping
+
+
 async def collect(url: str, window: float = 0.5) -> list[dict[str, Any]]:
+    from shared.bus import Bus
+
     bus = await Bus.connect(url, name="phyllome-status", host="-", give_up_after=3,
                             **common.credentials())
     try:

@@ -29,11 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-import nats.errors
-
 from cli import common
 from shared import security, subjects
-from shared.bus import Bus
 from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
 from shared.natsserver import LEAF_URL, NatsServer, parse_urls
@@ -231,6 +228,8 @@ class Supervisor:
         return self.state_dir / "secure"
 
     async def start_nats(self) -> str:
+        from shared.bus import Bus
+
         url = os.environ.get("PHYLLOME_NATS_URL")
         if url:
             bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
@@ -262,6 +261,10 @@ class Supervisor:
         """Create PHY_EVENTS and the KV buckets with this cluster's replicas, once JetStream
         answers (a forming cluster first elects its meta leader), before any agent or CLI
         could create them with other settings."""
+        import nats.errors
+
+        from shared.bus import Bus
+
         cfg = load("hardware", {**os.environ, "PHYLLOME_HOST": self.args.host})
         bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, replicas=self.replicas(),
@@ -291,6 +294,8 @@ class Supervisor:
         return 3 if len(routes) >= 3 else 1
 
     async def wait_ready(self, url: str) -> None:
+        import nats.errors
+
         from cli.status import collect
 
         deadline = time.monotonic() + 90
@@ -337,6 +342,7 @@ class Supervisor:
         if not {"vm", "storage", "catalogue"} <= {c.name for c in self.children}:
             return []
         from cli.vm import ensure_demo
+        from shared.bus import Bus
 
         bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, **common.credentials())

@@ -16,12 +16,9 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import common
-from shared import contracts
-from shared.bus import Bus
-from shared.cluster import cluster_vms
 from shared.config import default_host
 from shared.errors import PhyError
 from shared.messages import catalogue as catalogue_api
@@ -43,6 +40,9 @@ from shared.messages.vm import (
     VmSpec,
     VmUpdate,
 )
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus", "CPUS"),
                 ("memory", "MEMORY"), ("accelerator", "ACCEL"), ("uuid", "UUID")]
@@ -215,6 +215,8 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_simple(args: argparse.Namespace) -> None:
+    from shared import contracts
+
     _show_info(args, common.request(args, contracts.spec("vm", args.verb), VmRef(vm=args.vm)))
 
 
@@ -236,6 +238,8 @@ def cmd_list(args: argparse.Namespace) -> None:
     """``--all`` reads KV vms here (a VM of a down host shows ``unknown``); else this host's
     vm agent answers."""
     if args.all:
+        from shared.cluster import cluster_vms
+
         reply = VmList(vms=common.call(args, cluster_vms))
     else:
         reply = common.request(args, vm_api.LIST, VmListRequest(all_hosts=False))
