@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from shared.errors import BackendError, BadRequest, Cancelled, InsufficientResou
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 COPY_STEP = 64 << 20  # bytes per copy_file_range call: big enough to be cheap, small to cancel
 READ_STEP = 8 << 20
+ZEROS = bytes(READ_STEP)
 # The filesystem is full, or the writer's quota is.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # FICLONE answers these where the two files cannot share blocks (another filesystem, no
@@ -39,6 +41,7 @@ NO_REFLINK = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTT
 NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
 
 Extent = tuple[int, int]  # (offset, length) in bytes
+Piece = tuple[int, int, int]  # (offset in an image, length, offset in the file that holds it)
 Progress = Callable[[int, int], None]
 
 
@@ -93,6 +96,45 @@ def data_extents(fd: int, size: int) -> list[Extent]:
             out.append((start, end - start))
         off = end
     return out
+
+
+def sha256_pieces(fd: int, size: int, pieces: list[Piece], *, what: str = "the file",
+                  progress: Progress | None = None,
+                  cancel: threading.Event | None = None) -> str:
+    """sha256 of an image of ``size`` bytes whose data are ``pieces`` of ``fd`` (sorted by
+    image offset, apart) and zeros everywhere else, reading only the pieces.
+
+    A sparse file is its own image (``(off, n, off)`` for each data extent); an uncompressed
+    qcow2 maps its guest ranges to clusters elsewhere in the file (``qemu-img map``), so the
+    RAW it converts to can be hashed from the qcow2 while ``qemu-img convert`` writes it.
+    """
+    h = hashlib.sha256()
+    pos = 0
+    for off, length, at in [*pieces, (size, 0, 0)]:
+        _hash_zeros(h, off - pos)
+        end = off + length
+        while off < end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("sha256 cancelled")
+            data = os.pread(fd, min(READ_STEP, end - off), at)
+            if not data:
+                raise BackendError(f"{what} ended at byte {at} while being read: did it "
+                                   "shrink?")
+            h.update(data)
+            off += len(data)
+            at += len(data)
+            if progress:
+                progress(off, size)
+        pos = end
+    return h.hexdigest()
+
+
+def _hash_zeros(h: hashlib._Hash, n: int) -> None:
+    zeros = memoryview(ZEROS)
+    while n > 0:
+        step = min(n, len(zeros))
+        h.update(zeros[:step])
+        n -= step
 
 
 # -- copies ------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ exists).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import secrets
@@ -34,7 +33,6 @@ from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
-    Cancelled,
     Conflict,
     Forbidden,
     InsufficientResources,
@@ -42,7 +40,7 @@ from shared.errors import (
     NotFound,
     PhyError,
 )
-from shared.fileops import READ_STEP, data_extents, human_bytes
+from shared.fileops import READ_STEP, ZEROS, data_extents, human_bytes, sha256_pieces
 from shared.messages.storage import Extent, PoolInfo, PoolRoom, VolumeInfo
 from shared.validate import HEAD_BYTES, TAIL_BYTES, conversion_hint, disk_format
 
@@ -50,7 +48,6 @@ TEMP_PREFIX = "."  # volumes never start with a dot; every temporary file does
 NAME_MAX = 255
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
 _POOL_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
-_ZEROS = bytes(READ_STEP)
 
 Progress = Callable[[int, int], None]
 CloneMethod = Literal["reflink", "copy", "rename"]
@@ -121,7 +118,7 @@ def _is_zero(fd: int, off: int, length: int) -> bool:
     while length > 0:
         n = min(length, READ_STEP)
         data = os.pread(fd, n, off)
-        if not data or data != _ZEROS[: len(data)]:
+        if not data or data != ZEROS[: len(data)]:
             return not data
         off += len(data)
         length -= len(data)
@@ -426,23 +423,9 @@ class Pools:
         fd = pool.open(check_name(name), os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            h = hashlib.sha256()
-            pos = 0
-            for off, length in [*data_extents(fd, size), (size, 0)]:
-                _hash_zeros(h, off - pos)
-                end = off + length
-                while off < end:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("sha256 cancelled")
-                    data = os.pread(fd, min(READ_STEP, end - off), off)
-                    if not data:
-                        raise BackendError(f"{pool.file_path(name)} shrank while being read")
-                    h.update(data)
-                    off += len(data)
-                    if progress:
-                        progress(off, size)
-                pos = end
-            return h.hexdigest()
+            pieces = [(off, n, off) for off, n in data_extents(fd, size)]
+            return sha256_pieces(fd, size, pieces, what=pool.file_path(name), progress=progress,
+                                 cancel=cancel)
         finally:
             os.close(fd)
 
@@ -694,14 +677,6 @@ class Pools:
             fileops.write_atomic(name, data, dir_fd=pool.dir_fd)
         except OSError as e:
             raise _os_error(e, pool, f"writing {name}", "its previous content stays") from None
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    zeros = memoryview(_ZEROS)
-    while n > 0:
-        step = min(n, len(zeros))
-        h.update(zeros[:step])
-        n -= step
 
 
 def _os_error(e: OSError, pool: Pool, doing: str,
