@@ -1,0 +1,113 @@
+"""The ``phyllome`` command as a user runs it: a fresh process per command, beside ``virsh``.
+
+Starts nats-server and the four agents of one host (the vm agent on libvirt's test driver),
+then runs ``phyllome vm list``, ``status``, ``storage volumes`` and ``--help`` as new
+processes, alternately with ``virsh list`` on this host (``qemu:///system`` when libvirtd
+answers, else the test driver) and ``python -c pass``; the median of ``--repeat`` runs
+counts. The note of each row carries the load average, since the figures are wall times.
+
+    python -m bench.bench_cli [--quick] [--repeat 15]
+
+Prints markdown table rows: | path | ours | alternative | ratio (alternative / ours) |.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import Result  # noqa: E402
+from shared.natsserver import NatsServer  # noqa: E402
+from tests.support.agents import AgentProcess  # noqa: E402
+from tests.support.libvirt import TEST_HOST_XML  # noqa: E402
+
+COMMANDS = (("vm list", "< 150 ms idle, <= 5x virsh list"),
+            ("status", "< 150 ms idle, <= 5x virsh list"),
+            ("storage volumes", "-"), ("--help", "-"))
+
+
+def wall(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds from fork to exit of one run of ``argv`` (its output discarded)."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    took = time.perf_counter() - started
+    if done.returncode not in (0, 1):  # status exits 1 when an agent is unhealthy
+        raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace')}")
+    return took
+
+
+def virsh_argv(work: Path) -> tuple[list[str], str]:
+    """``virsh list`` against this host's libvirtd, or the test driver where none answers."""
+    try:
+        if subprocess.run(["virsh", "list"], capture_output=True, timeout=10).returncode == 0:
+            return ["virsh", "list"], "virsh list"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return ["virsh", "-c", f"test://{work / 'host.xml'}", "list"], "virsh list, test driver"
+
+
+async def start_agents(url: str, work: Path) -> list[AgentProcess]:
+    procs = []
+    for name, env in (("vm", {"PHYLLOME_LIBVIRT_URI": f"test://{work / 'host.xml'}"}),
+                      ("storage", {}), ("hardware", {}), ("catalogue", {})):
+        proc = AgentProcess(name, url, work / "state", host="bench", **env)
+        procs.append(proc)
+        await proc.start()
+    return procs
+
+
+def run(quick: bool = False, repeat: int = 15) -> list[Result]:
+    repeat = 5 if quick else repeat
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        work = Path(tmp)
+        (work / "host.xml").write_text(TEST_HOST_XML)
+        server = NatsServer(work / "nats", port=-1)
+        server.start()
+        procs: list[AgentProcess] = []
+        try:
+            procs = asyncio.run(start_agents(server.url, work))
+            env = {**os.environ, "PHYLLOME_NATS_URL": server.url, "PHYLLOME_HOST": "bench",
+                   "PYTHONPATH": str(REPO)}
+            virsh, virsh_name = virsh_argv(work)
+            times: dict[str, list[float]] = {c: [] for c, _ in COMMANDS}
+            theirs, bare = [], []
+            for _ in range(repeat):
+                for command, _ in COMMANDS:
+                    times[command].append(wall([sys.executable, "-m", "cli.main",
+                                                *command.split()], env))
+                theirs.append(wall(virsh))
+                bare.append(wall([sys.executable, "-c", "pass"]))
+        finally:
+            for p in procs:
+                p.kill()
+            server.stop()
+    ms = 1000
+    virsh_ms, python_ms = statistics.median(theirs) * ms, statistics.median(bare) * ms
+    load = os.getloadavg()[0]
+    return [Result("CLI start-up + answer", f"`phyllome {command}`, median of {repeat}",
+                   statistics.median(times[command]) * ms, virsh_ms, virsh_name, "ms", target,
+                   note=f"python -c pass {python_ms:.0f} ms; load {load:.1f}")
+            for command, target in COMMANDS]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    for r in run(args.quick, args.repeat):
+        print(r.row())
+
+
+if __name__ == "__main__":
+    main()
