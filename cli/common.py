@@ -37,6 +37,7 @@ from shared.messages.jobs import JobAccepted, JobFinished, JobProgress
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress
 
     from shared.bus import Bus
 
@@ -192,8 +193,31 @@ async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
     """Show a job's progress (bytes, rate, ETA) until it finishes; returns its outcome.
 
     Reads the job's events from JetStream from the beginning, so a job that finished before
-    we subscribed is still seen.
+    we subscribed is still seen. The bar is drawn on a terminal only (rich is not even
+    imported when stderr is a pipe or a file).
     """
+    subject = subjects.event(host, svc, "job", accepted.job_id)
+    decoder = msgspec.json.Decoder(JobProgress | JobFinished)
+    with contextlib.ExitStack() as stack:
+        bar = None if quiet or not sys.stderr.isatty() else stack.enter_context(
+            _progress_bar(bytes_progress))
+        task = bar.add_task(accepted.kind, total=None) if bar is not None else None
+        stream = bus.events(subject, since=time.time() - 3600, follow=True)
+        async with contextlib.aclosing(stream):
+            async for _subject, _ts, data in stream:
+                try:
+                    event = decoder.decode(data)
+                except msgspec.MsgspecError:
+                    continue
+                if isinstance(event, JobFinished):
+                    return event
+                if bar is not None and task is not None:
+                    bar.update(task, completed=event.done, total=event.total or None,
+                               description=f"{accepted.kind} {event.message}".strip())
+    raise Unavailable(f"lost the events of job {accepted.job_id}")
+
+
+def _progress_bar(bytes_progress: bool) -> Progress:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -203,27 +227,10 @@ async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
         TransferSpeedColumn,
     )
 
-    from shared.contracts import event_decoder
-
-    subject = subjects.event(host, svc, "job", accepted.job_id)
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
     if bytes_progress:
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=_console(True), disable=quiet, transient=True) as progress:
-        task = progress.add_task(accepted.kind, total=None)
-        stream = bus.events(subject, since=time.time() - 3600, follow=True)
-        async with contextlib.aclosing(stream):
-            async for _subject, _ts, data in stream:
-                try:
-                    event = event_decoder().decode(data)
-                except msgspec.MsgspecError:
-                    continue
-                if isinstance(event, JobProgress):
-                    progress.update(task, completed=event.done, total=event.total or None,
-                                    description=f"{accepted.kind} {event.message}".strip())
-                elif isinstance(event, JobFinished):
-                    return event
-    raise Unavailable(f"lost the events of job {accepted.job_id}")
+    return Progress(*columns, console=_console(True), transient=True)
 
 
 def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
