@@ -127,7 +127,7 @@ def through_cli(work: Path, repeat: int, virtual: int = 8 * GiB, data: int = 512
         env = {**os.environ, "PHYLLOME_NATS_URL": server.url, "PHYLLOME_HOST": "bench",
                "PYTHONPATH": str(REPO)}
 
-        def phyllome(*args: str) -> Callable[[], None]:
+        def phyllome(*args: str) -> Callable[[], object]:
             return lambda: subprocess.run([sys.executable, "-m", "cli.main", "storage", *args],
                                           env=env, check=True, capture_output=True)
 

@@ -579,6 +579,7 @@ class Incoming:
     temp: str
     state_name: str
     fd: int = -1
+    direct: int = -1  # the same file, O_DIRECT: where received chunks are written
     written: RangeSet = field(default_factory=RangeSet)
     durable: RangeSet = field(default_factory=RangeSet)
     leaves: Leaves = field(default_factory=dict)
@@ -714,7 +715,8 @@ class Receiver:
                                 max_chunk_bytes=self.max_chunk_bytes, chunk_key=inc.key)
 
     def _open(self, inc: Incoming) -> None:
-        inc.fd, made = self.pools.open_partial(inc.pool, inc.temp, inc.offer.virtual_bytes)
+        inc.fd, inc.direct, made = self.pools.open_partial(inc.pool, inc.temp,
+                                                           inc.offer.virtual_bytes)
         if made:
             inc.written, inc.durable, inc.leaves = RangeSet(), RangeSet(), {}
             self._write_state(inc, {})
@@ -723,6 +725,9 @@ class Receiver:
         if inc.fd >= 0:
             os.close(inc.fd)
             inc.fd = -1
+        if inc.direct >= 0:
+            os.close(inc.direct)
+            inc.direct = -1
 
     def _write_state(self, inc: Incoming, leaves: Leaves) -> None:
         committed = [(o, n, d) for o, (n, d) in sorted(leaves.items())]
@@ -876,7 +881,7 @@ class Receiver:
         if leaf_digests(data, off, inc.offer.checksum) != digests:
             raise InvalidMessage(f"chunk at offset {off} of transfer {inc.offer.transfer_id} "
                                  f"failed its {inc.offer.checksum} check")
-        self.pools.write_partial(inc.pool, inc.fd, off, data, inc.offer.name)
+        self.pools.write_partial(inc.pool, inc.fd, inc.direct, off, data, inc.offer.name)
 
     async def _sync(self, inc: Incoming) -> None:
         """fsync, then record what is now durable, so a restart resumes from there."""

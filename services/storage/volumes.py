@@ -634,9 +634,10 @@ class Pools:
                 if entry.name.startswith(f"{TEMP_PREFIX}xfer-") and entry.name.endswith(".json"):
                     yield pool, entry.name
 
-    def open_partial(self, pool: Pool, temp: str, size: int) -> tuple[int, bool]:
+    def open_partial(self, pool: Pool, temp: str, size: int) -> tuple[int, int, bool]:
         """The read-write descriptor of an incoming transfer's temporary file of ``size``
-        bytes, and whether it was made now (sparse, empty) rather than found from before."""
+        bytes, its O_DIRECT one for ``write_partial`` (-1 where the filesystem has none),
+        and whether the file was made now (sparse, empty) rather than found from before."""
         try:
             fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             made = True
@@ -646,16 +647,19 @@ class Pools:
         try:
             if made or os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
+            direct = fileops.open_direct(temp, dir_fd=pool.dir_fd)
         except OSError as e:
             os.close(fd)
             raise _os_error(e, pool, f"making room for an incoming volume of "
                             f"{human_bytes(size)}", "nothing was kept") from None
-        return fd, made
+        return fd, direct, made
 
-    def write_partial(self, pool: Pool, fd: int, off: int, data: bytes, name: str) -> None:
-        """Write received ``data`` at ``off`` of an incoming transfer's temporary file."""
+    def write_partial(self, pool: Pool, fd: int, direct: int, off: int, data: bytes,
+                      name: str) -> None:
+        """Write received ``data`` at ``off`` of an incoming transfer's temporary file (open
+        as ``fd`` and, past the page cache, as ``direct``)."""
         try:
-            fileops.write_at(fd, data, off)
+            fileops.write_direct(direct, fd, data, off)
         except OSError as e:
             raise _os_error(e, pool, f"receiving {name}", "the transfer was rolled back") \
                 from None
