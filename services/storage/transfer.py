@@ -23,7 +23,8 @@ Host A's ``Sender`` streams a volume to host B's ``Receiver``:
    ``phyllome_storage_chunks_dropped_total{reason="forged"}`` and logged): if it was A's
    own chunk, damaged on the way, it goes unacknowledged and A's cut-and-resume path sends
    it again.
-   B checks the checksums, writes at the offset (holes stay holes) and answers
+   B checks the checksums, writes at the offset (holes stay holes; past the page cache with
+   O_DIRECT where the filesystem allows, since B fsyncs it all anyway) and answers
    with an empty body, or a typed error: ``InvalidMessage`` (corrupt: A sends it again),
    ``NotFound`` (B lost the transfer, e.g. it restarted: A offers again and resumes from
    what B has on disk), ``BadRequest`` (outside the extent map: A gives up). A bad chunk is
