@@ -1,6 +1,10 @@
 """Run every ``bench/bench_*.py`` and write the table to docs/benchmarks.md.
 
     python -m bench.run [--quick] [--only bus,storage]
+
+With ``--only`` the rows of the other benchmarks stay as they were (the run line says
+which were run now); the sections after the table (what the misses mean) are kept as
+written.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import datetime
 import importlib
 import inspect
+import os
 import traceback
 from pathlib import Path
 
@@ -53,13 +58,49 @@ def main() -> None:
             rows.append(r.row())
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     quick = " (quick sizes)" if args.quick else ""
-    text = HEADER + f"Machine: {machine()}. Run: {stamp}{quick}.\n\n"
+    load = f"load average {os.getloadavg()[0]:.1f} at the end"
+    out = Path(args.out)
+    old_rows, notes = previous(out)
+    if args.only:
+        rows = merged(old_rows, rows)
+        quick += f"; rows of {', '.join(names)} from this run, the others from earlier runs"
+    text = HEADER + f"Machine: {machine()}. Run: {stamp}{quick}; {load}.\n\n"
     text += ("| benchmark | measure | ours | theirs | ratio | target | note |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     if failures:
         text += "\n" + "\n".join(failures) + "\n"
-    Path(args.out).write_text(text)
+    out.write_text(text + notes)
     print(f"wrote {args.out}")
+
+
+def merged(old: list[str], new: list[str]) -> list[str]:
+    """``old`` with the rows of each benchmark in ``new`` put in place of its old ones."""
+    def name(row: str) -> str:
+        return row.split(" | ")[0]
+
+    fresh: dict[str, list[str]] = {}
+    for row in new:
+        fresh.setdefault(name(row), []).append(row)
+    out: list[str] = []
+    for row in old:
+        if name(row) not in fresh:
+            out.append(row)
+        elif not any(name(r) == name(row) for r in out):
+            out += fresh[name(row)]
+    return out + [r for r in new if r not in out]
+
+
+def previous(path: Path) -> tuple[list[str], str]:
+    """The table rows of the file ``path`` holds, and what follows the table from its first
+    ``## `` heading on (written by hand: kept)."""
+    if not path.exists():
+        return [], ""
+    lines = path.read_text().splitlines(keepends=True)
+    rows = [line.rstrip("\n") for line in lines
+            if line.startswith("| ") and not line.startswith(("| benchmark |", "|---"))]
+    start = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    notes = "".join(lines[start:])
+    return rows, "\n" + notes if notes else ""
 
 
 if __name__ == "__main__":
