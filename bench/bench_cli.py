@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Result  # noqa: E402
+from bench.common import Result, cpu_seconds  # noqa: E402
 from shared.natsserver import NatsServer  # noqa: E402
 from tests.support.agents import AgentProcess  # noqa: E402
 from tests.support.libvirt import TEST_HOST_XML  # noqa: E402
@@ -36,14 +37,17 @@ COMMANDS = (("vm list", "< 150 ms idle, <= 5x virsh list"),
             ("storage volumes", "-"), ("--help", "-"))
 
 
-def wall(argv: list[str], env: dict[str, str] | None = None) -> float:
-    """Seconds from fork to exit of one run of ``argv`` (its output discarded)."""
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Seconds from fork to exit of one run of ``argv`` (its output discarded), and the CPU
+    seconds it used (which the other work on a shared machine inflates less)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     took = time.perf_counter() - started
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 1):  # status exits 1 when an agent is unhealthy
         raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace')}")
-    return took
+    return took, now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
 
 
 def virsh_argv(work: Path) -> tuple[list[str], str]:
@@ -66,6 +70,18 @@ async def start_agents(url: str, work: Path) -> list[AgentProcess]:
     return procs
 
 
+def settle(pids: list[int], timeout: float = 120.0) -> None:
+    """Wait until the agents are at rest (the catalogue reads osinfo-db for seconds after it
+    answers): under 2% of a core each over half a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(0.5)
+        if all(cpu_seconds(pid) - b < 0.01 for pid, b in zip(pids, before, strict=True)):
+            return
+    raise SystemExit(f"the agents did not come to rest within {timeout:.0f} s")
+
+
 def run(quick: bool = False, repeat: int = 15) -> list[Result]:
     repeat = 5 if quick else repeat
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
@@ -76,27 +92,30 @@ def run(quick: bool = False, repeat: int = 15) -> list[Result]:
         procs: list[AgentProcess] = []
         try:
             procs = asyncio.run(start_agents(server.url, work))
+            settle([p.proc.pid for p in procs if p.proc is not None])
             env = {**os.environ, "PHYLLOME_NATS_URL": server.url, "PHYLLOME_HOST": "bench",
                    "PYTHONPATH": str(REPO)}
             virsh, virsh_name = virsh_argv(work)
-            times: dict[str, list[float]] = {c: [] for c, _ in COMMANDS}
+            times: dict[str, list[tuple[float, float]]] = {c: [] for c, _ in COMMANDS}
             theirs, bare = [], []
             for _ in range(repeat):
                 for command, _ in COMMANDS:
-                    times[command].append(wall([sys.executable, "-m", "cli.main",
-                                                *command.split()], env))
-                theirs.append(wall(virsh))
-                bare.append(wall([sys.executable, "-c", "pass"]))
+                    times[command].append(timed([sys.executable, "-m", "cli.main",
+                                                 *command.split()], env))
+                theirs.append(timed(virsh))
+                bare.append(timed([sys.executable, "-c", "pass"]))
         finally:
             for p in procs:
                 p.kill()
             server.stop()
-    ms = 1000
-    virsh_ms, python_ms = statistics.median(theirs) * ms, statistics.median(bare) * ms
+    def ms(runs: list[tuple[float, float]], which: int = 0) -> float:
+        return statistics.median(r[which] for r in runs) * 1000
+
     load = os.getloadavg()[0]
     return [Result("CLI start-up + answer", f"`phyllome {command}`, median of {repeat}",
-                   statistics.median(times[command]) * ms, virsh_ms, virsh_name, "ms", target,
-                   note=f"python -c pass {python_ms:.0f} ms; load {load:.1f}")
+                   ms(times[command]), ms(theirs), virsh_name, "ms", target,
+                   note=f"CPU {ms(times[command], 1):.0f} ms, virsh's {ms(theirs, 1):.0f} ms; "
+                        f"python -c pass {ms(bare):.0f} ms; load {load:.1f}")
             for command, target in COMMANDS]
 
 

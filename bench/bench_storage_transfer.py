@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import Result  # noqa: E402
+from bench.common import Result, cpu_seconds  # noqa: E402
 from shared.bus import Bus  # noqa: E402
 from shared.messages import storage as storage_api  # noqa: E402
 from shared.messages.jobs import JobRef  # noqa: E402
@@ -69,12 +69,6 @@ def agent(host: str, url: str, state: Path, chunk: int, window: int) -> subproce
            "PHYLLOME_LOG_LEVEL": "WARNING", "PHYLLOME_CONFIG": str(conf)}
     return subprocess.Popen([sys.executable, "-m", "services.storage"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(state / "agent.log", "wb"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a running process has used (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def ours(work: Path, src: Path, repeat: int, chunk: int,

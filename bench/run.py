@@ -78,9 +78,12 @@ def merged(old: list[str], new: list[str]) -> list[str]:
     def name(row: str) -> str:
         return row.split(" | ")[0]
 
-    fresh: dict[str, list[str]] = {}
+    known = {name(r) for r in old}
+    fresh: dict[str, list[str]] = {}  # a benchmark of old -> its new rows and new ones after
+    last = ""
     for row in new:
-        fresh.setdefault(name(row), []).append(row)
+        last = name(row) if name(row) in known or not last else last
+        fresh.setdefault(last, []).append(row)
     out: list[str] = []
     for row in old:
         if name(row) not in fresh:

@@ -48,7 +48,6 @@ Resp = TypeVar("Resp")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
-
 @cache
 def _console(stderr: bool) -> Console:
     from rich.console import Console
@@ -100,6 +99,7 @@ async def connect(args: argparse.Namespace) -> Bus:
 
 def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
     """Connect, run ``fn(bus)``, close; errors become a message on stderr and an exit code."""
+    import asyncio
 
     async def go() -> T:
         bus = await connect(args)
@@ -107,8 +107,6 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
             return await fn(bus)
         finally:
             await bus.close()
-
-    import asyncio
 
     try:
         return asyncio.run(go())

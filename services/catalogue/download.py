@@ -618,13 +618,15 @@ def _direct_io(directory: Path) -> bool:
     filesystem: tmpfs before Linux 6.6, some FUSE and network filesystems)."""
     probe = directory / f"direct-{os.getpid()}-{threading.get_ident()}.work"  # swept if left
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT | os.O_CLOEXEC,
-                     0o600)
+        probe.touch(mode=0o600)
+        fd = fileops.open_direct(probe)
     except OSError:
         return False
-    os.close(fd)
-    probe.unlink(missing_ok=True)
-    return True
+    finally:
+        probe.unlink(missing_ok=True)
+    if fd >= 0:
+        os.close(fd)
+    return fd >= 0
 
 
 def _head(path: Path) -> bytes:
