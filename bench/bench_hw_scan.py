@@ -126,7 +126,7 @@ def run(quick: bool = False, devices: int = 2000, repeat: int = 7) -> list[Resul
         Result("hw full scan + report", f"{n} devices, in process", t_ours * ms, t_lspci * ms,
                "lspci -nnk", "ms", "within 1.5x"),
         Result("hw report CLI", f"`phyllome hw report --json`, {n} devices", t_cli * ms,
-               t_lspci * ms, "lspci -nnk", "ms", "-", note="includes Python start-up"),
+               t_lspci * ms, "lspci -nnk", "ms", ">= 0.8x", note="includes Python start-up"),
         Result("hw uevent update", "one device", t_update * ms, 5.0, "target", "ms", "< 5 ms"),
     ]
 

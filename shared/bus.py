@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -29,9 +29,6 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from shared import subjects
 from shared.codec import decode, encode
@@ -48,7 +45,12 @@ from shared.errors import (
     to_reply,
 )
 from shared.messages import EndpointSpec, Event
-from shared.metrics import AgentMetrics
+
+if TYPE_CHECKING:  # a CLI process needs neither: imported by the agents that serve
+    from nats.micro.request import Request
+    from nats.micro.service import Service
+
+    from shared.metrics import AgentMetrics
 
 log = logging.getLogger("phyllome.bus")
 
@@ -305,6 +307,8 @@ class Bus:
                     bindings: Sequence[tuple[EndpointSpec[Any, Any], Handler]],
                     *, metadata: dict[str, str]) -> Service:
         """Register a NATS micro service with one endpoint per (spec, handler) binding."""
+        from nats.micro import add_service
+
         service = await add_service(
             self.nc, name=subjects.micro_name(svc), version=version,
             description=f"Phyllome {svc} agent", metadata=metadata)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -29,6 +31,8 @@ from shared.errors import BackendError, BadRequest, Cancelled, InsufficientResou
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 COPY_STEP = 64 << 20  # bytes per copy_file_range call: big enough to be cheap, small to cancel
 READ_STEP = 8 << 20
+ZEROS = bytes(READ_STEP)
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of any device's logical block
 # The filesystem is full, or the writer's quota is.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # FICLONE answers these where the two files cannot share blocks (another filesystem, no
@@ -39,6 +43,7 @@ NO_REFLINK = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTT
 NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
 
 Extent = tuple[int, int]  # (offset, length) in bytes
+Piece = tuple[int, int, int]  # (offset in an image, length, offset in the file that holds it)
 Progress = Callable[[int, int], None]
 
 
@@ -93,6 +98,45 @@ def data_extents(fd: int, size: int) -> list[Extent]:
             out.append((start, end - start))
         off = end
     return out
+
+
+def sha256_pieces(fd: int, size: int, pieces: list[Piece], *, what: str = "the file",
+                  progress: Progress | None = None,
+                  cancel: threading.Event | None = None) -> str:
+    """sha256 of an image of ``size`` bytes whose data are ``pieces`` of ``fd`` (sorted by
+    image offset, apart) and zeros everywhere else, reading only the pieces.
+
+    A sparse file is its own image (``(off, n, off)`` for each data extent); an uncompressed
+    qcow2 maps its guest ranges to clusters elsewhere in the file (``qemu-img map``), so the
+    RAW it converts to can be hashed from the qcow2 while ``qemu-img convert`` writes it.
+    """
+    h = hashlib.sha256()
+    pos = 0
+    for off, length, at in [*pieces, (size, 0, 0)]:
+        _hash_zeros(h, off - pos)
+        end = off + length
+        while off < end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("sha256 cancelled")
+            data = os.pread(fd, min(READ_STEP, end - off), at)
+            if not data:
+                raise BackendError(f"{what} ended at byte {at} while being read: did it "
+                                   "shrink?")
+            h.update(data)
+            off += len(data)
+            at += len(data)
+            if progress:
+                progress(off, size)
+        pos = end
+    return h.hexdigest()
+
+
+def _hash_zeros(h: hashlib._Hash, n: int) -> None:
+    zeros = memoryview(ZEROS)
+    while n > 0:
+        step = min(n, len(zeros))
+        h.update(zeros[:step])
+        n -= step
 
 
 # -- copies ------------------------------------------------------------------------------------
@@ -179,6 +223,42 @@ def write_at(fd: int, data: bytes | memoryview, off: int) -> None:
     pos = 0
     while pos < len(view):
         pos += os.pwrite(fd, view[pos:], off + pos)
+
+
+def open_direct(name: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """A write-only O_DIRECT descriptor of the existing file ``name``, or -1 where its
+    filesystem has none (tmpfs before Linux 6.6, some FUSE and network filesystems)."""
+    try:
+        return os.open(name, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return -1
+
+
+_aligned = threading.local()  # per thread: the page-aligned buffer of its O_DIRECT writes
+
+
+def write_direct(direct: int, fd: int, data: bytes | memoryview, off: int) -> None:
+    """Write ``data`` at ``off`` of a file open as ``fd`` and (O_DIRECT) as ``direct``.
+
+    Big received pieces that will be fsynced anyway go past the page cache: copied once into
+    an aligned buffer (O_DIRECT needs one; a ``bytes`` object is not), then written by DMA,
+    where the page cache would allocate, zero, copy into and write back every page (measured
+    on a transfer's receiver: a third less CPU, and the fsync after has nothing to flush).
+    A piece whose offset or length is not a multiple of ``DIRECT_ALIGN``, or a ``direct`` of
+    -1, goes through ``fd``. Each thread keeps one buffer, as big as its biggest piece.
+    """
+    n = len(data)
+    if direct < 0 or off % DIRECT_ALIGN or n % DIRECT_ALIGN or not n:
+        write_at(fd, data, off)
+        return
+    buf: mmap.mmap | None = getattr(_aligned, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _aligned.buf = mmap.mmap(-1, n)
+    buf[:n] = data
+    write_at(direct, memoryview(buf)[:n], off)
 
 
 # -- durable names -----------------------------------------------------------------------------

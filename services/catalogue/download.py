@@ -14,6 +14,7 @@ that passed. Nothing is left in the pool after a refusal.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
@@ -23,10 +24,12 @@ import lzma
 import os
 import shutil
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
@@ -39,6 +42,7 @@ from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
+    Cancelled,
     Forbidden,
     InsufficientResources,
     NotFound,
@@ -103,6 +107,15 @@ def broken(url: str, e: Exception, timeout_s: float) -> tuple[str, bool]:
     return f"the connection broke ({e})", True
 
 
+@dataclass
+class _Fetch:
+    """A download in its worker thread, as the event loop sees it."""
+
+    total: int
+    have: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)  # set on cancel
+
+
 class ImageStore:
     """HTTP(S) and configured local sources on one side, the image pool on the other."""
 
@@ -116,12 +129,15 @@ class ImageStore:
         self.partial.mkdir(parents=True, exist_ok=True)
         for stale in self.partial.glob("*.work*"):  # a crash mid-convert: roll back;
             stale.unlink(missing_ok=True)           # *.download stays, a pull resumes it
-        self._client = httpx.AsyncClient(
+        options: dict[str, Any] = dict(
             follow_redirects=False, timeout=httpx.Timeout(settings.timeout_s),
             headers={"User-Agent": "phyllome-catalogue/0.1", "Accept-Encoding": "identity"})
+        self._client = httpx.AsyncClient(**options)  # indexes, probes: small and many
+        self._bulk = httpx.Client(**options)  # image bodies, read in a worker thread
 
     async def close(self) -> None:
         await self._client.aclose()
+        self._bulk.close()
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -164,14 +180,34 @@ class ImageStore:
                     await resp.aclose()
                 return
             await resp.aclose()
-            target = urljoin(url, resp.headers.get("location", ""))
-            old, new = urlsplit(url).scheme, urlsplit(target).scheme
-            if new != old and (old, new) != ("http", "https"):
-                raise Forbidden(f"{url} redirects to {target!r} ({new}://); "
-                                f"redirects that leave {old}:// are refused")
-            url = target
-        raise BackendError(f"{url}: more than {self.settings.max_redirects} "
-                           "redirects")
+            url = self._redirect(url, resp)
+        raise BackendError(f"{url}: more than {self.settings.max_redirects} redirects")
+
+    @contextlib.contextmanager
+    def _open_blocking(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        """``_open`` for a worker thread (a GET of an image body)."""
+        for _ in range(self.settings.max_redirects + 1):
+            resp = self._bulk.send(self._bulk.build_request("GET", url, headers=headers),
+                                   stream=True)
+            if not resp.is_redirect:
+                try:
+                    yield resp
+                finally:
+                    resp.close()
+                return
+            resp.close()
+            url = self._redirect(url, resp)
+        raise BackendError(f"{url}: more than {self.settings.max_redirects} redirects")
+
+    @staticmethod
+    def _redirect(url: str, resp: httpx.Response) -> str:
+        """Where a redirect of ``url`` leads, if it keeps the scheme or upgrades to https."""
+        target = urljoin(url, resp.headers.get("location", ""))
+        old, new = urlsplit(url).scheme, urlsplit(target).scheme
+        if new != old and (old, new) != ("http", "https"):
+            raise Forbidden(f"{url} redirects to {target!r} ({new}://); "
+                            f"redirects that leave {old}:// are refused")
+        return target
 
     @staticmethod
     def _status(url: str, resp: httpx.Response) -> None:
@@ -356,15 +392,40 @@ class ImageStore:
 
     async def _download(self, url: str, part: Path, expected: int, progress: Progress
                         ) -> tuple[str, int]:
-        """Stream ``url`` into ``part`` while hashing; resume with Range after a cut."""
+        """Stream ``url`` into ``part`` while hashing; resume with Range after a cut.
+
+        The body is read by a blocking HTTP client in a worker thread, and written and
+        hashed in another while the next block arrives: per 64 KiB read, the event loop's
+        client cost about twice the CPU (measured: 7.9 s against 3.1 s for 1 GiB here), and
+        the loop stays free for the agent's requests. Progress is reported from here; a
+        cancel stops the threads at their next block.
+        """
+        state = _Fetch(total=expected)
+        fetch = asyncio.get_running_loop().run_in_executor(
+            None, self._fetch, url, part, expected, state)
+        try:
+            while not (await asyncio.wait([fetch], timeout=0.25))[0]:
+                await progress(state.have, state.total, "downloading")
+        except asyncio.CancelledError:
+            state.stop.set()
+            await asyncio.wait([fetch])
+            fetch.exception()  # the worker's Cancelled, or its own end: this cancel wins
+            raise
+        sha, have = fetch.result()
+        await progress(have, state.total, "downloading")
+        return sha, have
+
+    def _fetch(self, url: str, part: Path, expected: int, state: _Fetch) -> tuple[str, int]:
+        """``_download``'s worker: the whole download, resumes included."""
         h = hashlib.sha256()
         have = 0
         if part.exists() and (not expected or part.stat().st_size <= expected):
-            have = await asyncio.to_thread(_hash_into, part, h)  # resume after a crash
+            have = _hash_into(part, h)  # resume after a crash
         limit = expected or self.free()
         validator = ""
         cuts = 0
-        with part.open("r+b" if part.exists() else "wb") as f:
+        with part.open("r+b" if part.exists() else "wb") as f, \
+                concurrent.futures.ThreadPoolExecutor(1, "pull-write") as writer:
             f.seek(have)
             f.truncate()
             while True:
@@ -372,7 +433,7 @@ class ImageStore:
                 if have and validator:
                     headers["If-Range"] = validator
                 try:
-                    async with self._open(url, headers=headers) as resp:
+                    with self._open_blocking(url, headers) as resp:
                         if resp.status_code == 416 and have and have == expected:
                             break
                         self._status(url, resp)
@@ -384,9 +445,9 @@ class ImageStore:
                             h, have = hashlib.sha256(), 0
                         validator = resp.headers.get("etag") or resp.headers.get(
                             "last-modified", "")
-                        total = expected or have + int(resp.headers.get("content-length", 0))
-                        have = await self._stream(url, resp, f, h, have, total, limit,
-                                                  progress)
+                        state.total = expected or have + int(resp.headers.get("content-length",
+                                                                              0))
+                        have = self._stream(url, resp, f, h, have, limit, state, writer)
                     if expected and have < expected:
                         raise _Cut(f"ended at {have} of {expected} bytes")
                     break
@@ -402,19 +463,22 @@ class ImageStore:
                                 "pull again once that is fixed")
                         raise Unavailable(f"cannot pull {url}: {cause}{tries}; {then}") from None
                     log.info("%s: %s at byte %d; resuming", url, cause, have)
-                    await asyncio.sleep(min(0.1 * 2 ** cuts, 5.0))  # back off before retrying
+                    if state.stop.wait(min(0.1 * 2 ** cuts, 5.0)):  # back off before retrying
+                        raise Cancelled("pull cancelled") from None
         return h.hexdigest(), have
 
-    async def _stream(self, url: str, resp: httpx.Response, f: IO[bytes], h: hashlib._Hash,
-                      have: int, total: int, limit: int, progress: Progress) -> int:
-        """Copy the body to ``f``; the write and the hash of one block run in a thread while
-        the next block is read from the socket."""
-        pending: asyncio.Future[None] | None = None
+    def _stream(self, url: str, resp: httpx.Response, f: IO[bytes], h: hashlib._Hash,
+                have: int, limit: int, state: _Fetch,
+                writer: concurrent.futures.ThreadPoolExecutor) -> int:
+        """Copy the body to ``f``; the write and the hash of one block run in ``writer``
+        while the next block is read from the socket."""
+        pending: concurrent.futures.Future[None] | None = None
         batch: list[bytes] = []
         batched = 0
-        loop = asyncio.get_running_loop()
         try:
-            async for chunk in resp.aiter_raw():
+            for chunk in resp.iter_raw():
+                if state.stop.is_set():
+                    raise Cancelled("pull cancelled")
                 if have == 0 and chunk.lstrip()[:16].lower().startswith(HTML_STARTS):
                     raise Forbidden(f"{url} sent an HTML/XML page instead of a disk "
                                     "image (an error page served with status 200?); refused")
@@ -424,20 +488,20 @@ class ImageStore:
                                     "the source announced (or the pool can hold); refused")
                 batch.append(chunk)
                 batched += len(chunk)
+                state.have = have
                 if batched >= CHUNK:
                     if pending is not None:
-                        await pending
-                    pending = loop.run_in_executor(None, _write_and_hash, f, h, batch)
+                        pending.result()
+                    pending = writer.submit(_write_and_hash, f, h, batch)
                     self.on_bytes(batched)
                     batch, batched = [], 0
-                    await progress(have, total, "downloading")
         finally:
             if pending is not None:
-                await pending
+                pending.result()
             if batch:
-                await asyncio.to_thread(_write_and_hash, f, h, batch)
+                _write_and_hash(f, h, batch)
                 self.on_bytes(batched)
-        await progress(have, total, "downloading")
+        state.have = have
         return have
 
     # -- unpack and convert -----------------------------------------------------------------
@@ -454,35 +518,36 @@ class ImageStore:
             return payload_sha, "iso"
         head = _head(payload)
         compression = next((c for m, c in MAGIC.items() if head.startswith(m)), "")
-        raw_sha = payload_sha
-        if compression:
-            limit = self.settings.max_unpacked_bytes or self.free()
-            await progress(0, 0, f"unpacking {compression}")
-            unpacked = Path(f"{work}.unpacked")
-            try:
-                raw_sha = await asyncio.to_thread(_unpack, payload, unpacked, compression, limit,
-                                                  image_id)
-                fmt = _container(image_id, _head(unpacked), dl.format)
-                if fmt == "raw":
-                    os.replace(unpacked, work)
-                    return raw_sha, "raw"
-                await self._convert(image_id, unpacked, work, fmt, progress)
-            finally:
-                unpacked.unlink(missing_ok=True)
-        else:
+        if not compression:
             fmt = _container(image_id, head, dl.format)
             if fmt == "raw":
                 os.replace(payload, work)
+                return payload_sha, "raw"
+            return await self._convert(image_id, payload, work, fmt, progress), fmt
+        limit = self.settings.max_unpacked_bytes or self.free()
+        await progress(0, 0, f"unpacking {compression}")
+        unpacked = Path(f"{work}.unpacked")
+        try:
+            raw_sha = await asyncio.to_thread(_unpack, payload, unpacked, compression, limit,
+                                              image_id)
+            fmt = _container(image_id, _head(unpacked), dl.format)
+            if fmt == "raw":
+                os.replace(unpacked, work)
                 return raw_sha, "raw"
-            await self._convert(image_id, payload, work, fmt, progress)
-        await progress(0, 0, "hashing RAW")
-        # CPU-bound hashing overlaps the I/O-bound flush of the converted file
-        digest, _ = await asyncio.gather(asyncio.to_thread(_sha256, work),
-                                         asyncio.to_thread(fileops.fsync_path, work))
-        return digest, fmt
+            return await self._convert(image_id, unpacked, work, fmt, progress), fmt
+        finally:
+            unpacked.unlink(missing_ok=True)
 
     async def _convert(self, image_id: str, src: Path, dst: Path, fmt: str,
-                       progress: Progress) -> None:
+                       progress: Progress) -> str:
+        """Convert ``src`` into the RAW ``dst``; returns the RAW's sha256.
+
+        Where ``qemu-img map`` places every data range of the image at an offset of ``src``
+        itself (qcow2 without compressed or encrypted clusters), the RAW is hashed from
+        ``src`` in a thread while qemu-img writes it: the two take about as long, and run on
+        two cores instead of one after the other. Otherwise the RAW is read back after, with
+        its fsync.
+        """
         info = json.loads(await _run("qemu-img", "info", "--output=json", "-f", fmt, str(src)))
         if info.get("backing-filename") or info.get("full-backing-filename"):
             raise Forbidden(f"{image_id}: the {fmt} image has a backing file "
@@ -499,10 +564,34 @@ class ImageStore:
             raise InsufficientResources(
                 f"{image_id} is {virtual} bytes as RAW, the image pool has {free} "
                 "bytes free")
+        pieces = None
+        if fmt == "qcow2" and not info.get("encrypted"):
+            pieces = _pieces(json.loads(await _run("qemu-img", "map", "--output=json", "-f",
+                                                   fmt, str(src))))
+        # Written past the page cache where the RAW is hashed from the source: the fsync
+        # after finds nothing to flush, and the convert skips the page cache's own work
+        # (measured here for 1 GiB: 0.9 s + 0.16 s fsync instead of 1.4 s + 0.65 s).
+        direct = ["-t", "none"] if pieces is not None and _direct_io(dst.parent) else []
         await progress(0, virtual, f"converting {fmt} to RAW")
-        await _run("qemu-img", "convert", "-q", "-W", "-m", "8", "-f", fmt, "-O", "raw",
-                   str(src), str(dst))
+        convert = asyncio.create_task(_run(
+            "qemu-img", "convert", "-q", "-W", "-m", "8", *direct, "-f", fmt, "-O", "raw",
+            str(src), str(dst)))
+        try:
+            if pieces is not None:
+                digest = await asyncio.to_thread(_sha256_pieces, src, virtual, pieces)
+            await convert
+        except BaseException:
+            convert.cancel()  # kills qemu-img
+            await asyncio.wait([convert])
+            raise
         await progress(virtual, virtual, f"converted {fmt} to RAW")
+        if pieces is not None:
+            return digest
+        await progress(0, 0, "hashing RAW")
+        # CPU-bound hashing overlaps the I/O-bound flush of the converted file
+        digest, _ = await asyncio.gather(asyncio.to_thread(_sha256_pieces, dst),
+                                         asyncio.to_thread(fileops.fsync_path, dst))
+        return digest
 
 
 def _continues(resp: httpx.Response, have: int) -> bool:
@@ -529,10 +618,48 @@ def _hash_into(path: Path, h: hashlib._Hash) -> int:
     return done
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    _hash_into(path, h)
-    return h.hexdigest()
+def _pieces(extents: list[dict[str, Any]]) -> list[fileops.Piece] | None:
+    """The data of an image as (guest offset, length, offset in the image file), from
+    ``qemu-img map --output=json``; None if some data is not stored plainly in the file
+    (compressed or encrypted clusters, another file)."""
+    pieces: list[fileops.Piece] = []
+    for e in extents:
+        if not e.get("data"):
+            continue  # reads as zeros
+        if "offset" not in e or e.get("depth", 0) != 0 or e.get("compressed"):
+            return None
+        pieces.append((int(e["start"]), int(e["length"]), int(e["offset"])))
+    return pieces
+
+
+def _sha256_pieces(path: Path, size: int | None = None,
+                   pieces: list[fileops.Piece] | None = None) -> str:
+    """sha256 of the image of ``size`` bytes made of ``pieces`` of ``path``; by default of
+    the (sparse) file itself, its holes hashed as zeros without reading them."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if size is None or pieces is None:
+            size = os.fstat(fd).st_size
+            pieces = [(off, n, off) for off, n in fileops.data_extents(fd, size)]
+        return fileops.sha256_pieces(fd, size, pieces, what=str(path))
+    finally:
+        os.close(fd)
+
+
+def _direct_io(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (not on every
+    filesystem: tmpfs before Linux 6.6, some FUSE and network filesystems)."""
+    probe = directory / f"direct-{os.getpid()}-{threading.get_ident()}.work"  # swept if left
+    try:
+        probe.touch(mode=0o600)
+        fd = fileops.open_direct(probe)
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    if fd >= 0:
+        os.close(fd)
+    return fd >= 0
 
 
 def _head(path: Path) -> bytes:

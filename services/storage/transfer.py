@@ -23,7 +23,8 @@ Host A's ``Sender`` streams a volume to host B's ``Receiver``:
    ``phyllome_storage_chunks_dropped_total{reason="forged"}`` and logged): if it was A's
    own chunk, damaged on the way, it goes unacknowledged and A's cut-and-resume path sends
    it again.
-   B checks the checksums, writes at the offset (holes stay holes) and answers
+   B checks the checksums, writes at the offset (holes stay holes; past the page cache with
+   O_DIRECT where the filesystem allows, since B fsyncs it all anyway) and answers
    with an empty body, or a typed error: ``InvalidMessage`` (corrupt: A sends it again),
    ``NotFound`` (B lost the transfer, e.g. it restarted: A offers again and resumes from
    what B has on disk), ``BadRequest`` (outside the extent map: A gives up). A bad chunk is
@@ -596,6 +597,7 @@ class Incoming:
     temp: str
     state_name: str
     fd: int = -1
+    direct: int = -1  # the same file, O_DIRECT: where received chunks are written
     written: RangeSet = field(default_factory=RangeSet)
     durable: RangeSet = field(default_factory=RangeSet)
     leaves: Leaves = field(default_factory=dict)
@@ -731,7 +733,8 @@ class Receiver:
                                 max_chunk_bytes=self.max_chunk_bytes, chunk_key=inc.key)
 
     def _open(self, inc: Incoming) -> None:
-        inc.fd, made = self.pools.open_partial(inc.pool, inc.temp, inc.offer.virtual_bytes)
+        inc.fd, inc.direct, made = self.pools.open_partial(inc.pool, inc.temp,
+                                                           inc.offer.virtual_bytes)
         if made:
             inc.written, inc.durable, inc.leaves = RangeSet(), RangeSet(), {}
             self._write_state(inc, {})
@@ -740,6 +743,9 @@ class Receiver:
         if inc.fd >= 0:
             os.close(inc.fd)
             inc.fd = -1
+        if inc.direct >= 0:
+            os.close(inc.direct)
+            inc.direct = -1
 
     def _write_state(self, inc: Incoming, leaves: Leaves) -> None:
         committed = [(o, n, d) for o, (n, d) in sorted(leaves.items())]
@@ -893,7 +899,7 @@ class Receiver:
         if leaf_digests(data, off, inc.offer.checksum) != digests:
             raise InvalidMessage(f"chunk at offset {off} of transfer {inc.offer.transfer_id} "
                                  f"failed its {inc.offer.checksum} check")
-        self.pools.write_partial(inc.pool, inc.fd, off, data, inc.offer.name)
+        self.pools.write_partial(inc.pool, inc.fd, inc.direct, off, data, inc.offer.name)
 
     async def _sync(self, inc: Incoming) -> None:
         """fsync, then record what is now durable, so a restart resumes from there."""

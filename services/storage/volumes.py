@@ -18,7 +18,6 @@ exists).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import secrets
@@ -34,7 +33,6 @@ from shared import fileops
 from shared.errors import (
     BackendError,
     BadRequest,
-    Cancelled,
     Conflict,
     Forbidden,
     InsufficientResources,
@@ -42,7 +40,7 @@ from shared.errors import (
     NotFound,
     PhyError,
 )
-from shared.fileops import READ_STEP, data_extents, human_bytes
+from shared.fileops import READ_STEP, ZEROS, data_extents, human_bytes, sha256_pieces
 from shared.messages.storage import Extent, PoolInfo, PoolRoom, VolumeInfo
 from shared.validate import HEAD_BYTES, TAIL_BYTES, conversion_hint, disk_format
 
@@ -50,7 +48,6 @@ TEMP_PREFIX = "."  # volumes never start with a dot; every temporary file does
 NAME_MAX = 255
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
 _POOL_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
-_ZEROS = bytes(READ_STEP)
 
 Progress = Callable[[int, int], None]
 CloneMethod = Literal["reflink", "copy", "rename"]
@@ -121,7 +118,7 @@ def _is_zero(fd: int, off: int, length: int) -> bool:
     while length > 0:
         n = min(length, READ_STEP)
         data = os.pread(fd, n, off)
-        if not data or data != _ZEROS[: len(data)]:
+        if not data or data != ZEROS[: len(data)]:
             return not data
         off += len(data)
         length -= len(data)
@@ -426,23 +423,9 @@ class Pools:
         fd = pool.open(check_name(name), os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            h = hashlib.sha256()
-            pos = 0
-            for off, length in [*data_extents(fd, size), (size, 0)]:
-                _hash_zeros(h, off - pos)
-                end = off + length
-                while off < end:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("sha256 cancelled")
-                    data = os.pread(fd, min(READ_STEP, end - off), off)
-                    if not data:
-                        raise BackendError(f"{pool.file_path(name)} shrank while being read")
-                    h.update(data)
-                    off += len(data)
-                    if progress:
-                        progress(off, size)
-                pos = end
-            return h.hexdigest()
+            pieces = [(off, n, off) for off, n in data_extents(fd, size)]
+            return sha256_pieces(fd, size, pieces, what=pool.file_path(name), progress=progress,
+                                 cancel=cancel)
         finally:
             os.close(fd)
 
@@ -652,9 +635,10 @@ class Pools:
                 if entry.name.startswith(f"{TEMP_PREFIX}xfer-") and entry.name.endswith(".json"):
                     yield pool, entry.name
 
-    def open_partial(self, pool: Pool, temp: str, size: int) -> tuple[int, bool]:
+    def open_partial(self, pool: Pool, temp: str, size: int) -> tuple[int, int, bool]:
         """The read-write descriptor of an incoming transfer's temporary file of ``size``
-        bytes, and whether it was made now (sparse, empty) rather than found from before."""
+        bytes, its O_DIRECT one for ``write_partial`` (-1 where the filesystem has none),
+        and whether the file was made now (sparse, empty) rather than found from before."""
         try:
             fd = pool.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             made = True
@@ -664,16 +648,19 @@ class Pools:
         try:
             if made or os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
+            direct = fileops.open_direct(temp, dir_fd=pool.dir_fd)
         except OSError as e:
             os.close(fd)
             raise _os_error(e, pool, f"making room for an incoming volume of "
                             f"{human_bytes(size)}", "nothing was kept") from None
-        return fd, made
+        return fd, direct, made
 
-    def write_partial(self, pool: Pool, fd: int, off: int, data: bytes, name: str) -> None:
-        """Write received ``data`` at ``off`` of an incoming transfer's temporary file."""
+    def write_partial(self, pool: Pool, fd: int, direct: int, off: int, data: bytes,
+                      name: str) -> None:
+        """Write received ``data`` at ``off`` of an incoming transfer's temporary file (open
+        as ``fd`` and, past the page cache, as ``direct``)."""
         try:
-            fileops.write_at(fd, data, off)
+            fileops.write_direct(direct, fd, data, off)
         except OSError as e:
             raise _os_error(e, pool, f"receiving {name}", "the transfer was rolled back") \
                 from None
@@ -695,14 +682,6 @@ class Pools:
             fileops.write_atomic(name, data, dir_fd=pool.dir_fd)
         except OSError as e:
             raise _os_error(e, pool, f"writing {name}", "its previous content stays") from None
-
-
-def _hash_zeros(h: hashlib._Hash, n: int) -> None:
-    zeros = memoryview(_ZEROS)
-    while n > 0:
-        step = min(n, len(zeros))
-        h.update(zeros[:step])
-        n -= step
 
 
 def _os_error(e: OSError, pool: Pool, doing: str,

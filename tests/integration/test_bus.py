@@ -381,6 +381,20 @@ async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus) -> None:
     assert {"echo", "jobs", "job", "cancel"} <= endpoints
 
 
+async def test_status_lists_an_agent_in_kv_that_does_not_answer(agent: Agent,
+                                                                client: Bus) -> None:
+    from cli.status import collect_on
+
+    hosts = await client.kv(subjects.KV_HOSTS)
+    await hosts.put(subjects.heartbeat_key("h9", "vm"), encode(Heartbeat(
+        host="h9", agent="vm", version="1", started=time.time(), time=time.time(),
+        metrics_url="")))
+    rows = await collect_on(client, 0.3)
+    silent = [r for r in rows if (r["host"], r["agent"]) == ("h9", "vm")]
+    assert silent and not silent[0]["healthy"] and silent[0]["heartbeat_age_s"] is not None
+    assert [r["healthy"] for r in rows if (r["host"], r["agent"]) == ("h1", "catalogue")] == [True]
+
+
 async def test_events_are_deduplicated_by_event_id(agent: Agent, client: Bus) -> None:
     from shared.messages import AgentStopping
 

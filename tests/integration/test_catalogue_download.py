@@ -8,6 +8,7 @@ import hashlib
 import lzma
 import shutil
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import zstandard
 
 from services.catalogue.config import Settings
-from services.catalogue.download import ImageStore
+from services.catalogue.download import ImageStore, _pieces
 from shared.errors import Forbidden, InsufficientResources, NotFound
 from shared.messages.catalogue import CatalogueEntry, Download
 from tests.support.httpserver import FileServer, make_sparse_raw
@@ -74,6 +75,41 @@ async def test_qcow2_is_converted_to_raw(srv: FileServer, store: ImageStore,
     local = await store.pull(e, dl, allow_unverified=False, progress=no_progress)
     assert local.source_format == "qcow2" and local.source_sha256 == sha(qcow)
     assert local.sha256 == sha(raw) and Path(local.path).read_bytes() == raw.read_bytes()
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_raw_of_a_qcow2_is_hashed_while_it_converts_unless_compressed(
+        srv: FileServer, store: ImageStore, tmp_path: Path, compress: bool) -> None:
+    # plain clusters are hashed from the qcow2 (qemu-img map) during the convert; compressed
+    # ones only qemu-img can read, so the RAW is read back after it
+    raw = make_sparse_raw(tmp_path / "src.raw", 16 * MiB)
+    with raw.open("r+b") as f:  # text compresses (random data would be stored plainly)
+        f.seek(4 * MiB)
+        f.write(b"phyllome" * (MiB // 8))
+    qcow = srv.root / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", *(["-c"] if compress else []), "-f", "raw", "-O",
+                    "qcow2", str(raw), str(qcow)], check=True)
+    stages: list[str] = []
+
+    async def progress(done: int, total: int, message: str) -> None:
+        if not stages or stages[-1] != message:
+            stages.append(message)
+
+    e, dl = entry("q", srv.url("disk.qcow2"), qcow, fmt="qcow2")
+    local = await store.pull(e, dl, allow_unverified=False, progress=progress)
+    assert local.sha256 == sha(raw) and Path(local.path).read_bytes() == raw.read_bytes()
+    assert ("hashing RAW" in stages) == compress, stages
+
+
+def test_qcow2_map_to_pieces() -> None:
+    plain = [{"start": 0, "length": 65536, "depth": 0, "present": True, "zero": False,
+              "data": True, "offset": 327680},
+             {"start": 65536, "length": 1 << 20, "depth": 0, "present": False, "zero": True,
+              "data": False}]
+    assert _pieces(plain) == [(0, 65536, 327680)]
+    compressed = [{"start": 0, "length": 65536, "depth": 0, "present": True, "zero": False,
+                   "data": True}]
+    assert _pieces(compressed) is None
 
 
 async def test_xz_raw_is_unpacked(srv: FileServer, store: ImageStore, tmp_path: Path) -> None:
@@ -274,6 +310,7 @@ async def test_image_bigger_than_free_space_refused_before_download(
 async def test_pool_filling_up_mid_download_is_insufficient_resources(
         srv: FileServer, small_ext4: Path) -> None:
     raw = make_sparse_raw(srv.root / "disk.raw", 32 * MiB)
+    srv.rate = 8 * MiB  # progress is reported while the body still flows
     s = ImageStore(Settings(pool_dir=str(small_ext4 / "pool"), builtin_dir=str(srv.root),
                             retries=0), host="h1")
     filler = small_ext4 / "filler"
@@ -332,8 +369,9 @@ async def test_qcow2_with_backing_file_is_refused(srv: FileServer, store: ImageS
 
 async def test_slow_download_cancelled_leaves_nothing(srv: FileServer,
                                                       store: ImageStore) -> None:
+    # the body is read in worker threads: a cancel stops them, it does not wait out the body
     raw = make_sparse_raw(srv.root / "disk.raw", 16 * MiB)
-    srv.rate = 2 * MiB
+    srv.rate = 128 << 10  # two minutes for the whole body
     started = asyncio.Event()
 
     async def progress(done: int, total: int, message: str) -> None:
@@ -345,8 +383,9 @@ async def test_slow_download_cancelled_leaves_nothing(srv: FileServer,
     await asyncio.wait_for(started.wait(), 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, timeout=30)
     assert pool_files(store) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("pull-write")]
 
 
 async def test_install_media_stays_an_iso_and_a_disk_posing_as_one_is_refused(

@@ -117,6 +117,36 @@ def test_write_at_writes_everything_at_the_offset(tmp_path: Path) -> None:
         assert os.pread(fd, len(payload), 5 * MiB) == payload
 
 
+def test_write_direct_sends_aligned_pieces_past_the_page_cache(tmp_path: Path) -> None:
+    # the O_DIRECT descriptor here is of another file, to see which way each piece went
+    buffered, direct = tmp_path / "buffered", tmp_path / "direct"
+    for path in (buffered, direct):
+        path.write_bytes(bytes(64 * 1024))
+    aligned, odd = os.urandom(8192), os.urandom(100)
+    with opened(buffered, os.O_RDWR) as fd:
+        d = fileops.open_direct(direct)
+        assert d >= 0, "ext4 and XFS take O_DIRECT"
+        try:
+            fileops.write_direct(d, fd, aligned, 4096)      # aligned: the direct descriptor
+            fileops.write_direct(d, fd, odd, 16384)         # odd length: through the page cache
+            fileops.write_direct(d, fd, aligned, 20000)     # odd offset: likewise
+            fileops.write_direct(-1, fd, aligned, 32768)    # no O_DIRECT on this filesystem
+        finally:
+            os.close(d)
+    got, went = buffered.read_bytes(), direct.read_bytes()
+    assert went[4096:12288] == aligned and got[4096:12288] == bytes(8192)
+    assert got[16384:16484] == odd and got[20000:28192] == aligned
+    assert got[32768:40960] == aligned and went[16384:] == bytes(len(went) - 16384)
+
+
+def test_open_direct_of_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError) as raised:
+        fileops.open_direct(tmp_path / "link")
+    assert raised.value.errno == errno.ELOOP
+
+
 def test_publish_links_and_never_replaces_unless_asked(tmp_path: Path) -> None:
     (tmp_path / "temp").write_bytes(b"new")
     (tmp_path / "name").write_bytes(b"old")
