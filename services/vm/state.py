@@ -34,6 +34,7 @@ from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
 from services.vm.metrics import VmMetrics
 from shared import subjects
 from shared.agent import Agent
+from shared.bus import ELECTING
 from shared.codec import decode, encode
 from shared.errors import Conflict, NotFound, PhyError, Timeout, Unavailable
 from shared.messages.vm import Disk, MigrationLock, VmRecord, VmSpec, VmState, VmStateChanged
@@ -86,9 +87,7 @@ def with_secrets(stored: VmSpec, dom_spec: VmSpec | None) -> VmSpec:
 def _electing(e: Exception) -> Unavailable:
     """A KV ``vms`` call that JetStream did not serve (503, no responders, no reply): most
     often its stream is electing a leader after a server or a link went down."""
-    return Unavailable(f"KV {subjects.KV_VMS} did not answer ({e!r}); if a server or a link "
-                       "just went down, its stream is electing a new leader: retry in a few "
-                       "seconds")
+    return Unavailable(f"KV {subjects.KV_VMS} did not answer ({e!r}); {ELECTING}")
 
 
 class VmStates:
