@@ -317,8 +317,11 @@ class Migrations:
         return remove, kept
 
     async def _owner(self, uuid: str) -> str | None:
+        """The host the record names (None when unreadable): after a failed commit, whether
+        it went through; read through an election, as rolling back a commit that went through
+        would remove the VM from its new owner."""
         with contextlib.suppress(PhyError):
-            record, _ = await self.states.load(uuid)
+            record, _ = await through_elections(lambda: self.states.load(uuid))
             return record.host if record else None
         return None
 
