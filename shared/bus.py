@@ -57,6 +57,10 @@ log = logging.getLogger("phyllome.bus")
 IDEMPOTENCY_HEADER = "Phy-Idempotency-Key"
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long a keyed reply is kept (in KV and in memory)
 IDEMPOTENCY_MEMORY = 10_000  # keyed replies kept in memory in front of KV
+# The hint of a JetStream error that passes: a KV stream without a leader answers 503 (or not
+# at all) for some seconds after one of its servers, or the link to it, went down.
+ELECTING = ("if a server or a link just went down, its stream is electing a new leader: retry "
+            "in a few seconds")
 EVENT_MAX_AGE_S = 30 * 24 * 3600
 DUPLICATE_WINDOW_S = 120.0
 # KV buckets and their settings; ``hosts`` TTL comes from the agents' heartbeat TTL.
@@ -614,7 +618,7 @@ class Bus:
                     with contextlib.suppress(nats.errors.Error, TimeoutError):
                         await self.js.delete_consumer(stream, consumer)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
-            raise Unavailable(f"cannot read KV {bucket}: {e!r}") from None
+            raise Unavailable(f"cannot read KV {bucket}: {e!r}; {ELECTING}") from None
         return [(key, rev, value) for key, (rev, value) in live.items()]
 
 

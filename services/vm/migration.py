@@ -26,7 +26,8 @@ Steps, each one a job progress event on ``phy.evt.<source>.vm.job.<id>``:
 4. the domain defined on the target (same uuid, MACs, spec; paths from the target pools);
    NVRAM and TPM state carried over (``vm.export_state`` -> ``vm.import_state``);
 5. the target's copy of every disk checked against the source's sha256 and its definition
-   read back; then the commit;
+   read back; then the commit (its KV reads and compare-and-set wait out, for up to
+   ``ELECTION_WAIT_S``, a KV stream electing a leader after a server or a link came back);
 6. the source undefines the VM and deletes every disk it moved, owned or given to the VM
    (``keep_source`` keeps them; a volume that another VM of the source uses stays too):
    the reply lists what was removed from the source and what was kept there.
@@ -49,9 +50,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -91,12 +92,14 @@ from shared.messages.vm import (
 from shared.placement import committed_mib, needs, refusal
 
 log = logging.getLogger("phyllome.migration")
+T = TypeVar("T")
 
 CALL_TIMEOUT_S = 15.0
 SHA_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 120.0
 TRANSFER_TIMEOUT_S = 24 * 3600.0
 RECOVERY_BACKOFF_MAX_S = 30.0
+ELECTION_WAIT_S = 60.0  # how long the commit waits out a KV stream electing a leader
 # Crash tests only: at this step ("sent", "defined" or "committed") the job writes
 # ``<uuid>.paused`` beside its journal and waits until that file is removed.
 PAUSE_ENV = "PHYLLOME_VM_MIGRATION_PAUSE"
@@ -259,12 +262,15 @@ class Migrations:
                 paths[(disk.pool, disk.volume)] = got.path
             there: VmInfo = await bus.call(target, vm_api.INFO, VmRef(vm=spec.uuid),
                                            timeout=CALL_TIMEOUT_S)
-            remove, kept = await self._let_go_of(spec, keep=req.keep_source)
+            remove, kept = await through_elections(
+                lambda: self._let_go_of(spec, keep=req.keep_source))
             entry = self.journal.save(msgspec.structs.replace(entry, step="committing",
                                                               remove=remove))
-            await self.states.hand_over(spec.uuid, job.id, target, [
+            # a retry after a lost reply finds the record handed over: Conflict, then the
+            # owner check below finishes the migration
+            await through_elections(lambda: self.states.hand_over(spec.uuid, job.id, target, [
                 msgspec.structs.replace(d, path=paths[(d.pool, d.volume)])
-                for d in record.spec.disks], there.accelerator, there.spec.seed)
+                for d in record.spec.disks], there.accelerator, there.spec.seed))
         except BaseException as e:
             if entry.step == "committing" and await self._owner(spec.uuid) == target:
                 pass  # the commit went through though its reply was lost: finish below
@@ -311,8 +317,11 @@ class Migrations:
         return remove, kept
 
     async def _owner(self, uuid: str) -> str | None:
+        """The host the record names (None when unreadable): after a failed commit, whether
+        it went through; read through an election, as rolling back a commit that went through
+        would remove the VM from its new owner."""
         with contextlib.suppress(PhyError):
-            record, _ = await self.states.load(uuid)
+            record, _ = await through_elections(lambda: self.states.load(uuid))
             return record.host if record else None
         return None
 
@@ -410,6 +419,27 @@ class Migrations:
         await self.agent.publish("job", JobFinished(
             host=self.host, job_id=entry.job_id, kind="migrate", state=state,
             message=message), entry.job_id)
+
+
+async def through_elections(attempt: Callable[[], Awaitable[T]],
+                            wait_s: float = ELECTION_WAIT_S) -> T:
+    """Run ``attempt`` again while it fails with Unavailable, for up to ``wait_s``.
+
+    For the commit's KV reads and its compare-and-set: a link or a server that just came back
+    leaves the KV streams electing leaders for some seconds, and a migration that has moved
+    its disks should not be rolled back for that. Past ``wait_s`` the last error stands.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except Unavailable as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("migration: %s; trying again in %.1f s", e.message, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def _has_endpoint(verb: str) -> bool:

@@ -34,8 +34,9 @@ from services.vm.hypervisor import Domain, DomainEvent, Hypervisor, Reconnected
 from services.vm.metrics import VmMetrics
 from shared import subjects
 from shared.agent import Agent
+from shared.bus import ELECTING
 from shared.codec import decode, encode
-from shared.errors import Conflict, NotFound, PhyError, Timeout
+from shared.errors import Conflict, NotFound, PhyError, Timeout, Unavailable
 from shared.messages.vm import Disk, MigrationLock, VmRecord, VmSpec, VmState, VmStateChanged
 
 log = logging.getLogger("phyllome.vm")
@@ -81,6 +82,12 @@ def with_secrets(stored: VmSpec, dom_spec: VmSpec | None) -> VmSpec:
     if dom_spec is None or not dom_spec.password:
         return stored
     return msgspec.structs.replace(stored, password=dom_spec.password)
+
+
+def _electing(e: Exception) -> Unavailable:
+    """A KV ``vms`` call that JetStream did not serve (503, no responders, no reply): most
+    often its stream is electing a leader after a server or a link went down."""
+    return Unavailable(f"KV {subjects.KV_VMS} did not answer ({e!r}); {ELECTING}")
 
 
 class VmStates:
@@ -166,6 +173,9 @@ class VmStates:
             entry = await kv.get(uuid)
         except nats.js.errors.KeyNotFoundError:
             return None, 0
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                nats.errors.TimeoutError) as e:
+            raise _electing(e) from None
         if not entry.value:
             return None, 0
         return decode(entry.value, VmRecord), entry.revision or 0
@@ -178,6 +188,9 @@ class VmStates:
                 await kv.update(record.spec.uuid, encode(record), last=revision)
             else:
                 await kv.create(record.spec.uuid, encode(record))
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                nats.errors.TimeoutError) as e:
+            raise _electing(e) from None
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             raise Conflict(f"the record of VM {record.spec.name} changed under us; "
                            "retry") from None
