@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import msgspec
 
@@ -608,6 +609,9 @@ def _graphics(args: argparse.Namespace, info: VmInfo) -> None:
                      f"console open ({fix})", common.EXIT_FAILED)
     for c in consoles:
         print(f"{c.uri}    remote-viewer {c.uri}")
+    # the web gateway's console page (any gateway of the cluster reaches any host's VM)
+    listen = os.environ.get("PHYLLOME_WEB_LISTEN", "127.0.0.1:9700")
+    print(f"http://{listen}/#/console/{quote(info.name)}/vnc    in a browser (phyllome web)")
 
 
 async def ensure_demo(bus: Bus, host: str) -> list[str]:

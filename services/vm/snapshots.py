@@ -54,6 +54,7 @@ from services.vm.spec import check_name, check_spec, random_mac
 from services.vm.state import STOPPED, with_secrets, without_secrets
 from shared import fileops
 from shared.errors import BadRequest, Conflict, InvalidName, NotFound, PhyError, Unavailable
+from shared.jobs import Job
 from shared.messages import Ack
 from shared.messages import storage as storage_api
 from shared.messages.jobs import JobAccepted, JobProgress
@@ -453,13 +454,13 @@ class Snapshots:
         return self._start_backup(dom, req.to, 0, quiesce=req.quiesce)
 
     def _start_backup(self, dom: Domain, to: str, keep: int, *, quiesce: bool) -> JobAccepted:
-        async def work(job: Any) -> dict[str, object]:
+        async def work(job: Job) -> dict[str, object]:
             with self.h.metrics.operation("backup"):
                 return await self._backup(job, dom.uuid, to, keep, quiesce=quiesce)
 
         return self.agent.jobs.start("backup", work, key=f"backup:{dom.uuid}")
 
-    async def _backup(self, job: Any, uuid: str, to: str, keep: int, *,
+    async def _backup(self, job: Job, uuid: str, to: str, keep: int, *,
                       quiesce: bool) -> dict[str, object]:
         dom = await self.hv.domain(uuid)
         spec = await self._spec(dom)
@@ -497,13 +498,13 @@ class Snapshots:
                                f"({dom.state}); choose another name")
         staging = str(uuidlib.uuid4())
 
-        async def work(job: Any) -> dict[str, object]:
+        async def work(job: Job) -> dict[str, object]:
             with self.h.metrics.operation("restore"):
                 return await self._restore(job, req, staging)
 
         return self.agent.jobs.start("restore", work, key=f"restore:{req.archive}:{req.name}")
 
-    async def _restore(self, job: Any, req: VmRestore, staging: str) -> dict[str, object]:
+    async def _restore(self, job: Job, req: VmRestore, staging: str) -> dict[str, object]:
         bus = self.agent.bus
         await job.progress(0, 1, "reading and checking the archive")
         accepted = await bus.call(self.host, storage_api.SNAPSHOT_IMPORT, ImportSnapshot(

@@ -67,6 +67,7 @@ async def test_vm_demo_from_the_tiny_image_with_secure_boot_tpm_and_both_console
             rc, out, _ = await phyllome(url, "console", "phy-demo", "--graphics")
             assert rc == 0 and out.startswith("vnc://127.0.0.1:")
             assert "remote-viewer spice://127.0.0.1:" in out
+            assert "/#/console/phy-demo/vnc    in a browser" in out  # the web gateway's page
 
             xml = subprocess.run(["virsh", "-c", libvirtd, "dumpxml", "phy-demo"],
                                  check=True, capture_output=True, text=True).stdout
