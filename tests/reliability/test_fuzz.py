@@ -34,6 +34,7 @@ import nats
 import pytest
 
 from services.storage.transfer import volume_digest
+from services.vm.cloudinit import seed_iso
 from shared import contracts, subjects
 from shared.agent import Agent
 from shared.config import default_state_dir
@@ -71,6 +72,8 @@ from shared.messages.storage import (
     VolumeRef,
 )
 from shared.messages.vm import (
+    Cdrom,
+    CloudInit,
     ConsoleOpen,
     Disk,
     Nic,
@@ -87,6 +90,7 @@ from shared.messages.vm import (
     VmDetachNic,
     VmDetachUsb,
     VmGuestState,
+    VmInsert,
     VmListRequest,
     VmMigrate,
     VmRef,
@@ -243,6 +247,13 @@ async def seed_vm(call: Call, agent: Agent, ctx: dict[str, Any], refused: Refuse
     usb = UsbHostdev(bus=1, device=2)
     await call("attach_usb", VmAttachUsb(vm="demo", device=usb))
     await call("detach_usb", VmDetachUsb(vm="demo", device=usb))
+    # install media: a VM with a CD-ROM drive, its ISO ejected and put back
+    iso = own / "seed.iso"
+    iso.write_bytes(seed_iso(CloudInit(instance_id="fuzz")))  # a small ISO9660 volume
+    await call("create", VmCreate(spec=VmSpec(name="inst", firmware="bios", memory_mib=256,
+                                              cdrom=Cdrom(path=str(iso)))))
+    await call("eject", VmRef(vm="inst"))
+    await call("insert", VmInsert(vm="inst", path=str(iso)))
     # snapshots and backups: a VM whose disk is a pool volume; with no storage agent on the
     # bus, what needs one is refused (or its job fails) naming it
     await call("snapshot_list", VmSnapshotRef(vm="demo"))  # no pool disk: none, locally
