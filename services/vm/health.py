@@ -56,14 +56,7 @@ def can_open_rw(mode: int, owner: int, group: int, uid: int, gids: set[int]) -> 
 
 def qemu_identity(conf: str) -> tuple[str, int, set[int]] | None:
     """(user name, uid, gids) QEMU runs with under ``conf``; None if that user is unknown."""
-    settings = {"user": QEMU_USER, "group": QEMU_USER}
-    try:
-        with open(conf) as f:
-            for line in f:
-                if m := _SETTING.match(line):
-                    settings[m.group(1)] = m.group(2)
-    except FileNotFoundError:
-        pass
+    settings = _settings(conf, user=QEMU_USER, group=QEMU_USER)
     try:
         user = _user(settings["user"])
     except KeyError:
@@ -77,18 +70,23 @@ def qemu_identity(conf: str) -> tuple[str, int, set[int]] | None:
 def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
     """(uid, gid) swtpm runs as under ``conf`` (``swtpm_user``/``swtpm_group``), whose files a
     migrated TPM state must belong to; None when that user does not exist here."""
-    settings = {"swtpm_user": SWTPM_USER, "swtpm_group": SWTPM_USER}
+    settings = _settings(conf, swtpm_user=SWTPM_USER, swtpm_group=SWTPM_USER)
     try:
-        with open(conf) as f:
-            for line in f:
-                if m := _SETTING.match(line):
-                    settings[m.group(1)] = m.group(2)
-    except FileNotFoundError:
-        pass
-    try:
-        return _user(settings["swtpm_user"]).pw_uid, _group(settings["swtpm_group"])
+        user = settings["swtpm_user"]  # "+N" is uid N, whether or not a user has it
+        uid = int(user[1:]) if user.startswith("+") else _user(user).pw_uid
+        return uid, _group(settings["swtpm_group"])
     except (KeyError, ValueError):
         return None
+
+
+def _settings(conf: str, **defaults: str) -> dict[str, str]:
+    """The user/group settings of libvirt's qemu.conf, over ``defaults``."""
+    settings = dict(defaults)
+    with contextlib.suppress(FileNotFoundError), open(conf) as f:
+        for line in f:
+            if m := _SETTING.match(line):
+                settings[m.group(1)] = m.group(2)
+    return settings
 
 
 def _user(name: str) -> pwd.struct_passwd:

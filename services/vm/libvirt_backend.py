@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -624,24 +622,6 @@ class LibvirtHypervisor:
                 return [_stats(dom, v) for dom, v in conn.getAllDomainStats(_BULK_STATS)]
 
         return _submit(work).result(timeout=BULK_STATS_TIMEOUT_S)
-
-
-def swtpm_owner(conf: str = QEMU_CONF) -> tuple[int, int] | None:
-    """The user and group libvirt runs swtpm as (qemu.conf ``swtpm_user``/``swtpm_group``,
-    "tss" by default), as ids; None where this host has no such user."""
-    names = {"swtpm_user": "tss", "swtpm_group": "tss"}
-    with contextlib.suppress(OSError), open(conf) as f:
-        for line in f:
-            key, _, value = line.partition("=")
-            if key.strip() in names and value.strip().startswith('"'):
-                names[key.strip()] = value.strip().strip('"')
-    try:
-        user, group = names["swtpm_user"], names["swtpm_group"]
-        uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
-        gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
-    except (KeyError, ValueError):
-        return None
-    return uid, gid
 
 
 def _stats(dom: libvirt.virDomain, v: dict[str, Any]) -> DomainStats:

@@ -107,7 +107,7 @@ def test_vm_tpm_state_keeps_the_owners_libvirt_gave(tmp_path: Path) -> None:
 
 
 def test_vm_swtpm_owner_comes_from_qemu_conf(tmp_path: Path) -> None:
-    from services.vm.libvirt_backend import swtpm_owner
+    from services.vm.health import swtpm_owner
 
     conf = tmp_path / "qemu.conf"
     conf.write_text('# swtpm_user = "nobody"\nswtpm_user = "+4242"\nswtpm_group = "+4343"\n')
