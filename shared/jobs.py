@@ -133,6 +133,11 @@ class JobRunner:
     def subject(self, job_id: str) -> str:
         return subjects.event(self.agent.host, self.agent.name, "job", job_id)
 
+    def running(self, key: str) -> str:
+        """The id of the running job started with ``key``, or "" when none runs."""
+        job = self._by_key.get(key)
+        return job.id if job is not None and job.state == "running" else ""
+
     def start(self, kind: str, work: Work, *, key: str | None = None) -> JobAccepted:
         if key is not None and (same := self._by_key.get(key)) and same.state == "running":
             return JobAccepted(job_id=same.id, kind=kind, subject=same.subject)

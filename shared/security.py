@@ -62,11 +62,12 @@ Reach = Literal["own", "any"]
 PEER_CALLS: dict[str, dict[Reach, tuple[EndpointSpec[Any, Any], ...]]] = {
     "hardware": {},
     "vm": {
-        # create and start: devices, nested, the boot probe, disks from volumes and images;
+        # create and start: devices, nested, the boot probe, disks from volumes and images
+        # (waiting out a pull of the image that runs already);
         # snapshots, backups and restores: the pools' copies and archives
         "own": (hardware_api.CAPS, hardware_api.DEVICE, hardware_api.LIST,
                 hardware_api.BOOT_PROBE, storage_api.CLONE, storage_api.IMPORT_FILE,
-                catalogue_api.INFO, storage_api.SNAPSHOT, storage_api.SNAPSHOTS,
+                catalogue_api.INFO, catalogue_api.JOB, storage_api.SNAPSHOT, storage_api.SNAPSHOTS,
                 storage_api.SNAPSHOT_READ, storage_api.SNAPSHOT_RESTORE,
                 storage_api.SNAPSHOT_DELETE, storage_api.SNAPSHOT_EXPORT,
                 storage_api.SNAPSHOT_IMPORT,

@@ -366,7 +366,8 @@ class Handlers:
         entry = self.get(req.id)
         local = self.store.local(entry.id)
         return ImageInfo(entry=entry, template=template(entry, local), local=local,
-                         path=local.path if local else "", sha256=local.sha256 if local else "")
+                         path=local.path if local else "", sha256=local.sha256 if local else "",
+                         pulling=self.agent.jobs.running(f"pull:{entry.id}"))
 
     async def pull(self, req: PullRequest) -> JobAccepted:
         entry = self.get(req.id)

@@ -387,6 +387,11 @@ class Handlers:
         except Unavailable as e:
             raise Unavailable(f"{what} needs the catalogue agent ({e.message}); "
                               "or give a path") from None
+        if not info.path and info.pulling:  # being pulled (a built-in one, at start): wait
+            succeeded(await wait_job(self.agent.bus, self.host, "catalogue", info.pulling,
+                                     timeout=JOB_TIMEOUT_S))
+            info = await self.agent.bus.call(self.host, catalogue_api.INFO, ImageRef(id=image),
+                                             timeout=PEER_TIMEOUT_S)
         if not info.path:
             raise Conflict(f"image {image} is not on {self.host} yet: run "
                            f"`phyllome images pull {image}` first")

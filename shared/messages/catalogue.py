@@ -174,6 +174,7 @@ class ImageInfo(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_
     local: LocalImage | None = None
     path: str = ""  # the local RAW file, once pulled here
     sha256: str = ""  # its sha256
+    pulling: str = ""  # the id of the catalogue job pulling it here now, if one runs
 
 
 class PullRequest(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.pull.v1"):

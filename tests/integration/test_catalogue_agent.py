@@ -392,6 +392,8 @@ async def test_two_pulls_share_one_download_and_cancel(agent: Agent, srv: FileSe
     first = await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="slow"))
     second = await agent.bus.call("h1", catalogue_api.PULL, PullRequest(id="slow"))
     assert first.job_id == second.job_id
+    info = await agent.bus.call("h1", catalogue_api.INFO, ImageRef(id="slow"))
+    assert (info.path, info.pulling) == ("", first.job_id)  # a vm create waits on it
     job = agent.jobs.get(first.job_id)
     await until("bytes to flow", lambda: job.done > 0, timeout=30)
     status = await agent.bus.call("h1", catalogue_api.CANCEL, JobRef(job_id=first.job_id))

@@ -30,8 +30,10 @@ from shared.errors import (
 )
 from shared.jobs import wait_job
 from shared.messages import Empty
+from shared.messages import catalogue as catalogue_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
+from shared.messages.catalogue import PullRequest, SourceAdd
 from shared.messages.jobs import JobFinished
 from shared.messages.net import NetCreate, NetRef, NetworkSpec
 from shared.messages.storage import CreateVolume, ListVolumes
@@ -62,6 +64,7 @@ from shared.messages.vm import (
 )
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
+from tests.support.httpserver import FileServer
 from tests.support.libvirt import TEST_HOST_XML, VmEvents, vm_events
 from tests.support.sysfs_tree import FIXTURES, build
 from tests.support.tarballs import hostile_tpm_states, tpm_state, tree
@@ -555,6 +558,37 @@ async def test_vm_from_image_gets_a_storage_volume_cloned_from_the_catalogue(
             "inst-disk0", True, 1 << 30)
         await call(agent, "delete", VmDelete(vm="inst", delete_disks=True))
         assert not Path(blank.path).exists() and iso.exists()
+
+
+async def test_vm_create_waits_out_a_pull_of_its_image_that_runs_already(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str, srv: FileServer) -> None:
+    """A create right after `make up` starts the built-in image's pull (or while a user's pull
+    runs) waits for that pull instead of saying "pull it first"."""
+    raw = raw_disk(srv.root / "slow.raw", 8 << 20)
+    with open(raw, "r+b") as f:
+        f.write(b"\xebslow")
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    (srv.root / "m.json").write_text(json.dumps({"images": [{
+        "id": "slow", "name": "Slow", "version": "1", "arch": "x86_64", "url": "slow.raw",
+        "sha256": digest, "size": raw.stat().st_size, "format": "raw"}]}))
+    srv.rate = 4 << 20  # two seconds of download
+    pool_dir = tmp_path / "catalogue" / "pool"
+    async with agent_in_process(
+            "catalogue", nats_server.url, tmp_path / "catalogue", host=HOST,
+            extra={"osinfo_dir": "", "probe_interval_s": 0, "pool_dir": str(pool_dir),
+                   "builtin_dir": str(tmp_path / "builtin")}) as catalogue, \
+            agent_in_process("storage", nats_server.url, tmp_path / "storage", host=HOST,
+                             extra={"import_dirs": [str(pool_dir)]}), \
+            vm_agent(nats_server, tmp_path / "vm", libvirt_test_uri) as (agent, _):
+        await agent.bus.call(HOST, catalogue_api.SOURCE_ADD, SourceAdd(
+            name="m", url=srv.url("m.json")))
+        accepted = await agent.bus.call(HOST, catalogue_api.PULL, PullRequest(id="slow"))
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="early", memory_mib=64),
+                                                    image="slow"), timeout=60)
+        assert catalogue.jobs.get(accepted.job_id).state == "succeeded"
+        disk = info.spec.disks[0]
+        assert hashlib.sha256(Path(disk.path).read_bytes()).hexdigest() == digest
+        await call(agent, "delete", VmDelete(vm="early", delete_disks=True))
 
 
 async def test_vm_import_state_takes_a_good_state_and_refuses_hostile_ones(
