@@ -27,6 +27,7 @@ from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
 from services.vm.hypervisor import Device, Domain, Hypervisor
 from services.vm.metrics import VmMetrics
 from services.vm.networks import Networks
+from services.vm.screenshot import Screens
 from services.vm.snapshots import Snapshots
 from services.vm.spec import (
     check_disk,
@@ -104,6 +105,8 @@ from shared.messages.vm import (
     VmRecord,
     VmRef,
     VmRestore,
+    VmScreenshot,
+    VmScreenshotRequest,
     VmShutdown,
     VmSnapshot,
     VmSnapshotCreate,
@@ -151,6 +154,7 @@ class Handlers:
                                                Path(settings.migration_dir))
         self.snapshots = Snapshots(self)
         self.consoles = ConsoleBridge(agent.bus.nc, agent.host)
+        self.screens = Screens(hypervisor)
 
     # -- life of the agent ----------------------------------------------------------------
 
@@ -712,6 +716,10 @@ class Handlers:
             target = await pty_target(await self.hv.serial_pty(dom.uuid))
         return await self.consoles.open(uuid=dom.uuid, name=dom.name, kind=req.kind,
                                         target=target)
+
+    async def screenshot(self, req: VmScreenshotRequest) -> VmScreenshot:
+        """A running VM's screen as a small PNG (``screenshot``)."""
+        return await self.screens.take(req)
 
     async def export_state(self, req: VmRef) -> VmGuestState:
         dom = await self.hv.domain(req.vm)

@@ -119,6 +119,9 @@ class Hypervisor(Protocol):
     async def vsock_cid(self, uuid: str) -> int:
         """The guest CID of a running domain's vsock device (0 without one)."""
         ...
+    async def screenshot(self, uuid: str) -> tuple[str, bytes]:
+        """A running domain's screen: (MIME type, image: PPM or PNG)."""
+        ...
     async def stats(self, uuid: str) -> DomainStats: ...
     async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
         """A running guest's IP addresses: from its guest agent when it answers, else from

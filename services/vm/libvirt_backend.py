@@ -101,6 +101,7 @@ _ADDRESS_SOURCES: tuple[tuple[int, AddressSource], ...] = (
 )
 RECONNECT_MAX_DELAY_S = 5.0
 BULK_STATS_TIMEOUT_S = 10.0
+SCREENSHOT_LIMIT = 256 << 20  # an 8K RGB screen is 100 MiB as a PPM
 LIBVIRT_DIR = "/var/lib/libvirt"  # NVRAM files in qemu/nvram, swtpm state in swtpm/<uuid>
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 
@@ -403,6 +404,33 @@ class LibvirtHypervisor:
 
     async def vsock_cid(self, uuid: str) -> int:
         return domain_xml.vsock_cid_of(await self.xml(uuid))
+
+    async def screenshot(self, uuid: str, *, limit: int = SCREENSHOT_LIMIT) -> tuple[str, bytes]:
+        """libvirt's ``screenshot`` of a running domain's first screen, read from its stream
+        (at most ``limit`` bytes): (MIME type, image)."""
+        def work() -> tuple[str, bytes]:
+            dom = self._lookup(uuid)
+            stream = self._c().newStream(0)
+            try:
+                mime = dom.screenshot(stream, 0, 0) or ""
+                parts: list[bytes] = []
+                size = 0
+                while True:
+                    part = stream.recv(1 << 20)
+                    if isinstance(part, int) or not part:  # -2 (would block) is not used
+                        break
+                    size += len(part)
+                    if size > limit:
+                        raise BackendError(f"the screenshot of {uuid} is over {limit} bytes")
+                    parts.append(part)
+                stream.finish()
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    stream.abort()
+                raise
+            return str(mime), b"".join(parts)
+
+        return await self._run(f"taking a screenshot of {uuid}", work)
 
     async def stats(self, uuid: str) -> DomainStats:
         def work() -> DomainStats:

@@ -19,10 +19,12 @@ message, or an ``Answer`` when the status, headers or a stream are theirs to set
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any, Literal
 
 import msgspec
@@ -215,6 +217,7 @@ class Route:
     timeout: float = 10.0
     max_body: int = 1 << 20
     stream: bool = False  # answers text/event-stream
+    media_type: str = "application/json"  # of the 200 answer (image/png: raw bytes)
 
     @property
     def path_fields(self) -> list[str]:
@@ -284,6 +287,25 @@ async def forward(call: Call) -> Any:
     if isinstance(reply, JobAccepted):
         return job_started(host, spec.service, reply)
     return reply
+
+
+SCREENSHOT_MAX_AGE_S = 2  # how long a browser may show a thumbnail before asking again
+
+
+async def screenshot(call: Call) -> Answer:
+    """A running VM's screen as a PNG from the vm agent of its host; the ETag is the image's
+    digest, so a browser that has it gets ``304``."""
+    req = convert({**call.fields, **call.params}, vm_api.VmScreenshotRequest, text=True)
+    host = await vm_host(call.gw.bus, req.vm, call.host)
+    shot: vm_api.VmScreenshot = await call.gw.bus.call(host, vm_api.SCREENSHOT, req,
+                                                       timeout=call.route.timeout)
+    etag = '"' + hashlib.blake2b(shot.png, digest_size=12).hexdigest() + '"'
+    headers = {"cache-control": f"private, max-age={SCREENSHOT_MAX_AGE_S}", "etag": etag,
+               "last-modified": formatdate(shot.taken, usegmt=True),
+               "x-screen-size": f"{shot.screen_width}x{shot.screen_height}"}
+    if etag in call.headers.get("if-none-match", "").replace("W/", "").split(", "):
+        return Answer(b"", status=304, headers=headers, media_type="image/png")
+    return Answer(shot.png, headers=headers, media_type="image/png")
 
 
 async def list_hosts(call: Call) -> HostList:
@@ -452,6 +474,9 @@ ROUTES: tuple[Route, ...] = (
           status=201),
     Route("GET", f"{V}/vms/{{vm}}", "A VM as its host sees it now (vm info --json).",
           "viewer", VmInfo, spec=vm_api.INFO, where="vm"),
+    Route("GET", f"{V}/vms/{{vm}}/screenshot", "A running VM's screen as a PNG no wider "
+          "than max_width (libvirt's screenshot; ETag, 304).", "operator", bytes, screenshot,
+          spec=vm_api.SCREENSHOT, where="vm", media_type="image/png"),
     _vm_action("start", vm_api.START, "Start a VM."),
     _vm_action("stop", vm_api.SHUTDOWN, "ACPI shutdown; with timeout_s and force, power off "
                "after the wait."),

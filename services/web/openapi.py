@@ -110,12 +110,17 @@ def _operation(route: Route, components: dict[str, Any]) -> dict[str, Any]:
                 "application/json": {"schema": inline}}}
     if route.stream:
         content = {"text/event-stream": {"schema": {"type": "string"}}}
+    elif route.media_type != "application/json":
+        content = {route.media_type: {"schema": {"type": "string",
+                                                 "contentMediaType": route.media_type}}}
     elif _struct(route.response):
         content = {"application/json": {"schema": {"$ref": REF.format(
             name=route.response.__name__)}}}
     else:
         content = {"application/json": {"schema": {"type": "object"}}}
     responses: dict[str, Any] = {str(route.status): {"description": "OK", "content": content}}
+    if route.media_type != "application/json":
+        responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
     codes = ["400", "404", "409", "503"]
     if route.role is not None:
         codes += ["401", "403", "429"]

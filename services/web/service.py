@@ -85,7 +85,8 @@ def render(answer: Answer, status: int) -> Response:
     if answer.stream is not None:
         return StreamingResponse(answer.stream, status_code=answer.status or status,
                                  headers=answer.headers, media_type=answer.media_type)
-    return Response(encode(answer.body), answer.status or status, headers=answer.headers,
+    body = answer.body if isinstance(answer.body, bytes) else encode(answer.body)
+    return Response(body, answer.status or status, headers=answer.headers,
                     media_type=answer.media_type)
 
 

@@ -496,6 +496,31 @@ class ConsoleSession(msgspec.Struct, frozen=True, kw_only=True, tag="vm.console_
     window: int  # bytes either side may send ahead of the other's acknowledgement
 
 
+SCREENSHOT_WIDTHS = (16, 1920)  # the smallest and largest max_width a screenshot takes
+
+
+class VmScreenshotRequest(msgspec.Struct, frozen=True, kw_only=True,
+                          tag="vm.screenshot_request.v1"):
+    """A running VM's screen as a PNG no wider than ``max_width`` pixels (16-1920)."""
+
+    vm: str
+    max_width: int = 320
+
+
+class VmScreenshot(msgspec.Struct, frozen=True, kw_only=True, tag="vm.screenshot.v1"):
+    """A PNG of a VM's screen (8-bit grey or RGB, at most 512 KiB), shrunk from the screen's
+    ``screen_width`` x ``screen_height`` pixels; ``taken`` is unix time."""
+
+    uuid: str
+    name: str
+    width: int
+    height: int
+    screen_width: int
+    screen_height: int
+    png: bytes
+    taken: float
+
+
 class VmStateChanged(Event, frozen=True, kw_only=True, tag="vm.state_changed.v1"):
     """A VM's state changed; ``event`` is the hypervisor's word (started, stopped, ...)."""
 
@@ -617,10 +642,14 @@ EJECT = EndpointSpec("vm", "eject", VmRef, VmInfo,
                      "Empty the CD-ROM drive (live and persistent when running).")
 INSERT = EndpointSpec("vm", "insert", VmInsert, VmInfo,
                       "Put an ISO in the CD-ROM drive (live and persistent when running).")
+SCREENSHOT = EndpointSpec(
+    "vm", "screenshot", VmScreenshotRequest, VmScreenshot,
+    "A running VM's screen as a small PNG (libvirt's screenshot, shrunk).")
 JOBS, JOB, CANCEL = job_endpoints("vm")
 
 # What the vm agent serves; the job endpoints are added by the agent runtime.
 ENDPOINTS = (CREATE, START, SHUTDOWN, DESTROY, REBOOT, SUSPEND, RESUME, DELETE, LIST, INFO, UPDATE,
     CLONE, MIGRATE, EXPORT_STATE, IMPORT_STATE, ATTACH_DISK, DETACH_DISK, ATTACH_NIC, DETACH_NIC,
     ATTACH_USB, DETACH_USB, EJECT, INSERT, *net_api.ENDPOINTS, SNAPSHOT_CREATE, SNAPSHOT_LIST,
-    SNAPSHOT_REVERT, SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES, CONSOLE)
+    SNAPSHOT_REVERT, SNAPSHOT_DELETE, BACKUP, RESTORE, SCHEDULE_BACKUP, BACKUP_SCHEDULES, CONSOLE,
+    SCREENSHOT)

@@ -95,6 +95,7 @@ from shared.messages.vm import (
     VmMigrate,
     VmRef,
     VmRestore,
+    VmScreenshotRequest,
     VmShutdown,
     VmSnapshotCreate,
     VmSnapshotRef,
@@ -231,6 +232,8 @@ async def seed_vm(call: Call, agent: Agent, ctx: dict[str, Any], refused: Refuse
     for verb in ("start", "suspend", "resume", "reboot", "destroy", "start"):
         await call(verb, VmRef(vm="demo"))
     await refused("console", ConsoleOpen(vm="demo", kind="vnc"))
+    shot = await call("screenshot", VmScreenshotRequest(vm="demo", max_width=64))
+    assert shot.png.startswith(b"\x89PNG") and shot.width <= 64
     await call("shutdown", VmShutdown(vm="demo", timeout_s=10, force=True))
     await finished(agent, await call("migrate", VmMigrate(vm="demo", to="nohost")), "failed")
     # devices, on the stopped VM: a RAW file, a NIC on a network of its own, USB by bus.device

@@ -205,7 +205,10 @@ function card(vm) {
       onclick: () => act(state.vms.get(vm.uuid) || vm, verb),
     }, label));
     el = h("li", { class: "vm", id, "data-uuid": vm.uuid, "data-name": vm.name },
-      h("div", { class: "screen", "aria-hidden": "true" }),
+      h("div", { class: "screen", "aria-hidden": "true" },
+        h("img", { class: "thumb", alt: "", hidden: true, onload: thumbLoaded,
+                   onerror: thumbFailed }),
+        h("span", { class: "glyph" })),
       h("h3", {}, vm.name),
       h("p", { class: "meta" }, h("span", { "data-role": "state" }),
         h("span", { "data-role": "where" })),
@@ -216,13 +219,56 @@ function card(vm) {
     document.getElementById("vm-grid").append(el);
   }
   el.setAttribute("data-state", vm.state);
-  el.querySelector(".screen").textContent = vm.state === "running" ? "▶" : "■";
+  el.querySelector(".glyph").textContent = vm.state === "running" ? "▶" : "■";
+  thumb(el, vm, false);
   const badge = el.querySelector("[data-role=state]");
   badge.className = `state ${vm.state}`;
   badge.textContent = vm.state;
   el.querySelector("[data-role=where]").textContent = `${vm.reason ? ` (${vm.reason})` : ""} · ${vm.host}`;
   for (const [, verb, states] of ACTIONS) {
     el.querySelector(`[data-verb="${verb}"]`).disabled = !operator || !states.includes(vm.state);
+  }
+}
+
+// Thumbnails: the screen of each running VM in view, every THUMB_MS while the page is
+// visible (operators only: a screen is a console's view). A new picture is loaded beside the
+// shown one and swapped in when it is complete, so a card never flickers or goes blank.
+const THUMB_MS = 5000;
+const SHOWS_SCREEN = ["running", "paused", "blocked", "shutting-down"];
+
+function thumb(el, vm, again) {
+  const img = el.querySelector("img.thumb");
+  if (!can("operator") || !SHOWS_SCREEN.includes(vm.state)) {
+    img.hidden = true;
+    img.removeAttribute("src");
+    el.querySelector(".glyph").hidden = false;
+    return;
+  }
+  if (img.getAttribute("src") && !again) return;
+  const url = `/api/v1/vms/${encodeURIComponent(vm.name)}/screenshot?host=` +
+    `${encodeURIComponent(vm.host)}&max_width=320&t=${Math.floor(Date.now() / THUMB_MS)}`;
+  if (!img.getAttribute("src")) { img.src = url; return; }
+  const next = new Image();
+  next.onload = () => { img.src = url; }; // from the browser's cache now (max-age)
+  next.src = url;
+}
+
+function thumbLoaded(event) {
+  event.target.hidden = false;
+  event.target.closest(".screen").querySelector(".glyph").hidden = true;
+}
+
+function thumbFailed(event) {
+  event.target.hidden = true;
+  event.target.closest(".screen").querySelector(".glyph").hidden = false;
+}
+
+function refreshThumbs() {
+  if (document.visibilityState !== "visible" || document.getElementById("view-vms").hidden) return;
+  for (const el of document.querySelectorAll("#vm-grid .vm")) {
+    const vm = state.vms.get(el.getAttribute("data-uuid"));
+    const box = el.getBoundingClientRect();
+    if (vm && box.bottom > 0 && box.top < window.innerHeight) thumb(el, vm, true);
   }
 }
 
@@ -524,6 +570,8 @@ async function boot() {
   document.getElementById("new-image").addEventListener("change", imageChosen);
   document.getElementById("hw-host").addEventListener("change", loadHardware);
   window.addEventListener("hashchange", route);
+  setInterval(refreshThumbs, THUMB_MS);
+  document.addEventListener("visibilitychange", refreshThumbs);
   try {
     await start(await api("GET", "/api/v1/whoami"));
   } catch (e) {
