@@ -21,6 +21,7 @@ from shared import subjects
 from shared.agent import Agent
 from shared.messages.web import WebAudit
 from shared.natsserver import NatsServer
+from tests.support import png
 from tests.support.agents import REPO, agent_in_process
 from tests.support.wait import until
 from tests.support.web import bearer, gateway_in_process, make_token
@@ -127,6 +128,42 @@ async def test_vm_lifecycle_over_http(nats_server: NatsServer, tmp_path: Path,
             ("alice", "operator", "POST", "/api/v1/vms/web-1/destroy", 200),
             ("alice", "operator", "POST", "/api/v1/vms/web-1/clone", 202),
             ("alice", "operator", "POST", "/api/v1/vms/web-2/delete", 200)]
+
+
+async def test_a_running_vms_screenshot_is_a_png_with_cache_headers(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """The test driver's screen (libvirt's picture) through vm.screenshot, shrunk."""
+    async with stack(nats_server, tmp_path, libvirt_test_uri) as (_agent, gw, http):
+        op = bearer(await make_token(gw.bus, "op", "operator"))
+        viewer = bearer(await make_token(gw.bus, "eve", "viewer"))
+        r = await http.post("/api/v1/vms", headers=op,
+                            json={"spec": spec("shot", raw_disk(tmp_path / "s.raw"))})
+        assert r.status_code == 201, r.text
+        url = "/api/v1/vms/shot/screenshot"
+        assert "is shutoff: start it" in error(await http.get(url, headers=op), 409, "conflict")
+        assert "no VM named 'ghost'" in error(
+            await http.get("/api/v1/vms/ghost/screenshot", headers=op), 404, "not_found")
+        await http.post("/api/v1/vms/shot/start", headers=op)
+
+        r = await http.get(url, headers=op, params={"max_width": 200})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/png"
+        assert r.headers["cache-control"] == "private, max-age=2"
+        assert r.headers["x-screen-size"] == "1120x832"
+        width, height, _bpp, _rows = png.decode(r.content)
+        assert width <= 200 and height > 0
+        assert png.distinct_pixels(r.content) > 1
+        again = await http.get(url, headers={**op, "if-none-match": r.headers["etag"]},
+                               params={"max_width": 200})
+        assert (again.status_code, again.content) == (304, b"")
+        assert again.headers["etag"] == r.headers["etag"]
+
+        for bad, says in (("8", "16 to 1920 pixels"), ("5000", "16 to 1920 pixels"),
+                          ("wide", "Expected `int`")):
+            r = await http.get(url, headers=op, params={"max_width": bad})
+            assert says in error(r, 400, "invalid_message"), bad
+        assert "needs operator" in error(await http.get(url, headers=viewer), 403, "forbidden")
+        error(await http.get(url), 401, "unauthorized")
 
 
 async def test_tokens_roles_and_the_login_cookie(nats_server: NatsServer, tmp_path: Path,
