@@ -10,6 +10,7 @@ import os
 import struct
 from pathlib import Path
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -17,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from shared import tokens
 from shared.messages.vm import VmCreate, VmRef
 from shared.natsserver import NatsServer
+from tests.support import png
 from tests.support.libvirt import wait_for_marker
 from tests.support.tiny import TinyImage
 from tests.support.web import bearer, gateway_in_process, make_token
@@ -93,6 +95,10 @@ def in_the_browser(url: str, token: str, name: str) -> None:
         driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
         wait(driver, "the machine grid", lambda d: d.find_elements(
             By.CSS_SELECTOR, f'.vm[data-name="{name}"] [data-verb=console]:enabled'))
+        wait(driver, "the guest's thumbnail", lambda d: d.execute_script(
+            "const i = document.querySelector(arguments[0]);"
+            "return i && !i.hidden && i.complete && i.naturalWidth > 0;",
+            f'.vm[data-name="{name}"] img.thumb'), timeout=30)
         driver.find_element(By.CSS_SELECTOR, f'.vm[data-name="{name}"] [data-verb=console]'
                             ).click()
         colours = wait(driver, "the guest's screen in the canvas", lambda d: d.execute_script(
@@ -141,6 +147,17 @@ async def test_a_real_guests_consoles_open_through_the_gateway(
             bpp = len(pixels) // (width * height)
             colours = {pixels[i:i + bpp] for i in range(0, len(pixels), bpp)}
             assert len(colours) > 1, "the guest's screen is one colour"
+
+        # its screen as the grid's thumbnail: libvirt's screenshot of QEMU, shrunk to a PNG
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            r = await http.get(f"/api/v1/vms/{spec.name}/screenshot", headers=bearer(token),
+                               params={"max_width": 320})
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "image/png"
+            assert r.headers["x-screen-size"] == f"{width}x{height}"
+            thumb_width, thumb_height, _bpp, _rows = png.decode(r.content)
+            assert 160 < thumb_width <= 320 and thumb_height > 100
+            assert png.distinct_pixels(r.content) > 1, "the guest's thumbnail is one colour"
 
         # the same through noVNC and the page's terminal (with CI set, a missing Chromium
         # fails this test; elsewhere only this part is left out)
