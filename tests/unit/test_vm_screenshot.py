@@ -22,6 +22,7 @@ from services.vm.screenshot import Image, read_png, read_ppm, shrink, thumbnail,
 from shared.errors import BackendError
 from tests.support import png as reference
 from tests.support.golden import regenerating
+from tests.support.require import require
 
 GOLDEN = Path(__file__).parents[1] / "data" / "vm" / "golden" / "screenshot-9x6-rgb.rows"
 TEST_DRIVER_PNG = Path("/usr/share/libvirt/test-screenshot.png")  # what libvirt's test driver shows
@@ -141,8 +142,8 @@ def test_a_thumbnail_too_large_is_shrunk_further() -> None:
     assert len(png) <= 40_000 and small.width < 256
 
 
-@pytest.mark.skipif(not TEST_DRIVER_PNG.exists(), reason="libvirt's test driver's picture")
 def test_the_test_drivers_screenshot_makes_a_thumbnail_in_good_time() -> None:
+    require(TEST_DRIVER_PNG.exists(), f"libvirt's test driver's picture {TEST_DRIVER_PNG}")
     started = time.perf_counter()
     png, small, size = thumbnail(TEST_DRIVER_PNG.read_bytes(), "image/png", max_width=320)
     took = time.perf_counter() - started
