@@ -22,6 +22,12 @@ leaves 127.0.0.1. Both ends run a ``ConsoleLink``:
     await link.start(opener=True)
     await link.send(b"keys")
     data = await link.recv()        # None once the session closed; link.reason says why
+    reason = await link.deliver(sink)  # or: every message to ``await sink(data)`` at once
+
+``deliver`` hands each message to its sink in the subscription's own task, with no queue
+and no task switch between: a relay that uses it (the vm agent's bridge, the gateway's
+WebSocket) saves one switch of the event loop per message each way, which is what a
+console's round trip (a key press, the screen update it causes) is made of.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -64,6 +72,8 @@ class ConsoleLink:
         self._last_heard = time.monotonic()
         self._sub: Subscription | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._sink: Callable[[bytes], Awaitable[None]] | None = None
+        self._sink_failed: asyncio.Future[BaseException] | None = None
 
     @property
     def buffered(self) -> int:
@@ -84,14 +94,19 @@ class ConsoleLink:
 
     async def send(self, data: bytes) -> None:
         """Send ``data``, waiting for credit when the peer is ``window`` bytes behind."""
-        size = min(CHUNK, self.window)  # a chunk over the window would wait forever
-        for at in range(0, len(data), size):
-            chunk = data[at:at + size]
-            while self._sent + len(chunk) - self._acked > self.window and not self.closed.is_set():
+        at = 0
+        while at < len(data):
+            # as much as the credit allows: a fixed-size chunk could wait forever for the
+            # last bytes of the window, which the peer acknowledges only a quarter at a time
+            room = self.window - (self._sent - self._acked)
+            if room <= 0 and not self.closed.is_set():
                 self._credit.clear()
                 await self._wait(self._credit)
+                continue
             if self.closed.is_set():
                 return
+            chunk = data[at:at + min(CHUNK, room)]
+            at += len(chunk)
             self._seq_out += 1
             self._sent += len(chunk)
             await self._publish(chunk, {SEQ: str(self._seq_out)})
@@ -107,6 +122,38 @@ class ConsoleLink:
             self._queued -= len(data)
             self._taken += len(data)
         return data
+
+    async def deliver(self, sink: Callable[[bytes], Awaitable[None]]) -> str:
+        """Pass the peer's bytes to ``sink`` as they come (what arrived before first), each
+        acknowledged once ``sink`` returns, until the session closes: returns why it did.
+        An exception of ``sink`` is raised here, the session still open (the caller closes
+        it, telling the peer)."""
+        while not self._queue.empty():
+            data = self._queue.get_nowait()
+            if data is None:
+                return self.reason
+            self._queued -= len(data)
+            await sink(data)
+            await self._taken_by_sink(len(data))
+        # nothing awaited from the queue's last check to here: no message slips between
+        failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self._sink, self._sink_failed = sink, failed
+        closed: asyncio.Future[Any] = asyncio.ensure_future(self.closed.wait())
+        either: set[asyncio.Future[Any]] = {closed, failed}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if failed.done():
+            raise failed.result()
+        failed.cancel()
+        return self.reason
+
+    async def _taken_by_sink(self, size: int) -> None:
+        self._taken += size
+        if self._taken - self._ack_sent >= self.window // 4:
+            self._ack_sent = self._taken
+            await self._control("ack", {ACK: str(self._taken)})
 
     async def close(self, reason: str, *, tell: bool = True) -> None:
         """End the session (once); ``tell`` the peer unless it is the one that ended it."""
@@ -169,6 +216,17 @@ class ConsoleLink:
                                  f"{self._seq_in}); open the console again")
                 return
             self._seq_in = seq
+            if self._sink is not None:
+                if self._sink_failed is not None and self._sink_failed.done():
+                    return  # the sink broke: its owner closes the session
+                try:
+                    await self._sink(msg.data)
+                except Exception as e:  # handed to deliver()'s caller, who closes
+                    if self._sink_failed is not None and not self._sink_failed.done():
+                        self._sink_failed.set_result(e)
+                    return
+                await self._taken_by_sink(len(msg.data))
+                return
             self._queued += len(msg.data)
             if self._queued > 2 * self.window:
                 await self.close("the other end ignored flow control")

@@ -142,11 +142,12 @@ class ConsoleBridge:
                 await link.send(data)
             return "the VM's console closed (the VM stopped?)"
 
+        async def write(data: bytes) -> None:
+            target.writer.write(data)
+            await target.writer.drain()
+
         async def to_vm() -> str:
-            while (data := await link.recv()) is not None:
-                target.writer.write(data)
-                await target.writer.drain()
-            return link.reason
+            return await link.deliver(write)  # in the subscription's task: no queue
 
         tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_vm())]
         try:

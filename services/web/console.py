@@ -115,11 +115,12 @@ class Consoles:
                 to_vm.inc(len(data))
                 await link.send(data)
 
+        async def send(data: bytes) -> None:
+            await ws.send_bytes(data)
+            to_browser.inc(len(data))
+
         async def vm_to_browser() -> tuple[int, str]:
-            while (data := await link.recv()) is not None:
-                await ws.send_bytes(data)
-                to_browser.inc(len(data))
-            return 1000, link.reason
+            return 1000, await link.deliver(send)  # in the subscription's task: no queue
 
         async def token_holds() -> tuple[int, str]:
             while True:

@@ -71,6 +71,52 @@ async def test_a_session_carries_bytes_both_ways_within_its_window(
         assert vm.reason == "the browser closed the console"
 
 
+async def test_deliver_hands_bytes_to_a_sink_in_order_with_credit_and_its_errors(
+        nats_server: NatsServer) -> None:
+    """The relays' way in: no queue, bytes acknowledged as the sink takes them, what came
+    before first; a sink that fails raises in deliver() with the session still open."""
+    async with bus_of(nats_server) as bus:
+        client, vm = await pair(bus)
+        await vm.send(b"greeting ")  # before the client delivers: queued, then first
+        await until("the greeting queued", lambda: client.buffered == 9, timeout=5)
+        got = bytearray()
+        gate = asyncio.Event()
+        gate.set()
+
+        async def sink(data: bytes) -> None:
+            await gate.wait()
+            got.extend(data)
+
+        delivering = asyncio.create_task(client.deliver(sink))
+        data = os.urandom(300 << 10)
+        await vm.send(data[:100 << 10])
+        await until("100 KiB delivered", lambda: len(got) == 9 + (100 << 10), timeout=10)
+        gate.clear()  # the sink stalls: the sender stops at the window
+        sending = asyncio.create_task(vm.send(data[100 << 10:]))
+        await until("the window to fill", lambda: vm.unacked == 64 << 10, timeout=10)
+        assert not sending.done()
+        gate.set()
+        await asyncio.wait_for(sending, 10)
+        await until("all delivered", lambda: len(got) == 9 + len(data), timeout=10)
+        assert bytes(got) == b"greeting " + data
+        await vm.close("the VM stopped")
+        assert await asyncio.wait_for(delivering, 5) == "the VM stopped"
+
+        client, vm = await pair(bus)
+
+        async def broken(data: bytes) -> None:
+            raise ConnectionResetError("the browser went away")
+
+        delivering = asyncio.create_task(client.deliver(broken))
+        await vm.send(b"frame")
+        with pytest.raises(ConnectionResetError, match="the browser went away"):
+            await asyncio.wait_for(delivering, 5)
+        assert not client.closed.is_set()  # its owner closes it, telling the peer
+        await client.close("the browser went away")
+        await asyncio.wait_for(vm.closed.wait(), 5)
+        assert vm.reason == "the browser went away"
+
+
 async def test_a_lost_message_or_a_silent_peer_ends_the_session(
         nats_server: NatsServer) -> None:
     async with bus_of(nats_server) as bus:
