@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from services.vm.hypervisor import Hypervisor
 from services.vm.state import RUNNING
-from shared.errors import BackendError, Conflict, InvalidMessage
+from shared.errors import BackendError, Conflict, InvalidMessage, Unavailable
 from shared.messages.vm import SCREENSHOT_WIDTHS, VmScreenshot, VmScreenshotRequest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -306,8 +306,11 @@ class Screens:
                                 screen_height=height, png=png, taken=time.time())
         except BaseException as e:
             self._taken.pop(key, None)
-            future.set_exception(e)
-            future.exception()  # retrieved: the callers that waited re-raise it
+            # the callers that waited get the error (a cancellation of this caller is not
+            # theirs: they are told to ask again)
+            future.set_exception(e if isinstance(e, Exception) else Unavailable(
+                f"the screenshot of VM {dom.name} was interrupted; ask again"))
+            future.exception()  # retrieved here, re-raised in each waiter
             raise
         future.set_result(shot)
         for old in [k for k, f in self._taken.items() if f.done() and not f.exception()

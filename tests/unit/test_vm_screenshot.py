@@ -9,6 +9,7 @@ Regenerate the golden file after an intended change of the writer::
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 import time
@@ -18,8 +19,18 @@ from pathlib import Path
 import pytest
 
 from services.vm import screenshot
-from services.vm.screenshot import Image, read_png, read_ppm, shrink, thumbnail, write_png
-from shared.errors import BackendError
+from services.vm.hypervisor import Domain
+from services.vm.screenshot import (
+    Image,
+    Screens,
+    read_png,
+    read_ppm,
+    shrink,
+    thumbnail,
+    write_png,
+)
+from shared.errors import BackendError, Conflict, InvalidMessage, NotFound
+from shared.messages.vm import VmScreenshotRequest
 from tests.support import png as reference
 from tests.support.golden import regenerating
 from tests.support.require import require
@@ -190,3 +201,56 @@ def test_the_limits_are_what_the_contract_says() -> None:
         Image(2, 2, 3, b"short")
     with pytest.raises(ValueError):
         write_png(Image(1, 1, 2, b"ab"))
+
+
+class ShotHypervisor:
+    """A hypervisor with one domain, whose screenshot counts its calls."""
+
+    def __init__(self, state: str = "running", fail: Exception | None = None) -> None:
+        self.state, self.fail, self.calls = state, fail, 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def domain(self, ref: str) -> Domain:
+        if ref != "demo":
+            raise NotFound(f"no VM {ref!r} on this host")
+        return Domain(uuid="00000000-0000-4000-8000-000000000001", name="demo",
+                      state=self.state)  # type: ignore[arg-type]
+
+    async def screenshot(self, uuid: str) -> tuple[str, bytes]:
+        self.calls += 1
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return "image/x-portable-pixmap", b"P6 64 40 255\n" + pattern(64, 40, 3).pixels
+
+
+async def test_the_endpoint_shares_one_screenshot_between_callers_and_refuses_bad_asks() -> None:
+    hv = ShotHypervisor()
+    screens = Screens(hv)  # type: ignore[arg-type]
+    hv.gate.clear()
+    first = asyncio.ensure_future(screens.take(VmScreenshotRequest(vm="demo", max_width=32)))
+    second = asyncio.ensure_future(screens.take(VmScreenshotRequest(vm="demo", max_width=32)))
+    await asyncio.sleep(0.05)
+    hv.gate.set()
+    a, b = await asyncio.gather(first, second)
+    assert a == b and hv.calls == 1  # the second waited for the first's
+    assert (a.width, a.height, a.screen_width, a.screen_height) == (32, 20, 64, 40)
+    assert reference.decode(a.png)[:2] == (32, 20)
+    await screens.take(VmScreenshotRequest(vm="demo", max_width=32))
+    assert hv.calls == 1  # still fresh
+    await screens.take(VmScreenshotRequest(vm="demo", max_width=64))
+    assert hv.calls == 2  # another width is another picture
+
+    with pytest.raises(InvalidMessage, match="16 to 1920 pixels"):
+        await screens.take(VmScreenshotRequest(vm="demo", max_width=8))
+    with pytest.raises(NotFound):
+        await screens.take(VmScreenshotRequest(vm="ghost"))
+    with pytest.raises(Conflict, match="is shutoff: start it to see its screen"):
+        await Screens(ShotHypervisor("shutoff")).take(  # type: ignore[arg-type]
+            VmScreenshotRequest(vm="demo"))
+    broken = Screens(ShotHypervisor(fail=BackendError("screendump failed")))  # type: ignore[arg-type]
+    for _ in range(2):  # a failure is not kept: the next caller asks libvirt again
+        with pytest.raises(BackendError, match="screendump failed"):
+            await broken.take(VmScreenshotRequest(vm="demo"))
+    assert broken.hv.calls == 2  # type: ignore[attr-defined]
