@@ -303,7 +303,8 @@ async def screenshot(call: Call) -> Answer:
     headers = {"cache-control": f"private, max-age={SCREENSHOT_MAX_AGE_S}", "etag": etag,
                "last-modified": formatdate(shot.taken, usegmt=True),
                "x-screen-size": f"{shot.screen_width}x{shot.screen_height}"}
-    if etag in call.headers.get("if-none-match", "").replace("W/", "").split(", "):
+    known = {t.strip().removeprefix("W/") for t in call.headers.get("if-none-match", "").split(",")}
+    if etag in known or "*" in known:
         return Answer(b"", status=304, headers=headers, media_type="image/png")
     return Answer(shot.png, headers=headers, media_type="image/png")
 
