@@ -249,7 +249,9 @@ function thumb(el, vm, again) {
     `${encodeURIComponent(vm.host)}&max_width=320&t=${Math.floor(Date.now() / THUMB_MS)}`;
   if (!img.getAttribute("src")) { img.src = url; return; }
   const next = new Image();
-  next.onload = () => { img.src = url; }; // from the browser's cache now (max-age)
+  next.onload = () => { // from the browser's cache now (max-age); unless it stopped since
+    if (SHOWS_SCREEN.includes((state.vms.get(vm.uuid) || {}).state)) img.src = url;
+  };
   next.src = url;
 }
 
