@@ -29,7 +29,9 @@ from services.vm.screenshot import (
     thumbnail,
     write_png,
 )
+from shared import security, subjects
 from shared.errors import BackendError, Conflict, InvalidMessage, NotFound
+from shared.messages import vm as vm_api
 from shared.messages.vm import VmScreenshotRequest
 from tests.support import png as reference
 from tests.support.golden import regenerating
@@ -254,3 +256,26 @@ async def test_the_endpoint_shares_one_screenshot_between_callers_and_refuses_ba
         with pytest.raises(BackendError, match="screendump failed"):
             await broken.take(VmScreenshotRequest(vm="demo"))
     assert broken.hv.calls == 2  # type: ignore[attr-defined]
+
+
+def nats_match(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or token not in ("*", s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def test_the_operator_and_the_web_gateway_may_ask_for_a_screenshot_and_no_agent_does() -> None:
+    subject = subjects.command("h2", vm_api.SCREENSHOT.service, vm_api.SCREENSHOT.verb)
+    assert vm_api.SCREENSHOT not in security.AGENT_ONLY
+    for role, host in (("operator", ""), (subjects.WEB, "h1")):
+        publish = security.permissions(role, host)["publish"]
+        assert any(nats_match(p, subject) for p in publish["allow"]), role
+        assert not any(nats_match(p, subject) for p in publish.get("deny", [])), role
+    for agent in subjects.SERVICES:  # an agent's identity reaches only its PEER_CALLS
+        allowed = security.permissions(agent, "h1")["publish"]["allow"]
+        assert not any(nats_match(p, subject) for p in allowed), agent
