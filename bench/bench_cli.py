@@ -112,8 +112,11 @@ def run(quick: bool = False, repeat: int = 15) -> list[Result]:
         return statistics.median(r[which] for r in runs) * 1000
 
     load = os.getloadavg()[0]
-    what = "the help text (`--help`)" if command == "--help" else f"`phyllome {command}`"
-    return [Result("CLI start-up + answer", f"{what}, median of {repeat}",
+
+    def what(command: str) -> str:
+        return "the help text (`--help`)" if command == "--help" else f"`phyllome {command}`"
+
+    return [Result("CLI start-up + answer", f"{what(command)}, median of {repeat}",
                    ms(times[command]), ms(theirs), virsh_name, "ms", target,
                    note=f"CPU {ms(times[command], 1):.0f} ms, virsh's {ms(theirs, 1):.0f} ms; "
                         f"python -c pass {ms(bare):.0f} ms; load {load:.1f}")

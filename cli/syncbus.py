@@ -114,7 +114,6 @@ class SyncBus:
         self._sids = 1
         self._tokens = 0
         self._mail: dict[str, deque[Msg]] = {}  # by reply subject, or "#<sid>" for a sub
-        self._send(f"SUB {self._inbox}.* 1\r\n".encode())
 
     # -- connection -------------------------------------------------------------------------
 
@@ -185,6 +184,7 @@ class SyncBus:
             while True:
                 op = bus._read_op(deadline)
                 if op == "PONG":
+                    bus._send(f"SUB {bus._inbox}.* 1\r\n".encode())  # where replies come
                     return bus
                 if isinstance(op, _Err):
                     why = wire.turned_away_because(False, identity, ca) \
@@ -273,12 +273,13 @@ class SyncBus:
         sid = self._subscribe(deliver)
         try:
             deadline = time.monotonic() + timeout
+            pull = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
             while remaining > 0:
-                self._publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", json.dumps(
+                self._publish(pull, json.dumps(
                     {"batch": min(remaining, KV_BATCH), "no_wait": True}).encode(),
                     deliver, None)
                 for _ in range(min(remaining, KV_BATCH)):
-                    msg = self._next(f"#{sid}", stream, deadline)
+                    msg = self._next(f"#{sid}", pull, deadline)
                     if msg is None:
                         raise wire.kv_read_failed(bucket, TimeoutError("no records"))
                     status = (msg.headers or {}).get(wire.STATUS_HEADER)
