@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from cli import status
-from cli.syncbus import KV_BATCH, SyncBus
+from cli import status, syncbus
+from cli.syncbus import SyncBus
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import BadRequest, Conflict, NotAuthorized, Timeout, Unavailable
@@ -127,11 +127,13 @@ async def test_jwt_credentials_without_nkeys_say_what_to_use(nats_server: NatsSe
         SyncBus.connect(nats_server.url, name="t", give_up_after=2, creds=str(creds))
 
 
-async def test_kv_reads_live_keys_in_batches(nats_server: NatsServer) -> None:
+async def test_kv_reads_live_keys_in_batches(nats_server: NatsServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncbus, "KV_BATCH", 10)
     bus = await Bus.connect(nats_server.url, name="w", host="h1", give_up_after=5)
     try:
         kv = await bus.kv(subjects.KV_VMS)
-        count = KV_BATCH + 50  # two pulls
+        count = 2 * syncbus.KV_BATCH + 5  # three pulls
         for i in range(count):
             await kv.put(f"h1.vm{i}", f"v{i}".encode())
         await kv.put("h1.vm0", b"v0 again")
