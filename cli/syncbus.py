@@ -153,10 +153,13 @@ class SyncBus:
         except TimeoutError:
             raise Unavailable(f"cannot connect to NATS at {url}: no answer to the handshake "
                               f"in {HANDSHAKE_S:g} s") from None
-        if not line.startswith(b"INFO "):
+        try:
+            info: dict[str, Any] = json.loads(line.removeprefix(b"INFO "))
+            if not line.startswith(b"INFO ") or not isinstance(info, dict):
+                raise ValueError(line[:40])
+        except ValueError:
             raise Unavailable(f"cannot connect to NATS at {url}: {server.host}:{server.port} "
-                              "does not speak NATS")
-        info: dict[str, Any] = json.loads(line[5:])
+                              "does not speak NATS") from None
         tls = bool(info.get("tls_required") or server.tls or (ca and info.get("tls_available")))
         if tls:
             import ssl  # 7 ms: only for a server that wants TLS

@@ -119,6 +119,24 @@ async def test_no_server_or_a_bad_url(tmp_path: Path) -> None:
             SyncBus.connect(url, name="t", give_up_after=0.3)
 
 
+async def test_a_server_that_is_not_nats(tmp_path: Path) -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        await writer.drain()
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(Unavailable, match=f"127.0.0.1:{port} does not speak NATS"):
+            await asyncio.to_thread(SyncBus.connect, f"nats://127.0.0.1:{port}", name="t",
+                                    give_up_after=0.3)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_jwt_credentials_without_nkeys_say_what_to_use(nats_server: NatsServer,
                                                               tmp_path: Path) -> None:
     creds = tmp_path / "op.creds"
