@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from shared import subjects, wire
-from shared.errors import BadRequest, NotAuthorized, PayloadTooLarge, Unavailable
+from shared.errors import BadRequest, NotAuthorized, PayloadTooLarge, PhyError, Unavailable
 from shared.messages import EndpointSpec
 
 Req = TypeVar("Req")
@@ -304,7 +304,7 @@ class SyncBus:
             self._unsubscribe(sid)
             try:  # an ephemeral consumer stays until it is deleted or its inactivity ends
                 self._js(f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", {}, bucket, 1.0)
-            except Unavailable:
+            except PhyError:  # it goes by itself after a minute without reads
                 pass
         return [(key, rev, value) for key, (rev, value) in live.items()]
 
