@@ -4,10 +4,11 @@
 ping. nats-py and asyncio take about 75 ms to import on this kind of machine, more than the
 whole command may take (docs/benchmarks.md: under 150 ms, at most 5x ``virsh list``), so
 these commands speak the NATS text protocol here instead: ``INFO``, TLS when the server asks
-for it, ``CONNECT`` with the same identity ``shared.bus.Bus`` would use (user and password,
-or a JWT credentials file), one ``_INBOX`` subscription for replies, ``HPUB``/``PUB`` and
-``MSG``/``HMSG`` back. A request's headers and body and its reply's typed error come from
-``shared.wire``, as in ``Bus.request``; commands that follow jobs or events keep nats-py.
+for it, ``CONNECT`` with the same identity ``shared.bus.Bus`` would use (user and password;
+a JWT credentials file needs the nkeys package, as in nats-py), one ``_INBOX`` subscription
+for replies, ``HPUB``/``PUB`` and ``MSG``/``HMSG`` back. A request's headers and body and
+its reply's typed error come from ``shared.wire``, as in ``Bus.request``; commands that
+follow jobs or events keep nats-py.
 
     with SyncBus.connect(url, name="phyllome-cli", user="operator", password="...") as bus:
         vms = bus.call("h1", vm_api.LIST, VmListRequest(), timeout=10)
