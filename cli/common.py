@@ -1,5 +1,10 @@
 """What every ``phyllome`` subcommand shares: connecting, output, exit codes, job progress.
 
+Importing this module (and building a command's parser) imports neither nats-py, asyncio
+nor rich (tests/unit/test_cli_imports.py): ``request`` speaks to NATS through the small
+blocking client of ``cli.syncbus``; ``call`` imports the bus (nats-py) when a command needs
+more than one request; rich is imported for a progress bar or a message on a terminal.
+
 Exit codes: 0 ok, 1 the request was refused or failed, 2 bad usage, 3 NATS or the agent
 could not be reached, 130 interrupted (Ctrl-C). With ``--json`` a result is JSON on stdout
 and an error is JSON on stderr, ``{"error": {"kind": ..., "message": ...}}``, with the same
@@ -14,39 +19,31 @@ exit codes; without it, sizes, rates and times are written for people.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import shutil
-import signal
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-from shared.bus import Bus
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host, default_state_dir
 from shared.errors import NotAuthorized, PhyError, Unavailable
 from shared.fileops import human_bytes as human_bytes  # the CLI's tables use common.human_bytes
-from shared.jobs import wait_job
 from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress, JobRef, job_endpoints
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from rich.console import Console
+
+    from cli.syncbus import SyncBus
+    from shared.bus import Bus
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -58,8 +55,23 @@ CANCEL_WAIT_S = 30.0  # how long --cancel-on-interrupt waits for the job to say 
 # Fields holding a unix time, shown as a date in text mode (besides any ``*_at``).
 TIME_FIELDS = frozenset({"time", "modified", "created", "started", "finished"})
 
-console = Console()
-err_console = Console(stderr=True)
+_consoles: dict[str, Console] = {}
+
+
+def _console(name: str) -> Console:
+    if name not in _consoles:
+        from rich.console import Console
+
+        _consoles[name] = Console(stderr=name == "err_console")
+    return _consoles[name]
+
+
+def __getattr__(name: str) -> Console:
+    """``console`` and ``err_console``: rich consoles on stdout and stderr, made (and rich
+    imported, 20-30 ms) the first time a command prints through one."""
+    if name not in ("console", "err_console"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _console(name)
 
 
 def add_common(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -115,21 +127,45 @@ def credentials() -> Credentials:
                        creds=env("PHYLLOME_NATS_CREDS", ""), ca=env("PHYLLOME_NATS_CA", ""))
 
 
+def connect_wait() -> float:
+    """How long a command waits for NATS to accept a connection (PHYLLOME_CONNECT_WAIT)."""
+    return float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3"))
+
+
+def _where_the_identity_is(e: NotAuthorized) -> NotAuthorized:
+    env = Path(os.environ.get("PHYLLOME_STATE_DIR") or default_state_dir()) / "secure" / \
+        "operator.env"
+    return NotAuthorized(f"{e.message}; the CLI's identity is in {env}: "
+                         f"`set -a; . {env}; set +a`")
+
+
 async def connect(args: argparse.Namespace) -> Bus:
     """The CLI's connection; turned away, it says where the CLI's identity is."""
+    from shared.bus import Bus
+
     try:
-        return await Bus.connect(
-            args.nats, name="phyllome-cli", host=args.host,
-            give_up_after=float(os.environ.get("PHYLLOME_CONNECT_WAIT", "3")), **credentials())
+        return await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
+                                 give_up_after=connect_wait(), **credentials())
     except NotAuthorized as e:
-        env = Path(os.environ.get("PHYLLOME_STATE_DIR") or default_state_dir()) / "secure" / \
-            "operator.env"
-        raise NotAuthorized(f"{e.message}; the CLI's identity is in {env}: "
-                            f"`set -a; . {env}; set +a`") from None
+        raise _where_the_identity_is(e) from None
+
+
+def connect_sync(args: argparse.Namespace, name: str = "phyllome-cli") -> SyncBus:
+    """The blocking connection of a one-shot command (``cli.syncbus``), with the same
+    identity, servers and wait as ``connect``."""
+    from cli.syncbus import SyncBus
+
+    try:
+        return SyncBus.connect(args.nats, name=name, give_up_after=connect_wait(),
+                               **credentials())
+    except NotAuthorized as e:
+        raise _where_the_identity_is(e) from None
 
 
 def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
     """Connect, run ``fn(bus)``, close; errors become a message on stderr and an exit code."""
+    import asyncio
+    import logging
 
     async def go() -> T:
         bus = await connect(args)
@@ -148,6 +184,18 @@ def call(args: argparse.Namespace, fn: Callable[[Bus], Awaitable[T]]) -> T:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def call_sync(args: argparse.Namespace, fn: Callable[[SyncBus], T]) -> T:
+    """``call`` for a command of a few requests: connect with ``cli.syncbus``, run
+    ``fn(bus)``, close; errors become a message on stderr and an exit code."""
+    try:
+        with connect_sync(args) as bus:
+            return fn(bus)
+    except PhyError as e:
+        fail(e, args)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
 def fail(e: PhyError, args: argparse.Namespace | None = None) -> NoReturn:
     """Report ``e`` (as JSON with ``--json``) and exit: 3 when something was unreachable,
     else 1."""
@@ -160,7 +208,7 @@ def error(args: argparse.Namespace | None, kind: str, message: str, code: int) -
     if getattr(args, "json", False):
         print(json.dumps({"error": {"kind": kind, "message": message}}), file=sys.stderr)
     else:
-        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _say("red", "error", message)
     sys.exit(code)
 
 
@@ -170,8 +218,20 @@ def warn(args: argparse.Namespace, message: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps({"warning": {"message": message}}), file=sys.stderr)
     else:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False,
-                          soft_wrap=True)
+        _say("yellow", "warning", message)
+
+
+def _say(color: str, label: str, message: str) -> None:
+    """``label: message`` on stderr, the label in color on a terminal (through rich, which
+    knows NO_COLOR and the terminal); to a pipe or file plain text, without importing rich."""
+    if not sys.stderr.isatty():
+        print(f"{label}: {message}", file=sys.stderr, flush=True)
+        return
+    from rich.markup import escape
+
+    _console("err_console").print(f"[{color}]{label}:[/{color}] {escape(message)}",
+                                          highlight=False, soft_wrap=True)
+
 
 
 def print_json(obj: Any) -> None:
@@ -303,10 +363,22 @@ def parse_size(text: str) -> int:
 async def follow_job(bus: Bus, host: str, svc: str, accepted: JobAccepted, *,
                      quiet: bool = False, bytes_progress: bool = True) -> JobFinished:
     """Show a job's progress (bytes, rate, ETA) until it finishes; returns its outcome."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from shared.jobs import wait_job
+
     columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
     if bytes_progress:
         columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, disable=quiet, transient=True) as progress:
+    with Progress(*columns, console=_console("err_console"), disable=quiet,
+                  transient=True) as progress:
         task = progress.add_task(accepted.kind, total=None)
 
         async def draw(event: JobProgress) -> None:
@@ -321,7 +393,7 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
     if getattr(args, "json", False):
         print_json(outcome)
     elif outcome.state == "succeeded":
-        console.print(f"{outcome.kind}: done", highlight=False, markup=False)
+        print(f"{outcome.kind}: done", flush=True)
         if outcome.result:
             show(args, outcome.result)
     if outcome.state != "succeeded":
@@ -331,9 +403,10 @@ def finish_job(args: argparse.Namespace, outcome: JobFinished) -> None:
 
 def request(args: argparse.Namespace, spec: EndpointSpec[Req, Resp], req: Req, *,
             timeout: float | None = None, key: str | None = None) -> Resp:
-    """One call of ``spec`` on the agent of ``args.host``: connect, call, close."""
-    return call(args, lambda bus: bus.call(args.host, spec, req, timeout=timeout or args.timeout,
-                                           idempotency_key=key))
+    """One call of ``spec`` on the agent of ``args.host``: connect, call, close (through
+    ``cli.syncbus``: a one-shot command answers without importing nats-py and asyncio)."""
+    return call_sync(args, lambda bus: bus.call(
+        args.host, spec, req, timeout=timeout or args.timeout, idempotency_key=key))
 
 
 @dataclass(frozen=True)
@@ -353,6 +426,9 @@ def run_job(args: argparse.Namespace, spec: EndpointSpec[Req, JobAccepted], req:
     Ctrl-C stops following, not the job (it runs in its agent): we say so and how to cancel
     it, or with ``--cancel-on-interrupt`` cancel it and wait for it to say it ended.
     """
+    import asyncio
+    import signal
+
     detach = getattr(args, "detach", False)
 
     async def go(bus: Bus) -> JobAccepted | JobFinished | Interrupted:
@@ -390,6 +466,8 @@ def run_job(args: argparse.Namespace, spec: EndpointSpec[Req, JobAccepted], req:
 
 async def _unless(interrupted: asyncio.Event, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None when ``interrupted`` is set first (``work`` is cancelled)."""
+    import asyncio
+
     doing = asyncio.ensure_future(work)
     waiting = asyncio.ensure_future(interrupted.wait())
     try:

@@ -15,15 +15,16 @@ import json
 import re
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cli import common
 from shared import subjects
-from shared.bus import Bus
 from shared.codec import to_builtins
-from shared.contracts import event_decoder
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 # Fields every event has, said by the line's own columns (or of no use to a reader).
@@ -76,6 +77,8 @@ def event_line(ts: float, body: dict[str, Any]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> None:
+    from shared.contracts import event_decoder
+
     async def go(bus: Bus) -> int:
         count = 0
         async for subject, ts, data in bus.events(args.subject, since=args.since,

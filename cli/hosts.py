@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import common
 from shared import subjects
-from shared.bus import Bus
-from shared.cluster import HostView, host_views_on
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
+    from shared.cluster import HostView
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,6 +70,8 @@ def row(view: HostView) -> dict[str, Any]:
 
 
 def cmd_hosts(args: argparse.Namespace) -> None:
+    from shared.cluster import host_views_on
+
     async def go(bus: Bus) -> list[HostView]:
         return await host_views_on(bus)
 

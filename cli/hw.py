@@ -10,16 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from typing import Any
 
 import msgspec
-import nats.errors
 
 from cli import common
 from shared import subjects
-from shared.bus import Bus
 from shared.errors import BadRequest, PhyError
 from shared.messages import Empty
 from shared.messages import hardware as hardware_api
@@ -125,7 +122,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     except PhyError as e:
         common.fail(e, args)
     if report.host.kvm_device:
-        host, note = asyncio.run(with_boot_probe(args, report.host))
+        host, note = with_boot_probe(args, report.host)
         report = msgspec.structs.replace(report, host=host)
     else:
         note = ""
@@ -135,23 +132,24 @@ def cmd_report(args: argparse.Namespace) -> None:
     print_report(report, note)
 
 
-async def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps, str]:
+def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps, str]:
     """``caps`` with the vm agent's KVM boot probe verdict (the ioctl check passing proves
     little: some hosts hang a guest under KVM), read from its heartbeat when NATS answers;
     and a line saying where the verdict came from."""
+    from cli.syncbus import SyncBus
+
     try:
-        bus = await Bus.connect(args.nats, name="phyllome-cli", host=args.host,
-                                       give_up_after=0.5, **common.credentials())
+        bus = SyncBus.connect(args.nats, name="phyllome-cli", give_up_after=0.5,
+                              **common.credentials())
     except PhyError as e:
         return caps, f"boot probe: not known here ({e.message})"
     try:
-        kv = await bus.kv(subjects.KV_HOSTS)
-        entry = await kv.get(subjects.heartbeat_key(args.host, "vm"))
-        decision = msgspec.json.decode(entry.value or b"", type=Heartbeat).details.accelerator
-    except (PhyError, nats.errors.Error, TimeoutError, msgspec.MsgspecError):
+        with bus:
+            found = bus.kv_entries(subjects.KV_HOSTS, subjects.heartbeat_key(args.host, "vm"))
+        decision = msgspec.json.decode(found[0][2], type=Heartbeat).details.accelerator \
+            if found else None
+    except (PhyError, msgspec.MsgspecError):
         decision = None
-    finally:
-        await bus.close()
     if decision is None or decision.kvm_usable is None:
         why = decision.note if decision else f"no vm agent of {args.host} has reported"
         return caps, f"boot probe: not run ({why})"

@@ -14,20 +14,24 @@ which hosts' agents.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import common
-from cli.status import ping_all
-from shared import contracts, subjects
-from shared.bus import Bus
+from shared import subjects
 from shared.codec import to_builtins
 from shared.errors import NotFound, PhyError, Unavailable
 from shared.messages import Empty
 from shared.messages.jobs import JobAccepted, JobFinished, JobList, JobRef, JobStatus
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+    from shared.bus import Bus
 
 LIST_COLUMNS = [("job_id", "JOB"), ("host", "HOST"), ("agent", "AGENT"), ("kind", "KIND"),
                 ("state", "STATE"), ("progress", "PROGRESS"), ("started", "STARTED"),
@@ -60,6 +64,30 @@ def _add_scope(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="the agents of every host of the cluster")
 
 
+async def ping_all(nc: Client, window: float) -> list[dict[str, Any]]:
+    """Every ``$SRV.PING`` reply that arrives within ``window`` seconds."""
+    import nats.errors
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[dict[str, Any]] = []
+    try:
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        deadline = time.monotonic() + window
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            try:
+                replies.append(json.loads(msg.data))
+            except ValueError:
+                continue
+    finally:
+        await sub.unsubscribe()
+    return replies
+
+
 async def agents_on(bus: Bus, args: argparse.Namespace) -> list[Agent]:
     """The agents that answer ``$SRV.PING`` now, on ``args.host`` or (``--all``) anywhere."""
     found = set()
@@ -78,6 +106,8 @@ async def agents_on(bus: Bus, args: argparse.Namespace) -> list[Agent]:
 async def on_each(agents: list[Agent], ask: Callable[[Agent], Awaitable[Any]]
                   ) -> list[tuple[Agent, Any]]:
     """``ask`` every agent at once; each answer, or the error it raised, beside its agent."""
+    import asyncio
+
     answers = await asyncio.gather(*(ask(a) for a in agents), return_exceptions=True)
     for answer in answers:
         if isinstance(answer, BaseException) and not isinstance(answer, PhyError):
@@ -91,6 +121,8 @@ async def find(bus: Bus, args: argparse.Namespace, verb: str) -> tuple[Agent, Jo
     agents = await agents_on(bus, args)
 
     async def ask(agent: Agent) -> JobStatus:
+        from shared import contracts
+
         host, svc = agent
         status: JobStatus = await bus.call(host, contracts.spec(svc, verb),
                                            JobRef(job_id=args.job_id), timeout=args.timeout)
@@ -133,6 +165,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         agents = await agents_on(bus, args)
 
         async def ask(agent: Agent) -> JobList:
+            from shared import contracts
+
             host, svc = agent
             jobs: JobList = await bus.call(host, contracts.spec(svc, "jobs"), Empty(),
                                            timeout=args.timeout)

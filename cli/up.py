@@ -23,7 +23,6 @@ runs a hand-written server config (``deploy/nats/``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
@@ -31,11 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-import nats.errors
-
 from cli import common
 from shared import security, subjects
-from shared.bus import Bus
 from shared.config import default_host, default_state_dir, load
 from shared.errors import PhyError, Unavailable
 from shared.natsserver import LEAF_URL, NatsServer, parse_urls
@@ -107,6 +103,8 @@ def running_pid(state_dir: Path) -> int | None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    import asyncio
+
     state_dir = Path(args.state_dir)
     if (pid := running_pid(state_dir)) is not None:
         marker = secure_marker(state_dir)
@@ -180,6 +178,7 @@ class Child:
     """One supervised agent process."""
 
     def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+
         self.name, self.env, self.log_path = name, env, log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -206,6 +205,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, args: argparse.Namespace, state_dir: Path) -> None:
+        import asyncio
+
         self.args = args
         self.state_dir = state_dir
         self.stop = asyncio.Event()
@@ -235,6 +236,8 @@ class Supervisor:
         return own
 
     async def run(self) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
@@ -280,6 +283,8 @@ class Supervisor:
         return self.state_dir / "secure"
 
     async def start_nats(self) -> str:
+        from shared.bus import Bus
+
         url = os.environ.get("PHYLLOME_NATS_URL")
         if url:
             bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
@@ -311,6 +316,12 @@ class Supervisor:
         """Create PHY_EVENTS and the KV buckets with this cluster's replicas, once JetStream
         answers (a forming cluster first elects its meta leader), before any agent or CLI
         could create them with other settings."""
+        import asyncio
+
+        import nats.errors
+
+        from shared.bus import Bus
+
         cfg = load("hardware", {**os.environ, "PHYLLOME_HOST": self.args.host})
         bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
                                        give_up_after=10, replicas=self.replicas(),
@@ -340,19 +351,22 @@ class Supervisor:
         return 3 if len(routes) >= 3 else 1
 
     async def wait_ready(self, url: str) -> None:
+        import asyncio
+
         from cli.status import collect
 
         deadline = time.monotonic() + 90
         rows: list[dict[str, object]] = []
         while time.monotonic() < deadline and not self.stop.is_set():
             try:
-                rows = [r for r in await collect(url, window=0.5)
+                rows = [r for r in await asyncio.to_thread(collect, url, 0.5)
                         if r["host"] == self.args.host]
-            except (PhyError, TimeoutError, nats.errors.Error):  # a server of the cluster moved
+            except PhyError:  # a server of the cluster moved
                 await asyncio.sleep(0.5)
                 continue
             if {r["agent"] for r in rows if r["healthy"]} >= {c.name for c in self.children}:
                 break
+            await asyncio.sleep(0.1)  # status ends once the agents it knows of answer
             for child in self.processes:
                 if child.proc is not None and child.proc.poll() is not None:
                     raise Unavailable(f"the {child.name} agent exited at start; see "
@@ -387,6 +401,7 @@ class Supervisor:
 
     async def wait_web(self, deadline: float) -> None:
         """Until the gateway answers its health check (it connects to NATS first)."""
+        import asyncio
         import ssl
 
         import httpx
@@ -410,6 +425,8 @@ class Supervisor:
 
     async def demo(self, url: str) -> list[str]:
         """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""
+        from shared.bus import Bus
+
         if not {"vm", "storage", "catalogue"} <= {c.name for c in self.children}:
             return []
         from cli.vm import ensure_demo
@@ -422,6 +439,8 @@ class Supervisor:
             await bus.close()
 
     async def supervise(self) -> None:
+        import asyncio
+
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), 0.5)

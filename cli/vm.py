@@ -24,21 +24,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 import shutil
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 import msgspec
 
 from cli import common, snapshot
-from shared import contracts, subjects
-from shared.bus import Bus
-from shared.cluster import cluster_vms
+from shared import subjects
 from shared.codec import decode, to_builtins
 from shared.config import default_host, load
 from shared.errors import Conflict, NotFound, PhyError, Timeout
@@ -74,6 +70,9 @@ from shared.messages.vm import (
     VmStateChanged,
     VmUpdate,
 )
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 LIST_COLUMNS = [("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("vcpus", "CPUS"),
                 ("memory", "MEMORY"), ("accelerator", "ACCEL"), ("uuid", "UUID")]
@@ -385,6 +384,8 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_simple(args: argparse.Namespace) -> None:
+    from shared import contracts
+
     _show_info(args, common.request(args, contracts.spec("vm", args.verb), VmRef(vm=args.vm)))
 
 
@@ -428,6 +429,9 @@ def cmd_stop(args: argparse.Namespace) -> None:
 async def _until_stopped(bus: Bus, info: VmInfo, since: float, wait: float) -> None:
     """Return when the VM's state events say it stopped, or after ``wait`` seconds; replayed
     from ``since``, so a power-off before we subscribed counts. Waits on events, never polls."""
+    import asyncio
+    import contextlib
+
     subject = subjects.event(info.host, "vm", "state", info.uuid)
 
     async def off() -> None:
@@ -473,6 +477,8 @@ def cmd_list(args: argparse.Namespace) -> None:
     """``--all`` reads KV vms here (a VM of a down host shows ``unknown``); else this host's
     vm agent answers."""
     if args.all:
+        from shared.cluster import cluster_vms
+
         reply = VmList(vms=common.call(args, cluster_vms))
     else:
         reply = common.request(args, vm_api.LIST, VmListRequest(all_hosts=False))
@@ -540,6 +546,8 @@ def _usb(text: str) -> UsbHostdev:
 
 
 def cmd_device(args: argparse.Namespace) -> None:
+    from shared import contracts
+
     verb = args.verb
     req: Any
     if verb == "attach-disk":

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 from cli import common
-from shared import tokens
-from shared.bus import Bus
 from shared.messages.web import ROLES, TokenRecord
+
+if TYPE_CHECKING:
+    from shared.bus import Bus
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,6 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
+    from shared import tokens
+
     async def go(bus: Bus) -> tuple[str, TokenRecord]:
         return await tokens.create(bus, args.name, args.role)
 
@@ -59,6 +63,8 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    from shared import tokens
+
     async def go(bus: Bus) -> list[TokenRecord]:
         return sorted((await tokens.records(bus)).values(), key=lambda r: r.name)
 
@@ -74,6 +80,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
+    from shared import tokens
+
     async def go(bus: Bus) -> TokenRecord:
         return await tokens.revoke(bus, args.name)
 

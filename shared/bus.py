@@ -30,21 +30,21 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from shared import subjects
+from shared import subjects, wire
 from shared.codec import decode, encode
 from shared.errors import (
     Cancelled,
     Conflict,
-    Forbidden,
     Internal,
     NotAuthorized,
     PhyError,
     Timeout,
     Unavailable,
-    raise_for_reply,
     to_reply,
 )
 from shared.messages import EndpointSpec, Event
+from shared.wire import ELECTING as ELECTING  # services.vm.state names it
+from shared.wire import IDEMPOTENCY_HEADER
 
 if TYPE_CHECKING:  # a CLI process needs neither: imported by the agents that serve
     from nats.micro.request import Request
@@ -54,13 +54,8 @@ if TYPE_CHECKING:  # a CLI process needs neither: imported by the agents that se
 
 log = logging.getLogger("phyllome.bus")
 
-IDEMPOTENCY_HEADER = "Phy-Idempotency-Key"
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # how long a keyed reply is kept (in KV and in memory)
 IDEMPOTENCY_MEMORY = 10_000  # keyed replies kept in memory in front of KV
-# The hint of a JetStream error that passes: a KV stream without a leader answers 503 (or not
-# at all) for some seconds after one of its servers, or the link to it, went down.
-ELECTING = ("if a server or a link just went down, its stream is electing a new leader: retry "
-            "in a few seconds")
 EVENT_MAX_AGE_S = 30 * 24 * 3600
 DUPLICATE_WINDOW_S = 120.0
 # KV buckets and their settings; ``hosts`` TTL comes from the agents' heartbeat TTL.
@@ -170,7 +165,7 @@ class Bus:
             opts["user_credentials"] = creds
         if ca:
             opts["tls"] = ssl.create_default_context(cafile=ca)
-        identity = user or (creds.rsplit("/", 1)[-1].removesuffix(".creds") if creds else "")
+        identity = wire.identity_of(user, creds)
 
         closing: list[Client] = []
         buses: list[Bus] = []
@@ -201,8 +196,7 @@ class Bus:
         while not await _reachable(url):
             waited = time.monotonic() - started
             if give_up_after is not None and waited + delay > give_up_after:
-                raise Unavailable(f"cannot reach NATS at {url}; is `phyllome up` running, or "
-                                  "PHYLLOME_NATS_URL right?")
+                raise wire.unreachable(url)
             log.warning("NATS not reachable at %s; retrying in %.1f s", url, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -259,8 +253,7 @@ class Bus:
                       idempotency_key: str | None = None) -> Any:
         """One request-reply; a subject this identity may not publish to fails at once with
         ``Forbidden`` (the server says so on the connection, not in a reply)."""
-        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
-        payload = b"" if req is None else encode(req)
+        headers, payload = wire.request_parts(req, idempotency_key)
         waiting = _Waiting(asyncio.current_task())
         key = subject.lower()
         self._waiting.setdefault(key, []).append(waiting)
@@ -269,15 +262,12 @@ class Bus:
         except asyncio.CancelledError:
             task = waiting.task
             if waiting.refused and task is not None and task.uncancel() == 0:
-                raise Forbidden(f"{subject} is not allowed for identity {self.identity} "
-                                "(its NATS permissions refuse it)") from None
+                raise wire.refused(subject, self.identity) from None
             raise
         except nats.errors.NoRespondersError:
-            host, svc = subject.split(".")[1:3]
-            raise Unavailable(f"no {svc} agent for host {host!r} answers ({subject}); "
-                              "see `phyllome status`") from None
+            raise wire.no_responders(subject) from None
         except nats.errors.TimeoutError:
-            raise Timeout(f"no reply on {subject} within {timeout} s") from None
+            raise wire.timed_out(subject, timeout) from None
         except nats.errors.ConnectionClosedError:
             raise Unavailable("not connected to NATS") from None
         finally:
@@ -286,8 +276,7 @@ class Bus:
                 pending.remove(waiting)
             if not pending:
                 self._waiting.pop(key, None)
-        raise_for_reply(msg.headers, msg.data)
-        return decode(msg.data, resp_type)
+        return wire.reply_value(msg.headers, msg.data, resp_type)
 
     def _refused(self, e: Exception) -> None:
         """The server refused a publish of ours: end the requests waiting on that subject
@@ -606,9 +595,7 @@ class Bus:
                     for msg in await sub.fetch(min(remaining, 1000), timeout=10):
                         remaining = msg.metadata.num_pending or 0
                         key = msg.subject.removeprefix(prefix)
-                        headers = msg.headers or {}
-                        if (headers.get("KV-Operation") in ("DEL", "PURGE")
-                                or "Nats-Marker-Reason" in headers):  # deleted or expired
+                        if wire.kv_deleted(msg.headers):  # deleted or expired
                             live.pop(key, None)
                         elif msg.data:
                             live[key] = (msg.metadata.sequence.stream, msg.data)
@@ -618,7 +605,7 @@ class Bus:
                     with contextlib.suppress(nats.errors.Error, TimeoutError):
                         await self.js.delete_consumer(stream, consumer)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
-            raise Unavailable(f"cannot read KV {bucket}: {e!r}; {ELECTING}") from None
+            raise wire.kv_read_failed(bucket, e) from None
         return [(key, rev, value) for key, (rev, value) in live.items()]
 
 
@@ -629,12 +616,7 @@ def _turned_away(e: Exception) -> bool:
 
 
 def _turned_away_because(e: Exception, identity: str, ca: str) -> str:
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return ("its TLS certificate is not trusted" + ("" if ca else
-                " (no CA given: the server wants TLS and credentials, and this client has "
-                "none)"))
-    who = f"user {identity!r}" if identity else "a client without credentials"
-    return f"authorization failed for {who} (no credentials, or wrong ones)"
+    return wire.turned_away_because(isinstance(e, ssl.SSLCertVerificationError), identity, ca)
 
 
 def _tag(tp: type) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +80,8 @@ def load(agent: str, env: Mapping[str, str] | None = None) -> Config:
     extra: dict[str, Any] = {}
     path = env.get("PHYLLOME_CONFIG")
     if path:
+        import tomllib  # here: the CLI imports this module for its defaults alone
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:

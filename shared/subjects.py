@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from shared.errors import InvalidName
@@ -89,5 +88,7 @@ def heartbeat_key(host: str, svc: str) -> str:
 def idempotency_key(host: str, svc: str, verb: str, key: str) -> str:
     """KV key of a keyed request's reply: ``<host>.<service>.<verb>.<sha256 of the key>`` (the
     caller's key may hold any character; a KV key may not)."""
+    import hashlib  # here: every CLI command imports this module, few need a digest
+
     digest = hashlib.sha256(key.encode()).hexdigest()
     return f"{token(host, 'host')}.{service(svc)}.{token(verb, 'verb')}.{digest}"

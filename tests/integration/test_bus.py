@@ -367,10 +367,11 @@ async def test_a_restarted_agent_replays_the_first_reply_from_kv(
         await second.drain()
 
 
-async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus) -> None:
-    from cli.status import collect_on
+async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus,
+                                             nats_server: NatsServer) -> None:
+    from cli.status import collect
 
-    rows = await collect_on(client, 0.3)
+    rows = await asyncio.to_thread(collect, nats_server.url, 0.3)
     mine = [r for r in rows if r["host"] == "h1" and r["agent"] == "catalogue"]
     assert mine and mine[0]["healthy"] and mine[0]["metrics_url"] == agent.metrics_url
     assert {r["agent"] for r in rows if not r["healthy"]} == {"hardware", "vm", "storage"}
@@ -381,15 +382,15 @@ async def test_micro_discovery_and_heartbeat(agent: Agent, client: Bus) -> None:
     assert {"echo", "jobs", "job", "cancel"} <= endpoints
 
 
-async def test_status_lists_an_agent_in_kv_that_does_not_answer(agent: Agent,
-                                                                client: Bus) -> None:
-    from cli.status import collect_on
+async def test_status_lists_an_agent_in_kv_that_does_not_answer(
+        agent: Agent, client: Bus, nats_server: NatsServer) -> None:
+    from cli.status import collect
 
     hosts = await client.kv(subjects.KV_HOSTS)
     await hosts.put(subjects.heartbeat_key("h9", "vm"), encode(Heartbeat(
         host="h9", agent="vm", version="1", started=time.time(), time=time.time(),
         metrics_url="")))
-    rows = await collect_on(client, 0.3)
+    rows = await asyncio.to_thread(collect, nats_server.url, 0.3)
     silent = [r for r in rows if (r["host"], r["agent"]) == ("h9", "vm")]
     assert silent and not silent[0]["healthy"] and silent[0]["heartbeat_age_s"] is not None
     assert [r["healthy"] for r in rows if (r["host"], r["agent"]) == ("h1", "catalogue")] == [True]
