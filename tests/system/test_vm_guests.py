@@ -170,7 +170,7 @@ async def test_vm_uefi_secure_boot_tpm_virtio_consoles_and_lifecycle_events(
         assert (await g.events.next(vm, event="rebooted", timeout=60)).state == "running"
         await wait_for_marker(g.console(vm), "ready", BOOT_S)
 
-        info = await g.call("shutdown", VmShutdown(vm=vm, timeout_s=60), timeout=90)
+        info = await g.call("shutdown", VmShutdown(vm=vm, timeout_s=180), timeout=210)
         assert info.state == "shutoff"
         ev = await g.events.next(vm, event="stopped")
         assert (ev.state, ev.reason) == ("shutoff", "shutdown")
