@@ -609,6 +609,8 @@ class Snapshots:
             finally:
                 if tmp:
                     _rmtree(ofd, tmp)
+                    with contextlib.suppress(OSError):  # not empty: other snapshots of owner
+                        os.rmdir(owner, dir_fd=folders.fds[0])
                 folders.close()
 
     # -- after a crash -----------------------------------------------------------------------
