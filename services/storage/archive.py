@@ -70,7 +70,9 @@ MAX_HEADER_BYTES = 4 << 20  # a disk's extent list: 250,000 extents fit
 MAX_FILE_BYTES = 8 << 20  # UEFI variables and TPM state are a few MiB at most
 MAX_MEMBERS = 256
 STEP = 8 << 20  # bytes per read and write of disk data (a multiple of ALIGN)
-BUFFERS = 4  # STEP buffers in flight: one read, one hashed, one written, one spare
+BUFFERS = 6  # STEP buffers of disk data in flight (a backup's reads run ahead of the
+# hashing and of zstd, a restore's decompression ahead of the hashing and the writes)
+FILE_BUFFERS = 3  # of the archive file: one filled (or read), one written, one spare
 OUT_STEP = 1 << 20  # compressed bytes zstd hands on at a time
 ALIGN = fileops.DIRECT_ALIGN
 
@@ -181,10 +183,12 @@ _DISK_END = (memoryview(b""), 0, 0)  # after the last chunk of each disk
 
 
 class _DiskStream:
-    """The archive before compression, as a file to ``read``: magic, members and end, the
-    disks' data read by one thread and hashed by another (``STEP`` buffers in a ring), each
-    chunk handed on as a view of its buffer, which goes back to the ring when zstd asks for
-    what comes after it (zstd copies what it is given before it asks again).
+    """The archive before compression, as a file to ``read``: magic, members and end. A
+    thread reads the disks' data into a ring of ``STEP`` buffers; each buffer goes both to a
+    hashing thread and to zstd (as a view handed out by ``read``), and back to the ring once
+    both are done with it (zstd has copied what it was given when it asks for more). Neither
+    waits for the other but for a free buffer, so a thread that the scheduler holds back
+    does not stall the other on a busy host.
 
     Reads are O_DIRECT, widened to ``DIRECT_ALIGN`` (a backup reads each byte once: the
     page cache would only copy it one time more and push out what the host uses); a
@@ -200,27 +204,30 @@ class _DiskStream:
         self.free: queue.Queue[memoryview | None] = queue.Queue()
         for buf in _buffers(BUFFERS):
             self.free.put(buf)
-        self.read_q: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
-        self.hashed_q: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.users: dict[int, int] = {}  # id of a buffer in use -> how many still use it
+        self.lock = threading.Lock()
+        self.hash_q: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.zstd_q: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.hash_error: BaseException | None = None
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.read_disks, name="archive-disk-read",
-                                         daemon=True),
-                        threading.Thread(target=self.hash_disks, name="archive-hash",
-                                         daemon=True)]
+        self.reader = threading.Thread(target=self.read_disks, name="archive-disk-read",
+                                       daemon=True)
+        self.hasher = threading.Thread(target=self.hash_disks, name="archive-hash",
+                                       daemon=True)
         self.pieces = self.members()
         self.left = memoryview(b"")
 
     def __enter__(self) -> _DiskStream:
-        for t in self.threads:
-            t.start()
+        self.reader.start()
+        self.hasher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        for q in (self.free, self.read_q, self.hashed_q):
+        for q in (self.free, self.hash_q, self.zstd_q):
             q.put(None)  # wakes a thread waiting on it
-        for t in self.threads:
-            t.join()
+        self.reader.join()
+        self.hasher.join()
         self.pieces.close()
 
     def read(self, n: int = -1) -> memoryview:
@@ -232,6 +239,22 @@ class _DiskStream:
         out = self.left if n < 0 else self.left[:n]
         self.left = self.left[len(out):]
         return out
+
+    def hand_on(self, item: _Chunk | BaseException) -> None:
+        """A chunk (or the reading's failure) to both the hashing side and zstd."""
+        if isinstance(item, tuple) and item is not _DISK_END:
+            with self.lock:
+                self.users[id(item[0])] = 2
+        self.hash_q.put(item)
+        self.zstd_q.put(item)
+
+    def release(self, buf: memoryview) -> None:
+        with self.lock:
+            left = self.users.pop(id(buf)) - 1
+            if left:
+                self.users[id(buf)] = left
+                return
+        self.free.put(buf)
 
     def members(self) -> Generator[memoryview, None, None]:
         yield memoryview(MAGIC)
@@ -247,48 +270,45 @@ class _DiskStream:
             yield memoryview(data)
         for disk, _fd in self.disks:
             yield memoryview(_head(disk))
-            while True:
-                item = self.hashed_q.get()
+            while (item := self.zstd_q.get()) is not _DISK_END:
                 if item is None:
                     raise Cancelled("backup stopped")
                 if isinstance(item, BaseException):
                     raise item
-                if item is _DISK_END:
-                    break
                 if self.cancel is not None and self.cancel.is_set():
                     raise Cancelled("backup cancelled; the partial archive was removed")
                 buf, lo, hi = item
                 yield buf[lo:hi]
-                self.free.put(buf)  # zstd has copied it: it asks for more only then
+                self.release(buf)  # zstd has copied it: it asks for more only then
                 self.done += hi - lo
                 if self.progress:
                     self.progress(self.done, self.total)
+        self.hasher.join()  # every disk's sum is in
+        if self.hash_error is not None:
+            raise self.hash_error
         yield memoryview(_head(End(sha256=self.sums)))
 
     def hash_disks(self) -> None:
         try:
             for disk, _fd in self.disks:
                 h = hashlib.sha256(_head(disk))
-                while (item := self.read_q.get()) is not _DISK_END:
-                    if item is None:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
+                while (item := self.hash_q.get()) is not _DISK_END:
+                    if item is None or isinstance(item, BaseException):
+                        return  # stopped, or the reading failed: zstd's side raises it
                     buf, lo, hi = item
                     h.update(buf[lo:hi])
-                    self.hashed_q.put(item)
-                self.sums[key(disk)] = h.hexdigest()  # before the compressing side reads it
-                self.hashed_q.put(_DISK_END)
-        except BaseException as e:  # handed on to the compressing side, which raises it
-            self.hashed_q.put(e)
+                    self.release(buf)
+                self.sums[key(disk)] = h.hexdigest()
+        except BaseException as e:  # raised by the compressing side
+            self.hash_error = e
 
     def read_disks(self) -> None:
         try:
             for disk, fd in self.disks:
                 self.read_disk(disk, fd)
-                self.read_q.put(_DISK_END)
+                self.hand_on(_DISK_END)
         except BaseException as e:  # handed on, to be raised by the compressing side
-            self.read_q.put(e)
+            self.hand_on(e)
 
     def read_disk(self, disk: Disk, fd: int) -> None:
         direct = fileops.set_direct(fd, True)
@@ -310,7 +330,7 @@ class _DiskStream:
                         got = _read_full(fd, buf[:upto - pos], pos)
                     if got < upto - pos:
                         raise BadRequest("a disk of the snapshot ended early: was it changed?")
-                    self.read_q.put((buf, max(off - pos, 0), upto - pos))
+                    self.hand_on((buf, max(off - pos, 0), upto - pos))
                     pos = upto
         finally:
             if direct:
@@ -345,7 +365,7 @@ class DirectOut:
         self.fd = fd
         self.direct = fileops.set_direct(fd, True)
         self.free: queue.Queue[memoryview] = queue.Queue()
-        for buf in _buffers(BUFFERS):
+        for buf in _buffers(FILE_BUFFERS):
             self.free.put(buf)
         self.full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue()
         self.error: BaseException | None = None
@@ -413,7 +433,7 @@ class DirectIn:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.free: queue.Queue[memoryview | None] = queue.Queue()
-        for buf in _buffers(BUFFERS):
+        for buf in _buffers(FILE_BUFFERS):
             self.free.put(buf)
         self.full: queue.Queue[tuple[memoryview, int] | BaseException | None] = queue.Queue()
         self.held: memoryview | None = None
