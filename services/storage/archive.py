@@ -129,26 +129,17 @@ def key(member: Start | File | Disk) -> str:
 # -- writing -----------------------------------------------------------------------------------
 
 
-class Output(Protocol):
-    """Where ``write`` puts the compressed stream: it compresses into ``space()`` and says
-    how much it filled with ``commit``."""
-
-    def space(self) -> memoryview: ...
-
-    def commit(self, n: int) -> None: ...
-
-
 def write(out: DirectOut | IO[bytes], start: Start, files: dict[str, bytes],
           disks: list[tuple[Disk, int]], *, progress: Progress | None = None,
           cancel: threading.Event | None = None, level: int = LEVEL) -> int:
     """Write the archive of ``start``'s snapshot to ``out``; returns the data bytes read.
 
     ``disks`` pairs each disk's header (its extents already found) with a descriptor to read
-    it from. Three steps run at once on ``STEP`` buffers, each in its own thread: reading
-    the disks (O_DIRECT where the filesystem has it), hashing them, and compressing (in this
-    thread: one thread compresses, as the ``zstd`` command's one worker does) straight into
+    it from. A thread reads the disks into ``STEP`` buffers (O_DIRECT where the filesystem
+    has it); each buffer goes at once to a hashing thread and to zstd, which compresses in
+    this thread (one compressing thread, as the ``zstd`` command has) straight into
     ``out``'s buffers; zstd and hashlib let go of the GIL. ``out`` is best a ``DirectOut``,
-    which writes past the page cache from a fourth thread; any other file is written a
+    which writes past the page cache from a thread of its own; any other file is written a
     buffer at a time.
     """
     sink = out if isinstance(out, DirectOut) else _Copying(out)
@@ -161,7 +152,8 @@ def write(out: DirectOut | IO[bytes], start: Start, files: dict[str, bytes],
 
 
 class _Copying:
-    """``Output`` over any file: a buffer, written out at each ``commit``."""
+    """What ``write`` needs of an output (``DirectOut``'s ``space`` and ``commit``), over any
+    file: one buffer, written out at each ``commit``."""
 
     def __init__(self, out: IO[bytes]) -> None:
         self.out, self.buf = out, memoryview(bytearray(OUT_STEP))
@@ -355,7 +347,7 @@ def _read_full(fd: int, view: memoryview, off: int) -> int:
 
 
 class DirectOut:
-    """An ``Output`` to write an archive into the new file ``fd``: zstd compresses into
+    """Where ``write`` puts an archive, the new file ``fd``: zstd compresses into
     ``STEP`` buffers that a thread writes with O_DIRECT where the filesystem has it (neither
     the copy into the page cache nor its write-back then costs CPU); the last, partial
     buffer is written through the cache at ``close``. The caller fsyncs ``fd`` after. An
