@@ -19,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.bench_storage_clone import best, make_volume
+from bench.bench_storage_clone import make_volume
 from bench.common import Result, loop_xfs
 from services.storage.snapshots import Snapshots
 from services.storage.volumes import Pools
@@ -112,6 +114,43 @@ def sh(script: str) -> None:
     subprocess.run(["bash", "-o", "pipefail", "-c", script], check=True, capture_output=True)
 
 
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+class Alternating:
+    """Runs each contender in turn, ``repeat`` rounds (the machine's load then falls on all
+    of them alike); keeps every wall time and CPU time."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+        self.loads: list[float] = []
+
+    def run(self, name: str, work: Callable[[], object],
+            cleanup: Callable[[], object] = lambda: None) -> None:
+        cpu = cpu_now()
+        started = time.perf_counter()
+        work()
+        self.wall.setdefault(name, []).append(time.perf_counter() - started)
+        after = cpu_now()
+        self.cpu.setdefault(name, []).append(after[0] - cpu[0] + after[1] - cpu[1])
+        self.loads.append(os.getloadavg()[0])
+        cleanup()
+
+    def best(self, name: str) -> float:
+        return min(self.wall[name])
+
+    def cpu_of_best(self, name: str) -> float:
+        return self.cpu[name][self.wall[name].index(self.best(name))]
+
+    def spread(self, name: str) -> str:
+        return "/".join(f"{t:.2f}" for t in self.wall[name])
+
+
 def backups(work: Path, virtual: int, data: int, repeat: int) -> list[Result]:
     pools = Pools({"b": str(work / "pool")})
     snaps = Snapshots(pools)
@@ -122,20 +161,32 @@ def backups(work: Path, virtual: int, data: int, repeat: int) -> list[Result]:
     archive: list[str] = []
 
     def export() -> None:
+        for old in archive:
+            os.unlink(old)
         result = snaps.export("b", OWNER, "s", str(out), "bench-", host="h1")
         archive[:] = [str(result["archive"])]
 
-    mine = best(repeat, export, lambda: None)
     theirs_tar = work / "theirs.tar.zst"
     src_dir = work / "pool"
     tar = f"tar --sparse -cf - -C {src_dir} src | zstd -q -f -o {theirs_tar}"
-    alt = best(repeat, lambda: sh(tar), lambda: None)
-    alt_sync = best(repeat, lambda: sh(f"{tar} && sync {theirs_tar}"), lambda: None)
+    runs = Alternating()
+    for _ in range(repeat):
+        runs.run("ours", export)
+        runs.run("tar", lambda: sh(tar))
+        runs.run("tar+sync", lambda: sh(f"{tar} && sync {theirs_tar}"))
+    size, their_size = os.stat(archive[0]).st_size, theirs_tar.stat().st_size
     label = f"{virtual // GiB} GiB virtual / {data / GiB:.2g} GiB data, durable"
-    rows = [Result("vm backup (archive write)", label, mine, alt, "tar --sparse -c | zstd",
-                   "s", ">= 1.0x", note="ours: sha256 of every member, fsync, rename"),
-            Result("vm backup (archive write)", label, mine, alt_sync,
-                   "tar --sparse -c | zstd + sync", "s", ">= 1.0x")]
+    how = (f"best of {repeat}, run in turn; load {min(runs.loads):.0f}-{max(runs.loads):.0f}")
+    rows = [Result("vm backup (archive write)", label, runs.best("ours"), runs.best("tar"),
+                   "tar --sparse -c | zstd", "s", ">= 1.0x",
+                   note=f"{how}; archive {size / their_size:.4f}x the tar.zst's size; CPU s "
+                        f"ours {runs.cpu_of_best('ours'):.2f}, theirs "
+                        f"{runs.cpu_of_best('tar'):.2f}; all runs s: ours "
+                        f"{runs.spread('ours')}, theirs {runs.spread('tar')}"),
+            Result("vm backup (archive write)", label, runs.best("ours"),
+                   runs.best("tar+sync"), "tar --sparse -c | zstd + sync", "s", ">= 1.0x",
+                   note=f"CPU s theirs {runs.cpu_of_best('tar+sync'):.2f}; all runs s: "
+                        f"theirs {runs.spread('tar+sync')}")]
 
     def restore() -> None:
         snaps.import_(archive[0], "b", "restore-bench", "r", {})
@@ -143,23 +194,31 @@ def backups(work: Path, virtual: int, data: int, repeat: int) -> list[Result]:
     def drop() -> None:
         snaps.delete("b", "restore-bench")
 
-    mine_r = best(repeat, restore, drop)
     dest = work / "theirs-x"
     untar = f"rm -rf {dest} && mkdir {dest} && zstd -dc {theirs_tar} | tar -x --sparse -C {dest}"
-    alt_r = best(repeat, lambda: sh(untar), lambda: None)
-    alt_r_sync = best(repeat, lambda: sh(f"{untar} && sync {dest}/src"), lambda: None)
-    rows += [Result("vm restore (archive read)", label, mine_r, alt_r,
+    back = Alternating()
+    for _ in range(repeat):
+        back.run("ours", restore, drop)
+        back.run("untar", lambda: sh(untar))
+        back.run("untar+sync", lambda: sh(f"{untar} && sync {dest}/src"))
+    how = (f"best of {repeat}, run in turn; load {min(back.loads):.0f}-{max(back.loads):.0f}")
+    rows += [Result("vm restore (archive read)", label, back.best("ours"), back.best("untar"),
                     "zstd -d | tar -x --sparse", "s", ">= 1.0x",
-                    note="ours: every sha256 checked before the snapshot appears, fsync"),
-             Result("vm restore (archive read)", label, mine_r, alt_r_sync,
-                    "zstd -d | tar -x --sparse + sync", "s", ">= 1.0x")]
+                    note=f"{how}; ours checks every sha256 before the snapshot appears, "
+                         f"fsynced; CPU s ours {back.cpu_of_best('ours'):.2f}, theirs "
+                         f"{back.cpu_of_best('untar'):.2f}; all runs s: ours "
+                         f"{back.spread('ours')}, theirs {back.spread('untar')}"),
+             Result("vm restore (archive read)", label, back.best("ours"),
+                    back.best("untar+sync"), "zstd -d | tar -x --sparse + sync", "s",
+                    ">= 1.0x", note=f"CPU s theirs {back.cpu_of_best('untar+sync'):.2f}; all "
+                                    f"runs s: theirs {back.spread('untar+sync')}")]
     pools.close()
     return rows
 
 
 async def run(quick: bool = False, workdir: str = "/var/tmp") -> list[Result]:
     virtual, data, repeat, rounds = (4 * GiB, 256 * MiB, 2, 10) if quick else (
-        20 * GiB, GiB, 3, 30)
+        20 * GiB, GiB, 5, 30)
     for tool in ("zstd", "tar"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed for the comparison")

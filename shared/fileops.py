@@ -237,6 +237,22 @@ def open_direct(name: str | os.PathLike[str], *, dir_fd: int | None = None) -> i
         return -1
 
 
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for the open file ``fd`` (its reads and writes then go past
+    the page cache, in ``DIRECT_ALIGN`` multiples from aligned memory); False where its
+    filesystem has none, and the descriptor is left as it was."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    if want != flags:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, want)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+    return True
+
+
 _aligned = threading.local()  # per thread: the page-aligned buffer of its O_DIRECT writes
 
 

@@ -538,7 +538,7 @@ class Snapshots:
                                            extents=fileops.data_extents(fd, size)), fd))
             out = os.open(temp, _NEW, 0o600, dir_fd=dfd)
             try:
-                with os.fdopen(out, "wb", closefd=False) as f:
+                with archive.DirectOut(out) as f:
                     data = archive.write(f, archive.Start(created=info.created, host=host,
                                                           snapshot=info),
                                          files, disks, progress=progress, cancel=cancel)
@@ -588,7 +588,8 @@ class Snapshots:
                 tmp = f".{name}.part-{secrets.token_hex(6)}"
                 os.mkdir(tmp, 0o700, dir_fd=ofd)
                 sink = _ImportSink(self.pools, p, folders.keep(_open_dir(ofd, tmp)), folders)
-                with open(src, "rb") as f:
+                fd = folders.keep(os.open(src, os.O_RDONLY | os.O_CLOEXEC))
+                with archive.DirectIn(fd) as f:
                     start = archive.read(f, sink, progress=progress, cancel=cancel)
                 info = msgspec.structs.replace(
                     start.snapshot, pool=p.name, owner=owner, name=name, disks=sink.disks(),
@@ -608,6 +609,8 @@ class Snapshots:
             finally:
                 if tmp:
                     _rmtree(ofd, tmp)
+                    with contextlib.suppress(OSError):  # not empty: other snapshots of owner
+                        os.rmdir(owner, dir_fd=folders.fds[0])
                 folders.close()
 
     # -- after a crash -----------------------------------------------------------------------

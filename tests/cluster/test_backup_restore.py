@@ -1,7 +1,11 @@
-"""Backups across hosts: a running VM backed up on host a (with the CLI, as a user would)
-comes back on host b with its disk, NVRAM and TPM state; and a VM that is being migrated is
-not snapshotted. Two hosts on one nats-server, real vm and storage agents (libvirt's test
-driver, a host file and a libvirt folder each)."""
+"""Backups across hosts through the CLI, in process: a running VM backed up on host a (as a
+user would), its snapshots listed, a bad schedule refused, and b refusing to restore it as
+itself while it lives on a; and a VM that is being migrated is not snapshotted. Two hosts on
+one nats-server, real vm and storage agents (libvirt's test driver, a host file and a
+libvirt folder each). The whole journey with a real guest (restored on b, booted there with
+its NVRAM and TPM, a damaged archive refused) is test_backup_restore_cluster.py's, on the
+three-host cluster.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ from shared.messages.vm import (
     Disk,
     Nic,
     VmCreate,
-    VmDelete,
     VmGuestState,
     VmInfo,
+    VmListRequest,
     VmMigrate,
     VmRef,
     VmSnapshotCreate,
@@ -71,15 +75,12 @@ def phyllome(nats: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-async def test_a_running_vm_backed_up_on_a_comes_back_whole_on_b(
+async def test_a_running_vm_backed_up_on_a_is_not_restored_as_itself_on_b(
         nats_server: NatsServer, tmp_path: Path) -> None:
     async with two_hosts(nats_server, tmp_path) as vms:
         bus = vms["a"].bus
-        vol = await bus.call("a", storage_api.CREATE, CreateVolume(name="web-disk0",
-                                                                   size_bytes=16 * MiB))
-        with open(vol.path, "r+b") as f:
-            f.seek(MiB)
-            f.write(b"the guest's data")
+        await bus.call("a", storage_api.CREATE, CreateVolume(name="web-disk0",
+                                                             size_bytes=16 * MiB))
         web: VmInfo = await bus.call("a", vm_api.CREATE, VmCreate(spec=VmSpec(
             name="web", memory_mib=64, secure_boot=True, tpm="emulated-2.0", nics=[Nic()],
             disks=[Disk(volume="web-disk0", owned=True)])))
@@ -93,6 +94,7 @@ async def test_a_running_vm_backed_up_on_a_comes_back_whole_on_b(
                                        str(backups), "--host", "a", "--json")
         assert made.returncode == 0, made.stdout + made.stderr
         archive = json.loads(made.stdout)["result"]["archive"]
+        assert Path(archive).parent == backups
         assert (await bus.call("a", vm_api.INFO, VmRef(vm="web"))).state == "running"
         snap = await asyncio.to_thread(phyllome, nats_server, "snapshot", "create", "web", "s1",
                                        "--host", "a")
@@ -107,27 +109,7 @@ async def test_a_running_vm_backed_up_on_a_comes_back_whole_on_b(
         same = await asyncio.to_thread(phyllome, nats_server, "restore", archive, "--host", "b")
         assert same.returncode == 1 and "exists on host a; restore with --name NEW" in (
             same.stderr)
-        await bus.call("a", vm_api.DELETE, VmDelete(vm="web", force=True, delete_disks=True))
-        back = await asyncio.to_thread(phyllome, nats_server, "restore", archive, "--host", "b",
-                                       "--json")
-        assert back.returncode == 0, back.stdout + back.stderr
-        info: VmInfo = await bus.call("b", vm_api.INFO, VmRef(vm="web"))
-        assert (info.uuid, info.spec.nics, info.host) == (web.uuid, web.spec.nics, "b")
-        with open(info.spec.disks[0].path, "rb") as f:
-            f.seek(MiB)
-            assert f.read(16) == b"the guest's data"
-        libvirt = tmp_path / "b" / "libvirt"
-        assert (libvirt / "qemu" / "nvram" / "web_VARS.fd").read_bytes() == b"uefi vars" * 100
-        assert (libvirt / "swtpm" / web.uuid / "tpm2" / "permall").read_bytes() == b"keys"
-        started = await bus.call("b", vm_api.START, VmRef(vm="web"))
-        assert started.state == "running"
-
-        damaged = bytearray(Path(archive).read_bytes())
-        damaged[len(damaged) // 2] ^= 0x01
-        Path(archive).write_bytes(bytes(damaged))
-        refused = await asyncio.to_thread(phyllome, nats_server, "restore", archive, "--host",
-                                          "b", "--name", "web-copy")
-        assert refused.returncode == 1 and "damaged" in refused.stderr
+        assert (await bus.call("b", vm_api.LIST, VmListRequest(all_hosts=False))).vms == []
 
 
 async def test_a_vm_being_migrated_is_not_snapshotted(nats_server: NatsServer,

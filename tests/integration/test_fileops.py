@@ -4,6 +4,7 @@ ext4 (loop filesystems made in the test), durable publish, and a filesystem fill
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import threading
@@ -137,6 +138,17 @@ def test_write_direct_sends_aligned_pieces_past_the_page_cache(tmp_path: Path) -
     assert went[4096:12288] == aligned and got[4096:12288] == bytes(8192)
     assert got[16384:16484] == odd and got[20000:28192] == aligned
     assert got[32768:40960] == aligned and went[16384:] == bytes(len(went) - 16384)
+
+
+def test_set_direct_turns_o_direct_on_and_off(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(bytes(8192))
+    with opened(tmp_path / "f", os.O_RDWR) as fd:
+        assert fileops.set_direct(fd, True), "ext4 and XFS take O_DIRECT"
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert fileops.set_direct(fd, True)  # already on: nothing changes
+        assert fileops.set_direct(fd, False)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert os.pread(fd, 100, 7) == bytes(100)  # unaligned again
 
 
 def test_open_direct_of_a_symlink_is_refused(tmp_path: Path) -> None:
