@@ -26,7 +26,6 @@ heartbeat and /metrics); the last host's three agents are three real processes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,9 @@ async def vm_list(bus: Any, url: str, expected: int, rounds: int) -> dict[str, f
     from bench.bench_cluster_list import best_of, naive
     from shared.cluster import cluster_vms
 
-    assert len(await cluster_vms(bus)) == expected and await naive(bus) == expected
+    seen = (len(await cluster_vms(bus)), await naive(bus))
+    if seen != (expected, expected):
+        raise RuntimeError(f"cluster_vms and kv.keys() see {seen} VMs, not {expected}")
     ours = await best_of(rounds, lambda: cluster_vms(bus))
     theirs = await best_of(max(3, rounds // 3), lambda: naive(bus))
     env = {**os.environ, "PHYLLOME_NATS_URL": url, "PYTHONPATH": str(REPO)}
@@ -308,12 +310,20 @@ async def vm_list(bus: Any, url: str, expected: int, rounds: int) -> dict[str, f
             raise RuntimeError(f"vm list failed: {done.stderr.decode()[-2000:]}")
         listed = len(json.loads(done.stdout)["vms"])
         assert listed == expected, f"`vm list --all` listed {listed} VMs, not {expected}"
-    return {"cluster_vms": ours, "naive": theirs, "cli": statistics.median(walls)}
+    helps = []
+    for _ in range(3):
+        t = time.perf_counter()
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "cli.main", "--help"],
+                                cwd=REPO, env=env, capture_output=True, check=True)
+        helps.append(time.perf_counter() - t)
+    return {"cluster_vms": ours, "naive": theirs, "cli": statistics.median(walls),
+            "help": statistics.median(helps)}
 
 
-async def fan_out(urls: list[str], count: int, readers: int = 10) -> dict[str, float]:
-    """``count`` events into PHY_EVENTS read by ``readers`` ordered consumers (as `phyllome
-    events` reads), and the same number of plain messages to ``readers`` core subscribers."""
+async def fan_out(cluster: NatsCluster, count: int, readers: int = 10) -> dict[str, float]:
+    """``count`` events published at once into PHY_EVENTS, read by ``readers`` ordered
+    consumers (as `phyllome events` reads); then 200 more at 100 a second, for the latency
+    of a cluster not flooded; then ``count`` plain messages to ``readers`` core subscribers."""
     import nats
 
     from shared import subjects
@@ -321,44 +331,54 @@ async def fan_out(urls: list[str], count: int, readers: int = 10) -> dict[str, f
     from shared.codec import decode
     from shared.messages import AgentStarted
 
+    paced = 200
+    urls = cluster.urls
     subject = subjects.event("bench", "vm", "bench.fanout")
     pub = await Bus.connect(urls[0], name="bench-pub", host="bench", give_up_after=10,
                             replicas=3)
     subs = [await Bus.connect(urls[i % len(urls)], name=f"bench-sub{i}", host="bench",
                               give_up_after=10, replicas=3) for i in range(readers)]
-    lat: list[float] = []
+    lat: dict[str, list[float]] = {"burst": [], "paced": []}
+    got = {"burst": [0] * readers, "paced": [0] * readers}
+    wanted = {"burst": count, "paced": paced}
+    done = {"burst": asyncio.Event(), "paced": asyncio.Event()}
+    first_seen = [asyncio.Event() for _ in range(readers)]
+
+    def event(phase: str, i: int) -> AgentStarted:
+        return AgentStarted(host="bench", agent="vm", version="1", metrics_url="",
+                            event_id=f"{phase}-{since}-{i}")
+
     try:
         since = time.time()
-        got = [0] * readers
-        done = asyncio.Event()
-        first_seen = asyncio.Event()
 
         async def read(i: int) -> None:
             async for _subj, _ts, data in subs[i].events(subject, since=since, follow=True):
                 now = time.time()
                 ev = decode(data, AgentStarted)
-                if ev.event_id == "warm":
-                    first_seen.set()
+                phase = ev.event_id.split("-", 1)[0]
+                if phase == "warm":
+                    first_seen[i].set()
                     continue
-                lat.append(now - ev.time)
-                got[i] += 1
-                if all(g >= count for g in got):
-                    done.set()
-                if got[i] >= count:
-                    return
+                lat[phase].append(now - ev.time)
+                got[phase][i] += 1
+                if all(g >= wanted[phase] for g in got[phase]):
+                    done[phase].set()
 
         tasks = [asyncio.create_task(read(i)) for i in range(readers)]
-        await pub.publish_event(subject, AgentStarted(host="bench", agent="vm", version="1",
-                                                      metrics_url="", event_id="warm"))
-        await asyncio.wait_for(first_seen.wait(), 30)
-        await asyncio.sleep(1.0)  # every reader's consumer is in place
-        t = time.perf_counter()
+        await pub.publish_event(subject, event("warm", 0))
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_seen)), 30)
+        t, cpu, servers = time.perf_counter(), time.process_time(), cluster.counters()["cpu_s"]
         for n in range(0, count, 100):
-            await pub.publish_events([(subject, AgentStarted(
-                host="bench", agent="vm", version="1", metrics_url="",
-                event_id=f"fan-{since}-{i}")) for i in range(n, min(count, n + 100))])
-        await asyncio.wait_for(done.wait(), 120)
+            await pub.publish_events([(subject, event("burst", i))
+                                      for i in range(n, min(count, n + 100))])
+        await asyncio.wait_for(done["burst"].wait(), 120)
         ours = time.perf_counter() - t
+        client_cpu = time.process_time() - cpu
+        server_cpu = cluster.counters()["cpu_s"] - servers
+        for i in range(paced):
+            await pub.publish_event(subject, event("paced", i))
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(done["paced"].wait(), 60)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -392,8 +412,11 @@ async def fan_out(urls: list[str], count: int, readers: int = 10) -> dict[str, f
     finally:
         for nc in ncs:
             await nc.close()
-    return {"ours_s": ours, "core_s": core, "p50_ms": percentile(lat, 50) * 1000,
-            "p99_ms": percentile(lat, 99) * 1000}
+    return {"ours_s": ours, "core_s": core, "client_cpu_s": client_cpu,
+            "server_cpu_s": server_cpu,
+            "burst_p50_ms": percentile(lat["burst"], 50) * 1000,
+            "p50_ms": percentile(lat["paced"], 50) * 1000,
+            "p99_ms": percentile(lat["paced"], 99) * 1000}
 
 
 async def placement(bus: Any, count: int) -> dict[str, Any]:
@@ -420,53 +443,91 @@ async def placement(bus: Any, count: int) -> dict[str, Any]:
         await bus.call(order[i % len(order)], vm_api.CREATE,
                        VmCreate(spec=vm_spec(f"given-{i:03d}")), timeout=60)
     given = time.perf_counter() - t
-    return {"placed_s": placed, "given_s": given, "hosts": len(chosen), "count": count,
+    # where a choice's time goes: each read it makes, alone, median of 5
+    from shared import subjects
+    from shared.cluster import hosts_ttl, known_hosts
+
+    parts: dict[str, Callable[[], Awaitable[Any]]] = {
+        "KV hosts": lambda: bus._read_bucket(subjects.KV_HOSTS),
+        "KV vms": lambda: bus._read_bucket(subjects.KV_VMS),
+        "hosts from events": lambda: known_hosts(bus), "TTL": lambda: hosts_ttl(bus)}
+    profile = {}
+    for what, fn in parts.items():
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            await fn()
+            times.append(time.perf_counter() - t)
+        profile[what] = statistics.median(times) * 1000
+    events = (await bus.js.stream_info(subjects.STREAM)).state.messages
+    return {"placed_s": placed, "profile": profile, "events": events, "given_s": given,
+            "hosts": len(chosen), "count": count,
             "most": max(chosen.values()), "choose_p50_ms": percentile(choose_s, 50) * 1000,
             "choose_p99_ms": percentile(choose_s, 99) * 1000}
 
 
-async def watch_capacity(bus: Any, hosts: int, seconds: float) -> dict[str, float]:
-    """The host watch at ``hosts`` hosts: every hardware agent reads all of KV ``hosts``
-    (3 keys a host) once a beat. A scratch bucket of that size, read by 8 readers at once
-    for ``seconds``: full reads per second the cluster serves, against the rate needed."""
+async def watch_capacity(bus: Any, cluster: NatsCluster, sizes: tuple[int, ...],
+                         seconds: float) -> dict[int, dict[str, float]]:
+    """The host watch at each of ``sizes`` hosts: every hardware agent reads all of KV
+    ``hosts`` (3 keys a host) once a beat. A scratch bucket of that size holding copies of
+    the real heartbeats: what one full read costs (wall, the reader's CPU, the servers'
+    CPU, serial reads), and at the largest size how many reads a second 8 readers at once
+    get, against the rate that many watchers need; and R3 puts a second while filling it."""
     from shared import subjects
-    from shared.codec import encode
-    from shared.messages.hosts import Heartbeat
 
-    bucket = "scale_probe"
+    beats = [value for _key, _rev, value in await bus.kv_entries(subjects.KV_HOSTS)]
+    return {hosts: await probe(bus, cluster, hosts, beats,
+                               seconds if hosts == max(sizes) else 0.0) for hosts in sizes}
+
+
+async def probe(bus: Any, cluster: NatsCluster, hosts: int, beats: list[bytes],
+                seconds: float) -> dict[str, float]:
+    """One size of ``watch_capacity``; the 8 readers at once only when ``seconds``."""
+    from shared import subjects
+
+    bucket = f"scale_probe_{hosts}"
     kv = await bus.js.create_key_value(bucket=bucket, history=1, replicas=3, ttl=3600)
-    beat = encode(Heartbeat(host="h", agent="vm", version="1", started=1.0, time=1.0,
-                            metrics_url="http://127.0.0.1:9702/metrics"))
     limit = asyncio.Semaphore(64)
 
-    async def put(key: str) -> None:
+    async def put(i: int, key: str) -> None:
         async with limit:
-            await kv.put(key, beat)
+            await kv.put(key, beats[i % len(beats)])  # the real heartbeats, their sizes
 
-    await asyncio.gather(*(put(subjects.heartbeat_key(f"h{h:04d}", a))
+    t = time.perf_counter()
+    await asyncio.gather(*(put(h, subjects.heartbeat_key(f"h{h:04d}", a))
                            for h in range(hosts) for a in AGENTS))
+    res = {"puts_per_s": hosts * len(AGENTS) / (time.perf_counter() - t),
+           "puts_needed": hosts * len(AGENTS) / HEARTBEAT_S,
+           "needed_per_s": hosts / HEARTBEAT_S,
+           "beat_bytes": sum(map(len, beats)) / len(beats)}
     try:
-        one = []
-        for _ in range(3):
-            t = time.perf_counter()
+        walls, client = [], []
+        before = cluster.counters()["cpu_s"]
+        for _ in range(10):
+            t, c = time.perf_counter(), time.process_time()
             entries = await bus._read_bucket(bucket)
-            one.append(time.perf_counter() - t)
+            walls.append(time.perf_counter() - t)
+            client.append(time.process_time() - c)
             assert len(entries) == hosts * len(AGENTS)
-        reads = 0
-        end = time.monotonic() + seconds
+        res["server_cpu_ms"] = (cluster.counters()["cpu_s"] - before) / 10 * 1000
+        res["read_ms"] = statistics.median(walls) * 1000
+        res["client_cpu_ms"] = statistics.median(client) * 1000
+        if seconds:
+            reads = 0
+            end = time.monotonic() + seconds
 
-        async def reader() -> None:
-            nonlocal reads
-            while time.monotonic() < end:
-                await bus._read_bucket(bucket)
-                reads += 1
+            async def reader() -> None:
+                nonlocal reads
+                while time.monotonic() < end:
+                    await bus._read_bucket(bucket)
+                    reads += 1
 
-        t = time.perf_counter()
-        await asyncio.gather(*(reader() for _ in range(8)))
-        rate = reads / (time.perf_counter() - t)
+            t = time.perf_counter()
+            await asyncio.gather(*(reader() for _ in range(8)))
+            res["reads_per_s"] = reads / (time.perf_counter() - t)
     finally:
         await bus.js.delete_key_value(bucket)
-    return {"read_ms": min(one) * 1000, "reads_per_s": rate, "needed_per_s": hosts / HEARTBEAT_S}
+    return res
 
 
 async def host_down(urls: list[str], workers: Workers, victim: str) -> dict[str, float]:
@@ -537,9 +598,10 @@ async def run(quick: bool = False) -> list[Result]:
         total = n_hosts * per_host
         rest = await at_rest(cluster, workers, rest_s)
         listed = await vm_list(bus, cluster.urls[1], total, 3 if quick else 10)
-        fan = await fan_out(cluster.urls, events)
+        fan = await fan_out(cluster, events)
         placed = await placement(bus, 20 if quick else 100)
-        watch = await watch_capacity(bus, 1000, 5.0 if quick else 10.0)
+        watches = await watch_capacity(bus, cluster, (n_hosts, 1000), 5.0 if quick else 10.0)
+        watch, small = watches[1000], watches[n_hosts]
         down = await host_down(cluster.urls, workers, hosts[-1])
     finally:
         if bus is not None:
@@ -557,8 +619,9 @@ async def run(quick: bool = False) -> list[Result]:
         in_proc * len(AGENTS))
     rows = [
         Result("scale: vm list", f"`phyllome vm list --all --json`, {total:,} VMs, "
-               f"{shape}, median of 3", listed["cli"] * 1000, 1000.0, "goal", "ms",
-               "< 1,000 ms", note=note_load),
+               f"{shape}, median of 3", listed["cli"] * 1000, listed["help"] * 1000,
+               "`phyllome --help`: the CLI's start-up alone", "ms", "< 1,000 ms",
+               note=note_load),
         Result("scale: vm list", f"cluster_vms in process, {total:,} VMs, {n_hosts} hosts",
                listed["cluster_vms"] * 1000, listed["naive"] * 1000,
                "kv.keys() + kv.get() per key", "ms", "< 1,000 ms", note="best of rounds"),
@@ -586,17 +649,31 @@ async def run(quick: bool = False) -> list[Result]:
                "ordered consumers)", events * 10 / fan["ours_s"], events * 10 / fan["core_s"],
                "core NATS, 10 subscribers", "deliveries/s", ">= 10,000/s",
                higher_is_better=True,
-               note=f"latency p50 {fan['p50_ms']:.0f} ms, p99 {fan['p99_ms']:.0f} ms"),
+               note=f"at 100 events/s: latency p50 {fan['p50_ms']:.1f} ms, p99 "
+                    f"{fan['p99_ms']:.1f} ms; in the burst p50 {fan['burst_p50_ms']:.0f} ms, "
+                    f"CPU of the burst: readers' process {fan['client_cpu_s']:.1f} s, "
+                    f"servers {fan['server_cpu_s']:.1f} s in {fan['ours_s']:.1f} s"),
         Result("scale: placement", f"{placed['count']} VMs, "
                "choose + create over the bus", placed["placed_s"], placed["given_s"],
                "the same creates, host given", "s", "< 10 s",
                note=f"choose p50 {placed['choose_p50_ms']:.0f} ms, p99 "
                     f"{placed['choose_p99_ms']:.0f} ms; spread over {placed['hosts']} hosts, "
-                    f"at most {placed['most']} on one"),
+                    f"at most {placed['most']} on one; its reads alone: "
+                    + ", ".join(f"{k} {v:.0f} ms" for k, v in placed["profile"].items())
+                    + f" ({placed['events']:,} events in PHY_EVENTS)"),
         Result("scale: host watch at 1,000 hosts", "full reads of a 3,000-key KV hosts, "
                "8 readers", watch["reads_per_s"], watch["needed_per_s"],
                "needed: 1,000 watchers / 5 s beat", "reads/s", ">= 1.0x needed",
-               higher_is_better=True, note=f"one read {watch['read_ms']:.0f} ms"),
+               higher_is_better=True,
+               note=f"one read {watch['read_ms']:.0f} ms: {watch['client_cpu_ms']:.0f} ms CPU "
+                    f"in the reader, {watch['server_cpu_ms']:.0f} ms in the servers; at "
+                    f"{n_hosts} hosts {small['read_ms']:.0f} ms: {small['client_cpu_ms']:.0f} "
+                    f"+ {small['server_cpu_ms']:.0f} ms"),
+        Result("scale: heartbeats at 1,000 hosts", "R3 KV puts the cluster takes "
+               "(64 in flight)", watch["puts_per_s"], watch["puts_needed"],
+               "needed: 3,000 agents / 5 s beat", "puts/s", ">= 1.0x needed",
+               higher_is_better=True, note=f"heartbeats of {watch['beat_bytes']:.0f} bytes "
+                                           "on average (the real ones, copied)"),
         Result("scale: host down", "SIGKILL of a host's agents -> first host.down",
                down["first_s"], TTL_S + 2 * HEARTBEAT_S, "goal: TTL + 2 beats", "s",
                f"<= {TTL_S + 2 * HEARTBEAT_S:g} s",
