@@ -282,8 +282,9 @@ async def create_vms(bus: Any, hosts: list[str], per_host: int) -> float:
 
     async def one(host: str, i: int) -> None:
         async with limit:
-            await bus.call(host, vm_api.CREATE, VmCreate(spec=vm_spec(f"{host}-vm{i:02d}")),
-                           timeout=120)
+            await retried(functools.partial(
+                bus.call, host, vm_api.CREATE, VmCreate(spec=vm_spec(f"{host}-vm{i:02d}")),
+                timeout=120))
 
     t = time.perf_counter()
     await asyncio.gather(*(one(h, i) for h in hosts for i in range(per_host)))
@@ -473,8 +474,8 @@ async def placement(bus: Any, count: int) -> dict[str, Any]:
     order = sorted(chosen)
     t = time.perf_counter()
     for i in range(count):
-        await bus.call(order[i % len(order)], vm_api.CREATE,
-                       VmCreate(spec=vm_spec(f"given-{i:03d}")), timeout=60)
+        await retried(functools.partial(bus.call, order[i % len(order)], vm_api.CREATE,
+                                        VmCreate(spec=vm_spec(f"given-{i:03d}")), timeout=60))
     given = time.perf_counter() - t
     # where a choice's time goes: each read it makes, alone, median of 5
     from shared import subjects
