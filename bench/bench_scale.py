@@ -321,14 +321,32 @@ async def at_rest(bus: Any, cluster: NatsCluster, workers: Workers,
 
 
 async def vm_list(bus: Any, url: str, expected: int, rounds: int) -> dict[str, float]:
+    import nats.js.errors
+
     from bench.bench_cluster_list import best_of, naive
     from shared.cluster import cluster_vms
 
-    seen = (len(await cluster_vms(bus)), await naive(bus))
-    if seen != (expected, expected):
-        raise RuntimeError(f"cluster_vms and kv.keys() see {seen} VMs, not {expected}")
+    peer_retries = 0
+
+    async def peer() -> int:
+        """nats-py's ``kv.keys()`` (a watcher) sometimes answers "no keys", or too few, on a
+        loaded machine: such a round is run again, and counted."""
+        nonlocal peer_retries
+        for _ in range(5):
+            try:
+                if (n := await naive(bus)) == expected:
+                    return n
+            except nats.js.errors.NoKeysError:
+                pass
+            peer_retries += 1
+        raise RuntimeError(f"kv.keys() + kv.get() did not see the {expected} VMs in 5 tries")
+
+    seen = len(await cluster_vms(bus))
+    if seen != expected:
+        raise RuntimeError(f"cluster_vms sees {seen} VMs, not {expected}")
+    await peer()
     ours = await best_of(rounds, lambda: cluster_vms(bus))
-    theirs = await best_of(max(3, rounds // 3), lambda: naive(bus))
+    theirs = await best_of(max(3, rounds // 3), peer)
     env = {**os.environ, "PHYLLOME_NATS_URL": url, "PYTHONPATH": str(REPO)}
     walls = []
     for _ in range(3):
@@ -348,7 +366,7 @@ async def vm_list(bus: Any, url: str, expected: int, rounds: int) -> dict[str, f
                                 cwd=REPO, env=env, capture_output=True, check=True)
         helps.append(time.perf_counter() - t)
     return {"cluster_vms": ours, "naive": theirs, "cli": statistics.median(walls),
-            "help": statistics.median(helps)}
+            "help": statistics.median(helps), "peer_retries": peer_retries}
 
 
 async def fan_out(cluster: NatsCluster, count: int, background: float,
@@ -664,7 +682,11 @@ async def run(quick: bool = False) -> list[Result]:
                note=note_load + retries),
         Result("scale: vm list", f"cluster_vms in process, {total:,} VMs, {n_hosts} hosts",
                listed["cluster_vms"] * 1000, listed["naive"] * 1000,
-               "kv.keys() + kv.get() per key", "ms", "< 1,000 ms", note="best of rounds"),
+               "kv.keys() + kv.get() per key", "ms", "< 1,000 ms",
+               note="best of rounds" + (f"; the peer's kv.keys() ran again "
+                                        f"{listed['peer_retries']:.0f} times (no keys, or "
+                                        "too few, under load)" if listed["peer_retries"]
+                                        else "")),
     ]
     for name in AGENTS:
         rows.append(Result(
