@@ -581,9 +581,32 @@ async def probe(bus: Any, cluster: NatsCluster, hosts: int, beats: list[bytes],
             t = time.perf_counter()
             await asyncio.gather(*(reader() for _ in range(8)))
             res["reads_per_s"] = reads / (time.perf_counter() - t)
+            res["churn_per_s"] = await consumer_churn(bus, bucket, seconds)
     finally:
         await bus.js.delete_key_value(bucket)
     return res
+
+
+async def consumer_churn(bus: Any, bucket: str, seconds: float) -> float:
+    """What each read of the host watch asks of JetStream's meta group: an ephemeral
+    consumer created, then deleted. Pairs a second, 8 at once, for ``seconds``."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    pairs = 0
+    end = time.monotonic() + seconds
+
+    async def churn() -> None:
+        nonlocal pairs
+        while time.monotonic() < end:
+            info = await bus.js.add_consumer(f"KV_{bucket}", ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                filter_subject=f"$KV.{bucket}.>", inactive_threshold=60.0))
+            await bus.js.delete_consumer(f"KV_{bucket}", info.name)
+            pairs += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(churn() for _ in range(8)))
+    return pairs / (time.perf_counter() - t)
 
 
 async def host_down(urls: list[str], workers: Workers, victim: str) -> dict[str, float]:
@@ -736,6 +759,10 @@ async def run(quick: bool = False) -> list[Result]:
                     f"at "
                     f"{n_hosts} hosts {small['read_ms']:.0f} ms: {small['client_cpu_ms']:.0f} "
                     f"+ {small['server_cpu_ms']:.0f} ms"),
+        Result("scale: host watch at 1,000 hosts", "consumer create + delete (each read "
+               "makes one), 8 at once", watch["churn_per_s"], watch["needed_per_s"],
+               "needed: 1,000 watchers / 5 s beat", "pairs/s", ">= 1.0x needed",
+               higher_is_better=True, note="through the JetStream meta group (R3)"),
         Result("scale: heartbeats at 1,000 hosts", "R3 KV puts the cluster takes "
                "(64 in flight)", watch["puts_per_s"], watch["puts_needed"],
                "needed: 3,000 agents / 5 s beat", "puts/s", ">= 1.0x needed",
