@@ -701,7 +701,7 @@ async def run(quick: bool = False) -> list[Result]:
     rows = [
         Result("scale: vm list", f"`phyllome vm list --all --json`, {total:,} VMs, "
                f"{shape}, median of 3", listed["cli"] * 1000, listed["help"] * 1000,
-               "`phyllome --help`: the CLI's start-up alone", "ms", "< 1,000 ms",
+               "the CLI's start-up alone: its --help", "ms", "< 1,000 ms",
                note=note_load + retries),
         Result("scale: vm list", f"cluster_vms in process, {total:,} VMs, {n_hosts} hosts",
                listed["cluster_vms"] * 1000, listed["naive"] * 1000,
