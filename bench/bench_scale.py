@@ -16,8 +16,10 @@ heartbeat and /metrics); the last host's three agents are three real processes
   events` reads (one ordered JetStream consumer each), beside core NATS to 10 subscribers;
 - placement of 100 VMs (``choose`` then CREATE, as ``vm create --host auto``), beside the
   same creates with the host given;
-- what the host watch costs at rest (JetStream API calls, messages, server CPU) and how
-  many full reads of a 1,000-host KV ``hosts`` the cluster serves per second;
+- what the host watch costs at rest (JetStream API calls, messages, server CPU), and at
+  1,000 hosts: how many full reads of KV ``hosts`` (3,000 copies of the real heartbeats)
+  the cluster serves per second, the consumer create + delete each read makes, and the R3
+  puts per second the heartbeats need;
 - the time from SIGKILL of a host's agents to the first ``host.down`` event.
 
     python -m bench.bench_scale [--quick]     # --quick: 10 hosts x 5 VMs, shorter rests
