@@ -166,6 +166,8 @@ class Handlers:
         local = [d for d in entry.downloads if d.url.startswith("file:")]
         if not local:
             return
+        here = normalize_arch(self.settings.arch)  # this host's arch first (others on ask)
+        local.sort(key=lambda d: d.arch != here)
         try:
             accepted = await self.pull(PullRequest(id=image_id, arch=local[0].arch))
         except PhyError as e:
@@ -362,16 +364,27 @@ class Handlers:
                          local=local.get(e.id, ""))
             for e in sorted(self.entries.values(), key=lambda e: e.id) if matches(e, req)])
 
+    def local_id(self, image_id: str, arch: str) -> str:
+        """The pool's name of ``image_id`` pulled for ``arch``: the id itself for this host's
+        architecture, ``<id>.<arch>`` for another one (both can be pulled at once)."""
+        arch = normalize_arch(arch or self.settings.arch)
+        return image_id if arch == normalize_arch(self.settings.arch) else f"{image_id}.{arch}"
+
     async def info(self, req: ImageRef) -> ImageInfo:
         entry = self.get(req.id)
-        local = self.store.local(entry.id)
+        name = self.local_id(entry.id, req.arch)
+        local = self.store.local(name)
         return ImageInfo(entry=entry, template=template(entry, local), local=local,
                          path=local.path if local else "", sha256=local.sha256 if local else "",
-                         pulling=self.agent.jobs.running(f"pull:{entry.id}"))
+                         pulling=self.agent.jobs.running(f"pull:{name}"),
+                         arch=normalize_arch(req.arch or self.settings.arch))
 
     async def pull(self, req: PullRequest) -> JobAccepted:
         entry = self.get(req.id)
         dl = choose(entry, normalize_arch(req.arch or self.settings.arch))
+        name = self.local_id(entry.id, dl.arch)
+        if name != entry.id:  # another arch's image: pulled under its own name
+            entry = msgspec.structs.replace(entry, id=name)
         try:
             self.store.preflight(entry, dl, req.allow_unverified)
         except PhyError:
@@ -412,13 +425,14 @@ class Handlers:
 
     async def remove(self, req: ImageRef) -> Ack:
         check_id(req.id)
-        image = self.store.remove(req.id)
+        name = self.local_id(req.id, req.arch)
+        image = self.store.remove(name)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self.kv.delete(self._local_key(req.id))
+            await self.kv.delete(self._local_key(name))
         await self.agent.publish("image.removed", ImageRemoved(
-            host=self.agent.host, id=req.id, path=image.path), req.id)
+            host=self.agent.host, id=name, path=image.path), name)
         self._count_images()
-        return Ack(message=f"{req.id} removed from {image.path}")
+        return Ack(message=f"{name} removed from {image.path}")
 
     # -- link-rot probing -------------------------------------------------------------------
 
