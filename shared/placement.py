@@ -3,10 +3,11 @@
 A host qualifies when it is up, runs a vm and a storage agent, and has what the spec needs:
 memory (free now, and not promised to the VMs already defined there), room in the pool,
 QEMU and UEFI / Secure Boot firmware for the guest's arch (``shared.archs``), swtpm for a
-TPM, nested virtualization, the memory encryption of a confidential guest (SEV, SEV-ES, SEV-SNP or TDX under a usable KVM), and every host device
-the spec names: a GPU with the other functions of its card, an SR-IOV VF, a mediated device,
-each one the host's hardware agent publishes as passable (``HostResources``). Among those,
-the one with the most memory left after the VM wins (ties: the name), so VMs spread.
+TPM, nested virtualization, the memory encryption of a confidential guest (SEV, SEV-ES,
+SEV-SNP or TDX under a usable KVM), and every host device the spec names: a GPU with the
+other functions of its card, an SR-IOV VF, a mediated device, each one the host's hardware
+agent publishes as passable (``HostResources``). Among those, the one with the most memory
+left after the VM wins (ties: the name), so VMs spread.
 The reply names the host and says why, and why every other host was passed over::
 
     choice = await choose(bus, spec, disk_bytes=10 << 30)   # or place(needs(...), views, ...)

@@ -82,7 +82,7 @@ def with_machine(spec: VmSpec) -> VmSpec:
     ``--arch aarch64`` alone gives the ``virt`` machine."""
     machine = archs.MACHINE.get(spec.arch, spec.machine)
     if spec.machine == "q35" and machine != "q35":
-        return msgspec.structs.replace(spec, machine=machine)  # type: ignore[arg-type]
+        return msgspec.structs.replace(spec, machine=machine)
     return spec
 
 
@@ -96,7 +96,8 @@ def check_arch(spec: VmSpec) -> None:
         return
     why = ""
     if spec.firmware != "uefi":
-        why = f"{spec.arch} guests boot UEFI ({archs.FIRMWARE_NAME[spec.arch]}): drop --firmware bios"
+        why = (f"{spec.arch} guests boot UEFI ({archs.FIRMWARE_NAME[spec.arch]}): drop "
+               "--firmware bios")
     elif any(d.bus == "sata" for d in spec.disks):
         why = f"the {machine} machine has no SATA: put the disks on virtio"
     elif spec.sound != "none":
