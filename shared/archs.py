@@ -23,9 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.messages.hardware import GuestArch
+from shared.messages.vm import Arch, Machine
 
-ARCHS = ("x86_64", "aarch64")
-MACHINE = {"x86_64": "q35", "aarch64": "virt"}
+ARCHS: tuple[Arch, ...] = ("x86_64", "aarch64")
+MACHINE: dict[str, Machine] = {"x86_64": "q35", "aarch64": "virt"}
 # The machines as QEMU 7.2 versions them (firmware descriptors match "pc-q35-*", "virt-*").
 VERSIONED_MACHINE = {"x86_64": "pc-q35-7.2", "aarch64": "virt-7.2"}
 EMULATOR = {arch: f"qemu-system-{arch}" for arch in ARCHS}

@@ -19,10 +19,10 @@ virtio, disks, mode, ready; see deploy/images/README.md), then powers off, or wi
 GRUB always passes ``phyllome.stay=1``. Give a UEFI guest booted from the disk at least
 384 MiB (with 256 MiB the kernel resets right after GRUB hands over).
 
-The cache is ``build/images/`` in the repository, or ``$PHYLLOME_IMAGE_CACHE`` (another arch's
-build in ``<cache>/<arch>/phyllome-tiny``); the image is rebuilt when the build script or the guest's files changed. A file lock makes concurrent
-test processes build it once; downloaded .deb files stay in ``<cache>/debs`` so rebuilds
-need no network.
+The cache is ``build/images/`` in the repository, or ``$PHYLLOME_IMAGE_CACHE`` (another
+arch's build in ``<cache>/<arch>/phyllome-tiny``); the image is rebuilt when the build script
+or the guest's files changed. A file lock makes concurrent test processes build it once;
+downloaded .deb files stay in ``<cache>/debs`` so rebuilds need no network.
 """
 
 from __future__ import annotations
