@@ -366,9 +366,10 @@ class Handlers:
 
     def local_id(self, image_id: str, arch: str) -> str:
         """The pool's name of ``image_id`` pulled for ``arch``: the id itself for this host's
-        architecture, ``<id>.<arch>`` for another one (both can be pulled at once)."""
+        architecture, ``<id>_<arch>`` for another one (both can be pulled at once; events name
+        it as a subject token, which has no dots)."""
         arch = normalize_arch(arch or self.settings.arch)
-        return image_id if arch == normalize_arch(self.settings.arch) else f"{image_id}.{arch}"
+        return image_id if arch == normalize_arch(self.settings.arch) else f"{image_id}_{arch}"
 
     async def info(self, req: ImageRef) -> ImageInfo:
         entry = self.get(req.id)

@@ -266,13 +266,12 @@ class Handlers:
 
     @staticmethod
     def _check_image_arch(spec: VmSpec, image: ImageInfo, what: str) -> None:
-        """An image is booted only by a guest of its own arch."""
-        entry = image.entry
+        """An image is booted only by a guest of its own arch (the pulled file's arch; the
+        entry's archs were checked by ``_image``)."""
         built = (image.local.arch if image.local is not None else "") or image.arch
-        if entry.archs and spec.arch not in entry.archs or built and built != spec.arch:
-            have = built or ", ".join(entry.archs)
-            raise ArchMismatch(f"{what} {entry.id} is an image for {have} and VM {spec.name} "
-                               f"is an {spec.arch} guest: give --arch {have.split(',')[0]}, "
+        if built and built != spec.arch:
+            raise ArchMismatch(f"{what} {image.entry.id} is an image for {built} and VM "
+                               f"{spec.name} is an {spec.arch} guest: give --arch {built}, "
                                "or an image of that arch")
 
     async def _check_nics(self, nics: list[Nic]) -> None:
@@ -418,6 +417,11 @@ class Handlers:
         except Unavailable as e:
             raise Unavailable(f"{what} needs the catalogue agent ({e.message}); "
                               "or give a path") from None
+        if arch and info.entry.archs and arch not in info.entry.archs:
+            have = ", ".join(info.entry.archs)
+            raise ArchMismatch(f"{what} {image} is an image for {have}, not for {arch} "
+                               f"guests: give --arch {info.entry.archs[0]}, or an image of "
+                               f"{arch}")
         if not info.path and info.pulling:  # being pulled (a built-in one, at start): wait
             succeeded(await wait_job(self.agent.bus, self.host, "catalogue", info.pulling,
                                      timeout=JOB_TIMEOUT_S))

@@ -104,7 +104,7 @@ class LocalImage(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.local
     source_format: str = "raw"
     pulled_at: float = 0.0
     # the image's architecture ("": pulled before archs were kept, the catalogue host's);
-    # an image of another arch than the host's has the id ``<entry id>.<arch>``
+    # an image of another arch than the host's has the id ``<entry id>_<arch>``
     arch: str = ""
 
 

@@ -98,7 +98,7 @@ async def test_vm_aarch64_guest_boots_its_disk_under_secure_boot_with_tpm_and_vn
         assert image.entry.archs == ["aarch64"] and image.local.state == "ready"
 
         # an x86_64 guest cannot boot it
-        with pytest.raises(ArchMismatch, match="image for aarch64"):
+        with pytest.raises(ArchMismatch, match="image for aarch64, not for x86_64 guests"):
             await call(vms, "create", VmCreate(spec=VmSpec(name=f"{name}-x86", memory_mib=512),
                                                image="phyllome-tiny"))
 
