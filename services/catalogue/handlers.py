@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -34,7 +35,7 @@ from services.catalogue.sources import (
 )
 from shared import subjects
 from shared.codec import to_builtins
-from shared.errors import BadRequest, Conflict, Forbidden, NotFound, PhyError
+from shared.errors import BadRequest, Conflict, Forbidden, InvalidName, NotFound, PhyError
 from shared.messages import Ack, Empty
 from shared.messages.catalogue import (
     CatalogueEntry,
@@ -72,6 +73,7 @@ GiB = 1 << 30
 # Formats in the order a pull prefers them: RAW needs no conversion.
 FORMAT_ORDER = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
 PROBE_CONCURRENCY = 8
+ARCH_NAME = re.compile(r"^[a-z0-9_]{1,32}$")  # x86_64, aarch64, riscv64, ppc64le
 # Words people type for an OS family -> osinfo-db's family names.
 FAMILY_ALIASES = {"windows": "winnt", "macos": "darwin"}
 
@@ -369,7 +371,11 @@ class Handlers:
         architecture, ``<id>_<arch>`` for another one (both can be pulled at once; events name
         it as a subject token, which has no dots)."""
         arch = normalize_arch(arch or self.settings.arch)
-        return image_id if arch == normalize_arch(self.settings.arch) else f"{image_id}_{arch}"
+        if not ARCH_NAME.match(arch):
+            raise InvalidName(f"arch {arch[:40]!r} is not an architecture name (x86_64, "
+                              "aarch64, ...)")
+        return image_id if arch == normalize_arch(self.settings.arch) else \
+            check_id(f"{image_id}_{arch}")
 
     async def info(self, req: ImageRef) -> ImageInfo:
         entry = self.get(req.id)

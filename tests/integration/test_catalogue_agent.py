@@ -482,6 +482,10 @@ async def test_builtin_tiny_has_an_image_per_arch_pulled_side_by_side(
             await bus.call("h1", catalogue_api.PULL, PullRequest(id="phyllome-tiny",
                                                                  arch="riscv64"))
 
+        for bad in ("../../etc", "aarch64/x", "A" * 40):  # never a path out of the pool
+            with pytest.raises(InvalidName, match="not an architecture name"):
+                await bus.call("h1", catalogue_api.REMOVE, ImageRef(id="phyllome-tiny",
+                                                                    arch=bad))
         await bus.call("h1", catalogue_api.REMOVE, arm_ref)
         assert not Path(theirs.path).exists() and Path(mine.path).exists()
         with pytest.raises(NotFound):
