@@ -114,8 +114,9 @@ def _cpu(dom: ET.Element, spec: VmSpec, accelerator: Literal["kvm", "tcg"]) -> N
         ET.SubElement(dom, "cpu", mode=mode, check="none", migratable="on")
     elif mode == "host-model":
         ET.SubElement(dom, "cpu", mode=mode, check="partial")
-    else:
-        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact", check="partial")
+    else:  # libvirt knows no host CPU to check an ARM model against ("unknown host CPU")
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact",
+                            check="partial" if _x86(spec) else "none")
         _text(cpu, "model", mode, fallback="forbid")
 
 

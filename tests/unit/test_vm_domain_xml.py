@@ -112,6 +112,7 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
     ),
     "aarch64-direct-kernel-media": (
         VmSpec(name="arm-inst", uuid=UUID, arch="aarch64", machine="virt", vcpus=12,
+               cpu="cortex-a57",
                kernel="/var/tmp/tiny/vmlinuz", initrd="/var/tmp/tiny/initrd.gz",
                cmdline="console=ttyAMA0 phyllome.stay=1", input="virtio", display="both",
                cdrom=Cdrom(path="/srv/iso/arm.iso"),
