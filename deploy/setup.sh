@@ -93,7 +93,7 @@ tiny_build() {
   shift
   [ -f "$dir/manifest.json" ] && [ "$dir/manifest.json" -nt deploy/images/tiny/init ] &&
     [ "$dir/manifest.json" -nt deploy/images/build-tiny.sh ] && return 0
-  echo "building the phyllome-tiny guest image $* into $dir"
+  echo "building the phyllome-tiny guest image${*:+ ($*)} into $dir"
   local log
   log=$(mktemp)
   deploy/images/build-tiny.sh "$@" "$dir" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
