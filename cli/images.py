@@ -71,6 +71,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = cmds.add_parser("remove", help="delete a pulled image from the host's pool")
     common.add_common(p)
     p.add_argument("id")
+    p.add_argument("--arch", default="", help="the image pulled for this architecture "
+                   "(default: the host's)")
     p.set_defaults(func=cmd_remove)
 
     p = cmds.add_parser("refresh", help="re-read every source")
@@ -153,7 +155,8 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 
 def cmd_remove(args: argparse.Namespace) -> None:
-    common.show(args, common.request(args, catalogue_api.REMOVE, ImageRef(id=args.id)))
+    common.show(args, common.request(args, catalogue_api.REMOVE,
+                                     ImageRef(id=args.id, arch=args.arch)))
 
 
 def cmd_refresh(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ import msgspec
 
 from cli import common, snapshot
 from shared import subjects
+from shared.archs import ARCHS, MACHINE
 from shared.codec import decode, to_builtins
 from shared.config import default_host, load
 from shared.errors import Conflict, NotFound, PhyError, Timeout
@@ -116,6 +117,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--initrd", default="")
     p.add_argument("--cmdline", default="")
     p.add_argument("--accelerator", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--arch", choices=ARCHS, default="x86_64",
+                   help="guest architecture: aarch64 runs on QEMU's virt machine with AAVMF, "
+                        "emulated by TCG on an x86_64 host")
     p.add_argument("--autostart", action="store_true")
     p.add_argument("--vsock", action="store_true", help="a virtio vsock device (guest CID)")
     p.add_argument("--input", choices=("usb", "virtio"), default="usb",
@@ -347,7 +351,8 @@ def cmd_create(args: argparse.Namespace) -> None:
             near = args.host if args.host != "auto" else (
                 os.environ.get("PHYLLOME_HOST") or default_host())
             values.update(_template(await bus.call(
-                near, catalogue_api.INFO, ImageRef(id=args.image or cdrom_image),
+                near, catalogue_api.INFO, ImageRef(id=args.image or cdrom_image,
+                                                   arch=args.arch),
                 timeout=args.timeout)))
         given = {"memory_mib": args.memory // MiB if args.memory is not None else None,
                  "vcpus": args.cpus, "firmware": args.firmware,
@@ -363,7 +368,8 @@ def cmd_create(args: argparse.Namespace) -> None:
             sound=args.sound, kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
             accelerator=args.accelerator, autostart=args.autostart, cpu=args.cpu,
             vsock=args.vsock, input=args.input, confidential=args.confidential,
-            cloud_init=cloud_init, cdrom=cdrom, **values)
+            cloud_init=cloud_init, cdrom=cdrom, arch=args.arch, machine=MACHINE[args.arch],
+            **values)
         if not (args.image or spec.disks or spec.kernel or args.disk_size or cdrom):
             pxe = "can only try a network boot (PXE)" if spec.nics else "will stop in its firmware"
             common.warn(args, f"VM {spec.name} has nothing to boot (no --image, --disk or "
@@ -673,6 +679,7 @@ def _show_info(args: argparse.Namespace, info: VmInfo) -> None:
             "state": f"{info.state} ({info.reason})" if info.reason else info.state,
             "accelerator": info.accelerator + (f" — {info.accelerator_note}"
                                                if info.accelerator_note else ""),
+            "arch": f"{info.spec.arch} ({info.spec.machine})",
             "vcpus": info.vcpus, "memory": common.human_bytes(info.memory_mib * MiB),
             "uptime": f"{info.uptime_s:.0f} s" if info.uptime_s else "-",
             "cpu time": f"{info.cpu_time_s:.1f} s",

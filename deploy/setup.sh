@@ -16,6 +16,7 @@ PACKAGES=(
   socat rsync curl iproute2 kmod gzip openssl gpgv gnupg dnsmasq-base
   novnc chromium chromium-driver
   grub-common grub-efi-amd64-bin xorriso
+  qemu-system-arm qemu-efi-aarch64
 )
 
 packages() {
@@ -78,13 +79,24 @@ libvirt() {
   return 1
 }
 
+# The x86_64 build in phyllome-tiny/, the aarch64 one in phyllome-tiny/aarch64/ (one
+# catalogue entry with an image per arch); the aarch64 one only where QEMU can run it.
 tiny() {
   local dir="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/builtin/phyllome-tiny"
-  [ -f "$dir/manifest.json" ] && [ "$dir/manifest.json" -nt deploy/images/tiny/init ] && return 0
-  echo "building the phyllome-tiny guest image into $dir"
+  tiny_build "$dir"
+  command -v qemu-system-aarch64 >/dev/null || return 0
+  tiny_build "$dir/aarch64" --arch aarch64
+}
+
+tiny_build() {
+  local dir=$1
+  shift
+  [ -f "$dir/manifest.json" ] && [ "$dir/manifest.json" -nt deploy/images/tiny/init ] &&
+    [ "$dir/manifest.json" -nt deploy/images/build-tiny.sh ] && return 0
+  echo "building the phyllome-tiny guest image${*:+ ($*)} into $dir"
   local log
   log=$(mktemp)
-  deploy/images/build-tiny.sh "$dir" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
+  deploy/images/build-tiny.sh "$@" "$dir" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
   rm -f "$log"
 }
 

@@ -72,6 +72,12 @@ class InvalidMessage(BadRequest):
     kind = "invalid_message"
 
 
+class ArchMismatch(BadRequest):
+    """An image of one architecture asked for a guest of another."""
+
+    kind = "arch_mismatch"
+
+
 class InvalidName(BadRequest):
     """A name, token, address or path component fails validation."""
 
@@ -132,6 +138,12 @@ class InsufficientResources(PhyError):
 
     code = 507
     kind = "insufficient_resources"
+
+
+class ArchUnsupported(InsufficientResources):
+    """The host has no QEMU or no firmware for the guest's architecture."""
+
+    kind = "arch_unsupported"
 
 
 class Cancelled(PhyError):

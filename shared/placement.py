@@ -2,11 +2,12 @@
 
 A host qualifies when it is up, runs a vm and a storage agent, and has what the spec needs:
 memory (free now, and not promised to the VMs already defined there), room in the pool,
-UEFI / Secure Boot firmware, swtpm for a TPM, nested virtualization, the memory encryption
-of a confidential guest (SEV, SEV-ES, SEV-SNP or TDX under a usable KVM), and every host device
-the spec names: a GPU with the other functions of its card, an SR-IOV VF, a mediated device,
-each one the host's hardware agent publishes as passable (``HostResources``). Among those,
-the one with the most memory left after the VM wins (ties: the name), so VMs spread.
+QEMU and UEFI / Secure Boot firmware for the guest's arch (``shared.archs``), swtpm for a
+TPM, nested virtualization, the memory encryption of a confidential guest (SEV, SEV-ES,
+SEV-SNP or TDX under a usable KVM), and every host device the spec names: a GPU with the
+other functions of its card, an SR-IOV VF, a mediated device, each one the host's hardware
+agent publishes as passable (``HostResources``). Among those, the one with the most memory
+left after the VM wins (ties: the name), so VMs spread.
 The reply names the host and says why, and why every other host was passed over::
 
     choice = await choose(bus, spec, disk_bytes=10 << 30)   # or place(needs(...), views, ...)
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from shared import archs
 from shared.cluster import HostView, cluster_vms, host_views_on
 from shared.errors import InsufficientResources
 from shared.messages.hardware import HostCaps, HostResources
@@ -36,6 +38,7 @@ class Needs(msgspec.Struct, frozen=True, kw_only=True):
     """What a VM asks of its host."""
 
     memory_mib: int
+    arch: str = "x86_64"
     disk_bytes: int = 0
     pool: str = "default"
     uefi: bool = False
@@ -56,7 +59,7 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True, tag="cluster.placemen
 
 def needs(spec: VmSpec, *, disk_bytes: int = 0, pool: str = "default") -> Needs:
     """The needs of ``spec``; ``disk_bytes``: room its new disks take (an image's size)."""
-    return Needs(memory_mib=spec.memory_mib, disk_bytes=disk_bytes, pool=pool,
+    return Needs(memory_mib=spec.memory_mib, arch=spec.arch, disk_bytes=disk_bytes, pool=pool,
                  uefi=spec.firmware == "uefi", secure_boot=spec.secure_boot,
                  tpm=spec.tpm != "none", nested=spec.nested, hostdevs=spec.hostdevs,
                  confidential=spec.confidential)
@@ -162,8 +165,11 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
         return (f"pool {need.pool!r} has {_gib(pool.free_bytes)} free, the disk "
                 f"needs {_gib(need.disk_bytes)}")
     nested = caps is not None and bool(caps.nested) and caps.kvm_usable
-    for wanted, have, what in ((need.uefi, res.uefi, "no UEFI firmware (OVMF)"),
-                               (need.secure_boot, res.secure_boot,
+    if why := arch_refusal(need, res):
+        return why
+    x86 = need.arch == "x86_64"
+    for wanted, have, what in ((x86 and need.uefi, res.uefi, "no UEFI firmware (OVMF)"),
+                               (x86 and need.secure_boot, res.secure_boot,
                                 "no Secure Boot firmware (OVMF .ms)"),
                                (need.tpm, res.tpm, "no swtpm for an emulated TPM"),
                                (need.nested, nested,
@@ -173,6 +179,15 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
     if need.confidential != "none" and not confidential(caps, need.confidential):
         return f"no {need.confidential.upper()} under a usable KVM"
     return device_fit(need.hostdevs, res).refusal if need.hostdevs else None
+
+
+def arch_refusal(need: Needs, res: HostResources) -> str | None:
+    """Why the host cannot run a guest of ``need.arch`` (its QEMU, its UEFI firmware), or None.
+    A host that publishes no guest archs (from before them) runs x86_64 guests only."""
+    if need.arch == "x86_64" and not res.guest_archs:
+        return None
+    have = next((a for a in res.guest_archs if a.arch == need.arch), None)
+    return archs.missing(need.arch, have, uefi=need.uefi, secure_boot=need.secure_boot)
 
 
 def confidential(caps: HostCaps | None, mode: Confidential) -> bool:
@@ -217,7 +232,8 @@ def place(need: Needs, views: Iterable[HostView],
         passed[h] = f"fits, with less memory left than {host}"
     res = fitting[host].resources
     devices = device_fit(need.hostdevs, res).summary() if need.hostdevs and res else ""
-    extras = [w for w, on in (("UEFI", need.uefi), ("Secure Boot", need.secure_boot),
+    extras = [w for w, on in ((need.arch, need.arch != "x86_64"), ("UEFI", need.uefi),
+                              ("Secure Boot", need.secure_boot),
                               ("TPM", need.tpm), ("nested", need.nested),
                               (need.confidential.upper(), need.confidential != "none"),
                               (devices, devices)) if on]

@@ -6,7 +6,14 @@
 #                  kernel + initramfs; boots under OVMF with Secure Boot
 #   manifest.json  sha256 and size of each file, kernel version, Debian package versions
 #
-# Usage: deploy/images/build-tiny.sh OUTDIR
+# Usage: deploy/images/build-tiny.sh [--arch x86_64|aarch64] OUTDIR
+#
+# --arch aarch64 builds the same guest from Debian's arm64 packages (shimaa64, grubaa64, the
+# signed cloud-arm64 kernel; serial console ttyAMA0, the PL011 of QEMU's virt machine), for
+# AAVMF Secure Boot. Its apt state (package lists of that architecture, read with the host's
+# sources) is private to the build, in $PHYLLOME_TINY_DEBS/apt-arm64 (or a temporary
+# directory): the host's dpkg architectures stay as they are. Its /init also prints
+# `arch=aarch64` and its manifest.json names the arch (absent: x86_64).
 #
 # Needs no root mount and installs nothing: the Debian packages are fetched with
 # `apt-get download` (into $PHYLLOME_TINY_DEBS when set, which makes later builds offline)
@@ -15,19 +22,34 @@
 # same bytes (fixed GUIDs, volume id and timestamps).
 set -euo pipefail
 
+arch=x86_64
+if [ "${1:-}" = --arch ] && [ $# -ge 2 ]; then
+    arch=$2
+    shift 2
+fi
 if [ $# -ne 1 ]; then
-    echo "usage: $0 OUTDIR" >&2
+    echo "usage: $0 [--arch x86_64|aarch64] OUTDIR" >&2
     exit 2
 fi
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1
+case "$arch" in
+    x86_64) debarch=amd64 efiarch=x64 grubdir=x86_64-efi-signed console=ttyS0 extra_modules= ;;
+    # The arm64 cloud kernel has the TPM's TIS driver as a module (CRB is built in).
+    aarch64) debarch=arm64 efiarch=aa64 grubdir=arm64-efi-signed console=ttyAMA0
+        extra_modules=tpm_tis ;;
+    *)
+        echo "build-tiny: arch '$arch' is not one of x86_64, aarch64" >&2
+        exit 2
+        ;;
+esac
 epoch=${SOURCE_DATE_EPOCH:-1700000000}
 disk_mib=96
 esp_mib=64
 # Drivers the guest loads itself (the cloud kernel has TPM CRB/TIS and the 8250 UART built
 # in, virtio and the rest as modules); modprobe adds their dependencies.
 modules="virtio_pci virtio_blk virtio_net virtio_console virtio_rng virtio_balloon
-         virtio_input virtiofs efivarfs button evdev"
+         virtio_input virtiofs efivarfs button evdev${extra_modules:+ $extra_modules}"
 
 for tool in apt-get apt-cache dpkg-deb depmod modprobe cpio gzip sgdisk mkfs.vfat mmd mcopy \
     sha256sum; do
@@ -44,20 +66,39 @@ debs=${PHYLLOME_TINY_DEBS:-$work/debs}
 mkdir -p "$debs" "$out"
 debs=$(cd "$debs" && pwd)
 
+# apt for the guest's architecture: the host's own for x86_64; for another one, private
+# package lists of that architecture (updated here; kept when the update fails offline).
+apt_opts=()
+if [ "$debarch" != amd64 ]; then
+    state=$debs/apt-$debarch
+    mkdir -p "$state/lists/partial" "$state/cache/archives/partial"
+    apt_opts=(-o "APT::Architecture=$debarch" -o "APT::Architectures=$debarch"
+        -o "Dir::State::Lists=$state/lists" -o "Dir::Cache=$state/cache"
+        -o "Dir::State::status=/dev/null" -o APT::Sandbox::User=root)
+    apt-get "${apt_opts[@]}" update -qq >&2 || [ -n "$(ls "$state/lists" 2>/dev/null |
+        grep -v -e '^partial$' -e '^lock$')" ] || {
+        echo "build-tiny: 'apt-get update' for $debarch failed and no package lists" \
+            "are cached in $state/lists" >&2
+        exit 1
+    }
+fi
+
 # fetch PACKAGE: print the path of the .deb of apt's candidate version, downloading it
 # into $debs unless it is there already.
 fetch() {
-    local pkg=$1 version arch file
-    version=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p')
-    arch=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null |
+    local pkg=$1 version pkgarch file
+    version=$(apt-cache "${apt_opts[@]}" show --no-all-versions "$pkg" 2>/dev/null |
+        sed -n 's/^Version: //p')
+    pkgarch=$(apt-cache "${apt_opts[@]}" show --no-all-versions "$pkg" 2>/dev/null |
         sed -n 's/^Architecture: //p')
     if [ -z "$version" ]; then
         echo "build-tiny: apt knows no package '$pkg'; run 'apt-get update' (Debian 12)" >&2
         exit 1
     fi
-    file="$debs/${pkg}_${version//:/%3a}_${arch}.deb"
+    file="$debs/${pkg}_${version//:/%3a}_${pkgarch}.deb"
     if [ ! -s "$file" ]; then
-        (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$version" >&2) || {
+        (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "${apt_opts[@]}" \
+            "$pkg=$version" >&2) || {
             echo "build-tiny: 'apt-get download $pkg=$version' failed" >&2
             exit 1
         }
@@ -65,17 +106,17 @@ fetch() {
     echo "$pkg $version $file"
 }
 
-kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+kernel_pkg=$(apt-cache "${apt_opts[@]}" depends "linux-image-cloud-$debarch" 2>/dev/null |
     awk '/Depends: linux-image-/ {print $2; exit}')
 if [ -z "$kernel_pkg" ]; then
-    echo "build-tiny: cannot resolve linux-image-cloud-amd64; run 'apt-get update'" >&2
+    echo "build-tiny: cannot resolve linux-image-cloud-$debarch; run 'apt-get update'" >&2
     exit 1
 fi
 
 root=$work/root
 : >"$work/packages"
-for pkg in "$kernel_pkg" busybox-static shim-signed shim-helpers-amd64-signed \
-    grub-efi-amd64-signed; do
+for pkg in "$kernel_pkg" busybox-static shim-signed "shim-helpers-$debarch-signed" \
+    "grub-efi-$debarch-signed"; do
     read -r name version file < <(fetch "$pkg")
     dpkg-deb -x "$file" "$root"
     echo "$name $version" >>"$work/packages"
@@ -88,10 +129,33 @@ kver=${vmlinuz##*/vmlinuz-}
 tree=$work/initramfs
 mkdir -p "$tree"/{bin,dev,proc,sys,tmp,run,var/log,etc/acpi/PWRF} "$tree/lib/modules/$kver"
 cp "$root/bin/busybox" "$tree/bin/busybox"
-for applet in $("$tree/bin/busybox" --list); do
+lister=$tree/bin/busybox
+if [ "$debarch" != amd64 ]; then
+    # The guest's busybox does not run here: its applets are those of the host's build of
+    # the same package (same configuration).
+    guest_apt=("${apt_opts[@]}")
+    apt_opts=()
+    read -r _ _ file < <(fetch busybox-static)
+    apt_opts=("${guest_apt[@]}")
+    dpkg-deb -x "$file" "$work/host"
+    lister=$work/host/bin/busybox
+fi
+for applet in $("$lister" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$tree/bin/$applet"
 done
-install -m 755 "$here/tiny/init" "$tree/init"
+[ -L "$tree/bin/sh" ] || { echo "build-tiny: '$lister --list' gave no applets" >&2; exit 1; }
+if [ "$arch" = x86_64 ]; then
+    install -m 755 "$here/tiny/init" "$tree/init"
+else
+    # The same /init, which also says the guest's arch after its kernel (the x86_64 image
+    # stays byte for byte what it was).
+    sed '/^marker "kernel=\$kver"$/a marker "arch=$(uname -m)"' "$here/tiny/init" >"$tree/init"
+    grep -qxF 'marker "arch=$(uname -m)"' "$tree/init" || {
+        echo "build-tiny: tiny/init has no 'marker \"kernel=\$kver\"' line to follow" >&2
+        exit 1
+    }
+    chmod 755 "$tree/init"
+fi
 install -m 755 "$here/tiny/power-button" "$tree/etc/acpi/PWRF/00000080"
 
 depmod -b "$root" "$kver"
@@ -119,11 +183,14 @@ esp=$work/esp.img
 mkfs.vfat -C --invariant -i 50485954 -n PHYLLOME "$esp" $((esp_mib * 1024)) >/dev/null
 efi() { cp "$1" "$work/$2" && touch -d "@$epoch" "$work/$2" && echo "$work/$2"; }
 mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
-mcopy -m -i "$esp" "$(efi "$root/usr/lib/shim/shimx64.efi.signed" BOOTX64.EFI)" ::/EFI/BOOT/
-mcopy -m -i "$esp" "$(efi "$root/usr/lib/shim/mmx64.efi.signed" mmx64.efi)" ::/EFI/BOOT/
-mcopy -m -i "$esp" "$(efi "$root/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" \
-    grubx64.efi)" ::/EFI/BOOT/
-mcopy -m -i "$esp" "$(efi "$here/tiny/grub.cfg" grub.cfg)" ::/EFI/debian/
+boot=BOOT${efiarch^^}.EFI
+mcopy -m -i "$esp" "$(efi "$root/usr/lib/shim/shim$efiarch.efi.signed" "$boot")" ::/EFI/BOOT/
+mcopy -m -i "$esp" "$(efi "$root/usr/lib/shim/mm$efiarch.efi.signed" "mm$efiarch.efi")" \
+    ::/EFI/BOOT/
+mcopy -m -i "$esp" "$(efi "$root/usr/lib/grub/$grubdir/grub$efiarch.efi.signed" \
+    "grub$efiarch.efi")" ::/EFI/BOOT/
+sed "s/console=ttyS0/console=$console/" "$here/tiny/grub.cfg" >"$work/grub.cfg.in"
+mcopy -m -i "$esp" "$(efi "$work/grub.cfg.in" grub.cfg)" ::/EFI/debian/
 mcopy -m -i "$esp" "$work/vmlinuz" "$work/initrd.gz" ::/
 
 disk=$work/disk.raw
@@ -139,7 +206,9 @@ for f in vmlinuz initrd.gz disk.raw; do
     chmod 644 "$out/$f"
 done
 {
-    printf '{\n  "name": "phyllome-tiny",\n  "kernel_version": "%s",\n' "$kver"
+    printf '{\n  "name": "phyllome-tiny",\n'
+    [ "$arch" = x86_64 ] || printf '  "arch": "%s",\n' "$arch"
+    printf '  "kernel_version": "%s",\n' "$kver"
     printf '  "marker_prefix": "PHYLLOME-TINY: ",\n  "disk_format": "raw",\n'
     printf '  "packages": {'
     sep=
@@ -157,4 +226,4 @@ done
     printf '\n  }\n}\n'
 } >"$out/manifest.json"
 chmod 644 "$out/manifest.json"
-echo "build-tiny: phyllome-tiny (kernel $kver) in $out"
+echo "build-tiny: phyllome-tiny for $arch (kernel $kver) in $out"

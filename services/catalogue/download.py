@@ -355,7 +355,7 @@ class ImageStore:
                 id=entry.id, host=self.host, path=str(final), sha256=raw_sha,
                 size=final.stat().st_size, state="ready" if dl.sha256 else "unverified",
                 source=entry.source, url=url, source_sha256=sha, source_format=source_format,
-                pulled_at=time.time())
+                pulled_at=time.time(), arch=dl.arch)
             fileops.write_atomic(self._meta_path(entry.id), msgspec.json.encode(image),
                                  mode=0o644)
             return image

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -34,7 +35,7 @@ from services.catalogue.sources import (
 )
 from shared import subjects
 from shared.codec import to_builtins
-from shared.errors import BadRequest, Conflict, Forbidden, NotFound, PhyError
+from shared.errors import BadRequest, Conflict, Forbidden, InvalidName, NotFound, PhyError
 from shared.messages import Ack, Empty
 from shared.messages.catalogue import (
     CatalogueEntry,
@@ -72,6 +73,7 @@ GiB = 1 << 30
 # Formats in the order a pull prefers them: RAW needs no conversion.
 FORMAT_ORDER = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
 PROBE_CONCURRENCY = 8
+ARCH_NAME = re.compile(r"^[a-z0-9_]{1,32}$")  # x86_64, aarch64, riscv64, ppc64le
 # Words people type for an OS family -> osinfo-db's family names.
 FAMILY_ALIASES = {"windows": "winnt", "macos": "darwin"}
 
@@ -166,6 +168,8 @@ class Handlers:
         local = [d for d in entry.downloads if d.url.startswith("file:")]
         if not local:
             return
+        here = normalize_arch(self.settings.arch)  # this host's arch first (others on ask)
+        local.sort(key=lambda d: d.arch != here)
         try:
             accepted = await self.pull(PullRequest(id=image_id, arch=local[0].arch))
         except PhyError as e:
@@ -362,16 +366,32 @@ class Handlers:
                          local=local.get(e.id, ""))
             for e in sorted(self.entries.values(), key=lambda e: e.id) if matches(e, req)])
 
+    def local_id(self, image_id: str, arch: str) -> str:
+        """The pool's name of ``image_id`` pulled for ``arch``: the id itself for this host's
+        architecture, ``<id>_<arch>`` for another one (both can be pulled at once; events name
+        it as a subject token, which has no dots)."""
+        arch = normalize_arch(arch or self.settings.arch)
+        if not ARCH_NAME.match(arch):
+            raise InvalidName(f"arch {arch[:40]!r} is not an architecture name (x86_64, "
+                              "aarch64, ...)")
+        return image_id if arch == normalize_arch(self.settings.arch) else \
+            check_id(f"{image_id}_{arch}")
+
     async def info(self, req: ImageRef) -> ImageInfo:
         entry = self.get(req.id)
-        local = self.store.local(entry.id)
+        name = self.local_id(entry.id, req.arch)
+        local = self.store.local(name)
         return ImageInfo(entry=entry, template=template(entry, local), local=local,
                          path=local.path if local else "", sha256=local.sha256 if local else "",
-                         pulling=self.agent.jobs.running(f"pull:{entry.id}"))
+                         pulling=self.agent.jobs.running(f"pull:{name}"),
+                         arch=normalize_arch(req.arch or self.settings.arch))
 
     async def pull(self, req: PullRequest) -> JobAccepted:
         entry = self.get(req.id)
         dl = choose(entry, normalize_arch(req.arch or self.settings.arch))
+        name = self.local_id(entry.id, dl.arch)
+        if name != entry.id:  # another arch's image: pulled under its own name
+            entry = msgspec.structs.replace(entry, id=name)
         try:
             self.store.preflight(entry, dl, req.allow_unverified)
         except PhyError:
@@ -412,13 +432,14 @@ class Handlers:
 
     async def remove(self, req: ImageRef) -> Ack:
         check_id(req.id)
-        image = self.store.remove(req.id)
+        name = self.local_id(req.id, req.arch)
+        image = self.store.remove(name)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self.kv.delete(self._local_key(req.id))
+            await self.kv.delete(self._local_key(name))
         await self.agent.publish("image.removed", ImageRemoved(
-            host=self.agent.host, id=req.id, path=image.path), req.id)
+            host=self.agent.host, id=name, path=image.path), name)
         self._count_images()
-        return Ack(message=f"{req.id} removed from {image.path}")
+        return Ack(message=f"{name} removed from {image.path}")
 
     # -- link-rot probing -------------------------------------------------------------------
 

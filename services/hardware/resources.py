@@ -1,5 +1,6 @@
 """What this host has for VMs, measured before each heartbeat of the hardware agent: CPUs,
-memory, UEFI / Secure Boot firmware, swtpm, and the devices a VM can be given. Placement and
+memory, UEFI / Secure Boot firmware, swtpm, the guest architectures it has QEMU and firmware
+for (``shared.archs``), and the devices a VM can be given. Placement and
 migration read it from KV ``hosts`` instead of asking the host::
 
     agent.on_beat(measure)      # service.setup: HostResources into the heartbeat
@@ -13,6 +14,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from shared import archs
 from shared.messages.hardware import HostResources, MdevRoom, PassableDevice, PciDevice
 
 OVMF_DIRS = ("/usr/share/OVMF", "/usr/share/edk2/ovmf", "/usr/share/qemu")
@@ -63,4 +65,4 @@ def host_resources(devices: list[PciDevice]) -> HostResources:
         uefi=any("CODE" in p.name or p.suffix == ".json" for p in ovmf),
         secure_boot=any(".ms." in p.name or "secboot" in p.name for p in ovmf),
         tpm=shutil.which("swtpm") is not None,
-        devices=passable(devices), mdevs=mdev_rooms(devices))
+        devices=passable(devices), mdevs=mdev_rooms(devices), guest_archs=archs.guest_archs())

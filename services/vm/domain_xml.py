@@ -54,8 +54,11 @@ def build(
     _os(dom, spec)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    if spec.secure_boot:
+    if _x86(spec):
+        ET.SubElement(features, "apic")
+    else:  # GICv3: more than 8 vCPUs, emulated by TCG as well
+        ET.SubElement(features, "gic", version="3")
+    if spec.secure_boot and _x86(spec):  # OVMF keeps its variables safe in SMM; ARM has none
         ET.SubElement(features, "smm", state="on")
     if spec.profile == "windows":
         features.append(_hyperv(accelerator))
@@ -64,15 +67,21 @@ def build(
     _text(dom, "on_poweroff", "destroy")
     _text(dom, "on_reboot", "restart")
     _text(dom, "on_crash", "destroy")
-    pm = ET.SubElement(dom, "pm")
-    ET.SubElement(pm, "suspend-to-mem", enabled="no")
-    ET.SubElement(pm, "suspend-to-disk", enabled="no")
+    if _x86(spec):  # ACPI S3/S4 (libvirt refuses the setting on virt)
+        pm = ET.SubElement(dom, "pm")
+        ET.SubElement(pm, "suspend-to-mem", enabled="no")
+        ET.SubElement(pm, "suspend-to-disk", enabled="no")
     devices = ET.SubElement(dom, "devices")
     _devices(devices, spec, serial_log)
     _virtio_devices(devices, spec)
     _launch_security(dom, devices, spec)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _x86(spec: VmSpec) -> bool:
+    """q35 (x86_64), else QEMU's ``virt`` machine (aarch64): no ISA, no SATA, PL011 serial."""
+    return spec.arch == "x86_64"
 
 
 def _stored(spec: VmSpec) -> str:
@@ -105,8 +114,9 @@ def _cpu(dom: ET.Element, spec: VmSpec, accelerator: Literal["kvm", "tcg"]) -> N
         ET.SubElement(dom, "cpu", mode=mode, check="none", migratable="on")
     elif mode == "host-model":
         ET.SubElement(dom, "cpu", mode=mode, check="partial")
-    else:
-        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact", check="partial")
+    else:  # libvirt knows no host CPU to check an ARM model against ("unknown host CPU")
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact",
+                            check="partial" if _x86(spec) else "none")
         _text(cpu, "model", mode, fallback="forbid")
 
 
@@ -134,6 +144,8 @@ def _clock(dom: ET.Element, spec: VmSpec) -> None:
     Hyper-V clock for a steady time source."""
     windows = spec.profile == "windows"
     clock = ET.SubElement(dom, "clock", offset="localtime" if windows else "utc")
+    if not _x86(spec):  # the virt machine's timers are the CPU's (no RTC, PIT or HPET)
+        return
     ET.SubElement(clock, "timer", name="rtc", tickpolicy="catchup")
     ET.SubElement(clock, "timer", name="pit", tickpolicy="delay")
     ET.SubElement(clock, "timer", name="hpet", present="no")
@@ -178,6 +190,11 @@ def _disk(disk: Disk, target: str) -> ET.Element:
     return d
 
 
+def _cdrom_bus(spec: VmSpec) -> str:
+    """SATA on q35; virtio-scsi on virt, which has no SATA controller."""
+    return "sata" if _x86(spec) else "scsi"
+
+
 def _cdroms(spec: VmSpec, sata_disks: int) -> list[tuple[str, str]]:
     """The CD-ROM drives, after the SATA disks: the install media drive (maybe empty), then
     the cloud-init seed."""
@@ -186,13 +203,13 @@ def _cdroms(spec: VmSpec, sata_disks: int) -> list[tuple[str, str]]:
     return [(p, "sd" + DISK_TARGETS[sata_disks + i]) for i, p in enumerate(paths)]
 
 
-def _cdrom(path: str, target: str) -> ET.Element:
-    """A read-only SATA CD-ROM drive (q35 has no IDE), empty when ``path`` is ''."""
+def _cdrom(path: str, target: str, bus: str = "sata") -> ET.Element:
+    """A read-only SATA (q35 has no IDE) or SCSI CD-ROM drive, empty when ``path`` is ''."""
     d = ET.Element("disk", type="file", device="cdrom")
     ET.SubElement(d, "driver", name="qemu", type="raw")
     if path:
         ET.SubElement(d, "source", file=path)
-    ET.SubElement(d, "target", dev=target, bus="sata")
+    ET.SubElement(d, "target", dev=target, bus=bus)
     ET.SubElement(d, "readonly")
     return d
 
@@ -203,7 +220,7 @@ def cdrom_device(spec: VmSpec) -> str:
         raise Conflict(f"VM {spec.name} has no CD-ROM drive")
     sata = sum(d.bus == "sata" for d in spec.disks)
     path, target = _cdroms(spec, sata)[0]
-    el = _cdrom(path, target)
+    el = _cdrom(path, target, _cdrom_bus(spec))
     ET.indent(el)
     return ET.tostring(el, encoding="unicode")
 
@@ -234,21 +251,29 @@ def _usb(usb: UsbHostdev) -> ET.Element:
 def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
     ET.SubElement(dev, "controller", type="pci", index="0", model="pcie-root")
     ports = (sum(d.bus == "virtio" for d in spec.disks) + len(spec.nics) + len(spec.hostdevs)
-             + BUILTIN_PCI + HOTPLUG_PORTS + _virtio_pci(spec))
+             + BUILTIN_PCI + HOTPLUG_PORTS + _virtio_pci(spec)
+             + (not _x86(spec) and bool(_cdroms(spec, 0))))  # virt's virtio-scsi
     for index in range(1, ports + 1):
         ET.SubElement(dev, "controller", type="pci", index=str(index), model="pcie-root-port")
     used = {"virtio": 0, "sata": 0}
     for disk in spec.disks:
         dev.append(_disk(disk, _prefix(disk) + DISK_TARGETS[used[disk.bus]]))
         used[disk.bus] += 1
-    for path, drive in _cdroms(spec, used["sata"]):
-        dev.append(_cdrom(path, drive))
+    cdroms = _cdroms(spec, used["sata"])
+    if cdroms and not _x86(spec):
+        ET.SubElement(dev, "controller", type="scsi", index="0", model="virtio-scsi")
+    for path, drive in cdroms:
+        dev.append(_cdrom(path, drive, _cdrom_bus(spec)))
     for nic in spec.nics:
         dev.append(_nic(nic))
     serial = ET.SubElement(dev, "serial", type="pty")
     ET.SubElement(serial, "log", file=serial_log, append="off")
-    target = ET.SubElement(serial, "target", type="isa-serial", port="0")
-    ET.SubElement(target, "model", name="isa-serial")
+    if _x86(spec):
+        target = ET.SubElement(serial, "target", type="isa-serial", port="0")
+        ET.SubElement(target, "model", name="isa-serial")
+    else:  # the virt machine's PL011 UART (the guest's ttyAMA0)
+        target = ET.SubElement(serial, "target", type="system-serial", port="0")
+        ET.SubElement(target, "model", name="pl011")
     console = ET.SubElement(dev, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")
     if spec.guest_agent:
@@ -261,6 +286,8 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
         ET.SubElement(dev, "controller", type="usb", model="qemu-xhci", ports="15")
         if spec.input == "usb":
             ET.SubElement(dev, "input", type="tablet", bus="usb")
+            if not _x86(spec):  # q35 has a PS/2 keyboard for the console; virt none
+                ET.SubElement(dev, "input", type="keyboard", bus="usb")
     if spec.display in ("vnc", "both"):
         g = ET.SubElement(dev, "graphics", type="vnc", port="-1", autoport="yes")
         if spec.password:
@@ -281,7 +308,8 @@ def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
         rng = ET.SubElement(dev, "rng", model="virtio")
         _text(rng, "backend", "/dev/urandom", model="random")
     if spec.tpm == "emulated-2.0":
-        tpm = ET.SubElement(dev, "tpm", model="tpm-crb")
+        # CRB on q35; on virt QEMU has the TIS interface as a sysbus device (tpm-tis-device)
+        tpm = ET.SubElement(dev, "tpm", model="tpm-crb" if _x86(spec) else "tpm-tis")
         ET.SubElement(tpm, "backend", type="emulator", version="2.0")
     for hd in spec.hostdevs:
         _hostdev(dev, hd)

@@ -36,11 +36,14 @@ from services.vm.spec import (
     check_usb,
     is_pci_address,
     random_mac,
+    with_machine,
 )
 from services.vm.state import RUNNING, STOPPED, VmStates, with_secrets
-from shared import placement
+from shared import archs, placement
 from shared.agent import Agent
 from shared.errors import (
+    ArchMismatch,
+    ArchUnsupported,
     BadRequest,
     Conflict,
     InsufficientResources,
@@ -237,6 +240,12 @@ class Handlers:
                 f"{self.host} has {host_mib} MiB: give less memory")
 
     def _accelerator(self, spec: VmSpec) -> Accel:
+        here = archs.host_arch()
+        if spec.arch != here:  # KVM runs the host's own arch only: QEMU emulates the others
+            if spec.accelerator == "kvm":
+                raise BadRequest(f"VM {spec.name} is an {spec.arch} guest and KVM runs only "
+                                 f"{here} guests here: use --accelerator tcg or auto")
+            return "tcg"
         accel = self.decision.accelerator if spec.accelerator == "auto" else spec.accelerator
         if spec.nested and accel != "kvm":
             raise BadRequest(f"nested virtualization needs KVM, and VM {spec.name} would run "
@@ -248,6 +257,26 @@ class Handlers:
             raise BadRequest(f"--cpu host-passthrough needs KVM, and VM {spec.name} would run "
                              "under TCG: use --cpu maximum, a named model, or leave it out")
         return accel
+
+    async def _check_arch(self, spec: VmSpec) -> None:
+        """Refuse a guest of another arch when this host lacks its QEMU or firmware."""
+        if spec.arch == archs.host_arch():
+            return
+        have = await asyncio.to_thread(archs.guest_arch, spec.arch)
+        why = archs.missing(spec.arch, have, uefi=spec.firmware == "uefi",
+                            secure_boot=spec.secure_boot)
+        if why:
+            raise ArchUnsupported(f"host {self.host} cannot run VM {spec.name}: {why}")
+
+    @staticmethod
+    def _check_image_arch(spec: VmSpec, image: ImageInfo, what: str) -> None:
+        """An image is booted only by a guest of its own arch (the pulled file's arch; the
+        entry's archs were checked by ``_image``)."""
+        built = (image.local.arch if image.local is not None else "") or image.arch
+        if built and built != spec.arch:
+            raise ArchMismatch(f"{what} {image.entry.id} is an image for {built} and VM "
+                               f"{spec.name} is an {spec.arch} guest: give --arch {built}, "
+                               "or an image of that arch")
 
     async def _check_nics(self, nics: list[Nic]) -> None:
         """Refuse a NIC on a network this host does not have (it would not start)."""
@@ -384,21 +413,28 @@ class Handlers:
         await hostfs.copy_disk(src.path, path)
         return Disk(path=path, bus=src.bus, owned=True)
 
-    async def _image(self, image: str, what: str = "--image") -> ImageInfo:
+    async def _image(self, image: str, what: str = "--image", arch: str = "") -> ImageInfo:
+        ref = ImageRef(id=image, arch=arch)
         try:
             info: ImageInfo = await self.agent.bus.call(
-                self.host, catalogue_api.INFO, ImageRef(id=image), timeout=PEER_TIMEOUT_S)
+                self.host, catalogue_api.INFO, ref, timeout=PEER_TIMEOUT_S)
         except Unavailable as e:
             raise Unavailable(f"{what} needs the catalogue agent ({e.message}); "
                               "or give a path") from None
+        if arch and info.entry.archs and arch not in info.entry.archs:
+            have = ", ".join(info.entry.archs)
+            raise ArchMismatch(f"{what} {image} is an image for {have}, not for {arch} "
+                               f"guests: give --arch {info.entry.archs[0]}, or an image of "
+                               f"{arch}")
         if not info.path and info.pulling:  # being pulled (a built-in one, at start): wait
             succeeded(await wait_job(self.agent.bus, self.host, "catalogue", info.pulling,
                                      timeout=JOB_TIMEOUT_S))
-            info = await self.agent.bus.call(self.host, catalogue_api.INFO, ImageRef(id=image),
+            info = await self.agent.bus.call(self.host, catalogue_api.INFO, ref,
                                              timeout=PEER_TIMEOUT_S)
         if not info.path:
-            raise Conflict(f"image {image} is not on {self.host} yet: run "
-                           f"`phyllome images pull {image}` first")
+            flag = f" --arch {arch}" if arch and arch != archs.host_arch() else ""
+            raise Conflict(f"image {image}{' for ' + arch if flag else ''} is not on "
+                           f"{self.host} yet: run `phyllome images pull {image}{flag}` first")
         return info
 
     async def _disk_from_image(self, info: ImageInfo, vm_name: str) -> Disk:
@@ -498,6 +534,9 @@ class Handlers:
         if dom.accelerator == "tcg":
             note = ("forced by the VM's spec" if spec.accelerator == "tcg"
                     else self.decision.note)
+            if spec.arch != archs.host_arch():
+                note = (f"an {spec.arch} guest on an {archs.host_arch()} host: QEMU emulates "
+                        "its CPU (TCG)")
         return VmInfo(
             name=dom.name, uuid=dom.uuid, host=self.host, state=dom.state, reason=dom.reason,
             accelerator=dom.accelerator, accelerator_note=note,
@@ -516,8 +555,10 @@ class Handlers:
             spec = msgspec.structs.replace(req.spec, seed="")  # the agent makes its own
             if not spec.uuid:
                 spec = msgspec.structs.replace(spec, uuid=str(uuidlib.uuid4()))
+            spec = with_machine(spec)
             check_spec(spec)
             self._accelerator(spec)
+            await self._check_arch(spec)
             await self._check_nested(spec)
             await self._check_devices(spec)
             await self._refuse_duplicate(spec)
@@ -530,15 +571,17 @@ class Handlers:
                 raise BadRequest("--image gives the VM its disk already: drop --disk-size")
             if req.disk_size_bytes < 0:
                 raise BadRequest("--disk-size must be positive, such as 20G")
-            image = await self._image(req.image) if req.image else None
+            image = await self._image(req.image, arch=spec.arch) if req.image else None
             if image is not None:
+                self._check_image_arch(spec, image, "--image")
                 if image.local is not None and image.local.source_format == "iso":
                     raise BadRequest(f"{req.image} is install media: boot it with --cdrom "
                                      f"{req.image} --disk-size 20G")
                 self._check_minimum(spec, image)
-            media = await self._image(req.cdrom_image, "--cdrom IMAGE") \
+            media = await self._image(req.cdrom_image, "--cdrom IMAGE", spec.arch) \
                 if req.cdrom_image else None
             if media is not None:
+                self._check_image_arch(spec, media, "--cdrom")
                 spec = msgspec.structs.replace(spec, cdrom=Cdrom(path=media.path))
             for info in (image, media):
                 if info is not None and info.template.profile != "generic":

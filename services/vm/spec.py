@@ -15,7 +15,10 @@ import ipaddress
 import re
 import secrets
 
+import msgspec
+
 from services.vm import cloudinit
+from shared import archs
 from shared.errors import BadRequest, Conflict, InvalidName
 from shared.messages.net import NetworkSpec
 from shared.messages.vm import Disk, Share, UsbHostdev, VmSpec
@@ -74,9 +77,43 @@ def is_pci_address(dev: str) -> bool:
     return bool(PCI_ADDRESS.match(dev))
 
 
+def with_machine(spec: VmSpec) -> VmSpec:
+    """``spec`` with its arch's machine when it kept the default one (q35) for another arch:
+    ``--arch aarch64`` alone gives the ``virt`` machine."""
+    machine = archs.MACHINE.get(spec.arch, spec.machine)
+    if spec.machine == "q35" and machine != "q35":
+        return msgspec.structs.replace(spec, machine=machine)
+    return spec
+
+
+def check_arch(spec: VmSpec) -> None:
+    """What a guest of another arch than x86_64 cannot have on its machine (``virt``)."""
+    machine = archs.MACHINE[spec.arch]
+    if spec.machine != machine:
+        raise BadRequest(f"machine {spec.machine} is not for {spec.arch} guests: use "
+                         f"--machine {machine} (or leave it out)")
+    if spec.arch == "x86_64":
+        return
+    why = ""
+    if spec.firmware != "uefi":
+        why = (f"{spec.arch} guests boot UEFI ({archs.FIRMWARE_NAME[spec.arch]}): drop "
+               "--firmware bios")
+    elif any(d.bus == "sata" for d in spec.disks):
+        why = f"the {machine} machine has no SATA: put the disks on virtio"
+    elif spec.sound != "none":
+        why = f"sound {spec.sound} is the q35 chipset's: drop --sound"
+    elif spec.profile == "windows":
+        why = "the windows profile (Hyper-V enlightenments) is for x86_64 guests"
+    elif spec.confidential != "none":
+        why = f"--confidential {spec.confidential} is an x86_64 (AMD, Intel) technology"
+    if why:
+        raise BadRequest(f"{spec.arch} guest {spec.name}: {why}")
+
+
 def check_spec(spec: VmSpec) -> None:
     """Refuse a spec that no host could run, with what to change; host limits come later."""
     check_name(spec.name)
+    check_arch(spec)
     if spec.uuid:
         check_uuid(spec.uuid)
     if spec.memory_mib < MIN_MEMORY_MIB:

@@ -103,6 +103,9 @@ class LocalImage(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.local
     source_sha256: str = ""  # of the downloaded payload, as published and verified
     source_format: str = "raw"
     pulled_at: float = 0.0
+    # the image's architecture ("": pulled before archs were kept, the catalogue host's);
+    # an image of another arch than the host's has the id ``<entry id>_<arch>``
+    arch: str = ""
 
 
 class ImageCounts(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_counts.v1"):
@@ -166,6 +169,7 @@ class ImageList(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_
 
 class ImageRef(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_ref.v1"):
     id: str
+    arch: str = ""  # which arch's pulled image (default: this host's architecture)
 
 
 class ImageInfo(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_info.v1"):
@@ -175,6 +179,7 @@ class ImageInfo(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.image_
     path: str = ""  # the local RAW file, once pulled here
     sha256: str = ""  # its sha256
     pulling: str = ""  # the id of the catalogue job pulling it here now, if one runs
+    arch: str = ""  # the architecture ``local``/``path`` are of (the asked one)
 
 
 class PullRequest(msgspec.Struct, frozen=True, kw_only=True, tag="catalogue.pull.v1"):

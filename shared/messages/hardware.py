@@ -156,6 +156,16 @@ class MdevRoom(msgspec.Struct, frozen=True, kw_only=True, tag="hw.mdev_room.v1")
     instances: list[str] = []
 
 
+class GuestArch(msgspec.Struct, frozen=True, kw_only=True, tag="hw.guest_arch.v1"):
+    """One architecture of guests this host can run: its QEMU and the UEFI firmware that
+    libvirt would pick for it (QEMU's firmware descriptors; ``shared.archs``)."""
+
+    arch: str  # x86_64, aarch64
+    emulator: str = ""  # path of qemu-system-<arch> ("": not installed)
+    uefi: bool = False  # a UEFI build for the arch's machine (OVMF, AAVMF)
+    secure_boot: bool = False  # one with Secure Boot on and Microsoft's keys enrolled
+
+
 class HostResources(msgspec.Struct, frozen=True, kw_only=True, tag="hw.host_resources.v1"):
     """What this host has for VMs, measured before each heartbeat of its hardware agent:
     placement and migration read it from KV ``hosts`` instead of asking the host."""
@@ -168,6 +178,7 @@ class HostResources(msgspec.Struct, frozen=True, kw_only=True, tag="hw.host_reso
     tpm: bool = False  # swtpm
     devices: list[PassableDevice] = []
     mdevs: list[MdevRoom] = []
+    guest_archs: list[GuestArch] = []  # empty from hosts before it: x86_64 only
 
 
 class StuckWrite(msgspec.Struct, frozen=True, kw_only=True, tag="hw.stuck_write.v1"):

@@ -21,7 +21,9 @@ from shared.messages import net as net_api
 from shared.messages.jobs import JobAccepted, job_endpoints
 from shared.messages.net import DEFAULT_NETWORK
 
-Arch = Literal["x86_64"]
+# Guest architectures: x86_64 on q35; aarch64 on virt (AAVMF), emulated by TCG on x86 hosts.
+Arch = Literal["x86_64", "aarch64"]
+Machine = Literal["q35", "virt"]
 Firmware = Literal["uefi", "bios"]
 Tpm = Literal["none", "emulated-2.0"]
 Display = Literal["spice", "vnc", "both", "none"]
@@ -119,7 +121,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     uuid: str = ""  # chosen at create when empty
     arch: Arch = "x86_64"
-    machine: Literal["q35"] = "q35"
+    machine: Machine = "q35"  # the agent sets "virt" for an aarch64 spec left at q35
     vcpus: int = 2
     memory_mib: int = 1024
     firmware: Firmware = "uefi"

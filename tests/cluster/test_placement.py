@@ -15,11 +15,11 @@ from services.hardware.sysfs import Sysfs
 from shared.cluster import HostView, host_views
 from shared.errors import InsufficientResources
 from shared.messages import HostDown, HostUp
-from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.hardware import GuestArch, HostCaps, HostResources
 from shared.messages.hosts import Heartbeat, HeartbeatDetails
 from shared.messages.storage import PoolRoom
 from shared.messages.vm import VmRecord, VmSpec
-from shared.placement import committed_mib, needs, place
+from shared.placement import committed_mib, needs, place, refusal
 from tests.support.sysfs_tree import FIXTURES, Pci, build
 
 pytestmark = pytest.mark.unit
@@ -246,3 +246,37 @@ def test_a_confidential_vm_needs_a_usable_kvm(tmp_path: Path) -> None:
     with pytest.raises(InsufficientResources, match="epyc: no SEV-SNP under a usable KVM"):
         place(needs(VmSpec(name="x", confidential="sev-snp")),
               [caps_view("epyc", "epyc-snp", tmp_path, kvm_usable=False)])
+
+
+ARM = GuestArch(arch="aarch64", emulator="/usr/bin/qemu-system-aarch64", uefi=True,
+                secure_boot=True)
+X86 = GuestArch(arch="x86_64", emulator="/usr/bin/qemu-system-x86_64", uefi=True,
+                secure_boot=True)
+
+
+def test_an_aarch64_vm_goes_where_its_qemu_and_aavmf_are() -> None:
+    spec = VmSpec(name="arm", arch="aarch64", machine="virt", secure_boot=True)
+    choice = place(needs(spec), [view("a", mem_gib=12, guest_archs=[X86]),
+                                 view("b", guest_archs=[X86, ARM]), view("old")])
+    assert choice.host == "b" and "has aarch64, UEFI, Secure Boot" in choice.reason
+    assert choice.passed_over["a"] == ("no qemu-system-aarch64 for aarch64 guests "
+                                       "(apt-get install qemu-system-arm)")
+    assert choice.passed_over["old"].startswith("no qemu-system-aarch64")
+    # x86_64 guests still go to hosts from before guest_archs
+    assert place(needs(VmSpec(name="x")), [view("old")]).host == "old"
+
+
+@pytest.mark.parametrize(("have", "spec", "why"), [
+    (msgspec.structs.replace(ARM, uefi=False, secure_boot=False), {},
+     "no UEFI firmware for aarch64 guests (AAVMF: apt-get install qemu-efi-aarch64)"),
+    (msgspec.structs.replace(ARM, secure_boot=False), {"secure_boot": True},
+     "no Secure Boot firmware for aarch64 guests (AAVMF with Microsoft's keys"),
+    (msgspec.structs.replace(ARM, emulator=""), {}, "no qemu-system-aarch64"),
+])
+def test_what_a_host_lacks_for_an_aarch64_vm_is_named(have: GuestArch, spec: dict[str, Any],
+                                                     why: str) -> None:
+    need = needs(VmSpec(name="arm", arch="aarch64", machine="virt", **spec))
+    # the refusal migration's preflight applies to its target too
+    assert why in (refusal(view("a", guest_archs=[X86, have]), need, 0) or "")
+    with pytest.raises(InsufficientResources, match="no host can take this VM"):
+        place(need, [view("a", guest_archs=[X86, have])])

@@ -441,6 +441,57 @@ async def test_pull_of_builtin_tiny_offline(nats_server: NatsServer, tmp_path: P
             "uefi", True, "2.0")
 
 
+def _tiny_build(folder: Path, size: int, arch: str | None) -> Path:
+    folder.mkdir(parents=True)
+    disk = make_sparse_raw(folder / "disk.raw", size)
+    manifest: dict[str, Any] = {"name": "phyllome-tiny", "files": {
+        "disk.raw": {"sha256": sha(disk), "size": disk.stat().st_size}}}
+    if arch:
+        manifest["arch"] = arch
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return disk
+
+
+async def test_builtin_tiny_has_an_image_per_arch_pulled_side_by_side(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    built = tmp_path / "builtin"
+    x86 = _tiny_build(built / "phyllome-tiny", 8 * MiB, None)
+    arm = _tiny_build(built / "phyllome-tiny" / "aarch64", 4 * MiB, "aarch64")
+    extra = {"osinfo_dir": "", "probe_interval_s": 0, "builtin_dir": str(built),
+             "arch": "x86_64"}
+    async with agent_in_process("catalogue", nats_server.url, tmp_path / "state",
+                                extra=extra) as agent:
+        bus = agent.bus
+        [auto] = [j for j in (await agent.jobs.jobs(Empty())).jobs if j.kind == "pull"]
+        assert (await agent.jobs.wait(auto.job_id)).state == "succeeded"  # the host's arch
+        arm_ref = ImageRef(id="phyllome-tiny", arch="aarch64")
+        assert (await bus.call("h1", catalogue_api.INFO, arm_ref)).local is None
+        status = await pull(agent, "phyllome-tiny", arch="arm64")  # Debian's spelling too
+        assert status.state == "succeeded", status.message
+
+        mine = await bus.call("h1", catalogue_api.INFO, ImageRef(id="phyllome-tiny"))
+        theirs = await bus.call("h1", catalogue_api.INFO, arm_ref)
+        assert (mine.sha256, mine.local.arch, mine.arch) == (sha(x86), "x86_64", "x86_64")
+        assert (theirs.sha256, theirs.local.arch, theirs.arch) == (sha(arm), "aarch64",
+                                                                    "aarch64")
+        assert theirs.local.id == "phyllome-tiny_aarch64" and mine.path != theirs.path
+        assert mine.entry.archs == ["aarch64", "x86_64"]
+        listed = await bus.call("h1", catalogue_api.LIST, ListRequest(arch="aarch64"))
+        assert [i.id for i in listed.images] == ["phyllome-tiny"]
+        with pytest.raises(NotFound, match="no disk image for riscv64"):
+            await bus.call("h1", catalogue_api.PULL, PullRequest(id="phyllome-tiny",
+                                                                 arch="riscv64"))
+
+        for bad in ("../../etc", "aarch64/x", "A" * 40):  # never a path out of the pool
+            with pytest.raises(InvalidName, match="not an architecture name"):
+                await bus.call("h1", catalogue_api.REMOVE, ImageRef(id="phyllome-tiny",
+                                                                    arch=bad))
+        await bus.call("h1", catalogue_api.REMOVE, arm_ref)
+        assert not Path(theirs.path).exists() and Path(mine.path).exists()
+        with pytest.raises(NotFound):
+            await bus.call("h1", catalogue_api.REMOVE, arm_ref)
+
+
 async def test_real_osinfo_catalogue_over_the_bus(nats_server: NatsServer,
                                                   tmp_path: Path) -> None:
     extra = {"probe_interval_s": 0, "builtin_dir": str(tmp_path / "b")}

@@ -15,10 +15,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from shared import contracts, subjects
+from shared import archs, contracts, subjects
 from shared.agent import Agent
 from shared.codec import encode
 from shared.errors import (
+    ArchUnsupported,
     BackendError,
     BadRequest,
     Conflict,
@@ -34,6 +35,7 @@ from shared.messages import catalogue as catalogue_api
 from shared.messages import storage as storage_api
 from shared.messages import vm as vm_api
 from shared.messages.catalogue import PullRequest, SourceAdd
+from shared.messages.hardware import GuestArch
 from shared.messages.jobs import JobFinished
 from shared.messages.net import NetCreate, NetRef, NetworkSpec
 from shared.messages.storage import CreateVolume, ListVolumes
@@ -187,6 +189,30 @@ async def test_vm_bad_input_is_refused_and_nothing_is_left(
         domains = await agent.handlers.hv.domains()
         assert [d.name for d in domains] == ["dup"]
         assert [r.spec.name for r in (await call(agent, "list", _list_all())).vms] == ["dup"]
+
+
+async def test_vm_aarch64_guest_is_refused_where_it_cannot_run(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _):
+        spec = VmSpec(name="arm", arch="aarch64", memory_mib=256, secure_boot=True)
+        with pytest.raises(BadRequest, match="KVM runs only x86_64 guests here: use "
+                           "--accelerator tcg or auto"):
+            await call(agent, "create", VmCreate(spec=msgspec.structs.replace(
+                spec, accelerator="kvm")))
+        with pytest.raises(BadRequest, match="virt machine has no SATA"):
+            await call(agent, "create", VmCreate(spec=msgspec.structs.replace(
+                spec, disks=[Disk(path=str(raw_disk(tmp_path / "a.raw")), bus="sata")])))
+        monkeypatch.setattr(archs, "guest_arch", lambda arch: GuestArch(
+            arch=arch, emulator="/usr/bin/qemu-system-aarch64", uefi=True))
+        with pytest.raises(ArchUnsupported, match="host h1 cannot run VM arm: no Secure Boot "
+                           "firmware for aarch64 guests"):
+            await call(agent, "create", VmCreate(spec=spec))
+        monkeypatch.setattr(archs, "guest_arch", lambda arch: GuestArch(arch=arch))
+        with pytest.raises(InsufficientResources, match="no qemu-system-aarch64 for aarch64 "
+                           "guests \\(apt-get install qemu-system-arm\\)"):
+            await call(agent, "create", VmCreate(spec=spec))
+        assert (await call(agent, "list", VmListRequest())).vms == []
 
 
 async def test_vm_create_is_idempotent_with_a_key(nats_server: NatsServer, tmp_path: Path,

@@ -118,7 +118,7 @@ HOST = "fz"
 MiB = 1 << 20
 KNOWN_KINDS = {"bad_request", "invalid_message", "invalid_name", "payload_too_large",
                "forbidden", "not_found", "conflict", "insufficient_resources", "cancelled",
-               "unavailable", "timeout", "backend"}
+               "unavailable", "timeout", "backend", "arch_unsupported", "arch_mismatch"}
 # Endpoints that only start a job whose effects the fuzz does not need: fewer messages.
 SLOW = {"bind", "release", "pull", "refresh", "send", "clone", "import", "start", "reboot",
         "shutdown", "boot_probe"}

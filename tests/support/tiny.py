@@ -10,16 +10,19 @@
 
     def test_x(tiny_image: TinyImage) -> None: ...   # session fixture; import it explicitly
 
+    arm = ensure_tiny_image(arch="aarch64")   # the arm64 build (build-tiny.sh --arch aarch64):
+    def test_y(tiny_image_aarch64: TinyImage) -> None: ...   # serial ttyAMA0, AAVMF
+
 The guest prints ``PHYLLOME-TINY: key=value`` lines on ttyS0 (kernel, firmware, secureboot, tpm,
 virtio, disks, mode, ready; see deploy/images/README.md), then powers off, or with
 ``phyllome.stay=1`` on its command line stays up until the ACPI power button. The disk's
 GRUB always passes ``phyllome.stay=1``. Give a UEFI guest booted from the disk at least
 384 MiB (with 256 MiB the kernel resets right after GRUB hands over).
 
-The cache is ``build/images/`` in the repository, or ``$PHYLLOME_IMAGE_CACHE``; the image is
-rebuilt when the build script or the guest's files changed. A file lock makes concurrent
-test processes build it once; downloaded .deb files stay in ``<cache>/debs`` so rebuilds
-need no network.
+The cache is ``build/images/`` in the repository, or ``$PHYLLOME_IMAGE_CACHE`` (another
+arch's build in ``<cache>/<arch>/phyllome-tiny``); the image is rebuilt when the build script
+or the guest's files changed. A file lock makes concurrent test processes build it once;
+downloaded .deb files stay in ``<cache>/debs`` so rebuilds need no network.
 """
 
 from __future__ import annotations
@@ -97,12 +100,14 @@ def _is_current(folder: Path, digest: str) -> bool:
     return stamp == digest and all((folder / f).is_file() for f in FILES)
 
 
-def ensure_tiny_image(cache_dir: Path | None = None) -> TinyImage:
-    """The phyllome-tiny files, built into ``cache_dir`` unless an up-to-date build is there.
+def ensure_tiny_image(cache_dir: Path | None = None, *, arch: str = "x86_64") -> TinyImage:
+    """The phyllome-tiny files for ``arch``, built into ``cache_dir`` unless an up-to-date
+    build is there.
 
     Raises RuntimeError with the build's output when ``build-tiny.sh`` fails.
     """
-    cache = cache_dir or Path(os.environ.get("PHYLLOME_IMAGE_CACHE") or REPO / "build" / "images")
+    root = cache_dir or Path(os.environ.get("PHYLLOME_IMAGE_CACHE") or REPO / "build" / "images")
+    cache = root if arch == "x86_64" else root / arch
     cache.mkdir(parents=True, exist_ok=True)
     folder = cache / NAME
     digest = inputs_digest()
@@ -115,9 +120,10 @@ def ensure_tiny_image(cache_dir: Path | None = None) -> TinyImage:
         fresh = cache / f"{NAME}.new-{os.getpid()}"
         old = cache / f"{NAME}.old-{os.getpid()}"
         shutil.rmtree(fresh, ignore_errors=True)
-        env = {**os.environ, "PHYLLOME_TINY_DEBS": str(cache / "debs")}
-        run = subprocess.run([str(BUILD_SCRIPT), str(fresh)], env=env, capture_output=True,
-                             text=True, timeout=600)
+        env = {**os.environ, "PHYLLOME_TINY_DEBS": str(root / "debs")}
+        args = [] if arch == "x86_64" else ["--arch", arch]
+        run = subprocess.run([str(BUILD_SCRIPT), *args, str(fresh)], env=env,
+                             capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             shutil.rmtree(fresh, ignore_errors=True)
             tail = (run.stdout + run.stderr).strip().splitlines()[-20:]
@@ -137,3 +143,11 @@ def tiny_image() -> TinyImage:
     missing = missing_tools()
     require(not missing, f"the tools to build phyllome-tiny ({', '.join(missing)})")
     return ensure_tiny_image()
+
+
+@pytest.fixture(scope="session")
+def tiny_image_aarch64() -> TinyImage:
+    """The arm64 build of the guest (its packages come with the first build: about 25 MB)."""
+    missing = missing_tools()
+    require(not missing, f"the tools to build phyllome-tiny ({', '.join(missing)})")
+    return ensure_tiny_image(arch="aarch64")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from services.vm import domain_xml
 from services.vm import spec as spec_rules
+from shared import archs
 from shared.errors import BadRequest, InvalidName
 from shared.messages.net import NetworkSpec
 from shared.messages.vm import Cdrom, CloudInit, Disk, Nic, Share, UsbHostdev, VmSpec
@@ -99,6 +100,24 @@ SPECS: dict[str, tuple[VmSpec, Literal["kvm", "tcg"]]] = {
             profile="windows", disks=[Disk(path="/pool/win11.raw")],
             cdrom=Cdrom(path="/srv/iso/win11.iso"),
         ),
+        "tcg",
+    ),
+    # aarch64 on QEMU's virt machine: AAVMF (Secure Boot without SMM), PL011 serial, a TIS
+    # TPM (tpm-tis-device), a USB keyboard for the console, CD-ROMs on virtio-scsi
+    "aarch64-secure-boot-tpm": (
+        VmSpec(name="arm", uuid=UUID, arch="aarch64", machine="virt", memory_mib=512,
+               secure_boot=True, tpm="emulated-2.0", disks=[Disk(path="/pool/arm.raw")],
+               nics=[Nic(kind="network", source="default", mac="52:54:00:12:34:56")]),
+        "tcg",
+    ),
+    "aarch64-direct-kernel-media": (
+        VmSpec(name="arm-inst", uuid=UUID, arch="aarch64", machine="virt", vcpus=12,
+               cpu="cortex-a57",
+               kernel="/var/tmp/tiny/vmlinuz", initrd="/var/tmp/tiny/initrd.gz",
+               cmdline="console=ttyAMA0 phyllome.stay=1", input="virtio", display="both",
+               cdrom=Cdrom(path="/srv/iso/arm.iso"),
+               cloud_init=CloudInit(instance_id="iid-1", hostname="arm-inst"),
+               seed=f"/var/lib/phyllome/vm/disks/{UUID}-h1-cidata.iso"),
         "tcg",
     ),
 }
@@ -185,6 +204,14 @@ def test_vm_bad_names_are_refused(name: str) -> None:
         ({"usb_hostdevs": [UsbHostdev(vendor="046d", product="c52b", bus=1)]}, "without bus"),
         ({"usb_hostdevs": [UsbHostdev(bus=0, device=4)]}, "bus is 1-255"),
         ({"usb_hostdevs": [UsbHostdev(bus=1, device=4)], "usb": False}, "USB controller"),
+        ({"arch": "aarch64"}, "machine q35 is not for aarch64 guests: use --machine virt"),
+        ({"machine": "virt"}, "machine virt is not for x86_64 guests: use --machine q35"),
+        ({"arch": "aarch64", "machine": "virt", "firmware": "bios"}, "boot UEFI \\(AAVMF\\)"),
+        ({"arch": "aarch64", "machine": "virt", "disks": [Disk(path="/a.raw", bus="sata")]},
+         "virt machine has no SATA"),
+        ({"arch": "aarch64", "machine": "virt", "sound": "ich9"}, "q35 chipset's"),
+        ({"arch": "aarch64", "machine": "virt", "profile": "windows"}, "for x86_64 guests"),
+        ({"arch": "aarch64", "machine": "virt", "confidential": "sev"}, "x86_64 \\(AMD"),
     ],
 )
 def test_vm_bad_specs_are_refused(changes: dict[str, object], match: str) -> None:
@@ -303,7 +330,9 @@ _usb = st.one_of(
 def _specs(draw: st.DrawFn) -> tuple[VmSpec, str]:
     firmware = draw(st.sampled_from(["uefi", "bios"]))
     kernel = draw(st.one_of(st.just(""), _paths))
+    arch = draw(st.sampled_from(["x86_64", "aarch64"]))
     spec = VmSpec(
+        arch=arch, machine=archs.MACHINE[arch],  # type: ignore[arg-type]
         name=draw(_names), uuid=str(draw(st.uuids())), vcpus=draw(st.integers(1, 64)),
         memory_mib=draw(st.integers(16, 1 << 20)), firmware=firmware,  # type: ignore[arg-type]
         secure_boot=firmware == "uefi" and draw(st.booleans()),

@@ -3,8 +3,10 @@
 ``builtin_dir`` (default ``<state dir>/images/builtin``) holds one directory per image,
 as ``deploy/images/build-tiny.sh <builtin_dir>/phyllome-tiny`` writes it: ``disk.raw`` and a
 ``manifest.json`` recording the disk's sha256 and size (plus the direct-boot kernel and
-initramfs the VM agent uses). ``phyllome-tiny`` is always listed; an image is downloadable
-(pulled by reflink or copy into the pool, verified against the manifest's sha256) once its
+initramfs the VM agent uses). A build for another arch lies in a folder of that arch's name
+inside (``phyllome-tiny/aarch64/``, from ``build-tiny.sh --arch aarch64``): one entry with
+an image per arch. ``phyllome-tiny`` is always listed; an image is downloadable (pulled by
+reflink or copy into the pool, verified against the manifest's sha256) once its
 ``disk.raw`` is there.
 
     >>> [(e.id, e.downloadable) for e in entries("/nonexistent")]
@@ -17,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.catalogue.sources import check_id
+from services.catalogue.sources import check_id, normalize_arch
 from shared.errors import PhyError
 from shared.messages.catalogue import CatalogueEntry, Download, Requirements, Resources
 
@@ -45,21 +47,33 @@ def entries(builtin_dir: str | Path) -> list[CatalogueEntry]:
     return out
 
 
-def _entry(name: str, folder: Path) -> CatalogueEntry:
+# The architectures whose builds may lie in a subfolder of an image's folder.
+ARCH_FOLDERS = ("aarch64", "riscv64", "x86_64")
+
+
+def _download(folder: Path, meta: dict[str, Any], arch: str) -> Download | None:
     disk = folder / "disk.raw"
-    meta = _manifest(folder / "manifest.json")
+    if not disk.is_file():
+        return None
     published = meta.get("files", {}).get("disk.raw", {}) if isinstance(meta, dict) else {}
-    downloads = []
-    if disk.is_file():
-        downloads.append(Download(
-            arch="x86_64", url=disk.absolute().as_uri(), format="raw",
-            sha256=str(published.get("sha256", "")),
-            size=int(published.get("size", 0)) or disk.stat().st_size))
+    return Download(
+        arch=normalize_arch(str(meta.get("arch", arch))), url=disk.absolute().as_uri(),
+        format="raw", sha256=str(published.get("sha256", "")),
+        size=int(published.get("size", 0)) or disk.stat().st_size)
+
+
+def _entry(name: str, folder: Path) -> CatalogueEntry:
+    meta = _manifest(folder / "manifest.json")
+    found = [_download(folder, meta, "x86_64")]  # the folder itself: x86_64 unless it says
+    found += [_download(folder / arch, _manifest(folder / arch / "manifest.json"), arch)
+              for arch in ARCH_FOLDERS]
+    downloads = [d for d in found if d is not None]
+    archs = sorted({d.arch for d in downloads}) or ["x86_64"]
     tiny = name == TINY
     return CatalogueEntry(
         id=name, name="Phyllome tiny (busybox; signed shim, GRUB and kernel)" if tiny else name,
         source=SOURCE, vendor="Phyllome", family="linux", distro="phyllome",
-        version=str(meta.get("kernel_version", "")), archs=["x86_64"], downloads=downloads,
+        version=str(meta.get("kernel_version", "")), archs=archs, downloads=downloads,
         upstream_id=str(folder), requirements=TINY_REQUIREMENTS if tiny else Requirements())
 
 
