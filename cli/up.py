@@ -22,7 +22,8 @@ runs a hand-written server config (``deploy/nats/``).
 ``--build-debian`` (``make up`` passes it) builds the ``phyllome-debian`` guest image
 (``deploy/setup.sh debian``: minutes the first time, nothing when it is current) in the
 background once the stack serves, logging to ``<state dir>/logs/debian-image.log``, then
-refreshes the catalogue, whose ``catalogue.refreshed`` event announces the new entry.
+refreshes the catalogue, whose ``catalogue.refreshed`` event announces the new entry, and
+pulls it into the image pool (the ``image.pulled`` event says when it is there).
 """
 
 from __future__ import annotations
@@ -455,13 +456,17 @@ class Supervisor:
                                 give_up_after=10, **common.credentials())
         try:
             await bus.call(self.args.host, catalogue_api.REFRESH, Empty(), timeout=60)
+            # As the catalogue's auto-pull does for phyllome-tiny at start: `vm create
+            # --image phyllome-debian` then works at once.
+            await bus.call(self.args.host, catalogue_api.PULL,
+                           catalogue_api.PullRequest(id="phyllome-debian"), timeout=60)
         except (PhyError, TimeoutError) as e:
-            print(f"phyllome-debian: built, but the catalogue refresh failed: {e}", flush=True)
+            print(f"phyllome-debian: built, but the catalogue did not take it: {e}", flush=True)
             return
         finally:
             await bus.close()
-        print(f"phyllome-debian: ready after {time.monotonic() - started:.0f} s; the catalogue "
-              "lists it (phyllome images info phyllome-debian)", flush=True)
+        print(f"phyllome-debian: built in {time.monotonic() - started:.0f} s; the catalogue "
+              "lists it and pulls it (phyllome images info phyllome-debian)", flush=True)
 
     async def stop_image_build(self) -> None:
         if self.image_build is not None and self.image_build.returncode is None:

@@ -1,6 +1,7 @@
 """A real Debian 12 guest (phyllome-debian) on the real libvirtd and QEMU (TCG), as a user
 makes it:
 
+    phyllome images pull phyllome-debian
     phyllome vm create deb --image phyllome-debian --secure-boot --tpm \\
         --user ana --ssh-key key.pub --hostname deb-guest
     phyllome vm start deb
@@ -114,6 +115,8 @@ async def test_vm_debian_cloud_init_guest_answers_ssh_with_its_hostname_and_secu
 
         sub = await vm_agent.bus.nc.subscribe(
             subjects.event("h1", "vm", "addresses") + ".*", cb=got)
+        rc, out, err = await phyllome(url, "images", "pull", "phyllome-debian")
+        assert rc == 0, err
         rc, out, err = await phyllome(
             url, "vm", "create", name, "--image", "phyllome-debian", "--secure-boot", "--tpm",
             "--memory", "1G", "--cpus", "2", "--display", "none", "--user", user,
