@@ -135,12 +135,14 @@ async def test_vm_debian_cloud_init_guest_answers_ssh_with_its_hostname_and_secu
                                      + _console_tail(console)) from None
             addressed = time.monotonic() - started
 
-            async def answers() -> bool:
+            async def answers() -> str:
                 done = await ssh(key, user, address, "hostname", timeout=60)
-                return done.returncode == 0 and done.stdout.strip() == hostname
+                return done.stdout.strip() if done.returncode == 0 else ""
 
-            await until(f"ssh {user}@{address} to answer hostname {hostname}", answers,
-                        timeout=max(30.0, deadline - time.monotonic()), interval=2)
+            answered: str = await until(
+                f"ssh {user}@{address} to answer hostname {hostname}", answers, timeout=max(30.0, deadline - time.monotonic()),
+                interval=2)
+            assert answered == hostname
             print(f"\nphyllome-debian under TCG: address after {addressed:.0f} s, ssh after "
                   f"{time.monotonic() - started:.0f} s")
 
