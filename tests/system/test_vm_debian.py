@@ -140,8 +140,8 @@ async def test_vm_debian_cloud_init_guest_answers_ssh_with_its_hostname_and_secu
                 return done.stdout.strip() if done.returncode == 0 else ""
 
             answered: str = await until(
-                f"ssh {user}@{address} to answer hostname {hostname}", answers, timeout=max(30.0, deadline - time.monotonic()),
-                interval=2)
+                f"ssh {user}@{address} to answer hostname {hostname}", answers,
+                timeout=max(30.0, deadline - time.monotonic()), interval=2)
             assert answered == hostname
             print(f"\nphyllome-debian under TCG: address after {addressed:.0f} s, ssh after "
                   f"{time.monotonic() - started:.0f} s")
