@@ -188,7 +188,7 @@ async def run(quick: bool) -> list[Result]:
         server.start()
         stamp = int(time.time())
         try:
-            mine = await ours(server.url, root, key, f"phy-bench-deb-{stamp}")
+            mine = await ours(server.url, root, key, f"bench-deb-{stamp}")
             theirs_s = await theirs(root, pooled_image(root), key, f"vi-bench-deb-{stamp}")
         finally:
             server.stop()

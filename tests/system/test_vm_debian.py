@@ -101,7 +101,7 @@ async def test_vm_debian_cloud_init_guest_answers_ssh_with_its_hostname_and_secu
     install_builtin(debian_image, state)
     key = ssh_key(tmp_path)
     url = nats_server.url
-    name, user, hostname = "phy-debian", "ana", "deb-guest"
+    name, user, hostname = f"deb-{os.getpid()}", "ana", "deb-guest"
     events: asyncio.Queue[VmAddressesChanged] = asyncio.Queue()
     async with agent_in_process("catalogue", url, state, extra={
                 "osinfo_dir": "", "probe_interval_s": 0, "auto_pull": []}), \
