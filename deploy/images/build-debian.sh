@@ -4,7 +4,7 @@
 #                  signed GRUB (boots under OVMF with Secure Boot) and an ext4 root made by
 #                  mmdebstrap from Debian packages: systemd (networkd, DHCP on every NIC),
 #                  cloud-init (NoCloud only), qemu-guest-agent, openssh-server, sudo and
-#                  the signed cloud kernel; serial console on ttyS0
+#                  Debian's signed kernel; serial console on ttyS0
 #   manifest.json  sha256 and size of disk.raw, kernel version, Debian package versions,
 #                  build time
 #
@@ -80,16 +80,11 @@ root=$work/root
 apt-config dump | grep '^Acquire::' | grep -v '^Acquire::Languages' >"$work/apt.conf" || true
 
 # --- root file system (mmdebstrap) ------------------------------------------------------
+grep -v '^#' "$here/debian/dpkg.cfg" >"$work/dpkg.cfg"
 SOURCE_DATE_EPOCH=$epoch mmdebstrap --mode=root --variant=minbase --format=directory \
     --aptopt="$work/apt.conf" \
     --aptopt='APT::Install-Recommends "false"' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    --dpkgopt='path-exclude=/usr/share/lintian/*' \
+    --dpkgopt="$work/dpkg.cfg" \
     --include="$(echo "$packages" | tr ' ' ,)" \
     --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
     --setup-hook="sync-in '$debs' /var/cache/apt/archives/" \
