@@ -145,7 +145,8 @@ async def theirs(state: Path, image: Path, key: Path, name: str) -> float:
                                                  str(disk)], check=True)
         await asyncio.to_thread(subprocess.run, [
             "virt-install", "--connect", URI, "--import", "--name", name, "--virt-type", "qemu",
-            "--memory", "1024", "--vcpus", "2", "--osinfo", "debian12",
+            # bookworm's osinfo-db has no debian12
+            "--memory", "1024", "--vcpus", "2", "--osinfo", "linux2022",
             "--disk", f"path={disk},format=raw,bus=virtio",
             "--boot", "uefi,firmware.feature0.name=secure-boot,firmware.feature0.enabled=yes,"
                       "firmware.feature1.name=enrolled-keys,firmware.feature1.enabled=yes",
