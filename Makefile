@@ -9,7 +9,7 @@ setup:
 
 up: setup
 	@$(SETUP) libvirt tiny
-	@.venv/bin/phyllome up --detach
+	@.venv/bin/phyllome up --detach --build-debian
 
 down:
 	@.venv/bin/phyllome down

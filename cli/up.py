@@ -18,6 +18,12 @@ more routes the agents create ``PHY_EVENTS`` and the KV buckets with three repli
 ``--leaf-remotes nats-leaf://10.0.0.1:7422`` joins over one outbound connection instead
 (the cluster hosts then run with ``--leaf-listen 0.0.0.0:7422``), and ``--nats-config FILE``
 runs a hand-written server config (``deploy/nats/``).
+
+``--build-debian`` (``make up`` passes it) builds the ``phyllome-debian`` guest image
+(``deploy/setup.sh debian``: minutes the first time, nothing when it is current) in the
+background once the stack serves, logging to ``<state dir>/logs/debian-image.log``, then
+refreshes the catalogue, whose ``catalogue.refreshed`` event announces the new entry, and
+pulls it into the image pool (the ``image.pulled`` event says when it is there).
 """
 
 from __future__ import annotations
@@ -77,6 +83,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-web", action="store_true", help="do not run the web gateway")
     p.add_argument("--no-demo", action="store_true",
                    help="do not create the demo VM on a host that has none")
+    p.add_argument("--build-debian", action="store_true",
+                   help="build the phyllome-debian guest image in the background once the "
+                   "stack serves (deploy/setup.sh debian; root), then refresh the catalogue")
     p.set_defaults(func=cmd_up)
     d = sub.add_parser("down", help="stop what `phyllome up --detach` started")
     d.add_argument("--state-dir", default=os.environ.get("PHYLLOME_STATE_DIR")
@@ -213,6 +222,8 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.children: list[Child] = []  # the agents
         self.web: Child | None = None
+        self.image_build: asyncio.subprocess.Process | None = None
+        self.image_task: asyncio.Task[None] | None = None
 
     @property
     def processes(self) -> list[Child]:
@@ -269,8 +280,11 @@ class Supervisor:
                                  self.state_dir / "logs" / f"{subjects.WEB}.log")
                 self.web.start()
             await self.wait_ready(url)
+            if self.args.build_debian:
+                self.image_task = asyncio.create_task(self.build_debian(url))
             await self.supervise()
         finally:
+            await self.stop_image_build()
             for child in self.processes:
                 child.stop()
             if self.nats is not None:
@@ -393,6 +407,9 @@ class Supervisor:
                       f"`set -a; . {self.secure_dir}/operator.env; set +a`"]
         if not self.args.no_demo:
             lines += await self.demo(url)
+        if self.args.build_debian:
+            lines += [f"phyllome-debian guest image: building in the background (log "
+                      f"{self.image_log}); the catalogue lists it when it is ready"]
         summary = "\n".join(lines) + "\n"
         (self.state_dir / "run" / "summary").write_text(summary)
         (self.state_dir / "run" / "nats_url").write_text(url)
@@ -422,6 +439,65 @@ class Supervisor:
         if not self.stop.is_set():
             raise Unavailable(f"the web gateway did not answer on {self.web_url} within 90 s; "
                               f"see {self.state_dir}/logs/{subjects.WEB}.log")
+
+    @property
+    def image_log(self) -> Path:
+        return self.state_dir / "logs" / "debian-image.log"
+
+    async def build_debian(self, url: str) -> None:
+        """``deploy/setup.sh debian`` in its own process group, then a catalogue refresh that
+        lists (and announces) ``phyllome-debian``; a failure is logged, the stack runs on."""
+        import asyncio
+
+        from shared.bus import Bus
+        from shared.messages import Empty
+        from shared.messages import catalogue as catalogue_api
+
+        repo = Path(__file__).resolve().parents[1]
+        script = repo / "deploy" / "setup.sh"
+        if not (repo / "deploy" / "images" / "build-debian.sh").is_file():
+            print("phyllome-debian: no deploy/images/build-debian.sh here (not a checkout); "
+                  "not built", flush=True)
+            return
+        started = time.monotonic()
+        with open(self.image_log, "ab") as log:
+            self.image_build = await asyncio.create_subprocess_exec(
+                str(script), "debian", cwd=repo, stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PHYLLOME_STATE_DIR": str(self.state_dir)})
+        rc = await self.image_build.wait()
+        if rc != 0:
+            print(f"phyllome-debian: the build failed ({rc}); see {self.image_log}", flush=True)
+            return
+        bus = await Bus.connect(url, name="phyllome-up", host=self.args.host,
+                                give_up_after=10, **common.credentials())
+        try:
+            await bus.call(self.args.host, catalogue_api.REFRESH, Empty(), timeout=60)
+            # As the catalogue's auto-pull does for phyllome-tiny at start: `vm create
+            # --image phyllome-debian` then works at once.
+            await bus.call(self.args.host, catalogue_api.PULL,
+                           catalogue_api.PullRequest(id="phyllome-debian"), timeout=60)
+        except (PhyError, TimeoutError) as e:
+            print(f"phyllome-debian: built, but the catalogue did not take it: {e}", flush=True)
+            return
+        finally:
+            await bus.close()
+        print(f"phyllome-debian: built in {time.monotonic() - started:.0f} s; the catalogue "
+              "lists it and pulls it (phyllome images info phyllome-debian)", flush=True)
+
+    async def stop_image_build(self) -> None:
+        import asyncio
+        import contextlib
+
+        if self.image_build is not None and self.image_build.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.image_build.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.image_build.wait(), 30)
+        if self.image_task is not None:
+            self.image_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.image_task
 
     async def demo(self, url: str) -> list[str]:
         """The first ``up`` of a host with no VMs creates and starts the ``demo`` VM."""

@@ -6,6 +6,8 @@
 #   deploy/setup.sh kvm        give /dev/kvm group kvm, mode 0660 (udev's rule), if it exists
 #   deploy/setup.sh libvirt    the kvm step, then start virtlogd + libvirtd unless systemd does
 #   deploy/setup.sh tiny       build the phyllome-tiny guest into the built-in image folder
+#   deploy/setup.sh debian     build the phyllome-debian guest there (minutes; `phyllome up
+#                              --build-debian`, as `make up` runs it, does it in the background)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,7 @@ PACKAGES=(
   novnc chromium chromium-driver
   grub-common grub-efi-amd64-bin xorriso
   qemu-system-arm qemu-efi-aarch64
+  mmdebstrap e2fsprogs openssh-client
 )
 
 packages() {
@@ -98,6 +101,40 @@ tiny_build() {
   log=$(mktemp)
   deploy/images/build-tiny.sh "$@" "$dir" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
   rm -f "$log"
+}
+
+# The inputs of the phyllome-debian build: its script and files, and apt's candidate version
+# of each listed package (tests/support/debian.py hashes the same).
+debian_inputs() {
+  local f
+  for f in deploy/images/build-debian.sh $(find deploy/images/debian -type f | LC_ALL=C sort); do
+    printf '%s\0' "${f#deploy/images/}"
+    cat "$f"
+    printf '\0'
+  done
+  apt-cache show --no-all-versions $(grep -v '^#' deploy/images/debian/packages) 2>/dev/null |
+    awk '/^Package: / {p=$2} /^Version: / {print p "=" $2}' | LC_ALL=C sort
+}
+
+debian() {
+  local dir="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/builtin/phyllome-debian"
+  local cache="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/debs-debian"
+  local digest
+  digest=$(debian_inputs | sha256sum | cut -d' ' -f1)
+  if [ -f "$dir/manifest.json" ] && [ "$(cat "$dir/inputs.sha256" 2>/dev/null)" = "$digest" ]; then
+    return 0
+  fi
+  echo "building the phyllome-debian guest image into $dir"
+  # Built beside builtin/ (the catalogue lists every folder there with a disk.raw), then moved.
+  local new="${PHYLLOME_STATE_DIR:-/var/lib/phyllome}/images/.phyllome-debian.new-$$"
+  mkdir -p "$(dirname "$dir")"
+  rm -rf "$new"
+  PHYLLOME_DEBIAN_DEBS=$cache deploy/images/build-debian.sh "$new" || { rm -rf "$new"; return 1; }
+  echo "$digest" >"$new/inputs.sha256"
+  local old="${new%.new-*}.old-$$"
+  [ ! -d "$dir" ] || mv "$dir" "$old"
+  mv "$new" "$dir"
+  rm -rf "$old"
 }
 
 for step in "$@"; do "$step"; done

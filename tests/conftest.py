@@ -7,7 +7,8 @@ import pytest
 # The fixtures every layer shares (a real nats-server, libvirt, loop filesystems, an HTTP
 # server, the tiny guest): registered once here, so test modules name them as parameters only.
 pytest_plugins = ["tests.support.nats", "tests.support.libvirt", "tests.support.loopfs",
-                  "tests.support.httpserver", "tests.support.tiny"]
+                  "tests.support.httpserver", "tests.support.tiny",
+                  "tests.support.debian"]
 
 LAYERS = ("unit", "integration", "system", "cluster", "reliability")
 

@@ -7,10 +7,12 @@ initramfs the VM agent uses). A build for another arch lies in a folder of that 
 inside (``phyllome-tiny/aarch64/``, from ``build-tiny.sh --arch aarch64``): one entry with
 an image per arch. ``phyllome-tiny`` is always listed; an image is downloadable (pulled by
 reflink or copy into the pool, verified against the manifest's sha256) once its
-``disk.raw`` is there.
+``disk.raw`` is there. ``phyllome-debian`` (``deploy/images/build-debian.sh``, a Debian 12
+cloud guest with cloud-init) is listed too: ``make up`` builds it in the background and then
+refreshes the catalogue, which makes it downloadable.
 
     >>> [(e.id, e.downloadable) for e in entries("/nonexistent")]
-    [('phyllome-tiny', False)]
+    [('phyllome-debian', False), ('phyllome-tiny', False)]
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ MiB = 1 << 20
 TINY_REQUIREMENTS = Requirements(
     minimum=Resources(cpus=1, ram=384 * MiB, storage=96 * MiB),
     firmware="uefi", secure_boot=True, tpm="2.0")
+DEBIAN = "phyllome-debian"
+# osinfo-db's debian12 minimum (1 CPU, 1 GiB recommended); the 2 GiB disk grows with the
+# VM's (cloud-init growpart). Made for UEFI with Secure Boot and a TPM 2.0 like tiny.
+DEBIAN_REQUIREMENTS = Requirements(
+    minimum=Resources(cpus=1, ram=512 * MiB, storage=2048 * MiB),
+    recommended=Resources(cpus=2, ram=1024 * MiB, storage=2048 * MiB),
+    firmware="uefi", secure_boot=True, tpm="2.0")
 
 
 def entries(builtin_dir: str | Path) -> list[CatalogueEntry]:
     root = Path(builtin_dir)
-    names = {TINY}
+    names = {TINY, DEBIAN}
     if root.is_dir():
         names |= {d.name for d in root.iterdir() if (d / "disk.raw").is_file()}
     out = []
@@ -69,6 +78,14 @@ def _entry(name: str, folder: Path) -> CatalogueEntry:
               for arch in ARCH_FOLDERS]
     downloads = [d for d in found if d is not None]
     archs = sorted({d.arch for d in downloads}) or ["x86_64"]
+    if name == DEBIAN:
+        built = "" if downloads else "; not built yet: make up builds it"
+        return CatalogueEntry(
+            id=name, name=f"Debian 12 (cloud-init, qemu-guest-agent; signed shim, GRUB and "
+            f"kernel){built}", source=SOURCE, vendor="Phyllome", family="linux",
+            distro="debian", version="12", codename=str(meta.get("suite", "bookworm")),
+            archs=archs, downloads=downloads, upstream_id=str(folder),
+            requirements=DEBIAN_REQUIREMENTS)
     tiny = name == TINY
     return CatalogueEntry(
         id=name, name="Phyllome tiny (busybox; signed shim, GRUB and kernel)" if tiny else name,
