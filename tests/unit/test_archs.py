@@ -73,7 +73,7 @@ def _tiny(folder: Path, arch: str | None, sha: str) -> None:
 def test_the_builtin_tiny_has_an_image_per_arch(tmp_path: Path) -> None:
     _tiny(tmp_path / "phyllome-tiny", None, "a" * 64)  # x86_64: no arch in its manifest
     _tiny(tmp_path / "phyllome-tiny" / "aarch64", "aarch64", "b" * 64)
-    [entry] = builtin.entries(tmp_path)
+    entry = {e.id: e for e in builtin.entries(tmp_path)}["phyllome-tiny"]
     assert entry.archs == ["aarch64", "x86_64"]
     assert [(d.arch, d.sha256[0], d.url.endswith("aarch64/disk.raw")) for d in entry.downloads] \
         == [("x86_64", "a", False), ("aarch64", "b", True)]
@@ -81,5 +81,5 @@ def test_the_builtin_tiny_has_an_image_per_arch(tmp_path: Path) -> None:
 
 def test_the_builtin_tiny_with_only_its_arm_build(tmp_path: Path) -> None:
     _tiny(tmp_path / "phyllome-tiny" / "aarch64", "aarch64", "b" * 64)
-    [entry] = builtin.entries(tmp_path)
+    entry = {e.id: e for e in builtin.entries(tmp_path)}["phyllome-tiny"]
     assert entry.archs == ["aarch64"] and [d.arch for d in entry.downloads] == ["aarch64"]
