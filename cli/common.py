@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar
 from shared.codec import to_builtins
 from shared.config import DEFAULT_NATS_URL, default_host, default_state_dir
 from shared.errors import NotAuthorized, PhyError, Unavailable
-from shared.fileops import human_bytes as human_bytes  # the CLI's tables use common.human_bytes
 from shared.messages import EndpointSpec
 from shared.messages.jobs import JobAccepted, JobFinished, JobProgress, JobRef, job_endpoints
 
@@ -232,6 +231,14 @@ def _say(color: str, label: str, message: str) -> None:
     _console("err_console").print(f"[{color}]{label}:[/{color}] {escape(message)}",
                                           highlight=False, soft_wrap=True)
 
+
+
+def human_bytes(n: float) -> str:
+    """``shared.fileops.human_bytes``, imported when a table needs it (fileops imports hashlib,
+    ctypes and mmap, which most commands never use)."""
+    from shared.fileops import human_bytes as human
+
+    return human(n)
 
 
 def print_json(obj: Any) -> None:

@@ -105,7 +105,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def local_report(sysfs_root: str) -> HwReport:
     """The inventory and verdicts of this machine (or a tree), without agent or bus."""
     from services.hardware.inventory import Inventory, host_caps
-    from services.hardware.kvm import probe_in_child
     from services.hardware.sysfs import Sysfs
 
     fs = Sysfs(sysfs_root)
@@ -113,7 +112,11 @@ def local_report(sysfs_root: str) -> HwReport:
         raise BadRequest(f"{sysfs_root} has no bus/pci/devices: not a sysfs tree")
     inv = Inventory(fs)
     inv.scan()
-    return inv.report(host_caps(fs, probe_in_child() if fs.real and fs.kvm_device() else None))
+    if fs.real and fs.kvm_device():
+        from services.hardware.kvm import probe_in_child
+
+        return inv.report(host_caps(fs, probe_in_child()))
+    return inv.report(host_caps(fs, None))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
