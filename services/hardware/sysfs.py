@@ -20,8 +20,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
