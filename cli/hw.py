@@ -31,7 +31,6 @@ from shared.messages.hardware import (
     PciDevice,
     SriovSet,
 )
-from shared.messages.hosts import Heartbeat
 
 DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
                   ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
@@ -142,6 +141,7 @@ def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps,
     little: some hosts hang a guest under KVM), read from its heartbeat when NATS answers;
     and a line saying where the verdict came from."""
     from cli.syncbus import SyncBus
+    from shared.messages.hosts import Heartbeat  # the vm, storage and net messages with it
 
     try:
         bus = SyncBus.connect(args.nats, name="phyllome-cli", give_up_after=0.5,
