@@ -31,7 +31,6 @@ from shared.messages.hardware import (
     PciDevice,
     SriovSet,
 )
-from shared.messages.hosts import Heartbeat
 
 DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
                   ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
@@ -105,7 +104,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def local_report(sysfs_root: str) -> HwReport:
     """The inventory and verdicts of this machine (or a tree), without agent or bus."""
     from services.hardware.inventory import Inventory, host_caps
-    from services.hardware.kvm import probe_in_child
     from services.hardware.sysfs import Sysfs
 
     fs = Sysfs(sysfs_root)
@@ -113,7 +111,11 @@ def local_report(sysfs_root: str) -> HwReport:
         raise BadRequest(f"{sysfs_root} has no bus/pci/devices: not a sysfs tree")
     inv = Inventory(fs)
     inv.scan()
-    return inv.report(host_caps(fs, probe_in_child() if fs.real and fs.kvm_device() else None))
+    if fs.real and fs.kvm_device():
+        from services.hardware.kvm import probe_in_child
+
+        return inv.report(host_caps(fs, probe_in_child()))
+    return inv.report(host_caps(fs, None))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -121,7 +123,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         report = local_report(args.sysfs_root)
     except PhyError as e:
         common.fail(e, args)
-    if report.host.kvm_device:
+    if report.host.kvm_device and os.path.realpath(args.sysfs_root) == "/sys":
+        # the vm agent's verdict is about this host: a recorded or constructed tree is not
+        # it (and asking would wait out a missing NATS for nothing)
         host, note = with_boot_probe(args, report.host)
         report = msgspec.structs.replace(report, host=host)
     else:
@@ -137,6 +141,7 @@ def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps,
     little: some hosts hang a guest under KVM), read from its heartbeat when NATS answers;
     and a line saying where the verdict came from."""
     from cli.syncbus import SyncBus
+    from shared.messages.hosts import Heartbeat  # the vm, storage and net messages with it
 
     try:
         bus = SyncBus.connect(args.nats, name="phyllome-cli", give_up_after=0.5,

@@ -10,12 +10,11 @@ device); verdicts are recomputed lazily on the next question::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from msgspec.structs import replace
 
 from services.hardware import readiness
-from services.hardware.kvm import ProbeOutcome
 from services.hardware.pciids import PciIds, load
 from services.hardware.sysfs import VFIO, Sysfs
 from shared.errors import NotFound
@@ -29,6 +28,9 @@ from shared.messages.hardware import (
     ProbeResult,
 )
 from shared.validate import pci_address
+
+if TYPE_CHECKING:  # not imported at run time: a report of a tree (the CLI's) runs no probe
+    from services.hardware.kvm import ProbeOutcome
 
 Change = Literal["added", "changed", "removed"]
 
@@ -194,16 +196,16 @@ def host_caps(fs: Sysfs, kvm_ioctl: ProbeOutcome | None,
     vendor_mod = mods.get("kvm_intel") or mods.get("kvm_amd")
     amd = mods.get("kvm_amd")
     iommu = fs.iommu_on()
-    ioctl = kvm_ioctl or ProbeOutcome("not-run", "not run on a sysfs tree" if not fs.real
-                                      else "not run")
+    result, detail, ms = (kvm_ioctl.result, kvm_ioctl.detail, kvm_ioctl.ms) if kvm_ioctl else (
+        "not-run", "not run on a sysfs tree" if not fs.real else "not run", 0.0)
     return HostCaps(
         arch=cpu.arch,
         cpu_vendor=cpu.vendor, cpu_model=cpu.model,
         virt_extension="vmx" if "vmx" in cpu.flags else "svm" if "svm" in cpu.flags else "",
         hypervisor_guest="hypervisor" in cpu.flags,
         kvm_device=fs.kvm_device(), kvm_modules=sorted(mods),
-        kvm_ioctl=ioctl.result,
-        kvm_ioctl_detail=ioctl.detail, kvm_ioctl_ms=ioctl.ms,
+        kvm_ioctl=result,
+        kvm_ioctl_detail=detail, kvm_ioctl_ms=ms,
         kvm_boot_probe=boot_probe, kvm_usable=boot_probe == "passed",
         nested=_on(vendor_mod.get("nested")) if vendor_mod is not None else None,
         iommu=iommu,

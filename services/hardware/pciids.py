@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,39 +18,52 @@ PATHS = ("/usr/share/hwdata/pci.ids", "/usr/share/misc/pci.ids")
 class PciIds:
     """Vendor, device, subsystem and class names; unknown ids give ``""``.
 
-    Devices of a vendor are parsed when that vendor is first asked for: a report names a
-    few dozen vendors out of thousands, and this keeps the one read of the file cheap.
+    Nothing is parsed up front (as lspci, which also looks names up when asked): a vendor's
+    line is found with one ``str.find`` of ``"\\n<id>  "`` before the class section, its
+    devices are parsed when that vendor is first asked for, and the classes (a few hundred
+    lines at the end) when a class is. A report names a few dozen vendors out of thousands.
+    A malformed line is skipped and a truncated file names what it still holds: ids it
+    does not name get ``""`` (shown as numbers), as lspci shows them.
     """
 
-    def __init__(self, lines: list[str]) -> None:
-        self._lines = lines
-        self._vendors: dict[int, tuple[str, int]] = {}
+    def __init__(self, text: str) -> None:
+        self._text = "\n" + text if not text.startswith("\n") else text
+        c = self._text.find("\nC ")
+        self._vendor_end = c if c >= 0 else len(self._text)
+        self._vendors: dict[int, tuple[str, int] | None] = {}
         self._devices: dict[int, dict[int, tuple[str, dict[tuple[int, int], str]]]] = {}
-        self._classes: dict[tuple[int, ...], str] = {}
-        cls = -1
-        in_classes = False
-        for i, line in enumerate(lines):
-            if not line or line[0] == "#":
-                continue
-            if line[0] != "\t":
-                in_classes = line.startswith("C ")
-                if in_classes:
-                    cls = int(line[2:4], 16)
-                    self._classes[(cls,)] = line[6:]
-                elif len(line) > 6 and line[4] == " ":
-                    try:
-                        self._vendors[int(line[:4], 16)] = (line[6:], i)
-                    except ValueError:
-                        continue
-            elif in_classes and line[1] != "\t":
-                self._classes[(cls, int(line[1:3], 16))] = line[5:]
+        self._classes: dict[tuple[int, ...], str] | None = None
 
     @classmethod
     def parse(cls, text: str) -> PciIds:
-        return cls(text.splitlines())
+        return cls(text)
+
+    def _lines(self, pos: int, stop: int) -> Iterator[str]:
+        """The lines of the text from ``pos`` (a line's start) to ``stop``."""
+        text = self._text
+        while pos < stop:
+            nl = text.find("\n", pos, stop)
+            if nl < 0:
+                nl = stop
+            yield text[pos:nl].rstrip("\r")
+            pos = nl + 1
+
+    def _vendor(self, vendor: int) -> tuple[str, int] | None:
+        """The vendor's name and where its device lines start."""
+        if vendor in self._vendors:
+            return self._vendors[vendor]
+        found = None
+        if 0 <= vendor <= 0xFFFF:
+            at = self._text.find(f"\n{vendor:04x}  ", 0, self._vendor_end)
+            if at >= 0:
+                nl = self._text.find("\n", at + 1)
+                nl = len(self._text) if nl < 0 else nl
+                found = (self._text[at + 7:nl].rstrip("\r"), nl + 1)
+        self._vendors[vendor] = found
+        return found
 
     def vendor(self, vendor: int) -> str:
-        entry = self._vendors.get(vendor)
+        entry = self._vendor(vendor)
         return entry[0] if entry else ""
 
     def _vendor_devices(self, vendor: int) -> dict[int, tuple[str, dict[tuple[int, int], str]]]:
@@ -57,19 +71,22 @@ class PciIds:
         if devices is not None:
             return devices
         devices = {}
-        entry = self._vendors.get(vendor)
+        entry = self._vendor(vendor)
         if entry:
             subs: dict[tuple[int, int], str] = {}
-            for line in self._lines[entry[1] + 1:]:
+            for line in self._lines(entry[1], len(self._text)):
                 if not line or line[0] == "#":
                     continue
                 if line[0] != "\t":
                     break
-                if line[1] != "\t":
-                    subs = {}
-                    devices[int(line[1:5], 16)] = (line[7:], subs)
-                else:
-                    subs[(int(line[2:6], 16), int(line[7:11], 16))] = line[13:]
+                try:
+                    if line[1] != "\t":
+                        subs = {}
+                        devices[int(line[1:5], 16)] = (line[7:], subs)
+                    else:
+                        subs[(int(line[2:6], 16), int(line[7:11], 16))] = line[13:]
+                except (ValueError, IndexError):  # a malformed line names nothing
+                    continue
         self._devices[vendor] = devices
         return devices
 
@@ -81,9 +98,30 @@ class PciIds:
         entry = self._vendor_devices(vendor).get(device)
         return entry[1].get((sub_vendor, sub_device), "") if entry else ""
 
+    def _class_names(self) -> dict[tuple[int, ...], str]:
+        if self._classes is not None:
+            return self._classes
+        classes: dict[tuple[int, ...], str] = {}
+        cls = -1
+        for line in self._lines(self._vendor_end + 1, len(self._text)):
+            if not line or line[0] == "#":
+                continue
+            try:
+                if line.startswith("C "):
+                    cls = int(line[2:4], 16)
+                    classes[(cls,)] = line[6:]
+                elif line[0] != "\t":
+                    cls = -1  # a section after the classes
+                elif cls >= 0 and line[1] != "\t":
+                    classes[(cls, int(line[1:3], 16))] = line[5:]
+            except (ValueError, IndexError):
+                continue
+        self._classes = classes
+        return classes
+
     def class_name(self, code: int) -> str:
         """The name of a 24-bit class code's subclass ("USB controller"), else its class."""
-        c = self._classes
+        c = self._class_names()
         return c.get((code >> 16, (code >> 8) & 0xFF)) or c.get((code >> 16,)) or ""
 
 
@@ -92,7 +130,7 @@ def load() -> PciIds:
     """The system's database (empty when hwdata is not installed: ids without names)."""
     for path in PATHS:
         try:
-            return PciIds(Path(path).read_text(encoding="utf-8", errors="replace").splitlines())
+            return PciIds(Path(path).read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue
-    return PciIds([])
+    return PciIds("")

@@ -13,7 +13,6 @@ for good (nvidia's unbind does) and the agent must keep serving and beating mean
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import platform
@@ -22,11 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from shared.errors import BackendError, Conflict, NotFound, Timeout
 from shared.messages.hardware import MdevType, PciDevice, StuckWrite, UsbDevice
+
+if TYPE_CHECKING:  # asyncio is imported where a write needs it: a scan (the CLI's) does not
+    import asyncio
 
 _ADDR_IN_PATH = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 VFIO = "vfio-pci"
@@ -123,6 +126,8 @@ class Sysfs:
         When the caller is cancelled, the write is awaited before the cancel goes on, so a
         rollback never races the write it undoes.
         """
+        import asyncio
+
         device = _device_of(rel, value)
         self.refuse_if_stuck(device)
         loop = asyncio.get_running_loop()
