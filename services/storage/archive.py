@@ -278,7 +278,12 @@ class _DiskStream:
         self.hasher.join()  # every disk's sum is in
         if self.hash_error is not None:
             raise self.hash_error
-        yield memoryview(_head(End(sha256=self.sums)))
+        # the hasher thread and this one fill ``sums`` in either order: write them in one
+        # (start, files, disks), so the same snapshot always makes the same archive
+        rank = {"start": 0, "file": 1, "disk": 2}
+        sums = dict(sorted(self.sums.items(),
+                           key=lambda kv: (rank.get(kv[0].split(":")[0], 3), kv[0])))
+        yield memoryview(_head(End(sha256=sums)))
 
     def hash_disks(self) -> None:
         try:
