@@ -45,10 +45,13 @@ packages() {
 venv() {
   local py=${PYTHON:-python3}
   [ -x .venv/bin/python ] || "$py" -m venv .venv
-  local stamp=.venv/.phyllome-installed
+  # compat: the .pth names the checkout; the default finder costs every process (the CLI,
+  # each agent) 10-20 ms of imports at start-up (docs/benchmarks.md, CLI start-up).
+  local stamp=.venv/.phyllome-installed-compat
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing the Python project into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' \
+      --config-settings editable_mode=compat 2>&1 \
       | { grep -v '^WARNING: Location' || true; }
     touch "$stamp"
   fi
