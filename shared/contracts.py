@@ -131,7 +131,8 @@ def markdown() -> str:
         "| what | name |",
         "|---|---|",
         "| command subject | `phy.<host>.<service>.<verb>` |",
-        "| event subject | `phy.evt.<host>.<service>.<kind>[.<id>]` |",
+        "| event subject | `phy.evt.<host>.<service>.<kind>[.<id>]`; a '.' in the id is "
+        "written `%2E` (`ubuntu-24%2E04`) |",
         f"| event stream | `{subjects.STREAM}` on `{subjects.EVENTS_ALL}`, "
         "`Nats-Msg-Id` = event id |",
         f"| KV buckets | `{subjects.KV_HOSTS}` (heartbeats, key `<host>.<agent>`, TTL), "

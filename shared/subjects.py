@@ -38,6 +38,27 @@ def token(value: str, what: str = "token") -> str:
     return value
 
 
+_IDENT = re.compile(r"^[A-Za-z0-9_\-:.]{1,128}$")
+
+
+def id_token(value: str) -> str:
+    """The subject token of an event's id: ``value`` with each '.' written ``%2E``.
+
+    Ids of things (images such as ``ubuntu-24.04``) may hold dots, which NATS reads as
+    token separators; ``id_of`` gives the id back. Other characters are refused as
+    ``token`` refuses them."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise InvalidName(
+            f"id {value!r} is not valid: use 1-128 letters, digits, '.', '-', '_' or ':' "
+            "(no '*', '>' or spaces)")
+    return value.replace(".", "%2E")
+
+
+def id_of(tok: str) -> str:
+    """The id that ``id_token`` made ``tok`` from."""
+    return tok.replace("%2E", ".")
+
+
 def service(name: str) -> str:
     if name not in SERVICES:
         raise InvalidName(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
@@ -50,10 +71,11 @@ def command(host: str, svc: str, verb: str) -> str:
 
 
 def event(host: str, svc: str, kind: str, ident: str | None = None) -> str:
-    """Subject of an event: ``phy.evt.<host>.<service>.<kind>[.<id>]``; kind may be dotted."""
+    """Subject of an event: ``phy.evt.<host>.<service>.<kind>[.<id>]``; kind may be dotted,
+    the id is escaped by ``id_token``."""
     parts = [token(p, "event kind") for p in kind.split(".")]
     subject = f"phy.evt.{token(host, 'host')}.{service(svc)}.{'.'.join(parts)}"
-    return f"{subject}.{token(ident, 'id')}" if ident is not None else subject
+    return f"{subject}.{id_token(ident)}" if ident is not None else subject
 
 
 def web_event(host: str, kind: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.catalogue import signature
-from shared import contracts
+from shared import contracts, subjects
 from shared.agent import Agent
 from shared.errors import (
     BadRequest,
@@ -585,3 +585,31 @@ async def test_restart_reads_the_index_back_and_rewrites_nothing(nats_server: Na
         kv = await agent.bus.kv("images")
         assert (await kv.status()).values == first
         assert len(agent.handlers.entries) == first
+
+
+async def test_an_image_id_with_dots_is_pulled_listed_and_removed_with_its_events(
+        agent: Agent, srv: FileServer) -> None:
+    """Ids like ``ubuntu-24.04`` are valid image ids; a '.' is a subject separator in NATS,
+    so the events' subjects carry it escaped (subjects.id_token) and the KV keys stay whole."""
+    raw = make_sparse_raw(srv.root / "d.raw", 4 * MiB)
+    url = write_manifest(srv, [image(srv, "ubuntu-24.04", raw)])
+    bus = agent.bus
+    await bus.call("h1", catalogue_api.SOURCE_ADD, SourceAdd(name="lab", url=url))
+    seen: list[str] = []
+
+    async def got(msg: Any) -> None:
+        seen.append(msg.subject)
+    sub = await bus.nc.subscribe("phy.evt.h1.catalogue.image.>", cb=got)
+    try:
+        status = await pull(agent, "ubuntu-24.04")
+        assert status.state == "succeeded", status.message
+        listed = await bus.call("h1", catalogue_api.LIST, ListRequest(search="ubuntu"))
+        assert [(i.id, i.local) for i in listed.images] == [("ubuntu-24.04", "ready")]
+        await bus.call("h1", catalogue_api.REMOVE, ImageRef(id="ubuntu-24.04"))
+        await until("image events", lambda: len(seen) >= 2, timeout=10)
+    finally:
+        await sub.unsubscribe()
+    pulled = subjects.event("h1", "catalogue", "image.pulled", "ubuntu-24.04")
+    assert seen == [pulled, pulled.replace("pulled", "removed")]
+    assert pulled.endswith(".ubuntu-24%2E04")
+    assert subjects.id_of(pulled.rsplit(".", 1)[1]) == "ubuntu-24.04"

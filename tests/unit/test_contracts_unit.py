@@ -39,6 +39,19 @@ def test_subjects_are_built_in_one_shape() -> None:
         subjects.command("h1", "nope", "start")
 
 
+@pytest.mark.parametrize("ident", ["ubuntu-24.04", "a", "x.y.z", "debian-12_1:2", "."])
+def test_an_event_id_with_dots_is_one_token_and_comes_back(ident: str) -> None:
+    subject = subjects.event("h1", "catalogue", "image.pulled", ident)
+    assert subject.count(".") == 6  # phy.evt.h1.catalogue.image.pulled.<id>
+    assert subjects.id_of(subject.rsplit(".", 1)[1]) == ident
+
+
+@pytest.mark.parametrize("bad", ["a*", ">", "has space", "", "x" * 129, "tab\t", "a%2Eb"])
+def test_an_event_id_with_wildcards_or_spaces_is_refused(bad: str) -> None:
+    with pytest.raises(InvalidName, match="is not valid"):
+        subjects.event("h1", "catalogue", "image.pulled", bad)
+
+
 def test_decode_empty_body_means_defaults() -> None:
     assert decode(b"", Empty) == Empty()
     assert decode(b"  ", Ack) == Ack(message="")
