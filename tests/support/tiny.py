@@ -76,9 +76,11 @@ def missing_tools() -> list[str]:
 
 
 def inputs_digest() -> str:
-    """Hash of everything the build reads from the repository (README excluded)."""
+    """Hash of everything the build reads from the repository: build-tiny.sh and tiny/
+    (not phyllome-debian's files, whose changes must not rebuild this image)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in IMAGES.rglob("*") if p.is_file() and p.suffix != ".md"):
+    inputs = [IMAGES / "build-tiny.sh", *(IMAGES / "tiny").rglob("*")]
+    for path in sorted(p for p in inputs if p.is_file()):
         digest.update(str(path.relative_to(IMAGES)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()

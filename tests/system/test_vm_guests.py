@@ -114,11 +114,14 @@ async def guests(nats: NatsServer, state: Path, files: Path, tiny: TinyImage,
 
 
 async def _remove_ours(g: Guests) -> None:
-    """Delete what a failed test left behind (only VMs of this test's agent)."""
+    """Delete what a failed test left behind: only VMs made from this test's files (their
+    kernel or disks are under ``g.files``), not those of other tests on the same libvirtd."""
     await until("libvirt to be connected", lambda: g.agent.handlers.hv.connected, timeout=30,
                 interval=0.1)
+    ours = str(g.files) + "/"
     for dom in await g.agent.handlers.hv.domains():
-        if dom.spec is not None and dom.spec.name.startswith("phy-"):
+        if dom.spec is not None and dom.spec.name.startswith("phy-") and \
+                ours in msgspec.json.encode(dom.spec).decode():
             with contextlib.suppress(Exception):
                 await g.call("delete", VmDelete(vm=dom.uuid, force=True))
 
