@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+
+from tests.support.debian import DebianImage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,3 +123,53 @@ def test_up_secure_agents_run_as_themselves_and_anonymous_is_refused(tmp_path: P
     finally:
         down = phyllome("down", env=env)
         assert down.returncode == 0
+
+
+@pytest.mark.timeout(2400)  # the debian_image fixture may build the image first
+def test_up_build_debian_builds_in_the_background_then_the_catalogue_has_it_pulled(
+        tmp_path: Path, debian_image: DebianImage) -> None:
+    """What `make up` runs: `phyllome up --detach --build-debian` serves at once, runs
+    `deploy/setup.sh debian` in the background, then refreshes the catalogue and pulls the
+    image. The build is the cached one here (the state dir holds the test session's build
+    under the digest setup.sh computes), so this checks the path around it, not mmdebstrap."""
+    state = tmp_path / "state"
+    seeded = state / "images" / "builtin" / "phyllome-debian"
+    seeded.mkdir(parents=True)
+    for f in (debian_image.disk, debian_image.manifest):
+        subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(f), str(seeded)],
+                       check=True)
+    digest = subprocess.run(["bash", "-c", "deploy/setup.sh debian_inputs | sha256sum"],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    (seeded / "inputs.sha256").write_text(digest.stdout.split()[0] + "\n")
+    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "debhost",
+           **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
+                                                           "CATALOGUE")},
+           "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
+    env.pop("PHYLLOME_NATS_URL", None)
+    up = phyllome("up", "--detach", "--no-demo", "--build-debian", "--listen", "127.0.0.1:-1",
+                  env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        assert "phyllome-debian guest image: building in the background" in up.stdout
+        env["PHYLLOME_NATS_URL"] = (state / "run" / "nats_url").read_text()
+        deadline = time.monotonic() + 150
+        local: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            info = phyllome("images", "info", "phyllome-debian", "--json", env=env)
+            if info.returncode == 0:
+                local = json.loads(info.stdout).get("local") or {}
+                if local.get("state") == "ready":
+                    break
+            time.sleep(1)
+        assert local.get("state") == "ready", (local, (state / "logs" / "up.log").read_text())
+        assert Path(str(local["path"])).stat().st_size == debian_image.disk.stat().st_size
+        assert "phyllome-debian: built in" in (state / "logs" / "up.log").read_text()
+        assert "building the phyllome-debian" not in \
+            (state / "logs" / "debian-image.log").read_text()  # the cached build was kept
+        events = phyllome("events", "--since", "1h", "--json", env=env)
+        pulled = [json.loads(line)["event"] for line in events.stdout.splitlines()]
+        assert any(e["type"].startswith("catalogue.image_pulled") and
+                   e["image"]["id"] == "phyllome-debian" for e in pulled), events.stdout[-2000:]
+    finally:
+        down = phyllome("down", env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
