@@ -1,8 +1,10 @@
 """``phyllome hw``: PCI/IOMMU inventory, passthrough readiness, VFIO, mdev, SR-IOV.
 
-    phyllome hw report --json            # locally, no agent or NATS needed (the vm agent's
-                                         # KVM boot probe verdict is read when NATS answers)
-    phyllome hw report --sysfs-root DIR  # the same on a recorded or constructed tree
+    phyllome hw report --json            # from this host's hardware agent (its live
+                                         # inventory); scanned here when none answers
+    phyllome hw report --host h2         # another host's, from its hardware agent
+    phyllome hw report --local           # scanned here, no agent or NATS needed
+    phyllome hw report --sysfs-root DIR  # scanned here, on a recorded or constructed tree
     phyllome hw list --class gpu
     phyllome hw bind 0000:01:00.0        # the device and its group companions -> vfio-pci
 """
@@ -11,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cli import common
 from shared import subjects
-from shared.errors import BadRequest, PhyError
+from shared.errors import BadRequest, PhyError, Timeout, Unavailable
 from shared.messages import Empty
 from shared.messages import hardware as hardware_api
 from shared.messages.hardware import (
@@ -32,6 +34,9 @@ from shared.messages.hardware import (
     SriovSet,
 )
 
+if TYPE_CHECKING:
+    from cli.syncbus import SyncBus
+
 DEVICE_COLUMNS = [("address", "ADDRESS"), ("ids", "IDS"), ("class_name", "CLASS"),
                   ("name", "NAME"), ("driver", "DRIVER"), ("iommu_group", "GROUP"),
                   ("verdict", "PASSTHROUGH")]
@@ -41,10 +46,12 @@ KINDS = ("gpu", "audio", "usb", "net", "storage")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmds = common.group(sub, "hw", "PCI devices, IOMMU groups, passthrough, host capabilities")
 
-    p = cmds.add_parser("report", help="the passthrough readiness report, run locally")
+    p = cmds.add_parser("report", help="the passthrough readiness report")
     common.add_common(p)
+    p.add_argument("--local", action="store_true",
+                   help="scan this machine here instead of asking its hardware agent")
     p.add_argument("--sysfs-root", default=os.environ.get("PHYLLOME_SYSFS_ROOT", "/sys"),
-                   help="read this sysfs tree instead of /sys")
+                   help="scan this sysfs tree here instead of /sys (implies --local)")
     p.set_defaults(func=cmd_report)
 
     p = cmds.add_parser("list", help="PCI devices with their readiness")
@@ -119,21 +126,64 @@ def local_report(sysfs_root: str) -> HwReport:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """The host's hardware agent answers with its inventory (kept current by uevents, the
+    vm agent's boot probe in it); with no agent, or ``--local``/``--sysfs-root``, this
+    process scans the tree itself, as the hardware agent would."""
+    this_tree = os.path.realpath(args.sysfs_root) == "/sys"
+    unreachable = ""
+    if this_tree and not args.local:
+        answered = agent_report(args)
+        if not isinstance(answered, str):
+            report, note = answered
+            if args.json:
+                common.print_json(report)
+            else:
+                print_report(report, note)
+            return
+        if args.host != common.this_host():  # another host's hardware is not here to scan
+            common.fail(Unavailable(answered), args)
+        unreachable = answered
     try:
         report = local_report(args.sysfs_root)
     except PhyError as e:
         common.fail(e, args)
-    if report.host.kvm_device and os.path.realpath(args.sysfs_root) == "/sys":
+    note = ""
+    if report.host.kvm_device and this_tree:
         # the vm agent's verdict is about this host: a recorded or constructed tree is not
-        # it (and asking would wait out a missing NATS for nothing)
-        host, note = with_boot_probe(args, report.host)
-        report = msgspec.structs.replace(report, host=host)
-    else:
-        note = ""
+        # it (and asking would wait out a missing NATS for nothing, or once more)
+        if unreachable.startswith("cannot reach NATS"):
+            note = f"boot probe: not known here ({unreachable})"
+        else:
+            host, note = with_boot_probe(args, report.host)
+            report = msgspec.structs.replace(report, host=host)
     if args.json:
         common.print_json(report)
         return
+    if this_tree and not args.local:
+        note = f"scanned here: {unreachable}" + (f"\n{note}" if note else "")
     print_report(report, note)
+
+
+def agent_report(args: argparse.Namespace) -> tuple[HwReport, str] | str:
+    """The report of ``args.host``'s hardware agent and the boot probe's note, or why none
+    answered (NATS unreachable, no hardware agent of that host)."""
+    from cli.syncbus import SyncBus
+
+    try:
+        bus = SyncBus.connect(args.nats, name="phyllome-cli", give_up_after=0.5,
+                              **common.credentials())
+    except PhyError as e:
+        return e.message
+    try:
+        with bus:
+            report = bus.call(args.host, hardware_api.REPORT, Empty(), timeout=args.timeout)
+            host, note = _boot_probe(bus, args.host, report.host)
+    except (Unavailable, Timeout) as e:
+        return e.message
+    except PhyError as e:
+        common.fail(e, args)
+    return (msgspec.structs.replace(report, host=host),
+            f"from the hardware agent of {args.host}\n{note}")
 
 
 def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps, str]:
@@ -141,26 +191,31 @@ def with_boot_probe(args: argparse.Namespace, caps: HostCaps) -> tuple[HostCaps,
     little: some hosts hang a guest under KVM), read from its heartbeat when NATS answers;
     and a line saying where the verdict came from."""
     from cli.syncbus import SyncBus
-    from shared.messages.hosts import Heartbeat  # the vm, storage and net messages with it
 
     try:
         bus = SyncBus.connect(args.nats, name="phyllome-cli", give_up_after=0.5,
                               **common.credentials())
     except PhyError as e:
         return caps, f"boot probe: not known here ({e.message})"
+    with bus:
+        return _boot_probe(bus, args.host, caps)
+
+
+def _boot_probe(bus: SyncBus, host: str, caps: HostCaps) -> tuple[HostCaps, str]:
+    from shared.messages.hosts import Heartbeat  # the vm, storage and net messages with it
+
     try:
-        with bus:
-            found = bus.kv_entries(subjects.KV_HOSTS, subjects.heartbeat_key(args.host, "vm"))
+        found = bus.kv_entries(subjects.KV_HOSTS, subjects.heartbeat_key(host, "vm"))
         decision = msgspec.json.decode(found[0][2], type=Heartbeat).details.accelerator \
             if found else None
     except (PhyError, msgspec.MsgspecError):
         decision = None
     if decision is None or decision.kvm_usable is None:
-        why = decision.note if decision else f"no vm agent of {args.host} has reported"
+        why = decision.note if decision else f"no vm agent of {host} has reported"
         return caps, f"boot probe: not run ({why})"
     verdict = "passed" if decision.kvm_usable else "failed"
     return (msgspec.structs.replace(caps, kvm_boot_probe=verdict, kvm_usable=decision.kvm_usable),
-            f"boot probe (vm agent of {args.host}): {decision.note}")
+            f"boot probe (vm agent of {host}): {decision.note}")
 
 
 def print_report(report: HwReport, probe_note: str = "") -> None:

@@ -309,6 +309,29 @@ async def test_cli_through_the_agent(nats_server, tmp_path: Path) -> None:
     assert rc == 3  # the agent (and its NATS connection) is gone
 
 
+async def test_hw_report_comes_from_the_hosts_agent_else_from_a_scan_here(
+        nats_server, tmp_path: Path) -> None:
+    """`hw report` asks the host's hardware agent (its live inventory: here the fixture
+    tree it watches); `--local`, or no agent answering, scans this machine's /sys here; the
+    report of another host comes from its agent or not at all."""
+    real = sorted(os.listdir("/sys/bus/pci/devices"))
+    async with hw_agent(nats_server.url, tmp_path) as (agent, _h, builder):
+        rc, out, err = await phyllome(agent, "report", "--json")
+        assert rc == 0, err
+        tree = sorted(os.listdir(builder.root / "bus/pci/devices"))
+        assert [d["address"] for d in json.loads(out)["devices"]] == tree != real
+        rc, out, err = await phyllome(agent, "report")
+        assert rc == 0 and "from the hardware agent of h1" in out, err
+        rc, out, err = await phyllome(agent, "report", "--local", "--json")
+        assert rc == 0 and [d["address"] for d in json.loads(out)["devices"]] == real, err
+        rc, out, err = await phyllome(agent, "report", "--host", "h9")
+        assert rc == 3 and "no hardware agent for host 'h9' answers" in err, (out, err)
+    rc, out, err = await phyllome(agent, "report", "--json")  # NATS up, the agent gone
+    assert rc == 0 and [d["address"] for d in json.loads(out)["devices"]] == real, err
+    rc, out, err = await phyllome(agent, "report")
+    assert rc == 0 and "scanned here: no hardware agent for host 'h1' answers" in out, err
+
+
 async def test_cli_mdev_and_sriov(nats_server, tmp_path: Path) -> None:
     async with hw_agent(nats_server.url, tmp_path, "intel-gvtg") as (agent, _h, _b):
         rc, out, err = await phyllome(agent, "mdev", "types", "--json")
