@@ -166,7 +166,7 @@ def run(quick: bool = False, devices: int = 2000, repeat: int = 7) -> list[Resul
                t_agent * ms, t_lspci * ms, "lspci -nnk", "ms", ">= 0.8x",
                note="what a host running Phyllome answers: Python start-up, one request, "
                     "the agent's live inventory"),
-        Result("hw report CLI", f"`phyllome hw report --json --sysfs-root`, {n} devices, "
+        Result("hw report CLI", f"`phyllome hw report --json --sysfs-root DIR`, {n} devices, "
                "scanned", t_cli * ms, t_lspci * ms, "lspci -nnk", "ms", "-",
                note="no agent: includes Python start-up; pci.ids read afresh, no cache"),
         Result("hw uevent update", "one device", t_update * ms, 5.0, "target", "ms", "< 5 ms"),
