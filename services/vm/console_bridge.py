@@ -55,7 +55,7 @@ async def tcp_target(host: str, port: int) -> Target:
     """The VNC server of a VM (libvirt's listen address; every-address means loopback)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), 5)
     except (OSError, TimeoutError) as e:
         raise Unavailable(f"cannot reach the VM's VNC server at {host}:{port}: {e}") from None
     return Target(reader, writer)
