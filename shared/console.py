@@ -80,6 +80,7 @@ class ConsoleLink:
         self._behind = False  # a sink waits (a full socket): messages queue behind it
         self._sink_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = False  # a send() is under way: send_now() leaves the bytes to it
         self.direct = False  # messages reach us in nats-py's reader task (see _Direct)
 
     @property
@@ -110,8 +111,29 @@ class ConsoleLink:
         if opener:
             await self._control("ack", {ACK: "0"})
 
+    def send_now(self, data: bytes) -> bool:
+        """Send ``data`` here and now, without waiting: when the credit has room for it, it
+        fits one message, and nothing of ours waits to go before it. False: nothing was
+        sent, ``send`` it (a relay that reads a socket calls this as the bytes come, and
+        saves its reading task a turn of the event loop)."""
+        if (self._sending or self.closed.is_set() or not data or len(data) > CHUNK
+                or self.window - (self._sent - self._acked) < len(data)):
+            return False
+        if not self._write_now(data, {SEQ: str(self._seq_out + 1)}):
+            return False
+        self._seq_out += 1
+        self._sent += len(data)
+        return True
+
     async def send(self, data: bytes) -> None:
         """Send ``data``, waiting for credit when the peer is ``window`` bytes behind."""
+        self._sending = True
+        try:
+            await self._send(data)
+        finally:
+            self._sending = False
+
+    async def _send(self, data: bytes) -> None:
         at = 0
         while at < len(data):
             # as much as the credit allows: a fixed-size chunk could wait forever for the

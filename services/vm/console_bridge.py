@@ -19,6 +19,7 @@ import logging
 import os
 import termios
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
@@ -34,12 +35,25 @@ log = logging.getLogger("phyllome.vm.console")
 CLIENT_WAIT_S = 15.0  # a session nobody listens to within this is closed
 
 
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that first offers the bytes it gets to ``on_data`` (the session's
+    ``send_now``), and buffers them for ``read`` only where that declines (no credit now):
+    a key's echo goes out in the socket's own callback, no task woken to read it."""
+
+    on_data: Callable[[bytes], bool] | None = None
+
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]
+        if self.on_data is not None and not self._buffer and self.on_data(data):  # type: ignore[attr-defined]
+            return
+        super().feed_data(data)
+
+
 @dataclass
 class Target:
     """The VM's end of a console: a socket or a pty, as asyncio streams (a pty reads through
     a transport of its own)."""
 
-    reader: asyncio.StreamReader
+    reader: _Reader
     writer: asyncio.StreamWriter
     read_transport: asyncio.BaseTransport | None = None
 
@@ -54,11 +68,15 @@ class Target:
 async def tcp_target(host: str, port: int) -> Target:
     """The VNC server of a VM (libvirt's listen address; every-address means loopback)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    loop = asyncio.get_running_loop()
+    reader = _Reader(limit=CHUNK)
+    protocol = asyncio.StreamReaderProtocol(reader)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), 5)
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: protocol, host, port), 5)
     except (OSError, TimeoutError) as e:
         raise Unavailable(f"cannot reach the VM's VNC server at {host}:{port}: {e}") from None
-    return Target(reader, writer)
+    return Target(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 async def pty_target(path: str) -> Target:
@@ -71,7 +89,7 @@ async def pty_target(path: str) -> Target:
     try:
         tty.setraw(fd, termios.TCSANOW)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=CHUNK)
+        reader = _Reader(limit=CHUNK)
         out = os.dup(fd)
         read_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader),
@@ -138,6 +156,8 @@ class ConsoleBridge:
     @staticmethod
     async def _relay(link: ConsoleLink, target: Target) -> str:
         async def to_client() -> str:
+            # the bytes go out as they come (send_now); here only what waited for credit
+            target.reader.on_data = link.send_now
             while data := await target.reader.read(CHUNK):
                 await link.send(data)
             return "the VM's console closed (the VM stopped?)"
