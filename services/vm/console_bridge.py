@@ -108,6 +108,7 @@ class ConsoleBridge:
     def __init__(self, nc: Client, host: str, *, window: int = WINDOW) -> None:
         self.nc, self.host, self.window = nc, host, window
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.sessions: dict[str, tuple[ConsoleLink, Target]] = {}  # what each one holds
 
     async def open(self, *, uuid: str, name: str, kind: ConsoleKind,
                    target: Target) -> ConsoleSession:
@@ -123,7 +124,9 @@ class ConsoleBridge:
         task = asyncio.create_task(self._pump(link, target, f"{kind} of {name}"),
                                    name=f"console-{session}")
         self._tasks[session] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(session, None))
+        self.sessions[session] = (link, target)
+        task.add_done_callback(lambda _t: (self._tasks.pop(session, None),
+                                           self.sessions.pop(session, None)))
         log.info("console session %s: %s of VM %s", session, kind, name)
         return ConsoleSession(session=session, host=self.host, kind=kind, uuid=uuid, name=name,
                               to_vm=to_vm, to_client=to_client, window=self.window)

@@ -19,7 +19,9 @@ from websockets.exceptions import ConnectionClosed
 from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
 from shared import subjects
 from shared.bus import Bus
-from shared.console import ConsoleLink
+from shared.console import CHUNK, ConsoleLink
+from shared.messages import vm as vm_api
+from shared.messages.vm import ConsoleOpen, ConsoleSession
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.wait import until
@@ -224,3 +226,58 @@ async def test_the_console_websocket_closes_with_a_code_that_says_why(
             assert got[0] == code and reason in got[1], (path, got)
         r = await http.get("/metrics")
         assert 'phyllome_web_consoles_open{kind="vnc"} 0.0' not in r.text  # none was opened
+
+
+async def test_a_browser_that_does_not_read_stops_the_console_within_the_window(
+        nats_server: NatsServer) -> None:
+    """Flow control end to end: a WebSocket that reads nothing pauses the gateway's sink,
+    the credit runs out, the bridge stops reading the VM's socket; what the bridge holds
+    stays within the window and its read buffer, and the stream then goes on intact."""
+    written = 0
+    blocked = asyncio.Event()
+    pattern = bytes(range(251)) * 40  # byte i of the stream is i % 251
+
+
+    async def console_server(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        writer.transport.set_write_buffer_limits(high=4 << 20)
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                at = written % 251
+                writer.write(pattern[at:at + 8192])
+                written += 8192
+                if writer.transport.get_write_buffer_size() > 1 << 20:
+                    blocked.set()  # the kernel's buffers are full: nobody reads
+                await writer.drain()
+
+    server = await asyncio.start_server(console_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    window = 256 << 10
+    async with bus_of(nats_server) as agent, gateway_in_process(nats_server.url, "h0") as gw:
+        bridge = ConsoleBridge(agent.nc, "h1", window=window)
+
+        async def console(req: ConsoleOpen) -> ConsoleSession:
+            return await bridge.open(uuid="u1", name=req.vm, kind=req.kind,
+                                     target=await tcp_target("127.0.0.1", port))
+
+        await agent.serve("vm", "0.0.0", [(vm_api.CONSOLE, console)], metadata={"host": "h1"})
+        token = await make_token(gw.bus, "op", "operator")
+        url = gw.url.replace("http://", "ws://") + "/api/v1/vms/demo/console/serial?host=h1"
+        try:
+            async with connect(url, additional_headers=bearer(token), max_size=None,
+                               max_queue=1) as ws:
+                first = await asyncio.wait_for(ws.recv(), 10)  # the stream runs
+                got = bytearray(first if isinstance(first, bytes) else first.encode())
+                blocked.clear()  # the bridge reads now: the server blocks only once it stops
+                await asyncio.wait_for(blocked.wait(), 20)
+                ((link, target),) = bridge.sessions.values()
+                assert 0 < link.unacked <= window, link.unacked  # the browser holds it up
+                held = len(target.reader._buffer)  # type: ignore[attr-defined]
+                assert held <= 2 * CHUNK + (256 << 10)  # StreamReader pauses over 2 limits
+                want = written + (4 << 20)  # all that was written, in order, and more
+                while len(got) < want:
+                    got += await asyncio.wait_for(ws.recv(), 10)  # type: ignore[arg-type]
+                assert got[:want] == (bytes(range(251)) * (want // 251 + 1))[:want]
+        finally:
+            await bridge.close()
+            server.close()
