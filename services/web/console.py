@@ -113,7 +113,8 @@ class Consoles:
                     return 1000, "the browser closed the console"
                 data = msg.get("bytes") or (msg.get("text") or "").encode()
                 to_vm.inc(len(data))
-                await link.send(data)
+                if not link.send_now(data):  # a key press goes out here and now
+                    await link.send(data)
 
         async def send(data: bytes) -> None:
             await ws.send_bytes(data)
