@@ -24,10 +24,19 @@ leaves 127.0.0.1. Both ends run a ``ConsoleLink``:
     data = await link.recv()        # None once the session closed; link.reason says why
     reason = await link.deliver(sink)  # or: every message to ``await sink(data)`` at once
 
-``deliver`` hands each message to its sink in the subscription's own task, with no queue
-and no task switch between: a relay that uses it (the vm agent's bridge, the gateway's
-WebSocket) saves one switch of the event loop per message each way, which is what a
-console's round trip (a key press, the screen update it causes) is made of.
+A console's round trip (a key press, the screen update it causes) is made of turns of the
+event loop, so a link takes as few as nats-py lets it:
+
+- receiving: the subscription has no callback task; a queue of ours in its place
+  (``_Direct``) hands each message to the link in nats-py's reader task as it is parsed,
+  and ``deliver`` runs the sink right there, up to its first wait (a WebSocket's or a
+  socket's full buffer; such a sink is finished in a task, the messages after it queued
+  behind it within the credit);
+- sending: a message goes onto the NATS socket at once when nothing of the client's waits
+  before it (``nc.publish`` would queue it for nats-py's flusher task); ``send_now`` sends
+  without awaiting at all, for a relay that reads a socket in its callback.
+
+Either falls back to nats-py's public way where its insides are not as expected.
 """
 
 from __future__ import annotations
@@ -82,6 +91,7 @@ class ConsoleLink:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False  # a send() is under way: send_now() leaves the bytes to it
         self.direct = False  # messages reach us in nats-py's reader task (see _Direct)
+        self.written_now = 0  # messages put on the NATS socket at once (see _write_now)
 
     @property
     def buffered(self) -> int:
@@ -269,6 +279,7 @@ class ConsoleLink:
             writer.write(head)
             writer.write(body)
             writer.write(b"\r\n")
+        self.written_now += 1
         return True
 
     async def _control(self, what: str, headers: dict[str, str]) -> None:

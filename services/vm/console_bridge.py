@@ -170,7 +170,7 @@ class ConsoleBridge:
             await target.writer.drain()
 
         async def to_vm() -> str:
-            return await link.deliver(write)  # in the subscription's task: no queue
+            return await link.deliver(write)  # in the NATS reader's task: no queue
 
         tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_vm())]
         try:

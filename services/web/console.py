@@ -121,7 +121,7 @@ class Consoles:
             to_browser.inc(len(data))
 
         async def vm_to_browser() -> tuple[int, str]:
-            return 1000, await link.deliver(send)  # in the subscription's task: no queue
+            return 1000, await link.deliver(send)  # in the NATS reader's task: no queue
 
         async def token_holds() -> tuple[int, str]:
             while True:
