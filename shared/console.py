@@ -57,7 +57,8 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger("phyllome.console")
 
 WINDOW = 4 << 20  # bytes a sender may have unacknowledged
-CHUNK = (1 << 20) - (4 << 10)  # largest data message (NATS takes 1 MiB, headers included)
+CHUNK = (1 << 20) - (4 << 10)  # largest data message (NATS's default max_payload is 1 MiB,
+#                                headers included; a server that takes less gets less)
 PING_S = 10.0
 IDLE_S = 30.0
 CONTROL, SEQ, ACK, REASON = "Phy-Console", "Phy-Seq", "Phy-Ack", "Phy-Reason"
@@ -126,7 +127,7 @@ class ConsoleLink:
         fits one message, and nothing of ours waits to go before it. False: nothing was
         sent, ``send`` it (a relay that reads a socket calls this as the bytes come, and
         saves its reading task a turn of the event loop)."""
-        if (self._sending or self.closed.is_set() or not data or len(data) > CHUNK
+        if (self._sending or self.closed.is_set() or not data or len(data) > self._chunk()
                 or self.window - (self._sent - self._acked) < len(data)):
             return False
         if not self._write_now(data, {SEQ: str(self._seq_out + 1)}):
@@ -155,7 +156,7 @@ class ConsoleLink:
                 continue
             if self.closed.is_set():
                 return
-            chunk = data[at:at + min(CHUNK, room)]
+            chunk = data[at:at + min(self._chunk(), room)]
             at += len(chunk)
             self._seq_out += 1
             self._sent += len(chunk)
@@ -257,6 +258,10 @@ class ConsoleLink:
             await self.nc.publish(self.send_subject, body, headers=headers)
         except nats.errors.Error as e:
             self._end(f"the bus failed: {e!r}")
+
+    def _chunk(self) -> int:
+        """The largest data message: CHUNK, or less where the server takes less."""
+        return min(CHUNK, self.nc.max_payload - (4 << 10))
 
     def _write_now(self, body: bytes, headers: dict[str, str]) -> bool:
         """Put the message on the connection's socket here and now, when nothing of the
