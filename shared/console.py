@@ -24,10 +24,19 @@ leaves 127.0.0.1. Both ends run a ``ConsoleLink``:
     data = await link.recv()        # None once the session closed; link.reason says why
     reason = await link.deliver(sink)  # or: every message to ``await sink(data)`` at once
 
-``deliver`` hands each message to its sink in the subscription's own task, with no queue
-and no task switch between: a relay that uses it (the vm agent's bridge, the gateway's
-WebSocket) saves one switch of the event loop per message each way, which is what a
-console's round trip (a key press, the screen update it causes) is made of.
+A console's round trip (a key press, the screen update it causes) is made of turns of the
+event loop, so a link takes as few as nats-py lets it:
+
+- receiving: the subscription has no callback task; a queue of ours in its place
+  (``_Direct``) hands each message to the link in nats-py's reader task as it is parsed,
+  and ``deliver`` runs the sink right there, up to its first wait (a WebSocket's or a
+  socket's full buffer; such a sink is finished in a task, the messages after it queued
+  behind it within the credit);
+- sending: a message goes onto the NATS socket at once when nothing of the client's waits
+  before it (``nc.publish`` would queue it for nats-py's flusher task); ``send_now`` sends
+  without awaiting at all, for a relay that reads a socket in its callback.
+
+Either falls back to nats-py's public way where its insides are not as expected.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import nats.errors
@@ -47,10 +57,13 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger("phyllome.console")
 
 WINDOW = 4 << 20  # bytes a sender may have unacknowledged
-CHUNK = 256 << 10  # largest data message (NATS takes 1 MiB)
+CHUNK = (1 << 20) - (4 << 10)  # largest data message (NATS's default max_payload is 1 MiB,
+#                                headers included; a server that takes less gets less)
 PING_S = 10.0
 IDLE_S = 30.0
 CONTROL, SEQ, ACK, REASON = "Phy-Console", "Phy-Seq", "Phy-Ack", "Phy-Reason"
+_HDR_LINE = b"NATS/1.0\r\n"
+_JOIN_BELOW = 64 << 10
 
 
 class ConsoleLink:
@@ -72,8 +85,14 @@ class ConsoleLink:
         self._last_heard = time.monotonic()
         self._sub: Subscription | None = None
         self._pinger: asyncio.Task[None] | None = None
-        self._sink: Callable[[bytes], Awaitable[None]] | None = None
+        self._sink: Callable[[bytes], Coroutine[Any, Any, None]] | None = None
         self._sink_failed: asyncio.Future[BaseException] | None = None
+        self._behind = False  # a sink waits (a full socket): messages queue behind it
+        self._sink_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sending = False  # a send() is under way: send_now() leaves the bytes to it
+        self.direct = False  # messages reach us in nats-py's reader task (see _Direct)
+        self.written_now = 0  # messages put on the NATS socket at once (see _write_now)
 
     @property
     def buffered(self) -> int:
@@ -87,13 +106,45 @@ class ConsoleLink:
 
     async def start(self, *, opener: bool = False) -> None:
         """Listen; the opener then tells the peer so (the peer waits for it to send)."""
-        self._sub = await self.nc.subscribe(self.recv_subject, cb=self._on_msg)
+        sub = await self.nc.subscribe(self.recv_subject)
+        queue = getattr(sub, "_pending_queue", None)
+        if isinstance(queue, asyncio.Queue) and isinstance(getattr(sub, "_pending_size", None),
+                                                           int):
+            direct = sub._pending_queue = _Direct(sub, self._take)
+            while not queue.empty():  # none can have come yet (nobody sends first); still
+                direct.put_nowait(queue.get_nowait())
+            self.direct = True
+        else:  # another nats-py inside: its subscription's own task calls us
+            await sub.unsubscribe()
+            sub = await self.nc.subscribe(self.recv_subject, cb=self._on_msg)
+        self._sub = sub
         self._pinger = asyncio.create_task(self._ping(), name="console-ping")
         if opener:
             await self._control("ack", {ACK: "0"})
 
+    def send_now(self, data: bytes) -> bool:
+        """Send ``data`` here and now, without waiting: when the credit has room for it, it
+        fits one message, and nothing of ours waits to go before it. False: nothing was
+        sent, ``send`` it (a relay that reads a socket calls this as the bytes come, and
+        saves its reading task a turn of the event loop)."""
+        if (self._sending or self.closed.is_set() or not data or len(data) > self._chunk()
+                or self.window - (self._sent - self._acked) < len(data)):
+            return False
+        if not self._write_now(data, {SEQ: str(self._seq_out + 1)}):
+            return False
+        self._seq_out += 1
+        self._sent += len(data)
+        return True
+
     async def send(self, data: bytes) -> None:
         """Send ``data``, waiting for credit when the peer is ``window`` bytes behind."""
+        self._sending = True
+        try:
+            await self._send(data)
+        finally:
+            self._sending = False
+
+    async def _send(self, data: bytes) -> None:
         at = 0
         while at < len(data):
             # as much as the credit allows: a fixed-size chunk could wait forever for the
@@ -105,7 +156,7 @@ class ConsoleLink:
                 continue
             if self.closed.is_set():
                 return
-            chunk = data[at:at + min(CHUNK, room)]
+            chunk = data[at:at + min(self._chunk(), room)]
             at += len(chunk)
             self._seq_out += 1
             self._sent += len(chunk)
@@ -123,12 +174,17 @@ class ConsoleLink:
             self._taken += len(data)
         return data
 
-    async def deliver(self, sink: Callable[[bytes], Awaitable[None]]) -> str:
+    async def deliver(self, sink: Callable[[bytes], Coroutine[Any, Any, None]]) -> str:
         """Pass the peer's bytes to ``sink`` as they come (what arrived before first), each
         acknowledged once ``sink`` returns, until the session closes: returns why it did.
         An exception of ``sink`` is raised here, the session still open (the caller closes
-        it, telling the peer)."""
-        while not self._queue.empty():
+        it, telling the peer).
+
+        ``sink`` runs as the message comes, in the task that read it off the NATS socket,
+        up to its first wait (a WebSocket's or a socket's full buffer): a sink that does
+        not wait costs no task switch at all. One that waits is finished in a task of its
+        own, and the messages after it queue behind it, in order, within the credit."""
+        while not self._queue.empty():  # meanwhile, what comes queues behind (no sink yet)
             data = self._queue.get_nowait()
             if data is None:
                 return self.reason
@@ -156,19 +212,26 @@ class ConsoleLink:
             await self._control("ack", {ACK: str(self._taken)})
 
     async def close(self, reason: str, *, tell: bool = True) -> None:
-        """End the session (once); ``tell`` the peer unless it is the one that ended it."""
-        if self.closed.is_set():
-            return
-        self._end(reason)
-        if tell:
-            await self._control("close", {REASON: reason[:200]})
-        if self._pinger is not None and self._pinger is not asyncio.current_task():
-            self._pinger.cancel()
+        """End the session (once); ``tell`` the peer unless it is the one that ended it.
+        Unsubscribes and stops the pinger however the session ended."""
+        if not self.closed.is_set():
+            self._end(reason)
+            if tell:
+                await self._control("close", {REASON: reason[:200]})
+        pinger, self._pinger = self._pinger, None
+        if pinger is not None and pinger is not asyncio.current_task():
+            pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._pinger
-        if self._sub is not None:
+                await pinger
+        sink_task, self._sink_task = self._sink_task, None
+        if sink_task is not None and sink_task is not asyncio.current_task():
+            sink_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sink_task
+        sub, self._sub = self._sub, None
+        if sub is not None:
             with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
 
     # -- inside ------------------------------------------------------------------------------
 
@@ -189,15 +252,50 @@ class ConsoleLink:
             got.cancel()
 
     async def _publish(self, body: bytes, headers: dict[str, str]) -> None:
+        if self._write_now(body, headers):
+            return
         try:
             await self.nc.publish(self.send_subject, body, headers=headers)
         except nats.errors.Error as e:
             self._end(f"the bus failed: {e!r}")
 
+    def _chunk(self) -> int:
+        """The largest data message: CHUNK, or less where the server takes less."""
+        return min(CHUNK, self.nc.max_payload - (4 << 10))
+
+    def _write_now(self, body: bytes, headers: dict[str, str]) -> bool:
+        """Put the message on the connection's socket here and now, when nothing of the
+        client's waits to go before it: ``nc.publish`` queues it and wakes the client's
+        flusher task, one more turn of the event loop per message. Our bytes stay in order
+        (nothing pending means nothing of ours either); the socket's buffer holds at most
+        the credit window of each session, and the flusher drains it with the rest."""
+        nc = self.nc
+        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+        if (writer is None or getattr(nc, "_pending", True) or not nc.is_connected
+                or len(body) > nc.max_payload):
+            return False
+        hdr = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+        size = len(_HDR_LINE) + len(hdr) + 2
+        head = (f"HPUB {self.send_subject} {size} {size + len(body)}\r\n".encode()
+                + _HDR_LINE + hdr + b"\r\n")
+        if len(body) < _JOIN_BELOW:
+            writer.write(head + body + b"\r\n")
+        else:  # a big body goes as it is: no copy into one buffer first
+            writer.write(head)
+            writer.write(body)
+            writer.write(b"\r\n")
+        self.written_now += 1
+        return True
+
     async def _control(self, what: str, headers: dict[str, str]) -> None:
         await self._publish(b"", {CONTROL: what, **headers})
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> None:
+        """A message of the peer, as nats-py parsed it. Nothing here waits: what has to
+        (telling the peer, a sink's full buffer) goes on in a task."""
         if self.closed.is_set():
             return
         self._last_heard = time.monotonic()
@@ -212,26 +310,75 @@ class ConsoleLink:
         elif control is None:
             seq = int(headers.get(SEQ, "0") or 0)
             if seq != self._seq_in + 1:
-                await self.close(f"console data lost on the way (message {seq} after "
+                self._close_soon(f"console data lost on the way (message {seq} after "
                                  f"{self._seq_in}); open the console again")
                 return
             self._seq_in = seq
-            if self._sink is not None:
-                if self._sink_failed is not None and self._sink_failed.done():
-                    return  # the sink broke: its owner closes the session
-                try:
-                    await self._sink(msg.data)
-                except Exception as e:  # handed to deliver()'s caller, who closes
-                    if self._sink_failed is not None and not self._sink_failed.done():
-                        self._sink_failed.set_result(e)
-                    return
-                await self._taken_by_sink(len(msg.data))
+            data = msg.data
+            if self._sink is not None and not self._behind:
+                self._sink_now(data)
                 return
-            self._queued += len(msg.data)
+            self._queued += len(data)
             if self._queued > 2 * self.window:
-                await self.close("the other end ignored flow control")
+                self._close_soon("the other end ignored flow control")
                 return
-            self._queue.put_nowait(msg.data)
+            self._queue.put_nowait(data)
+
+    def _sink_now(self, data: bytes) -> None:
+        if self._sink is None or self._sink_failed is None or self._sink_failed.done():
+            return  # the sink broke: its owner closes the session
+        coro = self._sink(data)
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            self._taken_now(len(data))
+            return
+        except Exception as e:  # handed to deliver()'s caller, who closes
+            self._sink_failed.set_result(e)
+            return
+        self._behind = True
+        self._sink_task = asyncio.create_task(self._sink_on(coro, step, len(data)),
+                                              name="console-sink")
+
+    async def _sink_on(self, coro: Coroutine[Any, Any, None], step: Any, size: int) -> None:
+        """Finish a sink that waited, then pass on what queued behind it."""
+        failed = self._sink_failed
+        try:
+            await _resume(coro, step)
+            await self._taken_by_sink(size)
+            while self._sink is not None and not self._queue.empty():
+                data = self._queue.get_nowait()
+                if data is None:
+                    return
+                self._queued -= len(data)
+                await self._sink(data)
+                await self._taken_by_sink(len(data))
+            # nothing awaited from the queue's last check to here: no message slips between
+            self._behind = False
+        except Exception as e:  # handed to deliver()'s caller, who closes
+            if failed is not None and not failed.done():
+                failed.set_result(e)
+
+    def _taken_now(self, size: int) -> None:
+        self._taken += size
+        if self._taken - self._ack_sent >= self.window // 4:
+            self._ack_sent = self._taken
+            headers = {CONTROL: "ack", ACK: str(self._taken)}
+            if not self._write_now(b"", headers):
+                self._spawn(self._publish(b"", headers))
+
+    def _close_soon(self, reason: str) -> None:
+        self._end(reason)
+        self._spawn(self._tell_closed(reason))
+
+    async def _tell_closed(self, reason: str) -> None:
+        await self._control("close", {REASON: reason[:200]})
+        await self.close(reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _ping(self) -> None:
         while not self.closed.is_set():
@@ -240,3 +387,40 @@ class ConsoleLink:
                 await self.close(f"nothing heard from the other end for {self.idle_s:.0f} s")
                 return
             await self._control("ping", {})
+
+
+class _Direct(asyncio.Queue[Msg]):
+    """In place of a subscription's queue of messages: hands each to the link as nats-py's
+    reader task parses it. nats-py puts a message in its subscription's queue, and the
+    subscription's task takes it out, one more switch of the event loop per message; a
+    subscription without a callback has no task, and this queue none either."""
+
+    def __init__(self, sub: Subscription, take: Callable[[Msg], None]) -> None:
+        super().__init__()
+        self._direct_sub, self._direct_take = sub, take
+
+    def put_nowait(self, item: Msg) -> None:
+        self._direct_sub._pending_size -= len(item.data)
+        try:
+            self._direct_take(item)
+        except Exception:  # never into nats-py's reader: it would stop reading the socket
+            log.exception("a console message failed")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], step: Any) -> Generator[Any, Any, None]:
+    """Await the rest of ``coro``, which yielded ``step`` at its first ``send``: what the
+    task gives back goes on to ``coro``, as ``await`` would have passed it."""
+    while True:
+        try:
+            sent = yield step
+        except BaseException as e:  # noqa: BLE001 - a cancel goes into coro as it came
+            try:
+                step = coro.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                step = coro.send(sent)
+            except StopIteration:
+                return

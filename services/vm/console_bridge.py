@@ -19,6 +19,7 @@ import logging
 import os
 import termios
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
@@ -34,12 +35,25 @@ log = logging.getLogger("phyllome.vm.console")
 CLIENT_WAIT_S = 15.0  # a session nobody listens to within this is closed
 
 
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that first offers the bytes it gets to ``on_data`` (the session's
+    ``send_now``), and buffers them for ``read`` only where that declines (no credit now):
+    a key's echo goes out in the socket's own callback, no task woken to read it."""
+
+    on_data: Callable[[bytes], bool] | None = None
+
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]
+        if self.on_data is not None and not self._buffer and self.on_data(data):  # type: ignore[attr-defined]
+            return
+        super().feed_data(data)
+
+
 @dataclass
 class Target:
     """The VM's end of a console: a socket or a pty, as asyncio streams (a pty reads through
     a transport of its own)."""
 
-    reader: asyncio.StreamReader
+    reader: _Reader
     writer: asyncio.StreamWriter
     read_transport: asyncio.BaseTransport | None = None
 
@@ -54,11 +68,15 @@ class Target:
 async def tcp_target(host: str, port: int) -> Target:
     """The VNC server of a VM (libvirt's listen address; every-address means loopback)."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    loop = asyncio.get_running_loop()
+    reader = _Reader(limit=CHUNK)
+    protocol = asyncio.StreamReaderProtocol(reader)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: protocol, host, port), 5)
     except (OSError, TimeoutError) as e:
         raise Unavailable(f"cannot reach the VM's VNC server at {host}:{port}: {e}") from None
-    return Target(reader, writer)
+    return Target(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
 
 async def pty_target(path: str) -> Target:
@@ -71,7 +89,7 @@ async def pty_target(path: str) -> Target:
     try:
         tty.setraw(fd, termios.TCSANOW)
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=CHUNK)
+        reader = _Reader(limit=CHUNK)
         out = os.dup(fd)
         read_transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader),
@@ -90,6 +108,7 @@ class ConsoleBridge:
     def __init__(self, nc: Client, host: str, *, window: int = WINDOW) -> None:
         self.nc, self.host, self.window = nc, host, window
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.sessions: dict[str, tuple[ConsoleLink, Target]] = {}  # what each one holds
 
     async def open(self, *, uuid: str, name: str, kind: ConsoleKind,
                    target: Target) -> ConsoleSession:
@@ -105,7 +124,9 @@ class ConsoleBridge:
         task = asyncio.create_task(self._pump(link, target, f"{kind} of {name}"),
                                    name=f"console-{session}")
         self._tasks[session] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(session, None))
+        self.sessions[session] = (link, target)
+        task.add_done_callback(lambda _t: (self._tasks.pop(session, None),
+                                           self.sessions.pop(session, None)))
         log.info("console session %s: %s of VM %s", session, kind, name)
         return ConsoleSession(session=session, host=self.host, kind=kind, uuid=uuid, name=name,
                               to_vm=to_vm, to_client=to_client, window=self.window)
@@ -138,6 +159,8 @@ class ConsoleBridge:
     @staticmethod
     async def _relay(link: ConsoleLink, target: Target) -> str:
         async def to_client() -> str:
+            # the bytes go out as they come (send_now); here only what waited for credit
+            target.reader.on_data = link.send_now
             while data := await target.reader.read(CHUNK):
                 await link.send(data)
             return "the VM's console closed (the VM stopped?)"
@@ -147,7 +170,7 @@ class ConsoleBridge:
             await target.writer.drain()
 
         async def to_vm() -> str:
-            return await link.deliver(write)  # in the subscription's task: no queue
+            return await link.deliver(write)  # in the NATS reader's task: no queue
 
         tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_vm())]
         try:

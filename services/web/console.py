@@ -113,14 +113,15 @@ class Consoles:
                     return 1000, "the browser closed the console"
                 data = msg.get("bytes") or (msg.get("text") or "").encode()
                 to_vm.inc(len(data))
-                await link.send(data)
+                if not link.send_now(data):  # a key press goes out here and now
+                    await link.send(data)
 
         async def send(data: bytes) -> None:
             await ws.send_bytes(data)
             to_browser.inc(len(data))
 
         async def vm_to_browser() -> tuple[int, str]:
-            return 1000, await link.deliver(send)  # in the subscription's task: no queue
+            return 1000, await link.deliver(send)  # in the NATS reader's task: no queue
 
         async def token_holds() -> tuple[int, str]:
             while True:

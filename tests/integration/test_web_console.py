@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +21,9 @@ from websockets.exceptions import ConnectionClosed
 from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
 from shared import subjects
 from shared.bus import Bus
-from shared.console import ConsoleLink
+from shared.console import CHUNK, ConsoleLink
+from shared.messages import vm as vm_api
+from shared.messages.vm import ConsoleOpen, ConsoleSession
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_in_process
 from tests.support.wait import until
@@ -37,21 +41,40 @@ async def bus_of(nats: NatsServer) -> AsyncIterator[Bus]:
         await bus.close()
 
 
-async def pair(bus: Bus, window: int = 64 << 10, **kw: float) -> tuple[ConsoleLink, ConsoleLink]:
+class Plain:
+    """A NATS client as nats-py's public API shows it: a link's fast ways (its own queue in
+    the subscription, its writes onto the socket) find no insides and fall back."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.is_connected, self.max_payload = nc.is_connected, nc.max_payload
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        await self.nc.publish(subject, payload, headers=headers)
+
+    async def subscribe(self, subject: str, cb: Any = None) -> Any:
+        sub = await self.nc.subscribe(subject, cb=cb)
+        return types.SimpleNamespace(unsubscribe=sub.unsubscribe)
+
+
+async def pair(bus: Bus, window: int = 64 << 10, plain: bool = False,
+               **kw: float) -> tuple[ConsoleLink, ConsoleLink]:
     """(client, vm) ends of one session."""
     to_vm, to_client = subjects.console("h1", "s1", "vm"), subjects.console("h1", "s1", "client")
-    vm = ConsoleLink(bus.nc, send=to_client, recv=to_vm, window=window, **kw)
-    client = ConsoleLink(bus.nc, send=to_vm, recv=to_client, window=window, **kw)
+    nc: Any = Plain(bus.nc) if plain else bus.nc
+    vm = ConsoleLink(nc, send=to_client, recv=to_vm, window=window, **kw)
+    client = ConsoleLink(nc, send=to_vm, recv=to_client, window=window, **kw)
     await vm.start()
     await client.start(opener=True)
     await asyncio.wait_for(vm.peer_listens.wait(), 5)
     return client, vm
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["fast", "public-api"])
 async def test_a_session_carries_bytes_both_ways_within_its_window(
-        nats_server: NatsServer) -> None:
+        nats_server: NatsServer, plain: bool) -> None:
     async with bus_of(nats_server) as bus:
-        client, vm = await pair(bus)
+        client, vm = await pair(bus, plain=plain)
         data = os.urandom(300 << 10)
         sending = asyncio.create_task(vm.send(data))
         # the client reads nothing: the VM's end stops at the window, and waits
@@ -66,6 +89,9 @@ async def test_a_session_carries_bytes_both_ways_within_its_window(
         assert got == data
         await client.send(b"keys")
         assert await vm.recv() == b"keys"
+        # nats-py's insides as the fast ways expect (else they fall back, slower, unseen)
+        fast = client.direct and vm.direct and vm.written_now > 0 and client.written_now > 0
+        assert fast != plain
         await client.close("the browser closed the console")
         assert await vm.recv() is None
         assert vm.reason == "the browser closed the console"
@@ -224,3 +250,58 @@ async def test_the_console_websocket_closes_with_a_code_that_says_why(
             assert got[0] == code and reason in got[1], (path, got)
         r = await http.get("/metrics")
         assert 'phyllome_web_consoles_open{kind="vnc"} 0.0' not in r.text  # none was opened
+
+
+async def test_a_browser_that_does_not_read_stops_the_console_within_the_window(
+        nats_server: NatsServer) -> None:
+    """Flow control end to end: a WebSocket that reads nothing pauses the gateway's sink,
+    the credit runs out, the bridge stops reading the VM's socket; what the bridge holds
+    stays within the window and its read buffer, and the stream then goes on intact."""
+    written = 0
+    blocked = asyncio.Event()
+    pattern = bytes(range(251)) * 40  # byte i of the stream is i % 251
+
+
+    async def console_server(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        writer.transport.set_write_buffer_limits(high=4 << 20)
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                at = written % 251
+                writer.write(pattern[at:at + 8192])
+                written += 8192
+                if writer.transport.get_write_buffer_size() > 1 << 20:
+                    blocked.set()  # the kernel's buffers are full: nobody reads
+                await writer.drain()
+
+    server = await asyncio.start_server(console_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    window = 256 << 10
+    async with bus_of(nats_server) as agent, gateway_in_process(nats_server.url, "h0") as gw:
+        bridge = ConsoleBridge(agent.nc, "h1", window=window)
+
+        async def console(req: ConsoleOpen) -> ConsoleSession:
+            return await bridge.open(uuid="u1", name=req.vm, kind=req.kind,
+                                     target=await tcp_target("127.0.0.1", port))
+
+        await agent.serve("vm", "0.0.0", [(vm_api.CONSOLE, console)], metadata={"host": "h1"})
+        token = await make_token(gw.bus, "op", "operator")
+        url = gw.url.replace("http://", "ws://") + "/api/v1/vms/demo/console/serial?host=h1"
+        try:
+            async with connect(url, additional_headers=bearer(token), max_size=None,
+                               max_queue=1) as ws:
+                first = await asyncio.wait_for(ws.recv(), 10)  # the stream runs
+                got = bytearray(first if isinstance(first, bytes) else first.encode())
+                blocked.clear()  # the bridge reads now: the server blocks only once it stops
+                await asyncio.wait_for(blocked.wait(), 20)
+                ((link, target),) = bridge.sessions.values()
+                assert 0 < link.unacked <= window, link.unacked  # the browser holds it up
+                held = len(target.reader._buffer)  # type: ignore[attr-defined]
+                assert held <= 2 * CHUNK + (256 << 10)  # StreamReader pauses over 2 limits
+                want = written + (4 << 20)  # all that was written, in order, and more
+                while len(got) < want:
+                    got += await asyncio.wait_for(ws.recv(), 10)  # type: ignore[arg-type]
+                assert got[:want] == (bytes(range(251)) * (want // 251 + 1))[:want]
+        finally:
+            await bridge.close()
+            server.close()
