@@ -14,6 +14,7 @@ every beat (``Agent.on_beat``); a host's view merges the parts of its agents' re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Iterable
@@ -25,7 +26,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from shared import subjects
+from shared import subjects, wire
 from shared.errors import Unavailable
 from shared.messages.hardware import HostCaps, HostResources
 from shared.messages.hosts import Heartbeat
@@ -176,6 +177,98 @@ async def heartbeats(bus: Bus) -> list[tuple[str, int, Heartbeat]]:
     (entries,) = await _read(bus.kv_entries(subjects.KV_HOSTS))
     return [(key, rev, hb) for key, rev, value in entries
             for hb in _decode_all([(key, rev, value)], Heartbeat)]
+
+
+class HeartbeatFollower:
+    """One long-lived watch of KV ``hosts``: the last beat of every key, then every new one.
+
+    A full read per look costs a consumer created and deleted (through JetStream's meta
+    group) and every key sent again; this is one ordered consumer for the follower's life,
+    which the server sends each heartbeat once, as it is written. Deletes and purges (an
+    agent that stopped) and the server's TTL markers (``Nats-Marker-Reason``) remove the key.
+    A key the server expired without a marker stays until ``entries(prune_after=...)``
+    drops it; its revision no longer grows, which is what a watcher judges by::
+
+        follower = HeartbeatFollower(bus)
+        await follower.start()           # again after it went stale (see ``received``)
+        if follower.ready:
+            beats = follower.entries()   # [(key, revision, Heartbeat), ...]
+    """
+
+    def __init__(self, bus: Bus, *, idle_heartbeat_s: float = 5.0) -> None:
+        self.bus = bus
+        self.idle_heartbeat_s = idle_heartbeat_s
+        self.ready = False  # the first pass (the last beat of every key) is in
+        self.started_at = 0.0  # monotonic time of the last (re)start
+        self.starts = 0
+        self._beats: dict[str, tuple[int, Heartbeat, float]] = {}
+        self._sub: Any = None
+        self._generation = 0
+
+    async def start(self) -> None:
+        """(Re)create the watch: the last value of every key, then the updates."""
+        await self.stop()
+        self._generation += 1
+        generation, prefix = self._generation, f"$KV.{subjects.KV_HOSTS}."
+        self._beats, self.ready, self.started_at = {}, False, time.monotonic()
+
+        async def deliver(msg: Msg) -> None:
+            if generation == self._generation:
+                self._take(msg, prefix)
+
+        try:
+            await self.bus.kv(subjects.KV_HOSTS)
+            self._sub = await self.bus.js.subscribe(
+                f"{prefix}>", stream=f"KV_{subjects.KV_HOSTS}", cb=deliver,
+                ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                idle_heartbeat=self.idle_heartbeat_s)
+            info = await self._sub.consumer_info()
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
+            raise Unavailable(f"cannot watch KV {subjects.KV_HOSTS}: {e!r}") from None
+        self.starts += 1
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            self.ready = True  # an empty bucket: nothing to wait for
+
+    def _take(self, msg: Msg, prefix: str) -> None:
+        key = msg.subject.removeprefix(prefix)
+        md = msg.metadata
+        if wire.kv_deleted(msg.headers):
+            self._beats.pop(key, None)
+        elif msg.data:
+            try:
+                hb = msgspec.json.decode(msg.data, type=Heartbeat)
+            except msgspec.MsgspecError:  # a newer schema, or a foreign value
+                log.debug("skipping %s: not a Heartbeat", key)
+            else:
+                self._beats[key] = (md.sequence.stream, hb, time.monotonic())
+        if not md.num_pending:
+            self.ready = True
+
+    def received(self, key: str) -> float | None:
+        """Monotonic time the last record of ``key`` arrived, None if none is held."""
+        got = self._beats.get(key)
+        return got[2] if got else None
+
+    def entries(self, *, prune_after: float | None = None) -> list[tuple[str, int, Heartbeat]]:
+        """(key, revision, Heartbeat) of every key held; keys not rewritten for
+        ``prune_after`` seconds are dropped first (expired on the server, no marker)."""
+        if prune_after is not None:
+            old = time.monotonic() - prune_after
+            for key in [k for k, (_r, _hb, at) in self._beats.items() if at < old]:
+                del self._beats[key]
+        return [(key, rev, hb) for key, (rev, hb, _at) in self._beats.items()]
+
+    async def stop(self) -> None:
+        """Drop the watch (its consumer goes with the subscription's interest)."""
+        sub, self._sub = self._sub, None
+        self._generation += 1
+        self.ready = False
+        if sub is None:
+            return
+        with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            await sub.unsubscribe()
+            if consumer := getattr(sub, "_consumer", ""):  # gone with the interest anyway
+                await self.bus.js.delete_consumer(f"KV_{subjects.KV_HOSTS}", consumer)
 
 
 async def host_views_on(bus: Bus) -> list[HostView]:
