@@ -53,6 +53,9 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True, tag="cluster.host.v1")
     resources: HostResources | None = None
     pools: dict[str, PoolRoom] = {}
     vms: int = 0
+    # memory promised to the VMs defined there, as its vm agent's heartbeat says (None: no
+    # vm agent, or one from before the figure)
+    vm_memory_mib: int | None = None
     reason: str = ""
 
 
@@ -96,7 +99,7 @@ async def last_per_subject(bus: Bus, stream: str, subject: str,
         await sub.unsubscribe()
 
 
-def _decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any]:
+def decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any]:
     out: list[Any] = []
     for key, _rev, value in entries:
         try:
@@ -137,7 +140,9 @@ def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
             caps=next((d.caps for d in details if d.caps is not None), None),
             resources=next((d.resources for d in details if d.resources is not None), None),
             pools={name: room for d in details for name, room in d.pools.items()},
-            vms=vm_count.get(host, 0), reason=skew))
+            vms=vm_count.get(host, 0), reason=skew,
+            vm_memory_mib=next((d.vm_memory_mib for d in details
+                                if d.vm_memory_mib is not None), None)))
     for host in {*known, *vm_count} - set(by_host):
         views.append(HostView(host=host, state="down", vms=vm_count.get(host, 0),
                               reason="no heartbeat (expired)"))
@@ -161,7 +166,7 @@ async def hosts_ttl(bus: Bus) -> float:
     return float(info.config.max_age or bus.kv_ttl_s)
 
 
-async def _read(*reads: Awaitable[Any]) -> list[Any]:
+async def read_together(*reads: Awaitable[Any]) -> list[Any]:
     """Run reads together; a JetStream that does not answer becomes a clear Unavailable."""
     try:
         return list(await asyncio.gather(*reads))
@@ -174,9 +179,9 @@ async def _read(*reads: Awaitable[Any]) -> list[Any]:
 async def heartbeats(bus: Bus) -> list[tuple[str, int, Heartbeat]]:
     """Every record of KV ``hosts`` with its key and revision: a revision that grows tells a
     watcher that a host beat again, whatever that host's clock says."""
-    (entries,) = await _read(bus.kv_entries(subjects.KV_HOSTS))
+    (entries,) = await read_together(bus.kv_entries(subjects.KV_HOSTS))
     return [(key, rev, hb) for key, rev, value in entries
-            for hb in _decode_all([(key, rev, value)], Heartbeat)]
+            for hb in decode_all([(key, rev, value)], Heartbeat)]
 
 
 class HeartbeatFollower:
@@ -273,23 +278,23 @@ class HeartbeatFollower:
 
 async def host_views_on(bus: Bus) -> list[HostView]:
     """Every host of the cluster from KV ``hosts``, KV ``vms`` and the host events."""
-    beats, records, known, ttl = await _read(
+    beats, records, known, ttl = await read_together(
         bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS),
         known_hosts(bus), hosts_ttl(bus))
-    vms: list[VmRecord] = _decode_all(records, VmRecord)
-    return host_views(_decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
+    vms: list[VmRecord] = decode_all(records, VmRecord)
+    return host_views(decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
                       known=known, vm_hosts=[r.host for r in vms])
 
 
 async def cluster_vms(bus: Bus) -> list[VmRecord]:
     """Every VM of every host from KV ``vms``; a VM whose host is down is ``unknown``."""
-    beats, records, ttl = await _read(
+    beats, records, ttl = await read_together(
         bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS), hosts_ttl(bus))
     now = time.time()
-    up = {v.host for v in host_views(_decode_all(beats, Heartbeat), now=now,
+    up = {v.host for v in host_views(decode_all(beats, Heartbeat), now=now,
                                      ttl_s=ttl) if v.state == "up"}
     out: list[VmRecord] = []
-    for rec in _decode_all(records, VmRecord):
+    for rec in decode_all(records, VmRecord):
         if rec.host not in up:
             rec = msgspec.structs.replace(rec, state="unknown",
                                           reason=f"host {rec.host} is down")

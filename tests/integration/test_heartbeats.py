@@ -25,10 +25,11 @@ from shared.contracts import event_decoder
 from shared.messages import Empty, HostDown
 from shared.messages import hardware as hardware_api
 from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.catalogue import ImageCounts
 from shared.messages.hardware import HostResources, SriovSet
 from shared.messages.hosts import Heartbeat, HeartbeatDetails
-from shared.messages.vm import AcceleratorDecision
+from shared.messages.vm import AcceleratorDecision, VmCreate, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config, agent_in_process
 from tests.support.sysfs_tree import FIXTURES, TreeKernel, build
@@ -242,3 +243,22 @@ async def test_the_host_watch_follows_kv_hosts_without_reading_it_again(
     assert isinstance(down, HostDown) and (down.host, down.down_host) == ("h1", "h2")
     assert down.event_id == f"host-down-h2-{int(started * 1000)}"
     assert down.reason in (f"no heartbeat for {ttl:.0f} s", "its agents removed their heartbeats")
+
+
+async def test_the_vm_agent_beats_the_memory_promised_to_its_vms(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """Defined VMs count, running or not: placement reads this figure, not every VM record."""
+    async with agent_in_process(
+            "vm", nats_server.url, tmp_path, "h1", libvirt_uri=libvirt_test_uri,
+            accelerator="tcg", extra={"reconcile_s": 3600,
+                                      "disk_dir": str(tmp_path / "disks")}) as agent:
+        assert (await heartbeat(agent)).details.vm_memory_mib == 0
+        for name, mib in (("a", 256), ("b", 128)):
+            await agent.bus.call("h1", vm_api.CREATE, VmCreate(spec=VmSpec(
+                name=name, memory_mib=mib, firmware="bios", display="none", nics=[])))
+        await agent.bus.call("h1", vm_api.START, VmRef(vm="a"))
+
+        async def promised() -> bool:
+            return (await heartbeat(agent)).details.vm_memory_mib == 384
+
+        await until("the heartbeat to count both VMs", promised, timeout=10)
