@@ -475,37 +475,50 @@ async def fan_out(cluster: NatsCluster, count: int, background: float,
 
 async def placement(bus: Any, count: int) -> dict[str, Any]:
     """``count`` VMs placed as ``vm create --host auto`` does, then as many with the host
-    given (the creates alone): the difference is what placement costs."""
+    given (the creates alone): the difference is what placement costs. One caller placing
+    them all keeps a ``Recent`` (what it placed since each host's last beats); the reads of
+    KV ``vms`` it makes are counted (none while every vm agent's beat has the figure)."""
+    from shared import subjects
     from shared.messages import vm as vm_api
     from shared.messages.vm import VmCreate
-    from shared.placement import choose
+    from shared.placement import Recent, choose
 
+    vms_reads = {"n": 0}
+
+    async def on_created(_msg: Any) -> None:
+        vms_reads["n"] += 1
+
+    watch = await bus.nc.subscribe(
+        f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.KV_{subjects.KV_VMS}.>", cb=on_created)
     chosen: dict[str, int] = {}
     choose_s: list[float] = []
+    recent = Recent()
     t = time.perf_counter()
     for i in range(count):
         spec = vm_spec(f"placed-{i:03d}")
         c0 = time.perf_counter()
-        choice = await retried(functools.partial(choose, bus, spec))
+        choice = await retried(functools.partial(choose, bus, spec, recent=recent))
         choose_s.append(time.perf_counter() - c0)
         chosen[choice.host] = chosen.get(choice.host, 0) + 1
         await retried(functools.partial(bus.call, choice.host, vm_api.CREATE,
                                         VmCreate(spec=spec), timeout=60))
     placed = time.perf_counter() - t
+    await bus.nc.flush()
+    await watch.unsubscribe()
     order = sorted(chosen)
     t = time.perf_counter()
     for i in range(count):
         await retried(functools.partial(bus.call, order[i % len(order)], vm_api.CREATE,
                                         VmCreate(spec=vm_spec(f"given-{i:03d}")), timeout=60))
     given = time.perf_counter() - t
-    # where a choice's time goes: each read it makes, alone, median of 5
-    from shared import subjects
-    from shared.cluster import hosts_ttl, known_hosts
+    # where a choice's time goes: each read it makes, alone, median of 5; KV vms, which it
+    # no longer reads, for scale
+    from shared.cluster import hosts_ttl
 
     parts: dict[str, Callable[[], Awaitable[Any]]] = {
         "KV hosts": lambda: bus._read_bucket(subjects.KV_HOSTS),
-        "KV vms": lambda: bus._read_bucket(subjects.KV_VMS),
-        "hosts from events": lambda: known_hosts(bus), "TTL": lambda: hosts_ttl(bus)}
+        "TTL": lambda: hosts_ttl(bus),
+        "(KV vms, not read:": lambda: bus._read_bucket(subjects.KV_VMS)}
     profile = {}
     for what, fn in parts.items():
         times = []
@@ -514,9 +527,9 @@ async def placement(bus: Any, count: int) -> dict[str, Any]:
             await retried(fn)
             times.append(time.perf_counter() - t)
         profile[what] = statistics.median(times) * 1000
-    events = (await bus.js.stream_info(subjects.STREAM)).state.messages
-    return {"placed_s": placed, "profile": profile, "events": events, "given_s": given,
-            "hosts": len(chosen), "count": count,
+    vms = len(await bus.kv_entries(subjects.KV_VMS))
+    return {"placed_s": placed, "profile": profile, "vms": vms, "given_s": given,
+            "hosts": len(chosen), "count": count, "vms_reads": vms_reads["n"],
             "most": max(chosen.values()), "choose_p50_ms": percentile(choose_s, 50) * 1000,
             "choose_p99_ms": percentile(choose_s, 99) * 1000}
 
@@ -584,9 +597,79 @@ async def probe(bus: Any, cluster: NatsCluster, hosts: int, beats: list[bytes],
         res["server_cpu_ms"] = max(spent, 0.0) / reads * 1000
         if churn:
             res["churn_per_s"] = await consumer_churn(bus, bucket, seconds)
+            res |= await follow(bus, cluster, bucket, hosts, beats, seconds)
     finally:
         await bus.js.delete_key_value(bucket)
     return res
+
+
+async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats: list[bytes],
+                 seconds: float, followers: int = 8) -> dict[str, float]:
+    """The host watch as it is now: ``followers`` long-lived watches of the bucket (one
+    ordered consumer each, as ``HeartbeatFollower``) while every key is rewritten once a
+    beat (3 keys a host / 5 s). First the writes alone, then with the followers: the
+    deliveries each follower gets against the writes, and the CPU a delivery costs the
+    servers and the follower (the second phase less the first, per delivery)."""
+    from nats.js.api import DeliverPolicy
+
+    from shared import subjects
+
+    keys = [subjects.heartbeat_key(f"h{h:04d}", a) for h in range(hosts) for a in AGENTS]
+    rate = len(keys) / HEARTBEAT_S
+    kv = await bus.js.key_value(bucket)
+    limit = asyncio.Semaphore(64)
+
+    async def put(i: int) -> None:
+        async with limit:
+            await kv.put(keys[i % len(keys)], beats[i % len(beats)])
+
+    async def writes() -> tuple[float, float, float]:
+        """Puts at ``rate`` for ``seconds``: (seconds, servers' CPU s, this process's CPU s)."""
+        cpu0, c0, t0 = cluster.counters()["cpu_s"], time.process_time(), time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            due = t0 + i / rate
+            if (wait := due - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(put(i)))
+        await asyncio.gather(*tasks)
+        return (time.perf_counter() - t0, cluster.counters()["cpu_s"] - cpu0,
+                time.process_time() - c0)
+
+    n_writes = int(rate * seconds)
+    alone_s, alone_srv, alone_cli = await writes()
+    got = [0] * followers
+    caught_up = [asyncio.Event() for _ in range(followers)]
+
+    def counter(i: int) -> Any:
+        async def cb(msg: Any) -> None:
+            got[i] += 1
+            if not msg.metadata.num_pending:
+                caught_up[i].set()
+        return cb
+
+    t = time.perf_counter()
+    subs = [await bus.js.subscribe(f"$KV.{bucket}.>", stream=f"KV_{bucket}", cb=counter(i),
+                                   ordered_consumer=True,
+                                   deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+            for i in range(followers)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in caught_up)), 120)
+        first_pass = time.perf_counter() - t
+        before = sum(got)
+        with_s, with_srv, with_cli = await writes()
+        await asyncio.sleep(0.5)  # the last puts' deliveries
+        delivered = sum(got) - before
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    per_s = delivered / followers / with_s
+    server_cost = max(with_srv / with_s - alone_srv / alone_s, 0.0) / (delivered / with_s)
+    client_cost = max(with_cli / with_s - alone_cli / alone_s, 0.0) / (delivered / with_s)
+    return {"follow_per_s": per_s, "follow_needed": rate, "follow_puts_per_s": n_writes / with_s,
+            "follow_first_ms": first_pass * 1000,
+            "follow_server_us": server_cost * 1e6, "follow_client_us": client_cost * 1e6,
+            "followers": float(followers)}
 
 
 async def consumer_churn(bus: Any, bucket: str, seconds: float) -> float:
@@ -749,11 +832,22 @@ async def run(quick: bool = False) -> list[Result]:
                "the same creates, host given", "s", "< 10 s",
                note=f"choose p50 {placed['choose_p50_ms']:.0f} ms, p99 "
                     f"{placed['choose_p99_ms']:.0f} ms; spread over {placed['hosts']} hosts, "
-                    f"at most {placed['most']} on one; its reads alone: "
+                    f"at most {placed['most']} on one; KV vms read {placed['vms_reads']} "
+                    "times; its reads alone: "
                     + ", ".join(f"{k} {v:.0f} ms" for k, v in placed["profile"].items())
-                    + f" ({placed['events']:,} events in PHY_EVENTS)"),
+                    + f" with {placed['vms']:,} VMs)"),
+        Result("scale: host watch at 1,000 hosts", "following a 3,000-key KV hosts rewritten "
+               f"once a beat, {watch['followers']:.0f} followers (the watch now)",
+               watch["follow_per_s"], watch["follow_puts_per_s"],
+               "the writes: each must reach each follower", "deliveries/s per follower",
+               ">= 1.0x the writes", higher_is_better=True,
+               note=f"writes paced at {watch['follow_needed']:.0f}/s (3,000 agents / 5 s); "
+                    f"a delivery costs {watch['follow_server_us']:.0f} us of the servers' CPU "
+                    f"and {watch['follow_client_us']:.0f} us of the follower's; first pass "
+                    f"(8 at once) {watch['follow_first_ms']:.0f} ms; no consumer made per beat"),
         Result("scale: host watch at 1,000 hosts", "full reads of a 3,000-key KV hosts, "
-               "8 readers", watch["reads_per_s"], watch["needed_per_s"],
+               "8 readers (the watch before: one a beat)", watch["reads_per_s"],
+               watch["needed_per_s"],
                "needed: 1,000 watchers / 5 s beat", "reads/s", ">= 1.0x needed",
                higher_is_better=True,
                note=f"one read {watch['read_ms']:.0f} ms: {watch['client_cpu_ms']:.0f} ms CPU "
