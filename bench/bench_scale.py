@@ -14,12 +14,14 @@ heartbeat and /metrics); the last host's three agents are three real processes
 - RSS and CPU of the agents at rest, in their own processes and in the shared ones;
 - event fan-out: events published to PHY_EVENTS, read by 10 subscribers as `phyllome
   events` reads (one ordered JetStream consumer each), beside core NATS to 10 subscribers;
-- placement of 100 VMs (``choose`` then CREATE, as ``vm create --host auto``), beside the
-  same creates with the host given;
+- placement of 100 VMs (``choose`` then CREATE, as ``vm create --host auto``, one caller
+  keeping a ``Recent``), beside the same creates with the host given, and how often it
+  read KV ``vms``;
 - what the host watch costs at rest (JetStream API calls, messages, server CPU), and at
-  1,000 hosts: how many full reads of KV ``hosts`` (3,000 copies of the real heartbeats)
-  the cluster serves per second, the consumer create + delete each read makes, and the R3
-  puts per second the heartbeats need;
+  1,000 hosts (3,000 copies of the real heartbeats): 8 followers of the bucket while every
+  key is rewritten once a beat (the watch now: deliveries, CPU per delivery), beside the
+  full reads it replaced (reads a second served, the consumer create + delete each made),
+  and the R3 puts per second the heartbeats need;
 - the time from SIGKILL of a host's agents to the first ``host.down`` event.
 
     python -m bench.bench_scale [--quick]     # --quick: 10 hosts x 5 VMs, shorter rests
