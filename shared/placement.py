@@ -35,6 +35,7 @@ import msgspec
 
 from shared import archs, subjects
 from shared.cluster import (
+    HeartbeatFollower,
     HostView,
     decode_all,
     heartbeats,
@@ -336,10 +337,17 @@ def place(need: Needs, views: Iterable[HostView],
 
 
 async def choose(bus: Bus, spec: VmSpec, *, disk_bytes: int = 0, pool: str = "default",
-                 recent: Recent | None = None) -> Placement:
+                 recent: Recent | None = None,
+                 follower: HeartbeatFollower | None = None) -> Placement:
     """``place`` over the cluster as KV ``hosts`` shows it now (what ``--host auto`` calls);
-    KV ``vms`` only for hosts whose heartbeats lack the figure; ``recent``: see ``Recent``."""
-    beats, ttl = await read_together(heartbeats(bus), hosts_ttl(bus))
+    KV ``vms`` only for hosts whose heartbeats lack the figure; ``recent``: see ``Recent``.
+    A caller that places many keeps a started ``follower`` of KV ``hosts``: its beats (a key
+    not rewritten for the TTL left out, as the server drops it) instead of a read each time."""
+    if follower is not None and follower.ready:
+        ttl = await hosts_ttl(bus)
+        beats = follower.entries(prune_after=ttl)
+    else:
+        beats, ttl = await read_together(heartbeats(bus), hosts_ttl(bus))
     views = host_views([hb for _key, _rev, hb in beats], now=time.time(), ttl_s=ttl)
     need = needs(spec, disk_bytes=disk_bytes, pool=pool)
     records = None

@@ -11,6 +11,7 @@ import pytest
 
 from shared import subjects
 from shared.bus import Bus
+from shared.cluster import HeartbeatFollower
 from shared.codec import encode
 from shared.messages.hardware import HostCaps, HostResources
 from shared.messages.hosts import Heartbeat, HeartbeatDetails
@@ -18,6 +19,7 @@ from shared.messages.storage import PoolRoom
 from shared.messages.vm import VmRecord, VmSpec
 from shared.natsserver import NatsServer
 from shared.placement import Recent, choose
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 GiB = 1 << 30
@@ -74,5 +76,24 @@ async def test_choose_reads_the_vm_records_only_for_a_heartbeat_without_the_figu
         hosts = [(await choose(bus, VmSpec(name=f"v{i}", memory_mib=512), recent=recent)).host
                  for i in range(6)]
         assert sorted(hosts) == ["a"] * 3 + ["b"] * 3
+        # a caller that places many follows KV hosts: no read of it per choice
+        follower = HeartbeatFollower(bus)
+        await follower.start()
+        await until("the follower's first pass", lambda: follower.ready, timeout=10)
+        reads: list[str] = []
+
+        async def on_read(msg: Any) -> None:
+            reads.append(msg.subject)
+
+        await bus.nc.subscribe("$JS.EVENT.ADVISORY.CONSUMER.CREATED.>", cb=on_read)
+        await put_host(bus, "b", promised=1024, avail_gib=8)
+        await until("b's new beat followed", lambda: any(
+            hb.details.vm_memory_mib == 1024 for _k, _r, hb in follower.entries()), timeout=10)
+        choice = await choose(bus, spec, follower=follower)
+        assert choice.host == "a"
+        assert choice.passed_over == {"b": "fits, with less memory left than a"}
+        await bus.nc.flush()
+        assert reads == []
+        await follower.stop()
     finally:
         await bus.close()
