@@ -855,8 +855,8 @@ async def run(quick: bool = False) -> list[Result]:
                note=f"choose p50 {placed['choose_p50_ms']:.0f} ms, p99 "
                     f"{placed['choose_p99_ms']:.0f} ms (reading KV hosts instead of following "
                     f"it: p50 {placed['plain_p50_ms']:.0f} ms); spread over "
-                    f"{placed['hosts']} hosts, at most {placed['most']} on one; KV vms read {placed['vms_reads']} "
-                    "times; its reads alone: "
+                    f"{placed['hosts']} hosts, at most {placed['most']} on one; KV vms read "
+                    f"{placed['vms_reads']} times; its reads alone: "
                     + ", ".join(f"{k} {v:.0f} ms" for k, v in placed["profile"].items())
                     + f" with {placed['vms']:,} VMs)"),
         Result("scale: host watch at 1,000 hosts", "following a 3,000-key KV hosts rewritten "
