@@ -30,6 +30,7 @@ heartbeat and /metrics); the last host's three agents are three real processes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -497,8 +498,6 @@ async def placement(bus: Any, count: int) -> dict[str, Any]:
     bus.kv_entries = counted
     follower = HeartbeatFollower(bus)
     await follower.start()
-    while not follower.ready:
-        await asyncio.sleep(0.05)
     chosen: dict[str, int] = {}
     choose_s: list[float] = []
     recent = Recent()
@@ -621,12 +620,12 @@ async def probe(bus: Any, cluster: NatsCluster, hosts: int, beats: list[bytes],
 
 async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats: list[bytes],
                  seconds: float, background: float, followers: int = 8) -> dict[str, float]:
-    """The host watch as it is now: ``followers`` long-lived watches of the bucket (one
-    ordered consumer each, as ``HeartbeatFollower``) while every key is rewritten once a
-    beat (3 keys a host / 5 s). First the writes alone, then with the followers: the
-    deliveries each follower gets against the writes, and the CPU a delivery costs the
-    servers and the follower (the second phase less the first, per delivery)."""
-    from nats.js.api import DeliverPolicy
+    """The host watch as it is now: ``followers`` long-lived consumers of the bucket (one
+    pull consumer each, polled once a beat, as ``HeartbeatFollower``) while every key is
+    rewritten once a beat (3 keys a host / 5 s): the deliveries each follower gets against
+    the writes, and the CPU a delivery costs the servers and the follower (in the first
+    pass, every key to every follower; and the steady phase less the writes alone)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     from shared import subjects
 
@@ -654,33 +653,43 @@ async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats:
 
     n_writes = int(rate * seconds)
     alone_s, alone_srv, alone_cli = await writes()
-    got = [0] * followers
-    caught_up = [asyncio.Event() for _ in range(followers)]
+    subs: list[Any] = []
 
-    def counter(i: int) -> Any:
-        async def cb(msg: Any) -> None:
-            got[i] += 1
-            if not msg.metadata.num_pending:
-                caught_up[i].set()
-        return cb
+    async def poll(sub: Any) -> int:
+        """What the watch does each beat: take everything written since, in batches."""
+        n = 0
+        while pending := (await sub.consumer_info()).num_pending:
+            n += len(await sub.fetch(min(pending, 1000), timeout=30))
+        return n
+
+    async def polling(sub: Any, until: float) -> int:
+        n = 0
+        while time.perf_counter() < until:
+            await asyncio.sleep(HEARTBEAT_S)
+            n += await poll(sub)
+        return n + await poll(sub)
 
     t, cpu0, c0 = time.perf_counter(), cluster.counters()["cpu_s"], time.process_time()
-    subs = [await bus.js.subscribe(f"$KV.{bucket}.>", stream=f"KV_{bucket}", cb=counter(i),
-                                   ordered_consumer=True,
-                                   deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
-            for i in range(followers)]
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in caught_up)), 120)
+        for _ in range(followers):
+            subs.append(await bus.js.pull_subscribe(
+                f"$KV.{bucket}.>", stream=f"KV_{bucket}", config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                    inactive_threshold=120.0)))
+        first = await asyncio.gather(*(poll(sub) for sub in subs))
+        assert all(n == len(keys) for n in first), first
         first_pass = time.perf_counter() - t
         first_srv = cluster.counters()["cpu_s"] - cpu0 - background * first_pass
         first_cli = time.process_time() - c0
-        before = sum(got)
+        end = time.perf_counter() + seconds
+        readers = [asyncio.create_task(polling(sub, end)) for sub in subs]
         with_s, with_srv, with_cli = await writes()
-        await asyncio.sleep(0.5)  # the last puts' deliveries
-        delivered = sum(got) - before
+        delivered = sum(await asyncio.gather(*readers))
     finally:
         for sub in subs:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await bus.js.delete_consumer(f"KV_{bucket}", (await sub.consumer_info()).name)
+                await sub.unsubscribe()
     per_s = delivered / followers / with_s
     # per delivery: the first pass (every key to every follower at once) says it above the
     # noise of 50 hosts at rest; the steady phase less the writes alone, for comparison

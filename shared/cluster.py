@@ -24,7 +24,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared import subjects, wire
 from shared.errors import Unavailable
@@ -185,58 +185,70 @@ async def heartbeats(bus: Bus) -> list[tuple[str, int, Heartbeat]]:
 
 
 class HeartbeatFollower:
-    """One long-lived watch of KV ``hosts``: the last beat of every key, then every new one.
+    """One long-lived consumer of KV ``hosts``: the last beat of every key, then each new one.
 
     A full read per look costs a consumer created and deleted (through JetStream's meta
-    group) and every key sent again; this is one ordered consumer for the follower's life,
-    which the server sends each heartbeat once, as it is written. Deletes and purges (an
-    agent that stopped) and the server's TTL markers (``Nats-Marker-Reason``) remove the key.
-    A key the server expired without a marker stays until ``entries(prune_after=...)``
+    group) and every key sent again; this keeps one pull consumer for the follower's life
+    and, at each ``poll``, takes only what was written since the last one, in one batch (a
+    push consumer would wake the process once per heartbeat written). Deletes and purges
+    (an agent that stopped) and the server's TTL markers (``Nats-Marker-Reason``) remove the
+    key. A key the server expired without a marker stays until ``entries(prune_after=...)``
     drops it; its revision no longer grows, which is what a watcher judges by::
 
         follower = HeartbeatFollower(bus)
-        await follower.start()           # again after it went stale (see ``received``)
-        if follower.ready:
-            beats = follower.entries()   # [(key, revision, Heartbeat), ...]
+        await follower.start()           # the last beat of every key; again if it went stale
+        await follower.poll()            # what was written since (each beat period)
+        beats = follower.entries()       # [(key, revision, Heartbeat), ...]
     """
 
-    def __init__(self, bus: Bus, *, idle_heartbeat_s: float = 5.0) -> None:
+    PREFIX = f"$KV.{subjects.KV_HOSTS}."
+
+    def __init__(self, bus: Bus, *, inactive_s: float = 120.0) -> None:
         self.bus = bus
-        self.idle_heartbeat_s = idle_heartbeat_s
+        self.inactive_s = inactive_s  # the server drops the consumer when not polled as long
         self.ready = False  # the first pass (the last beat of every key) is in
         self.started_at = 0.0  # monotonic time of the last (re)start
-        self.starts = 0
         self._beats: dict[str, tuple[int, Heartbeat, float]] = {}
         self._sub: Any = None
-        self._generation = 0
+
+    @property
+    def active(self) -> bool:
+        return self._sub is not None
 
     async def start(self) -> None:
-        """(Re)create the watch: the last value of every key, then the updates."""
+        """(Re)create the consumer and take the last value of every key."""
         await self.stop()
-        self._generation += 1
-        generation, prefix = self._generation, f"$KV.{subjects.KV_HOSTS}."
-        self._beats, self.ready, self.started_at = {}, False, time.monotonic()
-
-        async def deliver(msg: Msg) -> None:
-            if generation == self._generation:
-                self._take(msg, prefix)
-
+        self._beats, self.started_at = {}, time.monotonic()
         try:
             await self.bus.kv(subjects.KV_HOSTS)
-            self._sub = await self.bus.js.subscribe(
-                f"{prefix}>", stream=f"KV_{subjects.KV_HOSTS}", cb=deliver,
-                ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                idle_heartbeat=self.idle_heartbeat_s)
-            info = await self._sub.consumer_info()
+            self._sub = await self.bus.js.pull_subscribe(
+                f"{self.PREFIX}>", stream=f"KV_{subjects.KV_HOSTS}",
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                                      ack_policy=AckPolicy.NONE,
+                                      inactive_threshold=self.inactive_s))
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
             raise Unavailable(f"cannot watch KV {subjects.KV_HOSTS}: {e!r}") from None
-        self.starts += 1
-        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-            self.ready = True  # an empty bucket: nothing to wait for
+        await self.poll()
+        self.ready = True
 
-    def _take(self, msg: Msg, prefix: str) -> None:
-        key = msg.subject.removeprefix(prefix)
-        md = msg.metadata
+    async def poll(self) -> int:
+        """Take every record written since the last poll; how many. A consumer the server
+        lost raises Unavailable and leaves the follower inactive (``start`` again)."""
+        taken = 0
+        try:
+            while True:
+                pending = (await self._sub.consumer_info()).num_pending or 0
+                if not pending:
+                    return taken
+                for msg in await self._sub.fetch(min(pending, 1000), timeout=10):
+                    self._take(msg)
+                    taken += 1
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, AttributeError) as e:
+            await self.stop()
+            raise Unavailable(f"the watch of KV {subjects.KV_HOSTS} failed: {e!r}") from None
+
+    def _take(self, msg: Msg) -> None:
+        key = msg.subject.removeprefix(self.PREFIX)
         if wire.kv_deleted(msg.headers):
             self._beats.pop(key, None)
         elif msg.data:
@@ -245,12 +257,10 @@ class HeartbeatFollower:
             except msgspec.MsgspecError:  # a newer schema, or a foreign value
                 log.debug("skipping %s: not a Heartbeat", key)
             else:
-                self._beats[key] = (md.sequence.stream, hb, time.monotonic())
-        if not md.num_pending:
-            self.ready = True
+                self._beats[key] = (msg.metadata.sequence.stream, hb, time.monotonic())
 
     def received(self, key: str) -> float | None:
-        """Monotonic time the last record of ``key`` arrived, None if none is held."""
+        """Monotonic time the last record of ``key`` was taken, None if none is held."""
         got = self._beats.get(key)
         return got[2] if got else None
 
@@ -264,16 +274,15 @@ class HeartbeatFollower:
         return [(key, rev, hb) for key, (rev, hb, _at) in self._beats.items()]
 
     async def stop(self) -> None:
-        """Drop the watch (its consumer goes with the subscription's interest)."""
+        """Drop the consumer."""
         sub, self._sub = self._sub, None
-        self._generation += 1
         self.ready = False
         if sub is None:
             return
         with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            consumer = (await sub.consumer_info()).name
             await sub.unsubscribe()
-            if consumer := getattr(sub, "_consumer", ""):  # gone with the interest anyway
-                await self.bus.js.delete_consumer(f"KV_{subjects.KV_HOSTS}", consumer)
+            await self.bus.js.delete_consumer(f"KV_{subjects.KV_HOSTS}", consumer)
 
 
 async def host_views_on(bus: Bus) -> list[HostView]:

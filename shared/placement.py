@@ -341,10 +341,11 @@ async def choose(bus: Bus, spec: VmSpec, *, disk_bytes: int = 0, pool: str = "de
                  follower: HeartbeatFollower | None = None) -> Placement:
     """``place`` over the cluster as KV ``hosts`` shows it now (what ``--host auto`` calls);
     KV ``vms`` only for hosts whose heartbeats lack the figure; ``recent``: see ``Recent``.
-    A caller that places many keeps a started ``follower`` of KV ``hosts``: its beats (a key
-    not rewritten for the TTL left out, as the server drops it) instead of a read each time."""
-    if follower is not None and follower.ready:
-        ttl = await hosts_ttl(bus)
+    A caller that places many keeps a started ``follower`` of KV ``hosts``: what was written
+    since its last poll, not every key each time (a key not rewritten for the TTL is left
+    out, as the server drops it)."""
+    if follower is not None and follower.active:
+        ttl, _taken = await read_together(hosts_ttl(bus), follower.poll())
         beats = follower.entries(prune_after=ttl)
     else:
         beats, ttl = await read_together(heartbeats(bus), hosts_ttl(bus))

@@ -1,9 +1,10 @@
 """The hardware agent speaks for its host, and watches the others: ``HostDown``/``HostUp``.
 
-The hardware agent of every host follows KV ``hosts`` (one long-lived watch: each heartbeat
-arrives once, as it is written), looks at the last beat of every key once per heartbeat
-period, and publishes ``phy.evt.<host>.hardware.host.down.<other>`` when another host's
-heartbeats stop (``host.up`` when they come back). Every watcher derives the same event id
+The hardware agent of every host follows KV ``hosts`` (one long-lived consumer: each
+heartbeat arrives once, in the batch of the beat period it was written in), looks at the
+last beat of every key once per heartbeat period, and publishes
+``phy.evt.<host>.hardware.host.down.<other>`` when another host's heartbeats stop
+(``host.up`` when they come back). Every watcher derives the same event id
 from the start time of that host's agents (the last beat each watcher saw can differ by one
 beat), and JetStream drops duplicate ids, so the stream holds one event per host going down::
 
@@ -94,20 +95,20 @@ class HostWatch:
 async def watch(agent: Agent) -> None:
     """The host watch of one hardware agent (see the module doc); runs until it drains.
 
-    One long-lived watch of KV ``hosts`` (``HeartbeatFollower``) keeps the last beat of
-    every key; each beat period ``HostWatch.observe`` looks at that map. The watch must
-    bring back this agent's own beats: when it has not for half the TTL (a server restart,
-    a consumer lost), it is re-created before any other host could look down for it.
+    One long-lived consumer of KV ``hosts`` (``HeartbeatFollower``) keeps the last beat of
+    every key; each beat period takes what was written since and ``HostWatch.observe`` looks
+    at that map. The watch must bring back this agent's own beats: when it has not for half
+    the TTL (a server restart, a consumer lost), it is re-created before any other host
+    could look down for it.
     """
     ttl_s, beat_s = agent.cfg.heartbeat_ttl_s, agent.cfg.heartbeat_s
     host_watch = HostWatch(agent.host, ttl_s)
-    follower = HeartbeatFollower(agent.bus, idle_heartbeat_s=min(max(beat_s, 1.0), 5.0))
+    follower = HeartbeatFollower(agent.bus, inactive_s=max(10 * beat_s, 60.0))
     own = heartbeat_key(agent.host, agent.name)
-    stale_after = ttl_s / 2
     try:
         while not agent.stopping.is_set():
             try:
-                await _look(agent, host_watch, follower, own, stale_after, ttl_s)
+                await _look(agent, host_watch, follower, own, ttl_s / 2, ttl_s)
             except (Unavailable, TimeoutError, nats.errors.Error) as e:
                 log.warning("host watch: %s; trying again in %g s",
                             e.message if isinstance(e, Unavailable) else repr(e), beat_s)
@@ -121,21 +122,20 @@ async def watch(agent: Agent) -> None:
 
 async def _look(agent: Agent, host_watch: HostWatch, follower: HeartbeatFollower, own: str,
                 stale_after: float, ttl_s: float) -> None:
-    """One beat of the watch: (re)start the follower if needed, then observe its map."""
-    now = time.monotonic()
-    if follower.starts:
+    """One beat of the watch: take what was written since the last (after (re)creating the
+    consumer if needed), then observe the map."""
+    if follower.active:
+        await follower.poll()
+        now = time.monotonic()
         seen = max(follower.received(own) or 0.0, follower.started_at)
         if now - seen > stale_after:
             log.warning("host watch: the watch of KV hosts brought no beat of this agent for "
                         "%.0f s (NATS reconnected, or a server restarted): re-creating it",
                         now - seen)
             await follower.stop()
-            follower.starts = 0
-    if not follower.starts:
+    if not follower.active:
         await follower.start()
-        log.info("host watch: following KV hosts (one ordered consumer)")
-    if not follower.ready:
-        return  # the first pass is not all in: a host missing from it is not gone
+        log.info("host watch: following KV hosts (one consumer, polled each beat)")
     for event in host_watch.observe(follower.entries(prune_after=2 * ttl_s), time.monotonic()):
         ident = event.down_host if isinstance(event, HostDown) else event.up_host
         kind = "host.down" if isinstance(event, HostDown) else "host.up"
