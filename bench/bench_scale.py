@@ -634,9 +634,13 @@ async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats:
     kv = await bus.js.key_value(bucket)
     limit = asyncio.Semaphore(64)
 
+    last: dict[str, int] = {}  # the revision of each key's last write
+
     async def put(i: int) -> None:
         async with limit:
-            await kv.put(keys[i % len(keys)], beats[i % len(beats)])
+            key = keys[i % len(keys)]
+            rev = await kv.put(key, beats[i % len(beats)])
+            last[key] = max(last.get(key, 0), rev)
 
     async def writes() -> tuple[float, float, float]:
         """Puts at ``rate`` for ``seconds``: (seconds, servers' CPU s, this process's CPU s)."""
@@ -655,11 +659,16 @@ async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats:
     alone_s, alone_srv, alone_cli = await writes()
     subs: list[Any] = []
 
+    held: list[dict[str, int]] = [{} for _ in range(followers)]  # what each follower has
+
     async def poll(sub: Any) -> int:
         """What the watch does each beat: take everything written since, in batches."""
-        n = 0
+        n, mine = 0, held[subs.index(sub)]
         while pending := (await sub.consumer_info()).num_pending:
-            n += len(await sub.fetch(min(pending, 1000), timeout=30))
+            for msg in await sub.fetch(min(pending, 1000), timeout=30):
+                key = msg.subject.removeprefix(f"$KV.{bucket}.")
+                mine[key] = max(mine.get(key, 0), msg.metadata.sequence.stream)
+                n += 1
         return n
 
     written = asyncio.Event()
@@ -689,6 +698,7 @@ async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats:
         with_s, with_srv, with_cli = await writes()
         written.set()
         delivered = sum(await asyncio.gather(*readers))
+        current = sum(all(mine.get(k) == rev for k, rev in last.items()) for mine in held)
     finally:
         for sub in subs:
             with contextlib.suppress(Exception):
@@ -704,7 +714,7 @@ async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats:
             "follow_first_ms": first_pass * 1000,
             "follow_server_us": server_cost * 1e6, "follow_client_us": client_cost * 1e6,
             "follow_steady_us": steady_cost * 1e6,
-            "followers": float(followers)}
+            "followers": float(followers), "current": float(current)}
 
 
 async def consumer_churn(bus: Any, bucket: str, seconds: float) -> float:
@@ -873,15 +883,17 @@ async def run(quick: bool = False) -> list[Result]:
                     + ", ".join(f"{k} {v:.0f} ms" for k, v in placed["profile"].items())
                     + f" with {placed['vms']:,} VMs)"),
         Result("scale: host watch at 1,000 hosts", "following a 3,000-key KV hosts rewritten "
-               f"once a beat, {watch['followers']:.0f} followers (the watch now)",
-               watch["follow_per_s"], watch["follow_puts_per_s"],
-               "the writes: each must reach each follower", "deliveries/s per follower",
-               ">= 1.0x the writes", higher_is_better=True,
-               note=f"writes paced at {watch['follow_needed']:.0f}/s (3,000 agents / 5 s); "
-                    f"a delivery costs {watch['follow_server_us']:.1f} us of the servers' CPU "
-                    f"and {watch['follow_client_us']:.0f} us of the follower's (in the first "
-                    f"pass, 8 x 3,000 keys in {watch['follow_first_ms']:.0f} ms); one poll a "
-                    "beat, no consumer made per beat"),
+               f"once a beat, {watch['followers']:.0f} followers polled once a beat (the watch "
+               "now)", watch["follow_per_s"], watch["follow_needed"],
+               "a full read of every key once a beat, as before", "messages/s per follower",
+               "every key's last write, no consumer made per beat",
+               note=f"writes at {watch['follow_puts_per_s']:.0f}/s; after the last poll "
+                    f"{watch['current']:.0f} of {watch['followers']:.0f} followers held the "
+                    "last write of every key (a history-1 bucket keeps one message a key: a "
+                    "write superseded before the poll is not sent); a message costs "
+                    f"{watch['follow_server_us']:.1f} us of the servers' CPU and "
+                    f"{watch['follow_client_us']:.0f} us of the follower's (in the first pass, "
+                    f"8 x 3,000 keys in {watch['follow_first_ms']:.0f} ms)"),
         Result("scale: host watch at 1,000 hosts", "full reads of a 3,000-key KV hosts, "
                "8 readers (the watch before: one a beat)", watch["reads_per_s"],
                watch["needed_per_s"],
