@@ -14,12 +14,14 @@ heartbeat and /metrics); the last host's three agents are three real processes
 - RSS and CPU of the agents at rest, in their own processes and in the shared ones;
 - event fan-out: events published to PHY_EVENTS, read by 10 subscribers as `phyllome
   events` reads (one ordered JetStream consumer each), beside core NATS to 10 subscribers;
-- placement of 100 VMs (``choose`` then CREATE, as ``vm create --host auto``), beside the
-  same creates with the host given;
+- placement of 100 VMs (``choose`` then CREATE, as ``vm create --host auto``, one caller
+  keeping a ``Recent`` and following KV ``hosts``), beside the same creates with the host
+  given, and how often it read KV ``vms``;
 - what the host watch costs at rest (JetStream API calls, messages, server CPU), and at
-  1,000 hosts: how many full reads of KV ``hosts`` (3,000 copies of the real heartbeats)
-  the cluster serves per second, the consumer create + delete each read makes, and the R3
-  puts per second the heartbeats need;
+  1,000 hosts (3,000 copies of the real heartbeats): 8 followers of the bucket while every
+  key is rewritten once a beat (the watch now: deliveries, CPU per delivery), beside the
+  full reads it replaced (reads a second served, the consumer create + delete each made),
+  and the R3 puts per second the heartbeats need;
 - the time from SIGKILL of a host's agents to the first ``host.down`` event.
 
     python -m bench.bench_scale [--quick]     # --quick: 10 hosts x 5 VMs, shorter rests
@@ -28,6 +30,7 @@ heartbeat and /metrics); the last host's three agents are three real processes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -475,37 +478,61 @@ async def fan_out(cluster: NatsCluster, count: int, background: float,
 
 async def placement(bus: Any, count: int) -> dict[str, Any]:
     """``count`` VMs placed as ``vm create --host auto`` does, then as many with the host
-    given (the creates alone): the difference is what placement costs."""
+    given (the creates alone): the difference is what placement costs. One caller placing
+    them all keeps a ``Recent`` (what it placed since each host's last beats) and follows KV
+    ``hosts`` (no read of it per choice); the reads of KV ``vms`` it makes are counted (none
+    while every vm agent's beat has the figure)."""
+    from shared import subjects
+    from shared.cluster import HeartbeatFollower
     from shared.messages import vm as vm_api
     from shared.messages.vm import VmCreate
-    from shared.placement import choose
+    from shared.placement import Recent, choose
 
+    vms_reads = {"n": 0}
+    read_entries = bus.kv_entries
+
+    async def counted(bucket: str) -> Any:  # the reads of KV vms choose makes, and only those
+        vms_reads["n"] += bucket == subjects.KV_VMS
+        return await read_entries(bucket)
+
+    bus.kv_entries = counted
+    follower = HeartbeatFollower(bus)
+    await follower.start()
     chosen: dict[str, int] = {}
     choose_s: list[float] = []
+    recent = Recent()
     t = time.perf_counter()
     for i in range(count):
         spec = vm_spec(f"placed-{i:03d}")
         c0 = time.perf_counter()
-        choice = await retried(functools.partial(choose, bus, spec))
+        choice = await retried(functools.partial(choose, bus, spec, recent=recent,
+                                                 follower=follower))
         choose_s.append(time.perf_counter() - c0)
         chosen[choice.host] = chosen.get(choice.host, 0) + 1
         await retried(functools.partial(bus.call, choice.host, vm_api.CREATE,
                                         VmCreate(spec=spec), timeout=60))
     placed = time.perf_counter() - t
+    bus.kv_entries = read_entries
+    await follower.stop()
     order = sorted(chosen)
     t = time.perf_counter()
     for i in range(count):
         await retried(functools.partial(bus.call, order[i % len(order)], vm_api.CREATE,
                                         VmCreate(spec=vm_spec(f"given-{i:03d}")), timeout=60))
     given = time.perf_counter() - t
-    # where a choice's time goes: each read it makes, alone, median of 5
-    from shared import subjects
-    from shared.cluster import hosts_ttl, known_hosts
+    plain = []  # a choice that reads KV hosts (vm create --host auto, a process of its own)
+    for i in range(10):
+        t = time.perf_counter()
+        await retried(functools.partial(choose, bus, vm_spec(f"plain-{i}")))
+        plain.append(time.perf_counter() - t)
+    # where a choice's time goes: each read it makes, alone, median of 5; KV vms, which it
+    # no longer reads, for scale
+    from shared.cluster import hosts_ttl
 
     parts: dict[str, Callable[[], Awaitable[Any]]] = {
-        "KV hosts": lambda: bus._read_bucket(subjects.KV_HOSTS),
-        "KV vms": lambda: bus._read_bucket(subjects.KV_VMS),
-        "hosts from events": lambda: known_hosts(bus), "TTL": lambda: hosts_ttl(bus)}
+        "KV hosts (when not followed)": lambda: bus._read_bucket(subjects.KV_HOSTS),
+        "TTL": lambda: hosts_ttl(bus),
+        "(KV vms, not read:": lambda: bus._read_bucket(subjects.KV_VMS)}
     profile = {}
     for what, fn in parts.items():
         times = []
@@ -514,9 +541,10 @@ async def placement(bus: Any, count: int) -> dict[str, Any]:
             await retried(fn)
             times.append(time.perf_counter() - t)
         profile[what] = statistics.median(times) * 1000
-    events = (await bus.js.stream_info(subjects.STREAM)).state.messages
-    return {"placed_s": placed, "profile": profile, "events": events, "given_s": given,
-            "hosts": len(chosen), "count": count,
+    vms = len(await bus.kv_entries(subjects.KV_VMS))
+    return {"placed_s": placed, "profile": profile, "vms": vms, "given_s": given,
+            "hosts": len(chosen), "count": count, "vms_reads": vms_reads["n"],
+            "plain_p50_ms": percentile(plain, 50) * 1000,
             "most": max(chosen.values()), "choose_p50_ms": percentile(choose_s, 50) * 1000,
             "choose_p99_ms": percentile(choose_s, 99) * 1000}
 
@@ -584,9 +612,109 @@ async def probe(bus: Any, cluster: NatsCluster, hosts: int, beats: list[bytes],
         res["server_cpu_ms"] = max(spent, 0.0) / reads * 1000
         if churn:
             res["churn_per_s"] = await consumer_churn(bus, bucket, seconds)
+            res |= await follow(bus, cluster, bucket, hosts, beats, seconds, background)
     finally:
         await bus.js.delete_key_value(bucket)
     return res
+
+
+async def follow(bus: Any, cluster: NatsCluster, bucket: str, hosts: int, beats: list[bytes],
+                 seconds: float, background: float, followers: int = 8) -> dict[str, float]:
+    """The host watch as it is now: ``followers`` long-lived consumers of the bucket (one
+    pull consumer each, polled once a beat, as ``HeartbeatFollower``) while every key is
+    rewritten once a beat (3 keys a host / 5 s): the deliveries each follower gets against
+    the writes, and the CPU a delivery costs the servers and the follower (in the first
+    pass, every key to every follower; and the steady phase less the writes alone)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from shared import subjects
+
+    keys = [subjects.heartbeat_key(f"h{h:04d}", a) for h in range(hosts) for a in AGENTS]
+    rate = len(keys) / HEARTBEAT_S
+    kv = await bus.js.key_value(bucket)
+    limit = asyncio.Semaphore(64)
+
+    last: dict[str, int] = {}  # the revision of each key's last write
+
+    async def put(i: int) -> None:
+        async with limit:
+            key = keys[i % len(keys)]
+            rev = await kv.put(key, beats[i % len(beats)])
+            last[key] = max(last.get(key, 0), rev)
+
+    async def writes() -> tuple[float, float, float]:
+        """Puts at ``rate`` for ``seconds``: (seconds, servers' CPU s, this process's CPU s)."""
+        cpu0, c0, t0 = cluster.counters()["cpu_s"], time.process_time(), time.perf_counter()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            due = t0 + i / rate
+            if (wait := due - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(put(i)))
+        await asyncio.gather(*tasks)
+        return (time.perf_counter() - t0, cluster.counters()["cpu_s"] - cpu0,
+                time.process_time() - c0)
+
+    n_writes = int(rate * seconds)
+    alone_s, alone_srv, alone_cli = await writes()
+    subs: list[Any] = []
+
+    held: list[dict[str, int]] = [{} for _ in range(followers)]  # what each follower has
+
+    async def poll(sub: Any) -> int:
+        """What the watch does each beat: take everything written since, in batches."""
+        n, mine = 0, held[subs.index(sub)]
+        while pending := (await sub.consumer_info()).num_pending:
+            for msg in await sub.fetch(min(pending, 1000), timeout=30):
+                key = msg.subject.removeprefix(f"$KV.{bucket}.")
+                mine[key] = max(mine.get(key, 0), msg.metadata.sequence.stream)
+                n += 1
+        return n
+
+    written = asyncio.Event()
+
+    async def polling(sub: Any) -> int:
+        """A poll a beat while the writes go on, and one after the last write."""
+        n = 0
+        while not written.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(written.wait(), HEARTBEAT_S)
+            n += await poll(sub)
+        return n
+
+    t, cpu0, c0 = time.perf_counter(), cluster.counters()["cpu_s"], time.process_time()
+    try:
+        for _ in range(followers):
+            subs.append(await bus.js.pull_subscribe(
+                f"$KV.{bucket}.>", stream=f"KV_{bucket}", config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                    inactive_threshold=120.0)))
+        first = await asyncio.gather(*(poll(sub) for sub in subs))
+        assert all(n == len(keys) for n in first), first
+        first_pass = time.perf_counter() - t
+        first_srv = cluster.counters()["cpu_s"] - cpu0 - background * first_pass
+        first_cli = time.process_time() - c0
+        readers = [asyncio.create_task(polling(sub)) for sub in subs]
+        with_s, with_srv, with_cli = await writes()
+        written.set()
+        delivered = sum(await asyncio.gather(*readers))
+        current = sum(all(mine.get(k) == rev for k, rev in last.items()) for mine in held)
+    finally:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await bus.js.delete_consumer(f"KV_{bucket}", (await sub.consumer_info()).name)
+                await sub.unsubscribe()
+    per_s = delivered / followers / with_s
+    # per delivery: the first pass (every key to every follower at once) says it above the
+    # noise of 50 hosts at rest; the steady phase less the writes alone, for comparison
+    server_cost = max(first_srv, 0.0) / (followers * len(keys))
+    client_cost = first_cli / (followers * len(keys))
+    steady_cost = max(with_srv / with_s - alone_srv / alone_s, 0.0) / (delivered / with_s)
+    return {"follow_per_s": per_s, "follow_needed": rate, "follow_puts_per_s": n_writes / with_s,
+            "follow_first_ms": first_pass * 1000,
+            "follow_server_us": server_cost * 1e6, "follow_client_us": client_cost * 1e6,
+            "follow_steady_us": steady_cost * 1e6,
+            "followers": float(followers), "current": float(current)}
 
 
 async def consumer_churn(bus: Any, bucket: str, seconds: float) -> float:
@@ -748,12 +876,27 @@ async def run(quick: bool = False) -> list[Result]:
                "choose + create over the bus", placed["placed_s"], placed["given_s"],
                "the same creates, host given", "s", "< 10 s",
                note=f"choose p50 {placed['choose_p50_ms']:.0f} ms, p99 "
-                    f"{placed['choose_p99_ms']:.0f} ms; spread over {placed['hosts']} hosts, "
-                    f"at most {placed['most']} on one; its reads alone: "
+                    f"{placed['choose_p99_ms']:.0f} ms (reading KV hosts instead of following "
+                    f"it: p50 {placed['plain_p50_ms']:.0f} ms); spread over "
+                    f"{placed['hosts']} hosts, at most {placed['most']} on one; KV vms read "
+                    f"{placed['vms_reads']} times; its reads alone: "
                     + ", ".join(f"{k} {v:.0f} ms" for k, v in placed["profile"].items())
-                    + f" ({placed['events']:,} events in PHY_EVENTS)"),
+                    + f" with {placed['vms']:,} VMs)"),
+        Result("scale: host watch at 1,000 hosts", "following a 3,000-key KV hosts rewritten "
+               f"once a beat, {watch['followers']:.0f} followers polled once a beat (the watch "
+               "now)", watch["follow_per_s"], watch["follow_needed"],
+               "a full read of every key once a beat, as before", "messages/s per follower",
+               "every key's last write, no consumer made per beat",
+               note=f"writes at {watch['follow_puts_per_s']:.0f}/s; after the last poll "
+                    f"{watch['current']:.0f} of {watch['followers']:.0f} followers held the "
+                    "last write of every key (a history-1 bucket keeps one message a key: a "
+                    "write superseded before the poll is not sent); a message costs "
+                    f"{watch['follow_server_us']:.1f} us of the servers' CPU and "
+                    f"{watch['follow_client_us']:.0f} us of the follower's (in the first pass, "
+                    f"8 x 3,000 keys in {watch['follow_first_ms']:.0f} ms)"),
         Result("scale: host watch at 1,000 hosts", "full reads of a 3,000-key KV hosts, "
-               "8 readers", watch["reads_per_s"], watch["needed_per_s"],
+               "8 readers (the watch before: one a beat)", watch["reads_per_s"],
+               watch["needed_per_s"],
                "needed: 1,000 watchers / 5 s beat", "reads/s", ">= 1.0x needed",
                higher_is_better=True,
                note=f"one read {watch['read_ms']:.0f} ms: {watch['client_cpu_ms']:.0f} ms CPU "

@@ -14,6 +14,7 @@ every beat (``Agent.on_beat``); a host's view merges the parts of its agents' re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Iterable
@@ -23,9 +24,9 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared import subjects
+from shared import subjects, wire
 from shared.errors import Unavailable
 from shared.messages.hardware import HostCaps, HostResources
 from shared.messages.hosts import Heartbeat
@@ -52,6 +53,9 @@ class HostView(msgspec.Struct, frozen=True, kw_only=True, tag="cluster.host.v1")
     resources: HostResources | None = None
     pools: dict[str, PoolRoom] = {}
     vms: int = 0
+    # memory promised to the VMs defined there, as its vm agent's heartbeat says (None: no
+    # vm agent, or one from before the figure)
+    vm_memory_mib: int | None = None
     reason: str = ""
 
 
@@ -95,7 +99,7 @@ async def last_per_subject(bus: Bus, stream: str, subject: str,
         await sub.unsubscribe()
 
 
-def _decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any]:
+def decode_all(entries: Iterable[tuple[str, int, bytes]], tp: type) -> list[Any]:
     out: list[Any] = []
     for key, _rev, value in entries:
         try:
@@ -136,7 +140,9 @@ def host_views(heartbeats: Iterable[Heartbeat], *, now: float, ttl_s: float,
             caps=next((d.caps for d in details if d.caps is not None), None),
             resources=next((d.resources for d in details if d.resources is not None), None),
             pools={name: room for d in details for name, room in d.pools.items()},
-            vms=vm_count.get(host, 0), reason=skew))
+            vms=vm_count.get(host, 0), reason=skew,
+            vm_memory_mib=next((d.vm_memory_mib for d in details
+                                if d.vm_memory_mib is not None), None)))
     for host in {*known, *vm_count} - set(by_host):
         views.append(HostView(host=host, state="down", vms=vm_count.get(host, 0),
                               reason="no heartbeat (expired)"))
@@ -160,7 +166,7 @@ async def hosts_ttl(bus: Bus) -> float:
     return float(info.config.max_age or bus.kv_ttl_s)
 
 
-async def _read(*reads: Awaitable[Any]) -> list[Any]:
+async def read_together(*reads: Awaitable[Any]) -> list[Any]:
     """Run reads together; a JetStream that does not answer becomes a clear Unavailable."""
     try:
         return list(await asyncio.gather(*reads))
@@ -173,30 +179,131 @@ async def _read(*reads: Awaitable[Any]) -> list[Any]:
 async def heartbeats(bus: Bus) -> list[tuple[str, int, Heartbeat]]:
     """Every record of KV ``hosts`` with its key and revision: a revision that grows tells a
     watcher that a host beat again, whatever that host's clock says."""
-    (entries,) = await _read(bus.kv_entries(subjects.KV_HOSTS))
+    (entries,) = await read_together(bus.kv_entries(subjects.KV_HOSTS))
     return [(key, rev, hb) for key, rev, value in entries
-            for hb in _decode_all([(key, rev, value)], Heartbeat)]
+            for hb in decode_all([(key, rev, value)], Heartbeat)]
+
+
+class HeartbeatFollower:
+    """One long-lived consumer of KV ``hosts``: the last beat of every key, then each new one.
+
+    A full read per look costs a consumer created and deleted (through JetStream's meta
+    group) and every key sent again; this keeps one pull consumer for the follower's life
+    and, at each ``poll``, takes only what was written since the last one, in one batch (a
+    push consumer would wake the process once per heartbeat written). Deletes and purges
+    (an agent that stopped) and the server's TTL markers (``Nats-Marker-Reason``) remove the
+    key. A key the server expired without a marker stays until ``entries(prune_after=...)``
+    drops it; its revision no longer grows, which is what a watcher judges by::
+
+        follower = HeartbeatFollower(bus)
+        await follower.start()           # the last beat of every key; again if it went stale
+        await follower.poll()            # what was written since (each beat period)
+        beats = follower.entries()       # [(key, revision, Heartbeat), ...]
+    """
+
+    PREFIX = f"$KV.{subjects.KV_HOSTS}."
+
+    def __init__(self, bus: Bus, *, inactive_s: float = 120.0) -> None:
+        self.bus = bus
+        self.inactive_s = inactive_s  # the server drops the consumer when not polled as long
+        self.ready = False  # the first pass (the last beat of every key) is in
+        self.started_at = 0.0  # monotonic time of the last (re)start
+        self._beats: dict[str, tuple[int, Heartbeat, float]] = {}
+        self._sub: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self._sub is not None
+
+    async def start(self) -> None:
+        """(Re)create the consumer and take the last value of every key."""
+        await self.stop()
+        self._beats, self.started_at = {}, time.monotonic()
+        try:
+            await self.bus.kv(subjects.KV_HOSTS)
+            self._sub = await self.bus.js.pull_subscribe(
+                f"{self.PREFIX}>", stream=f"KV_{subjects.KV_HOSTS}",
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                                      ack_policy=AckPolicy.NONE,
+                                      inactive_threshold=self.inactive_s))
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as e:
+            raise Unavailable(f"cannot watch KV {subjects.KV_HOSTS}: {e!r}") from None
+        await self.poll()
+        self.ready = True
+
+    async def poll(self) -> int:
+        """Take every record written since the last poll; how many. A consumer the server
+        lost raises Unavailable and leaves the follower inactive (``start`` again)."""
+        taken = 0
+        try:
+            while True:
+                pending = (await self._sub.consumer_info()).num_pending or 0
+                if not pending:
+                    return taken
+                for msg in await self._sub.fetch(min(pending, 1000), timeout=10):
+                    self._take(msg)
+                    taken += 1
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, AttributeError) as e:
+            await self.stop()
+            raise Unavailable(f"the watch of KV {subjects.KV_HOSTS} failed: {e!r}") from None
+
+    def _take(self, msg: Msg) -> None:
+        key = msg.subject.removeprefix(self.PREFIX)
+        if wire.kv_deleted(msg.headers):
+            self._beats.pop(key, None)
+        elif msg.data:
+            try:
+                hb = msgspec.json.decode(msg.data, type=Heartbeat)
+            except msgspec.MsgspecError:  # a newer schema, or a foreign value
+                log.debug("skipping %s: not a Heartbeat", key)
+            else:
+                self._beats[key] = (msg.metadata.sequence.stream, hb, time.monotonic())
+
+    def received(self, key: str) -> float | None:
+        """Monotonic time the last record of ``key`` was taken, None if none is held."""
+        got = self._beats.get(key)
+        return got[2] if got else None
+
+    def entries(self, *, prune_after: float | None = None) -> list[tuple[str, int, Heartbeat]]:
+        """(key, revision, Heartbeat) of every key held; keys not rewritten for
+        ``prune_after`` seconds are dropped first (expired on the server, no marker)."""
+        if prune_after is not None:
+            old = time.monotonic() - prune_after
+            for key in [k for k, (_r, _hb, at) in self._beats.items() if at < old]:
+                del self._beats[key]
+        return [(key, rev, hb) for key, (rev, hb, _at) in self._beats.items()]
+
+    async def stop(self) -> None:
+        """Drop the consumer."""
+        sub, self._sub = self._sub, None
+        self.ready = False
+        if sub is None:
+            return
+        with contextlib.suppress(TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            consumer = (await sub.consumer_info()).name
+            await sub.unsubscribe()
+            await self.bus.js.delete_consumer(f"KV_{subjects.KV_HOSTS}", consumer)
 
 
 async def host_views_on(bus: Bus) -> list[HostView]:
     """Every host of the cluster from KV ``hosts``, KV ``vms`` and the host events."""
-    beats, records, known, ttl = await _read(
+    beats, records, known, ttl = await read_together(
         bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS),
         known_hosts(bus), hosts_ttl(bus))
-    vms: list[VmRecord] = _decode_all(records, VmRecord)
-    return host_views(_decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
+    vms: list[VmRecord] = decode_all(records, VmRecord)
+    return host_views(decode_all(beats, Heartbeat), now=time.time(), ttl_s=ttl,
                       known=known, vm_hosts=[r.host for r in vms])
 
 
 async def cluster_vms(bus: Bus) -> list[VmRecord]:
     """Every VM of every host from KV ``vms``; a VM whose host is down is ``unknown``."""
-    beats, records, ttl = await _read(
+    beats, records, ttl = await read_together(
         bus.kv_entries(subjects.KV_HOSTS), bus.kv_entries(subjects.KV_VMS), hosts_ttl(bus))
     now = time.time()
-    up = {v.host for v in host_views(_decode_all(beats, Heartbeat), now=now,
+    up = {v.host for v in host_views(decode_all(beats, Heartbeat), now=now,
                                      ttl_s=ttl) if v.state == "up"}
     out: list[VmRecord] = []
-    for rec in _decode_all(records, VmRecord):
+    for rec in decode_all(records, VmRecord):
         if rec.host not in up:
             rec = msgspec.structs.replace(rec, state="unknown",
                                           reason=f"host {rec.host} is down")

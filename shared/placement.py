@@ -12,20 +12,40 @@ The reply names the host and says why, and why every other host was passed over:
 
     choice = await choose(bus, spec, disk_bytes=10 << 30)   # or place(needs(...), views, ...)
     choice.host, choice.reason   # "b", "b: up, 5.1 GiB memory left after this VM (most of 2 ..."
+
+``choose`` reads KV ``hosts`` only: each vm agent's heartbeat says the memory promised to the
+VMs defined on its host (``vm_memory_mib``); the VM records are read only for a host whose
+heartbeat lacks it (an agent from before the figure). A caller that places many VMs in a row
+keeps a ``Recent``: the memory it placed on a host counts against that host's free memory
+until the host's heartbeats have caught up with it, so a burst does not pile up on the host
+whose last beat happened to report the most::
+
+    recent = Recent()
+    for spec in specs:
+        choice = await choose(bus, spec, recent=recent)   # then create it on choice.host
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from shared import archs
-from shared.cluster import HostView, cluster_vms, host_views_on
+from shared import archs, subjects
+from shared.cluster import (
+    HeartbeatFollower,
+    HostView,
+    decode_all,
+    heartbeats,
+    host_views,
+    hosts_ttl,
+    read_together,
+)
 from shared.errors import InsufficientResources
 from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.hosts import Heartbeat
 from shared.messages.vm import Confidential, VmRecord, VmSpec
 
 if TYPE_CHECKING:
@@ -143,8 +163,9 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def refusal(view: HostView, need: Needs, committed: int) -> str | None:
-    """Why ``view`` cannot take the VM, or None when it can."""
+def refusal(view: HostView, need: Needs, committed: int, pending: int = 0) -> str | None:
+    """Why ``view`` cannot take the VM, or None when it can; ``pending``: MiB placed there
+    since its last beats (``Recent``)."""
     if view.state != "up":
         return f"down ({view.reason or 'no heartbeat'})"
     missing = [a for a in ("vm", "storage", "hardware") if a not in view.agents]
@@ -154,9 +175,10 @@ def refusal(view: HostView, need: Needs, committed: int) -> str | None:
     if res is None:
         return "has not published its resources yet"
     want = need.memory_mib * MiB
-    left = memory_left(view, committed)
+    left = memory_left(view, committed, pending)
     if left < want:
-        return (f"{_gib(max(left, 0))} memory free after its {committed} MiB of VMs, "
+        placed = f" and {pending} MiB placed since its last beat" if pending else ""
+        return (f"{_gib(max(left, 0))} memory free after its {committed} MiB of VMs{placed}, "
                 f"the VM needs {need.memory_mib} MiB")
     pool = view.pools.get(need.pool)
     if pool is None:
@@ -198,25 +220,97 @@ def confidential(caps: HostCaps | None, mode: Confidential) -> bool:
             "tdx": caps.tdx}[mode]
 
 
-def memory_left(view: HostView, committed: int) -> int:
-    """Bytes of memory left on a host: available now, and not promised to its VMs."""
+def memory_left(view: HostView, committed: int, pending: int = 0) -> int:
+    """Bytes of memory left on a host: available now, and not promised to its VMs; ``pending``
+    MiB placed there since its last beat count against both (its beat knew nothing of them)."""
     res = view.resources
     if res is None:
         return 0
-    return min(res.memory_available_bytes, res.memory_total_bytes - committed * MiB)
+    return min(res.memory_available_bytes - pending * MiB,
+               res.memory_total_bytes - (committed + pending) * MiB)
+
+
+def promised_mib(views: Iterable[HostView],
+                 records: Iterable[VmRecord] | None = None) -> dict[str, int]:
+    """Memory promised per host: the figure of its vm agent's heartbeat, else (a heartbeat
+    without it) what ``records`` (KV ``vms``) add up to for that host."""
+    views = list(views)
+    out = {v.host: v.vm_memory_mib for v in views if v.vm_memory_mib is not None}
+    lacking = {v.host for v in views if v.vm_memory_mib is None}
+    if lacking and records is not None:
+        out |= {h: mib for h, mib in committed_mib(records).items() if h in lacking}
+    return out
+
+
+def lacking_figure(views: Iterable[HostView], need: Needs) -> list[str]:
+    """Hosts that could take the VM but whose heartbeats do not say what their VMs were
+    promised: for those, and only those, the VM records must be read."""
+    return sorted(v.host for v in views
+                  if v.vm_memory_mib is None and refusal(v, need, 0) is None)
+
+
+class _Placed(msgspec.Struct, kw_only=True):
+    host: str
+    revision: int  # of the host's vm heartbeat when the VM was placed
+    memory_mib: int
+    at: float  # monotonic
+    newer: int | None = None  # the first newer revision seen
+
+
+class Recent:
+    """Memory this caller placed on hosts whose heartbeats may not count it yet.
+
+    A placement counts against its host until two newer beats of its vm agent were seen (the
+    first may have been measured before the VM was defined), or for ``max_age_s`` at most::
+
+        recent.add("b", revision=41, memory_mib=512)     # what choose does after a choice
+        recent.pending({"b": 41})                        # {"b": 512}: no newer beat yet
+    """
+
+    def __init__(self, max_age_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._placed: list[_Placed] = []
+
+    def add(self, host: str, revision: int, memory_mib: int) -> None:
+        self._placed.append(_Placed(host=host, revision=revision, memory_mib=memory_mib,
+                                    at=self.clock()))
+
+    def pending(self, revisions: Mapping[str, int]) -> dict[str, int]:
+        """MiB per host placed since the beats of ``revisions`` (host: the revision of its vm
+        agent's heartbeat now); forgets what those beats count already."""
+        now, kept = self.clock(), []
+        out: dict[str, int] = {}
+        for p in self._placed:
+            rev = revisions.get(p.host)
+            if now - p.at > self.max_age_s:
+                continue
+            if rev is not None and rev > p.revision:
+                if p.newer is None:
+                    p.newer = rev
+                elif rev > p.newer:
+                    continue  # a second newer beat: the VM is in its figure
+            kept.append(p)
+            out[p.host] = out.get(p.host, 0) + p.memory_mib
+        self._placed = kept
+        return out
 
 
 def place(need: Needs, views: Iterable[HostView],
-          committed: Mapping[str, int] | None = None) -> Placement:
-    """The host for a VM with ``need``; raises InsufficientResources naming every refusal."""
-    committed = committed or {}
+          committed: Mapping[str, int] | None = None,
+          pending: Mapping[str, int] | None = None) -> Placement:
+    """The host for a VM with ``need``; raises InsufficientResources naming every refusal.
+    ``committed``: MiB promised per host; ``pending``: MiB placed since its last beat."""
+    committed, pending = committed or {}, pending or {}
     fit: list[tuple[int, str]] = []
     fitting: dict[str, HostView] = {}
     passed: dict[str, str] = {}
     for view in views:
-        why = refusal(view, need, committed.get(view.host, 0))
+        c, p = committed.get(view.host, 0), pending.get(view.host, 0)
+        why = refusal(view, need, c, p)
         if why is None:
-            fit.append((memory_left(view, committed.get(view.host, 0)), view.host))
+            fit.append((memory_left(view, c, p), view.host))
             fitting[view.host] = view
         else:
             passed[view.host] = why
@@ -242,8 +336,42 @@ def place(need: Needs, views: Iterable[HostView],
     return Placement(host=host, reason=reason, passed_over=passed)
 
 
-async def choose(bus: Bus, spec: VmSpec, *, disk_bytes: int = 0,
-                 pool: str = "default") -> Placement:
-    """``place`` over the cluster as KV shows it now (what ``--host auto`` calls)."""
-    views, records = await asyncio.gather(host_views_on(bus), cluster_vms(bus))
-    return place(needs(spec, disk_bytes=disk_bytes, pool=pool), views, committed_mib(records))
+async def choose(bus: Bus, spec: VmSpec, *, disk_bytes: int = 0, pool: str = "default",
+                 recent: Recent | None = None,
+                 follower: HeartbeatFollower | None = None) -> Placement:
+    """``place`` over the cluster as KV ``hosts`` shows it now (what ``--host auto`` calls);
+    KV ``vms`` only for hosts whose heartbeats lack the figure; ``recent``: see ``Recent``.
+    A caller that places many keeps a started ``follower`` of KV ``hosts``: what was written
+    since its last poll, not every key each time (a key not rewritten for the TTL is left
+    out, as the server drops it)."""
+    if follower is not None and follower.active:
+        ttl, _taken = await read_together(hosts_ttl(bus), follower.poll())
+        beats = follower.entries(prune_after=ttl)
+    else:
+        beats, ttl = await read_together(heartbeats(bus), hosts_ttl(bus))
+    views = host_views([hb for _key, _rev, hb in beats], now=time.time(), ttl_s=ttl)
+    need = needs(spec, disk_bytes=disk_bytes, pool=pool)
+    records = None
+    if lacking_figure(views, need):
+        (entries,) = await read_together(bus.kv_entries(subjects.KV_VMS))
+        records = decode_all(entries, VmRecord)
+    revisions = beat_revisions(beats)
+    choice = place(need, views, promised_mib(views, records),
+                   recent.pending(revisions) if recent is not None else None)
+    if recent is not None:
+        recent.add(choice.host, revisions.get(choice.host, 0), need.memory_mib)
+    return choice
+
+
+def beat_revisions(beats: Iterable[tuple[str, int, Heartbeat]]) -> dict[str, int]:
+    """Per host, the revision of the beat that carries its promised memory (a host without
+    the figure: of its newest beat): what ``Recent`` counts beats by."""
+    out: dict[str, int] = {}
+    figure: set[str] = set()
+    for _key, rev, hb in sorted(beats, key=lambda b: b[1]):
+        if hb.details.vm_memory_mib is not None:
+            out[hb.host] = rev
+            figure.add(hb.host)
+        elif hb.host not in figure:
+            out[hb.host] = rev
+    return out

@@ -1,10 +1,12 @@
 """The hardware agent speaks for its host, and watches the others: ``HostDown``/``HostUp``.
 
-The hardware agent of every host reads KV ``hosts`` once per heartbeat period and publishes
+The hardware agent of every host follows KV ``hosts`` (one long-lived consumer: each
+heartbeat arrives once, in the batch of the beat period it was written in), looks at the
+last beat of every key once per heartbeat period, and publishes
 ``phy.evt.<host>.hardware.host.down.<other>`` when another host's heartbeats stop
-(``host.up`` when they come back). Every watcher derives the same event id from the start
-time of that host's agents (the last beat each watcher saw can differ by one beat), and
-JetStream drops duplicate ids, so the stream holds one event per host going down::
+(``host.up`` when they come back). Every watcher derives the same event id
+from the start time of that host's agents (the last beat each watcher saw can differ by one
+beat), and JetStream drops duplicate ids, so the stream holds one event per host going down::
 
     agent.spawn(watch(agent), "host-watch")     # what service.setup does
 """
@@ -20,11 +22,12 @@ import msgspec
 import nats.errors
 
 from shared.agent import Agent
-from shared.cluster import heartbeats
+from shared.cluster import HeartbeatFollower
 from shared.codec import to_builtins
 from shared.errors import Unavailable
 from shared.messages import HostDown, HostUp
 from shared.messages.hosts import Heartbeat
+from shared.subjects import heartbeat_key
 
 log = logging.getLogger("phyllome.hardware.hosts")
 
@@ -90,18 +93,51 @@ class HostWatch:
 
 
 async def watch(agent: Agent) -> None:
-    """The host watch of one hardware agent (see the module doc); runs until it drains."""
-    host_watch = HostWatch(agent.host, agent.cfg.heartbeat_ttl_s)
-    while not agent.stopping.is_set():
-        try:
-            for event in host_watch.observe(await heartbeats(agent.bus), time.monotonic()):
-                ident = event.down_host if isinstance(event, HostDown) else event.up_host
-                kind = "host.down" if isinstance(event, HostDown) else "host.up"
-                log.info("%s: %s", kind, to_builtins(event))
-                await agent.publish(kind, event, ident)
-        except (Unavailable, TimeoutError, nats.errors.Error) as e:
-            log.debug("host watch: %r", e)
-        try:
-            await asyncio.wait_for(agent.stopping.wait(), agent.cfg.heartbeat_s)
-        except TimeoutError:
-            pass
+    """The host watch of one hardware agent (see the module doc); runs until it drains.
+
+    One long-lived consumer of KV ``hosts`` (``HeartbeatFollower``) keeps the last beat of
+    every key; each beat period takes what was written since and ``HostWatch.observe`` looks
+    at that map. The watch must bring back this agent's own beats: when it has not for half
+    the TTL (a server restart, a consumer lost), it is re-created before any other host
+    could look down for it.
+    """
+    ttl_s, beat_s = agent.cfg.heartbeat_ttl_s, agent.cfg.heartbeat_s
+    host_watch = HostWatch(agent.host, ttl_s)
+    follower = HeartbeatFollower(agent.bus, inactive_s=max(10 * beat_s, 60.0))
+    own = heartbeat_key(agent.host, agent.name)
+    try:
+        while not agent.stopping.is_set():
+            try:
+                await _look(agent, host_watch, follower, own, ttl_s / 2, ttl_s)
+            except (Unavailable, TimeoutError, nats.errors.Error) as e:
+                log.warning("host watch: %s; trying again in %g s",
+                            e.message if isinstance(e, Unavailable) else repr(e), beat_s)
+            try:
+                await asyncio.wait_for(agent.stopping.wait(), beat_s)
+            except TimeoutError:
+                pass
+    finally:
+        await follower.stop()
+
+
+async def _look(agent: Agent, host_watch: HostWatch, follower: HeartbeatFollower, own: str,
+                stale_after: float, ttl_s: float) -> None:
+    """One beat of the watch: take what was written since the last (after (re)creating the
+    consumer if needed), then observe the map."""
+    if follower.active:
+        await follower.poll()
+        now = time.monotonic()
+        seen = max(follower.received(own) or 0.0, follower.started_at)
+        if now - seen > stale_after:
+            log.warning("host watch: the watch of KV hosts brought no beat of this agent for "
+                        "%.0f s (NATS reconnected, or a server restarted): re-creating it",
+                        now - seen)
+            await follower.stop()
+    if not follower.active:
+        await follower.start()
+        log.info("host watch: following KV hosts (one consumer, polled each beat)")
+    for event in host_watch.observe(follower.entries(prune_after=2 * ttl_s), time.monotonic()):
+        ident = event.down_host if isinstance(event, HostDown) else event.up_host
+        kind = "host.down" if isinstance(event, HostDown) else "host.up"
+        log.info("%s: %s", kind, to_builtins(event))
+        await agent.publish(kind, event, ident)

@@ -344,6 +344,19 @@ class LibvirtHypervisor:
 
         return await self._run("listing domains", work)
 
+    async def defined_memory_mib(self) -> int:
+        def work() -> int:
+            kib = 0
+            for dom in self._c().listAllDomains(0):
+                try:
+                    kib += dom.maxMemory()
+                except libvirt.libvirtError as e:  # undefined while we were adding up
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return kib // 1024
+
+        return await self._run("adding up the domains' memory", work)
+
     async def domain(self, ref: str) -> Domain:
         return await self._run(f"looking up {ref}", lambda: self._describe(self._lookup(ref)))
 

@@ -29,4 +29,9 @@ async def setup(agent: Agent) -> Handlers:
     metrics = VmMetrics(agent.registry, hypervisor, lambda: handlers.states.started_at())
     handlers = Handlers(agent, hypervisor, settings, decision, metrics)
     await handlers.begin()
+
+    async def measure() -> None:  # what placement counts as promised on this host
+        agent.details = msgspec.structs.replace(
+            agent.details, vm_memory_mib=await hypervisor.defined_memory_mib())
+    agent.on_beat(measure)
     return handlers

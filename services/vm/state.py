@@ -153,6 +153,11 @@ class VmStates:
             await self.sync(dom, "", "", missed=True)
         for rec in await self.records():
             if rec.host == self.host and rec.spec.uuid not in ours:
+                try:  # defined since the listing (a create between the two reads)?
+                    await self.hv.domain(rec.spec.uuid)
+                    continue
+                except NotFound:
+                    pass
                 await self.gone(rec.spec.uuid, rec.spec.name, "", "", missed=True)
 
     # -- records and events ---------------------------------------------------------------

@@ -30,6 +30,9 @@ class HeartbeatDetails(msgspec.Struct, frozen=True, kw_only=True, tag="host.deta
     stuck_writes: dict[str, StuckWrite] = {}  # the hardware agent: by device, writes stuck
     pools: dict[str, PoolRoom] = {}  # the storage agent, refreshed before each beat
     accelerator: AcceleratorDecision | None = None  # the vm agent
+    # the vm agent, before each beat: memory promised to the VMs defined on its host, running
+    # or not (placement reads it here, not every VM record); None from an agent before it
+    vm_memory_mib: int | None = None
     images: ImageCounts | None = None  # the catalogue agent
 
 

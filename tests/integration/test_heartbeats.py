@@ -25,10 +25,11 @@ from shared.contracts import event_decoder
 from shared.messages import Empty, HostDown
 from shared.messages import hardware as hardware_api
 from shared.messages import storage as storage_api
+from shared.messages import vm as vm_api
 from shared.messages.catalogue import ImageCounts
 from shared.messages.hardware import HostResources, SriovSet
 from shared.messages.hosts import Heartbeat, HeartbeatDetails
-from shared.messages.vm import AcceleratorDecision
+from shared.messages.vm import AcceleratorDecision, VmCreate, VmRef, VmSpec
 from shared.natsserver import NatsServer
 from tests.support.agents import agent_config, agent_in_process
 from tests.support.sysfs_tree import FIXTURES, TreeKernel, build
@@ -38,13 +39,15 @@ pytestmark = pytest.mark.integration
 
 
 @contextlib.asynccontextmanager
-async def hw_agent(url: str, root: Path, host: str, fixture: str) -> AsyncIterator[Agent]:
+async def hw_agent(url: str, root: Path, host: str, fixture: str,
+                   **overrides: Any) -> AsyncIterator[Agent]:
     tree = FIXTURES[fixture]()
     builder = build(root / host / "sys", tree)
     (root / host / "proc").mkdir()
     async with agent_in_process(
             "hardware", url, root / host / "state", host, sysfs_root=str(builder.root),
-            extra={"root_dev": tree.root_dev, "proc_root": str(root / host / "proc")}) as agent:
+            extra={"root_dev": tree.root_dev, "proc_root": str(root / host / "proc")},
+            **overrides) as agent:
         agent.handlers.fs.after_write = TreeKernel(builder)  # the kernel's part on a tree
         yield agent
 
@@ -173,3 +176,89 @@ async def test_a_hardware_agent_started_late_reads_the_vm_agents_verdict(
     async with hw_agent(nats_server.url, tmp_path, "h1", "laptop") as agent:
         caps = (await heartbeat(agent)).details.caps
         assert caps is not None and caps.kvm_boot_probe == probe
+
+
+async def test_the_host_watch_follows_kv_hosts_without_reading_it_again(
+        nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One consumer for the watch's life: beats of another host arrive as they are written,
+    no consumer is created per beat, a lost consumer is made again before anyone looks down,
+    and a host that stops beating is said down after the TTL."""
+    caplog.set_level(logging.DEBUG, logger=hostwatch.log.name)
+    ttl = 2.0
+    bus = await Bus.connect(nats_server.url, name="test", host="h2", kv_ttl_s=ttl)
+    created: list[str] = []
+    downs: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on_created(msg: Any) -> None:
+        created.append(msg.subject.rsplit(".", 1)[-1])
+
+    async def on_down(msg: Any) -> None:
+        downs.put_nowait(event_decoder().decode(msg.data))
+
+    beating = asyncio.Event()
+    beating.set()
+    started = time.time()
+
+    async def beat_h2() -> None:  # another host's vm agent, as its KV record shows it
+        kv = await bus.kv(subjects.KV_HOSTS)
+        while beating.is_set():
+            await kv.put(subjects.heartbeat_key("h2", "vm"), encode(Heartbeat(
+                host="h2", agent="vm", version="1", started=started, time=time.time(),
+                metrics_url="")))
+            await asyncio.sleep(0.25)
+
+    await bus.nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.KV_{subjects.KV_HOSTS}.>",
+                           cb=on_created)
+    await bus.nc.subscribe(subjects.events_filter("h1", "hardware", "host.down.>"), cb=on_down)
+    beater = asyncio.create_task(beat_h2())
+    try:
+        async with hw_agent(nats_server.url, tmp_path, "h1", "laptop",
+                            heartbeat_ttl_s=ttl) as watcher:
+            assert watcher.cfg.heartbeat_s == 0.5
+            await until("h1's host watch to see h2", lambda: any(
+                r.getMessage() == "h1 watches host h2 (agents ['vm'])"
+                for r in caplog.records), timeout=10)
+            kv = await bus.kv(subjects.KV_HOSTS)
+            own = subjects.heartbeat_key("h1", "hardware")
+            first = (await kv.get(own)).revision or 0
+            before = len(created)
+            # the old watch created a consumer per beat; h1 beats ~5 times in 2.5 s
+            await asyncio.sleep(2.5)
+            assert ((await kv.get(own)).revision or 0) >= first + 8  # h1's and h2's beats
+            assert len(created) == before, f"consumers created while following: {created}"
+            # the watch's consumer is lost (as in a server restart): made again, h2 stays up
+            info = await bus.js.consumers_info(f"KV_{subjects.KV_HOSTS}")
+            assert len(info) == 1, [c.name for c in info]
+            await bus.js.delete_consumer(f"KV_{subjects.KV_HOSTS}", info[0].name)
+            await until("a consumer made again", lambda: len(created) > before, timeout=10)
+            await asyncio.sleep(ttl + 0.5)
+            assert downs.empty(), "h2 looked down while its beats were not reaching h1"
+            beating.clear()
+            await beater
+            down = await asyncio.wait_for(downs.get(), ttl + 10)
+    finally:
+        beating.clear()
+        await beater
+        await bus.close()
+    assert isinstance(down, HostDown) and (down.host, down.down_host) == ("h1", "h2")
+    assert down.event_id == f"host-down-h2-{int(started * 1000)}"
+    assert down.reason in (f"no heartbeat for {ttl:.0f} s", "its agents removed their heartbeats")
+
+
+async def test_the_vm_agent_beats_the_memory_promised_to_its_vms(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
+    """Defined VMs count, running or not: placement reads this figure, not every VM record."""
+    async with agent_in_process(
+            "vm", nats_server.url, tmp_path, "h1", libvirt_uri=libvirt_test_uri,
+            accelerator="tcg", extra={"reconcile_s": 3600,
+                                      "disk_dir": str(tmp_path / "disks")}) as agent:
+        assert (await heartbeat(agent)).details.vm_memory_mib == 0
+        for name, mib in (("a", 256), ("b", 128)):
+            await agent.bus.call("h1", vm_api.CREATE, VmCreate(spec=VmSpec(
+                name=name, memory_mib=mib, firmware="bios", display="none", nics=[])))
+        await agent.bus.call("h1", vm_api.START, VmRef(vm="a"))
+
+        async def promised() -> bool:
+            return (await heartbeat(agent)).details.vm_memory_mib == 384
+
+        await until("the heartbeat to count both VMs", promised, timeout=10)

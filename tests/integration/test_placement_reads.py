@@ -1,0 +1,98 @@
+"""``choose`` on a real nats-server reads KV ``hosts`` only while every vm agent's heartbeat
+says what its VMs were promised; the VM records are read for a heartbeat without it; a
+``Recent`` spreads a burst that the heartbeats cannot see yet."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.cluster import HeartbeatFollower
+from shared.codec import encode
+from shared.messages.hardware import HostCaps, HostResources
+from shared.messages.hosts import Heartbeat, HeartbeatDetails
+from shared.messages.storage import PoolRoom
+from shared.messages.vm import VmRecord, VmSpec
+from shared.natsserver import NatsServer
+from shared.placement import Recent, choose
+
+pytestmark = pytest.mark.integration
+GiB = 1 << 30
+
+
+async def put_host(bus: Bus, host: str, *, promised: int | None, avail_gib: float) -> None:
+    kv = await bus.kv(subjects.KV_HOSTS)
+    parts = {
+        "hardware": HeartbeatDetails(caps=HostCaps(arch="x86_64"), resources=HostResources(
+            memory_total_bytes=16 * GiB, memory_available_bytes=int(avail_gib * GiB),
+            uefi=True)),
+        "storage": HeartbeatDetails(pools={"default": PoolRoom(path="/p", free_bytes=GiB << 6)}),
+        "vm": HeartbeatDetails(vm_memory_mib=promised),
+    }
+    for agent, details in parts.items():
+        await kv.put(subjects.heartbeat_key(host, agent), encode(Heartbeat(
+            host=host, agent=agent, version="1", started=1.0, time=time.time(),
+            metrics_url="", details=details)))
+
+
+async def test_choose_reads_the_vm_records_only_for_a_heartbeat_without_the_figure(
+        nats_server: NatsServer) -> None:
+    bus = await Bus.connect(nats_server.url, name="test", host="t")
+    vms_reads: list[str] = []
+
+    async def on_created(msg: Any) -> None:
+        vms_reads.append(msg.subject)
+
+    try:
+        await bus.nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.KV_{subjects.KV_VMS}.>",
+                               cb=on_created)
+        vms = await bus.kv(subjects.KV_VMS)
+        for i in range(3):  # records that would make a the fuller host: its heartbeat wins
+            rec = VmRecord(spec=VmSpec(name=f"a{i}", memory_mib=4096), host="a")
+            await vms.put(rec.spec.uuid or f"u{i}", encode(rec))
+        await put_host(bus, "a", promised=0, avail_gib=8)
+        await put_host(bus, "b", promised=10 * 1024, avail_gib=8)  # 6 GiB left of 16
+        spec = VmSpec(name="x", memory_mib=1024)
+        choice = await choose(bus, spec)
+        assert choice.host == "a" and choice.reason.startswith("a: up, 7.0 GiB memory left")
+        await bus.nc.flush()
+        assert vms_reads == []
+        # an agent from before the figure: b's records are read, and count
+        await put_host(bus, "a", promised=None, avail_gib=8)
+        await put_host(bus, "b", promised=0, avail_gib=7)
+        choice = await choose(bus, spec)
+        assert choice.host == "b", choice.passed_over  # a: 16 - 12 GiB = 4 GiB left
+        await bus.nc.flush()
+        assert len(vms_reads) == 1
+        # a burst: what was placed counts until the host's beats catch up
+        await put_host(bus, "a", promised=0, avail_gib=8)
+        await put_host(bus, "b", promised=0, avail_gib=8)
+        recent = Recent()
+        hosts = [(await choose(bus, VmSpec(name=f"v{i}", memory_mib=512), recent=recent)).host
+                 for i in range(6)]
+        assert sorted(hosts) == ["a"] * 3 + ["b"] * 3
+        # a caller that places many follows KV hosts: no read of it per choice
+        follower = HeartbeatFollower(bus)
+        await follower.start()
+        assert follower.ready and len(follower.entries()) == 6
+        reads: list[str] = []
+
+        async def on_read(msg: Any) -> None:
+            reads.append(msg.subject)
+
+        await bus.nc.subscribe("$JS.EVENT.ADVISORY.CONSUMER.CREATED.>", cb=on_read)
+        await put_host(bus, "b", promised=1024, avail_gib=8)
+        assert await follower.poll() >= 3  # b's three agents' beats, in one batch
+        assert any(hb.details.vm_memory_mib == 1024 for _k, _r, hb in follower.entries())
+        choice = await choose(bus, spec, follower=follower)
+        assert choice.host == "a"
+        assert choice.passed_over == {"b": "fits, with less memory left than a"}
+        await bus.nc.flush()
+        assert reads == []
+        await follower.stop()
+    finally:
+        await bus.close()
