@@ -18,7 +18,7 @@ images at start), one disk copy inside the clock. Target: ours takes at most 1.1
 time (ratio >= 0.91). Needs root, the built image (built here when
 missing: minutes) and Debian's ``virtinst`` package (not installed by deploy/setup.sh).
 
-    .venv/bin/python -m bench.bench_vm_debian [--quick]
+    .venv/bin/python -m bench.bench_vm_debian [--quick]    # 2 rounds each; --quick: 1
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def pooled_image(state: Path) -> Path:
 
 
 async def theirs(state: Path, image: Path, key: Path, name: str) -> tuple[float, Stages, str]:
-    work = state / "virt-install"
+    work = state / name
     work.mkdir(mode=0o755)
     user_data = work / "user-data"
     user_data.write_text("#cloud-config\n" + json.dumps({
@@ -249,17 +249,28 @@ async def run(quick: bool) -> list[Result]:
         server = NatsServer(root / "nats", port=-1)
         server.start()
         stamp = int(time.time())
+        mine: list[tuple[float, Stages, str]] = []
+        other: list[tuple[float, Stages, str]] = []
         try:
-            mine, our_stages, our_cpu = await ours(server.url, root, key, f"bench-deb-{stamp}")
-            theirs_s, their_stages, their_cpu = await theirs(
-                root, pooled_image(root), key, f"vi-bench-deb-{stamp}")
+            # ours, theirs, then (unless --quick) theirs, ours: a load that comes and goes
+            # on a shared host falls on both alike; each side's best round is kept
+            for i, side in enumerate("ot" if quick else "otto"):
+                if side == "o":
+                    mine.append(await ours(server.url, root, key, f"bench-deb-{stamp}-{i}"))
+                else:
+                    other.append(await theirs(root, pooled_image(root), key,
+                                              f"vi-bench-deb-{stamp}-{i}"))
         finally:
             server.stop()
         load = os.getloadavg()[0]
-    return [Result("vm debian ssh-ready", "create -> ssh (cloud-init, SB, TPM)", mine,
-                   theirs_s, "virt-install --import, NoCloud seed", "s", ">= 0.91x",
-                   note=f"one round each, TCG, 2 vCPU 1 GiB; ours ({our_cpu}): "
-                        f"{_stages(our_stages)}; theirs ({their_cpu}): "
+    (best, our_stages, our_cpu), (their_best, their_stages, their_cpu) = min(mine), min(other)
+    rounds = "one round each" if quick else (
+        f"best of 2 rounds each (ours {', '.join(f'{r[0]:.0f}' for r in mine)} s; theirs "
+        f"{', '.join(f'{r[0]:.0f}' for r in other)} s)")
+    return [Result("vm debian ssh-ready", "create -> ssh (cloud-init, SB, TPM)", best,
+                   their_best, "virt-install --import, NoCloud seed", "s", ">= 0.91x",
+                   note=f"{rounds}, TCG, 2 vCPU 1 GiB; best ours ({our_cpu}): "
+                        f"{_stages(our_stages)}; best theirs ({their_cpu}): "
                         f"{_stages(their_stages)}; load average {load:.1f} at the end")]
 
 
