@@ -13,7 +13,8 @@
     kvm_device = "/dev/kvm"         # whose access by QEMU's user the health check looks at
     nat_subnet = ""                 # of the NAT network phyllome when first defined;
                                     # default: the first free 10.89.x.0/24
-    address_poll_s = 5              # how often running guests' addresses are read
+    address_poll_s = 5              # how often running guests' addresses are read (every
+                                    # 1 s while a VM that started has none yet, up to 5 min)
     replicas = 1                    # read by shared.agent for the KV buckets
 
 The accelerator policy (auto|kvm|tcg) is the common ``accelerator`` setting

@@ -191,36 +191,51 @@ def _disk(disk: Disk, target: str) -> ET.Element:
 
 
 def _cdrom_bus(spec: VmSpec) -> str:
-    """SATA on q35; virtio-scsi on virt, which has no SATA controller."""
+    """The install media drive's bus: SATA on q35, which every installer's own drivers
+    read (Windows Setup has no virtio-scsi driver of its own); virtio-scsi on virt, which
+    has no SATA controller."""
     return "sata" if _x86(spec) else "scsi"
 
 
-def _cdroms(spec: VmSpec, sata_disks: int) -> list[tuple[str, str]]:
-    """The CD-ROM drives, after the SATA disks: the install media drive (maybe empty), then
-    the cloud-init seed."""
-    paths = ([spec.cdrom.path] if spec.cdrom is not None else []) + \
-        ([spec.seed] if spec.seed else [])
-    return [(p, "sd" + DISK_TARGETS[sata_disks + i]) for i, p in enumerate(paths)]
+def _cdroms(spec: VmSpec, sata_disks: int) -> list[tuple[str, str, str]]:
+    """The CD-ROM drives as (path, target, bus), after the SATA disks: the install media
+    drive (maybe empty), then the cloud-init seed. The seed is on virtio-scsi on every
+    machine: cloud kernels (Debian's ``linux-image-cloud-amd64``) have virtio-scsi but no
+    AHCI driver. The targets share one ``sd`` namespace over both buses, so they stay apart
+    from the SATA disks' and from each other."""
+    drives = ([(spec.cdrom.path, _cdrom_bus(spec))] if spec.cdrom is not None else []) + \
+        ([(spec.seed, "scsi")] if spec.seed else [])
+    return [(path, "sd" + DISK_TARGETS[sata_disks + i], bus)
+            for i, (path, bus) in enumerate(drives)]
 
 
-def _cdrom(path: str, target: str, bus: str = "sata") -> ET.Element:
-    """A read-only SATA (q35 has no IDE) or SCSI CD-ROM drive, empty when ``path`` is ''."""
+def _cdrom(path: str, target: str, bus: str = "sata", unit: int = -1) -> ET.Element:
+    """A read-only SATA (q35 has no IDE) or SCSI CD-ROM drive, empty when ``path`` is ''.
+    A SCSI drive gets its unit on the one virtio-scsi controller: libvirt would derive it
+    from the target's letter and open a second controller past ``sdo``."""
     d = ET.Element("disk", type="file", device="cdrom")
     ET.SubElement(d, "driver", name="qemu", type="raw")
     if path:
         ET.SubElement(d, "source", file=path)
     ET.SubElement(d, "target", dev=target, bus=bus)
     ET.SubElement(d, "readonly")
+    if unit >= 0:
+        ET.SubElement(d, "address", type="drive", controller="0", bus="0", target="0",
+                      unit=str(unit))
     return d
+
+
+def _cdrom_elements(spec: VmSpec, sata_disks: int) -> list[ET.Element]:
+    scsi = itertools.count()
+    return [_cdrom(path, target, bus, next(scsi) if bus == "scsi" else -1)
+            for path, target, bus in _cdroms(spec, sata_disks)]
 
 
 def cdrom_device(spec: VmSpec) -> str:
     """The install media drive of ``spec`` alone, for a live eject or insert."""
     if spec.cdrom is None:
         raise Conflict(f"VM {spec.name} has no CD-ROM drive")
-    sata = sum(d.bus == "sata" for d in spec.disks)
-    path, target = _cdroms(spec, sata)[0]
-    el = _cdrom(path, target, _cdrom_bus(spec))
+    el = _cdrom_elements(spec, sum(d.bus == "sata" for d in spec.disks))[0]
     ET.indent(el)
     return ET.tostring(el, encoding="unicode")
 
@@ -248,22 +263,25 @@ def _usb(usb: UsbHostdev) -> ET.Element:
     return h
 
 
+def _scsi(spec: VmSpec) -> bool:
+    """Whether the VM has a virtio-scsi controller (for CD-ROMs; it takes a root port)."""
+    return any(bus == "scsi" for _, _, bus in _cdroms(spec, 0))
+
+
 def _devices(dev: ET.Element, spec: VmSpec, serial_log: str) -> None:
     ET.SubElement(dev, "controller", type="pci", index="0", model="pcie-root")
     ports = (sum(d.bus == "virtio" for d in spec.disks) + len(spec.nics) + len(spec.hostdevs)
              + BUILTIN_PCI + HOTPLUG_PORTS + _virtio_pci(spec)
-             + (not _x86(spec) and bool(_cdroms(spec, 0))))  # virt's virtio-scsi
+             + _scsi(spec))
     for index in range(1, ports + 1):
         ET.SubElement(dev, "controller", type="pci", index=str(index), model="pcie-root-port")
     used = {"virtio": 0, "sata": 0}
     for disk in spec.disks:
         dev.append(_disk(disk, _prefix(disk) + DISK_TARGETS[used[disk.bus]]))
         used[disk.bus] += 1
-    cdroms = _cdroms(spec, used["sata"])
-    if cdroms and not _x86(spec):
+    if _scsi(spec):
         ET.SubElement(dev, "controller", type="scsi", index="0", model="virtio-scsi")
-    for path, drive in cdroms:
-        dev.append(_cdrom(path, drive, _cdrom_bus(spec)))
+    dev.extend(_cdrom_elements(spec, used["sata"]))
     for nic in spec.nics:
         dev.append(_nic(nic))
     serial = ET.SubElement(dev, "serial", type="pty")

@@ -746,7 +746,7 @@ async def test_vm_cloud_init_seed_is_made_cloned_carried_and_deleted(
         assert _seed_of(seed) == {"instance-id": iid, "local-hostname": "web"}
         xml = await agent.handlers.hv.xml(vm.uuid, inactive=True)
         assert (f"<disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n"
-                f"      <source file='{seed}'/>\n      <target dev='sda' bus='sata'/>\n"
+                f"      <source file='{seed}'/>\n      <target dev='sda' bus='scsi'/>\n"
                 "      <readonly/>") in xml
 
         accepted = await call(agent, "clone", VmClone(vm="web", name="web2"))

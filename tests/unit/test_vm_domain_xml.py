@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Literal
 
@@ -251,6 +252,35 @@ def test_vm_a_live_disk_takes_the_first_free_target_and_a_detach_its_own() -> No
     assert '<target dev="sda" bus="sata" />' in old
     nic = domain_xml.device(Nic(source="lab", mac="52:54:00:00:00:09"))
     assert nic.startswith('<interface type="network">') and 'network="lab"' in nic
+
+
+@pytest.mark.unit
+def test_vm_seed_is_on_virtio_scsi_and_the_install_medium_on_sata() -> None:
+    """A cloud kernel (no AHCI driver) sees its seed; an installer without virtio drivers
+    (Windows Setup) still sees its medium; every sd target is used once."""
+    spec = SPECS["install-media-and-cloud-init"][0]  # vda, sda (sata), medium, seed
+    dom = ET.fromstring(_xml("install-media-and-cloud-init"))
+    assert [c.get("model") for c in dom.iterfind("devices/controller[@type='scsi']")] \
+        == ["virtio-scsi"]
+    drives = {d.get("file"): (t.get("dev"), t.get("bus"))
+              for d, t in zip(dom.iterfind("devices/disk/source"),
+                              dom.iterfind("devices/disk/target"), strict=True)}
+    assert drives == {"/pool/inst.raw": ("vda", "virtio"), "/pool/data.raw": ("sda", "sata"),
+                      "/srv/iso/installer.iso": ("sdb", "sata"),
+                      spec.seed: ("sdc", "scsi")}
+    # eject/insert rewrites the SATA medium drive, never the seed
+    medium = domain_xml.cdrom_device(spec)
+    assert '<target dev="sdb" bus="sata" />' in medium and "installer.iso" in medium
+    # a disk attached while it runs takes a target neither CD-ROM has
+    live = _xml("install-media-and-cloud-init")
+    added = domain_xml.device(Disk(path="/pool/more.raw", bus="sata"), live_xml=live)
+    assert '<target dev="sdd" bus="sata" />' in added
+    # the controller has its root port: one more than the same VM without a seed
+    bare = domain_xml.build(msgspec.structs.replace(spec, seed="", cloud_init=None),
+                            accelerator="tcg", serial_log="/l")
+    ports = "devices/controller[@model='pcie-root-port']"
+    assert len(dom.findall(ports)) == len(ET.fromstring(bare).findall(ports)) + 1
+    assert ET.fromstring(bare).find("devices/controller[@type='scsi']") is None
 
 
 @pytest.mark.unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import grp
 import ipaddress
 import os
@@ -15,16 +16,25 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services.vm import accel, health, hostfs, networks
+from services.vm import accel, addresses, health, hostfs, networks
+from services.vm.addresses import AddressWatch
 from services.vm.handlers import Handlers, random_mac, redacted
-from services.vm.hypervisor import DomainStats
+from services.vm.hypervisor import Domain, DomainStats
 from services.vm.libvirt_backend import event_words, state_words
 from services.vm.metrics import VmMetrics
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.messages.hardware import Passthrough, PciDevice
 from shared.messages.net import Network
-from shared.messages.vm import AcceleratorDecision, VmSpec
+from shared.messages.vm import (
+    AcceleratorDecision,
+    AddressSource,
+    GuestAddress,
+    Nic,
+    VmAddressesChanged,
+    VmSpec,
+)
 from tests.support.require import require
+from tests.support.wait import until
 
 pytestmark = pytest.mark.unit
 
@@ -248,3 +258,65 @@ def test_vm_a_slow_repeated_capability_query_means_reprobing() -> None:
     slow = health.reprobing(48.2)
     assert slow is not None and "took 48.2 s" in slow.what
     assert "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm" in slow.fix and "make up" in slow.fix
+
+
+class BootingHypervisor:
+    """One running VM with a NIC whose address shows up on the ``lease_on``-th read."""
+
+    connected = True
+
+    def __init__(self, lease_on: int) -> None:
+        self.reads = 0
+        self.lease_on = lease_on
+
+    async def domains(self) -> list[Domain]:
+        return [Domain(uuid="u1", name="web", state="running",
+                       spec=VmSpec(name="web", nics=[Nic()]))]
+
+    async def addresses(self, uuid: str) -> tuple[AddressSource, list[GuestAddress]]:
+        self.reads += 1
+        if self.reads < self.lease_on:
+            return "", []
+        return "lease", [GuestAddress(nic="vnet0", mac="", family="ipv4",
+                                      address="10.89.0.5", prefix=24)]
+
+
+class Publisher:
+    host = "h1"
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[VmAddressesChanged] = asyncio.Queue()
+
+    async def publish(self, name: str, event: VmAddressesChanged, key: str) -> None:
+        self.events.put_nowait(event)
+
+
+async def test_vm_addresses_are_read_fast_until_a_booting_vm_has_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A booting VM's first address is published after fast reads, not after the slow
+    interval; then (and past the window of a VM that never gets one) the slow one applies."""
+    hv, agent = BootingHypervisor(lease_on=4), Publisher()
+    watch = AddressWatch(agent, hv)  # type: ignore[arg-type]
+    loop = asyncio.create_task(watch.run(interval_s=60.0, fast_s=0.01))
+    try:
+        event = await asyncio.wait_for(agent.events.get(), 5)
+        assert (event.name, event.source, hv.reads) == ("web", "lease", 4)
+        assert not watch.fast()
+        await asyncio.sleep(0.1)
+        assert hv.reads == 4  # back on the 60 s interval
+    finally:
+        loop.cancel()
+
+    monkeypatch.setattr(addresses, "FAST_FOR_S", 0.05)
+    never = BootingHypervisor(lease_on=1 << 30)
+    watch = AddressWatch(Publisher(), never)  # type: ignore[arg-type]
+    loop = asyncio.create_task(watch.run(interval_s=60.0, fast_s=0.01))
+    try:
+        await until("fast reads", lambda: never.reads >= 3, timeout=5, interval=0.01)
+        await until("the window to close", lambda: not watch.fast(), timeout=5, interval=0.01)
+        await asyncio.sleep(0.05)  # the read after the last fast sleep
+        reads = never.reads
+        await asyncio.sleep(0.1)
+        assert never.reads == reads
+    finally:
+        loop.cancel()
