@@ -65,6 +65,7 @@ from typing import Any, Protocol
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.storage.volumes import (
@@ -75,7 +76,7 @@ from services.storage.volumes import (
     check_pool_name,
     zero_outside,
 )
-from shared import subjects
+from shared import natsfast, subjects
 from shared.bus import Bus
 from shared.errors import (
     BackendError,
@@ -549,8 +550,13 @@ class Sender:
                 return
             stats.wire_bytes += len(data)
             try:
-                msg = await self.channel.request(subject, data, timeout=self.chunk_timeout_s,
-                                                 headers=headers)
+                if isinstance(self.channel, Client):  # onto the socket at once, no copy
+                    msg = await natsfast.request_now(self.channel, subject, data, headers,
+                                                     timeout=self.chunk_timeout_s)
+                else:
+                    msg = await self.channel.request(subject, data,
+                                                     timeout=self.chunk_timeout_s,
+                                                     headers=headers)
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 log.info("transfer %s: chunk at %d not acknowledged (%r); a cut", tid, off, e)
                 state.cut.set()
@@ -659,6 +665,7 @@ class Receiver:
         self._nc = nc
         self._sub = await nc.subscribe(chunk_subject(self.host), cb=self._on_chunk_msg,
                                        pending_bytes_limit=512 << 20)
+        natsfast.receive_big(nc, self._sub, LEAF)  # each chunk copied once off the socket
 
     async def close(self) -> None:
         """Stop taking chunks; fsync what arrived so the sender can resume after restart."""
