@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger("phyllome.natsfast")
 HDR_LINE = b"NATS/1.0\r\n"
 _JOIN_BELOW = 64 << 10  # a smaller body is joined to its command: one write, not three
 READER_LIMIT = 1 << 20  # see receive_big
+POOL = 12  # payload buffers kept for reuse (a transfer's window of chunks, and some)
 
 
 def write_now(nc: Client, subject: str, body: bytes | bytearray | memoryview,
@@ -152,7 +154,65 @@ def receive_big(nc: Client, sub: Subscription, min_bytes: int = 256 << 10) -> bo
         # it stops reading the socket past twice this (nats-py's: 32 KiB), a pause and a
         # resume for about every read of a big message
         reader._limit = max(limit, READER_LIMIT)  # type: ignore[attr-defined]
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if isinstance(reader, asyncio.StreamReader) and transport is not None and \
+            hasattr(transport, "_read_ready__get_buffer"):  # a plain socket's (not TLS)
+        inner = transport.get_protocol()
+        if isinstance(inner, asyncio.StreamReaderProtocol):
+            transport.set_protocol(_Into(inner, big, reader))
     return True
+
+
+def drop_buffers(nc: Client) -> None:
+    """Let go of the buffers ``receive_big`` keeps for reuse (when no big messages are
+    expected for a while: the end of a transfer); new ones are made as needed."""
+    ps = getattr(nc, "_ps", None)
+    if isinstance(ps, _BigParser):
+        ps.pool.clear()
+
+
+class _Into(asyncio.BufferedProtocol):
+    """In place of the connection's stream reader protocol: while the parser gathers a big
+    payload and nothing read waits before it, the socket is read straight into the
+    payload's buffer (no ``bytes`` of each read, no copy into the stream reader and out).
+    Everything else goes to the stream reader as before."""
+
+    def __init__(self, inner: asyncio.StreamReaderProtocol, ps: _BigParser,
+                 reader: asyncio.StreamReader) -> None:
+        self.inner, self.ps, self.reader = inner, ps, reader
+        self.scratch = bytearray(256 << 10)
+        self.into = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        ps, target = self.ps, self.ps._target
+        self.into = (target is not None and ps._filled < len(target)
+                     and not self.reader._buffer)  # type: ignore[attr-defined]
+        if self.into:
+            assert target is not None
+            return memoryview(target)[ps._filled:]
+        return memoryview(self.scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.into:
+            self.ps._filled += nbytes  # the CRLF after it comes the usual way: then it is
+            return  # handed on
+        self.inner.data_received(bytes(self.scratch[:nbytes]))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class _BigParser(nats_parser.Parser):
@@ -161,6 +221,7 @@ class _BigParser(nats_parser.Parser):
 
     def __init__(self, nc: Any) -> None:
         self.big_sids: dict[int, int] = {}  # sid -> smallest payload gathered this way
+        self.pool: list[bytearray] = []  # payload buffers handed out, reused once free
         super().__init__(nc)
 
     def reset(self) -> None:
@@ -171,13 +232,7 @@ class _BigParser(nats_parser.Parser):
         self._hdr = b""
 
     async def parse(self, data: bytes | memoryview = b"") -> None:
-        if (self._target is None and self.state == nats_parser.AWAITING_MSG_PAYLOAD
-                and len(self.buf) >= self.header_needed):
-            least = self.big_sids.get(self.msg_arg.get("sid", -1))
-            size = self.needed - self.header_needed
-            if least is not None and size >= least and len(self.buf) < self.needed and \
-                    len(self.buf) + len(data) < self.needed + 2:
-                self._start(size)
+        self._maybe_start(len(data))
         if self._target is not None:
             view = memoryview(data)
             used = self._fill(view)
@@ -190,6 +245,18 @@ class _BigParser(nats_parser.Parser):
             if not data:
                 return
         await super().parse(data)  # type: ignore[arg-type]  # it takes any bytes-like
+        self._maybe_start(0)  # before the next read: that can go straight into it (_Into)
+
+    def _maybe_start(self, coming: int) -> None:
+        """Gather the payload the parser waits for in a buffer of its own, if it is big, of
+        one of ours, and ``coming`` more bytes do not complete it anyway."""
+        if (self._target is None and self.state == nats_parser.AWAITING_MSG_PAYLOAD
+                and len(self.buf) >= self.header_needed):
+            least = self.big_sids.get(self.msg_arg.get("sid", -1))
+            size = self.needed - self.header_needed
+            if least is not None and size >= least and len(self.buf) < self.needed and \
+                    len(self.buf) + coming < self.needed + 2:
+                self._start(size)
 
     def _complete(self) -> bool:
         return self._target is not None and self._filled == len(self._target) and \
@@ -210,10 +277,23 @@ class _BigParser(nats_parser.Parser):
         if resume is not None:
             resume()
 
+    def _buffer(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes: one handed out before that nobody holds any more
+        (counted by reference: the pool's, the loop's, getrefcount's argument), else a new
+        one (a new one costs zeroing or faulting in each of its pages: 2 ms for 4 MiB)."""
+        for buf in self.pool:
+            if len(buf) == size and sys.getrefcount(buf) == 3:
+                return buf
+        buf = bytearray(size)
+        self.pool.append(buf)
+        if len(self.pool) > POOL:
+            del self.pool[0]
+        return buf
+
     def _start(self, size: int) -> None:
         hn = self.header_needed
         self._hdr = bytes(self.buf[:hn]) if hn else b""
-        target = self._target = bytearray(size)
+        target = self._target = self._buffer(size)
         have = len(self.buf) - hn
         target[:have] = memoryview(self.buf)[hn:]
         self._filled, self._crlf = have, 2

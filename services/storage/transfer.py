@@ -787,6 +787,7 @@ class Receiver:
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
         del self.incoming[req.transfer_id]
+        self._let_go()
         info = self.pools.info(inc.pool.name, inc.offer.name)
         self.completed[req.transfer_id] = info
         while len(self.completed) > 100:
@@ -797,6 +798,11 @@ class Receiver:
         inc = self.incoming.get(req.transfer_id)
         if inc is not None:
             await self.rollback(inc, req.reason or "the sender gave up")
+
+    def _let_go(self) -> None:
+        """No transfer in progress: the chunk buffers kept for reuse are freed."""
+        if not self.incoming and self._nc is not None:
+            natsfast.drop_buffers(self._nc)
 
     def _get(self, tid: str) -> Incoming:
         inc = self.incoming.get(tid)
@@ -819,6 +825,7 @@ class Receiver:
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
         self.incoming.pop(inc.offer.transfer_id, None)
+        self._let_go()
         log.info("transfer %s into %s/%s rolled back: %s", inc.offer.transfer_id,
                  inc.pool.name, inc.offer.name, reason)
         if self.emit is not None:
