@@ -28,8 +28,8 @@ A console's round trip (a key press, the screen update it causes) is made of tur
 event loop, so a link takes as few as nats-py lets it:
 
 - receiving: the subscription has no callback task; a queue of ours in its place
-  (``_Direct``) hands each message to the link in nats-py's reader task as it is parsed,
-  and ``deliver`` runs the sink right there, up to its first wait (a WebSocket's or a
+  (``natsfast.take_directly``) hands each message to the link in nats-py's reader task as
+  it is parsed, and ``deliver`` runs the sink right there, up to its first wait (a WebSocket's or a
   socket's full buffer; such a sink is finished in a task, the messages after it queued
   behind it within the credit);
 - sending: a message goes onto the NATS socket at once when nothing of the client's waits
@@ -54,6 +54,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shared import natsfast
+
 log = logging.getLogger("phyllome.console")
 
 WINDOW = 4 << 20  # bytes a sender may have unacknowledged
@@ -62,8 +64,6 @@ CHUNK = (1 << 20) - (4 << 10)  # largest data message (NATS's default max_payloa
 PING_S = 10.0
 IDLE_S = 30.0
 CONTROL, SEQ, ACK, REASON = "Phy-Console", "Phy-Seq", "Phy-Ack", "Phy-Reason"
-_HDR_LINE = b"NATS/1.0\r\n"
-_JOIN_BELOW = 64 << 10
 
 
 class ConsoleLink:
@@ -91,7 +91,7 @@ class ConsoleLink:
         self._sink_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending = False  # a send() is under way: send_now() leaves the bytes to it
-        self.direct = False  # messages reach us in nats-py's reader task (see _Direct)
+        self.direct = False  # messages reach us in nats-py's reader task (take_directly)
         self.written_now = 0  # messages put on the NATS socket at once (see _write_now)
 
     @property
@@ -107,14 +107,8 @@ class ConsoleLink:
     async def start(self, *, opener: bool = False) -> None:
         """Listen; the opener then tells the peer so (the peer waits for it to send)."""
         sub = await self.nc.subscribe(self.recv_subject)
-        queue = getattr(sub, "_pending_queue", None)
-        if isinstance(queue, asyncio.Queue) and isinstance(getattr(sub, "_pending_size", None),
-                                                           int):
-            direct = sub._pending_queue = _Direct(sub, self._take)
-            while not queue.empty():  # none can have come yet (nobody sends first); still
-                direct.put_nowait(queue.get_nowait())
-            self.direct = True
-        else:  # another nats-py inside: its subscription's own task calls us
+        self.direct = natsfast.take_directly(sub, self._take)
+        if not self.direct:  # another nats-py inside: its subscription's own task calls us
             await sub.unsubscribe()
             sub = await self.nc.subscribe(self.recv_subject, cb=self._on_msg)
         self._sub = sub
@@ -265,25 +259,12 @@ class ConsoleLink:
 
     def _write_now(self, body: bytes, headers: dict[str, str]) -> bool:
         """Put the message on the connection's socket here and now, when nothing of the
-        client's waits to go before it: ``nc.publish`` queues it and wakes the client's
-        flusher task, one more turn of the event loop per message. Our bytes stay in order
-        (nothing pending means nothing of ours either); the socket's buffer holds at most
-        the credit window of each session, and the flusher drains it with the rest."""
-        nc = self.nc
-        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
-        if (writer is None or getattr(nc, "_pending", True) or not nc.is_connected
-                or len(body) > nc.max_payload):
+        client's waits to go before it (``natsfast.write_now``): ``nc.publish`` queues it
+        and wakes the client's flusher task, one more turn of the event loop per message.
+        The socket's buffer holds at most the credit window of each session, and the
+        flusher drains it with the rest."""
+        if not natsfast.write_now(self.nc, self.send_subject, body, headers):
             return False
-        hdr = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
-        size = len(_HDR_LINE) + len(hdr) + 2
-        head = (f"HPUB {self.send_subject} {size} {size + len(body)}\r\n".encode()
-                + _HDR_LINE + hdr + b"\r\n")
-        if len(body) < _JOIN_BELOW:
-            writer.write(head + body + b"\r\n")
-        else:  # a big body goes as it is: no copy into one buffer first
-            writer.write(head)
-            writer.write(body)
-            writer.write(b"\r\n")
         self.written_now += 1
         return True
 
@@ -387,24 +368,6 @@ class ConsoleLink:
                 await self.close(f"nothing heard from the other end for {self.idle_s:.0f} s")
                 return
             await self._control("ping", {})
-
-
-class _Direct(asyncio.Queue[Msg]):
-    """In place of a subscription's queue of messages: hands each to the link as nats-py's
-    reader task parses it. nats-py puts a message in its subscription's queue, and the
-    subscription's task takes it out, one more switch of the event loop per message; a
-    subscription without a callback has no task, and this queue none either."""
-
-    def __init__(self, sub: Subscription, take: Callable[[Msg], None]) -> None:
-        super().__init__()
-        self._direct_sub, self._direct_take = sub, take
-
-    def put_nowait(self, item: Msg) -> None:
-        self._direct_sub._pending_size -= len(item.data)
-        try:
-            self._direct_take(item)
-        except Exception:  # never into nats-py's reader: it would stop reading the socket
-            log.exception("a console message failed")
 
 
 @types.coroutine

@@ -65,6 +65,7 @@ from typing import Any, Protocol
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.storage.volumes import (
@@ -75,7 +76,7 @@ from services.storage.volumes import (
     check_pool_name,
     zero_outside,
 )
-from shared import subjects
+from shared import natsfast, subjects
 from shared.bus import Bus
 from shared.errors import (
     BackendError,
@@ -549,8 +550,13 @@ class Sender:
                 return
             stats.wire_bytes += len(data)
             try:
-                msg = await self.channel.request(subject, data, timeout=self.chunk_timeout_s,
-                                                 headers=headers)
+                if isinstance(self.channel, Client):  # onto the socket at once, no copy
+                    msg = await natsfast.request_now(self.channel, subject, data, headers,
+                                                     timeout=self.chunk_timeout_s)
+                else:
+                    msg = await self.channel.request(subject, data,
+                                                     timeout=self.chunk_timeout_s,
+                                                     headers=headers)
             except (nats.errors.Error, TimeoutError, OSError) as e:
                 log.info("transfer %s: chunk at %d not acknowledged (%r); a cut", tid, off, e)
                 state.cut.set()
@@ -659,6 +665,7 @@ class Receiver:
         self._nc = nc
         self._sub = await nc.subscribe(chunk_subject(self.host), cb=self._on_chunk_msg,
                                        pending_bytes_limit=512 << 20)
+        natsfast.receive_big(nc, self._sub, LEAF)  # each chunk copied once off the socket
 
     async def close(self) -> None:
         """Stop taking chunks; fsync what arrived so the sender can resume after restart."""
@@ -780,6 +787,7 @@ class Receiver:
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
         del self.incoming[req.transfer_id]
+        self._let_go()
         info = self.pools.info(inc.pool.name, inc.offer.name)
         self.completed[req.transfer_id] = info
         while len(self.completed) > 100:
@@ -790,6 +798,11 @@ class Receiver:
         inc = self.incoming.get(req.transfer_id)
         if inc is not None:
             await self.rollback(inc, req.reason or "the sender gave up")
+
+    def _let_go(self) -> None:
+        """No transfer in progress: the chunk buffers kept for reuse are freed."""
+        if not self.incoming and self._nc is not None:
+            natsfast.drop_buffers(self._nc)
 
     def _get(self, tid: str) -> Incoming:
         inc = self.incoming.get(tid)
@@ -812,6 +825,7 @@ class Receiver:
         inc.pool.remove(inc.state_name)
         self.pools.release(inc.pool, inc.offer.name)
         self.incoming.pop(inc.offer.transfer_id, None)
+        self._let_go()
         log.info("transfer %s into %s/%s rolled back: %s", inc.offer.transfer_id,
                  inc.pool.name, inc.offer.name, reason)
         if self.emit is not None:
