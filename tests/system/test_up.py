@@ -31,13 +31,20 @@ def phyllome(*args: str, env: dict[str, str],
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_up_status_events_metrics_down(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "uphost",
+def up_env(state: Path, host: str) -> dict[str, str]:
+    """The environment of a `phyllome up` of its own: state dir, host name, free ports, TCG,
+    no NATS URL (up starts its own server)."""
+    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": host,
            **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
                                                            "CATALOGUE")},
            "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
     env.pop("PHYLLOME_NATS_URL", None)
+    return env
+
+
+def test_up_status_events_metrics_down(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = up_env(state, "uphost")
     up = phyllome("up", "--detach", "--no-demo", "--listen", "127.0.0.1:-1", env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
@@ -84,11 +91,7 @@ def test_status_without_nats_says_so_and_exits_3(tmp_path: Path) -> None:
 
 def test_up_secure_agents_run_as_themselves_and_anonymous_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "sechost",
-           **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
-                                                           "CATALOGUE")},
-           "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
-    env.pop("PHYLLOME_NATS_URL", None)
+    env = up_env(state, "sechost")
     up = phyllome("up", "--detach", "--secure", "--no-demo", "--listen", "127.0.0.1:-1",
                   env=env)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -141,11 +144,7 @@ def test_up_build_debian_builds_in_the_background_then_the_catalogue_has_it_pull
     digest = subprocess.run(["bash", "-c", "deploy/setup.sh debian_inputs | sha256sum"],
                             cwd=REPO, capture_output=True, text=True, check=True)
     (seeded / "inputs.sha256").write_text(digest.stdout.split()[0] + "\n")
-    env = {**os.environ, "PHYLLOME_STATE_DIR": str(state), "PHYLLOME_HOST": "debhost",
-           **{f"PHYLLOME_{a}_METRICS_PORT": "0" for a in ("HARDWARE", "VM", "STORAGE",
-                                                           "CATALOGUE")},
-           "PHYLLOME_ACCELERATOR": "tcg", "PHYLLOME_WEB_LISTEN": f"127.0.0.1:{free_port()}"}
-    env.pop("PHYLLOME_NATS_URL", None)
+    env = up_env(state, "debhost")
     up = phyllome("up", "--detach", "--no-demo", "--build-debian", "--listen", "127.0.0.1:-1",
                   env=env)
     assert up.returncode == 0, up.stdout + up.stderr
