@@ -482,6 +482,27 @@ async def test_vm_reconcile_corrects_kv_and_emits_missed_events(
         assert stream.state.consumer_count == 0  # each read removes its consumer
 
 
+async def test_vm_reconcile_keeps_the_record_of_a_vm_defined_after_its_listing(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that lands between reconciliation's listing of the domains and its read of
+    KV ``vms``: the hypervisor is asked again, and the new VM's record stays."""
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, _events):
+        states = agent.handlers.states
+        before = await states.hv.domains()  # the listing, taken before the create
+
+        async def listing_taken_before() -> Any:
+            return before
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="late", memory_mib=64)))
+        monkeypatch.setattr(states.hv, "domains", listing_taken_before)
+        await states.reconcile()
+        kept, _ = await states.load(info.uuid)
+        assert kept is not None and kept.spec.name == "late"
+        monkeypatch.undo()
+        listed = await call(agent, "list", _list_all())
+        assert [r.spec.name for r in listed.vms] == ["late"]
+
+
 async def test_vm_hostdevs_need_the_hardware_agents_word(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
     """Passthrough is refused unless the hardware agent calls the device bound or bindable."""
