@@ -157,7 +157,8 @@ def receive_big(nc: Client, sub: Subscription, min_bytes: int = 256 << 10) -> bo
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
     transport = getattr(writer, "transport", None)
     if isinstance(reader, asyncio.StreamReader) and transport is not None and \
-            hasattr(transport, "_read_ready__get_buffer"):  # a plain socket's (not TLS)
+            hasattr(transport, "set_protocol") and \
+            transport.get_extra_info("sslcontext") is None:  # a plain socket's (not TLS)
         inner = transport.get_protocol()
         if isinstance(inner, asyncio.StreamReaderProtocol):
             transport.set_protocol(_Into(inner, big, reader))

@@ -13,13 +13,31 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import uvloop
 
 from shared.agent import Agent, Setup
 from shared.config import Config, load
 from shared.errors import PhyError
 from shared.messages import EndpointSpec
+
+T = TypeVar("T")
+
+
+def run_loop(main: Coroutine[Any, Any, T], *, uv: bool = True) -> T:
+    """Run a long-lived process's ``main`` on uvloop (libuv's event loop), or on asyncio's
+    own with ``uv=False``. uvloop's turns of the loop cost a fraction of asyncio's: a
+    console's key press crosses the web gateway and the vm agent as a few turns each
+    (``docs/benchmarks.md``, web console round trip). asyncio's reads one socket once a
+    turn, which a volume transfer's chunks are gathered around (``shared/natsfast.py``,
+    ``receive_big``: under uvloop most reads of a chunk land before the parser knows it,
+    and cost two more copies); the storage agent keeps it. Threads that make a loop of
+    their own (libvirt's) keep asyncio's; so does the CLI, which lives a fraction of a
+    second."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uv else None) as runner:
+        return runner.run(main)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +78,9 @@ async def serve(name: str, cfg: Config, setup: Setup,
         await agent.drain()
 
 
-def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any]]) -> None:
+def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any]], *,
+              uv: bool = True) -> None:
+    """Run agent ``name`` until SIGTERM/SIGINT (``uv``: see ``run_loop``)."""
     try:
         cfg = load(name)
     except PhyError as e:
@@ -69,7 +89,7 @@ def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any
     setup_logging(cfg.log_level, agent=name, host=cfg.host)
     started = time.monotonic()
     try:
-        asyncio.run(serve(name, cfg, setup, endpoints))
+        run_loop(serve(name, cfg, setup, endpoints), uv=uv)
     except PhyError as e:
         logging.getLogger(f"phyllome.{name}").error("cannot run: %s", e.message)
         sys.exit(1)

@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from services.web.auth import bearer
 from services.web.handlers import Gateway, vm_host
+from services.web.wsfast import TAKE
 from shared.console import ConsoleLink
 from shared.errors import PhyError
 from shared.messages import vm as vm_api
@@ -106,6 +107,15 @@ class Consoles:
         to_vm = gw.metrics.console_bytes.labels(kind=kind, direction="to_vm")
         to_browser = gw.metrics.console_bytes.labels(kind=kind, direction="to_browser")
 
+        slot = ws.scope.get("extensions", {}).get(TAKE)
+        if isinstance(slot, dict):  # a key press goes on in the socket's own callback
+            def take(data: bytes) -> bool:
+                if not link.send_now(data):
+                    return False
+                to_vm.inc(len(data))
+                return True
+            slot["take"] = take
+
         async def browser_to_vm() -> tuple[int, str]:
             while True:
                 msg = await ws.receive()
@@ -145,6 +155,8 @@ class Consoles:
             except (WebSocketDisconnect, RuntimeError):
                 code, reason = 1000, "the browser went away"
         finally:
+            if isinstance(slot, dict):
+                slot.pop("take", None)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

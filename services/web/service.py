@@ -42,6 +42,7 @@ from services.web.config import WebConfig, load
 from services.web.console import Consoles
 from services.web.handlers import ROUTES, Answer, Call, Gateway, Route, forward
 from services.web.metrics import UNMATCHED, WebMetrics
+from services.web.wsfast import DirectWebSockets
 from shared import __version__, subjects
 from shared.bus import Bus
 from shared.codec import encode
@@ -55,7 +56,7 @@ from shared.errors import (
     to_reply,
 )
 from shared.messages.web import TokenRecord
-from shared.runtime import setup_logging
+from shared.runtime import run_loop, setup_logging
 
 log = logging.getLogger("phyllome.web")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -251,7 +252,7 @@ class WebGateway:
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn.Config(
             build_app(self._gw, self.registry), log_config=None, access_log=False,
-            lifespan="off", ws="websockets-sansio", ssl_certfile=cfg.cert or None,
+            lifespan="off", ws=DirectWebSockets, ssl_certfile=cfg.cert or None,
             ssl_keyfile=cfg.key or None, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             # console frames are framebuffer updates and keystrokes: deflating them costs
             # more CPU than it saves on a LAN, and VNC's encodings compress already
@@ -298,7 +299,7 @@ def run() -> None:
         sys.exit(2)
     setup_logging(cfg.log_level, agent=subjects.WEB, host=cfg.host)
     try:
-        asyncio.run(serve(cfg))
+        run_loop(serve(cfg))
     except PhyError as e:
         log.error("cannot run: %s", e.message)
         sys.exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from services.vm.console_bridge import ConsoleBridge, pty_target, tcp_target
+from services.web.wsfast import DirectWebSockets
 from shared import subjects
 from shared.bus import Bus
 from shared.console import CHUNK, ConsoleLink
@@ -49,8 +51,9 @@ class Plain:
         self.nc = nc
         self.is_connected, self.max_payload = nc.is_connected, nc.max_payload
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        await self.nc.publish(subject, payload, headers=headers)
+    async def publish(self, subject: str, payload: bytes, reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        await self.nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def subscribe(self, subject: str, cb: Any = None) -> Any:
         sub = await self.nc.subscribe(subject, cb=cb)
@@ -149,9 +152,13 @@ async def test_a_lost_message_or_a_silent_peer_ends_the_session(
         client, vm = await pair(bus)
         await vm.send(b"one")
         assert await client.recv() == b"one"
-        await bus.nc.publish(vm.send_subject, b"three", headers={"Phy-Seq": "3"})
+        # a data message is numbered by its reply subject; the first protocol's header is
+        # read too
+        await bus.nc.publish(vm.send_subject, b"two", headers={"Phy-Seq": "2"})
+        assert await client.recv() == b"two"
+        await bus.nc.publish(vm.send_subject, b"four", reply="4")
         assert await client.recv() is None
-        assert "console data lost on the way (message 3 after 1)" in client.reason
+        assert "console data lost on the way (message 4 after 2)" in client.reason
         await asyncio.wait_for(vm.closed.wait(), 5)  # told
         lonely = ConsoleLink(bus.nc, send=subjects.console("h1", "s2", "vm"),
                              recv=subjects.console("h1", "s2", "client"), ping_s=0.1, idle_s=0.3)
@@ -305,3 +312,64 @@ async def test_a_browser_that_does_not_read_stops_the_console_within_the_window(
         finally:
             await bridge.close()
             server.close()
+
+
+async def test_keys_go_on_in_the_sockets_callback_then_queue_in_order_when_the_vm_reads_nothing(
+        nats_server: NatsServer) -> None:
+    """The other way: the gateway passes a browser's binary message on in the WebSocket's
+    own callback (``services/web/wsfast.py``) while the session has credit; a VM that reads
+    nothing stops the credit, the messages then wait in uvicorn's queue (its reading of the
+    browser paused), and once the VM reads, every byte arrives, in order."""
+    got = bytearray()
+    reading = asyncio.Event()
+
+    async def vm_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reading.wait()
+            while data := await reader.read(1 << 16):
+                got.extend(data)
+        finally:
+            writer.close()
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)  # the VM's socket fills
+    sock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(vm_server, sock=sock)
+    port = sock.getsockname()[1]
+    window = 256 << 10
+    async with bus_of(nats_server) as agent, gateway_in_process(nats_server.url, "h0") as gw:
+        bridge = ConsoleBridge(agent.nc, "h1", window=window)
+
+        async def console(req: ConsoleOpen) -> ConsoleSession:
+            target = await tcp_target("127.0.0.1", port)
+            target.writer.transport.set_write_buffer_limits(high=32 << 10)
+            return await bridge.open(uuid="u1", name=req.vm, kind=req.kind, target=target)
+
+        await agent.serve("vm", "0.0.0", [(vm_api.CONSOLE, console)], metadata={"host": "h1"})
+        token = await make_token(gw.bus, "op", "operator")
+        url = gw.url.replace("http://", "ws://") + "/api/v1/vms/demo/console/vnc?host=h1"
+        taken, declined = DirectWebSockets.taken, DirectWebSockets.declined
+        sent = bytes(range(251)) * 128 * 1024  # 32 MiB (more than TCP buffers), byte i: i % 251
+        try:
+            async with connect(url, additional_headers=bearer(token), max_size=None) as ws:
+                async def send_all() -> None:
+                    for at in range(0, len(sent), 16 << 10):
+                        await ws.send(sent[at:at + (16 << 10)])
+
+                sending = asyncio.create_task(send_all())
+                await until("the gateway to run out of credit",
+                            lambda: DirectWebSockets.declined > declined, timeout=20)
+                assert DirectWebSockets.taken > taken  # the first ones went on at once
+                ((link, _target),) = bridge.sessions.values()
+                assert link.buffered <= 2 * window  # what the bridge holds stays bounded
+                await asyncio.sleep(0.5)  # time to send more, were the browser not held up
+                assert not got and not sending.done()
+                reading.set()
+                await asyncio.wait_for(sending, 30)
+                await until("every byte at the VM", lambda: len(got) >= len(sent),
+                            timeout=30)
+                assert bytes(got) == sent
+        finally:
+            await bridge.close()
+            server.close()
+            await server.wait_closed()
