@@ -3,7 +3,10 @@ bridge, TCP to the console — beside ``websockify`` straight to the same TCP po
 noVNC user runs without Phyllome), same machine, same run:
 
 - round trip: 64 bytes to an echo server and back (a key press and the update it causes,
-  less the VNC server's own time), p50; goal: at most 1.2 times websockify's;
+  less the VNC server's own time), p50; goal: at most 1.2 times websockify's. Beside it,
+  the same with the gateway and the bridge in one process, and three ``socat`` relays in
+  the place of our three processes (gateway, nats-server, vm agent): the floor that
+  process wake-ups and loopback sends set for any relay of that shape;
 - throughput: a console server that writes as fast as it can, read through the relay;
   goal: at least 50 MB/s.
 
@@ -160,6 +163,31 @@ async def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None
             await asyncio.sleep(0.05)
 
 
+async def raw_round_trips(port: int, rounds: int) -> list[float]:
+    """64 B round trips over plain TCP (no WebSocket: socat relays bytes as they are)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        writer.write(b"k" * 64)
+        got = 0
+        while got < 64:
+            got += len(await reader.read(1 << 16))
+        times.append(time.perf_counter() - t)
+    writer.close()
+    return times
+
+
+async def raw_alternately(port: int, ws_port: int, rounds: int) -> tuple[float, float]:
+    """p50 through the socat chain at ``port`` and through websockify, alternate blocks."""
+    mine: list[float] = []
+    other: list[float] = []
+    for _ in range(BLOCKS):
+        mine += await raw_round_trips(port, rounds // BLOCKS)
+        other += await round_trips(f"ws://127.0.0.1:{ws_port}/", {}, rounds // BLOCKS)
+    return percentile(mine, 50), percentile(other, 50)
+
+
 async def together(quick: bool) -> tuple[float, float]:
     """Round trips with the gateway and the bridge in this process (``--together``, run on
     uvloop like them), beside websockify: what the two relays cost, less the wake-ups of
@@ -244,6 +272,15 @@ async def run(quick: bool = False) -> list[Result]:
             rtt_ours, rtt_theirs, cpu = await alternately(
                 (f"{ours}/vnc?host={HOST}", auth), f"ws://127.0.0.1:{echo_ws_port}/", rounds,
                 relays)
+            floor, port = [], echo_port
+            for _ in range(3):  # the three processes of our path, as relays doing no work
+                floor.append(subprocess.Popen(
+                    ["socat", f"TCP-LISTEN:{(listen := free_port())},reuseaddr,fork,nodelay",
+                     f"TCP:127.0.0.1:{port},nodelay"], stderr=subprocess.DEVNULL))
+                await wait_port(listen, floor[-1], "socat")
+                port = listen
+            procs += floor
+            rtt_floor, rtt_theirs_too = await raw_alternately(port, echo_ws_port, rounds)
             mbs_ours = await throughput(f"{ours}/serial?host={HOST}", auth, total)
             mbs_theirs = await throughput(f"ws://127.0.0.1:{blast_ws_port}/", {}, total)
             each = [cpu_seconds(pid) for pid in relays]
@@ -280,6 +317,12 @@ async def run(quick: bool = False) -> list[Result]:
                note="both relays on one uvloop loop with the client and the echo server (the "
                     "bench's first layout): the relays' own cost, four wake-ups a round trip "
                     "like websockify's"),
+        Result("web console round trip", "64 B through three socat relays, no WebSocket, p50",
+               rtt_floor * 1000, rtt_theirs_too * 1000, "websockify straight to the port",
+               "ms", "-",
+               note="a floor, not our code: three processes in the path (as the gateway, "
+                    "nats-server and the vm agent are) that do nothing but relay bytes, in C; "
+                    "what wake-ups and loopback sends alone cost on this machine"),
         Result("web console throughput", f"{total >> 20} MiB from the console", mbs_ours,
                mbs_theirs, "websockify straight to the port", "MB/s", "≥ 50 MB/s",
                higher_is_better=True,
