@@ -45,7 +45,7 @@ from shared.messages import vm as vm_api
 from shared.messages.jobs import JobAccepted, JobRef, JobStatus, job_endpoints
 from shared.messages.vm import VmCreate, VmInfo, VmRecord, VmSpec, VmState
 from shared.messages.web import Role, TokenRecord, WebAudit
-from shared.placement import choose
+from shared.placement import Recent, choose
 
 Method = Literal["GET", "POST"]
 CREATE_TIMEOUT_S = 600.0  # a create from an image clones the image's disk first
@@ -152,6 +152,8 @@ class Gateway:
     metrics: WebMetrics
     auth: Auth
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # what --host auto placed, until the hosts' heartbeats count it (shared/placement.py)
+    recent: Recent = field(default_factory=Recent)
 
     @property
     def host(self) -> str:
@@ -332,7 +334,7 @@ async def create_vm(call: Call) -> Answer:
     body: VmCreateBody = convert(call.fields, VmCreateBody)
     host = body.host or call.host or call.gw.host
     if host == "auto":
-        host = (await choose(call.gw.bus, body.spec)).host
+        host = (await choose(call.gw.bus, body.spec, recent=call.gw.recent)).host
     info: VmInfo = await call.gw.bus.call(
         host, vm_api.CREATE, VmCreate(spec=body.spec, image=body.image),
         timeout=CREATE_TIMEOUT_S if body.image else 30.0,

@@ -7,18 +7,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from shared import subjects
 from shared.bus import Bus
 from shared.cluster import HeartbeatFollower
 from shared.codec import encode
+from shared.messages import vm as vm_api
 from shared.messages.hardware import HostCaps, HostResources
 from shared.messages.hosts import Heartbeat, HeartbeatDetails
 from shared.messages.storage import PoolRoom
-from shared.messages.vm import VmRecord, VmSpec
+from shared.messages.vm import VmCreate, VmInfo, VmRecord, VmSpec
 from shared.natsserver import NatsServer
 from shared.placement import Recent, choose
+from tests.support.web import bearer, gateway_in_process, make_token
 
 pytestmark = pytest.mark.integration
 GiB = 1 << 30
@@ -95,4 +98,44 @@ async def test_choose_reads_the_vm_records_only_for_a_heartbeat_without_the_figu
         assert reads == []
         await follower.stop()
     finally:
+        await bus.close()
+
+
+async def test_the_web_gateway_spreads_a_burst_of_host_auto_creates(
+        nats_server: NatsServer) -> None:
+    """``POST /api/v1/vms`` with ``"host": "auto"`` keeps the gateway's ``Recent``: six VMs
+    created in a row, before any heartbeat could count them, go three to each host (without
+    it, all six would go to the host whose beat said the most)."""
+    bus = await Bus.connect(nats_server.url, name="test", host="t")
+    agents: list[Bus] = []
+    created: list[str] = []
+
+    def vm_agent(host: str) -> Any:
+        async def create(req: VmCreate) -> VmInfo:
+            created.append(host)
+            return VmInfo(name=req.spec.name, uuid=f"u-{req.spec.name}", host=host,
+                          state="shutoff", accelerator="tcg", vcpus=1,
+                          memory_mib=req.spec.memory_mib, spec=req.spec)
+        return create
+
+    try:
+        await bus.ensure_stream()
+        await put_host(bus, "a", promised=0, avail_gib=8)
+        await put_host(bus, "b", promised=0, avail_gib=7.9)  # a looks freer at every choice
+        for host in ("a", "b"):
+            agent = await Bus.connect(nats_server.url, name=f"vm@{host}", host=host)
+            agents.append(agent)
+            await agent.serve("vm", "0.0.0", [(vm_api.CREATE, vm_agent(host))],
+                              metadata={"host": host})
+        async with gateway_in_process(nats_server.url, "a") as gw, httpx.AsyncClient(
+                base_url=gw.url) as http:
+            token = await make_token(gw.bus, "op", "operator")
+            for i in range(6):
+                r = await http.post("/api/v1/vms", headers=bearer(token), json={
+                    "host": "auto", "spec": {"name": f"v{i}", "memory_mib": 512}})
+                assert r.status_code == 201, r.text
+        assert sorted(created) == ["a"] * 3 + ["b"] * 3
+    finally:
+        for agent in agents:
+            await agent.close()
         await bus.close()
