@@ -13,7 +13,7 @@ noVNC user runs without Phyllome), same machine, same run:
 Each runs in its own process, as ``phyllome up`` runs them: the gateway is the real
 ``python -m services.web``; the vm agent's half is the real ``ConsoleBridge`` behind a
 ``vm.console`` endpoint that points it at these servers (a guest's VNC server adds the same
-time to both paths), on the agents' event loop (``shared.runtime.run_loop``). The client
+time to both paths), each on the event loop it runs on (``shared.runtime.run_loop``). The client
 (the browser) and the echo and console servers (the VM) share the bench's process, for
 both paths.
 
@@ -333,9 +333,9 @@ async def run(quick: bool = False) -> list[Result]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bridge"]:
-        run_loop(bridge(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        run_loop(bridge(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])), uv=False)  # as vm
     elif sys.argv[1:2] == ["--together"]:
-        print(*run_loop(together("--quick" in sys.argv)))
+        print(*run_loop(together("--quick" in sys.argv), uv=True))
     else:
         for r in asyncio.run(run("--quick" in sys.argv)):
             print(r.row())

@@ -26,16 +26,21 @@ from shared.messages import EndpointSpec
 T = TypeVar("T")
 
 
-def run_loop(main: Coroutine[Any, Any, T], *, uv: bool = True) -> T:
-    """Run a long-lived process's ``main`` on uvloop (libuv's event loop), or on asyncio's
-    own with ``uv=False``. uvloop's turns of the loop cost a fraction of asyncio's: a
-    console's key press crosses the web gateway and the vm agent as a few turns each
-    (``docs/benchmarks.md``, web console round trip). asyncio's reads one socket once a
-    turn, which a volume transfer's chunks are gathered around (``shared/natsfast.py``,
-    ``receive_big``: under uvloop most reads of a chunk land before the parser knows it,
-    and cost two more copies); the storage agent keeps it. Threads that make a loop of
-    their own (libvirt's) keep asyncio's; so does the CLI, which lives a fraction of a
-    second."""
+def run_loop(main: Coroutine[Any, Any, T], *, uv: bool) -> T:
+    """Run a long-lived process's ``main`` on uvloop (libuv's event loop, ``uv``) or on
+    asyncio's own. uvloop's turns of the loop cost a fraction of asyncio's: the web gateway,
+    which relays a console's key presses and serves the API, runs on it (``docs/benchmarks.md``,
+    web console round trip). The agents keep asyncio's, measured and tested on it:
+
+    - the storage agent gathers a volume transfer's chunks around asyncio reading a socket
+      once a turn (``shared/natsfast.py``, ``receive_big``); under uvloop most reads of a
+      chunk land before the parser knows it, two more copies each, 7% slower;
+    - the vm agent's serial consoles write to a pty through a write pipe transport, and
+      uvloop's reads the fd it writes to (to notice a closed pipe), taking the guest's
+      output from the console's reader;
+    - the others gain nothing a user would see.
+
+    Threads that make a loop of their own (libvirt's) keep asyncio's; so does the CLI."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if uv else None) as runner:
         return runner.run(main)
 
@@ -78,9 +83,7 @@ async def serve(name: str, cfg: Config, setup: Setup,
         await agent.drain()
 
 
-def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any]], *,
-              uv: bool = True) -> None:
-    """Run agent ``name`` until SIGTERM/SIGINT (``uv``: see ``run_loop``)."""
+def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any]]) -> None:
     try:
         cfg = load(name)
     except PhyError as e:
@@ -89,7 +92,7 @@ def run_agent(name: str, setup: Setup, endpoints: Sequence[EndpointSpec[Any, Any
     setup_logging(cfg.log_level, agent=name, host=cfg.host)
     started = time.monotonic()
     try:
-        run_loop(serve(name, cfg, setup, endpoints), uv=uv)
+        run_loop(serve(name, cfg, setup, endpoints), uv=False)  # see run_loop
     except PhyError as e:
         logging.getLogger(f"phyllome.{name}").error("cannot run: %s", e.message)
         sys.exit(1)

@@ -3,4 +3,4 @@
 from services.storage import service
 from shared.runtime import run_agent
 
-run_agent("storage", service.setup, service.ENDPOINTS, uv=False)  # see run_loop
+run_agent("storage", service.setup, service.ENDPOINTS)

@@ -299,7 +299,7 @@ def run() -> None:
         sys.exit(2)
     setup_logging(cfg.log_level, agent=subjects.WEB, host=cfg.host)
     try:
-        run_loop(serve(cfg))
+        run_loop(serve(cfg), uv=True)
     except PhyError as e:
         log.error("cannot run: %s", e.message)
         sys.exit(1)
