@@ -4,9 +4,10 @@ noVNC user runs without Phyllome), same machine, same run:
 
 - round trip: 64 bytes to an echo server and back (a key press and the update it causes,
   less the VNC server's own time), p50; goal: at most 1.2 times websockify's. Beside it,
-  the same with the gateway and the bridge in one process, and three ``socat`` relays in
-  the place of our three processes (gateway, nats-server, vm agent): the floor that
-  process wake-ups and loopback sends set for any relay of that shape;
+  the same with the gateway and the bridge in one process, and relays that do no work in
+  the place of our three processes (gateway, nats-server, vm agent): three ``socat``, and
+  Python, socat, Python: the floor that process wake-ups and loopback sends set for any
+  relay of that shape;
 - throughput: a console server that writes as fast as it can, read through the relay;
   goal: at least 50 MB/s.
 
@@ -23,6 +24,7 @@ both paths.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -163,6 +165,39 @@ async def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None
             await asyncio.sleep(0.05)
 
 
+async def relays(kinds: list[str], target: int) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """A chain of relay processes to ``target`` doing no work on the bytes, the last of
+    ``kinds`` first in the path: ``socat`` (C) or ``python`` (``--relay``, on uvloop); the
+    port of the chain's front."""
+    procs, port = [], target
+    for kind in kinds:
+        listen = free_port()
+        cmd = (["socat", f"TCP-LISTEN:{listen},reuseaddr,fork,nodelay",
+                f"TCP:127.0.0.1:{port},nodelay"] if kind == "socat" else
+               [sys.executable, "-m", "bench.bench_web_console", "--relay", str(listen),
+                str(port)])
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL))
+        await wait_port(listen, procs[-1], kind)
+        port = listen
+    return procs, port
+
+
+async def relay(listen: int, target: int) -> None:
+    """Relay each connection to ``target``, bytes as they come (``--relay``)."""
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        to_reader, to_writer = await asyncio.open_connection("127.0.0.1", target)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(pump(reader, to_writer), pump(to_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", listen)
+    await server.serve_forever()
+
+
 async def raw_round_trips(port: int, rounds: int) -> list[float]:
     """64 B round trips over plain TCP (no WebSocket: socat relays bytes as they are)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -268,24 +303,21 @@ async def run(quick: bool = False) -> list[Result]:
             ws_blast, blast_ws_port = await websockify(blast_port)
             procs += [ws_echo, ws_blast]
             rounds, total = (100, 32 << 20) if quick else (2000, 256 << 20)
-            relays = [web.pid, vm_side.pid, server.proc.pid]  # type: ignore[union-attr]
+            pids = [web.pid, vm_side.pid, server.proc.pid]  # type: ignore[union-attr]
             rtt_ours, rtt_theirs, cpu = await alternately(
                 (f"{ours}/vnc?host={HOST}", auth), f"ws://127.0.0.1:{echo_ws_port}/", rounds,
-                relays)
-            floor, port = [], echo_port
-            for _ in range(3):  # the three processes of our path, as relays doing no work
-                floor.append(subprocess.Popen(
-                    ["socat", f"TCP-LISTEN:{(listen := free_port())},reuseaddr,fork,nodelay",
-                     f"TCP:127.0.0.1:{port},nodelay"], stderr=subprocess.DEVNULL))
-                await wait_port(listen, floor[-1], "socat")
-                port = listen
-            procs += floor
-            rtt_floor, rtt_theirs_too = await raw_alternately(port, echo_ws_port, rounds)
+                pids)
+            socats = await relays(["socat"] * 3, echo_port)
+            procs += socats[0]
+            rtt_floor, rtt_theirs_too = await raw_alternately(socats[1], echo_ws_port, rounds)
+            mixed = await relays(["python", "socat", "python"], echo_port)
+            procs += mixed[0]
+            rtt_mixed, rtt_theirs_3 = await raw_alternately(mixed[1], echo_ws_port, rounds)
             mbs_ours = await throughput(f"{ours}/serial?host={HOST}", auth, total)
             mbs_theirs = await throughput(f"ws://127.0.0.1:{blast_ws_port}/", {}, total)
-            each = [cpu_seconds(pid) for pid in relays]
+            each = [cpu_seconds(pid) for pid in pids]
             await round_trips(f"{ours}/vnc?host={HOST}", auth, rounds // 2)
-            each = [(cpu_seconds(pid) - e) / (rounds // 2) for pid, e in zip(relays, each,
+            each = [(cpu_seconds(pid) - e) / (rounds // 2) for pid, e in zip(pids, each,
                                                                              strict=True)]
         finally:
             for proc in procs:
@@ -323,6 +355,12 @@ async def run(quick: bool = False) -> list[Result]:
                note="a floor, not our code: three processes in the path (as the gateway, "
                     "nats-server and the vm agent are) that do nothing but relay bytes, in C; "
                     "what wake-ups and loopback sends alone cost on this machine"),
+        Result("web console round trip", "64 B through Python, socat, Python relays, p50",
+               rtt_mixed * 1000, rtt_theirs_3 * 1000, "websockify straight to the port",
+               "ms", "-",
+               note="the shape of our path with no protocol at all: two Python processes "
+                    "(uvloop) that only pass bytes on, where the gateway and the bridge are, "
+                    "and socat where nats-server is"),
         Result("web console throughput", f"{total >> 20} MiB from the console", mbs_ours,
                mbs_theirs, "websockify straight to the port", "MB/s", "≥ 50 MB/s",
                higher_is_better=True,
@@ -334,6 +372,8 @@ async def run(quick: bool = False) -> list[Result]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bridge"]:
         run_loop(bridge(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])), uv=False)  # as vm
+    elif sys.argv[1:2] == ["--relay"]:
+        run_loop(relay(int(sys.argv[2]), int(sys.argv[3])), uv=True)
     elif sys.argv[1:2] == ["--together"]:
         print(*run_loop(together("--quick" in sys.argv), uv=True))
     else:
