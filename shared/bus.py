@@ -537,7 +537,7 @@ class Bus:
         try:
             kv = await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
-            ttl = {subjects.KV_HOSTS: self.kv_ttl_s,
+            ttl = {subjects.KV_HOSTS: self.kv_ttl_s, subjects.KV_WATCHERS: self.kv_ttl_s,
                    subjects.KV_IDEMPOTENCY: IDEMPOTENCY_TTL_S}.get(bucket)
             try:
                 kv = await self.js.create_key_value(

@@ -43,7 +43,7 @@ from shared.messages import vm as vm_api
 ROLES = (*subjects.SERVICES, subjects.WEB, "operator", "monitor", "admin")
 # KV buckets each role may read (watch/get) and write (put).
 KV_READ = {
-    "hardware": [subjects.KV_HOSTS, subjects.KV_IDEMPOTENCY],
+    "hardware": [subjects.KV_HOSTS, subjects.KV_IDEMPOTENCY, subjects.KV_WATCHERS],
     "vm": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
     "storage": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IDEMPOTENCY],
     "catalogue": [subjects.KV_HOSTS, subjects.KV_IMAGES, subjects.KV_IDEMPOTENCY],
@@ -51,7 +51,9 @@ KV_READ = {
     "operator": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES, subjects.KV_WEB_TOKENS],
     "monitor": [subjects.KV_HOSTS, subjects.KV_VMS, subjects.KV_IMAGES],
 }
-KV_WRITE = {"vm": [subjects.KV_VMS], "catalogue": [subjects.KV_IMAGES]}
+# (a hardware agent may take any of the host watch's leases: whoever holds one watches)
+KV_WRITE = {"vm": [subjects.KV_VMS], "catalogue": [subjects.KV_IMAGES],
+            "hardware": [subjects.KV_WATCHERS]}
 
 Reach = Literal["own", "any"]
 # The peer endpoints each agent calls, and where: "own" = on its own host only

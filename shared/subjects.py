@@ -20,7 +20,9 @@ KV_VMS = "vms"
 KV_IMAGES = "images"
 KV_IDEMPOTENCY = "idempotency"
 KV_WEB_TOKENS = "web_tokens"
-KV_BUCKETS = (KV_HOSTS, KV_VMS, KV_IMAGES, KV_IDEMPOTENCY, KV_WEB_TOKENS)
+# the host watch's leases (services/hardware/hostwatch.py): key = slot, value = the holder
+KV_WATCHERS = "watchers"
+KV_BUCKETS = (KV_HOSTS, KV_VMS, KV_IMAGES, KV_IDEMPOTENCY, KV_WEB_TOKENS, KV_WATCHERS)
 # The web gateway: an edge beside the agents (it serves no endpoint), whose events are its
 # audit trail ``phy.evt.<host>.web.audit``.
 WEB = "web"

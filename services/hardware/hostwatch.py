@@ -1,12 +1,18 @@
 """The hardware agent speaks for its host, and watches the others: ``HostDown``/``HostUp``.
 
-The hardware agent of every host follows KV ``hosts`` (one long-lived consumer: each
-heartbeat arrives once, in the batch of the beat period it was written in), looks at the
-last beat of every key once per heartbeat period, and publishes
-``phy.evt.<host>.hardware.host.down.<other>`` when another host's heartbeats stop
-(``host.up`` when they come back). Every watcher derives the same event id
-from the start time of that host's agents (the last beat each watcher saw can differ by one
-beat), and JetStream drops duplicate ids, so the stream holds one event per host going down::
+A few hardware agents of the cluster watch (``WATCHERS``, three): each holds a lease, a key
+of KV ``watchers`` (``0``, ``1``, ``2``) that it created only where absent and rewrites every
+beat; the bucket's TTL (the heartbeats') drops the key of a watcher that died, and another
+hardware agent takes the slot at its next beat. Every host watching every other would cost
+the servers N² heartbeat deliveries (``docs/scale.md``); three watchers cost 3N.
+
+A watcher follows KV ``hosts`` (one long-lived consumer: each heartbeat arrives once, in the
+batch of the beat period it was written in), looks at the last beat of every key once per
+heartbeat period, and publishes ``phy.evt.<host>.hardware.host.down.<other>`` when another
+host's heartbeats stop (``host.up`` when they come back). Every watcher derives the same
+event id from the start time of that host's agents (the last beat each watcher saw can
+differ by one beat), and JetStream drops duplicate ids, so the stream holds one event per
+host going down::
 
     agent.spawn(watch(agent), "host-watch")     # what service.setup does
 """
@@ -14,14 +20,18 @@ beat), and JetStream drops duplicate ids, so the stream holds one event per host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
 
 import msgspec
 import nats.errors
+import nats.js.errors
 
+from shared import subjects
 from shared.agent import Agent
+from shared.bus import Bus
 from shared.cluster import HeartbeatFollower
 from shared.codec import to_builtins
 from shared.errors import Unavailable
@@ -30,6 +40,64 @@ from shared.messages.hosts import Heartbeat
 from shared.subjects import heartbeat_key
 
 log = logging.getLogger("phyllome.hardware.hosts")
+
+WATCHERS = 3  # hosts that watch the others at once (leases in KV watchers)
+
+
+class Lease:
+    """One of the host watch's ``slots`` leases, held by ``holder`` while ``hold`` is called
+    at least once per TTL of the bucket::
+
+        lease = Lease(bus, "h1")
+        if await lease.hold():    # each beat: renews the slot held, or takes a free one
+            ...                   # watch
+    """
+
+    def __init__(self, bus: Bus, holder: str, slots: int | None = None) -> None:
+        self.bus, self.holder, self.slots = bus, holder, slots or WATCHERS
+        self.slot: int | None = None
+        self._revision = 0
+
+    async def hold(self) -> bool:
+        """Renew the slot held, else take one that is free, or one this holder held before
+        (an agent restarted within the TTL): True while a slot is ours."""
+        kv = await self.bus.kv(subjects.KV_WATCHERS)
+        me = self.holder.encode()
+        if self.slot is not None:
+            try:
+                self._revision = await kv.update(str(self.slot), me, last=self._revision)
+                return True
+            except nats.js.errors.APIError:  # it lapsed, and another took it
+                log.warning("host watch: lease %d lapsed; %s watches no more unless it "
+                            "takes another", self.slot, self.holder)
+                self.slot = None
+        for slot in range(self.slots):
+            try:
+                self._revision = await kv.create(str(slot), me)
+            except nats.js.errors.APIError:  # taken: ours from before a restart?
+                try:
+                    entry = await kv.get(str(slot))
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                if entry.value != me or not entry.revision:
+                    continue
+                try:
+                    self._revision = await kv.update(str(slot), me, last=entry.revision)
+                except nats.js.errors.APIError:
+                    continue
+            self.slot = slot
+            log.info("host watch: %s holds lease %d of %d", self.holder, slot, self.slots)
+            return True
+        return False
+
+    async def release(self) -> None:
+        """Give the slot up at once (an agent that drains), so another takes it next beat."""
+        slot, self.slot = self.slot, None
+        if slot is None:
+            return
+        kv = await self.bus.kv(subjects.KV_WATCHERS)
+        with contextlib.suppress(nats.errors.Error):
+            await kv.delete(str(slot), last=self._revision)
 
 
 class _Seen(msgspec.Struct, kw_only=True):
@@ -102,13 +170,18 @@ async def watch(agent: Agent) -> None:
     could look down for it.
     """
     ttl_s, beat_s = agent.cfg.heartbeat_ttl_s, agent.cfg.heartbeat_s
+    lease = Lease(agent.bus, agent.host)
     host_watch = HostWatch(agent.host, ttl_s)
     follower = HeartbeatFollower(agent.bus, inactive_s=max(10 * beat_s, 60.0))
     own = heartbeat_key(agent.host, agent.name)
     try:
         while not agent.stopping.is_set():
             try:
-                await _look(agent, host_watch, follower, own, ttl_s / 2, ttl_s)
+                if await lease.hold():
+                    await _look(agent, host_watch, follower, own, ttl_s / 2, ttl_s)
+                elif follower.active:  # another took our lapsed lease: it watches now
+                    await follower.stop()
+                    host_watch = HostWatch(agent.host, ttl_s)
             except (Unavailable, TimeoutError, nats.errors.Error) as e:
                 log.warning("host watch: %s; trying again in %g s",
                             e.message if isinstance(e, Unavailable) else repr(e), beat_s)
@@ -118,6 +191,7 @@ async def watch(agent: Agent) -> None:
                 pass
     finally:
         await follower.stop()
+        await lease.release()
 
 
 async def _look(agent: Agent, host_watch: HostWatch, follower: HeartbeatFollower, own: str,

@@ -262,3 +262,74 @@ async def test_the_vm_agent_beats_the_memory_promised_to_its_vms(
             return (await heartbeat(agent)).details.vm_memory_mib == 384
 
         await until("the heartbeat to count both VMs", promised, timeout=10)
+
+
+async def test_three_leases_of_five_hosts_and_a_dead_watchers_lease_passes_on(
+        nats_server: NatsServer) -> None:
+    """Few watchers: of five hardware agents three hold the host watch's leases; one that
+    restarts within the TTL takes its own slot back, a dead one's slot goes to a waiting
+    agent within the TTL, and one that drains gives its slot up at once."""
+    ttl = 2.0
+    hosts = ("h1", "h2", "h3", "h4", "h5")
+    buses = {h: await Bus.connect(nats_server.url, name=f"hardware@{h}", host=h, kv_ttl_s=ttl)
+             for h in hosts}
+    try:
+        leases = {h: hostwatch.Lease(bus, h) for h, bus in buses.items()}
+        held = [h for h in hosts if await leases[h].hold()]
+        assert held == ["h1", "h2", "h3"]
+        assert sorted(leases[h].slot or 0 for h in held) == [0, 1, 2]
+        slot2 = leases["h2"].slot
+        leases["h2"] = hostwatch.Lease(buses["h2"], "h2")  # restarted: its key is still there
+        assert await leases["h2"].hold() and leases["h2"].slot == slot2
+        dead = leases.pop("h1").slot  # h1 dies: nobody renews its slot
+
+        async def passed_on() -> bool:
+            for lease in leases.values():
+                await lease.hold()
+            return any(leases[h].slot == dead for h in ("h4", "h5"))
+
+        await until("h1's lease to pass on", passed_on, timeout=5 * ttl, interval=0.2)
+        assert leases["h2"].slot == slot2 and leases["h3"].slot is not None  # renewed
+        waiting = next(h for h in ("h4", "h5") if leases[h].slot is None)
+        assert not await leases[waiting].hold()
+        await leases["h3"].release()  # drains
+        assert await leases[waiting].hold()
+    finally:
+        for bus in buses.values():
+            await bus.close()
+
+
+async def test_a_hardware_agent_without_a_lease_does_not_watch_until_one_is_free(
+        nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one lease: the first agent watches (one consumer of KV hosts), the second does
+    not, and takes the watch over when the first drains."""
+    caplog.set_level(logging.DEBUG, logger=hostwatch.log.name)
+    monkeypatch.setattr(hostwatch, "WATCHERS", 1)
+    ttl = 2.0
+
+    def said(text: str) -> bool:
+        return any(r.getMessage() == text for r in caplog.records)
+
+    first: contextlib.AbstractAsyncContextManager[Agent] | None = hw_agent(
+        nats_server.url, tmp_path, "h1", "laptop", heartbeat_ttl_s=ttl)
+    assert first is not None
+    await first.__aenter__()
+    try:
+        await until("h1's host watch", lambda: said("h1 watches host h1 (agents ['hardware'])"),
+                    timeout=10)
+        async with hw_agent(nats_server.url, tmp_path, "h2", "laptop",
+                            heartbeat_ttl_s=ttl) as second:
+            await until("h1 to see h2", lambda: said("h1 watches host h2 (agents ['hardware'])"),
+                        timeout=10)
+            info = await second.bus.js.consumers_info(f"KV_{subjects.KV_HOSTS}")
+            assert len(info) == 1, [c.name for c in info]  # h1's watch only
+            assert not any(r.getMessage().startswith("h2 watches") for r in caplog.records)
+            first, draining = None, first
+            await draining.__aexit__(None, None, None)  # h1 drains: its lease is free at once
+            await until("h2 to take the lease and watch",
+                        lambda: said("h2 watches host h2 (agents ['hardware'])"), timeout=10)
+            assert said("host watch: h2 holds lease 0 of 1")
+    finally:
+        if first is not None:
+            await first.__aexit__(None, None, None)

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 
 from shared import contracts, security, subjects
@@ -328,6 +329,30 @@ async def test_only_the_hosts_vm_agent_may_report_the_boot_probe(
         caps = await vm.call("h1", hardware_api.BOOT_PROBE, BootProbe(result="passed"))
         assert (caps.kvm_boot_probe, caps.kvm_usable) == ("passed", True)
         await vm.close()
+
+
+async def test_a_hardware_identity_takes_a_host_watch_lease_and_no_other_may(
+        secure, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Any hardware agent may take any of the host watch's leases (whoever holds one
+    watches); the other agents, the operator and the monitor may not write them."""
+    server, d, _users = secure
+    async with hardware_agent(server, d, tmp_path) as agent:
+        admin = await connect_bus(server, d, "admin")
+        kv = await admin.kv(subjects.KV_WATCHERS)
+
+        async def holds() -> bool:
+            try:
+                return (await kv.get("0")).value == b"h1"
+            except nats.js.errors.KeyNotFoundError:
+                return False
+
+        await until("h1's hardware agent to hold lease 0", holds,
+                    timeout=4 * agent.cfg.heartbeat_s + 10)
+        await admin.close()
+    for user in ("h1-storage", "h1-vm", "operator", "monitor"):
+        conn = await connect(user)
+        await conn.nc.publish(f"$KV.{subjects.KV_WATCHERS}.1", b"h1")
+        await conn.wait_error("permissions violation for publish")
 
 
 async def test_vm_agent_does_its_work_through_peers_as_itself(
