@@ -322,6 +322,8 @@ async def at_rest(bus: Any, cluster: NatsCluster, workers: Workers,
     for k in ("api", "in_msgs", "out_msgs", "cpu_s"):
         out[f"{k}_per_s"] = (after[k] - before[k]) / dt
     out["nats_rss_mib"] = after["rss_mib"]
+    out["watchers"] = sorted(value.decode() for _k, _r, value in
+                             await bus.kv_entries(subjects.KV_WATCHERS))
     return out
 
 
@@ -851,7 +853,10 @@ async def run(quick: bool = False) -> list[Result]:
     rows += [
         Result("scale: agent at rest", "3 agents of a host, own processes: CPU", own_cpu, 1.0,
                "goal", "% of a core", "< 1% of a core",
-               note=f"heartbeat {HEARTBEAT_S:g} s, host watch over {n_hosts * 3} keys"),
+               note=f"heartbeat {HEARTBEAT_S:g} s; the host watch's leases held by "
+                    f"{', '.join(rest['watchers'])} ("
+                    + ("this host among them: it follows " f"{n_hosts * 3} keys)"
+                       if hosts[-1] in rest["watchers"] else "not this host: it watches none)")),
         Result("scale: agent at rest", f"in a shared process ({PER_WORKER * 3} agents): "
                "RSS per agent", per_agent_rss, 100.0, "goal", "MiB", "< 100 MiB",
                note=f"CPU {per_agent_cpu:.2f}% of a core per agent"),

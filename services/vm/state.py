@@ -5,7 +5,11 @@ The hypervisor is the truth about a VM's state; KV ``vms`` (key: uuid) mirrors i
 spec. Live events update the record and are published on ``phy.evt.<host>.vm.state.<uuid>``;
 a reconciliation pass (at start, after a hypervisor reconnect, and periodically) lists the
 domains, corrects KV and publishes what events missed (``missed=True``). All record writes
-go through one lock, so the two never race.
+go through one lock, so the two never race. To find this host's records whose domain is
+gone, a full pass reads all of KV ``vms`` (every host's); the periodic passes between two
+full ones (``FULL_EVERY``) get only the records this agent knows are its own (those it
+wrote or synced since the last full read), so a cluster of N hosts does not read N x its
+VMs every interval.
 
 The record names the VM's owner host. A host writes only the records it owns (a domain
 of another owner, e.g. a migration's copy on its target, is left alone), starts only the
@@ -90,6 +94,9 @@ def _electing(e: Exception) -> Unavailable:
     return Unavailable(f"KV {subjects.KV_VMS} did not answer ({e!r}); {ELECTING}")
 
 
+FULL_EVERY = 10  # of the periodic passes, one reads all of KV vms (30 s each: every 5 min)
+
+
 class VmStates:
     """The one writer of this host's VM records and state events; see the module docstring."""
 
@@ -102,6 +109,8 @@ class VmStates:
         self._claims = asyncio.Lock()  # an action that needs ownership vs a migration's lock
         self._changed = asyncio.Event()
         self._started: dict[str, float] = {}
+        self._mine: set[str] = set()  # uuids of this host's records, as far as we know
+        self._passes = 0
 
     async def bridge(self) -> None:
         while True:
@@ -138,21 +147,35 @@ class VmStates:
     async def periodic(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
+            self._passes += 1
             try:
-                await self.reconcile()
+                await self.reconcile(full=self._passes % FULL_EVERY == 0)
             except PhyError as e:
                 log.warning("reconciliation failed: %s", e.message)
 
-    async def reconcile(self) -> None:
-        """List the domains; correct KV ``vms``; publish the state changes events missed."""
+    async def reconcile(self, *, full: bool = True) -> None:
+        """List the domains; correct KV ``vms``; publish the state changes events missed.
+        ``full``: look for this host's records of gone domains in all of KV ``vms``, not
+        only among the records this agent knows are its own."""
         if not self.hv.connected:
             return
         self.metrics.reconciliations.inc()
         ours = {d.uuid: d for d in await self.hv.domains() if d.spec is not None}
         for dom in ours.values():
             await self.sync(dom, "", "", missed=True)
-        for rec in await self.records():
-            if rec.host == self.host and rec.spec.uuid not in ours:
+        if full:
+            records = [r for r in await self.records() if r.host == self.host]
+            self._mine = {r.spec.uuid for r in records}
+        else:
+            records = []
+            for uuid in sorted(self._mine - set(ours)):
+                rec, _ = await self.load(uuid)
+                if rec is None or rec.host != self.host:
+                    self._mine.discard(uuid)
+                else:
+                    records.append(rec)
+        for rec in records:
+            if rec.spec.uuid not in ours:
                 try:  # defined since the listing (a create between the two reads)?
                     await self.hv.domain(rec.spec.uuid)
                     continue
@@ -199,6 +222,10 @@ class VmStates:
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             raise Conflict(f"the record of VM {record.spec.name} changed under us; "
                            "retry") from None
+        if record.host == self.host:
+            self._mine.add(record.spec.uuid)
+        else:  # handed over to a migration's target
+            self._mine.discard(record.spec.uuid)
 
     async def write(self, spec: VmSpec, dom: Domain, *, revision: int = 1) -> None:
         """Store a VM's record after create, update or clone. A VM migrating in keeps the
@@ -281,6 +308,7 @@ class VmStates:
         async with self._lock:
             old, rev = await self.load(dom.uuid)
             if old is not None and old.host != self.host:  # a copy: its owner reports
+                self._mine.discard(dom.uuid)
                 if dom.state in RUNNING:
                     log.warning("VM %s runs here but belongs to host %s: stop it here",
                                 dom.name, old.host)
@@ -298,6 +326,7 @@ class VmStates:
                 revision=old.revision if old else 1, started_at=started_at,
                 updated=time.time())
             changed = old is None or was != dom.state or old.started_at != started_at
+            self._mine.add(dom.uuid)
             if changed:
                 await self._store(record, rev)
             if started_at:
@@ -321,6 +350,7 @@ class VmStates:
             if old is None or old.host != self.host:
                 return
             await (await self._kv()).delete(uuid)
+            self._mine.discard(uuid)
             if missed:
                 self.metrics.missed_events.inc()
             await self._publish(uuid, name, "deleted", event or "reconciled", reason, missed)

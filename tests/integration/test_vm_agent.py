@@ -503,6 +503,52 @@ async def test_vm_reconcile_keeps_the_record_of_a_vm_defined_after_its_listing(
         assert [r.spec.name for r in listed.vms] == ["late"]
 
 
+async def test_vm_periodic_reconcile_gets_only_its_own_records_between_full_reads(
+        nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A periodic pass that is not a full one reads no consumer of KV ``vms`` (not every
+    host's records): it gets the records this agent wrote, and still drops the one whose
+    domain is gone behind its back; a record another writer put there waits for the full
+    pass."""
+    async with vm_agent(nats_server, tmp_path, libvirt_test_uri) as (agent, events):
+        states = agent.handlers.states
+        info = await call(agent, "create", VmCreate(spec=VmSpec(name="gone", memory_mib=64)))
+        rec, _ = await states.load(info.uuid)
+        assert rec is not None
+        ghost = msgspec.structs.replace(rec, spec=msgspec.structs.replace(
+            rec.spec, name="ghost", uuid="00000000-0000-4000-8000-00000000beef"))
+        kv = await agent.bus.kv(subjects.KV_VMS)
+        await kv.put(ghost.spec.uuid, encode(ghost))  # not through this agent
+        created: list[str] = []
+
+        async def on_created(msg: Any) -> None:
+            created.append(msg.subject)
+
+        await agent.bus.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.KV_{subjects.KV_VMS}.>", cb=on_created)
+
+        async def nothing_listed() -> list[Any]:
+            return []
+
+        async def no_such_domain(uuid: str) -> Any:
+            raise NotFound(f"no domain {uuid}")
+
+        monkeypatch.setattr(states.hv, "domains", nothing_listed)  # undefined, event missed
+        monkeypatch.setattr(states.hv, "domain", no_such_domain)
+        await states.reconcile(full=False)
+        ev = await events.next(info.uuid, event="reconciled")
+        assert (ev.state, ev.missed) == ("deleted", True)
+        assert (await states.load(info.uuid))[0] is None
+        assert (await states.load(ghost.spec.uuid))[0] is not None  # not ours to know yet
+        await agent.bus.nc.flush()
+        assert created == [], created  # no read of the whole bucket
+        await states.reconcile()  # the full pass finds it
+        ev = await events.next(ghost.spec.uuid, event="reconciled")
+        assert (ev.state, ev.missed) == ("deleted", True)
+        await agent.bus.nc.flush()
+        assert len(created) == 1
+
+
 async def test_vm_hostdevs_need_the_hardware_agents_word(
         nats_server: NatsServer, tmp_path: Path, libvirt_test_uri: str) -> None:
     """Passthrough is refused unless the hardware agent calls the device bound or bindable."""
