@@ -198,6 +198,12 @@ async def relay(listen: int, target: int) -> None:
     await server.serve_forever()
 
 
+def round_trip(measure: str, ours: float, theirs: float, target: str, note: str) -> Result:
+    """A row of round trips (seconds) beside websockify's."""
+    return Result("web console round trip", measure, ours * 1000, theirs * 1000,
+                  "websockify straight to the port", "ms", target, note=note)
+
+
 async def raw_round_trips(port: int, rounds: int) -> list[float]:
     """64 B round trips over plain TCP (no WebSocket: socat relays bytes as they are)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -335,32 +341,26 @@ async def run(quick: bool = False) -> list[Result]:
                          capture_output=True, text=True).stdout.split()
     one_ours, one_theirs = float(one[-2]), float(one[-1])
     return [
-        Result("web console round trip", "64 B to an echo server and back, p50",
-               rtt_ours * 1000, rtt_theirs * 1000, "websockify straight to the port", "ms",
-               "≥ 0.83x (≤ 1.2x websockify)",
-               note="as deployed: browser WS -> gateway (python -m services.web) -> NATS -> "
-                    "vm agent's bridge (its own process) -> TCP, eight process wake-ups a "
-                    "round trip where websockify's path has four; CPU per round trip: gateway "
-                    f"{each[0] * 1e6:.0f} µs, bridge {each[1] * 1e6:.0f} µs, nats-server "
-                    f"{each[2] * 1e6:.0f} µs; {BLOCKS} alternate blocks of each path"),
-        Result("web console round trip", "the same, gateway and bridge in one process, p50",
-               one_ours * 1000, one_theirs * 1000, "websockify straight to the port", "ms",
-               "-",
-               note="both relays on one uvloop loop with the client and the echo server (the "
-                    "bench's first layout): the relays' own cost, four wake-ups a round trip "
-                    "like websockify's"),
-        Result("web console round trip", "64 B through three socat relays, no WebSocket, p50",
-               rtt_floor * 1000, rtt_theirs_too * 1000, "websockify straight to the port",
-               "ms", "-",
-               note="a floor, not our code: three processes in the path (as the gateway, "
-                    "nats-server and the vm agent are) that do nothing but relay bytes, in C; "
-                    "what wake-ups and loopback sends alone cost on this machine"),
-        Result("web console round trip", "64 B through Python, socat, Python relays, p50",
-               rtt_mixed * 1000, rtt_theirs_3 * 1000, "websockify straight to the port",
-               "ms", "-",
-               note="the shape of our path with no protocol at all: two Python processes "
-                    "(uvloop) that only pass bytes on, where the gateway and the bridge are, "
-                    "and socat where nats-server is"),
+        round_trip("64 B to an echo server and back, p50", rtt_ours, rtt_theirs,
+                   "≥ 0.83x (≤ 1.2x websockify)",
+                   "as deployed: browser WS -> gateway (python -m services.web) -> NATS -> "
+                   "vm agent's bridge (its own process) -> TCP, eight process wake-ups a "
+                   "round trip where websockify's path has four; CPU per round trip: gateway "
+                   f"{each[0] * 1e6:.0f} µs, bridge {each[1] * 1e6:.0f} µs, nats-server "
+                   f"{each[2] * 1e6:.0f} µs; {BLOCKS} alternate blocks of each path"),
+        round_trip("the same, gateway and bridge in one process, p50", one_ours, one_theirs,
+                   "-", "both relays on one uvloop loop with the client and the echo server "
+                   "(the bench's first layout): the relays' own cost, four wake-ups a round "
+                   "trip like websockify's"),
+        round_trip("64 B through three socat relays, no WebSocket, p50", rtt_floor,
+                   rtt_theirs_too, "-", "a floor, not our code: three processes in the path "
+                   "(as the gateway, nats-server and the vm agent are) that do nothing but "
+                   "relay bytes, in C; what wake-ups and loopback sends alone cost on this "
+                   "machine"),
+        round_trip("64 B through Python, socat, Python relays, p50", rtt_mixed, rtt_theirs_3,
+                   "-", "the shape of our path with no protocol at all: two Python processes "
+                   "(uvloop) that only pass bytes on, where the gateway and the bridge are, "
+                   "and socat where nats-server is"),
         Result("web console throughput", f"{total >> 20} MiB from the console", mbs_ours,
                mbs_theirs, "websockify straight to the port", "MB/s", "≥ 50 MB/s",
                higher_is_better=True,

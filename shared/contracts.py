@@ -138,7 +138,9 @@ def markdown() -> str:
         f"| KV buckets | `{subjects.KV_HOSTS}` (heartbeats, key `<host>.<agent>`, TTL), "
         f"`{subjects.KV_VMS}`, `{subjects.KV_IMAGES}`, `{subjects.KV_IDEMPOTENCY}` (replies to "
         "keyed requests, key `<host>.<service>.<verb>.<sha256 of the key>`, TTL 24 h), "
-        f"`{subjects.KV_WEB_TOKENS}` (the web gateway's tokens, key: the token's sha256) |",
+        f"`{subjects.KV_WEB_TOKENS}` (the web gateway's tokens, key: the token's sha256), "
+        f"`{subjects.KV_WATCHERS}` (the host watch's leases, key `0`-`2`, value the holding "
+        "host, TTL as `hosts`) |",
         "| micro services | `phyllome-<service>` (`$SRV.PING/INFO/STATS`) |",
         "| idempotency | request header `Phy-Idempotency-Key`: acted on once per host, "
         "service and verb; a repeat gets the first reply, another body with the key a "
