@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -57,10 +58,16 @@ class Lease:
         self.bus, self.holder, self.slots = bus, holder, slots or WATCHERS
         self.slot: int | None = None
         self._revision = 0
+        self._tries = -1  # -1: not tried yet
 
     async def hold(self) -> bool:
-        """Renew the slot held, else take one that is free, or one this holder held before
-        (an agent restarted within the TTL): True while a slot is ours."""
+        """Renew the slot held, else try to take one: True while a slot is ours.
+
+        The first call tries every slot, and takes back one this holder held before (an
+        agent restarted within the TTL). Later calls of an agent without a lease try one
+        slot each, in turn: one request a beat per host, not three or six (most hosts hold
+        none), and a lapsed slot is taken within ``slots`` beats of its expiry (the other
+        watchers watch meanwhile)."""
         kv = await self.bus.kv(subjects.KV_WATCHERS)
         me = self.holder.encode()
         if self.slot is not None:
@@ -71,24 +78,33 @@ class Lease:
                 log.warning("host watch: lease %d lapsed; %s watches no more unless it "
                             "takes another", self.slot, self.holder)
                 self.slot = None
-        for slot in range(self.slots):
-            try:
-                self._revision = await kv.create(str(slot), me)
-            except nats.js.errors.APIError:  # taken: ours from before a restart?
-                try:
-                    entry = await kv.get(str(slot))
-                except nats.js.errors.KeyNotFoundError:
-                    continue
-                if entry.value != me or not entry.revision:
-                    continue
-                try:
-                    self._revision = await kv.update(str(slot), me, last=entry.revision)
-                except nats.js.errors.APIError:
-                    continue
-            self.slot = slot
-            log.info("host watch: %s holds lease %d of %d", self.holder, slot, self.slots)
-            return True
+        first, self._tries = self._tries < 0, self._tries + 1
+        for slot in range(self.slots) if first else [self._tries % self.slots]:
+            if await self._take(kv, slot, me, own_too=first):
+                self.slot = slot
+                log.info("host watch: %s holds lease %d of %d", self.holder, slot,
+                         self.slots)
+                return True
         return False
+
+    async def _take(self, kv: Any, slot: int, me: bytes, *, own_too: bool) -> bool:
+        try:
+            self._revision = await kv.create(str(slot), me)
+            return True
+        except nats.js.errors.APIError:  # taken: ours from before a restart?
+            if not own_too:
+                return False
+        try:
+            entry = await kv.get(str(slot))
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        if entry.value != me or not entry.revision:
+            return False
+        try:
+            self._revision = await kv.update(str(slot), me, last=entry.revision)
+        except nats.js.errors.APIError:
+            return False
+        return True
 
     async def release(self) -> None:
         """Give the slot up at once (an agent that drains), so another takes it next beat."""

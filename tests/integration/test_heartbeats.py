@@ -291,9 +291,9 @@ async def test_three_leases_of_five_hosts_and_a_dead_watchers_lease_passes_on(
         await until("h1's lease to pass on", passed_on, timeout=5 * ttl, interval=0.2)
         assert leases["h2"].slot == slot2 and leases["h3"].slot is not None  # renewed
         waiting = next(h for h in ("h4", "h5") if leases[h].slot is None)
-        assert not await leases[waiting].hold()
-        await leases["h3"].release()  # drains
-        assert await leases[waiting].hold()
+        assert not any([await leases[waiting].hold() for _ in range(3)])  # tries each slot
+        await leases["h3"].release()  # drains: its slot is taken within three tries
+        assert any([await leases[waiting].hold() for _ in range(3)])
     finally:
         for bus in buses.values():
             await bus.close()
